@@ -1,0 +1,34 @@
+# Everything runs from a virtual environment made here; `make demo` and `make test` set it up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install weights demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall when the pinned dependencies change.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Tiny random Flux/SDXL pipelines for the demo and the tests (seconds, no download).
+weights/tiny-flux-dev/model_index.json: $(STAMP) train/tiny.py
+	$(BIN)/python -m train.tiny --out weights
+
+weights: weights/tiny-flux-dev/model_index.json
+
+# The main job on the embedded default: a tiny Flux LoRA on the bundled sample set, on the CPU.
+demo: weights
+	$(BIN)/python -m train --spec examples/demo-spec.json --data examples/sample-dataset --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

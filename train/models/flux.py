@@ -1,0 +1,101 @@
+"""Flux.1 (dev, schnell): rectified-flow matching on packed latents."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from .base import Batch, Family
+
+
+class FluxFamily(Family):
+    pipeline_cls = FluxPipeline
+    denoiser_name = "transformer"
+
+    # -- caching ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, device=device,
+            max_sequence_length=self.spec.flux.max_sequence_length)
+        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    # -- training --------------------------------------------------------------------------------
+    def sample_sigmas(self, batch_size: int, image_seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        """Noise levels in (0, 1) as the spec's timestep sampling says (on the generator's device)."""
+        opts = self.spec.flux
+        dev = generator.device
+        if opts.timestep_sampling == "uniform":
+            return torch.rand(batch_size, generator=generator, device=dev)
+        normal = torch.randn(batch_size, generator=generator, device=dev) * opts.logit_std + opts.logit_mean
+        u = torch.sigmoid(normal)
+        if opts.timestep_sampling == "logit_normal":
+            return u
+        if opts.timestep_sampling == "shift":
+            return opts.shift * u / (1 + (opts.shift - 1) * u)
+        # flux_shift: the resolution-dependent exponential shift the dev pipeline samples with
+        cfg = self.pipe.scheduler.config
+        if cfg.get("use_dynamic_shifting", False):
+            mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                 cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        shift = cfg.get("shift", 1.0)
+        return shift * u / (1 + (shift - 1) * u)
+
+    def loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        vae_cfg = self.pipe.vae.config
+        x0 = (self.sample_latents(batch, generator) - vae_cfg.shift_factor) * vae_cfg.scaling_factor  # (B, C, h, w)
+        b, c, h, w = x0.shape
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        sigmas = self.sample_sigmas(b, (h // 2) * (w // 2), generator).to(x0.device)
+        s = sigmas.view(b, 1, 1, 1)
+        noisy = (1.0 - s) * x0 + s * noise  # straight path from data (s=0) to noise (s=1)
+        target = noise - x0                 # its velocity
+
+        dtype = batch.text["prompt_embeds"].dtype
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype)  # (B, h/2*w/2, 4C)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, dtype)
+        txt_ids = torch.zeros(batch.text["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full((b,), self.spec.flux.guidance, device=x0.device, dtype=torch.float32)
+        pred = model(hidden_states=packed, timestep=sigmas.to(dtype), guidance=guidance,
+                     pooled_projections=batch.text["pooled_prompt_embeds"],
+                     encoder_hidden_states=batch.text["prompt_embeds"], txt_ids=txt_ids, img_ids=img_ids,
+                     return_dict=False)[0]
+        return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
+
+    # -- validation and export -----------------------------------------------------------------
+    @torch.no_grad()
+    def render(self, text: dict[str, torch.Tensor], size: int, steps: int, guidance: float, seed: int,
+               device: torch.device) -> Any:
+        pipe = FluxPipeline(scheduler=self.pipe.scheduler, vae=self.pipe.vae, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=self.denoiser)
+        pipe.set_progress_bar_config(disable=True)
+        dtype = self.denoiser.dtype
+        return pipe(prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
+                    pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
+                    height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+
+    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
+                                       transformer_lora_adapter_metadata=metadata)
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+    def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        from .kohya import flux_to_kohya
+
+        return flux_to_kohya(state_dict, alpha, self.denoiser)

@@ -1,0 +1,95 @@
+"""SDXL: DDPM noise prediction (epsilon or v) with pooled text embeddings and ``add_time_ids``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.training_utils import compute_snr
+
+from .base import Batch, Family
+
+
+class SdxlFamily(Family):
+    pipeline_cls = StableDiffusionXLPipeline
+    denoiser_name = "unet"
+
+    def load(self, dtype: torch.dtype) -> None:
+        super().load(dtype)
+        self.pipe.vae.to(torch.float32)  # the SDXL VAE overflows in half precision
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        wanted = self.spec.sdxl.prediction_type
+        self.prediction_type = self.noise_scheduler.config.prediction_type if wanted == "auto" else wanted
+
+    def pixel_multiple(self) -> int:
+        levels = len(self.denoiser.config.block_out_channels)
+        return 8 * 2 ** (levels - 1)
+
+    # -- caching ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    # -- training --------------------------------------------------------------------------------
+    def loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        sched = self.noise_scheduler
+        x0 = self.sample_latents(batch, generator) * self.pipe.vae.config.scaling_factor  # (B, 4, h, w)
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        if self.spec.sdxl.noise_offset:
+            offset = torch.randn((b, x0.shape[1], 1, 1), generator=generator, device=generator.device).to(x0.device)
+            noise = noise + self.spec.sdxl.noise_offset * offset
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator,
+                          device=generator.device).to(x0.device)
+        noisy = sched.add_noise(x0, noise, t)
+        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+
+        dtype = batch.text["prompt_embeds"].dtype
+        pred = model(noisy.to(dtype), t, encoder_hidden_states=batch.text["prompt_embeds"],
+                     added_cond_kwargs={"text_embeds": batch.text["pooled_prompt_embeds"],
+                                        "time_ids": batch.time_ids.to(dtype)},
+                     return_dict=False)[0]
+        if self.spec.sdxl.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        # min-SNR-gamma weighting (Hang et al. 2023): caps the weight of low-noise steps
+        snr = compute_snr(sched, t)
+        weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / snr
+        if self.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / (snr + 1)
+        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_item * weight).mean()
+
+    # -- validation and export -----------------------------------------------------------------
+    @torch.no_grad()
+    def render(self, text: dict[str, torch.Tensor], size: int, steps: int, guidance: float, seed: int,
+               device: torch.device) -> Any:
+        pipe = StableDiffusionXLPipeline(vae=self.pipe.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=self.denoiser, scheduler=self.pipe.scheduler,
+                                         add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        dtype = self.denoiser.dtype
+        return pipe(prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
+                    pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
+                    height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+
+    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=state_dict, safe_serialization=True,
+                                                    unet_lora_adapter_metadata=metadata)
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+    def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        from .kohya import sdxl_to_kohya
+
+        return sdxl_to_kohya(state_dict, alpha)

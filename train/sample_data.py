@@ -1,0 +1,69 @@
+"""A small synthetic captioned image set, made by code (the demo's and the tests' dataset).
+
+    python -m train.sample_data --out examples/sample-dataset
+
+Coloured shapes on plain or gradient backgrounds, each with a same-stem ``.txt`` caption
+naming the style token ``sks``. Deterministic: the same files every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 70), "yellow": (235, 200, 40),
+           "purple": (140, 60, 190), "orange": (240, 130, 30)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ((64, 64), (64, 64), (80, 48), (48, 80), (96, 96), (64, 64), (96, 64), (64, 64))
+
+
+def draw_example(i: int, size: tuple[int, int]) -> tuple[Image.Image, str]:
+    rng = random.Random(1000 + i)
+    w, h = size
+    fg_name, bg_name = rng.sample(sorted(COLOURS), 2)
+    shape = SHAPES[i % len(SHAPES)]
+    img = Image.new("RGB", size, COLOURS[bg_name])
+    draw = ImageDraw.Draw(img)
+    for y in range(h):  # a soft vertical gradient so backgrounds are not flat
+        shade = int(40 * y / h)
+        base = COLOURS[bg_name]
+        draw.line([(0, y), (w, y)], fill=tuple(max(0, c - shade) for c in base))
+    r = min(w, h) * rng.uniform(0.25, 0.38)
+    cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[fg_name])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[fg_name])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg_name])
+    return img, f"a {fg_name} {shape} on a {bg_name} background, sks style"
+
+
+def write_sample_dataset(out: Path, count: int = 8) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(count):
+        img, caption = draw_example(i, SIZES[i % len(SIZES)])
+        path = out / f"shape_{i:02d}.png"
+        img.save(path, optimize=True)
+        path.with_suffix(".txt").write_text(caption + "\n")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.sample_data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("examples/sample-dataset"))
+    parser.add_argument("--count", type=int, default=8)
+    args = parser.parse_args(argv)
+    for p in write_sample_dataset(args.out, args.count):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""The training spec: one versioned, torch-free schema shared by the container and the client.
+
+A spec is validated once, at the edge (``parse_spec``), and every problem is reported
+together with the field's dotted path and the accepted values. The validated object is
+frozen, holds the resolved defaults (learning rate, base weights, target modules, ...)
+and is written into the output's ``config.json``.
+
+This module must not import torch: the submit client validates specs on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+ModelFamily = Literal["flux-dev", "flux-schnell", "sdxl"]
+MODEL_FAMILIES: tuple[str, ...] = ("flux-dev", "flux-schnell", "sdxl")
+
+DEFAULT_BASE_WEIGHTS: dict[str, str] = {
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+# LoRA target presets, as regular expressions over full module names (peft matches a string
+# target with re.fullmatch). They reach only the repeated blocks: LoRA on the Flux embedders
+# and final layer is legal (list them by name) but the kohya loaders disagree on it.
+_FLUX_DOUBLE_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_FLUX_SINGLE_ATTN = r"attn\.(to_q|to_k|to_v)"
+TARGET_PRESETS: dict[str, dict[str, str]] = {
+    "flux": {
+        "attention": rf"(transformer_blocks\.\d+\.{_FLUX_DOUBLE_ATTN}|single_transformer_blocks\.\d+\.{_FLUX_SINGLE_ATTN})",
+        "attention+mlp": (rf"(transformer_blocks\.\d+\.({_FLUX_DOUBLE_ATTN}|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
+                          rf"|single_transformer_blocks\.\d+\.({_FLUX_SINGLE_ATTN}|proj_mlp|proj_out))"),
+    },
+    "sdxl": {
+        "attention": r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+        "attention+mlp": r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))",
+    },
+}
+DEFAULT_TARGET_PRESET = {"flux": "attention+mlp", "sdxl": "attention"}
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def family_of(model: str) -> str:
+    """``flux-dev``/``flux-schnell`` -> ``flux``; ``sdxl`` -> ``sdxl``."""
+    return "flux" if model.startswith("flux") else "sdxl"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used. ``problems`` holds one ``"field: message"`` line per issue."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid training spec:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(_Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, le=4096, description="LoRA alpha; default: equal to the rank")
+    targets: str | list[str] = Field(
+        "default", description='target modules: a preset ("default", "attention", "attention+mlp") or module names')
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str):
+            if v not in ("default", "attention", "attention+mlp"):
+                raise ValueError(f'unknown preset {v!r}; use "default", "attention", "attention+mlp" or a list of module names')
+            return v
+        if not v:
+            raise ValueError("the list of target modules is empty")
+        bad = [m for m in v if not _MODULE_NAME.match(m)]
+        if bad:
+            raise ValueError(f"not module names: {bad}")
+        return v
+
+
+class ValidationSpec(_Section):
+    prompts: list[str] = Field(default_factory=list, max_length=16,
+                               description="prompts rendered at the interval and at the end (the trigger word is added)")
+    interval: int = Field(0, ge=0, description="steps between validation renders; 0 = only at the end")
+    num_inference_steps: int | None = Field(None, ge=1, le=200, description="default: 28 (dev), 4 (schnell), 30 (sdxl)")
+    guidance_scale: float | None = Field(None, ge=0, le=30, description="default: 3.5 (dev), 0 (schnell), 5 (sdxl)")
+    resolution: int | None = Field(None, ge=64, le=4096, description="square render size; default: the first training resolution")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="default: the training seed")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            if not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) > 2000:
+                raise ValueError(f"prompt {i} is longer than 2000 characters")
+        return v
+
+
+class DatasetSpec(_Section):
+    """Limits applied while staging an uploaded archive (the defaults suit 100 MiB uploads)."""
+
+    max_files: int = Field(20_000, ge=1, le=1_000_000, description="most archive entries accepted")
+    max_bytes: int = Field(8 * 2**30, ge=1, le=256 * 2**30, description="most uncompressed bytes accepted")
+    max_image_pixels: int = Field(80_000_000, ge=4096, le=1_000_000_000, description="largest image (w*h) accepted")
+    default_caption: str = Field("", max_length=2000, description="caption for images that have none")
+    trigger_word_position: Literal["prepend", "append"] = "prepend"
+
+
+class FluxOptions(_Section):
+    guidance: float = Field(1.0, ge=0, le=30, description="value fed to the guidance embedding while training (dev)")
+    timestep_sampling: Literal["flux_shift", "logit_normal", "shift", "uniform"] = Field(
+        "flux_shift", description="flux_shift: logit-normal sigmas with the resolution-dependent shift the pipeline uses")
+    shift: float = Field(3.0, gt=0, le=20, description="constant shift for timestep_sampling=shift")
+    logit_mean: float = Field(0.0, ge=-5, le=5)
+    logit_std: float = Field(1.0, gt=0, le=5)
+    max_sequence_length: int | None = Field(None, ge=1, le=512, description="T5 tokens; default 512 (dev), 256 (schnell)")
+
+
+class SdxlOptions(_Section):
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="auto: what the base model's scheduler config says")
+    snr_gamma: float | None = Field(None, gt=0, le=100, description="min-SNR loss weighting; None disables it")
+    noise_offset: float = Field(0.0, ge=0, le=1)
+
+
+class PublishSpec(_Section):
+    """Where finished weights go besides the output archive. Credentials never live in the spec."""
+
+    hub_model_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    hub_private: bool = True
+    s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    s3_prefix: str = Field("", max_length=900)
+    s3_endpoint_url: str | None = Field(None, pattern=r"^https?://")
+    s3_region: str | None = Field(None, max_length=64)
+    s3_public_base_url: str | None = Field(None, pattern=r"^https?://")
+
+
+class TrainingSpec(_Section):
+    spec_version: Literal[1] = SPEC_VERSION
+    model: ModelFamily = Field("flux-dev", description="model family")
+    base_weights: str | None = Field(None, min_length=1, description="a diffusers folder or a Hub id; default: the family's official repo")
+    mode: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = LoraSpec()
+    steps: int = Field(1000, ge=1, le=1_000_000, description="optimizer steps")
+    learning_rate: float | None = Field(None, gt=0, le=10, description="default: 1e-4 (lora), 1e-5 (full), 1.0 (prodigy)")
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
+    lr_warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    batch_size: int = Field(1, ge=1, le=64)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="gradient clipping; 0 disables it")
+    resolutions: list[int] = Field(default_factory=lambda: [1024], min_length=1, max_length=8,
+                                   description='target sizes, e.g. "512,768,1024"')
+    trigger_word: str = Field("", max_length=100)
+    caption_dropout: float = Field(0.05, ge=0, le=1, description="probability of training a step with an empty caption")
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    validation: ValidationSpec = ValidationSpec()
+    checkpoint_interval: int = Field(0, ge=0, description="steps between resumable checkpoints; 0 = none")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    memory_policy: Literal["auto", "off", "gradient_checkpointing"] = "auto"
+    log_every: int = Field(1, ge=1, le=10_000, description="steps between progress lines")
+    dataset: DatasetSpec = DatasetSpec()
+    flux: FluxOptions = FluxOptions()
+    sdxl: SdxlOptions = SdxlOptions()
+    publish: PublishSpec = PublishSpec()
+
+    @field_validator("resolutions", mode="before")
+    @classmethod
+    def _parse_resolutions(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return [v]
+        if isinstance(v, str):
+            parts = [p.strip() for p in v.split(",") if p.strip()]
+            if not parts or not all(p.isdigit() for p in parts):
+                raise ValueError(f'expected comma-separated sizes such as "512,768,1024", got {v!r}')
+            return [int(p) for p in parts]
+        return v
+
+    @field_validator("resolutions")
+    @classmethod
+    def _check_resolutions(cls, v: list[int]) -> list[int]:
+        bad = [r for r in v if r < 64 or r > 4096 or r % 16]
+        if bad:
+            raise ValueError(f"each size must be a multiple of 16 between 64 and 4096; bad: {bad}")
+        return sorted(set(v))
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _trigger(cls, v: str) -> str:
+        if any(c in v for c in "\r\n\t"):
+            raise ValueError("must be a single line")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainingSpec:
+        problems = _cross_field_problems(self.model_dump())
+        if problems:
+            raise ValueError("; ".join(msg for _, msg in problems))
+        return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _resolve_defaults(cls, data: Any, handler: Any) -> TrainingSpec:
+        """Fill every ``None`` default with its concrete value, so the spec in config.json says what ran."""
+        spec = handler(data)
+        updates = spec._default_updates()
+        return handler({**spec.model_dump(), **updates}) if updates else spec
+
+    def _default_updates(self) -> dict[str, Any]:
+        fam = family_of(self.model)
+        updates: dict[str, Any] = {}
+        if self.base_weights is None:
+            updates["base_weights"] = DEFAULT_BASE_WEIGHTS[self.model]
+        if self.learning_rate is None:
+            updates["learning_rate"] = 1.0 if self.optimizer == "prodigy" else (1e-4 if self.mode == "lora" else 1e-5)
+        lora = self.lora
+        if lora.alpha is None or lora.targets == "default":
+            targets = DEFAULT_TARGET_PRESET[fam] if lora.targets == "default" else lora.targets
+            updates["lora"] = {**lora.model_dump(), "alpha": lora.alpha or float(lora.rank), "targets": targets}
+        v = self.validation
+        if None in (v.num_inference_steps, v.guidance_scale, v.resolution, v.seed):
+            steps, guidance = {"flux-dev": (28, 3.5), "flux-schnell": (4, 0.0), "sdxl": (30, 5.0)}[self.model]
+            updates["validation"] = {
+                **v.model_dump(),
+                "num_inference_steps": v.num_inference_steps or steps,
+                "guidance_scale": guidance if v.guidance_scale is None else v.guidance_scale,
+                "resolution": v.resolution or self.resolutions[0],
+                "seed": self.seed if v.seed is None else v.seed,
+            }
+        if fam == "flux" and self.flux.max_sequence_length is None:
+            updates["flux"] = {**self.flux.model_dump(), "max_sequence_length": 512 if self.model == "flux-dev" else 256}
+        return updates
+
+    # -- convenience -------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return family_of(self.model)
+
+    def to_json(self, **kw: Any) -> str:
+        return self.model_dump_json(indent=2, **kw)
+
+    def lora_target_modules(self) -> str | list[str]:
+        """What peft's ``target_modules`` gets: a preset's regex or the listed module names."""
+        t = self.lora.targets
+        return TARGET_PRESETS[self.family][t] if isinstance(t, str) else list(t)
+
+
+def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
+    """Rules that involve more than one field, as (fields read, message) pairs.
+
+    ``d`` may hold unvalidated values, so every read is defensive.
+    """
+    problems: list[tuple[set[str], str]] = []
+    steps, warmup = d.get("steps", 1000), d.get("lr_warmup_steps", 0)
+    if isinstance(steps, int) and isinstance(warmup, int) and warmup >= steps:
+        problems.append(({"steps", "lr_warmup_steps"},
+                         f"lr_warmup_steps: must be smaller than steps ({steps}), got {warmup}"))
+    flux = d.get("flux")
+    if d.get("model") == "flux-schnell" and isinstance(flux, dict):
+        msl = flux.get("max_sequence_length")
+        if isinstance(msl, int) and msl > 256:
+            problems.append(({"model", "flux"},
+                             f"flux.max_sequence_length: FLUX.1-schnell accepts at most 256 tokens, got {msl}"))
+    return problems
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field (check the spelling; see the spec reference)"
+    if err["type"] == "literal_error":
+        return f"{loc}: {msg}, got {err.get('input')!r}"
+    if "input" in err and repr(err["input"]) not in msg and not isinstance(err["input"], (dict, list)):
+        return f"{loc}: {msg} (got {err['input']!r})"
+    return f"{loc}: {msg}"
+
+
+def parse_spec(raw: dict[str, Any] | str | Path | None = None, **overrides: Any) -> TrainingSpec:
+    """Validate a spec given as a dict, a JSON string or a path to a JSON file.
+
+    ``overrides`` (e.g. from typed Cog inputs) replace top-level fields; dotted keys such
+    as ``"lora.rank"`` reach into sections. Raises ``SpecError`` naming every bad field.
+    """
+    data = _load_raw(raw)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(target.get(p), dict):
+                target[p] = {}
+            target = target[p]
+        target[leaf] = value
+    version = data.get("spec_version", SPEC_VERSION)
+    if version != SPEC_VERSION:
+        raise SpecError([f"spec_version: this trainer reads version {SPEC_VERSION}, got {version!r}"])
+    try:
+        return TrainingSpec.model_validate(data)
+    except ValidationError as exc:
+        field_errors = [e for e in exc.errors() if e["loc"]]
+        problems = [_format_error(e) for e in field_errors]
+        bad_fields = {str(e["loc"][0]) for e in field_errors}
+        # cross-field rules report too, as long as the fields they read were valid on their own
+        problems += [msg for fields, msg in _cross_field_problems(data) if not fields & bad_fields]
+        raise SpecError(problems) from None
+
+
+def _load_raw(raw: dict[str, Any] | str | Path | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return json.loads(json.dumps(raw))  # deep copy, and rejects non-JSON values early
+    if isinstance(raw, Path) or (isinstance(raw, str) and not raw.lstrip().startswith("{") and raw.strip()):
+        path = Path(raw)
+        if not path.is_file():
+            raise SpecError([f"spec: no such file {str(path)!r} (pass a JSON object or a path to a .json file)"])
+        text = path.read_text(encoding="utf-8-sig")
+    else:
+        text = raw or "{}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError([f"spec: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: expected a JSON object, got {type(data).__name__}"])
+    return data
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """The JSON schema of the spec (for docs and for clients that build forms)."""
+    return TrainingSpec.model_json_schema()

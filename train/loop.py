@@ -219,6 +219,7 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 pending.append(loss.detach())
+        lr_used = lr_scheduler.get_last_lr()[0]
         lr_scheduler.step()
         if bar is not None:
             bar.update(1)
@@ -233,7 +234,7 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
             s_per_step = (now - last_log_t) / (step - last_log_step)
             last_log_t, last_log_step = now, step
             history.append((step, step_loss))
-            progress.emit(progress.format_progress("train", step, spec.steps, step_loss, lr_scheduler.get_last_lr()[0],
+            progress.emit(progress.format_progress("train", step, spec.steps, step_loss, lr_used,
                                                    s_per_step, s_per_step * (spec.steps - step)))
             if bar is not None:
                 bar.set_postfix(loss=f"{step_loss:.4f}")

@@ -326,7 +326,7 @@ def _load_raw(raw: dict[str, Any] | str | Path | None) -> dict[str, Any]:
         return {}
     if isinstance(raw, dict):
         return json.loads(json.dumps(raw))  # deep copy, and rejects non-JSON values early
-    if isinstance(raw, Path) or (isinstance(raw, str) and not raw.lstrip().startswith("{") and raw.strip()):
+    if isinstance(raw, Path) or (isinstance(raw, str) and raw.strip() and raw.lstrip()[0] not in "{[\""):
         path = Path(raw)
         if not path.is_file():
             raise SpecError([f"spec: no such file {str(path)!r} (pass a JSON object or a path to a .json file)"])

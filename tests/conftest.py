@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny pipelines written once per session, the sample dataset, a train helper."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATASET = ROOT / "examples" / "sample-dataset"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """tiny-flux-dev, tiny-flux-schnell and tiny-sdxl, written by the project's generator."""
+    from train.tiny import write_all
+
+    out = tmp_path_factory.mktemp("weights")
+    write_all(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dataset() -> Path:
+    return SAMPLE_DATASET
+
+
+def quick_spec(tiny_weights: Path, model: str = "flux-dev", **fields):
+    """A spec for a few-second CPU run on a tiny model; ``fields`` override (dotted keys allowed)."""
+    from train.spec import parse_spec
+
+    base = {"flux-dev": "tiny-flux-dev", "flux-schnell": "tiny-flux-schnell", "sdxl": "tiny-sdxl"}[model]
+    raw = {"model": model, "base_weights": str(tiny_weights / base), "steps": 6, "resolutions": "64",
+           "learning_rate": 2e-3, "caption_dropout": 0.0, "seed": 7,
+           "validation": {"num_inference_steps": 2}}
+    return parse_spec(raw, **fields)
+
+
+def train_quietly(spec, data: Path, out: Path):
+    """Run a training job with its progress lines captured; returns (result, log text)."""
+    from train.loop import run_training
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = run_training(spec, data, out)
+    return result, buf.getvalue()

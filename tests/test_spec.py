@@ -106,3 +106,21 @@ def test_spec_and_progress_import_without_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_reference_documents_every_field():
+    """docs/spec.md must not drift from the schema."""
+    from pathlib import Path
+
+    from train.spec import TrainingSpec
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "spec.md").read_text()
+    missing = []
+    for name, field in TrainingSpec.model_fields.items():
+        if f"`{name}`" not in doc:
+            missing.append(name)
+        sub = field.annotation
+        for sub_name in getattr(sub, "model_fields", {}):
+            if f"`{sub_name}`" not in doc:
+                missing.append(f"{name}.{sub_name}")
+    assert not missing, f"fields missing from docs/spec.md: {missing}"

@@ -211,3 +211,17 @@ def test_prodigy_optimizer_trains(tiny_weights, sample_dataset, tmp_path):
     assert spec.learning_rate == 1.0  # Prodigy's own default
     result, _ = train_quietly(spec, sample_dataset, tmp_path / "out")
     assert result.lora_file.is_file()
+
+
+def test_checkpoints_are_written_at_the_interval(tiny_weights, sample_dataset, tmp_path):
+    spec = quick_spec(tiny_weights, "flux-dev", steps=4, checkpoint_interval=2)
+    result, log = train_quietly(spec, sample_dataset, tmp_path / "out")
+    ckpt = result.out_dir / "checkpoints" / "step-000002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["sampler"] == {"epoch": 0, "index": 2}
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(ckpt / "adapter.safetensors"))
+    assert adapter and all(".lora_" in k for k in adapter), "only the LoRA weights, never the frozen base"
+    assert (ckpt / "training_state.pt").is_file()
+    assert "checkpoint: step 2 saved" in log

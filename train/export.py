@@ -1,4 +1,4 @@
-"""Export: the output folder that becomes the output archive (see docs/output.md).
+"""Export: the output folder that becomes the output archive (the table in README.md).
 
     pytorch_lora_weights.safetensors   LoRA, diffusers/peft format: pipe.load_lora_weights(folder)
     lora_kohya.safetensors             the same LoRA in kohya / ComfyUI naming

@@ -102,7 +102,10 @@ def _use_gradient_checkpointing(spec: TrainingSpec, denoiser: torch.nn.Module, c
 
 def _optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter], cuda: bool) -> torch.optim.Optimizer:
     if spec.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("optimizer: adamw8bit needs bitsandbytes (pip install 'advanced-trainer[gpu]')") from None
 
         return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     if spec.optimizer == "prodigy":
@@ -242,7 +245,9 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
             with _phase(timings, "validate"):
                 samples += _render_samples(family, accelerator, cache, out_dir, step, device)
         if spec.checkpoint_interval and step % spec.checkpoint_interval == 0 and step != spec.steps:
-            _save_checkpoint(accelerator, sampler, out_dir / "checkpoints" / f"step-{step:06d}", step)
+            _save_checkpoint(out_dir / "checkpoints" / f"step-{step:06d}", step,
+                             get_peft_model_state_dict(accelerator.unwrap_model(model)), optimizer, lr_scheduler,
+                             sampler, {"noise": gen, "caption_dropout": drop_gen})
     if bar is not None:
         bar.close()
     timings["train"] = time.perf_counter() - train_start - timings.get("validate", 0.0)
@@ -308,9 +313,19 @@ def _render_samples(family, accelerator, cache, out_dir: Path, step: int, device
     return paths
 
 
-def _save_checkpoint(accelerator, sampler, folder: Path, step: int) -> None:
-    """Model, optimizer and RNG states plus the data order position, via accelerate."""
-    accelerator.save_state(str(folder))
+def _save_checkpoint(folder: Path, step: int, lora_state: dict[str, torch.Tensor], optimizer, lr_scheduler,
+                     sampler, generators: dict[str, torch.Generator]) -> None:
+    """Everything needed to continue exactly: adapter, optimizer, schedule, RNG states, data position.
+
+    Only the trainable LoRA weights are saved, never the frozen base (tens of GB for Flux).
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(folder / "adapter.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "generators": {k: g.get_state() for k, g in generators.items()},
+                "torch_rng": torch.get_rng_state()}, folder / "training_state.pt")
     (folder / "trainer_state.json").write_text(json.dumps({"step": step, "sampler": sampler.state()}) + "\n")
     log(f"checkpoint: step {step} saved to {folder}")
 

@@ -26,14 +26,19 @@ def bucket_step(resolution: int) -> int:
 
 def make_buckets(resolution: int, multiple: int = 16) -> list[tuple[int, int]]:
     """Buckets for one target resolution; sides are multiples of ``multiple`` (the model's grid) too."""
-    step = max(multiple, bucket_step(resolution))
+    # lcm, not max: a side must be a multiple of both (max only works when one divides the other).
+    step = math.lcm(multiple, bucket_step(resolution))
     area = resolution * resolution
     out = set()
     w = step
     while w <= resolution * 4:
         h = (area // w) // step * step
         if h >= step and 1 / MAX_ASPECT <= w / h <= MAX_ASPECT:
+            # Both orientations: rounding h down made the set lopsided (e.g. 704x320 and 832x256
+            # existed at 512 but not 320x704 / 256x832), so portrait images got worse-fitting buckets
+            # than the same images turned landscape.
             out.add((w, h))
+            out.add((h, w))
         w += step
     side = resolution // step * step
     out.add((side, side))

@@ -149,9 +149,15 @@ def extract_archive(archive: Path, dest: Path, limits: DataLimits) -> None:
     except UnsafeArchiveError:
         shutil.rmtree(dest, ignore_errors=True)  # nothing half-extracted stays behind
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    # NotImplementedError: a compression method Python cannot read (Deflate64 from Windows Explorer,
+    # AES); ValueError: e.g. a name flagged UTF-8 that is not. Both are unusable uploads, not crashes.
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, NotImplementedError,
+            ValueError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise DatasetError(f"{archive.name}: the {kind} archive cannot be unpacked ({exc})") from None
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 def _extract_zip(archive: Path, dest: Path, limits: DataLimits, budget: list[int]) -> None:
@@ -159,10 +165,12 @@ def _extract_zip(archive: Path, dest: Path, limits: DataLimits, budget: list[int
         infos = zf.infolist()
         if len(infos) > limits.max_files:
             raise UnsafeArchiveError(f"{archive.name}: {len(infos)} entries, more than the limit of {limits.max_files}")
-        declared = sum(i.file_size for i in infos)
-        if declared > limits.max_bytes:
-            raise UnsafeArchiveError(
-                f"{archive.name}: unpacks to {declared} bytes, more than the limit of {limits.max_bytes}")
+        declared = 0
+        for info in infos:  # name the entry that crosses the limit, as the tar path does
+            declared += info.file_size
+            if declared > limits.max_bytes:
+                raise UnsafeArchiveError(f"archive entry {info.filename!r}: the archive unpacks to more than "
+                                         f"{limits.max_bytes} bytes (limit)")
         plan = []
         for info in infos:
             rel = _safe_member_path(info.filename)
@@ -215,13 +223,20 @@ def load_rgb(path: Path, max_pixels: int) -> Image.Image:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(path)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            # Pillow refuses headers over 2x its own MAX_IMAGE_PIXELS inside open(), before our check
+            # runs; without this a real bomb escaped as a bare PIL error instead of a refusal.
+            raise UnsafeArchiveError(f"image {path.name!r}: over the cap of {max_pixels} pixels ({exc})") from None
+    with img:  # close the file on every path (a refused or undecodable image too)
         if img.width * img.height > max_pixels:
             raise UnsafeArchiveError(
                 f"image {path.name!r}: {img.width}x{img.height} pixels is over the cap of {max_pixels} pixels")
         img.load()
-    img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+        # exif_transpose returns a new image (a copy when there is nothing to do), so the result
+        # outlives the closed original.
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -233,7 +248,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             top = 1.0
         arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+    # "transparency" in info: a P palette entry or an RGB / L colour key (PNG tRNS), which is as
+    # transparent as an alpha channel and must come out white too, not as the key colour.
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -345,12 +362,22 @@ def stage_dataset(source: Path, job_dir: Path, limits: DataLimits = DataLimits()
     if not source.exists():
         raise DatasetError(f"dataset {str(source)!r} does not exist")
     if source.is_dir():
-        folder = source
-    else:
-        folder = Path(job_dir) / "dataset"
-        if folder.exists():
-            shutil.rmtree(folder)
-        extract_archive(source, folder, limits)
+        return _stage_folder(source, limits, trigger_word, default_caption, trigger_position)
+    folder = Path(job_dir) / "dataset"
+    if folder.exists():
+        shutil.rmtree(folder)
+    extract_archive(source, folder, limits)
+    try:
+        return _stage_folder(folder, limits, trigger_word, default_caption, trigger_position)
+    except BaseException:
+        # An archive refused after unpacking (an image over the pixel cap, too many files) or one
+        # with no usable image leaves nothing extracted behind. A user's folder is never removed.
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _stage_folder(folder: Path, limits: DataLimits, trigger_word: str, default_caption: str,
+                  trigger_position: str) -> StagedDataset:
     root = _dataset_root(folder)
 
     skipped: list[tuple[str, str]] = []

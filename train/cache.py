@@ -17,7 +17,7 @@ import torch
 
 from .buckets import Placement, bucket_key, place, resize_and_crop
 from .data import StagedDataset, load_rgb
-from .models.base import Batch, Family
+from .models.base import Batch, BatchRandom, Family
 
 
 @dataclass
@@ -80,9 +80,11 @@ def build_cache(family: Family, dataset: StagedDataset, resolutions: list[int], 
 
 
 class BatchSampler:
-    """Deterministic batches of one bucket each, reshuffled every epoch from (seed, epoch).
+    """Deterministic global batches of one bucket each, reshuffled every epoch from (seed, epoch).
 
-    The position (epoch, index) is all that is needed to continue the same order later.
+    Every batch holds exactly ``batch_size`` items (a bucket's last, short batch is topped up
+    with items of the same bucket), so data-parallel processes can split it evenly. The
+    position (epoch, index) is all that is needed to continue the same order later.
     """
 
     def __init__(self, cache: LatentCache, batch_size: int, seed: int):
@@ -99,7 +101,13 @@ class BatchSampler:
         for key in sorted(groups):
             idx = groups[key]
             rng.shuffle(idx)
-            batches += [idx[j:j + self.batch_size] for j in range(0, len(idx), self.batch_size)]
+            for j in range(0, len(idx), self.batch_size):
+                batch = idx[j:j + self.batch_size]
+                fill = 0
+                while len(batch) < self.batch_size:  # top up from the same bucket, cycling
+                    batch.append(idx[fill % len(idx)])
+                    fill += 1
+                batches.append(batch)
         rng.shuffle(batches)
         return batches
 
@@ -123,7 +131,7 @@ class BatchSampler:
 
 
 def collate(cache: LatentCache, indices: list[int], drop: list[bool], device: torch.device,
-            text_dtype: torch.dtype) -> Batch:
+            text_dtype: torch.dtype, rng: BatchRandom) -> Batch:
     """Stack cached items into a Batch; ``drop[i]`` swaps item i's caption for the empty one."""
     items = [cache.items[i] for i in indices]
     texts = [cache.empty_text if d else cache.texts[it.caption] for it, d in zip(items, drop)]
@@ -133,4 +141,5 @@ def collate(cache: LatentCache, indices: list[int], drop: list[bool], device: to
         latent_std=torch.stack([it.std for it in items]).to(device),
         text=text,
         time_ids=torch.stack([it.time_ids for it in items]).to(device),
+        rng=rng,
     )

@@ -62,6 +62,27 @@ def export_lora(family, state_dict: dict[str, torch.Tensor], lora_config: dict[s
     return {"diffusers": diffusers_file, "kohya": out_dir / KOHYA_FILE}
 
 
+def export_full_model(family, model: torch.nn.Module, folder: Path) -> Path:
+    """A full fine-tune as a complete diffusers pipeline folder: the trained denoiser, and the base
+    model's other components linked (or copied) unchanged, so ``Pipeline.from_pretrained(folder)`` works."""
+    import os
+    import shutil
+
+    base = family.base_dir
+    if folder.exists():
+        shutil.rmtree(folder)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)  # same filesystem: no second copy of multi-GB text encoders
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(base, folder, copy_function=link_or_copy, ignore=shutil.ignore_patterns(family.denoiser_name))
+    model.save_pretrained(folder / family.denoiser_name, safe_serialization=True)
+    return folder
+
+
 def write_loss_plot(history: list[tuple[int, float]], path: Path) -> None:
     import matplotlib
 
@@ -105,6 +126,7 @@ def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, st
                      n_images: int) -> None:
     """A Hugging Face style model card (YAML front matter + usage)."""
     pipeline = "FluxPipeline" if spec.family == "flux" else "StableDiffusionXLPipeline"
+    full = spec.mode == "full"
     trigger = spec.trigger_word
     widget = "\n".join(f"- text: {json.dumps(p)}\n  output:\n    url: {f}" for p, f in samples[:4])
     lines = [
@@ -126,17 +148,26 @@ def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, st
     lines += [
         "---",
         "",
-        f"# LoRA for {spec.base_weights}",
+        f"# {'Fine-tune' if full else 'LoRA'} of {spec.base_weights}",
         "",
         f"Trained with advanced-trainer: {spec.steps} steps on {n_images} images at "
-        f"{', '.join(str(r) for r in spec.resolutions)} px, rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, "
-        f"learning rate {spec.learning_rate:g} ({spec.optimizer}, {spec.lr_scheduler}).",
+        f"{', '.join(str(r) for r in spec.resolutions)} px, "
+        + ("full fine-tune, " if full else f"rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, ")
+        + f"learning rate {spec.learning_rate:g} ({spec.optimizer}, {spec.lr_scheduler}).",
     ]
     if final_loss is not None:
         lines.append(f"Final training loss (EMA): {final_loss:.4f}.")
     if trigger:
         lines += ["", f"Trigger word: `{trigger}` — put it in your prompt."]
     example_prompt = samples[0][0] if samples else (trigger or "a photo")
+    if full:
+        load = [f'pipe = {pipeline}.from_pretrained("path/to/this/folder/model", torch_dtype=torch.bfloat16).to("cuda")']
+        files = ["- `model/`: the whole pipeline in diffusers layout, with the fine-tuned "
+                 f"{'transformer' if spec.family == 'flux' else 'UNet'}"]
+    else:
+        load = [f'pipe = {pipeline}.from_pretrained("{spec.base_weights}", torch_dtype=torch.bfloat16).to("cuda")',
+                'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors']
+        files = [f"- `{LORA_FILE}`: diffusers / peft format", f"- `{KOHYA_FILE}`: kohya / ComfyUI format"]
     lines += [
         "",
         "## Use with diffusers",
@@ -145,17 +176,17 @@ def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, st
         "import torch",
         f"from diffusers import {pipeline}",
         "",
-        f'pipe = {pipeline}.from_pretrained("{spec.base_weights}", torch_dtype=torch.bfloat16).to("cuda")',
-        'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors',
+        *load,
         f"image = pipe({json.dumps(example_prompt)}).images[0]",
         "```",
         "",
-        f"`{KOHYA_FILE}` holds the same LoRA in kohya naming for ComfyUI, Forge and sd-scripts.",
-        "",
+    ]
+    if not full:
+        lines += [f"`{KOHYA_FILE}` holds the same LoRA in kohya naming for ComfyUI, Forge and sd-scripts.", ""]
+    lines += [
         "## Files",
         "",
-        f"- `{LORA_FILE}`: diffusers / peft format",
-        f"- `{KOHYA_FILE}`: kohya / ComfyUI format",
+        *files,
         "- `config.json`: the resolved training spec, library versions, dataset hash, timings and device",
         "- `samples/`: validation images; `loss.png`: the loss curve",
         "",

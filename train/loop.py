@@ -1,12 +1,18 @@
 """One training job, top to bottom: stage -> load -> cache -> train -> export.
 
-The unit of work is one optimizer step (``gradient_accumulation_steps`` micro-batches).
-Everything else — caching, validation renders, checkpoints, export — is a small named
-function called from ``run_training``.
+The unit of work is one optimizer step (``gradient_accumulation_steps`` micro-batches of
+the global batch). Everything else — caching, validation renders, checkpoints, export — is
+a small named function called from ``run_training``.
+
+Data parallel (``accelerate`` DDP, 1-8 processes): every process caches the whole dataset,
+draws the same global batch and the same random numbers, and trains on its slice of both;
+gradients are averaged by DDP. N processes therefore compute what one process with the
+global batch would (up to float summation order). Only the main process writes outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,7 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from . import progress
-from .data import DataLimits, StagedDataset, dataset_report_lines, stage_dataset
+from .data import DataLimits, StagedDataset, add_trigger_word, dataset_report_lines, stage_dataset
 from .spec import TrainingSpec
 from .weights import resolve_base_weights
 
@@ -33,13 +39,21 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainResult:
     out_dir: Path
-    lora_file: Path
-    kohya_file: Path
+    weights: list[Path]          # the LoRA files, or the model folder of a full fine-tune
     samples: list[Path]
     loss_plot: Path
     config: Path
     losses: list[tuple[int, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    checksum: str = ""           # sha256 of the trained weights (identical on every rank)
+
+    @property
+    def lora_file(self) -> Path:
+        return self.weights[0]
+
+    @property
+    def kohya_file(self) -> Path:
+        return self.weights[1]
 
 
 def log(msg: str) -> None:
@@ -73,8 +87,6 @@ def check_machine(spec: TrainingSpec, cuda: bool) -> None:
         problems.append("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use adamw or prodigy on a CPU")
     if spec.precision in ("bf16", "fp16") and not cuda:
         problems.append(f"precision: {spec.precision} needs a GPU here; use auto or fp32 on a CPU")
-    if spec.mode == "full":
-        problems.append("mode: full fine-tuning is not available in this version of the trainer; use lora")
     if problems:
         raise TrainingError("; ".join(problems))
 
@@ -87,26 +99,12 @@ def _precision(spec: TrainingSpec, cuda: bool) -> tuple[str, torch.dtype]:
     return {"bf16": ("bf16", torch.bfloat16), "fp16": ("fp16", torch.float16), "fp32": ("no", torch.float32)}[choice]
 
 
-def _use_gradient_checkpointing(spec: TrainingSpec, denoiser: torch.nn.Module, cuda: bool) -> tuple[bool, str]:
-    if spec.memory_policy == "gradient_checkpointing":
-        return True, "memory policy: gradient checkpointing on (asked for in the spec)"
-    if spec.memory_policy == "off" or not cuda:
-        return False, f"memory policy {spec.memory_policy}: gradient checkpointing off" + ("" if cuda else " (CPU)")
-    free, _ = torch.cuda.mem_get_info()
-    weight_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
-    # Activations of a LoRA step at 1024 px are roughly 3-4x the bf16 weights for these models.
-    on = free < 4 * weight_bytes
-    return on, (f"memory policy auto: {free / 2**30:.1f} GiB free, weights {weight_bytes / 2**30:.1f} GiB -> "
-                f"gradient checkpointing {'on' if on else 'off'}")
-
-
 def _optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter], cuda: bool) -> torch.optim.Optimizer:
     if spec.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise TrainingError("optimizer: adamw8bit needs bitsandbytes (pip install 'advanced-trainer[gpu]')") from None
-
         return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     if spec.optimizer == "prodigy":
         from prodigyopt import Prodigy
@@ -116,40 +114,104 @@ def _optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter], cuda: bool)
     return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=cuda)
 
 
-def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool = False) -> TrainResult:
-    """Train ``spec`` on ``data`` (archive or folder) and write the output folder ``out_dir``."""
+def _make_trainable(spec: TrainingSpec, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """LoRA: peft adapters in fp32 on the frozen base. Full: every denoiser weight."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    if spec.mode == "lora":
+        config = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                            init_lora_weights="gaussian", target_modules=spec.lora_target_modules())
+        try:
+            model.add_adapter(config)
+        except ValueError as exc:  # peft: none of the target modules exist in this model
+            raise TrainingError(f"lora.targets: {exc}") from None
+        cast_training_params(model, dtype=torch.float32)  # LoRA weights train in fp32 under bf16 autocast
+    else:
+        # Full fine-tune: weights train in the base dtype (fp32 on a CPU; bf16 on a GPU, where fp32
+        # master weights of Flux would not fit beside AdamW's moments).
+        model.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state(spec: TrainingSpec, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model) if spec.mode == "lora" else model.state_dict()
+
+
+def _load_trainable(spec: TrainingSpec, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if spec.mode == "lora":
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise TrainingError(f"resume_from: the checkpoint's LoRA does not fit this model ({unexpected[:3]})")
+    else:
+        model.load_state_dict(state)
+
+
+def weights_checksum(params: list[torch.nn.Parameter]) -> str:
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool = False,
+                 resume_from: Path | None = None) -> TrainResult | None:
+    """Train ``spec`` on ``data`` (archive or folder) and write the output folder ``out_dir``.
+
+    Returns the result on the main process (None on the other data-parallel processes).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import _collate_lora_metadata, cast_training_params
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from .cache import BatchSampler, build_cache, collate
-    from .export import KOHYA_FILE, export_lora, write_config, write_loss_plot, write_model_card
+    from .checkpoint import check_compatible, load_trainable, open_checkpoint, restore_training_state
+    from .memory import choose_memory_plan
     from .models import family_for
+    from .models.base import BatchRandom
 
     _quiet_libraries()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / ".work"
     timings: dict[str, float] = {}
     cuda = torch.cuda.is_available()
     check_machine(spec, cuda)
     mixed, weight_dtype = _precision(spec, cuda)
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps)
-    device = accelerator.device
-    set_seed(spec.seed)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps,
+                              cpu=not cuda)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        log(f"data parallel: process {rank} of {world} on {device}")
+
+    ckpt = None
+    if resume_from is not None:
+        ckpt = open_checkpoint(Path(resume_from), work / f"rank{rank}")
+        check_compatible(ckpt, spec)
+        log(f"resume: from step {ckpt.step} ({ckpt.folder})")
 
     # -- stage -----------------------------------------------------------------------------------
-    progress.emit(progress.format_progress("stage", 0, 1))
+    if main:
+        progress.emit(progress.format_progress("stage", 0, 1))
     with _phase(timings, "stage"):
         limits = DataLimits(spec.dataset.max_files, spec.dataset.max_bytes, spec.dataset.max_image_pixels)
-        dataset: StagedDataset = stage_dataset(data, work, limits, spec.trigger_word, spec.dataset.default_caption,
-                                               spec.dataset.trigger_word_position)
+        stage_args = (limits, spec.trigger_word, spec.dataset.default_caption, spec.dataset.trigger_word_position)
+        dataset: StagedDataset | None = stage_dataset(data, work, *stage_args) if main else None
+        accelerator.wait_for_everyone()  # the other processes read what the main one unpacked
+        if not main:
+            dataset = stage_dataset(Path(data) if Path(data).is_dir() else work / "dataset", work, *stage_args)
+    assert dataset is not None
 
     # -- load ------------------------------------------------------------------------------------
-    progress.emit(progress.format_progress("load", 0, 1))
+    if main:
+        progress.emit(progress.format_progress("load", 0, 1))
     with _phase(timings, "load"):
         family = family_for(spec, resolve_base_weights(spec.base_weights))
         family.load(weight_dtype)
@@ -157,65 +219,74 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
             getattr(family.pipe, name).to(device)
 
     # -- cache -----------------------------------------------------------------------------------
-    from .data import add_trigger_word
-
     prompts = [add_trigger_word(p, spec.trigger_word, spec.dataset.trigger_word_position)
                for p in spec.validation.prompts] or [dataset.images[0].caption or spec.trigger_word or "a picture"]
     with _phase(timings, "cache"):
-        cache = build_cache(family, dataset, spec.resolutions, prompts, device, limits.max_image_pixels,
-                            on_item=lambda i, n: progress.emit(progress.format_progress("cache", i, n)))
+        on_item = (lambda i, n: progress.emit(progress.format_progress("cache", i, n))) if main else None
+        cache = build_cache(family, dataset, spec.resolutions, prompts, device, limits.max_image_pixels, on_item)
         for enc in family.text_encoders():
             enc.to("cpu")  # not needed again: every prompt is cached
         family.pipe.vae.to("cpu")  # back only for validation renders
         if cuda:
             torch.cuda.empty_cache()
     buckets = cache.bucket_counts()
-    for line in dataset_report_lines(dataset, buckets):
-        log(line)
-    (out_dir / "dataset_report.json").write_text(json.dumps({**dataset.report(), "buckets": buckets}, indent=2) + "\n")
+    if main:
+        for line in dataset_report_lines(dataset, buckets):
+            log(line)
+        (out_dir / "dataset_report.json").write_text(json.dumps({**dataset.report(), "buckets": buckets}, indent=2) + "\n")
 
     # -- model -----------------------------------------------------------------------------------
     model = family.denoiser
     model.to(device)
-    lora_config = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                             init_lora_weights="gaussian", target_modules=spec.lora_target_modules())
-    try:
-        model.add_adapter(lora_config)
-    except ValueError as exc:  # peft: none of the target modules exist in this model
-        raise TrainingError(f"lora.targets: {exc}") from None
-    cast_training_params(model, dtype=torch.float32)  # LoRA weights train in fp32 under bf16 autocast
-    use_ckpt, why = _use_gradient_checkpointing(spec, model, cuda)
-    log(why)
-    if use_ckpt:
+    set_seed(spec.seed)  # LoRA initialisation (and dropout) draw from the global generators
+    params = _make_trainable(spec, model)
+    n_trainable = sum(p.numel() for p in params)
+    free = torch.cuda.mem_get_info(device)[0] if cuda else None
+    plan = choose_memory_plan(spec.memory_policy, free, family=spec.family,
+                              weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                              trainable_params=n_trainable, optimizer=spec.optimizer,
+                              resolution=max(spec.resolutions), batch_size=spec.batch_size,
+                              text_tokens=spec.flux.max_sequence_length or 0)
+    log(plan.reason)
+    if plan.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    log(f"lora: rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, {sum(p.numel() for p in params) / 1e6:.2f} M "
-        f"trainable parameters in {len({n.rsplit('.lora_', 1)[0] for n, p in model.named_parameters() if p.requires_grad})} modules")
+    if spec.mode == "lora":
+        log(f"lora: rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, {n_trainable / 1e6:.2f} M trainable parameters")
+    else:
+        log(f"full fine-tune: {n_trainable / 1e6:.2f} M trainable parameters in {params[0].dtype}")
     optimizer = _optimizer(spec, params, cuda)
     lr_scheduler = get_scheduler(spec.lr_scheduler, optimizer=optimizer, num_warmup_steps=spec.lr_warmup_steps,
                                  num_training_steps=spec.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # -- train -----------------------------------------------------------------------------------
-    sampler = BatchSampler(cache, spec.batch_size, spec.seed)
-    gen = torch.Generator(device=device).manual_seed(spec.seed)
-    drop_gen = torch.Generator().manual_seed(spec.seed + 1)
-    text_dtype = weight_dtype
-    samples: list[Path] = []
+    sampler = BatchSampler(cache, spec.batch_size * world, spec.seed)
+    generators = {"noise": torch.Generator(device=device).manual_seed(spec.seed),
+                  "caption_dropout": torch.Generator().manual_seed(spec.seed + 1)}
     history: list[tuple[int, float]] = []
-    bar = _progress_bar(spec.steps)
+    start_step = 1
+    if ckpt is not None:
+        _load_trainable(spec, accelerator.unwrap_model(model), load_trainable(ckpt))
+        restore_training_state(ckpt, optimizer, lr_scheduler, generators)
+        sampler.load_state(ckpt.sampler)
+        history = list(ckpt.history)
+        start_step = ckpt.step + 1
+    lo, hi = rank * spec.batch_size, (rank + 1) * spec.batch_size  # this process's slice of the global batch
+    samples: list[Path] = []
+    bar = _progress_bar(spec.steps, start_step - 1) if main else None
     train_start = time.perf_counter()
-    last_log_t, last_log_step = train_start, 0
+    last_log_t, last_log_step = train_start, start_step - 1
     pending: list[torch.Tensor] = []
-    for step in range(1, spec.steps + 1):
+    for step in range(start_step, spec.steps + 1):
         for _ in range(spec.gradient_accumulation_steps):
             with accelerator.accumulate(model):
                 indices = next(sampler)
-                drop = (torch.rand(len(indices), generator=drop_gen) < spec.caption_dropout).tolist()
-                batch = collate(cache, indices, drop, device, text_dtype)
+                drop = (torch.rand(len(indices), generator=generators["caption_dropout"]) < spec.caption_dropout).tolist()
+                rng = BatchRandom(generators["noise"], len(indices), lo, hi, device)
+                batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
                 with accelerator.autocast():
-                    loss = family.loss(model, batch, gen)
+                    loss = family.loss(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and spec.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, spec.max_grad_norm)
@@ -228,7 +299,8 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
             bar.update(1)
 
         if step % spec.log_every == 0 or step == spec.steps:
-            step_loss = torch.stack(pending).float().mean().item()  # the only host sync of the step
+            # the only host sync of the step: the mean loss of the steps since the last line, over all processes
+            step_loss = accelerator.reduce(torch.stack(pending).float().mean(), "mean").item()
             pending.clear()
             if not math.isfinite(step_loss):
                 raise TrainingError(f"the loss became {step_loss} at step {step}: training diverged. Lower "
@@ -237,100 +309,123 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
             s_per_step = (now - last_log_t) / (step - last_log_step)
             last_log_t, last_log_step = now, step
             history.append((step, step_loss))
-            progress.emit(progress.format_progress("train", step, spec.steps, step_loss, lr_used,
-                                                   s_per_step, s_per_step * (spec.steps - step)))
-            if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.4f}")
+            if main:
+                progress.emit(progress.format_progress("train", step, spec.steps, step_loss, lr_used, s_per_step,
+                                                       s_per_step * (spec.steps - step)))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{step_loss:.4f}")
         if spec.validation.interval and step % spec.validation.interval == 0 and step != spec.steps:
             with _phase(timings, "validate"):
                 samples += _render_samples(family, accelerator, cache, out_dir, step, device)
         if spec.checkpoint_interval and step % spec.checkpoint_interval == 0 and step != spec.steps:
-            _save_checkpoint(out_dir / "checkpoints" / f"step-{step:06d}", step,
-                             get_peft_model_state_dict(accelerator.unwrap_model(model)), optimizer, lr_scheduler,
-                             sampler, {"noise": gen, "caption_dropout": drop_gen})
+            _checkpoint(spec, accelerator, model, optimizer, lr_scheduler, sampler, generators, history, out_dir, step)
     if bar is not None:
         bar.close()
     timings["train"] = time.perf_counter() - train_start - timings.get("validate", 0.0)
+    checksum = weights_checksum(params)
+    if world > 1:
+        log(f"data parallel: process {rank} final weights sha256 {checksum}")
 
     with _phase(timings, "validate"):
         samples += _render_samples(family, accelerator, cache, out_dir, spec.steps, device)
 
     # -- export ----------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if not main:
+        return None
     progress.emit(progress.format_progress("export", 0, 1))
     with _phase(timings, "export"):
-        unwrapped = accelerator.unwrap_model(model)
-        state = get_peft_model_state_dict(unwrapped)
-        meta = _collate_lora_metadata({family.denoiser_name: unwrapped})[f"{family.denoiser_name}_lora_adapter_metadata"]
-        files = export_lora(family, state, meta, out_dir, spec.lora.alpha, spec.lora.rank)
-        write_loss_plot(history, out_dir / "loss.png")
-        ema = None
-        for _, v in history:
-            ema = v if ema is None else 0.9 * ema + 0.1 * v
-        final = [(p, str(s.relative_to(out_dir))) for p, s in zip(prompts, samples[-len(prompts):])]
-        write_model_card(out_dir / "README.md", spec, final, ema, len(dataset.images))
+        weights = _export(spec, family, accelerator.unwrap_model(model), out_dir)
+        _write_reports(spec, dataset, history, samples, prompts, out_dir)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
-    write_config(out_dir / "config.json", spec, dataset.dataset_hash, timings,
-                 {"steps_done": spec.steps, "final_loss": history[-1][1] if history else None,
-                  "images_used": len(dataset.images), "files": {"lora": files["diffusers"].name, "kohya": KOHYA_FILE}})
+    from .export import write_config
+
+    write_config(out_dir / "config.json", spec, dataset.dataset_hash, timings, {
+        "steps_done": spec.steps, "resumed_from_step": ckpt.step if ckpt else None,
+        "final_loss": history[-1][1] if history else None, "images_used": len(dataset.images),
+        "processes": world, "memory_plan": {"gradient_checkpointing": plan.gradient_checkpointing,
+                                            "reason": plan.reason},
+        "weights_sha256_16": checksum, "files": [str(p.relative_to(out_dir)) for p in weights]})
     progress.emit(progress.format_progress("done", spec.steps, spec.steps))
-    return TrainResult(out_dir, files["diffusers"], files["kohya"], samples, out_dir / "loss.png",
-                       out_dir / "config.json", history, timings)
+    return TrainResult(out_dir, weights, samples, out_dir / "loss.png", out_dir / "config.json", history, timings,
+                       checksum)
 
 
-def _progress_bar(total: int):
+def _export(spec: TrainingSpec, family, model: torch.nn.Module, out_dir: Path) -> list[Path]:
+    from .export import export_full_model, export_lora
+
+    if spec.mode == "full":
+        return [export_full_model(family, model, out_dir / "model")]
+    from diffusers.training_utils import _collate_lora_metadata
+
+    meta = _collate_lora_metadata({family.denoiser_name: model})[f"{family.denoiser_name}_lora_adapter_metadata"]
+    files = export_lora(family, trainable_state(spec, model), meta, out_dir, spec.lora.alpha, spec.lora.rank)
+    return [files["diffusers"], files["kohya"]]
+
+
+def _write_reports(spec, dataset, history, samples, prompts, out_dir: Path) -> None:
+    from .export import write_loss_plot, write_model_card
+
+    write_loss_plot(history, out_dir / "loss.png")
+    ema = None
+    for _, v in history:
+        ema = v if ema is None else 0.9 * ema + 0.1 * v
+    final = [(p, str(s.relative_to(out_dir))) for p, s in zip(prompts, samples[-len(prompts):])]
+    write_model_card(out_dir / "README.md", spec, final, ema, len(dataset.images))
+
+
+def _progress_bar(total: int, done: int):
     """A human progress bar on stderr, only when someone watches a terminal."""
     if not sys.stderr.isatty() or os.environ.get("CI"):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 def _render_samples(family, accelerator, cache, out_dir: Path, step: int, device: torch.device) -> list[Path]:
-    spec = family.spec
-    v = spec.validation
-    progress.emit(progress.format_progress("validate", step, spec.steps))
-    model = accelerator.unwrap_model(family.denoiser)
-    was_training = model.training
-    model.eval()
-    family.pipe.vae.to(device)
-    out = out_dir / "samples"
-    out.mkdir(exist_ok=True)
-    paths = []
-    try:
-        for k, (_, text) in enumerate(cache.validation):
-            with accelerator.autocast():
-                img = family.render(text, v.resolution, v.num_inference_steps, v.guidance_scale, v.seed + k, device)
-            path = out / f"step-{step:06d}-{k}.png"
-            img.save(path)
-            paths.append(path)
-    finally:
-        family.pipe.vae.to("cpu")
-        model.train(was_training)
-    log(f"validation: {len(paths)} image(s) at step {step} in {out}")
+    """Validation images from the main process; the others wait for it."""
+    paths: list[Path] = []
+    if accelerator.is_main_process:
+        spec = family.spec
+        v = spec.validation
+        progress.emit(progress.format_progress("validate", step, spec.steps))
+        model = accelerator.unwrap_model(family.denoiser)
+        was_training = model.training
+        model.eval()
+        family.pipe.vae.to(device)
+        out = out_dir / "samples"
+        out.mkdir(exist_ok=True)
+        try:
+            for k, (_, text) in enumerate(cache.validation):
+                with accelerator.autocast():
+                    img = family.render(text, v.resolution, v.num_inference_steps, v.guidance_scale, v.seed + k, device)
+                path = out / f"step-{step:06d}-{k}.png"
+                img.save(path)
+                paths.append(path)
+        finally:
+            family.pipe.vae.to("cpu")
+            model.train(was_training)
+        log(f"validation: {len(paths)} image(s) at step {step} in {out}")
+    accelerator.wait_for_everyone()
     return paths
 
 
-def _save_checkpoint(folder: Path, step: int, lora_state: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                     sampler, generators: dict[str, torch.Generator]) -> None:
-    """Everything needed to continue exactly: adapter, optimizer, schedule, RNG states, data position.
+def _checkpoint(spec, accelerator, model, optimizer, lr_scheduler, sampler, generators, history, out_dir: Path,
+                step: int) -> None:
+    from .checkpoint import save_checkpoint
 
-    Only the trainable LoRA weights are saved, never the frozen base (tens of GB for Flux).
-    """
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(folder / "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "generators": {k: g.get_state() for k, g in generators.items()},
-                "torch_rng": torch.get_rng_state()}, folder / "training_state.pt")
-    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "sampler": sampler.state()}) + "\n")
-    log(f"checkpoint: step {step} saved to {folder}")
+    if accelerator.is_main_process:  # DDP keeps every process's state identical: one copy is enough
+        folder = save_checkpoint(out_dir / "checkpoints" / f"step-{step:06d}", step, spec,
+                                 trainable_state(spec, accelerator.unwrap_model(model)), optimizer, lr_scheduler,
+                                 sampler.state(), generators, history)
+        log(f"checkpoint: step {step} saved to {folder}")
+    accelerator.wait_for_everyone()
 
 
 def describe(result: TrainResult) -> dict[str, Any]:
-    return {"out_dir": str(result.out_dir), "lora": str(result.lora_file), "kohya": str(result.kohya_file),
+    return {"out_dir": str(result.out_dir), "weights": [str(p) for p in result.weights],
             "samples": [str(p) for p in result.samples], "loss_plot": str(result.loss_plot),
             "config": str(result.config)}

@@ -17,6 +17,31 @@ import torch
 from ..spec import TrainingSpec
 
 
+class BatchRandom:
+    """The random draws of one micro-batch, made for the whole global batch and sliced.
+
+    Every process draws the numbers for all ``global_size`` items from the same generator and
+    keeps its own rows ``[start, stop)``: N data-parallel processes then see exactly the noise
+    one process with the global batch would, and their generators stay in step.
+    """
+
+    def __init__(self, generator: torch.Generator, global_size: int, start: int, stop: int, device: torch.device):
+        self.generator, self.global_size, self.start, self.stop, self.device = generator, global_size, start, stop, device
+
+    def randn(self, *item_shape: int) -> torch.Tensor:
+        g = self.generator
+        t = torch.randn((self.global_size, *item_shape), generator=g, device=g.device)
+        return t[self.start:self.stop].to(self.device)
+
+    def rand(self) -> torch.Tensor:
+        g = self.generator
+        return torch.rand(self.global_size, generator=g, device=g.device)[self.start:self.stop].to(self.device)
+
+    def randint(self, high: int) -> torch.Tensor:
+        g = self.generator
+        return torch.randint(0, high, (self.global_size,), generator=g, device=g.device)[self.start:self.stop].to(self.device)
+
+
 @dataclass
 class Batch:
     """One training batch from the cache; every tensor is on the training device."""
@@ -25,6 +50,7 @@ class Batch:
     latent_std: torch.Tensor   # (B, C, h, w) VAE posterior std
     text: dict[str, torch.Tensor]  # family-specific cached text embeddings, batched
     time_ids: torch.Tensor     # (B, 6) original size, crop top-left, target size (SDXL uses it)
+    rng: BatchRandom           # this batch's share of the global batch's random draws
 
 
 class Family(ABC):
@@ -66,13 +92,12 @@ class Family(ABC):
 
     # -- training --------------------------------------------------------------------------------
     @abstractmethod
-    def loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """The scalar training loss of one batch (fp32). ``model`` is the (wrapped) denoiser."""
 
-    def sample_latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(batch.latent_mean.shape, generator=generator, device=generator.device,
-                            dtype=torch.float32).to(batch.latent_mean.device)
-        return batch.latent_mean + batch.latent_std * noise
+    def sample_latents(self, batch: Batch) -> torch.Tensor:
+        """A latent drawn from the cached VAE posterior, as encoding the image afresh would give."""
+        return batch.latent_mean + batch.latent_std * batch.rng.randn(*batch.latent_mean.shape[1:])
 
     # -- validation and export -----------------------------------------------------------------
     @abstractmethod

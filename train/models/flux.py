@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from .base import Batch, Family
+from .base import Batch, BatchRandom, Family
 
 
 class FluxFamily(Family):
@@ -33,14 +33,12 @@ class FluxFamily(Family):
         return dist.mean.float(), dist.std.float()
 
     # -- training --------------------------------------------------------------------------------
-    def sample_sigmas(self, batch_size: int, image_seq_len: int, generator: torch.Generator) -> torch.Tensor:
-        """Noise levels in (0, 1) as the spec's timestep sampling says (on the generator's device)."""
+    def sample_sigmas(self, rng: BatchRandom, image_seq_len: int) -> torch.Tensor:
+        """Noise levels in (0, 1) as the spec's timestep sampling says."""
         opts = self.spec.flux
-        dev = generator.device
         if opts.timestep_sampling == "uniform":
-            return torch.rand(batch_size, generator=generator, device=dev)
-        normal = torch.randn(batch_size, generator=generator, device=dev) * opts.logit_std + opts.logit_mean
-        u = torch.sigmoid(normal)
+            return rng.rand()
+        u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
         if opts.timestep_sampling == "logit_normal":
             return u
         if opts.timestep_sampling == "shift":
@@ -54,12 +52,12 @@ class FluxFamily(Family):
         shift = cfg.get("shift", 1.0)
         return shift * u / (1 + (shift - 1) * u)
 
-    def loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         vae_cfg = self.pipe.vae.config
-        x0 = (self.sample_latents(batch, generator) - vae_cfg.shift_factor) * vae_cfg.scaling_factor  # (B, C, h, w)
+        x0 = (self.sample_latents(batch) - vae_cfg.shift_factor) * vae_cfg.scaling_factor  # (B, C, h, w)
         b, c, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        sigmas = self.sample_sigmas(b, (h // 2) * (w // 2), generator).to(x0.device)
+        noise = batch.rng.randn(c, h, w)
+        sigmas = self.sample_sigmas(batch.rng, (h // 2) * (w // 2))
         s = sigmas.view(b, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise  # straight path from data (s=0) to noise (s=1)
         target = noise - x0                 # its velocity

@@ -42,16 +42,13 @@ class SdxlFamily(Family):
         return dist.mean.float(), dist.std.float()
 
     # -- training --------------------------------------------------------------------------------
-    def loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         sched = self.noise_scheduler
-        x0 = self.sample_latents(batch, generator) * self.pipe.vae.config.scaling_factor  # (B, 4, h, w)
-        b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        x0 = self.sample_latents(batch) * self.pipe.vae.config.scaling_factor  # (B, 4, h, w)
+        noise = batch.rng.randn(*x0.shape[1:])
         if self.spec.sdxl.noise_offset:
-            offset = torch.randn((b, x0.shape[1], 1, 1), generator=generator, device=generator.device).to(x0.device)
-            noise = noise + self.spec.sdxl.noise_offset * offset
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator,
-                          device=generator.device).to(x0.device)
+            noise = noise + self.spec.sdxl.noise_offset * batch.rng.randn(x0.shape[1], 1, 1)
+        t = batch.rng.randint(sched.config.num_train_timesteps)
         noisy = sched.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
 

@@ -280,19 +280,11 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     pending: list[torch.Tensor] = []
     for step in range(start_step, spec.steps + 1):
         for _ in range(spec.gradient_accumulation_steps):
-            with accelerator.accumulate(model):
-                indices = next(sampler)
-                drop = (torch.rand(len(indices), generator=generators["caption_dropout"]) < spec.caption_dropout).tolist()
-                rng = BatchRandom(generators["noise"], len(indices), lo, hi, device)
-                batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
-                with accelerator.autocast():
-                    loss = family.loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and spec.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, spec.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                pending.append(loss.detach())
+            indices = next(sampler)
+            drop = (torch.rand(len(indices), generator=generators["caption_dropout"]) < spec.caption_dropout).tolist()
+            rng = BatchRandom(generators["noise"], len(indices), lo, hi, device)
+            batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
+            pending.append(micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm))
         lr_used = lr_scheduler.get_last_lr()[0]
         lr_scheduler.step()
         if bar is not None:
@@ -351,6 +343,23 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     progress.emit(progress.format_progress("done", spec.steps, spec.steps))
     return TrainResult(out_dir, weights, samples, out_dir / "loss.png", out_dir / "config.json", history, timings,
                        checksum)
+
+
+def micro_step(family, model: torch.nn.Module, batch, accelerator, optimizer, params: list[torch.nn.Parameter],
+               max_grad_norm: float) -> torch.Tensor:
+    """One micro-batch: forward, backward, and — on the last micro-batch of a step — clip and update.
+
+    Returns the loss without reading it back to the host. ``bench/`` times exactly this.
+    """
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss = family.loss(model, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()  # a no-op until the last micro-batch (accelerate's wrapper)
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def _export(spec: TrainingSpec, family, model: torch.nn.Module, out_dir: Path) -> list[Path]:

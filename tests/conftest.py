@@ -49,3 +49,15 @@ def train_quietly(spec, data: Path, out: Path):
     with contextlib.redirect_stdout(buf):
         result = run_training(spec, data, out)
     return result, buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (moto's standalone server, IAM auth enforced) on loopback."""
+    import s3server
+
+    server = s3server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

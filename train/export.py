@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -129,9 +130,11 @@ def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, st
     full = spec.mode == "full"
     trigger = spec.trigger_word
     widget = "\n".join(f"- text: {json.dumps(p)}\n  output:\n    url: {f}" for p, f in samples[:4])
+    # The Hub checks base_model against its repos: only a Hub id goes there, never a local folder.
+    hub_id = re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", spec.base_weights) and not Path(spec.base_weights).exists()
     lines = [
         "---",
-        f"base_model: {spec.base_weights}",
+        *([f"base_model: {spec.base_weights}"] if hub_id else []),
         "library_name: diffusers",
         "license: other",
         "tags:",

@@ -1,17 +1,63 @@
-"""Finding the base weights a spec names: a diffusers folder, a folder in ``weights/``, or a Hub id."""
+"""Base weights: finding them, recording them in a manifest, fetching them, checking them.
+
+A base model is a diffusers pipeline folder (one with ``model_index.json``). They live in
+the weights cache, ``weights/`` (``ADVANCED_TRAINER_WEIGHTS`` overrides), one folder each.
+
+- ``resolve_base_weights(ref)``: the folder a spec's ``base_weights`` names (a path,
+  ``weights/<name>``, or a Hub id downloaded with ``snapshot_download``).
+- ``weights/manifest.json`` records every file of every model with its size and sha256::
+
+      {"version": 1,
+       "models": {"FLUX.1-dev": {"files": {"model_index.json": {"size": 536, "sha256": "ab12..."},
+                                           "transformer/diffusion_pytorch_model-00001-of-00003.safetensors":
+                                               {"size": 9962580296, "sha256": null}}}}}
+
+  ``sha256`` may be null (not recorded). ``write_manifest`` writes it, ``verify_weights``
+  checks sizes (always: cheap) and sha256 (only with ``full_hash``: multi-GB reads).
+- ``fetch_weights_archive(source, weights_dir)``: a .tar / .tar.gz / .zip (URL or path)
+  of one or more pipeline folders, unpacked safely into the cache; existing model folders
+  are never overwritten.
+- ``prepare_weights(...)``: what the Cog container's ``setup()`` calls: fetch, verify,
+  fall back to the Hub when allowed, and fail with a message that says what to provide.
+
+Command line::
+
+    python -m train.weights manifest [--weights-dir D] [--no-hash] [NAME ...]
+    python -m train.weights verify   [--weights-dir D] [--hash]
+    python -m train.weights fetch    SOURCE [--weights-dir D]
+
+Nothing here deletes anything in the weights folder except its own temporary files
+(``.fetch-*``, ``.manifest.json.tmp-*``).
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
 import re
-from pathlib import Path
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
 
 WEIGHTS_DIR = Path(os.environ.get("ADVANCED_TRAINER_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors"]
+_HUB_IGNORE = ["*.fp16.safetensors", "*/diffusion_pytorch_model-*.bin"]
+_CHUNK = 1 << 20
+_PROGRESS_MIN_BYTES = 64 << 20  # downloads at least this big print a line every ~5 %
+_FETCH_PREFIX = ".fetch-"
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
 class WeightsError(FileNotFoundError):
-    """The base weights cannot be found; the message says what to provide."""
+    """The base weights cannot be found or used; the message says what to provide."""
 
 
 def _is_pipeline(folder: Path) -> bool:
@@ -35,10 +81,576 @@ def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref, token=os.environ.get("HF_TOKEN") or None,
-                                      allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
-                                      ignore_patterns=["*.fp16.safetensors", "*/diffusion_pytorch_model-*.bin"]))
+                                      allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE))
     except Exception as exc:  # network down, gated repo without a token, no such repo
         raise WeightsError(
             f"base_weights: cannot get {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc)[:300]}). "
             f"Put the pipeline folder in {weights_dir / ref.split('/')[-1]}, pass a local folder, "
             f"or set HF_TOKEN for a gated repo.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+
+
+def _show(path: Path) -> str:
+    """``path`` for messages: relative to the working directory when below it (``weights/X`` in Cog)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def pipeline_folders(weights_dir: Path | None = None) -> list[str]:
+    """Names of the pipeline folders directly under ``weights_dir`` (hidden / temporary ones skipped)."""
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    if not weights_dir.is_dir():
+        return []
+    return sorted(p.name for p in weights_dir.iterdir()
+                  if not p.name.startswith(".") and p.is_dir() and _is_pipeline(p))
+
+
+def _model_files(folder: Path) -> list[str]:
+    """Every file below a model folder as a relative posix path, hidden entries (``.cache/``) skipped."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            p = Path(root) / name
+            if not name.startswith(".") and p.is_file():
+                files.append(p.relative_to(folder).as_posix())
+    return files
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_entry(folder: Path, sha256: bool) -> dict:
+    files = {}
+    for rel in _model_files(folder):
+        p = folder / rel
+        files[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p) if sha256 else None}
+    return {"files": files}
+
+
+def _safe_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def _safe_rel(rel: object) -> bool:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in PurePosixPath(rel).parts) and rel == PurePosixPath(rel).as_posix()
+
+
+def _check_manifest(data: object, where: str) -> dict:
+    """``data`` if it is a valid version-1 manifest, else WeightsError naming what is wrong."""
+    def bad(why: str) -> WeightsError:
+        return WeightsError(f"{where}: not a valid weights manifest ({why}); "
+                            f"rewrite it with `python -m train.weights manifest`")
+
+    if not isinstance(data, dict):
+        raise bad("not a JSON object")
+    if data.get("version") != MANIFEST_VERSION:
+        raise bad(f"version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+    models = data.get("models")
+    if not isinstance(models, dict):
+        raise bad("'models' is not an object")
+    for name, entry in models.items():
+        if not _safe_name(name):
+            raise bad(f"model name {name!r} is not a plain folder name")
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+            raise bad(f"models.{name}.files is not an object")
+        for rel, info in entry["files"].items():
+            if not _safe_rel(rel):
+                raise bad(f"models.{name}: file path {rel!r} is not a plain relative path")
+            if (not isinstance(info, dict) or not isinstance(info.get("size"), int) or isinstance(info["size"], bool)
+                    or info["size"] < 0):
+                raise bad(f"models.{name}.files[{rel!r}]: size must be a non-negative integer")
+            sha = info.get("sha256")
+            if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+                raise bad(f"models.{name}.files[{rel!r}]: sha256 must be 64 hex digits or null")
+    return data
+
+
+def load_manifest(weights_dir: Path | None = None, path: Path | None = None) -> dict | None:
+    """The manifest in ``weights_dir`` (or at ``path``), None when there is none; WeightsError when invalid."""
+    path = Path(path) if path else Path(weights_dir or WEIGHTS_DIR) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{_show(path)}: cannot read the weights manifest ({exc}); "
+                           f"rewrite it with `python -m train.weights manifest`") from None
+    return _check_manifest(data, _show(path))
+
+
+def _save_manifest(weights_dir: Path, data: dict) -> Path:
+    """Write the manifest atomically (a temporary file in the same folder, then a rename)."""
+    path = weights_dir / MANIFEST_NAME
+    tmp = weights_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_manifest(weights_dir: Path | None = None, names: list[str] | None = None, sha256: bool = True) -> Path:
+    """Record every file of the pipeline folders in ``weights_dir/manifest.json``; returns its path.
+
+    Without ``names`` the manifest is rewritten from every pipeline folder present. With
+    ``names`` only those entries are (re)written; the rest of an existing manifest is kept.
+    ``sha256=False`` records sizes only (``"sha256": null``), which is fast for multi-GB files.
+    """
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    if not weights_dir.is_dir():
+        raise WeightsError(f"{_show(weights_dir)} does not exist; nothing to record")
+    if names is None:
+        data = {"version": MANIFEST_VERSION, "models": {}}
+        names = pipeline_folders(weights_dir)
+    else:
+        data = load_manifest(weights_dir) or {"version": MANIFEST_VERSION, "models": {}}
+        for name in names:
+            if not _safe_name(name) or not _is_pipeline(weights_dir / name):
+                raise WeightsError(f"{_show(weights_dir / str(name))} is not a diffusers pipeline folder "
+                                   f"(no model_index.json); nothing recorded")
+    for name in names:
+        if sha256:
+            print(f"hashing {_show(weights_dir / name)} ...", flush=True)
+        data["models"][name] = _model_entry(weights_dir / name, sha256)
+    return _save_manifest(weights_dir, data)
+
+
+def _check_folder(folder: Path, entry: dict, full_hash: bool) -> list[str]:
+    """Problems of one model folder against its manifest entry."""
+    if not folder.is_dir():
+        return [f"{_show(folder)} is missing"]
+    problems = []
+    for rel, info in entry["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{_show(p)} is missing")
+            continue
+        size = p.stat().st_size
+        if size != info["size"]:
+            problems.append(f"{_show(p)}: {size} bytes, the manifest says {info['size']} (truncated or replaced)")
+        elif full_hash and info.get("sha256") and file_sha256(p) != info["sha256"]:
+            problems.append(f"{_show(p)}: sha256 differs from the manifest's (corrupted or replaced)")
+    return problems
+
+
+def _verify_models(weights_dir: Path, manifest: dict, full_hash: bool) -> dict[str, list[str]]:
+    """Problems per model listed in ``manifest`` (an empty list when the model checks out)."""
+    return {name: _check_folder(weights_dir / name, entry, full_hash) for name, entry in manifest["models"].items()}
+
+
+def verify_weights(weights_dir: Path | None = None, manifest: dict | Path | None = None,
+                   full_hash: bool = False) -> list[str]:
+    """Problems with the weights against the manifest: missing folders or files, wrong sizes, and with
+    ``full_hash`` sha256 mismatches (files without a recorded sha256 are checked by size only).
+
+    ``manifest`` is a manifest dict, a path to one, or None for ``weights_dir/manifest.json``;
+    when there is no manifest at all the one problem returned says so.
+    """
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    if isinstance(manifest, dict):
+        data = _check_manifest(manifest, "manifest")
+    else:
+        path = Path(manifest) if manifest is not None else weights_dir / MANIFEST_NAME
+        data = load_manifest(path=path)
+        if data is None:
+            return [f"{_show(path)} is missing; write it with `python -m train.weights manifest`"]
+    return [p for problems in _verify_models(weights_dir, data, full_hash).values() for p in problems]
+
+
+# --------------------------------------------------------------------------------------------
+# fetching an archive of pipeline folders
+
+
+def _describe_source(source: str) -> str:
+    """The source for messages: a URL without credentials or query string (signed URLs carry secrets)."""
+    if "://" not in source:
+        return source
+    parts = urlsplit(source)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    shown = urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return shown + ("?…" if parts.query else "")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _download(url: str, dest: Path, shown: str) -> None:
+    """Stream ``url`` into ``dest``, printing progress every ~5 % for large files."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"User-Agent": "advanced-trainer-weights/1"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            if total is not None:
+                free = shutil.disk_usage(dest.parent).free
+                if total > free:
+                    raise WeightsError(f"cannot download weights from {shown}: it is {_gb(total)}, only {_gb(free)} "
+                                       f"free in {_show(dest.parent.parent)}")
+                if 2 * total > free:
+                    print(f"weights: warning: {_gb(free)} free; unpacking {_gb(total)} needs about twice that",
+                          flush=True)
+            print(f"weights: downloading {shown}" + (f" ({_gb(total)})" if total else ""), flush=True)
+            loud = total is not None and total >= _PROGRESS_MIN_BYTES
+            got, next_pct = 0, 5
+            with open(dest, "wb") as f:
+                while chunk := resp.read(_CHUNK):
+                    f.write(chunk)
+                    got += len(chunk)
+                    if loud and got * 100 >= next_pct * total:
+                        pct = min(100, got * 100 // total)
+                        print(f"weights: {pct}% ({_gb(got)} of {_gb(total)})", flush=True)
+                        next_pct = (pct // 5 + 1) * 5
+                    elif total is None and got // (1 << 30) != (got - len(chunk)) // (1 << 30):
+                        print(f"weights: {_gb(got)} downloaded", flush=True)
+            if total is not None and got != total:
+                raise WeightsError(f"cannot download weights from {shown}: the connection ended after {got} of "
+                                   f"{total} bytes; try again")
+    except WeightsError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise WeightsError(f"cannot download weights from {shown}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise WeightsError(f"cannot download weights from {shown}: {exc.reason}") from None
+    except (OSError, ValueError) as exc:  # timeouts, resets, a full disk, a malformed URL
+        raise WeightsError(f"cannot download weights from {shown}: {type(exc).__name__}: {exc}") from None
+
+
+def _archive_stem(source: str) -> str:
+    name = PurePosixPath(urlsplit(source).path if "://" in source else Path(source).name).name
+    for suffix in _ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _find_pipelines(root: Path, source: str, depth: int = 3) -> dict[str, Path]:
+    """Pipeline folders in an unpacked archive: the root itself (named after the archive) or folders
+    up to ``depth`` levels down (``FLUX.1-dev/``, ``weights/FLUX.1-dev/``); junk (``__MACOSX``, dot-folders) skipped."""
+    if _is_pipeline(root):
+        name = _archive_stem(source)
+        if not _safe_name(name):
+            raise WeightsError(f"{_describe_source(source)}: the archive holds one pipeline at its top level, "
+                               f"but no folder name can be taken from the source name")
+        return {name: root}
+    found: dict[str, Path] = {}
+
+    def walk(folder: Path, level: int) -> None:
+        for child in sorted(folder.iterdir()):
+            if not child.is_dir() or child.name.startswith(".") or child.name == "__MACOSX":
+                continue
+            if _is_pipeline(child):
+                if child.name in found:
+                    raise WeightsError(f"{_describe_source(source)}: two pipeline folders named {child.name!r} "
+                                       f"({found[child.name].relative_to(root)} and {child.relative_to(root)})")
+                found[child.name] = child
+            elif level < depth:
+                walk(child, level + 1)
+
+    walk(root, 1)
+    return found
+
+
+def _archive_manifest(root: Path, pipelines: dict[str, Path], source: str) -> dict | None:
+    """A manifest.json shipped in the archive, at its top or beside the pipeline folders."""
+    places = [root] + sorted({p.parent for p in pipelines.values()})
+    for place in places:
+        if (place / MANIFEST_NAME).is_file():
+            return load_manifest(path=place / MANIFEST_NAME)
+    return None
+
+
+def _fetch(source: str, weights_dir: Path) -> tuple[list[str], list[str]]:
+    """Fetch and install; returns (names installed, names skipped because their folder already existed)."""
+    from train.data import DataLimits, DatasetError, UnsafeArchiveError, extract_archive
+
+    shown = _describe_source(source)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    existing_manifest = load_manifest(weights_dir)  # a broken manifest stops us before anything moves
+    scheme = urlsplit(source).scheme.lower() if "://" in source else ""
+    if scheme not in ("", "http", "https", "file"):
+        raise WeightsError(f"cannot fetch weights from {shown}: only http(s) URLs and local paths are supported")
+    tmp = Path(tempfile.mkdtemp(prefix=_FETCH_PREFIX, dir=weights_dir))
+    installed: list[str] = []
+    skipped: list[str] = []
+    try:
+        if scheme in ("http", "https"):
+            archive = tmp / "archive"
+            _download(source, archive, shown)
+        else:
+            archive = Path(urlsplit(source).path if scheme == "file" else source).expanduser()
+            if not archive.is_file():
+                raise WeightsError(f"cannot fetch weights from {shown}: no such file")
+        print(f"weights: unpacking {shown}", flush=True)
+        unpacked = tmp / "unpacked"
+        limits = DataLimits(max_files=500_000, max_bytes=4 << 40)  # weights are big; only traversal etc. matter
+        try:
+            extract_archive(archive, unpacked, limits)
+        except DatasetError as exc:
+            raise WeightsError(f"cannot use weights from {shown}: {exc} (expected a .tar, .tar.gz or .zip "
+                               f"of diffusers pipeline folders)") from None
+        except UnsafeArchiveError as exc:
+            raise WeightsError(f"cannot use weights from {shown}: unsafe archive refused: {exc}") from None
+        if archive.parent == tmp:
+            archive.unlink()  # free the space before moving things around
+        pipelines = _find_pipelines(unpacked, source)
+        if not pipelines:
+            raise WeightsError(f"cannot use weights from {shown}: the archive holds no diffusers pipeline folder "
+                               f"(a folder with model_index.json)")
+        shipped = _archive_manifest(unpacked, pipelines, source)
+        entries: dict[str, dict] = {}
+        for name, folder in pipelines.items():
+            if shipped and name in shipped["models"]:
+                problems = _check_folder(folder, shipped["models"][name], False)
+                if problems:
+                    raise WeightsError(f"cannot use weights from {shown}: {name} does not match the archive's "
+                                       f"manifest.json: " + "; ".join(problems[:5]))
+                entries[name] = shipped["models"][name]
+            else:
+                entries[name] = _model_entry(folder, sha256=False)
+        manifest = existing_manifest or {"version": MANIFEST_VERSION, "models": {}}
+        for name, folder in pipelines.items():
+            target = weights_dir / name
+            if target.exists() or target.is_symlink():
+                print(f"weights: {_show(target)} already exists; left as it is (not overwritten)", flush=True)
+                skipped.append(name)
+                continue
+            os.rename(folder, target)
+            installed.append(name)
+            manifest["models"][name] = entries[name]
+            print(f"weights: installed {_show(target)}", flush=True)
+        if installed:
+            _save_manifest(weights_dir, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
+    return installed, skipped
+
+
+def fetch_weights_archive(source: str, weights_dir: Path) -> list[str]:
+    """Install the pipeline folders in an archive (http(s) URL or local path of a .tar / .tar.gz / .zip).
+
+    The download and the unpacking happen in a temporary folder inside ``weights_dir`` (same disk,
+    so folders move into place by rename). A model whose folder already exists is skipped, never
+    overwritten. Installed models are added to ``weights_dir/manifest.json`` (from the archive's own
+    manifest.json when it has one, which they must match, else sizes only). Returns the names of the
+    archive's models, all now present in ``weights_dir``. WeightsError names the source and the problem.
+    """
+    installed, skipped = _fetch(source, Path(weights_dir))
+    return sorted(installed + skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# setup(): everything together
+
+
+@dataclass
+class WeightsStatus:
+    """What ``prepare_weights`` found: model -> folder, where each came from, warnings."""
+
+    weights_dir: Path
+    models: dict[str, Path] = field(default_factory=dict)    # name or Hub id -> pipeline folder
+    origins: dict[str, str] = field(default_factory=dict)    # name or Hub id -> cache | tarball | hub
+    warnings: list[str] = field(default_factory=list)
+    manifest: Path | None = None
+
+    def path(self, ref: str) -> Path:
+        """The folder for ``ref`` (a folder name or a Hub id whose last part is a folder name)."""
+        for key in (ref, ref.split("/")[-1]):
+            if key in self.models:
+                return self.models[key]
+        raise KeyError(ref)
+
+    def lines(self) -> list[str]:
+        out = [f"weights: {name} ({self.origins[name]}): {_show(path)}" for name, path in self.models.items()]
+        return out + [f"weights: warning: {w}" for w in self.warnings]
+
+
+def _how_to_provide(folders: list[Path]) -> str:
+    where = " and ".join(_show(f) for f in folders) if folders else "weights/<name>"
+    return (f"Provide them one of these ways: put the diffusers folder at {where} "
+            f"(then `python -m train.weights manifest`), set COG_WEIGHTS to a .tar/.tar.gz/.zip URL of it, "
+            f"or allow Hub downloads with an hf_token for gated repos.")
+
+
+def prepare_weights(weights_dir: Path | None = None, *, source: str | None = None, required: list[str] | None = None,
+                    allow_hub: bool = False, hf_token: str | None = None) -> WeightsStatus:
+    """Make the base weights usable for ``setup()``, or raise WeightsError saying what to provide.
+
+    1. ``source`` (COG_WEIGHTS: an archive URL or path) is fetched into ``weights_dir`` first.
+    2. The manifest is loaded and every listed model's file sizes are checked.
+    3. Each of ``required`` (folder names or Hub ids; default: every model in the manifest) must be
+       in the cache and, if listed in the manifest, match it; otherwise, only when ``allow_hub``,
+       a Hub id is downloaded with ``snapshot_download`` (token ``hf_token`` or ``HF_TOKEN``).
+    Folders without a manifest entry are used with a warning. Nothing is ever deleted.
+    """
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    status = WeightsStatus(weights_dir=weights_dir)
+    manifest_path = weights_dir / MANIFEST_NAME
+
+    def scan() -> tuple[dict | None, dict[str, list[str]], list[str]]:
+        manifest = load_manifest(weights_dir)
+        return manifest, (_verify_models(weights_dir, manifest, False) if manifest else {}), \
+            pipeline_folders(weights_dir)
+
+    def wanted_refs(manifest: dict | None) -> list[str]:
+        return list(required) if required is not None else list(manifest["models"]) if manifest else []
+
+    manifest, problems, present = scan()
+    fetched: set[str] = set()
+    if source:
+        wanted = wanted_refs(manifest)
+        names = [r.split("/")[-1] for r in wanted]
+        if wanted and all(n in present and not problems.get(n) for n in names):
+            # it would only skip folders that exist: do not download gigabytes for nothing
+            status.warnings.append(f"COG_WEIGHTS {_describe_source(source)} not fetched: "
+                                   f"{', '.join(names)} already in {_show(weights_dir)}")
+        else:
+            installed, _ = _fetch(source, weights_dir)
+            fetched.update(installed)
+            manifest, problems, present = scan()
+    status.manifest = manifest_path if manifest is not None else None
+    if manifest is None and present:
+        status.warnings.append(f"{_show(manifest_path)} is missing, so file sizes were not checked; "
+                               f"write it with `python -m train.weights manifest`")
+    leftovers = sorted(p.name for p in weights_dir.glob(_FETCH_PREFIX + "*")) if weights_dir.is_dir() else []
+    if leftovers:
+        status.warnings.append(f"leftover temporary folders from an interrupted fetch in {_show(weights_dir)}: "
+                               f"{', '.join(leftovers)} (safe to delete)")
+
+    def usable(name: str) -> bool:
+        return name in present and not problems.get(name)
+
+    def add(key: str, folder: Path, origin: str) -> None:
+        status.models[key] = folder
+        status.origins[key] = origin
+
+    for name in present:
+        if usable(name):
+            add(name, weights_dir / name, "tarball" if name in fetched else "cache")
+            if manifest is not None and name not in manifest["models"]:
+                status.warnings.append(f"{_show(weights_dir / name)} is not in {_show(manifest_path)}, so its files "
+                                       f"were not checked; run `python -m train.weights manifest`")
+
+    wanted = wanted_refs(manifest)
+    failures: list[str] = []
+    folders: list[Path] = []
+    for ref in wanted:
+        name = ref.split("/")[-1]
+        folder = weights_dir / name
+        if _safe_name(name) and usable(name):
+            continue
+        if not _safe_name(name):
+            local = f"{ref!r} is not a folder name or Hub id"
+        elif not folder.is_dir():
+            listed = f" (listed in {_show(manifest_path)})" if manifest and name in manifest["models"] else ""
+            local = f"base weights missing: {_show(folder)}{listed}"
+        elif problems.get(name):
+            detail = "; ".join(problems[name][:3]) + (f"; and {len(problems[name]) - 3} more"
+                                                    if len(problems[name]) > 3 else "")
+            local = f"base weights damaged: {detail}"
+        else:
+            local = f"base weights unusable: {_show(folder)} has no model_index.json"
+        if source and name not in fetched:
+            local += f"; the COG_WEIGHTS archive {_describe_source(source)} did not provide it"
+        if allow_hub:
+            if not _HUB_ID.match(ref):
+                failures.append(f"{local}; {ref!r} is not a Hub id (owner/name), so it cannot be downloaded")
+                folders.append(folder)
+                continue
+            try:
+                from huggingface_hub import snapshot_download
+
+                print(f"weights: downloading {ref} from the Hugging Face Hub", flush=True)
+                path = Path(snapshot_download(ref, token=hf_token or os.environ.get("HF_TOKEN") or None,
+                                              allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE))
+            except Exception as exc:  # offline, gated repo without a token, no such repo
+                why = " ".join(str(exc).split())[:300]
+                tok = "an hf_token was given" if (hf_token or os.environ.get("HF_TOKEN")) else "no hf_token was given"
+                failures.append(f"{local}; the Hugging Face Hub download of {ref} failed ({type(exc).__name__}: "
+                                f"{why}; {tok} — a gated repo needs an hf_token with access to it)")
+                folders.append(folder)
+                continue
+            if not _is_pipeline(path):
+                failures.append(f"{local}; the Hub repo {ref} has no model_index.json (not a diffusers pipeline)")
+                folders.append(folder)
+                continue
+            if local.startswith("base weights damaged"):
+                status.warnings.append(f"{local}; using the Hub copy of {ref} instead")
+            add(ref, path, "hub")
+            continue
+        failures.append(local)
+        folders.append(folder)
+
+    if required is not None:  # models nobody asked for may be broken: say so, do not fail
+        for name, probs in problems.items():
+            if probs and name not in {r.split("/")[-1] for r in wanted}:
+                status.warnings.append(f"{name} (not required) does not match the manifest: {'; '.join(probs[:3])}")
+    if failures:
+        raise WeightsError("; ".join(failures) + ". " + _how_to_provide(folders))
+    if not status.models:
+        what = "no manifest.json and no diffusers pipeline folder" if manifest is None else \
+            "a manifest listing no models and no diffusers pipeline folder"
+        raise WeightsError(f"no base weights: {_show(weights_dir)} has {what}. " + _how_to_provide([]))
+    return status
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.weights", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("manifest", help="record every file of the pipeline folders in manifest.json")
+    p.add_argument("names", nargs="*", help="only these model folders (the rest of the manifest is kept)")
+    p.add_argument("--no-hash", action="store_true", help="record sizes only (fast for multi-GB files)")
+    p = sub.add_parser("verify", help="check the weights against manifest.json (sizes; --hash: sha256 too)")
+    p.add_argument("--hash", action="store_true", help="also compare sha256 (reads every byte)")
+    p = sub.add_parser("fetch", help="install the pipeline folders in a .tar/.tar.gz/.zip (URL or path)")
+    p.add_argument("source")
+    for p in sub.choices.values():
+        p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help=f"default: {WEIGHTS_DIR}")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "manifest":
+            path = write_manifest(args.weights_dir, names=args.names or None, sha256=not args.no_hash)
+            data = load_manifest(path=path) or {"models": {}}
+            n_files = sum(len(m["files"]) for m in data["models"].values())
+            print(f"{_show(path)}: {len(data['models'])} models, {n_files} files")
+            return 0
+        if args.command == "verify":
+            problems = verify_weights(args.weights_dir, full_hash=args.hash)
+            if problems:
+                for line in problems:
+                    print(line, file=sys.stderr)
+                print(f"{len(problems)} problem(s)", file=sys.stderr)
+                return 1
+            data = load_manifest(args.weights_dir) or {"models": {}}
+            print(f"ok: {', '.join(data['models']) or 'no models'} ({'sizes and sha256' if args.hash else 'sizes'})")
+            return 0
+        names = fetch_weights_archive(args.source, args.weights_dir)
+        print("models:", ", ".join(names))
+        return 0
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

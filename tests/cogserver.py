@@ -1,0 +1,162 @@
+"""The real Cog HTTP server (cog + coglet from PyPI) on loopback, for tests.
+
+The server spawns its worker as the literal command ``python`` from PATH, so the venv's bin
+goes first; it reads ``.cog/openapi_schema.json`` relative to its cwd, so it runs in the
+repository root.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CogServer:
+    def __init__(self, mode: str, log_dir: Path, env: dict[str, str] | None = None):
+        self.mode = mode
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {
+            **os.environ,
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+            "PORT": str(self.port),
+            "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "COG_TRAIN_TYPE_STUB": "cog_train.py:Trainer",
+            "COG_THROTTLE_RESPONSE_INTERVAL": "0",
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
+        args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
+        if mode == "train":
+            args += ["--x-mode", "train"]
+        self.log_path = log_dir / f"cog-{mode}-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(300, connect=5))
+
+    def health(self) -> dict:
+        return self.client.get("/health-check", timeout=2).json()
+
+    def wait(self, statuses=("READY",), timeout: float = 120) -> dict:
+        end = time.monotonic() + timeout
+        last: dict = {}
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cog server exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+            try:
+                last = self.health()
+            except httpx.HTTPError:
+                time.sleep(0.1)
+                continue
+            if last.get("status") in statuses:
+                return last
+            if last.get("status") in ("SETUP_FAILED", "UNHEALTHY", "DEFUNCT") and "SETUP_FAILED" not in statuses:
+                raise RuntimeError(f"cog server {last.get('status')}: {json.dumps(last.get('setup'))[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"cog server not {statuses} after {timeout}s: {last}\n{self.log_path.read_text()[-3000:]}")
+
+    def post(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+        """POST, waiting for the slot first (the server answers 409 just after a job ends)."""
+        for _ in range(100):
+            self.wait()
+            r = self.client.post(path, json=body, headers=headers or {})
+            if r.status_code != 409:
+                return r
+            time.sleep(0.1)
+        return r
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.client.close()
+        self._log.close()
+
+
+def data_uri(path: Path, mime: str = "application/zip") -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def decode_output(value: str) -> bytes:
+    assert value.startswith("data:"), value[:80]
+    return base64.b64decode(value.split(",", 1)[1])
+
+
+class Receiver:
+    """A webhook receiver on loopback that keeps every payload it gets."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with outer.lock:
+                    outer.payloads.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_terminal(self, timeout: float = 300) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                done = [p for p in self.payloads if p.get("status") in ("succeeded", "failed", "canceled")]
+            if done:
+                return done[-1]
+            time.sleep(0.1)
+        raise TimeoutError(f"no terminal webhook; got {[p.get('status') for p in self.payloads]}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class FileServer:
+    """Serves one folder over HTTP on loopback (datasets by URL)."""
+
+    def __init__(self, folder: Path):
+        from functools import partial
+        from http.server import SimpleHTTPRequestHandler
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -1,0 +1,232 @@
+"""Running one training job for the Cog adapters (predict.py, cog_train.py).
+
+The adapters turn Cog inputs into a ``JobRequest``; ``run_job`` validates the spec, runs the
+trainer as a child process (``python -m train``, under torch's launcher when there is more
+than one GPU), relays every line it prints through ``sys.stdout`` (Cog's logs capture only
+Python-level writes, never a child's file descriptors), publishes, and packs the output
+archive. A cancel (Cog raises ``CancelationException`` in this thread) stops the whole
+process group at once.
+
+This module stays torch-free: the trainer's weight lives in the child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .spec import SpecError, TrainingSpec, parse_spec
+
+OUTPUT_ARCHIVE = "output.zip"
+_STORED = {".safetensors", ".png", ".jpg", ".jpeg", ".webp", ".zip", ".gz", ".pt", ".bin"}  # already dense
+REDACTED = "**********"
+
+
+class JobError(RuntimeError):
+    """The job failed; the message is the reason a user should read."""
+
+
+@dataclass
+class JobRequest:
+    dataset: Path
+    spec_json: str = "{}"
+    overrides: dict[str, Any] = field(default_factory=dict)   # typed inputs; None = not given
+    secrets: dict[str, str] = field(default_factory=dict)     # env name -> value, e.g. HF_TOKEN
+    resume_from: Path | None = None
+    return_checkpoint: bool = False
+    num_processes: int = 1
+
+
+def build_spec(req: JobRequest) -> TrainingSpec:
+    """The spec JSON with the typed inputs on top; every bad field reported at once."""
+    overrides = {k: v for k, v in req.overrides.items() if v is not None and v != ""}
+    try:
+        return parse_spec(req.spec_json or "{}", **overrides)
+    except SpecError as exc:
+        raise JobError(str(exc)) from None
+
+
+class _Redactor:
+    def __init__(self, secrets: dict[str, str]):
+        self.values = sorted({v for v in secrets.values() if v and len(v) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for v in self.values:
+            text = text.replace(v, REDACTED)
+        return text
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the child's whole process group (launcher + workers), then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_trainer(args: list[str], env: dict[str, str], log: Callable[[str], None], redact: Callable[[str], str],
+                num_processes: int = 1) -> tuple[int, list[str]]:
+    """Run ``python -m train ARGS`` in its own process group, relaying its output line by line.
+
+    Returns (exit code, the last lines). Reading polls every 0.1 s so that a cancel raised in
+    this thread lands promptly even while the child is quiet.
+    """
+    cmd = [sys.executable, "-m", "train", *args]
+    if num_processes > 1:
+        cmd += ["--num-processes", str(num_processes)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+    tail: list[str] = []
+    buf = b""
+    try:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = redact(raw.decode("utf-8", "replace").rstrip("\r"))
+                log(line)
+                tail = (tail + [line])[-40:]
+        if buf:
+            line = redact(buf.decode("utf-8", "replace"))
+            log(line)
+            tail.append(line)
+        return proc.wait(), tail
+    finally:
+        _kill_group(proc)  # a cancel or any error here: leave nothing running
+
+
+def pack_outputs(out_dir: Path, archive: Path, include_checkpoints: bool) -> Path:
+    """A zip of the output folder (scratch never included; checkpoints only when asked for)."""
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file())
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in files:
+            rel = path.relative_to(out_dir)
+            if rel.parts[0] == ".work" or (rel.parts[0] == "checkpoints" and not include_checkpoints):
+                continue
+            kind = zipfile.ZIP_STORED if path.suffix.lower() in _STORED else zipfile.ZIP_DEFLATED
+            zf.write(path, rel.as_posix(), compress_type=kind)
+    return archive
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((out_dir / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def _error_reason(tail: list[str], rc: int) -> str:
+    for line in reversed(tail):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+        if line.startswith("invalid training spec"):
+            return "\n".join(tail[tail.index(line):])
+    last = next((ln for ln in reversed(tail) if ln.strip()), "")
+    return f"the trainer exited with code {rc}" + (f": {last}" if last else "")
+
+
+def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) -> Path:
+    """Train, publish, and pack; returns the output archive. Raises JobError with the reason."""
+    from .publish import PublishError, publish
+
+    spec = build_spec(req)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out_dir = workdir / "out"
+    spec_file = workdir / "spec.json"
+    spec_file.write_text(spec.to_json())
+    redact = _Redactor(req.secrets)
+    env = {**os.environ, **{k: v for k, v in req.secrets.items() if v}, "PYTHONUNBUFFERED": "1"}
+    args = ["--spec", str(spec_file), "--data", str(req.dataset), "--out", str(out_dir)]
+    if req.resume_from is not None:
+        args += ["--resume-from", str(req.resume_from)]
+    log(f"job: {spec.model} {spec.mode}, {spec.steps} steps at {','.join(map(str, spec.resolutions))} px, "
+        f"{req.num_processes} process(es)")
+    secrets_for_publish = {"hf_token": req.secrets.get("HF_TOKEN"),
+                           "s3_access_key_id": req.secrets.get("AWS_ACCESS_KEY_ID"),
+                           "s3_secret_access_key": req.secrets.get("AWS_SECRET_ACCESS_KEY")}
+    completed = False
+    try:
+        rc, tail = run_trainer(args, env, log, redact, req.num_processes)
+        if rc != 0:
+            raise JobError(_error_reason(tail, rc))
+        completed = True
+    finally:
+        if not completed and req.return_checkpoint:
+            _deliver_checkpoint_elsewhere(spec, out_dir, secrets_for_publish, log)
+    try:
+        publish(out_dir, spec.publish, log=log, **secrets_for_publish)
+    except PublishError as exc:
+        raise JobError(redact(str(exc))) from None
+    archive = pack_outputs(out_dir, workdir / OUTPUT_ARCHIVE, req.return_checkpoint)
+    log(f"output: {archive.name}, {archive.stat().st_size / 2**20:.1f} MiB")
+    return archive
+
+
+def _deliver_checkpoint_elsewhere(spec: TrainingSpec, out_dir: Path, secrets: dict, log: Callable[[str], None]) -> None:
+    """On failure or cancel Cog discards outputs; a configured Hub/S3 target still gets the checkpoint."""
+    ckpt = latest_checkpoint(out_dir) if out_dir.exists() else None
+    if ckpt is None:
+        log("return_checkpoint: no checkpoint was written before the job stopped")
+        return
+    if not (spec.publish.s3_bucket or spec.publish.hub_model_id):
+        log(f"return_checkpoint: {ckpt.name} exists, but Cog delivers no output for a failed or canceled job; "
+            f"set an S3 bucket or hub_model_id to receive it")
+        return
+    from .publish import PublishError, publish
+
+    sub = spec.publish.model_copy(update={"s3_prefix": "/".join(p for p in (spec.publish.s3_prefix, "checkpoints",
+                                                                              ckpt.name) if p)})
+    try:
+        publish(ckpt, sub, log=log, **secrets)
+    except PublishError as exc:
+        log(f"return_checkpoint: could not deliver {ckpt.name}: {exc}")
+
+
+def detect_gpus() -> list[dict[str, Any]]:
+    """The visible CUDA devices (name, memory); empty on a CPU machine."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)})
+    return out
+
+
+def describe_request(req: JobRequest) -> str:
+    """A log-safe summary of a request (no secret values)."""
+    d = {"dataset": str(req.dataset), "overrides": {k: v for k, v in req.overrides.items() if v is not None},
+         "secrets": sorted(k for k, v in req.secrets.items() if v), "resume_from": str(req.resume_from or ""),
+         "return_checkpoint": req.return_checkpoint}
+    return json.dumps(d)
+

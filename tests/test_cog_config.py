@@ -65,3 +65,10 @@ def test_image_requirements_resolve_for_the_images_python():
     if proc.returncode != 0 and ("Network is unreachable" in proc.stderr or "NewConnectionError" in proc.stderr):
         pytest.fail(f"PyPI unreachable for the resolver dry run: {proc.stderr[-500:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_readme_documents_every_cog_input():
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in schema["components"]["schemas"]["Input"]["properties"] if f"`{name}`" not in readme]
+    assert not missing, f"README's input table lacks {missing}"

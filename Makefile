@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install weights demo test clean
+.PHONY: install weights demo train-demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ weights/tiny-flux-dev/model_index.json: $(STAMP) train/tiny.py
 
 weights: weights/tiny-flux-dev/model_index.json
 
-# The main job on the embedded default: a tiny Flux LoRA on the bundled sample set, on the CPU.
+# The main job on the embedded default, end to end: the client packs the bundled sample set and
+# submits it to the real Cog server (this repo's predict.py) on loopback, which trains a tiny Flux
+# LoRA on the CPU; the client follows the webhooks, downloads the outputs and prints where they are.
 demo: weights
+	$(BIN)/python scripts/demo.py
+
+# The trainer alone, without the Cog server and the client.
+train-demo: weights
 	$(BIN)/python -m train --spec examples/demo-spec.json --data examples/sample-dataset --out runs/demo
 
 test: $(STAMP)

@@ -1,0 +1,1 @@
+"""The submit client: pack, upload, submit, follow, deliver — torch-free."""

@@ -1,0 +1,212 @@
+"""The submit flow and following a job to its end — shared by the CLI and the local server.
+
+submit: validate the spec -> pack (or check) the archive -> estimate -> reserve against the
+spend limit (atomically) -> upload -> create the prediction or training (with a webhook when
+a public URL is configured) -> record it. Each step's failure leaves the store consistent: a
+reservation whose submission failed is released; a create whose answer was lost is found
+again by its uploaded dataset URL instead of being submitted twice.
+
+follow: webhooks and polling feed the same ``JobStore.apply_remote``, which accepts events in
+any order and any number of times, so a job is never lost between the two paths.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from train.spec import SpecError, TrainingSpec, parse_spec
+
+from . import pricing
+from .config import Settings, outputs_dir
+from .delivery import deliver, output_url
+from .providers import TERMINAL, ProviderError, RemoteUserError
+from .store import JobStore
+
+EVENTS = ["start", "output", "logs", "completed"]
+UPLOAD_LIMIT = 100 * 2**20
+
+
+class UserError(Exception):
+    """Something the user can fix (bad spec, dataset too large, spend limit): exit code 2."""
+
+
+@dataclass
+class Submission:
+    record: dict
+    estimate: pricing.Estimate
+    warnings: list[str]
+
+
+def load_spec(spec: str | Path | dict | None, overrides: dict[str, Any] | None = None) -> TrainingSpec:
+    try:
+        return parse_spec(spec, **(overrides or {}))
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+
+
+def prepare_archive(dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool = False,
+                    log: Callable[[str], None] = print) -> tuple[Path, int]:
+    """A zip under the upload limit: a folder is packed; an archive is checked. Returns (path, images)."""
+    from .pack import PackError, pack_dataset
+
+    dataset = Path(dataset)
+    if not dataset.exists():
+        raise UserError(f"dataset {dataset} does not exist")
+    if dataset.is_dir():
+        try:
+            result = pack_dataset(dataset, workdir / "dataset.zip", limit_bytes=UPLOAD_LIMIT, fit=fit,
+                                  min_side=max(spec.resolutions))
+        except PackError as exc:
+            raise UserError(str(exc)) from None
+        log(result.summary())
+        return result.archive, result.images
+    size = dataset.stat().st_size
+    if size > UPLOAD_LIMIT:
+        raise UserError(f"{dataset.name} is {size / 2**20:.1f} MiB, over Replicate's upload limit of 100 MiB; "
+                        f"pack the folder with `advanced-trainer pack --fit`")
+    return dataset, 20
+
+
+def _find_lost_create(provider, kind: str, dataset_url: str) -> dict | None:
+    """After a create whose answer was lost: the job it may have made, found by its dataset URL."""
+    client = getattr(provider, "client", None)
+    if client is None or kind != "prediction":
+        return None
+    try:
+        page = client.predictions.list()
+    except Exception:  # noqa: BLE001 - this is a best-effort recovery; the caller reports the original error
+        return None
+    for p in page.results:
+        if (p.input or {}).get("dataset") == dataset_url:
+            from .providers import _plain
+
+            return _plain(p)
+    return None
+
+
+def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, dataset: Path, *,
+           hardware: str | None = None, destination: str | None = None, webhook: str | None = None,
+           fit: bool = False, extra_inputs: dict[str, Any] | None = None,
+           log: Callable[[str], None] = print) -> Submission:
+    from .spend import SpendLimit
+
+    hardware = hardware or settings.hardware
+    warnings: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="advanced-trainer-") as tmp:
+        archive, n_images = prepare_archive(dataset, spec, Path(tmp), fit=fit, log=log)
+        try:
+            est = pricing.estimate(spec, hardware, n_images)
+        except pricing.UnknownHardware as exc:
+            raise UserError(str(exc)) from None
+        kind = "training" if destination else "prediction"
+        request_key = uuid.uuid4().hex
+        limit = SpendLimit.from_dict(settings.spend_limit) if settings.spend_limit else None
+        record = {"provider": provider.name, "kind": kind, "model": getattr(provider, "model", None),
+                  "destination": destination, "hardware": hardware, "spec_json": spec.to_json(),
+                  "estimate_usd": round(est.usd, 4), "price_per_s": pricing.price_per_second(hardware),
+                  "webhook": bool(webhook)}
+        from .store import SpendLimitExceeded
+
+        try:
+            _, decision = store.reserve(request_key, record, limit_usd=limit.amount_usd if limit else None,
+                                        period_start=limit.period_start() if limit else None,
+                                        action=limit.action if limit else "warn")
+        except SpendLimitExceeded as exc:
+            raise UserError(str(exc)) from None
+        if decision.status == "warn":
+            warnings.append(str(decision.message))
+            log(f"warning: {decision.message}")
+        try:
+            dataset_url = provider.upload(archive)
+            version = provider.resolve_version()
+            if destination and provider.ensure_destination(destination, hardware):
+                log(f"created the destination model {destination} (private)")
+            inputs = {"dataset": dataset_url, "spec": spec.to_json(), **(extra_inputs or {})}
+            try:
+                obj = provider.create(kind, version, inputs, webhook, EVENTS, destination)
+            except ProviderError as exc:
+                if isinstance(exc, RemoteUserError):
+                    raise
+                lost = _find_lost_create(provider, kind, dataset_url)
+                if lost is None:
+                    raise
+                log(f"the create request's answer was lost, but the job exists: {lost['id']}")
+                obj = lost
+        except BaseException as exc:
+            store.release(request_key, str(exc))
+            raise
+        rec = store.bind(request_key, obj["id"], {**obj, "version": version})
+    return Submission(rec, est, warnings)
+
+
+def refresh(store: JobStore, provider, job_id: str) -> dict:
+    rec = store.get(job_id)
+    if rec is None:
+        raise UserError(f"no job {job_id} in the job store")
+    obj = provider.get(rec["kind"], job_id)
+    merged = store.apply_remote(job_id, obj, "poll")
+    return merged[0] if isinstance(merged, tuple) else merged
+
+
+def follow(store: JobStore, provider, job_id: str, on_update: Callable[[dict], None] | None = None,
+           poll_min: float = 0.5, poll_max: float = 15.0, timeout: float | None = None,
+           webhook_quiet_s: float = 60.0) -> dict:
+    """Wait for a job to end. Polls with backoff; when webhooks are flowing into the store
+    (``serve``), polling only resumes after ``webhook_quiet_s`` seconds without one."""
+    delay = poll_min
+    start = time.monotonic()
+    last_seen: tuple | None = None
+    while True:
+        rec = store.get(job_id)
+        if rec is None:
+            raise UserError(f"no job {job_id} in the job store")
+        webhooks_flowing = rec.get("webhook") and rec.get("last_event_at") and \
+            time.time() - _ts(rec["last_event_at"]) < webhook_quiet_s
+        if rec["status"] not in TERMINAL and not webhooks_flowing:
+            try:
+                rec = refresh(store, provider, job_id)
+            except ProviderError as exc:
+                if exc.status not in (None, 429, 500, 502, 503, 504):
+                    raise
+                delay = min(poll_max, max(delay * 2, exc.retry_after or 0))
+        seen = (rec["status"], rec.get("step"), len(rec.get("logs_tail") or ""))
+        if seen != last_seen:
+            last_seen = seen
+            delay = poll_min
+            if on_update:
+                on_update(rec)
+        else:
+            delay = min(poll_max, delay * 1.5)
+        if rec["status"] in TERMINAL:
+            return rec
+        if timeout is not None and time.monotonic() - start > timeout:
+            return rec
+        time.sleep(delay)
+
+
+def _ts(value) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def deliver_job(store: JobStore, rec: dict, root: Path | None = None, progress=None) -> dict:
+    """Download a succeeded job's archive to cloud_outputs/<id>/ (resuming), verify and unpack it."""
+    if rec["status"] != "succeeded":
+        raise UserError(f"job {rec['id']} is {rec['status']}; only succeeded jobs have outputs")
+    output = json.loads(rec["output_json"]) if rec.get("output_json") else None
+    url = output_url(rec["kind"], output)
+    if not url:
+        raise UserError(f"job {rec['id']} has no output archive")
+    folder = outputs_dir(root) / rec["id"]
+    info = deliver(url, folder, progress)
+    store.update(rec["id"], local_dir=str(folder), delivered=True)
+    return info

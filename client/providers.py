@@ -1,0 +1,242 @@
+"""Where jobs run: Replicate (through the official ``replicate`` client) or any Cog HTTP server.
+
+Both providers speak in Replicate-shaped job objects (``id``, ``status``, ``logs``, ``output``,
+``error``, ``metrics``) so the rest of the client handles them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class ProviderError(Exception):
+    """A remote failure (network, API error); ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class RemoteUserError(ProviderError):
+    """The remote side refused the request for a reason the user can fix (401, 402, 404, 413, 422)."""
+
+
+def _from_replicate_error(exc: Exception, doing: str) -> ProviderError:
+    from replicate.exceptions import ReplicateError
+
+    if isinstance(exc, ReplicateError):
+        status = exc.status
+        detail = exc.detail or exc.title or "no detail"
+        hint = {401: " — the API token was refused: check it with `advanced-trainer validate`",
+                402: " — billing is not set up on the Replicate account",
+                404: " — not found (check the model name, version or destination)",
+                413: " — the upload is over Replicate's 100 MiB limit: use `advanced-trainer pack --fit`",
+                422: " — Replicate rejected the input",
+                429: " — rate limited; try again shortly"}.get(status or 0, "")
+        cls = RemoteUserError if status in (401, 402, 403, 404, 413, 422) else ProviderError
+        return cls(f"{doing} failed: HTTP {status}: {detail}{hint}", status)
+    if isinstance(exc, httpx.HTTPError):
+        return ProviderError(f"{doing} failed: cannot reach the API ({type(exc).__name__}: {exc})")
+    return ProviderError(f"{doing} failed: {type(exc).__name__}: {exc}")
+
+
+def _plain(obj: Any) -> dict:
+    """A replicate resource (pydantic v1 model) as a plain dict of the API's fields."""
+    if isinstance(obj, dict):
+        return obj
+    data = obj.dict() if hasattr(obj, "dict") else dict(obj)
+    for key in ("created_at", "started_at", "completed_at"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            data[key] = data[key].isoformat()
+    return json.loads(json.dumps(data, default=str))
+
+
+class ReplicateProvider:
+    name = "replicate"
+
+    def __init__(self, token: str, model: str, version: str | None = None, base_url: str | None = None):
+        import replicate
+
+        self.model = model
+        self.pinned_version = version
+        self.client = replicate.Client(api_token=token, base_url=base_url)
+
+    def _call(self, doing: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # the replicate client raises ReplicateError or raw httpx errors
+            raise _from_replicate_error(exc, doing) from None
+
+    def account(self) -> dict:
+        return self._call("GET /v1/account", lambda: _plain(self.client.accounts.current()))
+
+    def hardware(self) -> list[dict]:
+        return self._call("GET /v1/hardware", lambda: [_plain(h) for h in self.client.hardware.list()])
+
+    def versions(self) -> list[dict]:
+        def go():
+            model = self.client.models.get(self.model)
+            return [{"id": v.id, "created_at": str(v.created_at), "cog_version": v.cog_version}
+                    for v in model.versions.list()]
+        return self._call(f"list versions of {self.model}", go)
+
+    def resolve_version(self) -> str:
+        if self.pinned_version:
+            return self.pinned_version
+        versions = self.versions()
+        if not versions:
+            raise RemoteUserError(f"{self.model} has no versions yet: push one with `cog push r8.im/{self.model}`")
+        return versions[0]["id"]
+
+    def upload(self, path: Path) -> str:
+        def go():
+            with open(path, "rb") as f:
+                return self.client.files.create(f, filename=path.name, content_type="application/zip")
+        return self._call(f"upload {path.name}", go).urls["get"]
+
+    def ensure_destination(self, destination: str, hardware: str) -> bool:
+        """Create ``owner/name`` (private) when it does not exist; True when created."""
+        from replicate.exceptions import ReplicateError
+
+        owner, name = destination.split("/", 1)
+        try:
+            self.client.models.get(destination)
+            return False
+        except ReplicateError as exc:
+            if exc.status != 404:
+                raise _from_replicate_error(exc, f"look up {destination}") from None
+        self._call(f"create model {destination}", lambda: self.client.models.create(
+            owner=owner, name=name, visibility="private", hardware=hardware,
+            description="LoRA weights trained with advanced-trainer"))
+        return True
+
+    def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
+               destination: str | None = None) -> dict:
+        kw: dict[str, Any] = {"input": inputs}
+        if webhook:
+            kw.update(webhook=webhook, webhook_events_filter=events)
+        if kind == "training":
+            assert destination
+            return self._call("create training", lambda: _plain(self.client.trainings.create(
+                model=self.model, version=version, destination=destination, **kw)))
+        return self._call("create prediction", lambda: _plain(self.client.predictions.create(version=version, **kw)))
+
+    def get(self, kind: str, job_id: str) -> dict:
+        api = self.client.trainings if kind == "training" else self.client.predictions
+        return self._call(f"GET {kind} {job_id}", lambda: _plain(api.get(job_id)))
+
+    def cancel(self, kind: str, job_id: str) -> dict:
+        api = self.client.trainings if kind == "training" else self.client.predictions
+        return self._call(f"cancel {kind} {job_id}", lambda: _plain(api.cancel(job_id)))
+
+
+class CogProvider:
+    """Any Cog HTTP server (a self-hosted GPU box, or the local no-Docker dev server).
+
+    Cog has no GET for a job: it reports through webhooks. Jobs are created asynchronously
+    with a webhook to the client's receiver; without one, the request runs synchronously in
+    a background thread whose result is kept here, so ``get`` works either way.
+    """
+
+    name = "cog"
+
+    def __init__(self, url: str, timeout: float = 24 * 3600):
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10))
+        self.jobs: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def account(self) -> dict:
+        try:
+            health = self.http.get("/health-check", timeout=5).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ProviderError(f"cannot reach the Cog server at {self.url}: {exc}") from None
+        return {"type": "cog", "username": self.url, "name": f"Cog server ({health.get('status')})"}
+
+    def hardware(self) -> list[dict]:
+        return [{"sku": "cog", "name": f"Cog server at {self.url}"}]
+
+    def versions(self) -> list[dict]:
+        return [{"id": "local", "created_at": None, "cog_version": "local"}]
+
+    def resolve_version(self) -> str:
+        return "local"
+
+    def upload(self, path: Path) -> str:
+        import base64
+
+        return "data:application/zip;base64," + base64.b64encode(path.read_bytes()).decode()
+
+    def ensure_destination(self, destination: str, hardware: str) -> bool:
+        return False
+
+    def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
+               destination: str | None = None) -> dict:
+        job_id = "cog-" + uuid.uuid4().hex[:20]
+        path = "/trainings" if kind == "training" else "/predictions"
+        body: dict[str, Any] = {"id": job_id, "input": inputs}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record = {"id": job_id, "status": "starting", "logs": "", "output": None, "error": None, "metrics": {},
+                  "created_at": now, "input": {}}
+        with self.lock:
+            self.jobs[job_id] = record
+        if webhook:
+            body.update(webhook=webhook, webhook_events_filter=events)
+            r = self._post(path, body, {"Prefer": "respond-async"})
+            if r.status_code != 202:
+                raise ProviderError(f"the Cog server refused the job: HTTP {r.status_code}: {r.text[:500]}", r.status_code)
+            return dict(record)
+        threading.Thread(target=self._run_sync, args=(job_id, path, body), daemon=True).start()
+        return dict(record)
+
+    def _post(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+        for _ in range(50):  # the slot is released just after the previous job
+            try:
+                r = self.http.post(path, json=body, headers=headers or {})
+            except httpx.HTTPError as exc:
+                raise ProviderError(f"cannot reach the Cog server at {self.url}: {exc}") from None
+            if r.status_code != 409:
+                if r.status_code == 422:
+                    raise RemoteUserError(f"the Cog server rejected the input: {r.text[:1000]}", 422)
+                return r
+            time.sleep(0.2)
+        raise ProviderError("the Cog server is busy with another job (HTTP 409)", 409)
+
+    def _run_sync(self, job_id: str, path: str, body: dict) -> None:
+        with self.lock:
+            self.jobs[job_id]["status"] = "processing"
+        try:
+            result = self._post(path, body).json()
+        except (ProviderError, ValueError) as exc:
+            result = {"status": "failed", "error": str(exc)}
+        with self.lock:
+            self.jobs[job_id].update({k: v for k, v in result.items() if k != "id"})
+
+    def apply_webhook(self, payload: dict) -> None:
+        with self.lock:
+            if payload.get("id") in self.jobs:
+                self.jobs[payload["id"]].update({k: v for k, v in payload.items() if k != "id"})
+
+    def get(self, kind: str, job_id: str) -> dict:
+        with self.lock:
+            if job_id not in self.jobs:
+                raise RemoteUserError(f"no job {job_id} on this Cog server session", 404)
+            return dict(self.jobs[job_id])
+
+    def cancel(self, kind: str, job_id: str) -> dict:
+        path = "/trainings" if kind == "training" else "/predictions"
+        try:
+            self.http.post(f"{path}/{job_id}/cancel", timeout=10)
+        except httpx.HTTPError as exc:
+            raise ProviderError(f"cannot reach the Cog server at {self.url}: {exc}") from None
+        return self.get(kind, job_id)

@@ -1,0 +1,69 @@
+"""Validated changes to the settings — one place for the CLI's `config set` and the server's PUTs."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import replace
+from typing import Any
+
+from . import pricing
+from .config import Settings
+
+_MODEL = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_VERSION = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _cidrs(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name}: expected a list of IP ranges such as \"34.82.0.0/16\"")
+    out = []
+    for v in value:
+        try:
+            out.append(str(ipaddress.ip_network(v.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"{name}: {v!r} is not an IP address or range") from None
+    return out
+
+
+def _url(name: str, value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError(f"{name}: expected an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
+    """A new Settings with ``changes`` applied; ValueError naming every bad key at once."""
+    from .spend import SpendLimit
+
+    problems, clean = [], {}
+    for key, value in changes.items():
+        try:
+            if key == "model":
+                if not isinstance(value, str) or not _MODEL.match(value):
+                    raise ValueError(f"model: expected owner/name, got {value!r}")
+                clean[key] = value
+            elif key == "version":
+                if value not in (None, "") and (not isinstance(value, str) or not _VERSION.match(value)):
+                    raise ValueError(f"version: expected a 64-character version id or null, got {value!r}")
+                clean[key] = value or None
+            elif key == "hardware":
+                if value not in pricing.HARDWARE:
+                    raise ValueError(f"hardware: unknown {value!r}; choose from {', '.join(pricing.HARDWARE)}")
+                clean[key] = value
+            elif key in ("public_url", "cog_url"):
+                clean[key] = _url(key, value)
+            elif key in ("webhook_allowed_ips", "trusted_proxies"):
+                clean[key] = _cidrs(key, value)
+            elif key == "spend_limit":
+                clean[key] = None if value in (None, "", {}) else SpendLimit.from_dict(value).to_dict()
+            else:
+                raise ValueError(f"{key}: unknown setting; known: model, version, hardware, public_url, cog_url, "
+                                 f"webhook_allowed_ips, trusted_proxies, spend_limit")
+        except (ValueError, TypeError) as exc:
+            problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return replace(settings, **clean)

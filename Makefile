@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Reinstall when the pinned dependencies change.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,client,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

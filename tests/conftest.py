@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,52 @@ def s3():
         yield server
     finally:
         server.stop()
+
+
+# -- the real Cog server with the tiny models (shared by the Cog package's and the client's tests) --
+
+@pytest.fixture(scope="session")
+def cog_weights(tiny_weights) -> Path:
+    from train.weights import write_manifest
+
+    write_manifest(tiny_weights)
+    return tiny_weights
+
+
+@pytest.fixture(scope="session")
+def sample_zip(tmp_path_factory, sample_dataset) -> Path:
+    out = tmp_path_factory.mktemp("zips") / "sample.zip"
+    with zipfile.ZipFile(out, "w") as zf:
+        for p in sorted(sample_dataset.iterdir()):
+            zf.write(p, f"my-dataset/{p.name}")  # one nested top folder, as people zip them
+    return out
+
+
+@pytest.fixture(scope="session")
+def jobs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jobs")
+
+
+def cog_server_fixture(mode, tmp_path_factory, cog_weights, jobs_dir, **env):
+    from cogserver import CogServer
+
+    server = CogServer(mode, tmp_path_factory.mktemp("cog"), {
+        "ADVANCED_TRAINER_WEIGHTS": str(cog_weights), "ADVANCED_TRAINER_JOBS_DIR": str(jobs_dir),
+        "HF_HUB_OFFLINE": "1", **env})
+    try:
+        server.wait()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def predict_server(tmp_path_factory, cog_weights, jobs_dir):
+    yield from cog_server_fixture("predict", tmp_path_factory, cog_weights, jobs_dir)
+
+
+@pytest.fixture(scope="session")
+def train_server(tmp_path_factory, cog_weights, jobs_dir):
+    yield from cog_server_fixture("train", tmp_path_factory, cog_weights, jobs_dir)
+
+

@@ -16,53 +16,10 @@ import pytest
 import torch
 
 from cogserver import CogServer, FileServer, Receiver, data_uri, decode_output
-from conftest import ROOT
+from conftest import ROOT, cog_server_fixture
 
 SECRET = "hf_TOPSECRETtoken1234567890"
 S3_SECRET = "s3SECRETkey0987654321zyxw"
-
-
-@pytest.fixture(scope="session")
-def cog_weights(tiny_weights) -> Path:
-    from train.weights import write_manifest
-
-    write_manifest(tiny_weights)
-    return tiny_weights
-
-
-@pytest.fixture(scope="session")
-def sample_zip(tmp_path_factory, sample_dataset) -> Path:
-    out = tmp_path_factory.mktemp("zips") / "sample.zip"
-    with zipfile.ZipFile(out, "w") as zf:
-        for p in sorted(sample_dataset.iterdir()):
-            zf.write(p, f"my-dataset/{p.name}")  # one nested top folder, as people zip them
-    return out
-
-
-@pytest.fixture(scope="session")
-def jobs_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jobs")
-
-
-def _server(mode, tmp_path_factory, cog_weights, jobs_dir, **env):
-    server = CogServer(mode, tmp_path_factory.mktemp("cog"), {
-        "ADVANCED_TRAINER_WEIGHTS": str(cog_weights), "ADVANCED_TRAINER_JOBS_DIR": str(jobs_dir),
-        "HF_HUB_OFFLINE": "1", **env})
-    try:
-        server.wait()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def predict_server(tmp_path_factory, cog_weights, jobs_dir):
-    yield from _server("predict", tmp_path_factory, cog_weights, jobs_dir)
-
-
-@pytest.fixture(scope="session")
-def train_server(tmp_path_factory, cog_weights, jobs_dir):
-    yield from _server("train", tmp_path_factory, cog_weights, jobs_dir)
 
 
 def tiny_spec(model: str = "flux-dev", **extra) -> str:
@@ -233,7 +190,7 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, sample_zip):
     """Two data-parallel trainer processes (gloo on the CPU), canceled mid-training."""
     jobs = tmp_path_factory.mktemp("cancel-jobs")
-    gen = _server("predict", tmp_path_factory, cog_weights, jobs, ADVANCED_TRAINER_NUM_PROCESSES="2")
+    gen = cog_server_fixture("predict", tmp_path_factory, cog_weights, jobs, ADVANCED_TRAINER_NUM_PROCESSES="2")
     server = next(gen)
     hooks = Receiver()
     try:

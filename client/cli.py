@@ -155,14 +155,14 @@ def cmd_pack(args, settings):
     from .pack import PackError, pack_dataset
 
     spec = load_spec(args.spec, _overrides(args.set))
-    out = Path(args.out or f"{Path(args.folder).name}.zip")
+    folder = Path(args.folder).resolve()
+    out = Path(args.out) if args.out else folder.parent / f"{folder.name}.zip"  # beside the folder, never inside
     try:
-        result = pack_dataset(Path(args.folder), out, fit=args.fit, min_side=max(spec.resolutions),
+        result = pack_dataset(folder, out, fit=args.fit, min_side=max(spec.resolutions),
                               progress=_bar("pack") if not args.json else None)
     except PackError as exc:
         raise CliError(str(exc), EXIT_USER) from None
-    _out(args, {"archive": str(result.archive), "bytes": result.size_bytes, "sha256": result.sha256,
-                "images": result.images, "skipped": result.skipped, "changed": result.changed}, result.summary())
+    _out(args, result.to_dict(), result.summary())
 
 
 def _bar(label: str):

@@ -31,7 +31,6 @@ import io
 import json
 import math
 import os
-import shutil
 import stat
 import tempfile
 import warnings
@@ -104,13 +103,26 @@ class PackResult:
     warnings: list[str] = field(default_factory=list)              # packed, but probably not what was meant
     limit_bytes: int = UPLOAD_LIMIT
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (for ``--json`` output)."""
+        return {"archive": str(self.archive), "bytes": self.size_bytes, "sha256": self.sha256,
+                "images": self.images, "captions": self.captions, "caption_sources": dict(self.caption_sources),
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+                "changed": [{"path": c.path, "new_path": c.new_path, "old_bytes": c.old_bytes,
+                             "new_bytes": c.new_bytes, "old_dimensions": list(c.old_dimensions),
+                             "new_dimensions": list(c.new_dimensions)} for c in self.changed],
+                "warnings": list(self.warnings), "limit_bytes": self.limit_bytes}
+
     def summary(self) -> str:
         lines = [f"packed {self.images} image{'s' if self.images != 1 else ''} "
                  f"({self.captions} with captions) into {self.archive.name}: "
                  f"{_human(self.size_bytes)} of the {_human(self.limit_bytes)} limit, sha256 {self.sha256[:16]}"]
-        sources = ", ".join(f"{k} {v}" for k, v in sorted(self.caption_sources.items()) if v)
+        sources = ", ".join(f"{k} {v}" for k, v in sorted(self.caption_sources.items()) if v and k != "none")
         if sources:
             lines.append(f"captions from: {sources}")
+        if self.caption_sources.get("none"):
+            lines.append(f"{self.caption_sources['none']} image(s) without a caption: the trainer gives them "
+                         f"the default caption and trigger word")
         if self.changed:
             saved = sum(c.old_bytes - c.new_bytes for c in self.changed)
             lines.append(f"re-encoded {len(self.changed)} image{'s' if len(self.changed) != 1 else ''} "
@@ -470,7 +482,10 @@ def _write_zip(entries: list[_Entry], out: Path, progress: Callable[[int, int], 
             info = zipfile.ZipInfo(e.arcname, date_time=_ZIP_EPOCH)
             info.compress_type = e.compress
             if e.compress == zipfile.ZIP_DEFLATED:
-                info._compresslevel = 9  # noqa: SLF001 - ZipInfo's level (compress_level since 3.13)
+                if hasattr(info, "compress_level"):   # Python 3.13+
+                    info.compress_level = 9
+                else:
+                    info._compresslevel = 9  # noqa: SLF001 - the per-entry level before 3.13
             info.create_system = 3       # the same bytes on every OS
             info.external_attr = _FILE_MODE
             info.file_size = e.size
@@ -493,8 +508,9 @@ def _sha256(path: Path) -> str:
 def _too_large(size: int, limit: int, entries: list[_Entry], fitted: bool, min_side: int | None) -> PackTooLarge:
     largest = sorted(((e.arcname, e.size) for e in entries), key=lambda t: (-t[1], t[0]))[:5]
     listing = "; ".join(f"{n} ({_human(s)})" for n, s in largest)
-    head = (f"the dataset archive would be {_human(size)} ({size:,} bytes), over the limit of {_human(limit)} "
-            f"({limit:,} bytes; Replicate accepts uploads up to 100 MiB)")
+    over = (f"Replicate's upload limit of 100 MiB ({limit:,} bytes)" if limit == UPLOAD_LIMIT else
+            f"the limit of {_human(limit)} ({limit:,} bytes; Replicate's upload limit is 100 MiB)")
+    head = f"the dataset archive would be {_human(size)} ({size:,} bytes), over {over}"
     if fitted:
         msg = (f"{head} even with every image re-encoded as JPEG (quality {JPEG_QUALITY}) and downscaled to a "
                f"shorter side of {min_side} px: it cannot fit without going below min_side ({min_side} px, the "
@@ -583,10 +599,10 @@ def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fi
         if width * height > max_image_pixels:
             over_cap.append(key)
 
+    candidate_keys = {_key(rel) for rel, _ in candidates}
     for key, (rel, _) in sorted(txts.items()):
         if key not in images:
-            why = ("its image was left out" if any(_key(r) == key for r, _ in candidates)
-                   else "caption has no image with the same name")
+            why = "its image was left out" if key in candidate_keys else "caption has no image with the same name"
             skipped.append((rel.as_posix(), why))
     skipped.sort(key=lambda t: _sort_key(t[0].rstrip("/")))
     if not images:

@@ -45,6 +45,10 @@ class State:
         self.local_url = f"http://{host}:{port}"
         self.cog: dict[str, CogProvider] = {}
         self._secret: str | None = None
+        from .webhooks import WebhookVerifier
+
+        # one verifier: it caches the signing secret and rate-limits refreshes after bad signatures
+        self.verifier = WebhookVerifier(self.webhook_secret)
         self.lock = threading.Lock()
         self.delivering: set[str] = set()
         self.next_poll: dict[str, tuple[float, float]] = {}  # job id -> (due, interval)
@@ -265,20 +269,17 @@ def create_app(state: State) -> FastAPI:
     # -- webhooks ----------------------------------------------------------------------------------
     @app.post("/api/webhooks/replicate")
     async def replicate_webhook(request: Request):
-        from .webhooks import WebhookRejected, WebhookVerifier, authenticate, check_content_length
+        from .webhooks import WebhookRejected, authenticate, check_content_length
 
         s = state.settings()
         try:
             check_content_length(request.headers)
             body = await request.body()
-            verifier = WebhookVerifier(state.webhook_secret)
             webhook_id = authenticate(request.client.host if request.client else "", request.headers, body,
-                                      verifier=verifier, allowed=s.webhook_allowed_ips,
+                                      verifier=state.verifier, allowed=s.webhook_allowed_ips,
                                       trusted_proxies=s.trusted_proxies)
         except WebhookRejected as exc:
             return JSONResponse({"detail": exc.reason}, status_code=exc.status)
-        except HTTPException as exc:  # no token: cannot fetch the signing secret
-            return JSONResponse({"detail": f"cannot verify webhooks: {exc.detail}"}, status_code=503)
         payload = json.loads(body)
         job_id = payload.get("id")
         if not job_id or state.store.get(job_id) is None:
@@ -286,7 +287,11 @@ def create_app(state: State) -> FastAPI:
             return JSONResponse({"detail": f"unknown job {job_id}"}, status_code=404)
         if state.store.seen_webhook(webhook_id):
             return {"ok": True, "duplicate": True}
-        rec, _ = _apply(state, job_id, payload, "webhook")
+        try:
+            rec, _ = _apply(state, job_id, payload, "webhook")
+        except Exception:
+            state.store.forget_webhook(webhook_id)  # let Replicate's retry through
+            raise
         return {"ok": True, "status": rec["status"]}
 
     @app.post("/api/webhooks/cog/{key}")

@@ -57,6 +57,9 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
                 clean[key] = _url(key, value)
             elif key in ("webhook_allowed_ips", "trusted_proxies"):
                 clean[key] = _cidrs(key, value)
+                if key == "webhook_allowed_ips" and not clean[key]:
+                    raise ValueError("webhook_allowed_ips: an empty list refuses every webhook; to accept any "
+                                     "address say so: [\"0.0.0.0/0\", \"::/0\"]")
             elif key == "spend_limit":
                 clean[key] = None if value in (None, "", {}) else SpendLimit.from_dict(value).to_dict()
             else:

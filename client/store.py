@@ -186,8 +186,6 @@ def _scrub(value: Any) -> tuple[bool, Any]:
             items.append(v2 if keep else _REDACTED)
         return True, items
     if isinstance(value, str):
-        if _SECRET_VALUE_RE.search(value):
-            return False, None
         s = value.strip()
         if s[:1] in "{[" and len(s) < 1_000_000:  # JSON nested in a string (the "spec" input)
             try:
@@ -199,6 +197,8 @@ def _scrub(value: Any) -> tuple[bool, Any]:
                 if cleaned != inner:
                     return True, json.dumps(cleaned)
                 return True, value
+        if _SECRET_VALUE_RE.search(value):
+            return False, None
         if "://" in value and "@" in value or "?" in value and "://" in value:
             return True, _scrub_url(value)
         return True, value
@@ -664,7 +664,7 @@ class JobStore:
         with self._tx(write=False) as con:
             return [self._record(r) for r in con.execute(sql, args).fetchall()]
 
-    def update(self, id: str, **fields: Any) -> dict[str, Any]:
+    def update(self, id: str, /, **fields: Any) -> dict[str, Any]:
         """Set fields directly (local bookkeeping: ``local_dir``, ``delivered``, ``webhook``...).
         ``id`` and ``request_key`` cannot change here; ``input_json``/``spec_json`` are scrubbed."""
         if "id" in fields or "request_key" in fields:

@@ -375,6 +375,16 @@ def _poller(state: State) -> None:
             print(f"poller: {type(exc).__name__}: {exc}", flush=True)
 
 
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning"):
+    """uvicorn settings for the app. proxy_headers is off: uvicorn would otherwise believe
+    X-Forwarded-For from loopback and hand the webhook allow-list a forged client address;
+    the trusted_proxies setting (client.webhooks.client_ip) is the one place XFF is read."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=False,
+                          server_header=False)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
     import uvicorn
 
@@ -383,7 +393,7 @@ def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
     threading.Thread(target=_poller, args=(state,), daemon=True).start()
     print(f"advanced-trainer serving on http://{host}:{port} (API docs at /docs)", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn_config(app, host, port)).run()
     finally:
         state.stop.set()
 

@@ -74,12 +74,17 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 # -- commands ------------------------------------------------------------------------------------
 
 def cmd_validate(args, settings):
+    from .statuspage import replicate_status
+
     provider = make_provider(args, settings)
     account = provider.account()
     source = tokens.status().get("source") if provider.name == "replicate" else None
-    _out(args, {"ok": True, "account": account, "token_source": source},
-         f"token OK ({source}): {account.get('username')} ({account.get('type')}, {account.get('name')})"
-         if source else f"reachable: {account.get('name')}")
+    status = replicate_status() if provider.name == "replicate" else None
+    human = (f"token OK ({source}): {account.get('username')} ({account.get('type')}, {account.get('name')})"
+             if source else f"reachable: {account.get('name')}")
+    if status:
+        human += f"\nReplicate status: {status['indicator']} ({status['description']})"
+    _out(args, {"ok": True, "account": account, "token_source": source, "replicate_status": status}, human)
 
 
 def cmd_versions(args, settings):

@@ -90,6 +90,22 @@ def _find_lost_create(provider, kind: str, dataset_url: str) -> dict | None:
     return None
 
 
+def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Credentials the container needs for the spec's Hub/S3 targets, from this environment
+    (HF_TOKEN; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). They go to the API as Secret inputs
+    and nowhere else: the job store scrubs them from what it records."""
+    import os
+
+    env = dict(os.environ) if env is None else env
+    out = {}
+    if spec.publish.hub_model_id and env.get("HF_TOKEN"):
+        out["hf_token"] = env["HF_TOKEN"]
+    if spec.publish.s3_bucket and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        out["s3_access_key_id"] = env["AWS_ACCESS_KEY_ID"]
+        out["s3_secret_access_key"] = env["AWS_SECRET_ACCESS_KEY"]
+    return out
+
+
 def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, dataset: Path, *,
            hardware: str | None = None, destination: str | None = None, webhook: str | None = None,
            fit: bool = False, extra_inputs: dict[str, Any] | None = None,
@@ -127,7 +143,7 @@ def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, da
             version = provider.resolve_version()
             if destination and provider.ensure_destination(destination, hardware):
                 log(f"created the destination model {destination} (private)")
-            inputs = {"dataset": dataset_url, "spec": spec.to_json(), **(extra_inputs or {})}
+            inputs = {"dataset": dataset_url, "spec": spec.to_json(), **publish_secrets(spec), **(extra_inputs or {})}
             try:
                 obj = provider.create(kind, version, inputs, webhook, EVENTS, destination)
             except ProviderError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,166 @@ def test_submit_with_the_cog_provider_end_to_end(capsys, predict_server, sample_
     assert job["id"] in out and "succeeded" in out
     code, out, _ = run(capsys, "--json", "status", job["id"], "--offline")
     assert json.loads(out)["local_dir"] == outputs["folder"]
+
+
+# -- against the Replicate fake (the real `replicate` client underneath) ----------------------------------
+
+FAKE_TOKEN = "r8_" + "CliT0ken" * 5
+
+
+@pytest.fixture()
+def fake(monkeypatch):
+    from fake_replicate import FakeReplicate, SyntheticRun
+
+    with FakeReplicate(token=FAKE_TOKEN, webhook_throttle_s=0.05,
+                       synthetic=SyntheticRun(duration_s=0.5, steps=5, predict_time=60.0)) as f:
+        monkeypatch.setenv("REPLICATE_API_TOKEN", FAKE_TOKEN)
+        monkeypatch.setenv("REPLICATE_BASE_URL", f.url)
+        monkeypatch.setenv("REPLICATE_POLL_INTERVAL", "0.1")
+        monkeypatch.setenv("ADVANCED_TRAINER_STATUS_URL", "http://127.0.0.1:9/status.json")  # no internet in tests
+        yield f
+
+
+def test_validate_versions_hardware_against_the_api(capsys, fake):
+    code, out, err = run(capsys, "validate")
+    assert code == EXIT_OK and "acme" in out and "environment" in out and FAKE_TOKEN not in out + err
+    code, out, _ = run(capsys, "--json", "versions")
+    assert json.loads(out)["versions"][0]["id"] == fake.trainer_version
+    code, out, _ = run(capsys, "--json", "hardware")
+    rows = {r["sku"]: r for r in json.loads(out)}
+    assert rows["gpu-l40s"]["listed_by_api"] and rows["gpu-l40s"]["usd_per_hour"] == pytest.approx(3.51)
+
+
+def test_a_rejected_token_says_so(capsys, monkeypatch):
+    from fake_replicate import FakeReplicate
+
+    with FakeReplicate(token=FAKE_TOKEN) as f:
+        monkeypatch.setenv("REPLICATE_BASE_URL", f.url)
+        monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_" + "Wrong0ne" * 5)
+        code, out, err = run(capsys, "validate")
+    assert code == EXIT_USER and "401" in err and "token was refused" in err
+
+
+def test_submit_status_logs_cancel_and_resumed_download(capsys, fake, sample_dataset, client_home):
+    from fake_replicate import SyntheticRun
+
+    # a job followed to the end by polling (no public URL), its download interrupted once and resumed
+    fake.truncate("/_fake/outputs/*", after_bytes=100)
+    code, out, err = run(capsys, "--json", "submit", "--spec", json.dumps({"steps": 20}),
+                         "--dataset", str(sample_dataset), "--wait")
+    assert code == EXIT_OK, err
+    result = json.loads(out)
+    assert result["job"]["status"] == "succeeded" and result["job"]["cost_usd"] == pytest.approx(60 * 3.51 / 3600, rel=1e-3)
+    archive = client_home / "cloud_outputs" / result["job"]["id"] / "output.zip"
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.testzip() is None
+    downloads = [q for q in fake.requests if q.path.startswith("/_fake/outputs/")]
+    assert len(downloads) >= 2  # interrupted, then resumed
+
+    code, out, _ = run(capsys, "logs", result["job"]["id"])
+    assert "PROGRESS" in out
+    # a long job: submitted without waiting, then canceled
+    fake.synthetic = SyntheticRun(duration_s=30, steps=30)
+    code, out, _ = run(capsys, "submit", "--spec", "{}", "--dataset", str(sample_dataset))
+    job_id = out.strip().splitlines()[-1]
+    code, out, _ = run(capsys, "--json", "status", job_id)
+    assert json.loads(out)["status"] in ("starting", "processing")
+    code, out, _ = run(capsys, "cancel", job_id)
+    assert code == EXIT_OK and "canceled" in out
+    code, out, err = run(capsys, "download", job_id)
+    assert code == EXIT_USER and "canceled" in err
+
+
+def test_failed_job_exits_1_with_the_reason(capsys, fake, sample_dataset):
+    from fake_replicate import SyntheticRun
+
+    fake.synthetic = SyntheticRun(duration_s=0.2, steps=2, status="failed", error="CUDA out of memory")
+    code, out, err = run(capsys, "submit", "--spec", "{}", "--dataset", str(sample_dataset), "--wait")
+    assert code == 1 and "CUDA out of memory" in out
+
+
+def test_pack_refuses_over_the_limit_before_any_upload(capsys, fake, tmp_path, monkeypatch):
+    from PIL import Image
+    import numpy as np
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (1200, 1200, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    import client.jobs
+
+    monkeypatch.setattr(client.jobs, "UPLOAD_LIMIT", 1_000_000)  # 3 x 4 MB of noise; ~3 x 190 KB at 512 px
+    code, out, err = run(capsys, "submit", "--spec", json.dumps({"resolutions": "512"}), "--dataset", str(folder))
+    assert code == EXIT_USER and "limit" in err and "--fit" in err
+    assert not [q for q in fake.requests if q.path.startswith("/v1/files")]
+    code, out, err = run(capsys, "submit", "--spec", json.dumps({"resolutions": "512"}), "--dataset", str(folder), "--fit")
+    assert code == EXIT_OK, err
+
+
+def test_publish_credentials_go_to_the_api_but_not_the_store(capsys, fake, sample_dataset, client_home, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETvalue1234567890abcd")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE1234567")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cretKEYvalue/abcdefghij1234")
+    spec = {"publish": {"hub_model_id": "acme/my-lora", "s3_bucket": "my-bucket"}}
+    code, out, err = run(capsys, "--json", "submit", "--spec", json.dumps(spec), "--dataset", str(sample_dataset))
+    assert code == EXIT_OK, err
+    job_id = json.loads(out)["job"]["id"]
+    sent = fake.job(job_id)["input"]
+    assert sent["hf_token"] == "hf_SECRETvalue1234567890abcd" and sent["s3_secret_access_key"].startswith("s3cret")
+    db = (client_home / "jobs.sqlite3").read_bytes()
+    for secret in ("hf_SECRETvalue1234567890abcd", "s3cretKEYvalue", FAKE_TOKEN):
+        assert secret.encode() not in db
+    assert "hf_SECRET" not in out + err
+
+
+def test_status_page_is_shown_and_unreachable_means_unknown(capsys, fake, monkeypatch):
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    with socket.socket() as s:  # a closed port: unreachable
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("ADVANCED_TRAINER_STATUS_URL", f"http://127.0.0.1:{closed}/api/v2/status.json")
+    code, out, _ = run(capsys, "validate")
+    assert code == EXIT_OK and "Replicate status: unknown" in out
+
+    class Status(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"status": {"indicator": "minor", "description": "Degraded predictions"}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Status)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("ADVANCED_TRAINER_STATUS_URL", f"http://127.0.0.1:{srv.server_address[1]}/s.json")
+        code, out, _ = run(capsys, "validate")
+        assert "Replicate status: minor (Degraded predictions)" in out
+    finally:
+        srv.shutdown()
+
+
+def test_readme_documents_every_command_and_route():
+    from conftest import ROOT
+    from client.server import State, create_app
+
+    readme = (ROOT / "README.md").read_text()
+    commands = [a for a in build_parser()._subparsers._group_actions[0].choices]
+    assert all(f"`{c}" in readme for c in commands), [c for c in commands if f"`{c}" not in readme]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(State(root=Path(tmp)))
+    routes = {r.path for r in app.routes if r.path.startswith("/api/")} - {"/api/webhooks/cog/{key}"}
+    missing = [r for r in routes if r.replace("{job_id}", "{id}") not in readme and r not in readme]
+    assert not missing, missing

@@ -1,0 +1,755 @@
+"""The local Replicate fake (tests/fake_replicate.py), driven through the real replicate==1.0.7
+client: every endpoint the submit client relies on, signed webhooks and their faults, API faults,
+job forwarding to a Cog-like server (a stub that scrambles its webhooks), and one end-to-end
+prediction on the real Cog server with the tiny Flux model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import replicate
+from replicate.exceptions import ModelError, ReplicateError
+from replicate.webhook import InvalidSignatureError, WebhookSigningSecret
+
+from fake_replicate import TRAINER_MODEL, FakeReplicate, SyntheticRun
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET = "https://example.com/dataset.zip"  # synthetic jobs never download it
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+class Hooks:
+    """A webhook receiver: keeps every attempt (headers, raw body, time); answers ``fail_status``
+    to the first ``fail_first`` attempts."""
+
+    def __init__(self, fail_first: int = 0, fail_status: int = 500):
+        self.fail_first, self.fail_status = fail_first, fail_status
+        self.attempts: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                with outer.lock:
+                    n = len(outer.attempts)
+                    code = outer.fail_status if n < outer.fail_first else 200
+                    outer.attempts.append({"headers": dict(self.headers), "body": body, "json": json.loads(body),
+                                           "code": code, "at": time.monotonic(), "path": self.path})
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?src=test"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def received(self) -> list[dict]:
+        with self.lock:
+            return [a for a in self.attempts if a["code"] == 200]
+
+    def wait(self, pred, timeout: float = 10) -> list[dict]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            got = self.received
+            if pred(got):
+                return got
+            time.sleep(0.02)
+        raise TimeoutError([a["json"]["status"] for a in self.received])
+
+    def wait_terminal(self, timeout: float = 10) -> list[dict]:
+        return self.wait(lambda got: any(a["json"]["status"] in ("succeeded", "failed", "canceled") for a in got),
+                         timeout)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    with FakeReplicate(None, None, models=["acme/my-lora"], webhook_throttle_s=0.1,
+                       webhook_retry_delays=(0.05, 0.1, 0.2), synthetic=SyntheticRun(duration_s=0.2)) as f:
+        yield f
+
+
+@pytest.fixture
+def client(fake):
+    return replicate.Client(api_token=fake.token, base_url=fake.url)
+
+
+@pytest.fixture
+def hooks():
+    h = Hooks()
+    yield h
+    h.close()
+
+
+def poll(get, until=("succeeded", "failed", "canceled"), timeout: float = 10):
+    end = time.monotonic() + timeout
+    while True:
+        obj = get()
+        if obj.status in until:
+            return obj
+        if time.monotonic() > end:
+            raise TimeoutError(obj.status)
+        time.sleep(0.05)
+
+
+def zip_names(data: bytes) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return zf.namelist()
+
+
+# -- account, auth, hardware -----------------------------------------------------------------------
+
+def test_account_and_both_auth_schemes(fake, client):
+    acct = client.accounts.current()
+    assert (acct.type, acct.username, acct.name, acct.github_url) == (
+        "organization", "acme", "Acme Corp, Inc.", "https://github.com/acme")
+    legacy = replicate.Client(base_url=fake.url, headers={"Authorization": f"Token {fake.token}"})
+    assert legacy.accounts.current().username == "acme"
+
+    with pytest.raises(ReplicateError) as e:
+        replicate.Client(api_token="r8_wrong", base_url=fake.url).accounts.current()
+    assert (e.value.status, e.value.title, e.value.detail) == (
+        401, "Unauthenticated", "You did not pass a valid authentication token")
+    r = httpx.get(f"{fake.url}/v1/account")  # no header at all
+    assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
+    assert r.json() == {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token",
+                        "status": 401}
+    assert [(x.auth, x.status) for x in fake.requests if x.path == "/v1/account"] == [
+        (True, 200), (True, 200), (True, 401), (False, 401)]
+
+
+def test_hardware_is_a_bare_array(fake, client):
+    skus = {h.sku: h.name for h in client.hardware.list()}
+    assert {"cpu", "gpu-t4", "gpu-l40s", "gpu-a100-large", "gpu-h100"} <= set(skus)
+    assert all(skus.values())
+    assert isinstance(httpx.get(f"{fake.url}/v1/hardware", headers={"Authorization": f"Bearer {fake.token}"}).json(),
+                      list)
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def test_files_create_get_list_delete(fake, client, tmp_path):
+    path = tmp_path / "data set.zip"
+    path.write_bytes(b"PK-not-really-a-zip" * 10)
+    f1 = client.files.create(path)  # name and type come from the multipart part
+    assert (f1.name, f1.content_type, f1.size) == ("data set.zip", "application/zip", 190)
+    assert f1.etag == f1.checksums["md5"] and len(f1.checksums["sha256"]) == 64
+    assert f1.urls["get"] == f"{fake.url}/v1/files/{f1.id}" and f1.metadata == {}
+    assert f1.expires_at > f1.created_at
+    f2 = client.files.create(io.BytesIO(b"hello"), content_type="text/plain", metadata={"k": "v"})
+    assert (f2.name, f2.content_type, f2.metadata) == ("file", "text/plain", {"k": "v"})
+
+    assert client.files.get(f1.id).checksums == f1.checksums
+    assert [f.id for f in client.files.list()] == [f2.id, f1.id]  # newest first
+    raw = httpx.get(fake.download_url(f1.id))  # unauthenticated loopback bytes (what Cog downloads)
+    assert raw.content == path.read_bytes() and raw.url.raw_path.endswith(b"/data%20set.zip")
+
+    assert client.files.delete(f1.id) is True
+    with pytest.raises(ReplicateError) as e:
+        client.files.get(f1.id)
+    assert e.value.status == 404
+    assert httpx.get(f"{fake.url}/_fake/files/{f1.id}/x").status_code == 404
+    assert [f.id for f in client.files.list()] == [f2.id]
+
+
+def test_files_over_the_limit_get_413(fake, client):
+    fake.max_file_size = 1024
+    with pytest.raises(ReplicateError) as e:
+        client.files.create(io.BytesIO(b"x" * 2048), filename="big.bin")
+    assert (e.value.status, e.value.detail) == (413, "Files must be less than 100MB in size")
+    client.files.create(io.BytesIO(b"x" * 1024), filename="ok.bin")
+    # the edge's HTML 413 (replicate-javascript#286): no problem fields
+    fake.fail("/v1/files", 413, body="<html><body>413 Request Entity Too Large</body></html>")
+    with pytest.raises(ReplicateError) as e:
+        client.files.create(io.BytesIO(b"x"), filename="small.bin")
+    assert (e.value.status, e.value.title, e.value.detail) == (413, None, None)
+
+
+# -- models and versions ---------------------------------------------------------------------------
+
+def test_models_and_versions(fake, client):
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    trainer = client.models.get(TRAINER_MODEL)
+    assert (trainer.owner, trainer.name, trainer.visibility) == ("simpletuner", "advanced-trainer", "public")
+    assert trainer.latest_version.id == fake.trainer_version and len(fake.trainer_version) == 64
+    assert trainer.latest_version.openapi_schema == schema and trainer.latest_version.cog_version
+
+    newer = fake.add_version(TRAINER_MODEL)
+    versions = trainer.versions.list()
+    assert [v.id for v in versions] == [newer, fake.trainer_version]
+    assert trainer.versions.get(fake.trainer_version).openapi_schema == schema
+    with pytest.raises(ReplicateError) as e:
+        trainer.versions.get("0" * 64)
+    assert e.value.status == 404
+
+    made = client.models.create("acme", "fresh", visibility="private", hardware="gpu-l40s", description="d")
+    assert (made.owner, made.name, made.run_count, made.latest_version, made.description) == (
+        "acme", "fresh", 0, None, "d")
+    assert fake.requests[-1].status == 201
+    with pytest.raises(ReplicateError) as e:  # duplicate name: 409 (the real answer is unconfirmed)
+        client.models.create("acme", "fresh", visibility="private", hardware="cpu")
+    assert e.value.status == 409
+    with pytest.raises(ReplicateError) as e:
+        client.models.create("someone-else", "x", visibility="private", hardware="cpu")
+    assert e.value.status == 403
+    with pytest.raises(ReplicateError) as e:
+        client.models.create("acme", "bad-hw", visibility="private", hardware="gpu-tpu")
+    assert e.value.status == 422
+    with pytest.raises(ReplicateError) as e:
+        client.models.get("acme/missing")
+    assert e.value.status == 404
+    assert client.models.delete("acme/fresh") is True
+
+
+# -- predictions ---------------------------------------------------------------------------------------
+
+def test_prediction_by_version_runs_and_serves_its_output(fake, client):
+    from train.progress import parse_progress_line
+
+    p = client.predictions.create(version=fake.trainer_version, input={"dataset": DATASET, "steps": 5})
+    assert (p.status, p.model, p.version, p.logs, p.output) == ("starting", TRAINER_MODEL, fake.trainer_version, "",
+                                                                None)
+    assert len(p.id) == 26 and p.urls["get"] == f"{fake.url}/v1/predictions/{p.id}"
+    assert fake.count("POST", "/v1/predictions") == 1 and fake.requests[-1].status == 201
+    p.wait()
+    assert p.status == "succeeded" and p.error is None
+    assert p.started_at and p.completed_at and p.metrics["predict_time"] > 0
+    steps = [rec for rec in map(parse_progress_line, p.logs.splitlines()) if rec and rec["phase"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and {"loss", "lr", "s_per_step", "eta_s"} <= set(steps[0])
+    assert p.output.startswith(f"{fake.url}/_fake/outputs/{p.id}/")
+    r = httpx.get(p.output)
+    assert r.headers["content-length"] == str(len(r.content)) and r.headers["etag"]
+    assert "pytorch_lora_weights.safetensors" in zip_names(r.content)
+    assert client.models.get(TRAINER_MODEL).run_count == 1
+
+
+def test_prediction_version_forms_and_errors(fake, client):
+    for ref in (f"{TRAINER_MODEL}:{fake.trainer_version}", TRAINER_MODEL):
+        assert client.predictions.create(version=ref, input={"dataset": DATASET}).version == fake.trainer_version
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    assert p.version == fake.trainer_version
+    with pytest.raises(ReplicateError) as e:
+        client.predictions.create(version="f" * 64, input={"dataset": DATASET})
+    assert (e.value.status, e.value.title) == (422, "Invalid version or not permitted")
+    with pytest.raises(ReplicateError) as e:
+        client.models.predictions.create("acme/nope", input={})
+    assert e.value.status == 404
+    r = httpx.post(f"{fake.url}/v1/predictions", headers={"Authorization": f"Bearer {fake.token}"},
+                   json={"version": fake.trainer_version, "input": {"steps": 0}})
+    assert r.status_code == 422 and r.json()["title"] == "Input validation failed"
+    fields = {f["field"]: f for f in r.json()["invalid_fields"]}
+    assert fields["input"]["description"] == "dataset is required" and fields["input"]["type"] == "required"
+    assert fields["input.steps"]["type"] == "minimum"
+    assert r.json()["detail"].startswith("- input: dataset is required\n")
+
+
+def test_prefer_wait_and_run(fake, client):
+    t = time.monotonic()
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, wait=5)
+    assert p.status == "succeeded" and time.monotonic() - t < 3
+    assert fake.count("GET", "/v1/predictions/*") == 0 and fake.requests[-1].status == 201
+    out = client.run(TRAINER_MODEL, input={"dataset": DATASET})
+    assert isinstance(out, str) and out.startswith(fake.url)  # http://127.0.0.1 outputs stay plain strings
+
+    fake.synthetic = SyntheticRun(duration_s=5)
+    r = httpx.post(f"{fake.url}/v1/models/{TRAINER_MODEL}/predictions", timeout=10,
+                   headers={"Authorization": f"Bearer {fake.token}", "Prefer": "wait=1"},
+                   json={"input": {"dataset": DATASET}})
+    assert (r.status_code, r.headers["preference-applied"], r.json()["status"]) == (202, "wait=1", "starting")
+    assert r.headers["ratelimit-remaining"] == "599"
+    client.predictions.cancel(r.json()["id"])
+
+
+def test_cancel_a_prediction_and_it_stays_canceled(fake, client):
+    fake.synthetic = SyntheticRun(duration_s=3)
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    poll(lambda: client.predictions.get(p.id), until=("processing",))
+    c = client.predictions.cancel(p.id)
+    assert c.status == "canceled" and c.completed_at and "predict_time" in c.metrics
+    assert fake.requests[-1].status == 200
+    time.sleep(0.3)
+    assert client.predictions.get(p.id).status == "canceled"
+    assert client.predictions.cancel(p.id).status == "canceled"  # canceling again is harmless
+
+
+def test_a_failed_run(fake, client):
+    fake.synthetic = SyntheticRun(duration_s=0.05, status="failed", error="boom: out of memory")
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    p.wait()
+    assert (p.status, p.error, p.output) == ("failed", "boom: out of memory", None)
+    with pytest.raises(ModelError):
+        client.run(TRAINER_MODEL, input={"dataset": DATASET})
+
+
+def test_predictions_list_pages_with_absolute_cursors(fake, client):
+    fake.page_size = 2
+    ids = [client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}).id for _ in range(5)]
+    seen, page = [], client.predictions.list()
+    pages = 1
+    while True:
+        seen += [p.id for p in page]
+        if not page.next:
+            break
+        assert page.next.startswith(f"{fake.url}/v1/predictions?cursor=")
+        page = client.predictions.list(page.next)
+        pages += 1
+    assert seen == ids[::-1] and pages == 3
+    assert [p.id for p in client.predictions.list(page.previous)] == ids[::-1][2:4]
+    assert len(client.predictions.list().results) == 2
+    assert client.trainings.list().results == []
+
+
+# -- trainings ---------------------------------------------------------------------------------------
+
+def test_training_into_a_destination(fake, client):
+    t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version,
+                                input={"dataset": DATASET, "steps": 3}, destination="acme/my-lora")
+    assert (t.status, t.model, t.version) == ("starting", TRAINER_MODEL, fake.trainer_version)
+    assert t.urls["get"].endswith(f"/v1/predictions/{t.id}")  # the recorded create-response quirk
+    assert fake.requests[-1].status == 201 and fake.requests[-1].path.endswith(
+        f"/versions/{fake.trainer_version}/trainings")
+    done = poll(lambda: client.trainings.get(t.id))
+    assert done.status == "succeeded" and done.urls["get"].endswith(f"/v1/trainings/{t.id}")
+    dest, _, vid = done.output["version"].partition(":")
+    assert dest == "acme/my-lora" and len(vid) == 64 and done.destination == "acme/my-lora"
+    assert "pytorch_lora_weights.safetensors" in zip_names(httpx.get(done.output["weights"]).content)
+    lora = client.models.get("acme/my-lora")
+    assert lora.latest_version.id == vid and [v.id for v in lora.versions.list()] == [vid]
+    assert [x.id for x in client.trainings.list()] == [t.id]
+
+    # the shorthand, and a prediction on the new version
+    t2 = client.trainings.create(version=f"{TRAINER_MODEL}:{fake.trainer_version}", input={"dataset": DATASET},
+                                 destination="acme/my-lora")
+    assert client.trainings.cancel(t2.id).status == "canceled"
+    assert client.predictions.create(version=done.output["version"], input={"dataset": DATASET}).version == vid
+
+
+def test_training_destination_must_exist_and_be_ours(fake, client):
+    fake.add_model("someone/theirs")
+    for dest in ("acme/does-not-exist", "someone/theirs"):
+        with pytest.raises(ReplicateError) as e:
+            client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, input={"dataset": DATASET},
+                                    destination=dest)
+        assert (e.value.status, e.value.detail) == (404, "The specified training destination does not exist")
+    assert client.trainings.list().results == []
+
+
+# -- webhooks ------------------------------------------------------------------------------------------
+
+def _secret(client) -> WebhookSigningSecret:
+    secret = client.webhooks.default.secret()
+    assert secret.key.startswith("whsec_") and base64.b64decode(secret.key[6:])
+    return secret
+
+
+def test_signed_webhooks_all_events_throttled(fake, client, hooks):
+    secret = _secret(client)
+    fake.synthetic = SyntheticRun(duration_s=1.0, steps=30)
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url)
+    got = hooks.wait_terminal()
+    for a in got:
+        assert replicate.webhooks.validate(headers=a["headers"], body=a["body"], secret=secret, tolerance=300) is None
+        assert a["path"] == "/hook?src=test"  # query parameters are kept
+    statuses = [a["json"]["status"] for a in got]
+    assert statuses[0] == "starting" and statuses[-1] == "succeeded" and "processing" in statuses
+    assert len({a["headers"]["webhook-id"] for a in got}) == len(got)
+    assert got[-1]["json"] == httpx.get(f"{fake.url}/v1/predictions/{p.id}",
+                                        headers={"Authorization": f"Bearer {fake.token}"}).json()  # same as GET
+    # logs are throttled: 33 log lines, but intermediate hooks at least 0.1 s apart
+    sent = [w for w in fake.webhooks_for(p.id) if w.event == "logs"]
+    assert 3 <= len(sent) < 20
+    assert all(b.at - a.at >= 0.095 for a, b in zip(sent, sent[1:]))
+    assert [w.event for w in fake.webhooks_for(p.id)][::len(got) - 1] == ["start", "completed"]
+
+    tampered = dict(got[-1]["headers"])
+    with pytest.raises(InvalidSignatureError):
+        replicate.webhooks.validate(headers=tampered, body=got[-1]["body"].replace("succeeded", "failed"),
+                                    secret=secret)
+
+
+def test_webhook_events_filter(fake, client, hooks):
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+                                         webhook_events_filter=["completed"])
+    poll(lambda: client.predictions.get(p.id))
+    time.sleep(0.2)
+    assert [a["json"]["status"] for a in hooks.wait_terminal()] == ["succeeded"]
+    with pytest.raises(ReplicateError) as e:
+        client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+                                         webhook_events_filter=["bogus"])
+    assert e.value.status == 422
+
+
+def test_completed_webhook_is_retried_with_the_same_id(fake, client):
+    hooks = Hooks(fail_first=3, fail_status=503)  # start fails once (never retried), completed twice
+    try:
+        p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+                                             webhook_events_filter=["start", "completed"])
+        got = hooks.wait_terminal()
+    finally:
+        hooks.close()
+    assert [a["json"]["status"] for a in got] == ["succeeded"]  # the failed start is never retried
+    sent = fake.webhooks_for(p.id)
+    assert [(w.event, w.attempt, w.delivered) for w in sent] == [
+        ("start", 1, False), ("completed", 1, False), ("completed", 2, False), ("completed", 3, True)]
+    assert len({w.webhook_id for w in sent if w.event == "completed"}) == 1
+    assert [a["headers"]["webhook-id"] for a in hooks.attempts[1:]] == [sent[1].webhook_id] * 3
+
+    # an unreachable receiver: every attempt fails, then the fake gives up
+    dead = Hooks()
+    dead.close()
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=dead.url,
+                                         webhook_events_filter=["completed"])
+    end = time.monotonic() + 5
+    while len(fake.webhooks_for(p.id)) < 4 and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    attempts = fake.webhooks_for(p.id)
+    assert [w.attempt for w in attempts] == [1, 2, 3, 4] and not any(w.delivered for w in attempts)
+    assert all(w.error for w in attempts)
+
+
+def test_webhook_faults(fake, client, hooks):
+    secret = _secret(client)
+    events = ["start", "completed"]
+
+    def run() -> tuple[str, int]:
+        n = len(hooks.received)
+        p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+                                             webhook_events_filter=events)
+        poll(lambda: client.predictions.get(p.id))
+        return p.id, n
+
+    # duplicated: the completed event twice with one webhook-id
+    fake.webhook_fault("duplicate", event="completed")
+    pid, n = run()
+    got = hooks.wait(lambda g: len(g) >= n + 3)[n:]
+    assert [a["json"]["status"] for a in got] == ["starting", "succeeded", "succeeded"]
+    assert got[1]["headers"]["webhook-id"] == got[2]["headers"]["webhook-id"]
+    for a in got:
+        replicate.webhooks.validate(headers=a["headers"], body=a["body"], secret=secret)
+
+    # reordered: start is held back and sent after completed
+    fake.webhook_fault("reorder", event="start")
+    pid, n = run()
+    got = hooks.wait(lambda g: len(g) >= n + 2)[n:]
+    assert [a["json"]["status"] for a in got] == ["succeeded", "starting"]
+
+    # late: start arrives 1 s later, after completed
+    fake.webhook_fault("late", event="start", delay_s=1.0)
+    pid, n = run()
+    got = hooks.wait(lambda g: len(g) >= n + 2)[n:]
+    assert [a["json"]["status"] for a in got] == ["succeeded", "starting"]
+    assert [w.fault for w in fake.webhooks_for(pid)] == [None, "late"]
+
+    # dropped: the completed event never arrives
+    fake.webhook_fault("drop", event="completed")
+    pid, n = run()
+    time.sleep(0.4)
+    assert [a["json"]["status"] for a in hooks.received[n:]] == ["starting"]
+    dropped = fake.webhooks_for(pid)[-1]
+    assert (dropped.event, dropped.fault, dropped.delivered) == ("completed", "drop", False)
+
+
+# -- API faults ----------------------------------------------------------------------------------------
+
+def test_429_then_success_on_a_get_is_retried_by_the_client(fake, client):
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    fake.fail("/v1/predictions/*", 429, times=2, retry_after="0", method="GET")
+    assert client.predictions.get(p.id).id == p.id
+    assert [r.status for r in fake.requests if r.path == f"/v1/predictions/{p.id}"] == [429, 429, 200]
+
+    fake.fail("/v1/predictions/*", 503, times=1, retry_after="0")
+    assert client.predictions.get(p.id).id == p.id
+
+    fake.fail("/v1/predictions/*", 500, times=1)  # 500 is not retried
+    with pytest.raises(ReplicateError) as e:
+        client.predictions.get(p.id)
+    assert e.value.status == 500
+    assert client.predictions.get(p.id).id == p.id
+
+
+def test_429_and_503_on_a_post_raise_at_once(fake, client):
+    fake.fail("/v1/models/*/predictions", 429, retry_after="0")
+    with pytest.raises(ReplicateError) as e:
+        client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    assert (e.value.status, e.value.detail) == (429, "Request was throttled. Your rate limit resets in ~30s.")
+    assert fake.count("POST", "/v1/models/*/predictions") == 1 and client.predictions.list().results == []
+    fake.fail("/v1/predictions", 503)
+    with pytest.raises(ReplicateError) as e:
+        client.predictions.create(version=fake.trainer_version, input={"dataset": DATASET})
+    assert e.value.status == 503
+    fake.fail("/v1/predictions", 402)
+    with pytest.raises(ReplicateError) as e:
+        client.predictions.create(version=fake.trainer_version, input={"dataset": DATASET})
+    assert (e.value.status, e.value.title) == (402, "Billing required")
+    r = [x for x in fake.requests if x.status == 503][0]
+    assert (r.method, r.fault) == ("POST", "status")
+
+
+def test_dropped_and_slow_responses(fake, client):
+    fake.drop("/v1/account")
+    with pytest.raises(httpx.TransportError):
+        client.accounts.current()
+    assert fake.requests[-1].status is None and fake.requests[-1].fault == "drop"
+    assert client.accounts.current().username == "acme"  # only the next one was dropped
+
+    fake.slow("/v1/hardware", 0.5)
+    t = time.monotonic()
+    client.hardware.list()
+    assert time.monotonic() - t >= 0.5
+
+
+def test_faults_control_endpoint(fake, client):
+    r = httpx.post(f"{fake.url}/_fake/faults", json=[
+        {"kind": "status", "path": "/v1/account", "status": 429, "times": 1, "retry_after": "0"},
+        {"webhook": "drop", "event": "start"}])
+    assert r.status_code == 201 and len(r.json()["added"]) == 2
+    assert client.accounts.current().username == "acme"  # retried past the 429
+    assert [x.status for x in fake.requests if x.path == "/v1/account"] == [429, 200]
+    assert len(httpx.get(f"{fake.url}/_fake/faults").json()["webhooks"]) == 1
+    assert httpx.delete(f"{fake.url}/_fake/faults").status_code == 204
+    assert fake.http_faults == [] and fake.webhook_faults == []
+    r = httpx.post(f"{fake.url}/_fake/synthetic", json={"duration_s": 0.05, "status": "failed", "error": "nope"})
+    assert r.status_code == 200
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    assert poll(lambda: client.predictions.get(p.id)).error == "nope"
+
+
+def test_output_downloads_resume_with_range(fake, client):
+    fake.synthetic = SyntheticRun(duration_s=0.05, output_files={"blob.bin": bytes(range(256)) * 400})
+    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, wait=5)
+    full = httpx.get(p.output)
+    size, etag = len(full.content), full.headers["etag"]
+    assert full.headers["accept-ranges"] == "bytes" and int(full.headers["content-length"]) == size
+
+    fake.truncate("/_fake/outputs/*", after_bytes=1000)
+    got = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", p.output) as r:
+            assert r.headers["content-length"] == str(size)
+            for chunk in r.iter_bytes():
+                got += chunk
+    assert 0 < len(got) < size
+    rest = httpx.get(p.output, headers={"Range": f"bytes={len(got)}-", "If-Range": etag})
+    assert rest.status_code == 206 and rest.headers["content-range"] == f"bytes {len(got)}-{size - 1}/{size}"
+    assert got + rest.content == full.content and rest.headers["etag"] == etag
+
+    assert httpx.get(p.output, headers={"Range": "bytes=0-9"}).content == full.content[:10]
+    assert httpx.get(p.output, headers={"Range": "bytes=-5"}).content == full.content[-5:]
+    assert httpx.get(p.output, headers={"Range": "bytes=5-", "If-Range": '"stale"'}).status_code == 200
+    bad = httpx.get(p.output, headers={"Range": f"bytes={size}-"})
+    assert bad.status_code == 416 and bad.headers["content-range"] == f"bytes */{size}"
+    assert httpx.head(p.output).headers["content-length"] == str(size)
+    assert httpx.get(p.output, headers={"If-None-Match": etag}).status_code == 304
+
+
+# -- forwarding to a Cog-like server (a stub that behaves like coglet, scrambled) ----------------------
+
+class StubCog:
+    """Answers like coglet with ``Prefer: respond-async`` (409 once: slot busy), downloads the
+    dataset URL it is given, then sends its webhooks out of order: completed first, then a stale
+    ``processing`` hook with fewer logs and an intermediate output."""
+
+    def __init__(self, output: dict | str, status: str = "succeeded", hold: bool = False):
+        self.jobs: list[dict] = []
+        self.cancels: list[str] = []
+        self.downloads: dict[str, bytes] = {}
+        self.output, self.status, self.hold = output, status, hold
+        self.busy_once = True
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                if self.path.endswith("/cancel"):
+                    jid = self.path.split("/")[2]
+                    outer.cancels.append(jid)
+                    job = next(j for j in outer.jobs if j["id"] == jid)
+                    threading.Thread(target=outer._hook, args=(job, {"status": "canceled", "logs": "line 1\n",
+                                                                     "metrics": {"predict_time": 0.5}})).start()
+                    return self._reply(200, {})
+                if outer.busy_once:
+                    outer.busy_once = False
+                    return self._reply(409, {"error": "At capacity - all prediction slots busy", "status": "failed"})
+                assert self.headers.get("prefer") == "respond-async"
+                body["path"] = self.path
+                outer.jobs.append(body)
+                threading.Thread(target=outer._run, args=(body,)).start()
+                self._reply(202, {"id": body["id"], "status": "starting"})
+
+            def _reply(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def _hook(self, job: dict, payload: dict) -> None:
+        httpx.post(job["webhook"], json={"id": job["id"], **payload})
+
+    def _run(self, job: dict) -> None:
+        url = job["input"]["dataset"]
+        if url.startswith("http://127.0.0.1"):
+            self.downloads[url] = httpx.get(url).content  # no auth: the fake's loopback file URL
+        self._hook(job, {"status": "processing", "logs": "", "metrics": {}})
+        self._hook(job, {"status": "processing", "logs": "line 1\nline 2\n", "metrics": {}})
+        if self.hold:
+            return
+        final = {"status": self.status, "logs": "line 1\nline 2\nline 3\n", "metrics": {"predict_time": 1.25},
+                 "output": self.output if self.status == "succeeded" else None,
+                 "error": "Prediction failed: ValueError: bad" if self.status == "failed" else None}
+        self._hook(job, final)
+        self._hook(job, {"status": "processing", "logs": "line 1\n", "output": ["data:,stale"], "metrics": {}})
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def test_forwarding_to_cog_survives_scrambled_webhooks(tmp_path):
+    out_zip = b"PK\x03\x04" + b"fake zip bytes" * 10
+    cog = StubCog(_data_uri(out_zip, "application/zip"))
+    hooks = Hooks()
+    try:
+        with FakeReplicate(cog.url, None) as fake:
+            client = fake.client()
+            ds = tmp_path / "ds.zip"
+            ds.write_bytes(b"dataset bytes")
+            p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": ds, "steps": 3},
+                                                 webhook=hooks.url)
+            assert p.input["dataset"].startswith(f"{fake.url}/v1/files/")  # the client uploaded the Path
+            done = poll(lambda: client.predictions.get(p.id))
+            time.sleep(0.3)  # the stale hook lands after completion
+            done = client.predictions.get(p.id)
+            sent = cog.jobs[0]
+            assert sent["id"] == p.id and sent["path"] == "/predictions"
+            assert sent["webhook"] == f"{fake.url}/_fake/cog-webhook/{p.id}"
+            assert sent["webhook_events_filter"] == ["start", "output", "logs", "completed"]
+            file_id = p.input["dataset"].rsplit("/", 1)[1]
+            assert sent["input"] == {"dataset": fake.download_url(file_id), "steps": 3}
+            assert cog.downloads[sent["input"]["dataset"]] == b"dataset bytes"
+            assert (done.status, done.logs, done.metrics["predict_time"]) == (
+                "succeeded", "line 1\nline 2\nline 3\n", 1.25)
+            assert done.output == f"{fake.url}/_fake/outputs/{p.id}/output.zip"
+            assert httpx.get(done.output).content == out_zip
+            assert [c["status"] for c in fake.cog_requests] == [409, 202]  # queued while the slot was busy
+            assert fake.count("POST", "/v1/models/*/predictions") == 1
+            assert hooks.wait_terminal()[-1]["json"]["status"] == "succeeded"
+    finally:
+        cog.close()
+        hooks.close()
+
+
+def test_trainings_and_cancel_are_forwarded_to_cog():
+    weights = b"PK\x03\x04weights"
+    cog = StubCog({"weights": _data_uri(weights, "application/zip")})
+    cog.busy_once = False
+    try:
+        with FakeReplicate(None, cog.url, models=["acme/my-lora"]) as fake:
+            client = fake.client()
+            t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version,
+                                        input={"dataset": "https://example.com/x.zip"}, destination="acme/my-lora")
+            done = poll(lambda: client.trainings.get(t.id))
+            assert cog.jobs[0]["path"] == "/trainings" and done.status == "succeeded"
+            assert done.output["version"] == f"acme/my-lora:{client.models.get('acme/my-lora').latest_version.id}"
+            assert httpx.get(done.output["weights"]).content == weights
+            assert done.output["weights"].endswith("/weights.zip")
+
+            cog.hold = True  # the next job keeps running until canceled
+            t2 = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version,
+                                         input={"dataset": "https://example.com/x.zip"}, destination="acme/my-lora")
+            poll(lambda: client.trainings.get(t2.id), until=("processing",))
+            assert client.trainings.cancel(t2.id).status == "canceled"
+            end = time.monotonic() + 5
+            while not cog.cancels and time.monotonic() < end:
+                time.sleep(0.02)
+            assert cog.cancels == [t2.id]
+            assert any(c["url"].endswith(f"/trainings/{t2.id}/cancel") for c in fake.cog_requests)
+            time.sleep(0.2)
+            assert client.trainings.get(t2.id).status == "canceled"
+    finally:
+        cog.close()
+
+
+# -- end to end: the real Cog server with the tiny Flux model ------------------------------------------
+
+def tiny_spec(**extra) -> str:
+    return json.dumps({"base_weights": "tiny-flux-dev", "resolutions": "64", "learning_rate": 0.01,
+                       "caption_dropout": 0, "validation": {"num_inference_steps": 2}, **extra})
+
+
+@pytest.fixture(scope="session")
+def fake_cog_predict_server(tmp_path_factory, tiny_weights):
+    from cogserver import CogServer
+    from train.weights import write_manifest
+
+    write_manifest(tiny_weights)
+    server = CogServer("predict", tmp_path_factory.mktemp("fake-cog"), {
+        "ADVANCED_TRAINER_WEIGHTS": str(tiny_weights),
+        "ADVANCED_TRAINER_JOBS_DIR": str(tmp_path_factory.mktemp("fake-cog-jobs")), "HF_HUB_OFFLINE": "1"})
+    try:
+        server.wait()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_end_to_end_prediction_on_the_real_cog_server(fake_cog_predict_server, sample_dataset, tmp_path):
+    dataset = tmp_path / "dataset.zip"
+    with zipfile.ZipFile(dataset, "w") as zf:
+        for p in sorted(sample_dataset.iterdir()):
+            zf.write(p, f"my-dataset/{p.name}")
+    hooks = Hooks()
+    try:
+        with FakeReplicate(fake_cog_predict_server.url, None) as fake:
+            client = fake.client()
+            secret = client.webhooks.default.secret()
+            p = client.models.predictions.create(TRAINER_MODEL, webhook=hooks.url, webhook_events_filter=["completed"],
+                                                 input={"dataset": dataset, "spec": tiny_spec(), "steps": 4})
+            done = poll(lambda: client.predictions.get(p.id), timeout=300)
+            assert done.status == "succeeded", (done.error, done.logs[-2000:])
+            assert 'PROGRESS {"phase": "train", "step": 4, "total": 4' in done.logs
+            assert done.started_at and done.completed_at and done.metrics["predict_time"] > 0
+            assert done.output == f"{fake.url}/_fake/outputs/{p.id}/output.zip"
+            archive = httpx.get(done.output, timeout=60)
+            assert archive.status_code == 200
+            assert "pytorch_lora_weights.safetensors" in zip_names(archive.content)
+            # submitted once, the dataset went up once and Cog fetched it from the loopback URL
+            assert fake.count("POST", "/v1/models/*/predictions") == 1 and fake.count("POST", "/v1/files") == 1
+            assert fake.count("GET", "/_fake/files/*") >= 1
+            assert [c["status"] for c in fake.cog_requests if c["url"].endswith("/predictions")][-1] == 202
+            final = hooks.wait_terminal(timeout=30)[-1]
+            replicate.webhooks.validate(headers=final["headers"], body=final["body"], secret=secret)
+            assert final["json"]["output"] == done.output
+    finally:
+        hooks.close()

@@ -53,6 +53,7 @@ class Settings:
     webhook_allowed_ips: list[str] = field(default_factory=lambda: list(REPLICATE_WEBHOOK_CIDRS))
     trusted_proxies: list[str] = field(default_factory=list)
     cog_url: str | None = None          # provider "cog": a Cog HTTP server
+    allowed_hosts: list[str] = field(default_factory=list)  # extra Host names `serve` answers to
     spend_limit: dict[str, Any] | None = None  # {"amount_usd", "period", "action"}
 
     @classmethod

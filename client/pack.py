@@ -528,7 +528,7 @@ def _too_large(size: int, limit: int, entries: list[_Entry], fitted: bool, min_s
 
 def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fit: bool = False,
                  min_side: int | None = None, progress: Callable[[int, int], None] | None = None,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> PackResult:
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, inspect_only: dict | None = None) -> PackResult:
     """Pack ``folder`` into the zip ``out``; see the module docstring.
 
     ``min_side``: the shortest side ``fit`` may reduce an image to (pass ``largest_training_side(spec)``;
@@ -652,6 +652,11 @@ def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fi
 
         render_tables()
         size = _archive_size(all_entries())
+        if inspect_only is not None:  # report what the archive would be, write nothing
+            largest = sorted(((e.arcname, e.footprint) for e in all_entries()), key=lambda t: -t[1])[:5]
+            inspect_only.update(bytes=size, images=len(images), skipped=len(skipped),
+                                largest=[{"path": n, "bytes": b} for n, b in largest])
+            return None  # type: ignore[return-value]
         changed: list[PackChange] = []
         if size > limit_bytes and not fit:
             raise _too_large(size, limit_bytes, all_entries(), False, min_side)
@@ -677,6 +682,14 @@ def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fi
     return PackResult(archive=out, size_bytes=written, sha256=digest, images=len(images),
                       captions=len(images) - caption_sources["none"], skipped=skipped, changed=changed,
                       caption_sources=caption_sources, warnings=problems, limit_bytes=limit_bytes)
+
+
+def inspect_folder(folder: Path) -> dict:
+    """The size the packed archive would have (exact), its image count and largest entries — nothing written."""
+    info: dict = {}
+    with tempfile.TemporaryDirectory(prefix="advanced-trainer-inspect-") as tmp:
+        pack_dataset(folder, Path(tmp) / "dataset.zip", inspect_only=info)
+    return info
 
 
 def _fit(images: dict[str, _Image], image_entries: dict[str, _Entry], over_cap: list[str],

@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from fastapi import Body, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import Body, FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
 
 from . import pricing
 from . import token as tokens
@@ -27,6 +27,8 @@ from .config import Settings, home, store_path
 from .providers import TERMINAL, CogProvider, ProviderError, RemoteUserError, ReplicateProvider
 from .store import JobStore
 
+API_KEY_SECRET = "server_api_key_sha256"
+WEB = Path(__file__).resolve().parent / "web"
 POLL_QUIET_S = 60.0        # poll a job whose webhooks have been silent this long
 POLL_MIN_S, POLL_MAX_S = 2.0, 30.0
 
@@ -42,7 +44,12 @@ class State:
         self.store = JobStore(store_path(self.root))
         self.base_url = base_url or os.environ.get("REPLICATE_BASE_URL") or None
         self.cog_hook_key = secrets.token_urlsafe(24)
-        self.local_url = f"http://{host}:{port}"
+        self.host, self.port = host, port
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.local_url = f"http://{shown}:{port}"
+        from .security import Sessions
+
+        self.sessions = Sessions()
         self.cog: dict[str, CogProvider] = {}
         self._secret: str | None = None
         from .webhooks import WebhookVerifier
@@ -56,6 +63,14 @@ class State:
 
     def settings(self) -> Settings:
         return Settings.load(self.root)
+
+    def policy(self):
+        from .config import load_secrets
+        from .security import Policy
+
+        s = self.settings()
+        return Policy(self.host, self.port, s.public_url, s.allowed_hosts,
+                      load_secrets(self.root).get(API_KEY_SECRET))
 
     def replicate(self) -> ReplicateProvider:
         try:
@@ -119,8 +134,105 @@ def _public(rec: dict | None) -> dict | None:
 
 
 def create_app(state: State) -> FastAPI:
-    app = FastAPI(title="advanced-trainer", version="0.1.0",
+    # /docs would load Swagger UI from a CDN (no network, and against the CSP); /openapi.json stays.
+    app = FastAPI(title="advanced-trainer", version="0.1.0", docs_url=None, redoc_url=None,
                   description="Submit and track training jobs; receives Replicate's signed webhooks.")
+    from .security import SecurityMiddleware
+
+    app.add_middleware(SecurityMiddleware, policy=state.policy, sessions=state.sessions)
+
+    # -- the page ----------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    @app.get("/static/{name:path}", include_in_schema=False)
+    def static(name: str) -> FileResponse:
+        path = (WEB / name).resolve()
+        if not path.is_relative_to(WEB.resolve()) or not path.is_file():
+            raise HTTPException(404, "not found")
+        return FileResponse(path)
+
+    @app.post("/api/session", status_code=204)
+    def login(response: Response, body: dict[str, Any] = Body(...)) -> None:
+        from .security import SESSION_COOKIE, hash_key
+
+        policy = state.policy()
+        key = body.get("api_key")
+        if not policy.api_key_hash or not isinstance(key, str) or \
+                not secrets.compare_digest(hash_key(key), policy.api_key_hash):
+            raise HTTPException(401, "wrong API key")
+        response.set_cookie(SESSION_COOKIE, state.sessions.new(), httponly=True, samesite="strict",
+                            secure=False, path="/")
+
+    # -- helpers for the page ------------------------------------------------------------------------
+    @app.post("/api/cloud/spec/validate")
+    def validate_spec(body: dict[str, Any] = Body(...)) -> dict:
+        from train.spec import SpecError, parse_spec
+
+        try:
+            spec = parse_spec(body.get("spec") or {})
+        except SpecError as exc:
+            problems = [{"field": p.split(":", 1)[0], "message": p.split(":", 1)[1].strip() if ":" in p else p}
+                        for p in exc.problems]
+            raise HTTPException(422, {"problems": problems}) from None
+        return {"ok": True, "spec": json.loads(spec.to_json())}
+
+    @app.post("/api/cloud/estimate")
+    def estimate(body: dict[str, Any] = Body(...)) -> dict:
+        from train.spec import SpecError, parse_spec
+
+        try:
+            spec = parse_spec(body.get("spec") or {})
+        except SpecError as exc:
+            raise HTTPException(422, {"problems": [{"field": p.split(":", 1)[0], "message": p} for p in exc.problems]}) from None
+        skus = [body["hardware"]] if body.get("hardware") else ["gpu-l40s", "gpu-a100-large", "gpu-h100"]
+        out = []
+        for sku in skus:
+            try:
+                est = pricing.estimate(spec, sku, int(body.get("images") or 20))
+            except pricing.UnknownHardware as exc:
+                raise HTTPException(422, str(exc)) from None
+            out.append({"hardware": sku, "seconds": round(est.seconds), "usd": round(est.usd, 4),
+                        "description": est.describe()})
+        return {"estimates": out}
+
+    @app.post("/api/cloud/datasets", status_code=201)
+    async def upload_dataset(request: Request) -> dict:
+        """A dataset zip uploaded by the page (multipart field ``file``), kept under the state folder."""
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "read"):
+            raise HTTPException(422, "file: attach the dataset zip as the multipart field 'file'")
+        folder = state.root / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{secrets.token_hex(8)}.zip"
+        size = 0
+        with open(target, "wb") as f:
+            while chunk := await upload.read(1 << 20):
+                f.write(chunk)
+                size += len(chunk)
+        from .jobs import UPLOAD_LIMIT
+
+        return {"path": str(target), "bytes": size, "limit_bytes": UPLOAD_LIMIT, "over_limit": size > UPLOAD_LIMIT}
+
+    @app.post("/api/cloud/datasets/inspect")
+    def inspect_dataset(body: dict[str, Any] = Body(...)) -> dict:
+        from .jobs import UPLOAD_LIMIT
+        from .pack import PackError, inspect_folder
+
+        path = Path(str(body.get("path") or ""))
+        if not path.exists():
+            raise HTTPException(422, f"path: {path} does not exist on this machine")
+        if path.is_file():
+            size = path.stat().st_size
+            return {"kind": "zip", "bytes": size, "images": None, "limit_bytes": UPLOAD_LIMIT,
+                    "over_limit": size > UPLOAD_LIMIT, "largest": []}
+        try:
+            info = inspect_folder(path)
+        except PackError as exc:
+            raise HTTPException(422, f"path: {exc}") from None
+        return {"kind": "folder", "limit_bytes": UPLOAD_LIMIT, "over_limit": info["bytes"] > UPLOAD_LIMIT, **info}
 
     # -- provider --------------------------------------------------------------------------------
     @app.get("/api/cloud/providers/replicate")
@@ -250,6 +362,30 @@ def create_app(state: State) -> FastAPI:
             raise _error(exc) from None
         merged = state.store.apply_remote(job_id, obj, "poll")
         return {"job": _public(merged[0] if isinstance(merged, tuple) else merged)}
+
+    @app.get("/api/cloud/jobs/{job_id}/files")
+    def job_files(job_id: str) -> dict:
+        rec = state.store.get(job_id)
+        if rec is None:
+            raise HTTPException(404, f"no job {job_id}")
+        folder = Path(rec["local_dir"]) if rec.get("local_dir") else None
+        if folder is None or not folder.is_dir():
+            return {"files": [], "delivered": False}
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return {"delivered": True, "files": [
+            {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size,
+             "url": f"/api/cloud/jobs/{job_id}/files/{p.relative_to(folder).as_posix()}"} for p in files]}
+
+    @app.get("/api/cloud/jobs/{job_id}/files/{name:path}")
+    def job_file(job_id: str, name: str) -> FileResponse:
+        rec = state.store.get(job_id)
+        if rec is None or not rec.get("local_dir"):
+            raise HTTPException(404, f"no delivered outputs for {job_id}")
+        folder = Path(rec["local_dir"]).resolve()
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder) or not path.is_file():
+            raise HTTPException(404, f"no file {name}")
+        return FileResponse(path)
 
     @app.get("/api/cloud/jobs/{job_id}/logs")
     def job_logs(job_id: str) -> dict:
@@ -385,9 +521,28 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
                           server_header=False)
 
 
+def ensure_api_key(root: Path | None = None) -> str | None:
+    """For a bind beyond loopback: make an API key if there is none; returns a new key (shown once)."""
+    from .config import load_secrets, save_secret
+    from .security import hash_key
+
+    if load_secrets(root).get(API_KEY_SECRET):
+        return None
+    key = "at_" + secrets.token_urlsafe(32)
+    save_secret(API_KEY_SECRET, hash_key(key), root)
+    return key
+
+
 def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
     import uvicorn
 
+    from .security import is_loopback
+
+    if not is_loopback(host):
+        key = ensure_api_key()
+        if key:
+            print(f"serving beyond loopback: every route but the webhooks needs this API key (shown once; "
+                  f"only its hash is stored):\n  {key}", flush=True)
     state = State(host=host, port=port)
     app = create_app(state)
     threading.Thread(target=_poller, args=(state,), daemon=True).start()

@@ -60,11 +60,16 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
                 if key == "webhook_allowed_ips" and not clean[key]:
                     raise ValueError("webhook_allowed_ips: an empty list refuses every webhook; to accept any "
                                      "address say so: [\"0.0.0.0/0\", \"::/0\"]")
+            elif key == "allowed_hosts":
+                if not isinstance(value, list) or not all(isinstance(h, str) and re.match(r"^[A-Za-z0-9.-]+$|^\[[0-9a-fA-F:]+\]$", h)
+                                                          for h in value):
+                    raise ValueError("allowed_hosts: expected a list of host names such as \"trainer.example.com\"")
+                clean[key] = [h.lower() for h in value]
             elif key == "spend_limit":
                 clean[key] = None if value in (None, "", {}) else SpendLimit.from_dict(value).to_dict()
             else:
                 raise ValueError(f"{key}: unknown setting; known: model, version, hardware, public_url, cog_url, "
-                                 f"webhook_allowed_ips, trusted_proxies, spend_limit")
+                                 f"webhook_allowed_ips, trusted_proxies, allowed_hosts, spend_limit")
         except (ValueError, TypeError) as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
     if problems:

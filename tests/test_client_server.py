@@ -30,7 +30,8 @@ def sign(secret: str, webhook_id: str, ts: int, body: bytes) -> str:
 class LocalServer:
     """client.server's app on a real port (uvicorn in a thread) plus its poller."""
 
-    def __init__(self, root: Path, fake: FakeReplicate, public: bool = True, allowed=("127.0.0.1/32",)):
+    def __init__(self, root: Path, fake: FakeReplicate, public: bool = True, allowed=("127.0.0.1/32",),
+                 bind: str = "127.0.0.1"):
         import socket
 
         import uvicorn
@@ -44,9 +45,9 @@ class LocalServer:
         self.url = f"http://127.0.0.1:{self.port}"
         Settings(public_url=self.url if public else None, webhook_allowed_ips=list(allowed),
                  hardware="gpu-l40s").save(root)
-        self.state = srv.State(root=root, base_url=fake.url, port=self.port)
+        self.state = srv.State(root=root, base_url=fake.url, host=bind, port=self.port)
         self.app = srv.create_app(self.state)
-        self.server = uvicorn.Server(srv.uvicorn_config(self.app, "127.0.0.1", self.port, log_level="error"))
+        self.server = uvicorn.Server(srv.uvicorn_config(self.app, bind, self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         self.poller = threading.Thread(target=srv._poller, args=(self.state,), daemon=True)

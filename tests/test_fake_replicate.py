@@ -708,34 +708,16 @@ def tiny_spec(**extra) -> str:
                        "caption_dropout": 0, "validation": {"num_inference_steps": 2}, **extra})
 
 
-@pytest.fixture(scope="session")
-def fake_cog_predict_server(tmp_path_factory, tiny_weights):
-    from cogserver import CogServer
-    from train.weights import write_manifest
-
-    write_manifest(tiny_weights)
-    server = CogServer("predict", tmp_path_factory.mktemp("fake-cog"), {
-        "ADVANCED_TRAINER_WEIGHTS": str(tiny_weights),
-        "ADVANCED_TRAINER_JOBS_DIR": str(tmp_path_factory.mktemp("fake-cog-jobs")), "HF_HUB_OFFLINE": "1"})
-    try:
-        server.wait()
-        yield server
-    finally:
-        server.stop()
-
-
-def test_end_to_end_prediction_on_the_real_cog_server(fake_cog_predict_server, sample_dataset, tmp_path):
-    dataset = tmp_path / "dataset.zip"
-    with zipfile.ZipFile(dataset, "w") as zf:
-        for p in sorted(sample_dataset.iterdir()):
-            zf.write(p, f"my-dataset/{p.name}")
+def test_end_to_end_prediction_on_the_real_cog_server(predict_server, sample_zip):
+    """conftest's session Cog server (tiny weights + manifest); the dataset Path is uploaded by the
+    client, rewritten to the fake's loopback URL and downloaded by Cog."""
     hooks = Hooks()
     try:
-        with FakeReplicate(fake_cog_predict_server.url, None) as fake:
+        with FakeReplicate(predict_server.url, None) as fake:
             client = fake.client()
             secret = client.webhooks.default.secret()
             p = client.models.predictions.create(TRAINER_MODEL, webhook=hooks.url, webhook_events_filter=["completed"],
-                                                 input={"dataset": dataset, "spec": tiny_spec(), "steps": 4})
+                                                 input={"dataset": sample_zip, "spec": tiny_spec(), "steps": 4})
             done = poll(lambda: client.predictions.get(p.id), timeout=300)
             assert done.status == "succeeded", (done.error, done.logs[-2000:])
             assert 'PROGRESS {"phase": "train", "step": 4, "total": 4' in done.logs

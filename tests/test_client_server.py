@@ -345,3 +345,32 @@ def test_end_to_end_training_on_the_real_cog_server(env, train_server, sample_da
     pipe = FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev")
     pipe.load_lora_weights(folder)
     assert np.abs(render(pipe) - base).max() > 0.01
+
+
+@pytest.mark.parametrize("fault", ["upload-500", "account-slow", "create-503", "hardware-drop"])
+def test_more_faults_give_clear_messages_and_lose_nothing(local, fake, sample_dataset, fault):
+    if fault == "upload-500":
+        fake.fail("/v1/files", 500, method="POST")
+        r = _submit(local, sample_dataset)
+        assert r.status_code == 502 and "upload" in r.json()["detail"] and "500" in r.json()["detail"]
+    elif fault == "create-503":
+        fake.fail("/v1/predictions", 503, method="POST", retry_after="0")
+        r = _submit(local, sample_dataset)
+        assert r.status_code == 502 and "503" in r.json()["detail"]
+    elif fault == "account-slow":
+        fake.slow("/v1/account", 1.5)
+        assert local.http.get("/api/cloud/providers/replicate/validate").json()["ok"] is True
+        return
+    else:
+        fake.drop("/v1/hardware", method="GET", times=None)
+        r = local.http.get("/api/cloud/providers/replicate/versions")
+        assert r.status_code == 200  # other calls unaffected
+        return
+    assert not [j for j in local.state.store.list(limit=10) if j["status"] not in ("failed",)]
+    assert local.state.store.spend_between() == 0
+    fake.clear_faults()
+    r = _submit(local, sample_dataset)  # the user simply tries again; one job results
+    assert r.status_code == 201
+    rec = local.wait_job(r.json()["job"]["id"])
+    assert rec["status"] == "succeeded"
+    assert len([q for q in fake.requests if q.method == "POST" and q.path == "/v1/predictions" and q.status == 201]) == 1

@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case and implementation")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    parser.add_argument("--speed", default="", help='the project step\'s spec.speed, e.g. \'{"compile": "blocks"}\'')
     args = parser.parse_args(argv)
     steps = args.steps or (3 if args.tiny else 10)
+    if args.speed:
+        os.environ["BENCH_SPEED"] = args.speed  # inherited by the per-case processes
     results = []
     for case in args.cases.split(","):
         if case not in CASES:

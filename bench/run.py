@@ -70,6 +70,7 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
     spec = parse_spec({"model": "flux-dev" if case.family == "flux" else "sdxl", "base_weights": "bench",
                        "resolutions": [max(case.resolution, 64)], "batch_size": case.batch_size,
                        "memory_policy": os.environ.get("BENCH_MEMORY_POLICY", "off"),
+                       "speed": json.loads(os.environ.get("BENCH_SPEED") or "{}"),
                        "flux": {"max_sequence_length": min(case.text_tokens, 512)}})
     family = family_for(spec, Path("unused"))  # no pipeline folder: the parts the loss needs are set below
     cfg = model.config
@@ -95,6 +96,10 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
                               resolution=case.resolution, batch_size=case.batch_size, text_tokens=case.text_tokens)
     if plan.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    from train.speed import apply_attention_backend, apply_model_levers
+
+    apply_attention_backend(spec.speed.attention, cuda)
+    levers = apply_model_levers(spec, model, cuda)
     model.train()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     optimizer = _optimizer(spec, params, cuda)
@@ -111,6 +116,7 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
     def step():
         micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm)
 
+    step.levers = levers  # type: ignore[attr-defined]
     return step, sum(p.numel() for p in params), plan.gradient_checkpointing
 
 
@@ -192,7 +198,8 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
             "tflop_per_step": float(f"{tflop:.4g}"),
             "mfu_pct": round(100 * tflop / med / PEAK_TFLOPS, 2) if device.type == "cuda" else None,
             "peak_gib": round(peak, 2) if peak is not None else None, "trainable_m": round(trainable / 1e6, 2),
-            "base_params_b": round(base_params / 1e9, 3), "gradient_checkpointing": ckpt, "steps": steps}
+            "base_params_b": round(base_params / 1e9, 3), "gradient_checkpointing": ckpt, "steps": steps,
+            "levers": getattr(step, "levers", [])}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,9 +27,12 @@ class CachedItem:
     mean: torch.Tensor  # (C, h, w) fp32, CPU
     std: torch.Tensor
     caption: int        # index into LatentCache.texts
+    device_time_ids: torch.Tensor | None = None  # set when the cache moves to the accelerator
 
     @property
     def time_ids(self) -> torch.Tensor:
+        if self.device_time_ids is not None:
+            return self.device_time_ids
         p = self.placement
         return torch.tensor([*p.original_size, *p.crop_top_left, p.bucket[1], p.bucket[0]], dtype=torch.float32)
 
@@ -41,6 +44,20 @@ class LatentCache:
     captions: list[str]
     empty_text: dict[str, torch.Tensor]
     validation: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        tensors = [t for it in self.items for t in (it.mean, it.std)]
+        tensors += [t for d in self.texts + [self.empty_text] for t in d.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device, text_dtype: torch.dtype) -> LatentCache:
+        """Move the cached tensors (text in ``text_dtype``) so steps read them without host copies."""
+        for it in self.items:
+            it.mean, it.std = it.mean.to(device), it.std.to(device)
+            it.device_time_ids = it.time_ids.to(device)
+        self.texts = [{k: v.to(device, text_dtype) for k, v in d.items()} for d in self.texts]
+        self.empty_text = {k: v.to(device, text_dtype) for k, v in self.empty_text.items()}
+        return self
 
     def bucket_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -182,6 +182,9 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     cuda = torch.cuda.is_available()
     check_machine(spec, cuda)
     mixed, weight_dtype = _precision(spec, cuda)
+    from .speed import apply_attention_backend, apply_model_levers, cache_fits_on_device
+
+    attention_note = apply_attention_backend(spec.speed.attention, cuda)
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps,
                               cpu=not cuda)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -229,6 +232,10 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
         family.pipe.vae.to("cpu")  # back only for validation renders
         if cuda:
             torch.cuda.empty_cache()
+    if cache_fits_on_device(spec.speed.cache_on_device, cache.nbytes(),
+                            torch.cuda.mem_get_info(device)[0] if cuda else None):
+        cache.to(device, weight_dtype)
+        log(f"cache: {cache.nbytes() / 2**20:.1f} MiB of latents and text embeddings kept on {device}")
     buckets = cache.bucket_counts()
     if main:
         for line in dataset_report_lines(dataset, buckets):
@@ -250,6 +257,9 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     log(plan.reason)
     if plan.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    log(attention_note)
+    for line in apply_model_levers(spec, model, cuda):
+        log(line)
     model.train()
     if spec.mode == "lora":
         log(f"lora: rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, {n_trainable / 1e6:.2f} M trainable parameters")

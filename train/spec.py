@@ -136,6 +136,17 @@ class SdxlOptions(_Section):
     noise_offset: float = Field(0.0, ge=0, le=1)
 
 
+class SpeedOptions(_Section):
+    """Step-speed levers (train/speed.py); each is numerically equivalent to the plain path."""
+
+    attention: Literal["auto", "flash", "efficient", "math", "cudnn"] = Field(
+        "auto", description="SDPA backend on CUDA; auto = flash / memory-efficient, never cuDNN")
+    compile: Literal["off", "blocks"] = Field("off", description="blocks: torch.compile the repeated blocks")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="NHWC UNet (SDXL); auto: on CUDA")
+    cache_on_device: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory")
+
+
 class PublishSpec(_Section):
     """Where finished weights go besides the output archive. Credentials never live in the spec."""
 
@@ -176,6 +187,7 @@ class TrainingSpec(_Section):
     dataset: DatasetSpec = DatasetSpec()
     flux: FluxOptions = FluxOptions()
     sdxl: SdxlOptions = SdxlOptions()
+    speed: SpeedOptions = SpeedOptions()
     publish: PublishSpec = PublishSpec()
 
     @field_validator("resolutions", mode="before")

@@ -1,0 +1,102 @@
+"""Every speed lever gives the numbers of the plain path on the tiny models (issue: speed never
+silently costs quality).
+
+Tolerances, fp32 on the CPU: a lever may reorder float operations (compiled graphs, NHWC
+convolutions), so results agree to rounding, not bit for bit. Losses: 1e-5 relative. LoRA
+weights: AdamW moves every weight by up to ~lr per step whatever the gradient's size, so a
+coordinate whose gradient is ~0 can move differently on rounding noise alone; we require the
+mean difference to stay at rounding level (1e-6) and the largest below steps x lr."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import quick_spec, train_quietly
+
+SDXL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_out"]
+
+
+def _run(tiny_weights, sample_dataset, out, model, **fields):
+    extra = {"lora.targets": SDXL_TARGETS} if model == "sdxl" else {}
+    spec = quick_spec(tiny_weights, model, steps=STEPS, learning_rate=LR, batch_size=2, **extra, **fields)
+    result, log = train_quietly(spec, sample_dataset, out)
+    return result, log, load_file(str(result.lora_file))
+
+
+STEPS, LR = 4, 2e-3
+
+
+def _assert_same(a, b):
+    (ra, _, wa), (rb, _, wb) = a, b
+    la, lb = [v for _, v in ra.losses], [v for _, v in rb.losses]
+    assert la == pytest.approx(lb, rel=1e-5)
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert diffs.mean().item() < 1e-6, diffs.mean().item()
+    assert diffs.max().item() < STEPS * LR
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "sdxl"])
+def test_compiled_blocks_match_eager(tiny_weights, sample_dataset, tmp_path, monkeypatch, model):
+    # aot_eager traces and runs the graphs dynamo captures without generating C++ (slow on 2 cores);
+    # inductor is what a GPU run uses, and bench/ measures it there.
+    monkeypatch.setenv("ADVANCED_TRAINER_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    plain = _run(tiny_weights, sample_dataset, tmp_path / "plain", model)
+    compiled = _run(tiny_weights, sample_dataset, tmp_path / "compiled", model, **{"speed.compile": "blocks"})
+    assert "compile: repeated blocks" in compiled[1] and "aot_eager" in compiled[1]
+    _assert_same(plain, compiled)
+
+
+def test_channels_last_unet_matches(tiny_weights, sample_dataset, tmp_path):
+    plain = _run(tiny_weights, sample_dataset, tmp_path / "plain", "sdxl", **{"speed.channels_last": "off"})
+    nhwc = _run(tiny_weights, sample_dataset, tmp_path / "nhwc", "sdxl", **{"speed.channels_last": "on"})
+    assert "channels_last: on" in nhwc[1]
+    _assert_same(plain, nhwc)
+
+
+def test_cache_on_device_gives_identical_batches(tiny_weights, sample_dataset, tmp_path):
+    """Moving the cache (here: to the same CPU, as a GPU run moves it to CUDA) changes no value."""
+    from train.cache import collate
+    from train.models.base import BatchRandom
+    from train.speed import cache_fits_on_device
+
+    assert not cache_fits_on_device("auto", 10, None)  # CPU: never
+    assert cache_fits_on_device("auto", 10 * 2**20, 80 * 2**30) and not cache_fits_on_device("auto", 8 * 2**30, 80 * 2**30)
+    assert cache_fits_on_device("on", 8 * 2**30, 80 * 2**30) and not cache_fits_on_device("off", 1, 80 * 2**30)
+
+    import contextlib
+    import io
+
+    from train.cache import build_cache
+    from train.data import stage_dataset
+    from train.models import family_for
+
+    spec = quick_spec(tiny_weights, "sdxl", steps=1)
+    family = family_for(spec, tiny_weights / "tiny-sdxl")
+    family.load(torch.float32)
+    ds = stage_dataset(sample_dataset, tmp_path / "job")
+    cache = build_cache(family, ds, [64], ["x"], torch.device("cpu"), 10**8)
+    gen = lambda: BatchRandom(torch.Generator().manual_seed(0), 2, 0, 2, torch.device("cpu"))  # noqa: E731
+    before = collate(cache, [0, 1], [False, True], torch.device("cpu"), torch.float32, gen())
+    cache.to(torch.device("cpu"), torch.float32)
+    after = collate(cache, [0, 1], [False, True], torch.device("cpu"), torch.float32, gen())
+    for a, b in ((before.latent_mean, after.latent_mean), (before.time_ids, after.time_ids),
+                 (before.text["prompt_embeds"], after.text["prompt_embeds"])):
+        assert torch.equal(a, b)
+    assert cache.nbytes() > 0
+
+
+def test_attention_backend_switches(monkeypatch):
+    from train.speed import apply_attention_backend
+
+    calls = {}
+    for name in ("enable_flash_sdp", "enable_mem_efficient_sdp", "enable_math_sdp", "enable_cudnn_sdp"):
+        monkeypatch.setattr(torch.backends.cuda, name, lambda on, _n=name: calls.__setitem__(_n, on))
+    assert "CPU" in apply_attention_backend("auto", cuda=False) and not calls
+    apply_attention_backend("auto", cuda=True)
+    assert calls == {"enable_flash_sdp": True, "enable_mem_efficient_sdp": True, "enable_math_sdp": True,
+                     "enable_cudnn_sdp": False}  # cuDNN's backward crashed on the H200
+    apply_attention_backend("cudnn", cuda=True)
+    assert calls["enable_cudnn_sdp"] is True and calls["enable_flash_sdp"] is False

@@ -1,0 +1,80 @@
+"""Speed levers for the training step, each behind a spec switch (``speed`` section).
+
+Every lever must leave the numbers as they were (tests/test_speed.py compares each against
+the plain path on the tiny models) — speed never silently costs quality. Which ones pay, and
+by how much, is measured with ``bench/`` on a GPU; the defaults stay conservative until then.
+
+- ``attention``: the scaled-dot-product-attention backend on CUDA. ``auto`` allows flash and
+  memory-efficient attention but not cuDNN's, whose backward pass crashed on the H200 with the
+  stock stack (shared/reference/gpu-baseline.md). No effect on a CPU.
+- ``compile``: ``blocks`` compiles the repeated transformer blocks (regional compilation:
+  a fraction of whole-model compile time, the same step speed-up). Off by default until the
+  GPU benchmark is in.
+- ``channels_last``: NHWC memory format for the SDXL UNet's convolutions (``auto``: on CUDA).
+- ``cache_on_device``: keep the cached latents and text embeddings on the accelerator, so a
+  step copies nothing from the host (``auto``: when they fit in 5 % of free memory).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+CACHE_FRACTION_OF_FREE = 0.05
+
+
+def apply_attention_backend(choice: str, cuda: bool) -> str:
+    """Set torch's SDPA backend switches for ``choice``; returns what was done (for the log)."""
+    if not cuda:
+        return "attention: CPU (backend switches do not apply)"
+    b = torch.backends.cuda
+    wanted = {"auto": {"flash", "efficient", "math"}, "flash": {"flash"}, "efficient": {"efficient"},
+              "math": {"math"}, "cudnn": {"cudnn", "math"}}[choice]
+    b.enable_flash_sdp("flash" in wanted)
+    b.enable_mem_efficient_sdp("efficient" in wanted)
+    b.enable_math_sdp("math" in wanted)
+    b.enable_cudnn_sdp("cudnn" in wanted)
+    return f"attention: SDPA backends {', '.join(sorted(wanted))}"
+
+
+def compile_blocks(model: torch.nn.Module) -> str:
+    """Regional compilation of the repeated blocks (diffusers' ``compile_repeated_blocks``).
+
+    ``fullgraph`` stays off: with peft's LoRA layers it found no compiled frames (gpu-baseline.md).
+    ADVANCED_TRAINER_COMPILE_BACKEND picks another dynamo backend (tests use ``aot_eager``).
+    """
+    backend = os.environ.get("ADVANCED_TRAINER_COMPILE_BACKEND", "inductor")
+    model.compile_repeated_blocks(fullgraph=False, dynamic=False, backend=backend)
+    names = sorted(set(getattr(model, "_repeated_blocks", ())))
+    return f"compile: repeated blocks {names} with {backend}"
+
+
+def use_channels_last(choice: str, family: str, cuda: bool) -> bool:
+    if choice == "on":
+        return family == "sdxl"  # the Flux transformer has no convolutions to speed up
+    return choice == "auto" and cuda and family == "sdxl"
+
+
+def cache_fits_on_device(choice: str, cache_bytes: int, free_bytes: int | None) -> bool:
+    if choice == "off" or free_bytes is None:
+        return False
+    if choice == "on":
+        return True
+    return cache_bytes <= CACHE_FRACTION_OF_FREE * free_bytes
+
+
+def apply_model_levers(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
+    """Apply the spec's model-side levers to ``model``; returns log lines."""
+    lines = []
+    if use_channels_last(spec.speed.channels_last, spec.family, cuda):
+        model.to(memory_format=torch.channels_last)
+        lines.append("channels_last: on (UNet convolutions in NHWC)")
+    if spec.speed.compile == "blocks":
+        lines.append(compile_blocks(model))
+    return lines
+
+
+def describe(spec: Any) -> dict[str, str]:
+    return dict(spec.speed.model_dump())

@@ -8,8 +8,8 @@ One ASGI middleware, in front of every route:
   another origin (``Origin`` not one of ours, or ``Sec-Fetch-Site: cross-site``/``same-site``)
   is refused with 403. Browsers always send these on cross-origin writes; tools send neither.
   The webhook routes are exempt (they are authenticated by signature or key instead).
-- Authentication when bound to anything but loopback: every route except the webhooks needs
-  the API key (``Authorization: Bearer <key>`` or ``X-API-Key``) or a session cookie obtained
+- Authentication when bound to anything but loopback: every route except the webhooks (and the
+  page's static files, which hold no data and carry the login form) needs the API key (``Authorization: Bearer <key>`` or ``X-API-Key``) or a session cookie obtained
   with it (``POST /api/session``); otherwise 401.
 - Body-size limits per route kind, enforced on Content-Length and while streaming.
 - Headers on every response: a Content-Security-Policy without inline script, nosniff, frame
@@ -198,7 +198,8 @@ class SecurityMiddleware:
                 return 403, "cross-site request refused"
             if site in ("cross-site", "same-site"):
                 return 403, "cross-site request refused"
-        if policy.needs_auth and not webhook and path != "/api/session":
+        public = method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))  # the login form
+        if policy.needs_auth and not webhook and not public and path != "/api/session":
             if not self.authenticated(policy, headers):
                 return 401, "authentication required: send the API key (Authorization: Bearer <key>) or log in"
         return None

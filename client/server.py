@@ -117,6 +117,12 @@ def _error(exc: Exception) -> HTTPException:
     raise exc
 
 
+def _problems(exc) -> list[dict]:
+    """A SpecError's lines as [{"field", "message"}] for the page."""
+    return [{"field": p.split(":", 1)[0], "message": p.split(":", 1)[1].strip() if ":" in p else p}
+            for p in exc.problems]
+
+
 def _public(rec: dict | None) -> dict | None:
     """A job record for API responses (no internal columns)."""
     if rec is None:
@@ -173,9 +179,7 @@ def create_app(state: State) -> FastAPI:
         try:
             spec = parse_spec(body.get("spec") or {})
         except SpecError as exc:
-            problems = [{"field": p.split(":", 1)[0], "message": p.split(":", 1)[1].strip() if ":" in p else p}
-                        for p in exc.problems]
-            raise HTTPException(422, {"problems": problems}) from None
+            raise HTTPException(422, {"problems": _problems(exc)}) from None
         return {"ok": True, "spec": json.loads(spec.to_json())}
 
     @app.post("/api/cloud/estimate")
@@ -185,7 +189,7 @@ def create_app(state: State) -> FastAPI:
         try:
             spec = parse_spec(body.get("spec") or {})
         except SpecError as exc:
-            raise HTTPException(422, {"problems": [{"field": p.split(":", 1)[0], "message": p} for p in exc.problems]}) from None
+            raise HTTPException(422, {"problems": _problems(exc)}) from None
         skus = [body["hardware"]] if body.get("hardware") else ["gpu-l40s", "gpu-a100-large", "gpu-h100"]
         out = []
         for sku in skus:
@@ -319,10 +323,15 @@ def create_app(state: State) -> FastAPI:
     # -- jobs ------------------------------------------------------------------------------------
     @app.post("/api/cloud/jobs/submit", status_code=201)
     def submit_job(body: dict[str, Any] = Body(...)) -> dict:
-        from .jobs import load_spec, submit
+        from train.spec import SpecError, parse_spec
+
+        from .jobs import submit
 
         try:
-            spec = load_spec(body.get("spec") or {}, body.get("overrides") or {})
+            spec = parse_spec(body.get("spec") or {}, **(body.get("overrides") or {}))
+        except SpecError as exc:
+            raise HTTPException(422, {"problems": _problems(exc)}) from None
+        try:
             dataset = body.get("dataset")
             if not isinstance(dataset, str):
                 raise HTTPException(422, "dataset: a path on this machine (a folder or a zip)")

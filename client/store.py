@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from train.progress import last_progress
+from train.progress import last_progress, parse_progress_line
 
 __all__ = [
     "FIELDS", "STATUSES", "TERMINAL", "UNFINISHED", "LOGS_TAIL_CHARS", "WEBHOOK_ID_RETENTION_S",
@@ -559,8 +559,12 @@ class JobStore:
                 for name in ("step", "total", "phase"):
                     changes[name] = prog.get(name)
                 changes["eta_s"] = _num(prog.get("eta_s"))
-                if _num(prog.get("loss")) is not None:
-                    changes["loss"] = _num(prog.get("loss"))
+            # the loss of the newest line that has one (validate/done lines carry none)
+            for line in reversed(logs.splitlines()):
+                rec = parse_progress_line(line)
+                if rec is not None and _num(rec.get("loss")) is not None:
+                    changes["loss"] = _num(rec.get("loss"))
+                    break
 
         output = obj.get("output")
         output_text = json.dumps(output, default=str) if output is not None else None

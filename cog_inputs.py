@@ -12,7 +12,7 @@ from typing import Any
 
 from cog import BaseRunner, Input
 
-from train.spec import LR_SCHEDULERS, MODEL_FAMILIES  # noqa: F401  (re-exported for docs)
+from train.spec import MODEL_FAMILIES
 
 DATASET = Input(description="Dataset archive (zip, tar or tar.gz) of images with same-stem .txt captions, "
                             "a metadata.jsonl or a captions.csv; a URL or a data URI")

@@ -45,9 +45,11 @@ def _input_component(info, title: str, enums: dict[str, Any]) -> dict[str, Any]:
             prop["description"] = f.description
         for key, value in (("minimum", f.ge), ("maximum", f.le), ("minLength", f.min_length),
                            ("maxLength", f.max_length), ("pattern", f.regex), ("deprecated", f.deprecated)):
-            if value is not None:
-                prop[key] = int(value) if key in ("minimum", "maximum") and float(value).is_integer() and \
-                    prop.get("type") == "integer" else value
+            if value is None:
+                continue
+            if key in ("minimum", "maximum") and prop.get("type") == "integer":
+                value = int(value)  # Cog's inspector stores bounds as floats
+            prop[key] = value
         props[name] = prop
     schema: dict[str, Any] = {"title": title, "type": "object", "properties": props}
     if required:

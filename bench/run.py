@@ -95,7 +95,9 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
                               trainable_params=sum(p.numel() for p in params), optimizer=spec.optimizer,
                               resolution=case.resolution, batch_size=case.batch_size, text_tokens=case.text_tokens)
     if plan.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        from train.memory import enable_checkpointing
+
+        enable_checkpointing(model, plan.checkpoint_fraction)
     from train.speed import apply_attention_backend, apply_model_levers
 
     apply_attention_backend(spec.speed.attention, cuda)

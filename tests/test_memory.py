@@ -18,15 +18,18 @@ def test_estimates_follow_the_measured_stock_peaks():
     assert estimate_peak_bytes(resolution=1024, batch_size=4, **SDXL) / GIB == pytest.approx(34.6, rel=0.1)
 
 
-@pytest.mark.parametrize("free_gib,expected", [
-    (139, False),   # H200: everything fits
-    (79, False),    # A100 80 GB
-    (44, True),     # L40S: Flux 1024 px needs checkpointing
-    (24, True),     # a 24 GB consumer card: on, and the log says it may still not fit
+@pytest.mark.parametrize("free_gib,expected,fraction", [
+    (139, False, 1.0),   # H200: everything fits
+    (79, False, 1.0),    # A100 80 GB
+    (50, True, 0.5),     # a little short: half the blocks are enough
+    (44, True, 0.75),    # L40S: Flux 1024 px needs most blocks checkpointed
+    (24, True, 1.0),     # a 24 GB consumer card: all, and the log says it may still not fit
 ])
-def test_auto_picks_checkpointing_by_free_memory(free_gib, expected):
+def test_auto_picks_checkpointing_by_free_memory(free_gib, expected, fraction):
     plan = choose_memory_plan("auto", int(free_gib * GIB), resolution=1024, batch_size=1, **FLUX_DEV)
     assert plan.gradient_checkpointing is expected
+    if expected:
+        assert plan.checkpoint_fraction == fraction and f"{fraction:.0%} of the blocks" in plan.reason
     assert f"{free_gib:.1f} GiB free" in plan.reason
     if free_gib == 24:
         assert "may still not fit" in plan.reason
@@ -55,3 +58,53 @@ def test_the_choice_is_logged_and_applied(tiny_weights, sample_dataset, tmp_path
     import json
 
     assert json.loads((tmp_path / "out" / "config.json").read_text())["memory_plan"]["gradient_checkpointing"]
+
+
+def test_selective_checkpointing_keeps_the_numbers_and_checkpoints_that_share():
+    """Checkpointing recomputes the same operations: gradients equal the plain path's exactly."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from train.memory import enable_checkpointing
+
+    def grads(fraction):
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "proj_out"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_()
+        calls = []
+        if fraction is not None:
+            enable_checkpointing(model, fraction)
+            real = torch.utils.checkpoint.checkpoint
+
+            def counting(*a, **k):
+                calls.append(1)
+                return real(*a, **k)
+
+            torch.utils.checkpoint.checkpoint = counting
+        try:
+            g = torch.Generator().manual_seed(1)
+            out = model(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                        pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                        guidance=torch.tensor([1.0]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                        return_dict=False)[0]
+            out.pow(2).mean().backward()
+        finally:
+            if fraction is not None:
+                torch.utils.checkpoint.checkpoint = real
+        model.train()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls), model
+
+    plain, _, _ = grads(None)
+    half, n_half, model = grads(0.5)
+    assert plain.keys() == half.keys()
+    assert all(torch.equal(plain[k], half[k]) for k in plain)
+    blocks = len(model._checkpoint_order)
+    assert blocks == 6 and n_half == 3  # 2 double + 4 single blocks; every other one checkpointed

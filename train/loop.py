@@ -256,7 +256,9 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
                               text_tokens=spec.flux.max_sequence_length or 0)
     log(plan.reason)
     if plan.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        from .memory import enable_checkpointing
+
+        log(enable_checkpointing(model, plan.checkpoint_fraction))
     log(attention_note)
     for line in apply_model_levers(spec, model, cuda):
         log(line)
@@ -348,6 +350,7 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
         "steps_done": spec.steps, "resumed_from_step": ckpt.step if ckpt else None,
         "final_loss": history[-1][1] if history else None, "images_used": len(dataset.images),
         "processes": world, "memory_plan": {"gradient_checkpointing": plan.gradient_checkpointing,
+                                            "checkpoint_fraction": plan.checkpoint_fraction,
                                             "reason": plan.reason},
         "weights_sha256_16": checksum, "files": [str(p.relative_to(out_dir)) for p in weights]})
     progress.emit(progress.format_progress("done", spec.steps, spec.steps))

@@ -16,7 +16,9 @@ cards. The estimate of a step's peak is
   cutting activations to a quarter (an upper bound that errs towards turning it on).
 
 Rule for ``auto``: no savings on a CPU (host memory is not the constraint there). On a GPU,
-gradient checkpointing goes on when the estimate without it exceeds 90 % of the free memory.
+gradient checkpointing goes on when the estimate without it exceeds 90 % of the free memory —
+on the smallest share of the blocks (a quarter, half, three quarters, all) whose estimate fits,
+because every checkpointed block pays a recomputed forward (selective checkpointing).
 The spec overrides: ``off`` never, ``gradient_checkpointing`` always. The choice and the
 figures behind it are logged.
 """
@@ -37,6 +39,7 @@ class MemoryPlan:
     gradient_checkpointing: bool
     estimate_bytes: int | None  # the peak estimate the decision was made on (None: not estimated)
     reason: str
+    checkpoint_fraction: float = 1.0  # share of the checkpointable blocks to checkpoint (selective)
 
 
 def tokens_per_sample(family: str, resolution: int, text_tokens: int = 512) -> int:
@@ -46,10 +49,11 @@ def tokens_per_sample(family: str, resolution: int, text_tokens: int = 512) -> i
 
 
 def estimate_peak_bytes(family: str, weight_bytes: int, trainable_params: int, optimizer: str, resolution: int,
-                        batch_size: int, text_tokens: int = 512, checkpointing: bool = False) -> int:
+                        batch_size: int, text_tokens: int = 512, checkpointing: bool | float = False) -> int:
+    """``checkpointing``: False, True, or the fraction of blocks checkpointed (selective)."""
     acts = ACTIVATION_BYTES[family] * tokens_per_sample(family, resolution, text_tokens) * batch_size
-    if checkpointing:
-        acts *= CHECKPOINTED_FRACTION
+    fraction = float(checkpointing)
+    acts *= 1 - fraction * (1 - CHECKPOINTED_FRACTION)
     return int(weight_bytes + trainable_params * OPTIMIZER_BYTES[optimizer] + acts)
 
 
@@ -68,9 +72,47 @@ def choose_memory_plan(policy: str, free_bytes: int | None, *, family: str, weig
     if need <= HEADROOM * free_bytes:
         return MemoryPlan(False, need, f"memory policy auto: estimated peak {need / GIB:.1f} GiB fits in "
                                        f"{free_bytes / GIB:.1f} GiB free: no savings")
+    # Selective checkpointing: the smallest share of blocks (in quarters) that brings the estimate
+    # under budget, since every checkpointed block costs a recomputed forward.
+    fraction = 1.0
+    for quarter in (0.25, 0.5, 0.75):
+        if estimate_peak_bytes(family, weight_bytes, trainable_params, optimizer, resolution, batch_size,
+                               text_tokens, checkpointing=quarter) <= HEADROOM * free_bytes:
+            fraction = quarter
+            break
     saved = estimate_peak_bytes(family, weight_bytes, trainable_params, optimizer, resolution, batch_size,
-                                text_tokens, checkpointing=True)
+                                text_tokens, checkpointing=fraction)
     verdict = "fits" if saved <= HEADROOM * free_bytes else "may still not fit; lower batch_size or resolution"
     return MemoryPlan(True, saved, f"memory policy auto: estimated peak {need / GIB:.1f} GiB > "
                                    f"{HEADROOM:.0%} of {free_bytes / GIB:.1f} GiB free: gradient checkpointing on "
-                                   f"(estimate {saved / GIB:.1f} GiB, {verdict})")
+                                   f"{fraction:.0%} of the blocks (estimate {saved / GIB:.1f} GiB, {verdict})",
+                      checkpoint_fraction=fraction)
+
+
+def enable_checkpointing(model, fraction: float) -> str:
+    """Gradient checkpointing on ``fraction`` of the blocks the model checkpoints, spread evenly.
+
+    diffusers calls ``_gradient_checkpointing_func(block, *args)`` for each checkpointable block
+    in forward order; we number blocks by first appearance (the order is the same every step)
+    and checkpoint block i when the running share crosses a multiple of ``fraction``. The rest
+    run normally, so they keep their activations and skip the recomputation.
+    """
+    import torch.utils.checkpoint
+
+    if fraction >= 1.0:
+        model.enable_gradient_checkpointing()
+        return "gradient checkpointing: every block"
+    order: dict[int, int] = {}
+
+    def chosen(index: int) -> bool:
+        return int((index + 1) * fraction) > int(index * fraction)
+
+    def maybe_checkpoint(module, *args):
+        index = order.setdefault(id(module), len(order))
+        if chosen(index):
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+        return module(*args)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=maybe_checkpoint)
+    model._checkpoint_order = order  # for tests and logs: which blocks were seen
+    return f"gradient checkpointing: {fraction:.0%} of the blocks (selective)"

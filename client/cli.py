@@ -18,7 +18,7 @@ from typing import Any
 
 from . import pricing
 from . import token as tokens
-from .config import Settings, home, store_path
+from .config import Settings, store_path
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USER, EXIT_REMOTE = 0, 1, 2, 3
 

@@ -35,7 +35,6 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from replicate.webhook import (
     InvalidSecretKeyError,
-    InvalidSignatureError,
     WebhookSigningSecret,
     WebhookValidationError,
     Webhooks,

@@ -44,7 +44,7 @@ def test_unsafe_archive_exits_2_naming_the_entry(tiny_weights, tmp_path):
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../../escape.txt", "x")
-    proc = _run(["--data", str(archive), "--out", str(tmp_path / "job"), "--set", f"base_weights=tiny-flux-dev"],
+    proc = _run(["--data", str(archive), "--out", str(tmp_path / "job"), "--set", "base_weights=tiny-flux-dev"],
                 tiny_weights, tmp_path)
     assert proc.returncode == 2
     assert "../../escape.txt" in proc.stderr and "traversal" in proc.stderr

@@ -38,7 +38,7 @@ def test_foreign_host_headers_are_refused(local):
 
 def test_cross_site_writes_are_refused_and_change_nothing(local, env):
     before = (env / "settings.json").read_text()
-    for headers in ({"origin": "http://evil.example"}, {"origin": "null"}, {"origin": f"http://localhost:9999"},
+    for headers in ({"origin": "http://evil.example"}, {"origin": "null"}, {"origin": "http://localhost:9999"},
                     {"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}):
         for method, path, body in (("PUT", "/api/cloud/providers/replicate", {"public_url": "https://evil.example"}),
                                    ("POST", "/api/cloud/jobs/submit", {"spec": {}, "dataset": "/tmp"}),

@@ -10,7 +10,6 @@ import hmac
 import json
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import httpx

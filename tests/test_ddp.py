@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, quick_spec, train_quietly

@@ -66,9 +66,6 @@ def test_cache_on_device_gives_identical_batches(tiny_weights, sample_dataset, t
     assert cache_fits_on_device("auto", 10 * 2**20, 80 * 2**30) and not cache_fits_on_device("auto", 8 * 2**30, 80 * 2**30)
     assert cache_fits_on_device("on", 8 * 2**30, 80 * 2**30) and not cache_fits_on_device("off", 1, 80 * 2**30)
 
-    import contextlib
-    import io
-
     from train.cache import build_cache
     from train.data import stage_dataset
     from train.models import family_for

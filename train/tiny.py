@@ -16,7 +16,6 @@ only widths and depths.
 from __future__ import annotations
 
 import argparse
-import json
 import string
 from pathlib import Path
 

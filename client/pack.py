@@ -26,7 +26,6 @@ imported (``train.data`` needs numpy); ``tests/test_pack.py`` checks both agree.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -41,6 +40,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from train.weights import file_sha256  # stdlib-only module: keeps the client torch- and numpy-free
 
 # --- mirrored from train/data.py (kept equal by tests/test_pack.py) ---------------------------
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -497,14 +498,6 @@ def _write_zip(entries: list[_Entry], out: Path, progress: Callable[[int, int], 
                         progress(done, total)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _too_large(size: int, limit: int, entries: list[_Entry], fitted: bool, min_side: int | None) -> PackTooLarge:
     largest = sorted(((e.arcname, e.size) for e in entries), key=lambda t: (-t[1], t[0]))[:5]
     listing = "; ".join(f"{n} ({_human(s)})" for n, s in largest)
@@ -672,7 +665,7 @@ def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fi
             written = partial.stat().st_size
             if written > limit_bytes:  # the computed size is exact; this guards against files changing meanwhile
                 raise _too_large(written, limit_bytes, entries, bool(changed), min_side)
-            digest = _sha256(partial)
+            digest = file_sha256(partial)
             os.replace(partial, out)
         except BaseException:
             partial.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """A local fake of the Replicate HTTP API (v1), for tests only.
 
-It follows ``/work/shared/reference/replicate-api.md`` (what the ``replicate==1.0.7`` client
+It follows ``shared/reference/replicate-api.md`` (beside the repository) (what the ``replicate==1.0.7`` client
 sends and accepts) and runs jobs for real on the Cog HTTP server (coglet) when given its URLs,
 or synthetically when not.  Point the real client at it::
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("boto3")
-pytest.importorskip("moto.server")
 
 import httpx2  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402

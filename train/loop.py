@@ -87,6 +87,12 @@ def check_machine(spec: TrainingSpec, cuda: bool) -> None:
         problems.append("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use adamw or prodigy on a CPU")
     if spec.precision in ("bf16", "fp16") and not cuda:
         problems.append(f"precision: {spec.precision} needs a GPU here; use auto or fp32 on a CPU")
+    if spec.speed.fp8_base == "on" and cuda:
+        from .fp8 import fp8_supported
+
+        why = fp8_supported(torch.device("cuda"))
+        if why:
+            problems.append(f"speed.fp8_base: {why}; set it to off")
     if problems:
         raise TrainingError("; ".join(problems))
 

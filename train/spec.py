@@ -137,7 +137,7 @@ class SdxlOptions(_Section):
 
 
 class SpeedOptions(_Section):
-    """Step-speed levers (train/speed.py); each is numerically equivalent to the plain path."""
+    """Step-speed levers (train/speed.py). All but fp8_base are numerically equivalent to the plain path."""
 
     attention: Literal["auto", "flash", "efficient", "math", "cudnn"] = Field(
         "auto", description="SDPA backend on CUDA; auto = flash / memory-efficient, never cuDNN")
@@ -145,6 +145,9 @@ class SpeedOptions(_Section):
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="NHWC UNet (SDXL); auto: on CUDA")
     cache_on_device: Literal["auto", "on", "off"] = Field(
         "auto", description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory")
+    fp8_base: Literal["off", "on"] = Field(
+        "off", description="LoRA only: the frozen base's linears in the repeated blocks run fp8 matmuls "
+                           "(e4m3, per-row scales; Ada/Hopper GPUs); not bit-equal to bf16")
 
 
 class PublishSpec(_Section):
@@ -287,6 +290,10 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
         if isinstance(msl, int) and msl > 256:
             problems.append(({"model", "flux"},
                              f"flux.max_sequence_length: FLUX.1-schnell accepts at most 256 tokens, got {msl}"))
+    speed, mode = d.get("speed"), d.get("mode", "lora")
+    if isinstance(speed, dict) and speed.get("fp8_base") == "on" and mode == "full":
+        problems.append(({"speed", "mode"}, "speed.fp8_base: on needs mode lora (a full fine-tune trains the "
+                                            "weights fp8 would freeze)"))
     return problems
 
 

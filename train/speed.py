@@ -13,6 +13,10 @@ by how much, is measured with ``bench/`` on a GPU; the defaults stay conservativ
 - ``channels_last``: NHWC memory format for the SDXL UNet's convolutions (``auto``: on CUDA).
 - ``cache_on_device``: keep the cached latents and text embeddings on the accelerator, so a
   step copies nothing from the host (``auto``: when they fit in 5 % of free memory).
+- ``fp8_base``: the frozen base's linears in the repeated blocks run fp8 matmuls (train/fp8.py).
+  The one lever that is not numerically equivalent: e4m3 keeps 3 mantissa bits, so each base
+  matmul is off by ~3 % (relative RMS); tests/test_fp8.py bounds what that does to the loss
+  and the LoRA. Off by default; a choice for speed on Ada/Hopper GPUs.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def apply_model_levers(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
     if use_channels_last(spec.speed.channels_last, spec.family, cuda):
         model.to(memory_format=torch.channels_last)
         lines.append("channels_last: on (UNet convolutions in NHWC)")
+    if spec.speed.fp8_base == "on":
+        from .fp8 import convert_frozen_linears
+
+        n, n_params = convert_frozen_linears(model)
+        lines.append(f"fp8_base: {n} frozen linears ({n_params / 1e6:.1f} M parameters) run fp8 e4m3 matmuls")
+        if spec.speed.compile != "blocks" and cuda:
+            lines.append("fp8_base: without speed.compile=blocks the per-token quantisation runs unfused (slower)")
     if spec.speed.compile == "blocks":
         lines.append(compile_blocks(model))
     return lines

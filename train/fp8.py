@@ -1,0 +1,141 @@
+"""fp8 matmuls for the frozen base of a LoRA run (``speed.fp8_base``).
+
+A LoRA run never updates the base weights, so each frozen linear needs two matmuls a step:
+the forward one (x @ Wᵀ) and the input gradient (dy @ W). Both run here on fp8 tensor cores
+(Ada/Hopper: twice the bf16 rate) through ``torch._scaled_mm``:
+
+- the weight is quantised once, at conversion, to e4m3 with one power-of-two scale per
+  output row (forward) and, in a second transposed copy, one per input column (backward).
+  The two copies take what the bf16 weight took, which is freed;
+- activations and output gradients are quantised per row (per token) on the fly, e4m3,
+  with power-of-two scales (exact to apply; the rounding error is only e4m3's 3 mantissa bits);
+- no weight gradient is computed and no high-precision input is saved for backward.
+
+Why not torchao's ``Float8Linear``: its backward always computes the weight gradient and
+saves the bf16 input (torchao 0.18, float8_linear.py), a third more linear FLOPs and the
+activation memory a frozen base does not need. The equivalence test (tests/test_fp8.py) bounds
+what fp8 costs in accuracy on the tiny models; the GPU benchmark measures what it buys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 tensor, float32 dequantisation scale of shape (rows, 1)) for a 2-D tensor.
+
+    Each row's scale is the power of two that brings its largest magnitude closest to, but not
+    over, e4m3's maximum, so scaling itself adds no rounding error.
+    """
+    amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    exponent = torch.floor(torch.log2(E4M3_MAX / amax))
+    quant_scale = torch.exp2(exponent)
+    q = (t.float() * quant_scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, torch.exp2(-exponent)
+
+
+def _matmul(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a (M, K) high precision @ b_rowsᵀ, where b_rows (N, K) is e4m3 with per-row scales (N, 1)."""
+    qa, sa = quantize_rows(a)
+    return torch._scaled_mm(qa, b_rows.t(), scale_a=sa, scale_b=b_scale.t(), out_dtype=out_dtype)
+
+
+class _Fp8FrozenMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_rows, w_rows_scale, wt_rows, wt_rows_scale, out_dtype):  # type: ignore[override]
+        ctx.save_for_backward(wt_rows, wt_rows_scale)
+        ctx.in_dtype = x.dtype
+        ctx.out_dtype = out_dtype
+        shape = x.shape
+        y = _matmul(x.reshape(-1, shape[-1]), w_rows, w_rows_scale, out_dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        wt_rows, wt_rows_scale = ctx.saved_tensors
+        shape = grad_out.shape
+        gx = _matmul(grad_out.reshape(-1, shape[-1]), wt_rows, wt_rows_scale, ctx.out_dtype)
+        return gx.reshape(*shape[:-1], gx.shape[-1]).to(ctx.in_dtype), None, None, None, None, None
+
+
+class Fp8FrozenLinear(torch.nn.Module):
+    """A frozen ``nn.Linear`` whose matmuls run in fp8; the drop-in for a LoRA layer's base.
+
+    The quantised weights are plain attributes, not parameters or buffers: nothing trains them,
+    data-parallel wrappers must not broadcast them, and checkpoints hold only the LoRA. Convert
+    after the model is on its device.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.w_rows, self.w_rows_scale = quantize_rows(w)          # forward: per output row
+        self.wt_rows, self.wt_rows_scale = quantize_rows(w.t())    # input gradient: per input column
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        with torch.autocast(kind, enabled=False):
+            y = _Fp8FrozenMatmul.apply(x.to(dtype), self.w_rows, self.w_rows_scale, self.wt_rows,
+                                       self.wt_rows_scale, dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 rowwise"
+
+
+def fp8_supported(device: torch.device) -> str | None:
+    """None when fp8 matmuls run on ``device``, else why not."""
+    if device.type == "cpu":
+        return None  # torch's CPU _scaled_mm: slow, but exact enough to test with
+    if device.type != "cuda":
+        return f"fp8 matmuls need a CUDA GPU, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"fp8 matmuls need an Ada or Hopper GPU (compute capability 8.9+); this one is {major}.{minor}"
+    return None
+
+
+def convertible(name: str, module: torch.nn.Module) -> bool:
+    """Frozen linears of the repeated blocks worth converting.
+
+    LoRA's own A/B layers train; the adaptive-norm linears see one token per image (nothing to
+    gain, and the modulation they produce is the most sensitive); dims must be multiples of 16
+    (the fp8 kernels' rule).
+    """
+    if type(module) is not torch.nn.Linear or module.weight.requires_grad:
+        return False
+    if ".lora_" in name or "norm" in name:
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def convert_frozen_linears(model: torch.nn.Module) -> tuple[int, int]:
+    """Swap every convertible linear inside the model's repeated blocks for ``Fp8FrozenLinear``.
+
+    Returns (linears converted, parameters they hold).
+    """
+    block_types = set(getattr(model, "_repeated_blocks", ()))
+    targets: list[tuple[torch.nn.Module, str, torch.nn.Linear, str]] = []
+    for block_name, block in model.named_modules():
+        if type(block).__name__ not in block_types:
+            continue
+        for name, module in block.named_modules():
+            if not name or not convertible(f"{block_name}.{name}", module):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            targets.append((parent, attr, module, f"{block_name}.{name}"))
+    n_params = 0
+    for parent, attr, linear, _ in targets:
+        n_params += linear.weight.numel()
+        setattr(parent, attr, Fp8FrozenLinear(linear))
+    return len(targets), n_params

@@ -3,12 +3,16 @@
     python -m bench                 # full-size Flux-dev / SDXL cases on the GPU
     python -m bench --tiny          # tiny configs on the CPU (checks the harness itself)
     python -m bench --cases flux512 --steps 20 --json results.json
+    python -m bench --speed '{}' --speed 'fp8={"compile": "blocks", "fp8_base": "on"}'
 
 Each (case, implementation) runs in a fresh process (a CUDA fault or fragmentation in one
-cannot affect another), the stock one first. Figures: median s/step over ``--steps`` steps
-after warm-up, TFLOP/step counted by torch's FlopCounterMode, MFU against PEAK_TFLOPS
-(default 989, H200 dense bf16), peak allocated memory. Ratios compare the two sides of the
-same run: speed-up = stock s/step / project s/step; memory = project peak / stock peak.
+cannot affect another), the stock ones first. Implementations: ``stock`` (eager),
+``stock-compiled`` (diffusers' regional compile), and one ``project`` row per ``--speed``
+(the spec's speed section as JSON, optionally named ``NAME=JSON``). Figures: median s/step
+over ``--steps`` steps after warm-up, the first step's time (compilation), TFLOP/step counted
+by torch's FlopCounterMode, MFU against PEAK_TFLOPS (default 989, H200 dense bf16), peak
+allocated memory. Ratios compare sides of the same run: ``vs stock`` = stock s/step /
+project s/step, likewise ``vs compiled``. ``target`` is the issue's goal for the case.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cases import CASES
+from .cases import CASES, MEMORY_CASE_SLOWDOWN, TARGET_S_PER_STEP
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEED = '{"compile": "blocks"}'
 
 
-def run_one(case: str, impl: str, tiny: bool, steps: int, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.run", "--case", case, "--impl", impl, "--steps", str(steps)]
+def run_one(case: str, impl: str, tiny: bool, steps: int, timeout: int, speed: str = "") -> dict:
+    kind = "project" if impl.startswith("project") else impl
+    cmd = [sys.executable, "-m", "bench.run", "--case", case, "--impl", kind, "--steps", str(steps)]
     if tiny:
         cmd.append("--tiny")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "BENCH_SPEED": speed}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -37,64 +44,107 @@ def run_one(case: str, impl: str, tiny: bool, steps: int, timeout: int) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"case": case, "impl": impl, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "impl": impl, "speed": json.loads(speed or "{}") if kind == "project" else None}
+
+
+def parse_variants(values: list[str]) -> list[tuple[str, str]]:
+    """``--speed`` values -> [(impl name, speed JSON)]; one unnamed value is plain ``project``."""
+    variants = []
+    for i, value in enumerate(values or [DEFAULT_SPEED], 1):
+        name, sep, text = value.partition("=")
+        if not sep or name.strip().startswith("{"):
+            name, text = ("project" if len(values or [1]) == 1 else f"project{i}"), value
+        else:
+            name = name if name.startswith("project") else f"project-{name}"
+        json.loads(text)  # fail here, not in every child process
+        variants.append((name.strip(), text.strip()))
+    return variants
 
 
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def target_for(case: str, r: dict, results: list[dict]) -> tuple[str, bool | None]:
+    """(the target in words, met?) for one project row."""
+    if case in TARGET_S_PER_STEP:
+        goal = TARGET_S_PER_STEP[case]
+        return f"<={goal:.2f}s", r["s_per_step"] <= goal
+    cap = CASES[case].memory_gib
+    if cap is None:
+        return "-", None
+    free = [x["s_per_step"] for x in results if x["case"] == "flux1024" and x["impl"].startswith("project")
+            and "s_per_step" in x]
+    fits = r.get("peak_gib") is None or r["peak_gib"] <= cap
+    if not free:
+        return f"<={cap:g}GiB", fits if r.get("peak_gib") is not None else None
+    goal = MEMORY_CASE_SLOWDOWN * min(free)
+    return f"<={goal:.2f}s,{cap:g}GiB", fits and r["s_per_step"] <= goal
+
+
 def table(results: list[dict]) -> str:
-    head = f"{'case':<10} {'impl':<8} {'s/step':>9} {'TFLOP/step':>11} {'MFU %':>7} {'peak GiB':>9} {'speed-up':>9} {'mem ratio':>10}"
+    head = (f"{'case':<13} {'impl':<16} {'s/step':>8} {'1st s':>7} {'TFLOP':>7} {'MFU%':>5} {'peakGiB':>7} "
+            f"{'vs stock':>8} {'vs comp.':>8} {'target':>14} {'met':>4}")
     rows = [head, "-" * len(head)]
-    by_case: dict[str, dict[str, dict]] = {}
+    by_case: dict[str, list[dict]] = {}
     for r in results:
-        by_case.setdefault(r["case"], {})[r["impl"]] = r
-    for case, impls in by_case.items():
-        stock = impls.get("stock", {})
-        for impl in ("stock", "project"):
-            r = impls.get(impl)
-            if r is None:
-                continue
+        by_case.setdefault(r["case"], []).append(r)
+    for case, runs in by_case.items():
+        base = {r["impl"]: r for r in runs if r["impl"] in ("stock", "stock-compiled")}
+        for r in runs:
             if "error" in r:
-                rows.append(f"{case:<10} {impl:<8} ERROR {r['error'][:80]}")
+                rows.append(f"{case:<13} {r['impl']:<16} ERROR {r['error'][:90]}")
                 continue
-            speed = mem = None
-            if impl == "project" and "s_per_step" in stock:
-                speed = stock["s_per_step"] / r["s_per_step"]
-                if stock.get("peak_gib") and r.get("peak_gib"):
-                    mem = r["peak_gib"] / stock["peak_gib"]
-            rows.append(f"{case:<10} {impl:<8} {r['s_per_step']:>9.4f} {r['tflop_per_step']:>11.4g} "
-                        f"{_fmt(r['mfu_pct'], '>7.1f'):>7} {_fmt(r['peak_gib'], '>9.1f'):>9} "
-                        f"{_fmt(speed, '>8.2f') + ('x' if speed else ''):>9} {_fmt(mem, '>9.2f'):>10}")
+            ratios, goal, met = [], "-", None
+            for ref in ("stock", "stock-compiled"):
+                s = base.get(ref, {}).get("s_per_step")
+                ratios.append(f"{s / r['s_per_step']:.2f}x" if s and r["impl"].startswith("project") else "-")
+            if r["impl"].startswith("project"):
+                goal, met = target_for(case, r, results)
+            rows.append(f"{case:<13} {r['impl']:<16} {r['s_per_step']:>8.4f} {r.get('first_step_s', 0):>7.1f} "
+                        f"{r['tflop_per_step']:>7.4g} {_fmt(r['mfu_pct'], '>5.1f'):>5} {_fmt(r['peak_gib'], '>7.1f'):>7} "
+                        f"{ratios[0]:>8} {ratios[1]:>8} {goal:>14} {'-' if met is None else ('yes' if met else 'NO'):>4}")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--impls", default="stock,project")
+    parser.add_argument("--cases", default="flux1024,flux512,sdxl1024", help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--impls", default="stock,stock-compiled,project",
+                        help="comma-separated, from stock, stock-compiled, project")
+    parser.add_argument("--speed", action="append", default=[], metavar="[NAME=]JSON",
+                        help=f"a project variant's spec.speed (repeatable; default {DEFAULT_SPEED})")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case and implementation")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
-    parser.add_argument("--speed", default="", help='the project step\'s spec.speed, e.g. \'{"compile": "blocks"}\'')
     args = parser.parse_args(argv)
     steps = args.steps or (3 if args.tiny else 10)
-    if args.speed:
-        os.environ["BENCH_SPEED"] = args.speed  # inherited by the per-case processes
+    try:
+        variants = parse_variants(args.speed)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--speed: not JSON ({exc})")
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in ("stock", "stock-compiled", "project"):
+            parser.error(f"unknown implementation {impl!r}; choose from stock, stock-compiled, project")
     results = []
     for case in args.cases.split(","):
         if case not in CASES:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
-        for impl in args.impls.split(","):
-            r = run_one(case, impl, args.tiny, steps, args.timeout)
-            print(json.dumps(r), flush=True)
-            results.append(r)
+        for impl in impls:
+            for name, speed in (variants if impl == "project" else [(impl, "")]):
+                r = run_one(case, name, args.tiny, steps, args.timeout, speed)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+                if args.json:  # written as it goes: a device call cut short keeps what it measured
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
     print()
     print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if any(impl == "project" for impl in impls):
+        print()
+        for name, speed in variants:
+            print(f"{name}: speed {speed}")
     return 1 if any("error" in r for r in results) else 0
 
 

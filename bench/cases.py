@@ -35,6 +35,7 @@ class Case:
     resolution: int
     batch_size: int
     text_tokens: int  # T5 tokens (Flux) / CLIP tokens (SDXL)
+    memory_gib: float | None = None  # run as if the card had this much memory (memory policy auto)
 
     def config(self, tiny: bool) -> dict:
         if self.family == "flux":
@@ -46,12 +47,20 @@ class Case:
         if not tiny:
             return self
         return Case(self.name, self.family, {1024: 64, 512: 32}[self.resolution], min(self.batch_size, 2),
-                    8 if self.family == "flux" else 77)
+                    8 if self.family == "flux" else 77, self.memory_gib)
 
 
-# The cases of shared/reference/gpu-baseline.md (and of the GPU speed targets).
+# The cases of shared/reference/gpu-baseline.md and of the GPU speed targets. ``flux1024-44g``
+# is flux1024 on a card of an L40S's 44 GiB: the project under memory policy auto, the stock
+# side with gradient checkpointing (what a stock user does when it does not fit).
 CASES = {
     "flux1024": Case("flux1024", "flux", 1024, 1, 512),
     "flux512": Case("flux512", "flux", 512, 1, 512),
     "sdxl1024": Case("sdxl1024", "sdxl", 1024, 4, 77),
+    "flux1024-44g": Case("flux1024-44g", "flux", 1024, 1, 512, memory_gib=44.0),
 }
+
+# Targets (s/step on one H200, median after warm-up). The memory case's target is relative:
+# at most MEMORY_CASE_SLOWDOWN x the project's unconstrained flux1024 step, peak within the limit.
+TARGET_S_PER_STEP = {"flux1024": 0.30, "flux512": 0.12, "sdxl1024": 0.17}
+MEMORY_CASE_SLOWDOWN = 1.3

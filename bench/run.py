@@ -4,9 +4,15 @@
 
 ``project`` is this trainer's own step (``train.loop.micro_step``: the family loss from
 cached-style inputs, backward, clipping, optimizer) with the LoRA set up as the trainer sets
-it up. ``stock`` is the plain diffusers + peft step of shared/reference/gpu-baseline.md:
-the same architecture and LoRA rank, fp32 LoRA under bf16 autocast, fused AdamW, MSE
-against a fixed target. Both use random inputs of the real shapes.
+it up, and the spec's ``speed`` section from BENCH_SPEED (JSON). ``stock`` is the plain
+diffusers + peft step of shared/reference/gpu-baseline.md: the same architecture and LoRA
+rank, fp32 LoRA under bf16 autocast, fused AdamW, MSE against a fixed target;
+``stock-compiled`` is that step with diffusers' ``compile_repeated_blocks()``. All use random
+inputs of the real shapes.
+
+A case with ``memory_gib`` caps this process's CUDA memory at that size (an L40S is 44 GiB);
+the project plans its memory for the cap under policy ``auto``, the stock step turns on
+gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cases import CASES, Case
 
+IMPLS = ["stock", "stock-compiled", "project"]
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", "989"))  # H200 dense bf16; set yours elsewhere
 # The stock baseline's LoRA targets (all 14 Flux linear types; SDXL attention).
 STOCK_TARGETS = {
@@ -55,6 +62,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cap_memory(case: Case, device: torch.device) -> int | None:
+    """Limit this process to ``case.memory_gib`` of CUDA memory; returns the free bytes under the cap."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    if case.memory_gib is None:
+        return free
+    cap = int(case.memory_gib * 2**30)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    return max(0, min(free, cap - torch.cuda.memory_reserved(device)))
+
+
 def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
     """A step of this trainer, through the same functions the training loop calls."""
     from accelerate import Accelerator
@@ -69,7 +88,7 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
     cuda = device.type == "cuda"
     spec = parse_spec({"model": "flux-dev" if case.family == "flux" else "sdxl", "base_weights": "bench",
                        "resolutions": [max(case.resolution, 64)], "batch_size": case.batch_size,
-                       "memory_policy": os.environ.get("BENCH_MEMORY_POLICY", "off"),
+                       "memory_policy": os.environ.get("BENCH_MEMORY_POLICY") or ("auto" if case.memory_gib else "off"),
                        "speed": json.loads(os.environ.get("BENCH_SPEED") or "{}"),
                        "flux": {"max_sequence_length": min(case.text_tokens, 512)}})
     family = family_for(spec, Path("unused"))  # no pipeline folder: the parts the loss needs are set below
@@ -90,7 +109,7 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
         text = {"prompt_embeds": torch.randn(case.batch_size, case.text_tokens, cfg.cross_attention_dim),
                 "pooled_prompt_embeds": torch.randn(case.batch_size, pooled)}
     params = _make_trainable(spec, model)
-    plan = choose_memory_plan(spec.memory_policy, torch.cuda.mem_get_info(device)[0] if cuda else None,
+    plan = choose_memory_plan(spec.memory_policy, cap_memory(case, device),
                               family=case.family, weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
                               trainable_params=sum(p.numel() for p in params), optimizer=spec.optimizer,
                               resolution=case.resolution, batch_size=case.batch_size, text_tokens=case.text_tokens)
@@ -118,16 +137,22 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
     def step():
         micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm)
 
-    step.levers = levers  # type: ignore[attr-defined]
+    step.levers = [plan.reason, *levers]  # type: ignore[attr-defined]
     return step, sum(p.numel() for p in params), plan.gradient_checkpointing
 
 
-def stock_step(case: Case, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+def stock_step(case: Case, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+               compiled: bool = False):
     from peft import LoraConfig
 
     cuda = device.type == "cuda"
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
                                  target_modules=STOCK_TARGETS[case.family]))
+    cap_memory(case, device)
+    if case.memory_gib:
+        model.enable_gradient_checkpointing()
+    if compiled:  # what a stock user gets; the tests' tiny runs may pick a cheaper backend
+        model.compile_repeated_blocks(backend=os.environ.get("ADVANCED_TRAINER_COMPILE_BACKEND", "inductor"))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -161,7 +186,8 @@ def stock_step(case: Case, model: torch.nn.Module, device: torch.device, dtype: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, sum(p.numel() for p in params), False
+    step.levers = ["gradient checkpointing"] * bool(case.memory_gib) + ["compile_repeated_blocks"] * compiled  # type: ignore[attr-defined]
+    return step, sum(p.numel() for p in params), bool(case.memory_gib)
 
 
 def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
@@ -172,10 +198,16 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
     case = CASES[case_name].scaled(tiny)
     model = build_model(case, tiny, device, dtype)
     base_params = sum(p.numel() for p in model.parameters())
-    step, trainable, ckpt = (project_step if impl == "project" else stock_step)(case, model, device, dtype)
+    if impl == "project":
+        step, trainable, ckpt = project_step(case, model, device, dtype)
+    else:
+        step, trainable, ckpt = stock_step(case, model, device, dtype, compiled=impl == "stock-compiled")
 
     t0 = time.perf_counter()
-    for _ in range(2 if tiny else 3):
+    step()  # the first step pays for compilation, if any
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(1 if tiny else 2):
         step()
     _sync(device)
     warmup = time.perf_counter() - t0
@@ -197,6 +229,7 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
     return {"case": case_name, "impl": impl, "tiny": tiny, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "resolution": case.resolution, "batch_size": case.batch_size, "s_per_step": round(med, 5),
             "s_min": round(min(times), 5), "s_max": round(max(times), 5), "warmup_s": round(warmup, 2),
+            "first_step_s": round(first, 2), "memory_cap_gib": case.memory_gib,
             "tflop_per_step": float(f"{tflop:.4g}"),
             "mfu_pct": round(100 * tflop / med / PEAK_TFLOPS, 2) if device.type == "cuda" else None,
             "peak_gib": round(peak, 2) if peak is not None else None, "trainable_m": round(trainable / 1e6, 2),
@@ -207,7 +240,7 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
     parser.add_argument("--case", required=True, choices=sorted(CASES))
-    parser.add_argument("--impl", required=True, choices=["project", "stock"])
+    parser.add_argument("--impl", required=True, choices=IMPLS)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)

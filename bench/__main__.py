@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .cases import CASES, MEMORY_CASE_SLOWDOWN, TARGET_S_PER_STEP
@@ -118,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case and implementation")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: later runs are skipped (and listed) once it is spent")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     steps = args.steps or (3 if args.tiny else 10)
     try:
         variants = parse_variants(args.speed)
@@ -134,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
         for impl in impls:
             for name, speed in (variants if impl == "project" else [(impl, "")]):
-                r = run_one(case, name, args.tiny, steps, args.timeout, speed)
+                left = None if args.budget is None else args.budget - (time.monotonic() - started)
+                if left is not None and left < 30:
+                    r = {"case": case, "impl": name, "error": "skipped: the --budget was spent"}
+                else:
+                    r = run_one(case, name, args.tiny, steps, int(min(args.timeout, left or args.timeout)), speed)
                 print(json.dumps(r), flush=True)
                 results.append(r)
                 if args.json:  # written as it goes: a device call cut short keeps what it measured

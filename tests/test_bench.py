@@ -53,3 +53,19 @@ def test_memory_case_caps_and_plans(tmp_path):
     stock, project = figures
     assert stock["gradient_checkpointing"] and stock["memory_cap_gib"] == 44.0
     assert project["levers"][0].startswith("memory policy auto")
+
+
+def test_end_to_end_bench_reports_every_phase(tmp_path):
+    """bench.e2e runs a whole job through run_training and prints config.json's phase timings."""
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.e2e", "--tiny", "--steps", "4", "--images", "3",
+                           "--render-steps", "1", "--speed", "{}", "--json", str(out)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert {"stage", "load", "cache", "first_step", "train", "validate", "export", "total"} <= set(r["timings_s"])
+    t = r["timings_s"]
+    assert t["first_step"] <= t["train"]  # part of train, not counted twice in the total
+    assert abs(t["total"] - sum(v for k, v in t.items() if k not in ("total", "first_step"))) < 0.05
+    assert r["steps"] == 4 and r["s_per_step"] > 0
+    assert "total" in proc.stdout and "s/step after the first step" in proc.stdout

@@ -190,8 +190,25 @@ def test_nan_loss_stops_the_run_with_a_clear_error(tiny_weights, sample_dataset,
 
     monkeypatch.setattr(FluxFamily, "loss", exploding)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*learning_rate"):
-        train_quietly(quick_spec(tiny_weights, "flux-dev", steps=6), sample_dataset, tmp_path / "out")
+        train_quietly(quick_spec(tiny_weights, "flux-dev", steps=6, checkpoint_interval=3), sample_dataset,
+                      tmp_path / "out")
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    assert not (tmp_path / "out" / "checkpoints").exists()  # the diverged state is never checkpointed
+
+
+def test_progress_lines_every_log_every_steps_carry_the_mean_loss(tiny_weights, sample_dataset, tmp_path):
+    """log_every=3: lines at 3, 6 and the last step, each the mean of the steps since the line before
+    (the loss is read back from the accelerator only for these lines)."""
+    every, _ = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=7), sample_dataset, tmp_path / "every")
+    sparse, log = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=7, log_every=3), sample_dataset,
+                                tmp_path / "sparse")
+    per_step = dict(every.losses)
+    assert sorted(per_step) == list(range(1, 8))
+    assert [s for s, _ in sparse.losses] == [3, 6, 7]
+    for (step, value), since in zip(sparse.losses, ([1, 2, 3], [4, 5, 6], [7])):
+        assert value == pytest.approx(statistics.mean(per_step[k] for k in since), rel=1e-5), step
+    lines = [parse_progress_line(ln) for ln in log.splitlines()]
+    assert [p["step"] for p in lines if p and p.get("phase") == "train"] == [3, 6, 7]
 
 
 def test_machine_checks_fail_before_loading(tiny_weights, sample_dataset, tmp_path):

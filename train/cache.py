@@ -152,11 +152,19 @@ def collate(cache: LatentCache, indices: list[int], drop: list[bool], device: to
     """Stack cached items into a Batch; ``drop[i]`` swaps item i's caption for the empty one."""
     items = [cache.items[i] for i in indices]
     texts = [cache.empty_text if d else cache.texts[it.caption] for it, d in zip(items, drop)]
-    text = {k: torch.stack([t[k] for t in texts]).to(device, text_dtype) for k in texts[0]}
+    text = {k: _to_device(torch.stack([t[k] for t in texts]), device, text_dtype) for k in texts[0]}
     return Batch(
-        latent_mean=torch.stack([it.mean for it in items]).to(device),
-        latent_std=torch.stack([it.std for it in items]).to(device),
+        latent_mean=_to_device(torch.stack([it.mean for it in items]), device),
+        latent_std=_to_device(torch.stack([it.std for it in items]), device),
         text=text,
-        time_ids=torch.stack([it.time_ids for it in items]).to(device),
+        time_ids=_to_device(torch.stack([it.time_ids for it in items]), device),
         rng=rng,
     )
+
+
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host -> GPU through pinned memory, asynchronously: a plain copy from pageable memory would
+    make the host wait for every GPU kernel queued before it (a sync per step)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, dtype, non_blocking=True)
+    return t.to(device, dtype)

@@ -294,36 +294,31 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     samples: list[Path] = []
     bar = _progress_bar(spec.steps, start_step - 1) if main else None
     train_start = time.perf_counter()
-    last_log_t, last_log_step = train_start, start_step - 1
-    pending: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []  # this process's micro-batch losses since the last progress line
+    reporter = _LossReporter(spec, accelerator, history, bar, start_step - 1, train_start, cuda)
     for step in range(start_step, spec.steps + 1):
         for _ in range(spec.gradient_accumulation_steps):
             indices = next(sampler)
             drop = (torch.rand(len(indices), generator=generators["caption_dropout"]) < spec.caption_dropout).tolist()
             rng = BatchRandom(generators["noise"], len(indices), lo, hi, device)
             batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
-            pending.append(micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm))
+            losses.append(micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm))
+        if step == start_step:  # the first step pays for compilation and warm-up: reported on its own
+            if cuda:
+                torch.cuda.synchronize(device)
+            timings["first_step"] = time.perf_counter() - train_start
+        # the line of the previous logged step: its loss has reached the host while this step was queued
+        reporter.finish()
         lr_used = lr_scheduler.get_last_lr()[0]
         lr_scheduler.step()
         if bar is not None:
             bar.update(1)
-
         if step % spec.log_every == 0 or step == spec.steps:
-            # the only host sync of the step: the mean loss of the steps since the last line, over all processes
-            step_loss = accelerator.reduce(torch.stack(pending).float().mean(), "mean").item()
-            pending.clear()
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"the loss became {step_loss} at step {step}: training diverged. Lower "
-                                    f"learning_rate (now {spec.learning_rate:g}) or use precision fp32/bf16.")
-            now = time.perf_counter()
-            s_per_step = (now - last_log_t) / (step - last_log_step)
-            last_log_t, last_log_step = now, step
-            history.append((step, step_loss))
-            if main:
-                progress.emit(progress.format_progress("train", step, spec.steps, step_loss, lr_used, s_per_step,
-                                                       s_per_step * (spec.steps - step)))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{step_loss:.4f}")
+            reporter.start(step, losses, lr_used)
+            losses = []
+        if step == spec.steps or (spec.validation.interval and step % spec.validation.interval == 0) or (
+                spec.checkpoint_interval and step % spec.checkpoint_interval == 0):
+            reporter.finish()  # a render or a checkpoint must not run on a diverged state
         if spec.validation.interval and step % spec.validation.interval == 0 and step != spec.steps:
             with _phase(timings, "validate"):
                 samples += _render_samples(family, accelerator, cache, out_dir, step, device)
@@ -349,7 +344,7 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
         _write_reports(spec, dataset, history, samples, prompts, out_dir)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    timings["total"] = sum(v for k, v in timings.items() if k != "total")
+    timings["total"] = sum(v for k, v in timings.items() if k not in ("total", "first_step"))  # first_step is part of train
     from .export import write_config
 
     write_config(out_dir / "config.json", spec, dataset.dataset_hash, timings, {
@@ -362,6 +357,54 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     progress.emit(progress.format_progress("done", spec.steps, spec.steps))
     return TrainResult(out_dir, weights, samples, out_dir / "loss.png", out_dir / "config.json", history, timings,
                        checksum)
+
+
+class _LossReporter:
+    """Progress lines without a host sync per step.
+
+    On a logged step the mean loss since the last line (over all processes) starts its copy to
+    the host; the line is written one step later, once the GPU has the next step queued, so
+    reading the value never leaves the GPU idle. A non-finite loss stops the run at that point
+    (before any render or checkpoint of the diverged state).
+    """
+
+    def __init__(self, spec: TrainingSpec, accelerator, history: list[tuple[int, float]], bar, last_step: int,
+                 last_time: float, cuda: bool):
+        self.spec, self.accelerator, self.history, self.bar, self.cuda = spec, accelerator, history, bar, cuda
+        self.last_step, self.last_time = last_step, last_time
+        self.pending: tuple[int, torch.Tensor, Any, float] | None = None
+
+    def start(self, step: int, losses: list[torch.Tensor], lr: float) -> None:
+        mean = self.accelerator.reduce(torch.stack(losses).float().mean(), "mean")
+        event = None
+        if self.cuda:
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(mean, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            mean = host
+        self.pending = (step, mean, event, lr)
+
+    def finish(self) -> None:
+        if self.pending is None:
+            return
+        step, value, event, lr = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        loss = float(value)
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at step {step}: training diverged. Lower "
+                                f"learning_rate (now {self.spec.learning_rate:g}) or use precision fp32/bf16.")
+        now = time.perf_counter()
+        s_per_step = (now - self.last_time) / (step - self.last_step)
+        self.last_time, self.last_step = now, step
+        self.history.append((step, loss))
+        if self.accelerator.is_main_process:
+            progress.emit(progress.format_progress("train", step, self.spec.steps, loss, lr, s_per_step,
+                                                   s_per_step * (self.spec.steps - step)))
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}")
 
 
 def micro_step(family, model: torch.nn.Module, batch, accelerator, optimizer, params: list[torch.nn.Parameter],

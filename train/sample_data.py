@@ -43,12 +43,13 @@ def draw_example(i: int, size: tuple[int, int]) -> tuple[Image.Image, str]:
     return img, f"a {fg_name} {shape} on a {bg_name} background, sks style"
 
 
-def write_sample_dataset(out: Path, count: int = 8) -> list[Path]:
+def write_sample_dataset(out: Path, count: int = 8, size: tuple[int, int] | None = None) -> list[Path]:
+    """``count`` images (mixed small sizes, or all ``size``) with their captions."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for i in range(count):
-        img, caption = draw_example(i, SIZES[i % len(SIZES)])
+        img, caption = draw_example(i, size or SIZES[i % len(SIZES)])
         path = out / f"shape_{i:02d}.png"
         img.save(path, optimize=True)
         path.with_suffix(".txt").write_text(caption + "\n")

@@ -27,7 +27,7 @@ _CLIP_HIDDEN = 32
 _T5_DMODEL = 32
 
 
-def _clip_tokenizer(folder: Path):
+def write_clip_tokenizer(folder: Path):
     """A CLIP BPE tokenizer whose vocabulary is the 256 byte symbols, each also with ``</w>``.
 
     With no merges, every word becomes its characters — crude, but a real CLIPTokenizer
@@ -49,7 +49,7 @@ def _clip_tokenizer(folder: Path):
     return len(vocab)
 
 
-def _t5_tokenizer(folder: Path):
+def write_t5_tokenizer(folder: Path):
     """A T5 fast tokenizer from a character-level Unigram model (pad, eos, unk + characters)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import T5TokenizerFast
@@ -96,8 +96,8 @@ def write_tiny_flux(folder: Path, variant: str = "dev", num_single_layers: int =
     torch.manual_seed(0)
     folder = Path(folder)
     tok_dir, tok2_dir = folder / "tokenizer", folder / "tokenizer_2"
-    clip_vocab = _clip_tokenizer(tok_dir)
-    t5_vocab = _t5_tokenizer(tok2_dir)
+    clip_vocab = write_clip_tokenizer(tok_dir)
+    t5_vocab = write_t5_tokenizer(tok2_dir)
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=_T5_DMODEL, d_ff=64, d_kv=8, num_layers=2,
@@ -131,8 +131,8 @@ def write_tiny_sdxl(folder: Path, prediction_type: str = "epsilon") -> Path:
 
     torch.manual_seed(0)
     folder = Path(folder)
-    vocab = _clip_tokenizer(folder / "tokenizer")
-    _clip_tokenizer(folder / "tokenizer_2")
+    vocab = write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2")
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

@@ -52,6 +52,15 @@ class FluxFamily(Family):
         shift = cfg.get("shift", 1.0)
         return shift * u / (1 + (shift - 1) * u)
 
+    def _image_ids(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The pipeline's latent position ids, kept per shape on the device: built on the host
+        every step they would cost a synchronising copy each step."""
+        cache = self.__dict__.setdefault("_ids_cache", {})
+        key = (rows, cols, device, dtype)
+        if key not in cache:
+            cache[key] = FluxPipeline._prepare_latent_image_ids(1, rows, cols, device, dtype)
+        return cache[key]
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         vae_cfg = self.pipe.vae.config
         x0 = (self.sample_latents(batch) - vae_cfg.shift_factor) * vae_cfg.scaling_factor  # (B, C, h, w)
@@ -64,7 +73,7 @@ class FluxFamily(Family):
 
         dtype = batch.text["prompt_embeds"].dtype
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype)  # (B, h/2*w/2, 4C)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, dtype)
+        img_ids = self._image_ids(h // 2, w // 2, x0.device, dtype)
         txt_ids = torch.zeros(batch.text["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
         guidance = None
         if self.denoiser.config.guidance_embeds:

@@ -73,10 +73,11 @@ def _cosine_of_updates(a: dict, b: dict) -> float:
     return dot / (na * nb)
 
 
-@pytest.mark.parametrize("model", ["flux-dev", "sdxl"])
-def test_fp8_base_trains_like_the_plain_base(tiny_weights, sample_dataset, tmp_path, model):
+@pytest.mark.parametrize("model,extra", [("flux-dev", {}), ("sdxl", {}), ("flux-dev", {"speed.fuse_qkv": "on"})],
+                         ids=["flux", "sdxl", "flux-fused-qkv"])
+def test_fp8_base_trains_like_the_plain_base(tiny_weights, sample_dataset, tmp_path, model, extra):
     plain = _train(tiny_weights, sample_dataset, tmp_path / "plain", model)
-    fp8 = _train(tiny_weights, sample_dataset, tmp_path / "fp8", model, **{"speed.fp8_base": "on"})
+    fp8 = _train(tiny_weights, sample_dataset, tmp_path / "fp8", model, **{"speed.fp8_base": "on", **extra})
     assert "run fp8 e4m3 matmuls" in fp8[1]
     la, lb = [v for _, v in plain[0].losses], [v for _, v in fp8[0].losses]
     assert la != lb  # fp8 really ran

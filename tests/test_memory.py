@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+
+from conftest import quick_spec, train_quietly
 from train.memory import GIB, choose_memory_plan, estimate_peak_bytes
 
 FLUX_DEV = dict(family="flux", weight_bytes=int(11.9e9 * 2), trainable_params=int(65e6), optimizer="adamw",
@@ -62,7 +66,6 @@ def test_the_choice_is_logged_and_applied(tiny_weights, sample_dataset, tmp_path
 
 def test_selective_checkpointing_keeps_the_numbers_and_checkpoints_that_share():
     """Checkpointing recomputes the same operations: gradients equal the plain path's exactly."""
-    import torch
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
@@ -108,3 +111,49 @@ def test_selective_checkpointing_keeps_the_numbers_and_checkpoints_that_share():
     assert all(torch.equal(plain[k], half[k]) for k in plain)
     blocks = len(model._checkpoint_order)
     assert blocks == 6 and n_half == 3  # 2 double + 4 single blocks; every other one checkpointed
+
+
+def test_out_of_memory_step_is_redone_with_more_checkpointing(tiny_weights, sample_dataset, tmp_path, monkeypatch):
+    """Policy auto: a step that runs out of GPU memory is redone on the next rung of the ladder,
+    with the same batch and random numbers, so the run ends exactly where a clean one does."""
+    from train.models.flux import FluxFamily
+
+    clean, _ = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=5, gradient_accumulation_steps=2),
+                             sample_dataset, tmp_path / "clean")
+    real_loss = FluxFamily.loss
+    calls = {"n": 0}
+
+    def tight_memory(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] in (4, 5):  # second micro-batch of step 2, then the retry's first micro-batch
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(FluxFamily, "loss", tight_memory)
+    tight, log = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=5, gradient_accumulation_steps=2),
+                               sample_dataset, tmp_path / "tight")
+    assert "out of GPU memory at step 2; the step is redone with gradient checkpointing: 25% of the blocks" in log
+    assert "with gradient checkpointing: 50% of the blocks" in log
+    assert [s for s, _ in tight.losses] == [s for s, _ in clean.losses]
+    # nothing skipped, nothing drawn twice: the same losses as the clean run
+    assert [v for _, v in tight.losses] == pytest.approx([v for _, v in clean.losses], rel=1e-6)
+    config = json.loads(tight.config.read_text())
+    assert config["memory_plan"]["checkpoint_fraction"] == 0.5 and config["memory_plan"]["gradient_checkpointing"]
+
+
+def test_out_of_memory_with_every_block_checkpointed_says_what_to_change(tiny_weights, sample_dataset, tmp_path,
+                                                                        monkeypatch):
+    from train.loop import TrainingError
+    from train.models.flux import FluxFamily
+
+    def no_memory(self, model, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(FluxFamily, "loss", no_memory)
+    with pytest.raises(TrainingError, match="out of GPU memory at step 1 with gradient checkpointing on every block: "
+                                            "lower batch_size"):
+        train_quietly(quick_spec(tiny_weights, "flux-dev", steps=3), sample_dataset, tmp_path / "out")
+    # policy off: the error is the runtime's own, untouched
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train_quietly(quick_spec(tiny_weights, "flux-dev", steps=3, memory_policy="off"), sample_dataset,
+                      tmp_path / "off")

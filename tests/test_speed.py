@@ -97,3 +97,60 @@ def test_attention_backend_switches(monkeypatch):
                      "enable_cudnn_sdp": False}  # cuDNN's backward crashed on the H200
     apply_attention_backend("cudnn", cuda=True)
     assert calls["enable_cudnn_sdp"] is True and calls["enable_flash_sdp"] is False
+
+
+def test_fused_qkv_matches_and_keeps_the_lora_layout(tiny_weights, sample_dataset, tmp_path, monkeypatch):
+    """speed.fuse_qkv: the same numbers, the same LoRA file, and no second copy of the weights."""
+    plain = _run(tiny_weights, sample_dataset, tmp_path / "plain", "flux-dev")
+    fused = _run(tiny_weights, sample_dataset, tmp_path / "fused", "flux-dev", **{"speed.fuse_qkv": "on"})
+    assert "fuse_qkv: 3 q/k/v projections fused with their LoRA" in fused[1]  # double: 2, single: 1
+    _assert_same(plain, fused)
+    assert set(fused[2]) == set(plain[2])
+    # under regional compilation too
+    monkeypatch.setenv("ADVANCED_TRAINER_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    compiled = _run(tiny_weights, sample_dataset, tmp_path / "compiled", "flux-dev",
+                    **{"speed.fuse_qkv": "on", "speed.compile": "blocks"})
+    _assert_same(plain, compiled)
+
+
+def test_fused_projection_shares_the_weights_and_skips_what_it_cannot_fuse(tiny_weights):
+    from peft import LoraConfig
+
+    from train.fused import FusedProjection, fuse_flux_attention
+    from train.models import family_for
+
+    def model_with(dropout):
+        spec = quick_spec(tiny_weights, "flux-dev")
+        family = family_for(spec, tiny_weights / "tiny-flux-dev")
+        family.load(torch.float32)
+        model = family.denoiser
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, lora_dropout=dropout, target_modules=spec.lora_target_modules()))
+        return model
+
+    model = model_with(0.0)
+    attn = model.transformer_blocks[0].attn
+    q_before = attn.to_q.base_layer.weight.detach().clone()
+    assert fuse_flux_attention(model) == (3, [])
+    assert isinstance(attn.to_qkv, FusedProjection) and attn.fused_projections
+    fused_storage = attn.to_qkv.weight.untyped_storage().data_ptr()
+    for proj in (attn.to_q, attn.to_k, attn.to_v):  # views into the stacked weight, not copies
+        assert proj.base_layer.weight.untyped_storage().data_ptr() == fused_storage
+    assert torch.equal(attn.to_q.base_layer.weight, q_before)
+    assert not any(k.startswith("transformer_blocks.0.attn.to_qkv") for k in model.state_dict())
+
+    n, skipped = fuse_flux_attention(model_with(0.1))
+    assert n == 0 and skipped and all("LoRA dropout is on" in s for s in skipped)
+
+
+def test_compile_auto_is_on_for_long_gpu_runs_only(tiny_weights):
+    from train.speed import COMPILE_MIN_STEPS, use_compile
+
+    long_run = quick_spec(tiny_weights, "flux-dev", steps=COMPILE_MIN_STEPS)
+    short_run = quick_spec(tiny_weights, "flux-dev", steps=COMPILE_MIN_STEPS - 1)
+    assert long_run.speed.compile == "auto"  # the default
+    assert use_compile(long_run, cuda=True) and not use_compile(short_run, cuda=True)
+    assert not use_compile(long_run, cuda=False)  # a CPU run never pays the warm-up
+    forced = quick_spec(tiny_weights, "flux-dev", **{"speed.compile": "blocks"})
+    off = quick_spec(tiny_weights, "flux-dev", steps=5000, **{"speed.compile": "off"})
+    assert use_compile(forced, cuda=False) and not use_compile(off, cuda=True)

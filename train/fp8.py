@@ -72,11 +72,21 @@ class Fp8FrozenLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
-        w = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set(linear.weight, linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp8FrozenLinear:
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module._set(weight, bias)
+        return module
+
+    def _set(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = weight.detach()
+        self.out_features, self.in_features = w.shape
         self.w_rows, self.w_rows_scale = quantize_rows(w)          # forward: per output row
         self.wt_rows, self.wt_rows_scale = quantize_rows(w.t())    # input gradient: per input column
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
@@ -111,7 +121,7 @@ def convertible(name: str, module: torch.nn.Module) -> bool:
     gain, and the modulation they produce is the most sensitive); dims must be multiples of 16
     (the fp8 kernels' rule).
     """
-    if type(module) is not torch.nn.Linear or module.weight.requires_grad:
+    if type(module) is not torch.nn.Linear or module.weight.requires_grad or getattr(module, "fused_into", None):
         return False
     if ".lora_" in name or "norm" in name:
         return False
@@ -138,4 +148,10 @@ def convert_frozen_linears(model: torch.nn.Module) -> tuple[int, int]:
     for parent, attr, linear, _ in targets:
         n_params += linear.weight.numel()
         setattr(parent, attr, Fp8FrozenLinear(linear))
-    return len(targets), n_params
+    from .fused import FusedProjection
+
+    fused = [m for m in model.modules() if isinstance(m, FusedProjection) and m.fp8 is None]
+    for m in fused:  # fused q/k/v (speed.fuse_qkv): the stacked weight goes fp8 as one matmul
+        n_params += m.weight.numel()
+        m.use_fp8()
+    return len(targets) + len(fused), n_params

@@ -296,13 +296,32 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     train_start = time.perf_counter()
     losses: list[torch.Tensor] = []  # this process's micro-batch losses since the last progress line
     reporter = _LossReporter(spec, accelerator, history, bar, start_step - 1, train_start, cuda)
+    # memory policy auto on one process: an out-of-memory step is redone with more checkpointing
+    fallback = spec.memory_policy == "auto" and world == 1
     for step in range(start_step, spec.steps + 1):
-        for _ in range(spec.gradient_accumulation_steps):
-            indices = next(sampler)
-            drop = (torch.rand(len(indices), generator=generators["caption_dropout"]) < spec.caption_dropout).tolist()
-            rng = BatchRandom(generators["noise"], len(indices), lo, hi, device)
-            batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
-            losses.append(micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm))
+        snapshot = _StepSnapshot(sampler, generators, accelerator) if fallback else None
+        while True:
+            try:
+                step_losses = []
+                for _ in range(spec.gradient_accumulation_steps):
+                    indices = next(sampler)
+                    drop = (torch.rand(len(indices), generator=generators["caption_dropout"])
+                            < spec.caption_dropout).tolist()
+                    rng = BatchRandom(generators["noise"], len(indices), lo, hi, device)
+                    batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
+                    step_losses.append(micro_step(family, model, batch, accelerator, optimizer, params,
+                                                  spec.max_grad_norm))
+                break
+            except torch.cuda.OutOfMemoryError:
+                if snapshot is None:
+                    raise
+                batch = step_losses = None  # type: ignore[assignment]
+                optimizer.zero_grad(set_to_none=True)
+                snapshot.restore()
+                plan = _more_checkpointing(plan, accelerator.unwrap_model(model), step)
+                if cuda:
+                    torch.cuda.empty_cache()
+        losses += step_losses
         if step == start_step:  # the first step pays for compilation and warm-up: reported on its own
             if cuda:
                 torch.cuda.synchronize(device)
@@ -352,11 +371,49 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
         "final_loss": history[-1][1] if history else None, "images_used": len(dataset.images),
         "processes": world, "memory_plan": {"gradient_checkpointing": plan.gradient_checkpointing,
                                             "checkpoint_fraction": plan.checkpoint_fraction,
-                                            "reason": plan.reason},
+                                            "reason": plan.reason,
+                                            "estimate_gib": None if plan.estimate_bytes is None
+                                            else round(plan.estimate_bytes / 2**30, 2),
+                                            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                                            if cuda else None},
         "weights_sha256_16": checksum, "files": [str(p.relative_to(out_dir)) for p in weights]})
     progress.emit(progress.format_progress("done", spec.steps, spec.steps))
     return TrainResult(out_dir, weights, samples, out_dir / "loss.png", out_dir / "config.json", history, timings,
                        checksum)
+
+
+class _StepSnapshot:
+    """What a step draws from (batch order, random generators, accumulation counter), to redo it."""
+
+    def __init__(self, sampler, generators: dict[str, torch.Generator], accelerator):
+        self.sampler, self.generators, self.accelerator = sampler, generators, accelerator
+        self.sampler_state = sampler.state()
+        self.rng_states = {k: g.get_state() for k, g in generators.items()}
+        self.accumulation_step = accelerator.step
+
+    def restore(self) -> None:
+        self.sampler.load_state(self.sampler_state)
+        for k, g in self.generators.items():
+            g.set_state(self.rng_states[k])
+        self.accelerator.step = self.accumulation_step
+
+
+def _more_checkpointing(plan, model: torch.nn.Module, step: int):
+    """The next rung of the memory ladder after an out-of-memory step (memory policy auto)."""
+    from dataclasses import replace
+
+    from .memory import CHECKPOINT_LADDER, enable_checkpointing
+
+    current = plan.checkpoint_fraction if plan.gradient_checkpointing else 0.0
+    higher = [f for f in CHECKPOINT_LADDER if f > current]
+    if not higher:
+        raise TrainingError(f"out of GPU memory at step {step} with gradient checkpointing on every block: lower "
+                            "batch_size or the largest resolution, or use optimizer adamw8bit")
+    fraction = higher[0]
+    note = enable_checkpointing(model, fraction)
+    log(f"memory: out of GPU memory at step {step}; the step is redone with {note} (nothing is lost)")
+    return replace(plan, gradient_checkpointing=True, checkpoint_fraction=fraction,
+                   reason=f"{plan.reason}; raised to {fraction:.0%} after running out of memory at step {step}")
 
 
 class _LossReporter:

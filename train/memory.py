@@ -21,6 +21,12 @@ on the smallest share of the blocks (a quarter, half, three quarters, all) whose
 because every checkpointed block pays a recomputed forward (selective checkpointing).
 The spec overrides: ``off`` never, ``gradient_checkpointing`` always. The choice and the
 figures behind it are logged.
+
+The estimate can be wrong (the stock baseline's checkpointed Flux step peaked far above what
+this model predicts, for reasons not yet understood), so under ``auto`` on one process a step
+that runs out of GPU memory is redone, with the same batch and random numbers, on the next rung
+of the ladder (¼ → ½ → ¾ → all blocks) before the run gives up with a clear message
+(train/loop.py). The peak actually reached goes into config.json.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ GIB = 2**30
 ACTIVATION_BYTES = {"flux": 7.3 * 2**20, "sdxl": 0.46 * 2**20}  # per token / latent pixel, per sample
 CHECKPOINTED_FRACTION = 0.25
 HEADROOM = 0.9
+CHECKPOINT_LADDER = (0.25, 0.5, 0.75, 1.0)  # shares of the blocks, in the order auto tries them
 OPTIMIZER_BYTES = {"adamw": 16, "adamw8bit": 6, "prodigy": 24}  # per trained parameter, incl. fp32 weight + grad
 
 
@@ -75,7 +82,7 @@ def choose_memory_plan(policy: str, free_bytes: int | None, *, family: str, weig
     # Selective checkpointing: the smallest share of blocks (in quarters) that brings the estimate
     # under budget, since every checkpointed block costs a recomputed forward.
     fraction = 1.0
-    for quarter in (0.25, 0.5, 0.75):
+    for quarter in CHECKPOINT_LADDER[:-1]:
         if estimate_peak_bytes(family, weight_bytes, trainable_params, optimizer, resolution, batch_size,
                                text_tokens, checkpointing=quarter) <= HEADROOM * free_bytes:
             fraction = quarter

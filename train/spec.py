@@ -141,10 +141,14 @@ class SpeedOptions(_Section):
 
     attention: Literal["auto", "flash", "efficient", "math", "cudnn"] = Field(
         "auto", description="SDPA backend on CUDA; auto = flash / memory-efficient, never cuDNN")
-    compile: Literal["off", "blocks"] = Field("off", description="blocks: torch.compile the repeated blocks")
+    compile: Literal["auto", "off", "blocks"] = Field(
+        "auto", description="blocks: torch.compile the repeated blocks; auto: blocks on a GPU for runs of "
+                            "200+ steps (the warm-up pays for itself), falling back to eager where it cannot compile")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="NHWC UNet (SDXL); auto: on CUDA")
     cache_on_device: Literal["auto", "on", "off"] = Field(
         "auto", description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory")
+    fuse_qkv: Literal["off", "on"] = Field(
+        "off", description="LoRA on Flux: q/k/v projections and their LoRA as one matmul each (same numbers)")
     fp8_base: Literal["off", "on"] = Field(
         "off", description="LoRA only: the frozen base's linears in the repeated blocks run fp8 matmuls "
                            "(e4m3, per-row scales; Ada/Hopper GPUs); not bit-equal to bf16")
@@ -294,6 +298,8 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     if isinstance(speed, dict) and speed.get("fp8_base") == "on" and mode == "full":
         problems.append(({"speed", "mode"}, "speed.fp8_base: on needs mode lora (a full fine-tune trains the "
                                             "weights fp8 would freeze)"))
+    if isinstance(speed, dict) and speed.get("fuse_qkv") == "on" and mode == "full":
+        problems.append(({"speed", "mode"}, "speed.fuse_qkv: on needs mode lora (it fuses frozen weights)"))
     return problems
 
 

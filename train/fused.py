@@ -1,0 +1,136 @@
+"""Fused q/k/v projections with their LoRA (``speed.fuse_qkv``), for Flux attention.
+
+Stock peft runs an attention's q, k and v projections as three base matmuls plus, per
+projection, a LoRA down matmul, an up matmul, a scale and an add: 15 kernels, each reading
+the same input. Fused, it is one base matmul over the stacked weights, one down matmul over
+the stacked A matrices and one up matmul over the block-diagonal B matrices: 3 kernels.
+
+The LoRA's structure does not change: peft's own A and B parameters are used (stacked each
+step, a few hundred kilobytes), so the optimizer, checkpoints and exports see exactly the
+modules they see without fusion. The stacked base weight is made once, and each projection's
+own base weight becomes a view into it, so no memory is added. diffusers' Flux attention
+processor reads ``to_qkv`` / ``to_added_qkv`` when ``fused_projections`` is set, which is how
+the fused path is taken.
+
+Same numbers as the unfused path up to float summation order (tests/test_speed.py): the
+block-diagonal zeros add exact zeros. Fused only where the projections share one LoRA scale
+and LoRA dropout is 0 (one dropout mask for three projections would change the maths).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ADAPTER = "default"
+
+
+def _base(part: torch.nn.Module) -> torch.nn.Linear:
+    return getattr(part, "base_layer", part)
+
+
+def _lora(part: torch.nn.Module) -> tuple[torch.nn.Linear, torch.nn.Linear, float] | None:
+    """(A, B, scale) of a peft LoRA layer's adapter, or None for a plain linear."""
+    if not hasattr(part, "lora_A") or ADAPTER not in part.lora_A:
+        return None
+    return part.lora_A[ADAPTER], part.lora_B[ADAPTER], float(part.scaling[ADAPTER])
+
+
+def can_fuse(parts: list[torch.nn.Module]) -> str | None:
+    """None when the projections fuse, else why not."""
+    loras = [_lora(p) for p in parts]
+    if any(type(_base(p)) is not torch.nn.Linear for p in parts):
+        return "a projection is not a plain linear"
+    if len({_base(p).in_features for p in parts}) != 1:
+        return "the projections take different inputs"
+    scales = {lo[2] for lo in loras if lo is not None}
+    if len(scales) > 1:
+        return "the projections' LoRA scales differ"
+    for p, lo in zip(parts, loras):
+        if lo is not None and not isinstance(p.lora_dropout[ADAPTER], torch.nn.Identity):
+            return "LoRA dropout is on"
+        if lo is not None and (getattr(p, "merged", False) or getattr(p, "disable_adapters", False)
+                               or ADAPTER in getattr(p, "lora_variant", {})):
+            return "the LoRA is merged, disabled or not a plain LoRA"
+    return None
+
+
+class FusedProjection(torch.nn.Module):
+    """Several projections of one input as one matmul, each projection's LoRA included.
+
+    ``parts`` stay where they are (and are not registered here: the state dict keeps its keys);
+    their base weights become views into this module's stacked weight.
+    """
+
+    def __init__(self, parts: list[torch.nn.Module]):
+        super().__init__()
+        bases = [_base(p) for p in parts]
+        self._parts = tuple(parts)  # a tuple: not registered as submodules
+        weight = torch.cat([b.weight.detach() for b in bases])
+        bias = None
+        if any(b.bias is not None for b in bases):
+            bias = torch.cat([b.bias.detach() if b.bias is not None else
+                              torch.zeros(b.out_features, dtype=weight.dtype, device=weight.device) for b in bases])
+        row = 0
+        for b in bases:  # each projection now reads its rows of the stacked weight: no second copy
+            b.fused_into = self.__class__.__name__  # marks it unused by the forward (fp8 skips it)
+            b.weight.data = weight[row:row + b.out_features]
+            if b.bias is not None:
+                b.bias.data = bias[row:row + b.out_features]
+            row += b.out_features
+        self.weight, self.bias = weight, bias  # plain attributes: frozen, never broadcast or saved
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.fp8 = None
+        loras = [_lora(p) for p in parts]
+        self._lora_parts = [i for i, lo in enumerate(loras) if lo is not None]
+        self.scale = next((lo[2] for lo in loras if lo is not None), 1.0)
+
+    def use_fp8(self) -> None:
+        """Run the stacked base matmul in fp8 (train/fp8.py) and free the bf16 weights."""
+        from .fp8 import Fp8FrozenLinear
+
+        self.fp8 = Fp8FrozenLinear.from_weight(self.weight, self.bias)
+        empty = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        for p in self._parts:  # only the fused path runs now; the views would keep the bf16 storage alive
+            _base(p).weight.data = empty
+            if _base(p).bias is not None:
+                _base(p).bias.data = empty
+        self.weight = self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fp8(x) if self.fp8 is not None else F.linear(x, self.weight, self.bias)
+        if not self._lora_parts:
+            return y
+        loras = [_lora(p) for p in self._parts]
+        a = torch.cat([loras[i][0].weight for i in self._lora_parts])
+        blocks = []
+        for p, lo in zip(self._parts, loras):  # zero blocks for projections without a LoRA
+            blocks.append(lo[1].weight if lo is not None else
+                          torch.zeros(_base(p).out_features, 0, dtype=a.dtype, device=a.device))
+        b = torch.block_diag(*blocks)
+        result_dtype = y.dtype
+        h = F.linear(x.to(a.dtype), a)  # peft casts the input to the LoRA's dtype the same way
+        return (y + F.linear(h, b) * self.scale).to(result_dtype)
+
+
+def fuse_flux_attention(model: torch.nn.Module) -> tuple[int, list[str]]:
+    """Fuse q/k/v (and the text stream's add_q/k/v) of every Flux attention in ``model``.
+
+    Returns (projections fused, reasons for any left unfused).
+    """
+    fused, skipped = 0, []
+    for name, attn in model.named_modules():
+        if type(attn).__name__ != "FluxAttention" or getattr(attn, "fused_projections", False):
+            continue
+        groups = {"to_qkv": [attn.to_q, attn.to_k, attn.to_v]}
+        if getattr(attn, "add_q_proj", None) is not None:
+            groups["to_added_qkv"] = [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
+        reasons = {key: can_fuse(parts) for key, parts in groups.items()}
+        if any(reasons.values()):  # all or nothing: the processor reads both fused projections
+            skipped += [f"{name}: {why}" for why in reasons.values() if why]
+            continue
+        for key, parts in groups.items():
+            setattr(attn, key, FusedProjection(parts))
+            fused += 1
+        attn.fused_projections = True
+    return fused, skipped

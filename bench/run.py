@@ -109,18 +109,21 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
         text = {"prompt_embeds": torch.randn(case.batch_size, case.text_tokens, cfg.cross_attention_dim),
                 "pooled_prompt_embeds": torch.randn(case.batch_size, pooled)}
     params = _make_trainable(spec, model)
-    plan = choose_memory_plan(spec.memory_policy, cap_memory(case, device),
-                              family=case.family, weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+    from train.speed import apply_attention_backend, apply_compile, apply_structure_levers, resident_weight_bytes
+
+    levers = apply_structure_levers(spec, model, cuda)  # the order of train.loop: these, plan, compile
+    if cuda:
+        torch.cuda.empty_cache()
+    plan = choose_memory_plan(spec.memory_policy, cap_memory(case, device), family=case.family,
+                              weight_bytes=resident_weight_bytes(model),
                               trainable_params=sum(p.numel() for p in params), optimizer=spec.optimizer,
                               resolution=case.resolution, batch_size=case.batch_size, text_tokens=case.text_tokens)
     if plan.gradient_checkpointing:
         from train.memory import enable_checkpointing
 
         enable_checkpointing(model, plan.checkpoint_fraction)
-    from train.speed import apply_attention_backend, apply_model_levers
-
     apply_attention_backend(spec.speed.attention, cuda)
-    levers = apply_model_levers(spec, model, cuda)
+    levers += apply_compile(spec, model, cuda)
     model.train()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     optimizer = _optimizer(spec, params, cuda)

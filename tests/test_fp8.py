@@ -44,7 +44,8 @@ def test_fp8_linear_approximates_the_linear_and_its_input_gradient():
     assert 1e-3 < _rel(y, ref) < 0.06  # really quantised, and within e4m3's error
     assert 1e-3 < _rel(grad_fp8, x.grad) < 0.06
     assert not any(p.requires_grad for p in fp8.parameters())  # nothing of the base trains
-    assert fp8.w_rows.dtype == torch.float8_e4m3fn and fp8.w_rows.shape == (128, 256)
+    assert fp8.w_q.dtype == torch.float8_e4m3fn and fp8.w_q.shape == (128, 256)
+    assert fp8.nbytes() < linear.weight.numel() * 2 / 1.9  # under half of what bf16 takes
 
 
 def test_quantize_rows_uses_power_of_two_scales_and_survives_zero_rows():
@@ -108,3 +109,20 @@ def test_fp8_base_refuses_full_fine_tunes_and_old_gpus(tiny_weights, monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(TrainingError, match=r"speed.fp8_base: .*compute capability 8.9\+\); this one is 8.0"):
         check_machine(spec, cuda=True)
+
+
+def test_memory_plan_counts_fp8_weights_at_one_byte(tiny_weights):
+    from train.fp8 import Fp8FrozenLinear, convert_frozen_linears
+    from train.models import family_for
+    from train.speed import resident_weight_bytes
+
+    family = family_for(quick_spec(tiny_weights, "flux-dev"), tiny_weights / "tiny-flux-dev")
+    family.load(torch.float32)
+    model = family.denoiser
+    before = resident_weight_bytes(model)
+    n, n_params = convert_frozen_linears(model)
+    converted = [m for m in model.modules() if isinstance(m, Fp8FrozenLinear)]
+    assert n == len(converted) > 0
+    scales = sum(m.w_scale.numel() for m in converted)
+    # each converted weight: 4 bytes (fp32 here; 2 in bf16) -> 1 byte plus one fp32 scale per row
+    assert before - resident_weight_bytes(model) == n_params * 4 - (n_params + scales * 4)

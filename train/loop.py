@@ -188,7 +188,8 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     cuda = torch.cuda.is_available()
     check_machine(spec, cuda)
     mixed, weight_dtype = _precision(spec, cuda)
-    from .speed import apply_attention_backend, apply_model_levers, cache_fits_on_device
+    from .speed import (apply_attention_backend, apply_compile, apply_structure_levers, cache_fits_on_device,
+                        resident_weight_bytes)
 
     attention_note = apply_attention_backend(spec.speed.attention, cuda)
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps,
@@ -254,9 +255,11 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     set_seed(spec.seed)  # LoRA initialisation (and dropout) draw from the global generators
     params = _make_trainable(spec, model)
     n_trainable = sum(p.numel() for p in params)
+    lever_lines = apply_structure_levers(spec, model, cuda)  # fp8 changes what the weights take
+    if cuda:
+        torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0] if cuda else None
-    plan = choose_memory_plan(spec.memory_policy, free, family=spec.family,
-                              weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+    plan = choose_memory_plan(spec.memory_policy, free, family=spec.family, weight_bytes=resident_weight_bytes(model),
                               trainable_params=n_trainable, optimizer=spec.optimizer,
                               resolution=max(spec.resolutions), batch_size=spec.batch_size,
                               text_tokens=spec.flux.max_sequence_length or 0)
@@ -266,7 +269,7 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
 
         log(enable_checkpointing(model, plan.checkpoint_fraction))
     log(attention_note)
-    for line in apply_model_levers(spec, model, cuda):
+    for line in lever_lines + apply_compile(spec, model, cuda):
         log(line)
     model.train()
     if spec.mode == "lora":

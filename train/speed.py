@@ -80,8 +80,16 @@ def cache_fits_on_device(choice: str, cache_bytes: int, free_bytes: int | None) 
     return cache_bytes <= CACHE_FRACTION_OF_FREE * free_bytes
 
 
-def apply_model_levers(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
-    """Apply the spec's model-side levers to ``model``; returns log lines."""
+def resident_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights take on the device, fp8 copies included (for the memory plan)."""
+    from .fp8 import Fp8FrozenLinear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total + sum(m.nbytes() for m in model.modules() if isinstance(m, Fp8FrozenLinear))
+
+
+def apply_structure_levers(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
+    """Levers that change the modules (and fp8: the weights' memory): before the memory plan."""
     lines = []
     if use_channels_last(spec.speed.channels_last, spec.family, cuda):
         model.to(memory_format=torch.channels_last)
@@ -102,6 +110,12 @@ def apply_model_levers(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
         lines.append(f"fp8_base: {n} frozen linears ({n_params / 1e6:.1f} M parameters) run fp8 e4m3 matmuls")
         if not use_compile(spec, cuda) and cuda:
             lines.append("fp8_base: without speed.compile=blocks the per-token quantisation runs unfused (slower)")
+    return lines
+
+
+def apply_compile(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
+    """Regional compilation, last: it must see the final modules (checkpointing included)."""
+    lines = []
     if use_compile(spec, cuda):
         if spec.speed.compile == "auto":
             import torch._dynamo as dynamo

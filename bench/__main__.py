@@ -28,7 +28,7 @@ from pathlib import Path
 from .cases import CASES, MEMORY_CASE_SLOWDOWN, TARGET_S_PER_STEP
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SPEED = '{"compile": "blocks", "fuse_qkv": "on"}'
+DEFAULT_SPEED = '{"compile": "blocks", "fuse_qkv": "on", "fuse_lora": "on"}'
 
 
 def run_one(case: str, impl: str, tiny: bool, steps: int, timeout: int, speed: str = "") -> dict:

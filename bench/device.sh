@@ -32,15 +32,15 @@ cat "$OUT/gpu.txt"
 # 2. the trainer on the GPU, tiny pipeline: bf16 steps, render, export
 python3 -m train.tiny --out weights >/dev/null && \
 python3 -m train --spec examples/demo-spec.json --data examples/sample-dataset --out /tmp/train-tiny \
-  --set steps=20 --set speed.compile=blocks --set speed.fuse_qkv=on --set speed.fp8_base=on > "$OUT/train-tiny.log" 2>&1
+  --set steps=20 --set speed.compile=blocks --set speed.fuse_qkv=on --set speed.fuse_lora=on --set speed.fp8_base=on > "$OUT/train-tiny.log" 2>&1
 echo "tiny GPU training: exit $? ($(grep -c '"phase": "train"' "$OUT/train-tiny.log") progress lines)" | tee -a "$OUT/gpu.txt"
 tail -n 3 "$OUT/train-tiny.log"
 
 # 3. the benchmark
 CASES=${CASES:-flux1024,flux512,sdxl1024,flux1024-44g}
 IMPLS=${IMPLS:-stock,project}
-[ -n "${SPEEDS:-}" ] || SPEEDS='exact={"compile": "blocks", "fuse_qkv": "on"};fp8={"compile": "blocks", "fuse_qkv": "on", "fp8_base": "on"}'
-[ -n "${E2E_SPEED:-}" ] || E2E_SPEED='{"compile": "blocks", "fuse_qkv": "on"}'
+[ -n "${SPEEDS:-}" ] || SPEEDS='exact={"compile": "blocks", "fuse_qkv": "on", "fuse_lora": "on"};fp8={"compile": "blocks", "fuse_qkv": "on", "fuse_lora": "on", "fp8_base": "on"}'
+[ -n "${E2E_SPEED:-}" ] || E2E_SPEED='{"compile": "blocks", "fuse_qkv": "on", "fuse_lora": "on"}'
 used=$(( $(date +%s) - start ))
 e2e_reserve=0
 [ "${E2E_STEPS:-0}" -gt 0 ] && e2e_reserve=${E2E_BUDGET:-300}

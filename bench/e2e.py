@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default 1000 (20 with --tiny)")
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--resolution", type=int, default=None, help="default 1024 (64 with --tiny)")
-    parser.add_argument("--speed", default='{"compile": "blocks", "fuse_qkv": "on"}', help="the spec's speed section (JSON)")
+    parser.add_argument("--speed", default='{"compile": "blocks", "fuse_qkv": "on", "fuse_lora": "on"}', help="the spec's speed section (JSON)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--render-steps", type=int, default=28, help="validation render steps at the end")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")

@@ -154,3 +154,42 @@ def test_compile_auto_is_on_for_long_gpu_runs_only(tiny_weights):
     forced = quick_spec(tiny_weights, "flux-dev", **{"speed.compile": "blocks"})
     off = quick_spec(tiny_weights, "flux-dev", steps=5000, **{"speed.compile": "off"})
     assert use_compile(forced, cuda=False) and not use_compile(off, cuda=True)
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "sdxl"])
+def test_fused_lora_layers_match(tiny_weights, sample_dataset, tmp_path, model):
+    """speed.fuse_lora: base and LoRA down projection as one matmul; the same numbers and files."""
+    plain = _run(tiny_weights, sample_dataset, tmp_path / "plain", model)
+    fused = _run(tiny_weights, sample_dataset, tmp_path / "fused", model, **{"speed.fuse_lora": "on"})
+    n = {"flux-dev": 17, "sdxl": 32}[model]  # every LoRA linear (SDXL's conv LoRA keeps its own path)
+    assert f"fuse_lora: {n} LoRA linears" in fused[1]
+    _assert_same(plain, fused)
+    assert set(fused[2]) == set(plain[2])
+
+
+def test_every_exact_lever_together_under_compile(tiny_weights, sample_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADVANCED_TRAINER_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    plain = _run(tiny_weights, sample_dataset, tmp_path / "plain", "flux-dev")
+    fast = _run(tiny_weights, sample_dataset, tmp_path / "fast", "flux-dev",
+                **{"speed.fuse_qkv": "on", "speed.fuse_lora": "on", "speed.compile": "blocks"})
+    assert "fuse_qkv: 3" in fast[1] and "fuse_lora: 8" in fast[1]  # q/k/v groups take 9 of the 17
+    _assert_same(plain, fast)
+
+
+def test_fused_lora_leaves_fp8_layers_alone(tiny_weights):
+    from peft import LoraConfig
+
+    from train.fp8 import Fp8FrozenLinear, convert_frozen_linears
+    from train.fused import fuse_lora_layers
+    from train.models import family_for
+
+    spec = quick_spec(tiny_weights, "flux-dev")
+    family = family_for(spec, tiny_weights / "tiny-flux-dev")
+    family.load(torch.float32)
+    model = family.denoiser
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=spec.lora_target_modules()))
+    convert_frozen_linears(model)
+    fp8_bases = sum(isinstance(getattr(m, "base_layer", None), Fp8FrozenLinear) for m in model.modules())
+    assert fp8_bases == 17
+    assert fuse_lora_layers(model) == (0, [])  # every LoRA base here runs fp8: nothing to stack

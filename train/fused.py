@@ -134,3 +134,68 @@ def fuse_flux_attention(model: torch.nn.Module) -> tuple[int, list[str]]:
             fused += 1
         attn.fused_projections = True
     return fused, skipped
+
+
+class _StackedMatmul(torch.autograd.Function):
+    """z = x @ [W; A]ᵀ for a LoRA layer whose base weight W is the top of ``stacked``.
+
+    The A rows of ``stacked`` are refreshed from the trained (fp32) A on every forward, so one
+    matmul yields both the base output and the LoRA's down projection, and one matmul gives the
+    input gradient of both (dz @ [W; A]). Only A gets a weight gradient: dAᵀ = dhᵀ x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, stacked, a):  # type: ignore[override]
+        rows = stacked.shape[0] - a.shape[0]
+        with torch.no_grad():
+            stacked[rows:].copy_(a.detach())
+        ctx.save_for_backward(x, stacked)
+        ctx.rows, ctx.a_dtype = rows, a.dtype
+        return F.linear(x, stacked)
+
+    @staticmethod
+    def backward(ctx, grad_z):  # type: ignore[override]
+        x, stacked = ctx.saved_tensors
+        grad_x = grad_z @ stacked
+        grad_h = grad_z[..., ctx.rows:]
+        grad_a = grad_h.reshape(-1, grad_h.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return grad_x, None, grad_a.to(ctx.a_dtype)
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Replaces a peft ``lora.Linear``'s forward: base and LoRA down projection as one matmul."""
+    a = self.lora_A[ADAPTER].weight
+    b = self.lora_B[ADAPTER].weight
+    base = self.base_layer
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    with torch.autocast(kind, enabled=False):
+        stacked = self._stacked if self._stacked.dtype == dtype else self._stacked.to(dtype)
+        z = _StackedMatmul.apply(x.to(dtype), stacked, a)
+        y, h = z[..., :base.out_features], z[..., base.out_features:]
+        if base.bias is not None:
+            y = y + base.bias.to(dtype)
+        return y + F.linear(h, b.to(dtype)) * self.scaling[ADAPTER]
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> tuple[int, list[str]]:
+    """Run each LoRA linear (not already fused or fp8) with its down projection stacked under the
+    base weight. Returns (layers fused, reasons for any skipped)."""
+    fused, skipped = 0, []
+    for name, layer in model.named_modules():
+        if _lora(layer) is None or type(layer.base_layer) is not torch.nn.Linear:
+            continue
+        if getattr(layer.base_layer, "fused_into", None):
+            continue  # part of a fused q/k/v group, which has its own path
+        why = can_fuse([layer])
+        if why:
+            skipped.append(f"{name}: {why}")
+            continue
+        base, a = layer.base_layer, layer.lora_A[ADAPTER].weight
+        stacked = torch.cat([base.weight.detach(), a.detach().to(base.weight.dtype)])
+        base.weight.data = stacked[:base.out_features]  # the base reads its rows: no second copy
+        base.fused_into = "stacked LoRA"
+        layer._stacked = stacked  # a plain attribute: frozen (its A rows are rewritten each step)
+        layer.forward = _fused_lora_forward.__get__(layer)
+        fused += 1
+    return fused, skipped

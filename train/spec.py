@@ -149,6 +149,9 @@ class SpeedOptions(_Section):
         "auto", description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory")
     fuse_qkv: Literal["off", "on"] = Field(
         "off", description="LoRA on Flux: q/k/v projections and their LoRA as one matmul each (same numbers)")
+    fuse_lora: Literal["off", "on"] = Field(
+        "off", description="LoRA: each other LoRA linear computes its base and LoRA down projection as one matmul "
+                           "(same numbers); layers that run fp8 keep their own path")
     fp8_base: Literal["off", "on"] = Field(
         "off", description="LoRA only: the frozen base's linears in the repeated blocks run fp8 matmuls "
                            "(e4m3, per-row scales; Ada/Hopper GPUs); not bit-equal to bf16")
@@ -298,8 +301,9 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     if isinstance(speed, dict) and speed.get("fp8_base") == "on" and mode == "full":
         problems.append(({"speed", "mode"}, "speed.fp8_base: on needs mode lora (a full fine-tune trains the "
                                             "weights fp8 would freeze)"))
-    if isinstance(speed, dict) and speed.get("fuse_qkv") == "on" and mode == "full":
-        problems.append(({"speed", "mode"}, "speed.fuse_qkv: on needs mode lora (it fuses frozen weights)"))
+    for lever in ("fuse_qkv", "fuse_lora"):
+        if isinstance(speed, dict) and speed.get(lever) == "on" and mode == "full":
+            problems.append(({"speed", "mode"}, f"speed.{lever}: on needs mode lora (it fuses frozen weights)"))
     return problems
 
 

@@ -17,6 +17,8 @@ by how much, is measured with ``bench/`` on a GPU; the defaults stay conservativ
   step copies nothing from the host (``auto``: when they fit in 5 % of free memory).
 - ``fuse_qkv``: Flux attention's q/k/v projections and their LoRA as one matmul each
   (train/fused.py); the LoRA keeps its modules, so checkpoints and exports do not change.
+- ``fuse_lora``: every other LoRA linear stacks its LoRA down matrix under the base weight, so
+  one matmul gives both outputs and one matmul both input gradients (train/fused.py).
 - ``fp8_base``: the frozen base's linears in the repeated blocks run fp8 matmuls (train/fp8.py).
   The one lever that is not numerically equivalent: e4m3 keeps 3 mantissa bits, so each base
   matmul is off by ~3 % (relative RMS); tests/test_fp8.py bounds what that does to the loss
@@ -110,6 +112,12 @@ def apply_structure_levers(spec, model: torch.nn.Module, cuda: bool) -> list[str
         lines.append(f"fp8_base: {n} frozen linears ({n_params / 1e6:.1f} M parameters) run fp8 e4m3 matmuls")
         if not use_compile(spec, cuda) and cuda:
             lines.append("fp8_base: without speed.compile=blocks the per-token quantisation runs unfused (slower)")
+    if spec.speed.fuse_lora == "on":  # after fp8: layers that went fp8 keep that path
+        from .fused import fuse_lora_layers
+
+        n, skipped = fuse_lora_layers(model)
+        lines.append(f"fuse_lora: {n} LoRA linears compute base and LoRA down projection as one matmul" +
+                     (f"; left as they were: {'; '.join(skipped[:3])}" if skipped else ""))
     return lines
 
 

@@ -61,5 +61,10 @@ def last_progress(text: str) -> dict[str, Any] | None:
 
 
 def emit(line: str) -> None:
-    """Print through Python's ``sys.stdout`` (Cog captures that, not raw file descriptors)."""
-    print(line, file=sys.stdout, flush=True)
+    """Print through Python's ``sys.stdout`` (Cog captures that, not raw file descriptors).
+
+    One write per line, newline included: ``print`` writes the text and the newline separately,
+    so lines from data-parallel processes sharing a pipe could run together.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

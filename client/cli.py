@@ -327,7 +327,13 @@ def cmd_download(args, settings):
 
 
 def cmd_jobs(args, settings):
-    rows = _store().list(limit=args.limit)
+    store = _store()
+    if args.reconcile:
+        from .jobs import reconcile_stale
+
+        notes = reconcile_stale(store, lambda rec: _provider_for(rec, args, settings), args.older_than * 60)
+        print("\n".join(notes) or "no interrupted submissions", file=sys.stderr)
+    rows = store.list(limit=args.limit)
     _out(args, rows, "\n".join(
         f"{r['id']:<28} {r['kind']:<10} {r['status']:<10} "
         f"{(str(r.get('step')) + '/' + str(r.get('total'))) if r.get('total') else '':<12} "
@@ -442,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_logs)
     sp = sub.add_parser("jobs", help="recent jobs from the local store")
     sp.add_argument("--limit", type=int, default=20)
+    sp.add_argument("--reconcile", action="store_true",
+                    help="settle submissions interrupted before the provider's answer was recorded: find their "
+                         "jobs at the provider, or release them so they stop counting against the spend limit")
+    sp.add_argument("--older-than", type=float, default=10, metavar="MINUTES",
+                    help="with --reconcile: only submissions at least this old (default 10)")
     sp.set_defaults(fn=cmd_jobs)
     sp = sub.add_parser("token", help="save or delete the Replicate API token (secrets file, mode 0600)")
     sp.add_argument("action", choices=["set", "delete"])

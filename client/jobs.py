@@ -73,21 +73,68 @@ def prepare_archive(dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool 
     return dataset, 20
 
 
-def _find_lost_create(provider, kind: str, dataset_url: str) -> dict | None:
-    """After a create whose answer was lost: the job it may have made, found by its dataset URL."""
+def _find_created(provider, kind: str, dataset_url: str) -> tuple[dict | None, bool]:
+    """The job a create may have made without our hearing back, found by its dataset URL (each
+    upload has its own URL) among the provider's most recent jobs (one page). Returns (the job
+    or None, whether the provider could be asked)."""
     client = getattr(provider, "client", None)
-    if client is None or kind != "prediction":
-        return None
+    if client is None:
+        return None, False
     try:
-        page = client.predictions.list()
-    except Exception:  # noqa: BLE001 - this is a best-effort recovery; the caller reports the original error
-        return None
+        page = (client.predictions if kind == "prediction" else client.trainings).list()
+    except Exception:  # noqa: BLE001 - best effort: the caller decides what not knowing means
+        return None, False
     for p in page.results:
         if (p.input or {}).get("dataset") == dataset_url:
             from .providers import _plain
 
-            return _plain(p)
-    return None
+            return _plain(p), True
+    return None, True
+
+
+STALE_AFTER_S = 600  # a reservation older than this whose process is gone is stale (a submit takes seconds)
+
+
+def stale_hint(store: JobStore) -> str:
+    stale = store.stale_reservations(STALE_AFTER_S)
+    if not stale:
+        return ""
+    return (f"; {len(stale)} submission(s) interrupted before the provider's answer was recorded still count "
+            f"(`advanced-trainer jobs --reconcile` finds their jobs or releases them)")
+
+
+def reconcile_stale(store: JobStore, provider_for: Callable[[dict], Any],
+                    older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Settle reservations left "submitting" by a process that stopped between reserving and
+    binding: a job the provider has for the recorded dataset upload is bound (it counts, and is
+    followed like any other); a reservation that never sent anything, or whose job the provider
+    does not have, is released; one whose provider cannot be asked is kept."""
+    notes = []
+    for rec in store.stale_reservations(older_than_s):
+        key = rec["request_key"]
+        dataset = json.loads(rec["input_json"]).get("dataset") if rec.get("input_json") else None
+        if not dataset:
+            store.release(key, "abandoned: the submitting process stopped before the job was sent")
+            notes.append(f"{key}: released (the job was never sent)")
+            continue
+        try:
+            found, asked = _find_created(provider_for(rec), rec["kind"], dataset)
+        except Exception as exc:  # noqa: BLE001 - e.g. no token or no cog_url here: say so, keep it
+            notes.append(f"{key}: kept (could not ask {rec['provider']}: {exc})")
+            continue
+        if found is not None:
+            try:
+                bound = store.bind(key, found["id"], found)
+            except (KeyError, ValueError) as exc:  # already bound or recorded by another process
+                notes.append(f"{key}: kept ({exc})")
+                continue
+            notes.append(f"{key}: is job {bound['id']} ({bound['status']})")
+        elif asked:
+            store.release(key, "abandoned: the submitting process stopped and the provider has no job for it")
+            notes.append(f"{key}: released (the provider has no job for it)")
+        else:
+            notes.append(f"{key}: kept (could not ask {rec['provider']} whether the job exists)")
+    return notes
 
 
 def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -134,7 +181,7 @@ def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, da
                                         period_start=limit.period_start() if limit else None,
                                         action=limit.action if limit else "warn")
         except SpendLimitExceeded as exc:
-            raise UserError(str(exc)) from None
+            raise UserError(str(exc) + stale_hint(store)) from None
         if decision.status == "warn":
             warnings.append(str(decision.message))
             log(f"warning: {decision.message}")
@@ -144,12 +191,13 @@ def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, da
             if destination and provider.ensure_destination(destination, hardware):
                 log(f"created the destination model {destination} (private)")
             inputs = {"dataset": dataset_url, "spec": spec.to_json(), **publish_secrets(spec), **(extra_inputs or {})}
+            store.update(request_key, input_json=inputs)  # secrets scrubbed; lets a later reconcile find the job
             try:
                 obj = provider.create(kind, version, inputs, webhook, EVENTS, destination)
             except ProviderError as exc:
                 if isinstance(exc, RemoteUserError):
                     raise
-                lost = _find_lost_create(provider, kind, dataset_url)
+                lost, _ = _find_created(provider, kind, dataset_url)
                 if lost is None:
                     raise
                 log(f"the create request's answer was lost, but the job exists: {lost['id']}")

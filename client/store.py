@@ -685,6 +685,15 @@ class JobStore:
                         [clean[n] for n in names] + [id])
             return self._record(con.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone())
 
+    def stale_reservations(self, older_than_s: float) -> list[dict[str, Any]]:
+        """Reservations still "submitting" after ``older_than_s`` seconds, oldest first: their
+        submitting process stopped between reserving and binding (a submit takes seconds)."""
+        cutoff = iso_utc(time.time() - older_than_s)
+        with self._tx(write=False) as con:
+            rows = con.execute("SELECT * FROM jobs WHERE status = 'submitting' AND created_at <= ?"
+                               " ORDER BY created_at ASC", (cutoff,)).fetchall()
+            return [self._record(r) for r in rows]
+
     def unfinished(self) -> list[dict[str, Any]]:
         """Jobs a poller should follow: bound and not terminal ("starting"/"processing"), oldest
         first. Reservations still "submitting" have no provider id to poll."""

@@ -305,3 +305,52 @@ def test_readme_documents_every_command_and_route():
     missing = [r for r in routes
                if r.replace("{job_id}", "{id}").replace("{name:path}", "{path}") not in readme and r not in readme]
     assert not missing, missing
+
+
+def test_reconcile_settles_submissions_interrupted_before_the_answer(capsys, fake, sample_dataset, monkeypatch):
+    """A submit killed after the create (its job exists, the store never heard) and one killed before
+    anything was sent: both keep counting until `jobs --reconcile` binds the first and releases the second."""
+    from fake_replicate import SyntheticRun
+
+    from client.cli import _store
+    from client.store import JobStore
+
+    fake.synthetic = SyntheticRun(duration_s=30, steps=30)
+    real_bind = JobStore.bind
+
+    def killed(self, *args, **kwargs):
+        raise SystemExit("killed")  # the process dies right after the create request returned
+
+    monkeypatch.setattr(JobStore, "bind", killed)
+    with pytest.raises(SystemExit):
+        main(["submit", "--spec", "{}", "--dataset", str(sample_dataset)])
+    monkeypatch.setattr(JobStore, "bind", real_bind)
+    capsys.readouterr()
+    store = _store()
+    store.reserve("never-sent", {"kind": "prediction", "estimate_usd": 1.5})
+    stale = store.stale_reservations(0)
+    assert len(stale) == 2 and all(r["status"] == "submitting" for r in stale)
+    sent = next(r for r in stale if r["request_key"] != "never-sent")
+    assert json.loads(sent["input_json"])["dataset"].startswith(fake.url)
+    counted = store.spend_between()
+    assert counted == pytest.approx(sent["estimate_usd"] + 1.5)
+
+    # a blocked submit says why the limit is reached and what settles it
+    monkeypatch.setattr("client.jobs.STALE_AFTER_S", 0)
+    run(capsys, "config", "set", "spend_limit", json.dumps({"amount_usd": 1.0, "period": "weekly", "action": "block"}))
+    code, _, err = run(capsys, "submit", "--spec", "{}", "--dataset", str(sample_dataset))
+    assert code == EXIT_USER and "2 submission(s) interrupted" in err and "jobs --reconcile" in err
+    run(capsys, "config", "set", "spend_limit", "null")
+
+    code, out, err = run(capsys, "--json", "jobs", "--reconcile", "--older-than", "0")
+    assert code == EXIT_OK
+    assert "never-sent: released (the job was never sent)" in err
+    bound_line = next(ln for ln in err.splitlines() if ln.startswith(sent["request_key"]))
+    job_id = bound_line.split("is job ")[1].split()[0]
+    assert job_id in fake._jobs  # the job the interrupted submit created
+    rows = {r["id"]: r for r in json.loads(out)}
+    assert rows[job_id]["status"] in ("starting", "processing") and rows["never-sent"]["status"] == "failed"
+    assert store.spend_between() == pytest.approx(sent["estimate_usd"])  # only the real job still counts
+    assert store.stale_reservations(0) == []
+    code, out, _ = run(capsys, "--json", "status", job_id)  # followed like any other job
+    assert code == EXIT_OK and json.loads(out)["id"] == job_id

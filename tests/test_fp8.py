@@ -109,6 +109,11 @@ def test_fp8_base_refuses_full_fine_tunes_and_old_gpus(tiny_weights, monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(TrainingError, match=r"speed.fp8_base: .*compute capability 8.9\+\); this one is 8.0"):
         check_machine(spec, cuda=True)
+    # the row-scaled fp8 kernels write bf16: an fp32 run on a capable GPU is refused before loading
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fp32 = quick_spec(tiny_weights, "flux-dev", precision="fp32", **{"speed.fp8_base": "on"})
+    with pytest.raises(TrainingError, match="speed.fp8_base: needs bf16 precision on a GPU"):
+        check_machine(fp32, cuda=True)
 
 
 def test_memory_plan_counts_fp8_weights_at_one_byte(tiny_weights):

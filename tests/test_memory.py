@@ -118,25 +118,32 @@ def test_out_of_memory_step_is_redone_with_more_checkpointing(tiny_weights, samp
     with the same batch and random numbers, so the run ends exactly where a clean one does."""
     from train.models.flux import FluxFamily
 
-    clean, _ = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=5, gradient_accumulation_steps=2),
+    clean, _ = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=5, gradient_accumulation_steps=3),
                              sample_dataset, tmp_path / "clean")
     real_loss = FluxFamily.loss
     calls = {"n": 0}
 
     def tight_memory(self, model, batch):
         calls["n"] += 1
-        if calls["n"] in (4, 5):  # second micro-batch of step 2, then the retry's first micro-batch
+        # the second of step 2's three micro-batches (the first one's gradient is already accumulated),
+        # then the retry's second one (the accumulation counter must have been put back for it)
+        if calls["n"] in (5, 7):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_loss(self, model, batch)
 
     monkeypatch.setattr(FluxFamily, "loss", tight_memory)
-    tight, log = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=5, gradient_accumulation_steps=2),
+    tight, log = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=5, gradient_accumulation_steps=3),
                                sample_dataset, tmp_path / "tight")
     assert "out of GPU memory at step 2; the step is redone with gradient checkpointing: 25% of the blocks" in log
     assert "with gradient checkpointing: 50% of the blocks" in log
     assert [s for s, _ in tight.losses] == [s for s, _ in clean.losses]
     # nothing skipped, nothing drawn twice: the same losses as the clean run
     assert [v for _, v in tight.losses] == pytest.approx([v for _, v in clean.losses], rel=1e-6)
+    # the first micro-batch's gradient is not counted twice when the step is redone
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(clean.lora_file)), load_file(str(tight.lora_file))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     config = json.loads(tight.config.read_text())
     assert config["memory_plan"]["checkpoint_fraction"] == 0.5 and config["memory_plan"]["gradient_checkpointing"]
 
@@ -157,3 +164,15 @@ def test_out_of_memory_with_every_block_checkpointed_says_what_to_change(tiny_we
     with pytest.raises(torch.cuda.OutOfMemoryError):
         train_quietly(quick_spec(tiny_weights, "flux-dev", steps=3, memory_policy="off"), sample_dataset,
                       tmp_path / "off")
+
+
+def test_out_of_memory_in_the_optimizer_step_is_not_replayed(tiny_weights, sample_dataset, tmp_path, monkeypatch):
+    """A half-initialised optimizer state cannot be redone, and checkpointing does not shrink it."""
+    from train.loop import TrainingError
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", no_memory)
+    with pytest.raises(TrainingError, match="out of GPU memory in the optimizer step.*adamw8bit"):
+        train_quietly(quick_spec(tiny_weights, "flux-dev", steps=3), sample_dataset, tmp_path / "out")

@@ -31,6 +31,7 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Each row's scale is the power of two that brings its largest magnitude closest to, but not
     over, e4m3's maximum, so scaling itself adds no rounding error.
     """
+    t = t.contiguous()  # the fp8 kernels read their first operand row-major; a transposed view is not
     amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     exponent = torch.floor(torch.log2(E4M3_MAX / amax))
     quant_scale = torch.exp2(exponent)
@@ -151,14 +152,16 @@ def convert_frozen_linears(model: torch.nn.Module) -> tuple[int, int]:
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             targets.append((parent, attr, module, f"{block_name}.{name}"))
-    n_params = 0
-    for parent, attr, linear, _ in targets:
+    n_params, n_linears = 0, len(targets)
+    while targets:  # one at a time, dropping each bf16 linear as it goes: the peak stays near the weights
+        parent, attr, linear, _ = targets.pop()
         n_params += linear.weight.numel()
         setattr(parent, attr, Fp8FrozenLinear(linear))
+        del linear
     from .fused import FusedProjection
 
     fused = [m for m in model.modules() if isinstance(m, FusedProjection) and m.fp8 is None]
     for m in fused:  # fused q/k/v (speed.fuse_qkv): the stacked weight goes fp8 as one matmul
         n_params += m.weight.numel()
         m.use_fp8()
-    return len(targets) + len(fused), n_params
+    return n_linears + len(fused), n_params

@@ -93,6 +93,9 @@ def check_machine(spec: TrainingSpec, cuda: bool) -> None:
         why = fp8_supported(torch.device("cuda"))
         if why:
             problems.append(f"speed.fp8_base: {why}; set it to off")
+        elif _precision(spec, cuda)[1] != torch.bfloat16:  # the row-scaled fp8 kernels write bf16 only
+            problems.append(f"speed.fp8_base: needs bf16 precision on a GPU (precision is {spec.precision}); "
+                            "use precision auto or bf16")
     if problems:
         raise TrainingError("; ".join(problems))
 
@@ -314,16 +317,21 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
                     batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
                     step_losses.append(micro_step(family, model, batch, accelerator, optimizer, params,
                                                   spec.max_grad_norm))
-                break
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # in a forward or backward (micro_step re-raises the rest)
                 if snapshot is None:
                     raise
                 batch = step_losses = None  # type: ignore[assignment]
-                optimizer.zero_grad(set_to_none=True)
+                for p in params:  # not optimizer.zero_grad: accelerate's skips it mid-accumulation
+                    p.grad = None
                 snapshot.restore()
                 plan = _more_checkpointing(plan, accelerator.unwrap_model(model), step)
-                if cuda:
-                    torch.cuda.empty_cache()
+                retry = True
+            else:
+                retry = False
+            if retry and cuda:
+                torch.cuda.empty_cache()  # out of the except block: its traceback held the step's tensors
+            if not retry:
+                break
         losses += step_losses
         if step == start_step:  # the first step pays for compilation and warm-up: reported on its own
             if cuda:
@@ -477,9 +485,15 @@ def micro_step(family, model: torch.nn.Module, batch, accelerator, optimizer, pa
         with accelerator.autocast():
             loss = family.loss(model, batch)
         accelerator.backward(loss)
-        if accelerator.sync_gradients and max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()  # a no-op until the last micro-batch (accelerate's wrapper)
+        try:
+            if accelerator.sync_gradients and max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()  # a no-op until the last micro-batch (accelerate's wrapper)
+        except torch.cuda.OutOfMemoryError as exc:
+            # not retried: a half-initialised optimizer state or an unscaled fp16 gradient cannot be
+            # replayed, and more checkpointing would not shrink the optimizer's memory anyway
+            raise TrainingError("out of GPU memory in the optimizer step (its state is allocated on the first "
+                                "step): use optimizer adamw8bit, fewer LoRA targets or a lower lora.rank") from exc
         optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 

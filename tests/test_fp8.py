@@ -33,7 +33,7 @@ def test_fp8_linear_approximates_the_linear_and_its_input_gradient():
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128).requires_grad_(False)
-    fp8 = Fp8FrozenLinear(linear)
+    fp8 = Fp8FrozenLinear(linear.weight, linear.bias)
     x = torch.randn(2, 50, 256, requires_grad=True)
     y = fp8(x)
     y.square().sum().backward()

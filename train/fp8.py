@@ -25,6 +25,12 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in here: autocast's, when it is on, else ``x``'s."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 tensor, float32 dequantisation scale of shape (rows, 1)) for a 2-D tensor.
 
@@ -77,18 +83,8 @@ class Fp8FrozenLinear(torch.nn.Module):
     broadcast it, and checkpoints hold only the LoRA. Convert after the model is on its device.
     """
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self._set(linear.weight, linear.bias)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp8FrozenLinear:
-        module = cls.__new__(cls)
-        torch.nn.Module.__init__(module)
-        module._set(weight, bias)
-        return module
-
-    def _set(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         w = weight.detach()
         self.out_features, self.in_features = w.shape
         self.w_q, self.w_scale = quantize_rows(w)  # one power-of-two scale per output row
@@ -98,8 +94,7 @@ class Fp8FrozenLinear(torch.nn.Module):
         return self.w_q.numel() + self.w_scale.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        kind, dtype = x.device.type, compute_dtype(x)
         with torch.autocast(kind, enabled=False):
             y = _Fp8FrozenMatmul.apply(x.to(dtype), self.w_q, self.w_scale, dtype)
             if self.bias is not None:
@@ -156,7 +151,7 @@ def convert_frozen_linears(model: torch.nn.Module) -> tuple[int, int]:
     while targets:  # one at a time, dropping each bf16 linear as it goes: the peak stays near the weights
         parent, attr, linear, _ = targets.pop()
         n_params += linear.weight.numel()
-        setattr(parent, attr, Fp8FrozenLinear(linear))
+        setattr(parent, attr, Fp8FrozenLinear(linear.weight, linear.bias))
         del linear
     from .fused import FusedProjection
 

@@ -89,7 +89,7 @@ class FusedProjection(torch.nn.Module):
         """Run the stacked base matmul in fp8 (train/fp8.py) and free the bf16 weights."""
         from .fp8 import Fp8FrozenLinear
 
-        self.fp8 = Fp8FrozenLinear.from_weight(self.weight, self.bias)
+        self.fp8 = Fp8FrozenLinear(self.weight, self.bias)
         empty = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
         for p in self._parts:  # only the fused path runs now; the views would keep the bf16 storage alive
             _base(p).weight.data = empty
@@ -167,8 +167,9 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     a = self.lora_A[ADAPTER].weight
     b = self.lora_B[ADAPTER].weight
     base = self.base_layer
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    from .fp8 import compute_dtype
+
+    kind, dtype = x.device.type, compute_dtype(x)
     with torch.autocast(kind, enabled=False):
         stacked = self._stacked if self._stacked.dtype == dtype else self._stacked.to(dtype)
         z = _StackedMatmul.apply(x.to(dtype), stacked, a)

@@ -317,6 +317,7 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
                     batch = collate(cache, indices[lo:hi], drop[lo:hi], device, weight_dtype, rng)
                     step_losses.append(micro_step(family, model, batch, accelerator, optimizer, params,
                                                   spec.max_grad_norm))
+                break
             except torch.cuda.OutOfMemoryError:  # in a forward or backward (micro_step re-raises the rest)
                 if snapshot is None:
                     raise
@@ -325,13 +326,8 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
                     p.grad = None
                 snapshot.restore()
                 plan = _more_checkpointing(plan, accelerator.unwrap_model(model), step)
-                retry = True
-            else:
-                retry = False
-            if retry and cuda:
+            if cuda:
                 torch.cuda.empty_cache()  # out of the except block: its traceback held the step's tensors
-            if not retry:
-                break
         losses += step_losses
         if step == start_step:  # the first step pays for compilation and warm-up: reported on its own
             if cuda:

@@ -298,12 +298,11 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
             problems.append(({"model", "flux"},
                              f"flux.max_sequence_length: FLUX.1-schnell accepts at most 256 tokens, got {msl}"))
     speed, mode = d.get("speed"), d.get("mode", "lora")
-    if isinstance(speed, dict) and speed.get("fp8_base") == "on" and mode == "full":
-        problems.append(({"speed", "mode"}, "speed.fp8_base: on needs mode lora (a full fine-tune trains the "
-                                            "weights fp8 would freeze)"))
-    for lever in ("fuse_qkv", "fuse_lora"):
+    lora_only = {"fp8_base": "a full fine-tune trains the weights fp8 would freeze",
+                 "fuse_qkv": "it fuses frozen weights", "fuse_lora": "it fuses frozen weights"}
+    for lever, why in lora_only.items():
         if isinstance(speed, dict) and speed.get(lever) == "on" and mode == "full":
-            problems.append(({"speed", "mode"}, f"speed.{lever}: on needs mode lora (it fuses frozen weights)"))
+            problems.append(({"speed", "mode"}, f"speed.{lever}: on needs mode lora ({why})"))
     return problems
 
 

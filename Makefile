@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install weights demo train-demo browser test clean
+.PHONY: install weights demo train-demo browser test schema clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The Cog schema as cog itself generates it (cog 0.23.1's static generator, offline): what
+# `cog build` bakes into the image and the Cog server validates inputs against.
+COGCHECK ?= ../shared/tools/cogcheck/cogcheck
+schema:
+	@test -x $(COGCHECK) || { echo "cogcheck not found at $(COGCHECK) (set COGCHECK=...)"; exit 1; }
+	$(COGCHECK) . > .cog/openapi_schema.json.tmp && mv .cog/openapi_schema.json.tmp .cog/openapi_schema.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,59 +1,108 @@
-"""Cog trainings (Replicate's ``replicate.trainings.create(..., destination=...)``).
+"""Cog's train entry: Replicate's trainings (``replicate.trainings.create(..., destination=...)``).
 
-Same inputs and job as predict.py; returns ``TrainingOutput(weights=output.zip)``. The file
-is not called train.py: Cog would load that as a module named ``train`` and shadow the
-``train/`` package.
+Cog inputs -> a ``train.service.JobRequest`` -> the trainer (``python -m train`` in a child
+process) -> ``output.zip``. The return type is a top-level ``Path``: coglet uploads that to
+the platform's file store (``--upload-url``) and Replicate turns it into the training's
+``weights`` and the destination version's ``COG_WEIGHTS``. A ``Path`` nested in a BaseModel
+(``TrainingOutput(weights=...)``) would come back inlined as a base64 data URI instead.
+
+Not called train.py: Cog would load that as a module named ``train`` and shadow the ``train/``
+package. Inputs are literal ``Input(...)`` calls: cog's static schema generator reads this file
+without running it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
-from cog import BaseModel, Path, Secret
-
-import cog_inputs as I
+from cog import BaseRunner, Input, Path, Secret
 
 
-class TrainingOutput(BaseModel):
-    weights: Path
+def _secret(value) -> Optional[str]:
+    if value is None:
+        return None
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
 
 
-class Trainer(I.JobRunner):
+class Trainer(BaseRunner):
+    def setup(self) -> None:
+        from train.service import JobFolders, detect_gpus, processes_for
+        from train.weights import prepare_weights_from_env
+
+        self.gpus = detect_gpus()
+        self.processes = processes_for(self.gpus)
+        self.weights = prepare_weights_from_env()
+        self.jobs = JobFolders()
+        names = ", ".join(g["name"] for g in self.gpus) or "none (CPU)"
+        print(f"setup: GPUs: {names}; processes per job: {self.processes}; base weights: "
+              f"{', '.join(self.weights.models) or 'none cached'}")
+        if os.environ.get("COG_WEIGHTS"):
+            print("setup: note: COG_WEIGHTS is set (this is a trained version); a training here starts from the "
+                  "base model, not from those weights")
+
     def train(
         self,
-        dataset: Path = I.DATASET,
-        spec: str = I.SPEC,
-        model: Optional[str] = I.MODEL,
-        mode: Optional[str] = I.MODE,
-        steps: Optional[int] = I.STEPS,
-        learning_rate: Optional[float] = I.LEARNING_RATE,
-        lora_rank: Optional[int] = I.LORA_RANK,
-        resolutions: Optional[str] = I.RESOLUTIONS,
-        batch_size: Optional[int] = I.BATCH_SIZE,
-        trigger_word: Optional[str] = I.TRIGGER_WORD,
-        seed: Optional[int] = I.SEED,
-        validation_prompts: Optional[str] = I.VALIDATION_PROMPTS,
-        hf_token: Optional[Secret] = I.HF_TOKEN,
-        hub_model_id: Optional[str] = I.HUB_MODEL_ID,
-        hub_private: bool = I.HUB_PRIVATE,
-        s3_bucket: Optional[str] = I.S3_BUCKET,
-        s3_prefix: str = I.S3_PREFIX,
-        s3_endpoint_url: Optional[str] = I.S3_ENDPOINT_URL,
-        s3_region: Optional[str] = I.S3_REGION,
-        s3_public_base_url: Optional[str] = I.S3_PUBLIC_BASE_URL,
-        s3_access_key_id: Optional[Secret] = I.S3_ACCESS_KEY_ID,
-        s3_secret_access_key: Optional[Secret] = I.S3_SECRET_ACCESS_KEY,
-        resume_from: Optional[Path] = I.RESUME_FROM,
-        return_checkpoint: bool = I.RETURN_CHECKPOINT,
-    ) -> TrainingOutput:
-        """Train on the dataset; ``weights`` is output.zip."""
-        return TrainingOutput(weights=Path(self.run_request(
-            dataset, spec, model=model, mode=mode, steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
-            resolutions=resolutions, batch_size=batch_size, trigger_word=trigger_word, seed=seed,
-            validation_prompts=validation_prompts, hf_token=hf_token, hub_model_id=hub_model_id,
-            hub_private=hub_private, s3_bucket=s3_bucket, s3_prefix=s3_prefix, s3_endpoint_url=s3_endpoint_url,
-            s3_region=s3_region, s3_public_base_url=s3_public_base_url, s3_access_key_id=s3_access_key_id,
-            s3_secret_access_key=s3_secret_access_key, resume_from=resume_from, return_checkpoint=return_checkpoint)))
+        # One string literal per description: the static generator does not join adjacent literals.
+        dataset: Path = Input(
+            description="Dataset archive (zip, tar or tar.gz) of images with same-stem .txt captions, a metadata.jsonl or a captions.csv; a URL or a data URI"),  # noqa: E501
+        spec: str = Input(
+            description="The whole training spec as JSON (see docs/spec.md); the typed inputs below override its fields",
+            default="{}"),
+        model: Optional[str] = Input(description="Model family (overrides spec.model)",
+                                     choices=["flux-dev", "flux-schnell", "sdxl"], default=None),
+        mode: Optional[str] = Input(description="lora or full fine-tune (overrides spec.mode)",
+                                    choices=["lora", "full"], default=None),
+        steps: Optional[int] = Input(description="Optimizer steps", ge=1, le=100000, default=None),
+        learning_rate: Optional[float] = Input(description="Peak learning rate", ge=1e-7, le=10, default=None),
+        lora_rank: Optional[int] = Input(description="LoRA rank", ge=1, le=1024, default=None),
+        resolutions: Optional[str] = Input(description='Training resolutions, e.g. "512,768,1024"',
+                                           regex=r"^\s*\d+(\s*,\s*\d+)*\s*$", default=None),
+        batch_size: Optional[int] = Input(description="Images per batch and GPU", ge=1, le=64, default=None),
+        trigger_word: Optional[str] = Input(description="Word put into every caption that lacks it",
+                                            max_length=100, default=None),
+        seed: Optional[int] = Input(description="Random seed", ge=0, le=4294967295, default=None),
+        validation_prompts: Optional[str] = Input(description="Validation prompts, one per line", default=None),
+        hf_token: Optional[Secret] = Input(description="Hugging Face token: gated base models and Hub publishing",
+                                           default=None),
+        hub_model_id: Optional[str] = Input(description="Publish the result to this Hugging Face repo (owner/name)",
+                                            regex=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", default=None),
+        hub_private: bool = Input(description="Make the Hub repo private", default=True),
+        s3_bucket: Optional[str] = Input(description="Publish the output files to this S3-compatible bucket",
+                                         default=None),
+        s3_prefix: str = Input(description="Key prefix inside the bucket", default=""),
+        s3_endpoint_url: Optional[str] = Input(description="Endpoint of a non-AWS store (MinIO, B2, R2)", default=None),
+        s3_region: Optional[str] = Input(description="Bucket region", default=None),
+        s3_public_base_url: Optional[str] = Input(description="Public URL of the bucket, for the links in the log",
+                                                  default=None),
+        s3_access_key_id: Optional[Secret] = Input(description="S3 access key id", default=None),
+        s3_secret_access_key: Optional[Secret] = Input(description="S3 secret access key", default=None),
+        resume_from: Optional[Path] = Input(description="A checkpoint archive to continue from", default=None),
+        return_checkpoint: bool = Input(description="Include resumable checkpoints in the output archive",
+                                        default=False),
+    ) -> Path:
+        """Train on the dataset; returns output.zip (LoRA files, samples, config.json, model card)."""
+        from train.service import JobError, JobRequest, run_job
+
+        prompts = [p.strip() for p in validation_prompts.splitlines() if p.strip()] if validation_prompts else None
+        overrides = {
+            "model": model, "mode": mode, "steps": steps, "learning_rate": learning_rate, "lora.rank": lora_rank,
+            "resolutions": resolutions, "batch_size": batch_size, "trigger_word": trigger_word, "seed": seed,
+            "validation.prompts": prompts, "publish.hub_model_id": hub_model_id, "publish.hub_private": hub_private,
+            "publish.s3_bucket": s3_bucket, "publish.s3_prefix": s3_prefix,
+            "publish.s3_endpoint_url": s3_endpoint_url, "publish.s3_region": s3_region,
+            "publish.s3_public_base_url": s3_public_base_url,
+        }
+        secrets = {"HF_TOKEN": _secret(hf_token), "AWS_ACCESS_KEY_ID": _secret(s3_access_key_id),
+                   "AWS_SECRET_ACCESS_KEY": _secret(s3_secret_access_key)}
+        req = JobRequest(dataset=Path(dataset), spec_json=spec, overrides=overrides,
+                         secrets={k: v for k, v in secrets.items() if v},
+                         resume_from=Path(resume_from) if resume_from else None,
+                         return_checkpoint=bool(return_checkpoint), num_processes=self.processes)
+        try:
+            return Path(run_job(req, self.jobs.new()))
+        except JobError as exc:
+            raise RuntimeError(str(exc)) from None
 
     # Cog's loader wants a run() on every runner class; in train mode it calls train().
     run = train

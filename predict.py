@@ -1,51 +1,87 @@
-"""Cog predictions: one training job per prediction, returning the output archive.
+"""Cog's run entry: images from a prompt, with the trained weights.
 
-A thin adapter: Cog inputs -> spec -> the trainer (train/) -> output.zip. Clients use it
-when they want a prediction's webhooks, logs and output archive (see README, "Cog").
+On Replicate a finished training becomes a new version of the destination model: this image
+with ``COG_WEIGHTS`` set to the training's output, which Cog hands to ``setup(weights)``. So
+``replicate.run("me/my-lora", input={"prompt": "a photo of TOK"})`` renders with the trained
+LoRA (or full fine-tune). On the trainer's own version (no weights) it renders the base model,
+or ``lora_weights``. A thin adapter over ``train.inference``; the training itself is
+cog_train.py.
+
+Inputs are written as literal ``Input(...)`` calls: cog's static schema generator reads this
+file without running it and resolves nothing else (see docs/design.md, "The Cog package").
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import shutil
+import tempfile
+from typing import List, Optional
 
-from cog import Path, Secret
-
-import cog_inputs as I
+from cog import BaseRunner, Input, Path, Secret
 
 
-class Predictor(I.JobRunner):
+def _secret(value) -> Optional[str]:
+    if value is None:
+        return None
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+
+
+class Predictor(BaseRunner):
+    def setup(self, weights: Optional[str] = None) -> None:
+        from train.inference import InferenceSession
+
+        self.session = InferenceSession(weights)
+        self.out_root = Path(tempfile.mkdtemp(prefix="render-", dir=os.environ.get("ADVANCED_TRAINER_JOBS_DIR") or None))
+        self.count = 0
+
     def run(
         self,
-        dataset: Path = I.DATASET,
-        spec: str = I.SPEC,
-        model: Optional[str] = I.MODEL,
-        mode: Optional[str] = I.MODE,
-        steps: Optional[int] = I.STEPS,
-        learning_rate: Optional[float] = I.LEARNING_RATE,
-        lora_rank: Optional[int] = I.LORA_RANK,
-        resolutions: Optional[str] = I.RESOLUTIONS,
-        batch_size: Optional[int] = I.BATCH_SIZE,
-        trigger_word: Optional[str] = I.TRIGGER_WORD,
-        seed: Optional[int] = I.SEED,
-        validation_prompts: Optional[str] = I.VALIDATION_PROMPTS,
-        hf_token: Optional[Secret] = I.HF_TOKEN,
-        hub_model_id: Optional[str] = I.HUB_MODEL_ID,
-        hub_private: bool = I.HUB_PRIVATE,
-        s3_bucket: Optional[str] = I.S3_BUCKET,
-        s3_prefix: str = I.S3_PREFIX,
-        s3_endpoint_url: Optional[str] = I.S3_ENDPOINT_URL,
-        s3_region: Optional[str] = I.S3_REGION,
-        s3_public_base_url: Optional[str] = I.S3_PUBLIC_BASE_URL,
-        s3_access_key_id: Optional[Secret] = I.S3_ACCESS_KEY_ID,
-        s3_secret_access_key: Optional[Secret] = I.S3_SECRET_ACCESS_KEY,
-        resume_from: Optional[Path] = I.RESUME_FROM,
-        return_checkpoint: bool = I.RETURN_CHECKPOINT,
-    ) -> Path:
-        """Train on the dataset; returns output.zip (LoRA files, samples, config.json, model card)."""
-        return Path(self.run_request(
-            dataset, spec, model=model, mode=mode, steps=steps, learning_rate=learning_rate, lora_rank=lora_rank,
-            resolutions=resolutions, batch_size=batch_size, trigger_word=trigger_word, seed=seed,
-            validation_prompts=validation_prompts, hf_token=hf_token, hub_model_id=hub_model_id,
-            hub_private=hub_private, s3_bucket=s3_bucket, s3_prefix=s3_prefix, s3_endpoint_url=s3_endpoint_url,
-            s3_region=s3_region, s3_public_base_url=s3_public_base_url, s3_access_key_id=s3_access_key_id,
-            s3_secret_access_key=s3_secret_access_key, resume_from=resume_from, return_checkpoint=return_checkpoint))
+        prompt: str = Input(description='What to draw. Put the trigger word in it (e.g. "a photo of TOK").'),
+        negative_prompt: str = Input(description="What not to draw (SDXL; Flux ignores it)", default=""),
+        aspect_ratio: str = Input(
+            description="Aspect ratio of the images (about one megapixel); custom: width and height below",
+            choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
+            default="1:1"),
+        width: Optional[int] = Input(description="Width with aspect_ratio custom (rounded down to a multiple of 16)",
+                                     ge=64, le=2048, default=None),
+        height: Optional[int] = Input(description="Height with aspect_ratio custom (rounded down to a multiple of 16)",
+                                      ge=64, le=2048, default=None),
+        num_outputs: int = Input(description="Number of images (seeds seed, seed+1, ...)", ge=1, le=4, default=1),
+        num_inference_steps: Optional[int] = Input(
+            description="Denoising steps; default 28 (flux-dev), 4 (flux-schnell), 30 (sdxl)", ge=1, le=100,
+            default=None),
+        guidance_scale: Optional[float] = Input(
+            description="Guidance; default 3.5 (flux-dev), 0 (flux-schnell), 5 (sdxl)", ge=0, le=20, default=None),
+        seed: Optional[int] = Input(description="Random seed; empty for a random one (it is logged)", ge=0,
+                                    le=4294967295, default=None),
+        lora_scale: float = Input(description="Strength of the LoRA", ge=-1, le=3, default=1.0),
+        # One string literal per description: the static generator does not join adjacent literals.
+        lora_weights: Optional[str] = Input(
+            description="Another LoRA instead of the trained one: a URL of an advanced-trainer output.zip, a .safetensors or another trainer's archive, or a Hugging Face repo (owner/name or owner/name/file.safetensors)",  # noqa: E501
+            default=None),
+        extra_lora: Optional[str] = Input(description="A second LoRA stacked on the first (same forms as lora_weights)",
+                                          default=None),
+        extra_lora_scale: float = Input(description="Strength of extra_lora", ge=-1, le=3, default=1.0),
+        output_format: str = Input(description="Image format", choices=["webp", "jpg", "png"], default="webp"),
+        output_quality: int = Input(description="Quality of webp and jpg images (png is lossless)", ge=0, le=100,
+                                    default=90),
+        hf_token: Optional[Secret] = Input(description="Hugging Face token for LoRAs in private repos", default=None),
+    ) -> List[Path]:
+        """Render the prompt; returns the images."""
+        from train.inference import InputError, RenderRequest
+
+        # Cog reads the returned files after run() returns: the previous prediction's go now.
+        shutil.rmtree(self.out_root / f"p{self.count}", ignore_errors=True)
+        self.count += 1
+        req = RenderRequest(
+            prompt=prompt, negative_prompt=negative_prompt, aspect_ratio=aspect_ratio, width=width, height=height,
+            num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            seed=seed, lora_scale=lora_scale, lora_weights=lora_weights or None, extra_lora=extra_lora or None,
+            extra_lora_scale=extra_lora_scale, output_format=output_format, output_quality=output_quality,
+            hf_token=_secret(hf_token))
+        try:
+            paths = self.session.predict(req, self.out_root / f"p{self.count}")
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return [Path(p) for p in paths]

@@ -58,12 +58,12 @@ def make_provider(args, settings: Settings):
                              version=settings.version, base_url=os.environ.get("REPLICATE_BASE_URL") or None)
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
+def _overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise CliError(f"--set {item!r}: expected FIELD=VALUE", EXIT_USER)
+            raise CliError(f"{flag} {item!r}: expected NAME=VALUE", EXIT_USER)
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -222,7 +222,8 @@ def cmd_submit(args, settings):
                      log=(lambda m: print(m, file=sys.stderr)))
         rec = sub.record
         if not args.json:
-            print(f"submitted {rec['kind']} {rec['id']} — estimate {sub.estimate.describe()}", file=sys.stderr)
+            into = f" into {rec['destination']}" if rec.get("destination") else ""
+            print(f"submitted {rec['kind']} {rec['id']}{into} — estimate {sub.estimate.describe()}", file=sys.stderr)
             if not webhook:
                 print("no public URL set: following the job by polling", file=sys.stderr)
         if not args.wait:
@@ -232,14 +233,74 @@ def cmd_submit(args, settings):
         result: dict[str, Any] = {"job": rec}
         if rec["status"] == "succeeded":
             result["outputs"] = deliver_job(store, rec, progress=_bar("download"))
-        _out(args, result, _describe_outputs(result.get("outputs")) if rec["status"] == "succeeded"
-             else f"job {rec['id']} {rec['status']}: {rec.get('error') or ''}")
+        human = f"job {rec['id']} {rec['status']}: {rec.get('error') or ''}"
+        if rec["status"] == "succeeded":
+            human = _describe_outputs(result.get("outputs")) + _try_hint(rec)
+        _out(args, result, human)
         return EXIT_OK if rec["status"] == "succeeded" else EXIT_JOB_FAILED
     except UserError as exc:
         raise CliError(str(exc), EXIT_USER) from None
     finally:
         if receiver:
             receiver.close()
+
+
+def _try_hint(rec: dict) -> str:
+    output = json.loads(rec["output_json"]) if rec.get("output_json") else {}
+    version = output.get("version") if isinstance(output, dict) else None
+    if rec["provider"] == "replicate" and version:
+        return (f"\nnew version:        {version}\ntry it:             advanced-trainer run {rec['id']} "
+                f"--prompt \"a photo of {_trigger(rec) or 'TOK'}\"")
+    return (f"\ntry it:             advanced-trainer run {rec['id']} --provider cog --cog-url <run-mode server> "
+            f"--prompt \"a photo of {_trigger(rec) or 'TOK'}\"")
+
+
+def _trigger(rec: dict) -> str:
+    try:
+        return json.loads(rec.get("spec_json") or "{}").get("trigger_word") or ""
+    except ValueError:
+        return ""
+
+
+def cmd_run(args, settings):
+    from .config import outputs_dir
+    from .jobs import UserError
+    from .run import resolve_target, run
+
+    store = _store()
+    try:
+        target = resolve_target(store, args.target)
+    except UserError as exc:
+        raise CliError(str(exc), EXIT_USER) from None
+    if target.provider == "cog" or args.provider == "cog":
+        args.provider = "cog"
+        args.cog_url = args.cog_url or settings.cog_run_url
+        if not args.cog_url:
+            raise CliError("running on a Cog server needs --cog-url (a server in run mode) or "
+                           "`advanced-trainer config set cog_run_url URL`", EXIT_USER)
+        if target.provider != "cog":
+            raise CliError(f"{args.target} is a Replicate model; a Cog server runs a job's weights "
+                           f"(pass a job id)", EXIT_USER)
+    provider = make_provider(args, settings)
+    inputs = {"prompt": args.prompt, "num_outputs": args.num_outputs, "seed": args.seed,
+              "aspect_ratio": args.aspect_ratio, "lora_scale": args.lora_scale,
+              "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+              "output_format": args.output_format, **_overrides(args.input, "--input")}
+    if not args.json:
+        print(f"running {target.ref if target.provider == 'replicate' else target.ref + ' on ' + args.cog_url} ...",
+              file=sys.stderr)
+
+    def folder_for(pred_id: str) -> Path:
+        if args.out:
+            return Path(args.out)
+        if target.job is not None:
+            return outputs_dir() / target.job["id"] / "tries" / pred_id
+        return outputs_dir() / "runs" / pred_id
+
+    result = run(provider, target, inputs, folder_for)
+    took = (result.prediction.get("metrics") or {}).get("predict_time")
+    _out(args, result.to_dict(), f"{len(result.images)} image(s) from {result.prediction.get('id')}"
+         + (f" in {took:.1f}s" if took else "") + ":\n" + "\n".join(f"  {p}" for p in result.images))
 
 
 def _describe_outputs(o: dict | None) -> str:
@@ -428,11 +489,29 @@ def build_parser() -> argparse.ArgumentParser:
     provider_args(sp)
     spec_args(sp)
     sp.add_argument("--dataset", required=True, help="a dataset folder (packed for you) or a zip")
-    sp.add_argument("--destination", help="owner/name: run as a Replicate training into this model (created if missing)")
+    sp.add_argument("--destination", help="owner/name: the Replicate model the training writes a new version of "
+                                          "(default: <your account>/<trigger word or dataset>-<model>; created "
+                                          "private if missing)")
     sp.add_argument("--hardware", help="for the estimate and a created destination (default: settings)")
     sp.add_argument("--fit", action="store_true", help="downsize images if the dataset is over 100 MiB")
     sp.add_argument("--wait", action="store_true", help="follow the job to the end and download its outputs")
     sp.set_defaults(fn=cmd_submit)
+    sp = sub.add_parser("run", help="render with trained weights: a job id or a model (owner/name[:version])")
+    sp.add_argument("target", help="a succeeded training's job id, or a Replicate model owner/name[:version]")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--num-outputs", type=int, help="images, 1-4 (default 1)")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--aspect-ratio", help="1:1 (default), 16:9, 3:2, ... or custom (with --input width=... height=...)")
+    sp.add_argument("--lora-scale", type=float)
+    sp.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
+    sp.add_argument("--guidance", type=float, help="guidance_scale (default: the model's)")
+    sp.add_argument("--output-format", choices=["webp", "jpg", "png"])
+    sp.add_argument("--input", "-i", action="append", default=[], metavar="NAME=VALUE",
+                    help="any other input of the run entry (negative_prompt, lora_weights, extra_lora, ...)")
+    sp.add_argument("--out", help="folder for the images (default: cloud_outputs/<job id>/tries/<id>/ or "
+                                  "cloud_outputs/runs/<id>/)")
+    provider_args(sp)
+    sp.set_defaults(fn=cmd_run)
     for name, fn, hlp in (("status", cmd_status, "a job's status"), ("cancel", cmd_cancel, "cancel a job"),
                           ("download", cmd_download, "download, verify and unpack a job's outputs")):
         sp = sub.add_parser(name, help=hlp)

@@ -4,7 +4,8 @@
         settings.json                provider settings, spend limit
         secrets.json                 the API token saved by `token set` (mode 0600)
         jobs.sqlite3                 job store and cost ledger
-        cloud_outputs/<job id>/      delivered outputs
+        cloud_outputs/<job id>/      delivered outputs (tries/<prediction id>/: images rendered with them)
+        cloud_outputs/runs/<id>/     images from `advanced-trainer run`
 
 Settings never hold secrets; the token lives only in secrets.json (or the environment).
 """
@@ -52,7 +53,8 @@ class Settings:
     public_url: str | None = None       # public base URL that reaches `serve` (webhooks); None = poll
     webhook_allowed_ips: list[str] = field(default_factory=lambda: list(REPLICATE_WEBHOOK_CIDRS))
     trusted_proxies: list[str] = field(default_factory=list)
-    cog_url: str | None = None          # provider "cog": a Cog HTTP server
+    cog_url: str | None = None          # provider "cog": a Cog HTTP server in train mode (trainings)
+    cog_run_url: str | None = None      # provider "cog": a Cog HTTP server in run mode (trying the weights)
     allowed_hosts: list[str] = field(default_factory=list)  # extra Host names `serve` answers to
     spend_limit: dict[str, Any] | None = None  # {"amount_usd", "period", "action"}
 

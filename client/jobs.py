@@ -1,8 +1,9 @@
 """The submit flow and following a job to its end — shared by the CLI and the local server.
 
 submit: validate the spec -> pack (or check) the archive -> estimate -> reserve against the
-spend limit (atomically) -> upload -> create the prediction or training (with a webhook when
-a public URL is configured) -> record it. Each step's failure leaves the store consistent: a
+spend limit (atomically) -> upload -> create the training into its destination model (created
+private when missing; a webhook when a public URL is configured) -> record it. On Replicate the
+finished training is a new version of the destination, which ``advanced-trainer run`` renders. Each step's failure leaves the store consistent: a
 reservation whose submission failed is released; a create whose answer was lost is found
 again by its uploaded dataset URL instead of being submitted twice.
 
@@ -13,6 +14,7 @@ any order and any number of times, so a job is never lost between the two paths.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 import uuid
@@ -71,6 +73,32 @@ def prepare_archive(dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool 
         raise UserError(f"{dataset.name} is {size / 2**20:.1f} MiB, over Replicate's upload limit of 100 MiB; "
                         f"pack the folder with `advanced-trainer pack --fit`")
     return dataset, 20
+
+
+_MODEL_REF = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
+
+
+def default_destination(owner: str, spec: TrainingSpec, dataset: Path) -> str:
+    """``owner/<trigger word or dataset name>-<model>``, spelled as Replicate model names are
+    (lowercase letters, digits, dashes, underscores, periods)."""
+    stem = spec.trigger_word or Path(dataset).name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        stem = stem.removesuffix(suffix)
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:60].strip("-") or "lora"
+    return f"{owner.lower()}/{slug}-{spec.model}"
+
+
+def resolve_destination(provider, spec: TrainingSpec, dataset: Path, destination: str | None) -> str | None:
+    """The destination model of a Replicate training: the one given (checked), or one derived from
+    the account and the dataset. A Cog server has no destinations (None)."""
+    if provider.name != "replicate":
+        return None
+    if destination:
+        if not _MODEL_REF.match(destination):
+            raise UserError(f"destination: expected owner/name in lowercase letters, digits, dashes, underscores "
+                            f"or periods, got {destination!r}")
+        return destination
+    return default_destination(provider.account()["username"], spec, dataset)
 
 
 def _find_created(provider, kind: str, dataset_url: str) -> tuple[dict | None, bool]:
@@ -161,13 +189,16 @@ def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, da
 
     hardware = hardware or settings.hardware
     warnings: list[str] = []
+    if destination and provider.name != "replicate":
+        log(f"note: a Cog server has no destination models; {destination} is not used")
+    destination = resolve_destination(provider, spec, dataset, destination)
     with tempfile.TemporaryDirectory(prefix="advanced-trainer-") as tmp:
         archive, n_images = prepare_archive(dataset, spec, Path(tmp), fit=fit, log=log)
         try:
             est = pricing.estimate(spec, hardware, n_images)
         except pricing.UnknownHardware as exc:
             raise UserError(str(exc)) from None
-        kind = "training" if destination else "prediction"
+        kind = "training"
         request_key = uuid.uuid4().hex
         limit = SpendLimit.from_dict(settings.spend_limit) if settings.spend_limit else None
         record = {"provider": provider.name, "kind": kind, "model": getattr(provider, "model", None),
@@ -186,10 +217,11 @@ def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, da
             warnings.append(str(decision.message))
             log(f"warning: {decision.message}")
         try:
-            dataset_url = provider.upload(archive)
             version = provider.resolve_version()
-            if destination and provider.ensure_destination(destination, hardware):
-                log(f"created the destination model {destination} (private)")
+            if destination:  # before the upload: a destination we cannot create stops the job early
+                created = provider.ensure_destination(destination, hardware)
+                log(f"training into {destination}" + (" (created it, private)" if created else ""))
+            dataset_url = provider.upload(archive)
             inputs = {"dataset": dataset_url, "spec": spec.to_json(), **publish_secrets(spec), **(extra_inputs or {})}
             store.update(request_key, input_json=inputs)  # secrets scrubbed; lets a later reconcile find the job
             try:

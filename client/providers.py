@@ -1,7 +1,10 @@
 """Where jobs run: Replicate (through the official ``replicate`` client) or any Cog HTTP server.
 
 Both providers speak in Replicate-shaped job objects (``id``, ``status``, ``logs``, ``output``,
-``error``, ``metrics``) so the rest of the client handles them alike.
+``error``, ``metrics``) so the rest of the client handles them alike. A job is a *training*
+(Replicate: into a destination model, which gets a new version with the trained weights);
+``predict`` then runs those weights (Replicate: a prediction on the destination; Cog: a
+run-mode server, given the weights as ``lora_weights``).
 """
 
 from __future__ import annotations
@@ -122,18 +125,36 @@ class ReplicateProvider:
 
     def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
                destination: str | None = None) -> dict:
+        assert kind == "training" and destination, "jobs are trainings into a destination model"
         kw: dict[str, Any] = {"input": inputs}
         if webhook:
             kw.update(webhook=webhook, webhook_events_filter=events)
-        if kind == "training":
-            assert destination
-            return self._call("create training", lambda: _plain(self.client.trainings.create(
-                model=self.model, version=version, destination=destination, **kw)))
-        return self._call("create prediction", lambda: _plain(self.client.predictions.create(version=version, **kw)))
+        return self._call("create training", lambda: _plain(self.client.trainings.create(
+            model=self.model, version=version, destination=destination, **kw)))
+
+    def predict(self, ref: str, inputs: dict, timeout: float = 900, poll: float = 1.0) -> dict:
+        """Run ``owner/name`` (its latest version) or ``owner/name:version`` and wait for the result."""
+        def create():
+            if ":" in ref:
+                return self.client.predictions.create(version=ref.split(":", 1)[1], input=inputs, wait=True)
+            return self.client.models.predictions.create(model=ref, input=inputs, wait=True)
+
+        obj = self._call(f"run {ref}", lambda: _plain(create()))
+        deadline = time.monotonic() + timeout
+        while obj.get("status") not in TERMINAL:
+            if time.monotonic() > deadline:
+                raise ProviderError(f"run {ref}: prediction {obj['id']} still {obj.get('status')} after {timeout:.0f}s")
+            time.sleep(poll)
+            obj = self.get("prediction", obj["id"])
+        return obj
 
     def get(self, kind: str, job_id: str) -> dict:
-        api = self.client.trainings if kind == "training" else self.client.predictions
-        return self._call(f"GET {kind} {job_id}", lambda: _plain(api.get(job_id)))
+        if kind == "training":
+            # replicate 1.0.7's Training model drops ``metrics`` (predict_time: what the ledger bills),
+            # so read the object as the API sends it, through the client's own request path.
+            return self._call(f"GET training {job_id}",
+                              lambda: self.client._request("GET", f"/v1/trainings/{job_id}").json())
+        return self._call(f"GET {kind} {job_id}", lambda: _plain(self.client.predictions.get(job_id)))
 
     def cancel(self, kind: str, job_id: str) -> dict:
         api = self.client.trainings if kind == "training" else self.client.predictions
@@ -182,8 +203,9 @@ class CogProvider:
 
     def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
                destination: str | None = None) -> dict:
+        assert kind == "training"
         job_id = "cog-" + uuid.uuid4().hex[:20]
-        path = "/trainings" if kind == "training" else "/predictions"
+        path = "/trainings"
         body: dict[str, Any] = {"id": job_id, "input": inputs}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record = {"id": job_id, "status": "starting", "logs": "", "output": None, "error": None, "metrics": {},
@@ -221,6 +243,18 @@ class CogProvider:
             result = {"status": "failed", "error": str(exc)}
         with self.lock:
             self.jobs[job_id].update({k: v for k, v in result.items() if k != "id"})
+
+    def predict(self, ref: str, inputs: dict, timeout: float | None = None) -> dict:
+        """A synchronous prediction on this (run-mode) server; ``ref`` is only named in errors."""
+        job_id = "cog-" + uuid.uuid4().hex[:20]
+        r = self._post("/predictions", {"id": job_id, "input": inputs})
+        try:
+            result = r.json()
+        except ValueError:
+            raise ProviderError(f"run on {self.url}: HTTP {r.status_code}: {r.text[:300]}", r.status_code) from None
+        if r.status_code != 200 or "status" not in result:
+            raise ProviderError(f"run on {self.url}: HTTP {r.status_code}: {r.text[:300]}", r.status_code)
+        return {"id": job_id, **{k: v for k, v in result.items() if k != "id"}}
 
     def apply_webhook(self, payload: dict) -> None:
         with self.lock:

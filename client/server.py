@@ -103,6 +103,14 @@ class State:
         return self._secret
 
 
+# What the page's "try it" box may send to the run entry (its Cog inputs), with their JSON types.
+RUN_INPUTS: dict[str, Any] = {
+    "prompt": str, "negative_prompt": str, "aspect_ratio": str, "width": int, "height": int, "num_outputs": int,
+    "num_inference_steps": int, "guidance_scale": (int, float), "seed": int, "lora_scale": (int, float),
+    "output_format": str,
+}
+
+
 def _error(exc: Exception) -> HTTPException:
     if isinstance(exc, HTTPException):
         return exc
@@ -371,6 +379,49 @@ def create_app(state: State) -> FastAPI:
             raise _error(exc) from None
         merged = state.store.apply_remote(job_id, obj, "poll")
         return {"job": _public(merged[0] if isinstance(merged, tuple) else merged)}
+
+    @app.post("/api/cloud/jobs/{job_id}/run")
+    def try_job(job_id: str, body: dict[str, Any] = Body(...)) -> dict:
+        """Render with a succeeded training's weights: on Replicate a prediction on the destination's
+        new version; the images land in cloud_outputs/<job id>/tries/<prediction id>/."""
+        from .config import outputs_dir
+        from .run import resolve_target, run
+
+        rec = state.store.get(job_id)
+        if rec is None:
+            raise HTTPException(404, f"no job {job_id}")
+        unknown = sorted(set(body) - set(RUN_INPUTS))
+        prompt = body.get("prompt")
+        problems = [{"field": k, "message": "unknown input"} for k in unknown]
+        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 4000:
+            problems.append({"field": "prompt", "message": "a prompt of 1 to 4000 characters is required"})
+        for k, kind in RUN_INPUTS.items():
+            if k in body and body[k] is not None and not isinstance(body[k], kind):
+                problems.append({"field": k, "message": f"expected {kind.__name__ if isinstance(kind, type) else 'a number'}"})
+        if problems:
+            raise HTTPException(422, {"problems": problems})
+        folder = outputs_dir(state.root) / job_id
+        try:
+            target = resolve_target(state.store, job_id)
+            if target.provider == "cog":
+                url = state.settings().cog_run_url
+                if not url:
+                    raise HTTPException(400, "trying a Cog job needs cog_run_url: a Cog server in run mode "
+                                             "(PUT /api/cloud/providers/replicate {\"cog_run_url\": ...})")
+                provider = state.cog_provider(url)
+            else:
+                provider = state.replicate()
+            result = run(provider, target, {k: v for k, v in body.items() if v is not None},
+                         lambda pred_id: folder / "tries" / pred_id)
+        except Exception as exc:  # noqa: BLE001
+            raise _error(exc) from None
+        if not rec.get("local_dir"):
+            state.store.update(job_id, local_dir=str(folder))
+        base = Path(rec.get("local_dir") or folder)
+        images = [p.relative_to(base).as_posix() for p in result.images]
+        return {"id": result.prediction.get("id"), "status": result.prediction.get("status"),
+                "predict_time": (result.prediction.get("metrics") or {}).get("predict_time"),
+                "images": [{"path": p, "url": f"/api/cloud/jobs/{job_id}/files/{p}"} for p in images]}
 
     @app.get("/api/cloud/jobs/{job_id}/files")
     def job_files(job_id: str) -> dict:

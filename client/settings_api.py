@@ -53,7 +53,7 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
                 if value not in pricing.HARDWARE:
                     raise ValueError(f"hardware: unknown {value!r}; choose from {', '.join(pricing.HARDWARE)}")
                 clean[key] = value
-            elif key in ("public_url", "cog_url"):
+            elif key in ("public_url", "cog_url", "cog_run_url"):
                 clean[key] = _url(key, value)
             elif key in ("webhook_allowed_ips", "trusted_proxies"):
                 clean[key] = _cidrs(key, value)
@@ -69,7 +69,7 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
                 clean[key] = None if value in (None, "", {}) else SpendLimit.from_dict(value).to_dict()
             else:
                 raise ValueError(f"{key}: unknown setting; known: model, version, hardware, public_url, cog_url, "
-                                 f"webhook_allowed_ips, trusted_proxies, allowed_hosts, spend_limit")
+                                 f"cog_run_url, webhook_allowed_ips, trusted_proxies, allowed_hosts, spend_limit")
         except (ValueError, TypeError) as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
     if problems:

@@ -31,7 +31,10 @@ def free_port() -> int:
 
 
 class CogServer:
-    def __init__(self, mode: str, log_dir: Path, env: dict[str, str] | None = None):
+    """``mode`` is ``run`` (predict.py: rendering) or ``train`` (cog_train.py: trainings)."""
+
+    def __init__(self, mode: str, log_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+        assert mode in ("run", "train"), mode
         self.mode = mode
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -45,7 +48,7 @@ class CogServer:
             "PYTHONPATH": str(ROOT),
             **(env or {}),
         }
-        args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
+        args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *args]
         if mode == "train":
             args += ["--x-mode", "train"]
         self.log_path = log_dir / f"cog-{mode}-{self.port}.log"
@@ -95,6 +98,69 @@ class CogServer:
                 self.proc.wait()
         self.client.close()
         self._log.close()
+
+
+class UploadSink:
+    """What ``--upload-url`` points at on Replicate: a file store on loopback. ``PUT /upload/NAME``
+    keeps the bytes and answers ``Location: URL/files/ID/NAME`` (what coglet reports as the
+    output); ``GET /files/ID/NAME`` serves them back, unauthenticated, as Replicate's delivery
+    URLs are."""
+
+    def __init__(self) -> None:
+        import uuid
+
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.puts: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                name = self.path.rsplit("/", 1)[-1] or "file"
+                key = f"{uuid.uuid4().hex[:12]}/{name}"
+                outer.files[key] = (body, self.headers.get("content-type") or "application/octet-stream")
+                outer.puts.append({"path": self.path, "size": len(body), "prediction_id":
+                                   self.headers.get("x-prediction-id"), "url": f"{outer.url}/files/{key}"})
+                self.send_response(201)
+                self.send_header("Location", f"{outer.url}/files/{key}?signature=abc")  # query: coglet strips it
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):  # noqa: N802
+                key = self.path.split("?", 1)[0].removeprefix("/files/")
+                if key not in outer.files:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data, ctype = outer.files[key]
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.upload_url = f"{self.url}/upload/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Store a file directly (as if uploaded); returns its URL."""
+        import uuid
+
+        key = f"{uuid.uuid4().hex[:12]}/{name}"
+        self.files[key] = (data, content_type)
+        return f"{self.url}/files/{key}"
+
+    def get(self, url: str) -> bytes:
+        return self.files[url.split("?", 1)[0].removeprefix(self.url + "/files/")][0]
+
+    def close(self) -> None:
+        self.server.shutdown()
 
 
 def data_uri(path: Path, mime: str = "application/zip") -> str:

@@ -88,12 +88,12 @@ def jobs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jobs")
 
 
-def cog_server_fixture(mode, tmp_path_factory, cog_weights, jobs_dir, **env):
+def cog_server_fixture(mode, tmp_path_factory, cog_weights, jobs_dir, args=(), **env):
     from cogserver import CogServer
 
     server = CogServer(mode, tmp_path_factory.mktemp("cog"), {
         "ADVANCED_TRAINER_WEIGHTS": str(cog_weights), "ADVANCED_TRAINER_JOBS_DIR": str(jobs_dir),
-        "HF_HUB_OFFLINE": "1", **env})
+        "ADVANCED_TRAINER_RUN_BASE": "tiny-flux-dev", "HF_HUB_OFFLINE": "1", **env}, args=tuple(args))
     try:
         server.wait()
         yield server
@@ -102,12 +102,82 @@ def cog_server_fixture(mode, tmp_path_factory, cog_weights, jobs_dir, **env):
 
 
 @pytest.fixture(scope="session")
-def predict_server(tmp_path_factory, cog_weights, jobs_dir):
-    yield from cog_server_fixture("predict", tmp_path_factory, cog_weights, jobs_dir)
+def upload_sink():
+    """The file store Cog uploads outputs to (``--upload-url``), as on Replicate."""
+    from cogserver import UploadSink
+
+    sink = UploadSink()
+    yield sink
+    sink.close()
 
 
 @pytest.fixture(scope="session")
-def train_server(tmp_path_factory, cog_weights, jobs_dir):
-    yield from cog_server_fixture("train", tmp_path_factory, cog_weights, jobs_dir)
+def train_server(tmp_path_factory, cog_weights, jobs_dir, upload_sink):
+    yield from cog_server_fixture("train", tmp_path_factory, cog_weights, jobs_dir,
+                                  args=("--upload-url", upload_sink.upload_url))
 
 
+class RunServers:
+    """Run-mode Cog servers (predict.py), one per COG_WEIGHTS value, started on first use and kept
+    for the session: what Replicate does with a destination version (None: the trainer's own)."""
+
+    def __init__(self, tmp_path_factory, cog_weights, jobs_dir):
+        self.args = (tmp_path_factory, cog_weights, jobs_dir)
+        self.cache = tmp_path_factory.mktemp("lora-cache")
+        self.servers: dict = {}
+
+    def get(self, weights: str | None):
+        if weights not in self.servers:
+            env = {"ADVANCED_TRAINER_LORA_CACHE": str(self.cache)}
+            if weights:
+                env["COG_WEIGHTS"] = weights
+            gen = cog_server_fixture("run", *self.args, **env)
+            self.servers[weights] = (gen, next(gen))
+        return self.servers[weights][1]
+
+    def url_for(self, weights: str | None) -> str:
+        return self.get(weights).url
+
+    def close(self) -> None:
+        for gen, _ in self.servers.values():
+            gen.close()
+
+
+@pytest.fixture(scope="session")
+def run_servers(tmp_path_factory, cog_weights, jobs_dir):
+    pool = RunServers(tmp_path_factory, cog_weights, jobs_dir)
+    yield pool
+    pool.close()
+
+
+def tiny_spec(model: str = "flux-dev", **extra) -> str:
+    """A spec JSON for a few-second training of a tiny model through the Cog train entry."""
+    import json
+
+    base = {"flux-dev": "tiny-flux-dev", "sdxl": "tiny-sdxl"}[model]
+    if model == "sdxl":
+        extra.setdefault("lora", {"targets": ["to_q", "to_k", "to_v", "to_out.0", "conv_out"]})
+    return json.dumps({"base_weights": base, "resolutions": "64", "learning_rate": 0.01, "caption_dropout": 0,
+                       "validation": {"num_inference_steps": 2}, **extra})
+
+
+def _train_once(train_server, sample_zip, model: str) -> str:
+    from cogserver import data_uri
+
+    r = train_server.post("/trainings", {"input": {
+        "dataset": data_uri(sample_zip), "spec": tiny_spec(model), "model": model, "steps": 6, "lora_rank": 8,
+        "trigger_word": "sks", "validation_prompts": "a red circle"}})
+    body = r.json()
+    assert body["status"] == "succeeded", body.get("error") or body.get("logs", "")[-2000:]
+    return body["output"]
+
+
+@pytest.fixture(scope="session")
+def flux_weights(train_server, sample_zip) -> str:
+    """The URL (in the upload sink) of a tiny Flux LoRA training's output.zip."""
+    return _train_once(train_server, sample_zip, "flux-dev")
+
+
+@pytest.fixture(scope="session")
+def sdxl_weights(train_server, sample_zip) -> str:
+    return _train_once(train_server, sample_zip, "sdxl")

@@ -16,11 +16,15 @@ raw file bytes (``/_fake/files/{id}/{name}``, what Cog downloads), outputs
 (``/_fake/outputs/{job}/{name}``, with Range/ETag), the Cog webhook sink, and the fault and
 synthetic-run control endpoints.
 
-Jobs: a prediction goes to ``cog_predict_url`` (``POST /predictions``), a training to
-``cog_train_url`` (``POST /trainings``), each with ``Prefer: respond-async``, the fake's job id
-and a webhook back to the fake; ``{fake}/v1/files/{id}`` strings in the input become the
-unauthenticated download URLs.  Cog's webhooks (unordered) update the job; a terminal status is
-never regressed.  Without a Cog URL the job runs synthetically (``fake.synthetic``).
+Jobs: a training goes to ``cog_train_url`` (``POST /trainings``), a prediction to a run-mode
+server: ``cog_run_for(weights)`` gives its URL for the version's COG_WEIGHTS (None for the
+trainer's own version), or ``cog_predict_url`` for every version.  Each is sent with
+``Prefer: respond-async``, the fake's job id and a webhook back to the fake;
+``{fake}/v1/files/{id}`` strings in the input become the unauthenticated download URLs.  Cog's
+webhooks (unordered) update the job; a terminal status is never regressed.  As on Replicate, a
+succeeded training's output file becomes ``{"version", "weights"}`` and a new version of the
+destination, whose predictions run with COG_WEIGHTS = those weights.  Without a Cog URL the
+job runs synthetically (``fake.synthetic``: trainings return a LoRA-shaped zip, predictions a PNG).
 
 Outgoing webhooks are signed per Standard Webhooks with the account's ``whsec_`` secret; logs and
 output events are throttled; the completed event is retried (same ``webhook-id``).  Faults for
@@ -61,14 +65,28 @@ TERMINAL = ("succeeded", "failed", "canceled")
 EVENTS = ("start", "output", "logs", "completed")
 MiB = 1024 * 1024
 
+# Replicate's SKUs as its pricing page names them: the L40S multiples put the count first, the
+# A100 / H100 / A40 multiples put it last.
 HARDWARE = [
     {"sku": "cpu", "name": "CPU"},
     {"sku": "gpu-t4", "name": "Nvidia T4 GPU"},
     {"sku": "gpu-a40-small", "name": "Nvidia A40 GPU"},
     {"sku": "gpu-a40-large", "name": "Nvidia A40 (Large) GPU"},
+    {"sku": "gpu-a40-large-2x", "name": "2x Nvidia A40 (Large) GPU"},
+    {"sku": "gpu-a40-large-4x", "name": "4x Nvidia A40 (Large) GPU"},
+    {"sku": "gpu-a40-large-8x", "name": "8x Nvidia A40 (Large) GPU"},
     {"sku": "gpu-l40s", "name": "Nvidia L40S GPU"},
+    {"sku": "gpu-2x-l40s", "name": "2x Nvidia L40S GPU"},
+    {"sku": "gpu-4x-l40s", "name": "4x Nvidia L40S GPU"},
+    {"sku": "gpu-8x-l40s", "name": "8x Nvidia L40S GPU"},
     {"sku": "gpu-a100-large", "name": "Nvidia A100 (80GB) GPU"},
+    {"sku": "gpu-a100-large-2x", "name": "2x Nvidia A100 (80GB) GPU"},
+    {"sku": "gpu-a100-large-4x", "name": "4x Nvidia A100 (80GB) GPU"},
+    {"sku": "gpu-a100-large-8x", "name": "8x Nvidia A100 (80GB) GPU"},
     {"sku": "gpu-h100", "name": "Nvidia H100 GPU"},
+    {"sku": "gpu-h100-2x", "name": "2x Nvidia H100 GPU"},
+    {"sku": "gpu-h100-4x", "name": "4x Nvidia H100 GPU"},
+    {"sku": "gpu-h100-8x", "name": "8x Nvidia H100 GPU"},
 ]
 
 _PREFER_WAIT = re.compile(r"^wait(=([1-9]|[1-9][0-9]|60))?$")
@@ -144,6 +162,15 @@ def tiny_zip(files: dict[str, bytes] | None = None) -> bytes:
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in files.items():
             zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def tiny_png(color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    """An 8x8 PNG (what a synthetic prediction renders)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -312,6 +339,7 @@ class _Version:
     created_at: datetime
     cog_version: str
     openapi_schema: dict
+    weights: str | None = None  # a training's weights: the COG_WEIGHTS its predictions run with
 
 
 @dataclass
@@ -352,6 +380,8 @@ class _Job:
     metrics: dict = field(default_factory=dict)
     deadline: datetime | None = None
     cog_url: str | None = None
+    cog_weights: str | None = None  # predictions: the version's trained weights (COG_WEIGHTS)
+    cog_resolve: bool = False  # predictions: ask ``cog_run_for`` for the Cog URL when the job starts
     cog_accepted: bool = False
     synthetic: SyntheticRun | None = None
     canceled: threading.Event = field(default_factory=threading.Event)
@@ -521,6 +551,7 @@ class FakeReplicate:
     """The fake API server.  See the module docstring; all knobs are plain attributes."""
 
     def __init__(self, cog_predict_url: str | None = None, cog_train_url: str | None = None, *,
+                 cog_run_for: Callable[[str | None], str] | None = None,
                  token: str = "r8_test_fake_token_0123456789abcdef", owner: str = "acme",
                  account_name: str = "Acme Corp, Inc.", account_type: str = "organization",
                  models: list[str] | tuple[str, ...] = (), openapi_schema: dict | None = None,
@@ -532,6 +563,7 @@ class FakeReplicate:
                  validate_inputs: bool = True, cog_version: str = "0.23.1"):
         self.cog_predict_url = cog_predict_url.rstrip("/") if cog_predict_url else None
         self.cog_train_url = cog_train_url.rstrip("/") if cog_train_url else None
+        self.cog_run_for = cog_run_for
         self.token = token
         self.owner = owner
         self.account_name = account_name
@@ -638,11 +670,13 @@ class FakeReplicate:
             self.add_version(ref)
         return model
 
-    def add_version(self, ref: str, *, openapi_schema: dict | None = None, version_id: str | None = None) -> str:
+    def add_version(self, ref: str, *, openapi_schema: dict | None = None, version_id: str | None = None,
+                    weights: str | None = None) -> str:
         with self._lock:
             model = self._models[ref]
             v = _Version(id=version_id or secrets.token_hex(32), created_at=_now(), cog_version=self.cog_version,
-                         openapi_schema=openapi_schema if openapi_schema is not None else self.openapi_schema)
+                         openapi_schema=openapi_schema if openapi_schema is not None else self.openapi_schema,
+                         weights=weights)
             model.versions.insert(0, v)
             self._versions[v.id] = (model, v)
             return v.id
@@ -1224,14 +1258,17 @@ class FakeReplicate:
                    events=events, webhook_completed=body.get("webhook_completed"), destination=destination,
                    deadline=deadline)
         job.cog_url = self.cog_predict_url if kind == "prediction" else self.cog_train_url
-        if job.cog_url is None:
+        if kind == "prediction" and self.cog_run_for is not None:
+            # as on Replicate: the version's image in run mode, COG_WEIGHTS = its training's weights
+            job.cog_url, job.cog_weights, job.cog_resolve = None, version.weights, True
+        if job.cog_url is None and not job.cog_resolve:
             job.synthetic = SyntheticRun(**asdict(self.synthetic))
         model.run_count += 1
         self._jobs[job.id] = job
         if job.webhook or job.webhook_completed:
             job.channel = _WebhookChannel(self, job)
             job.channel.notify("start", self._dump(job), job.status)
-        runner = self._run_cog if job.cog_url else self._run_synthetic
+        runner = self._run_cog if (job.cog_url or job.cog_resolve) else self._run_synthetic
         threading.Thread(target=runner, args=(job,), name=f"job-{job.id}", daemon=True).start()
         if deadline is not None:
             delay = (deadline - _now()).total_seconds()
@@ -1442,12 +1479,15 @@ class FakeReplicate:
         return value
 
     def _training_output(self, job: _Job, converted: Any) -> dict:
+        """What Replicate makes of a training's output: its file becomes ``weights`` and a new version
+        of the destination (the trainer's image, with those weights as COG_WEIGHTS)."""
         out = dict(converted) if isinstance(converted, dict) else {"weights": converted}
         vid = secrets.token_hex(32)
         if job.destination in self._models:
             trainer = self._versions.get(job.version)
             schema = trainer[1].openapi_schema if trainer else self.openapi_schema
-            self.add_version(job.destination, openapi_schema=schema, version_id=vid)
+            weights = out.get("weights") if isinstance(out.get("weights"), str) else None
+            self.add_version(job.destination, openapi_schema=schema, version_id=vid, weights=weights)
         return {"version": f"{job.destination}:{vid}", **{k: v for k, v in out.items() if k != "version"}}
 
     # -- jobs: synthetic --------------------------------------------------------------------------
@@ -1479,8 +1519,11 @@ class FakeReplicate:
                 return
             predict_time = syn.predict_time if syn.predict_time is not None else time.monotonic() - started
             if syn.status == "succeeded":
-                url = self._store_output(job, "output.zip", tiny_zip(syn.output_files), "application/zip")
-                output = url if job.kind == "prediction" else self._training_output(job, {"weights": url})
+                if job.kind == "prediction":  # the run entry renders images
+                    output = [self._store_output(job, "out-0.png", tiny_png(), "image/png")]
+                else:
+                    url = self._store_output(job, "output.zip", tiny_zip(syn.output_files), "application/zip")
+                    output = self._training_output(job, {"weights": url})
                 self._finish(job, "succeeded", output=output, predict_time=predict_time)
             else:
                 self._finish(job, syn.status, error=syn.error if syn.status == "failed" else None,
@@ -1501,6 +1544,15 @@ class FakeReplicate:
 
     def _run_cog(self, job: _Job) -> None:
         path = "/predictions" if job.kind == "prediction" else "/trainings"
+        if job.cog_resolve:
+            try:  # may start a server (seconds): outside the lock
+                url = self.cog_run_for(job.cog_weights).rstrip("/")
+            except Exception as e:  # noqa: BLE001 - the version cannot boot: the prediction fails
+                with self._lock:
+                    self._finish(job, "failed", error=f"the model version could not start: {e}")
+                return
+            with self._lock:
+                job.cog_url = url
         with self._lock:
             body = {"id": job.id, "input": self._rewrite_input(job.input),
                     "webhook": f"{self.url}/_fake/cog-webhook/{job.id}",

@@ -112,16 +112,18 @@ def test_spend_limit_blocks_before_any_upload(capsys, sample_dataset, client_hom
     assert code == EXIT_USER and "spend limit exceeded" in err
 
 
-def test_submit_with_the_cog_provider_end_to_end(capsys, predict_server, sample_dataset, cog_weights, client_home):
-    """pack -> submit to the real Cog server -> follow its webhooks -> download -> the LoRA works."""
+def test_submit_with_the_cog_provider_end_to_end(capsys, train_server, run_servers, sample_dataset, cog_weights,
+                                                client_home):
+    """pack -> a training on the real Cog server -> follow its webhooks -> download -> the LoRA works;
+    then `run` renders with it on a run-mode Cog server (the weights sent as lora_weights)."""
     spec = json.dumps({"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 8, "learning_rate": 0.01,
-                       "caption_dropout": 0, "validation": {"num_inference_steps": 2}})
-    code, out, err = run(capsys, "--json", "submit", "--provider", "cog", "--cog-url", predict_server.url,
+                       "caption_dropout": 0, "trigger_word": "sks", "validation": {"num_inference_steps": 2}})
+    code, out, err = run(capsys, "--json", "submit", "--provider", "cog", "--cog-url", train_server.url,
                          "--spec", spec, "--dataset", str(sample_dataset), "--hardware", "cpu", "--wait")
     assert code == EXIT_OK, err[-3000:]
     result = json.loads(out)
     job, outputs = result["job"], result["outputs"]
-    assert job["status"] == "succeeded" and job["step"] == 8 and job["total"] == 8
+    assert job["status"] == "succeeded" and job["kind"] == "training" and job["step"] == 8 and job["total"] == 8
     assert outputs["folder"] == str(client_home / "cloud_outputs" / job["id"])
     assert os.path.isfile(outputs["lora"]) and os.path.isfile(outputs["loss_plot"]) and outputs["samples"]
 
@@ -141,6 +143,26 @@ def test_submit_with_the_cog_provider_end_to_end(capsys, predict_server, sample_
     assert job["id"] in out and "succeeded" in out
     code, out, _ = run(capsys, "--json", "status", job["id"], "--offline")
     assert json.loads(out)["local_dir"] == outputs["folder"]
+
+    # try it: the job's weights on a run-mode server
+    server = run_servers.get(None)
+    args = ("--prompt", "sks, a red circle", "--seed", "1", "--steps", "2", "--output-format", "png",
+            "-i", "aspect_ratio=custom", "-i", "width=64", "-i", "height=64")
+    code, out, err = run(capsys, "--json", "run", job["id"], "--provider", "cog", "--cog-url", server.url, *args)
+    assert code == EXIT_OK, err[-2000:]
+    tried = json.loads(out)
+    assert tried["status"] == "succeeded" and len(tried["images"]) == 1
+    assert tried["folder"].startswith(str(client_home / "cloud_outputs" / job["id"] / "tries"))
+    from PIL import Image
+
+    with_lora = np.asarray(Image.open(tried["images"][0])).astype(int)
+    code, out, err = run(capsys, "--json", "run", job["id"], "--provider", "cog", "--cog-url", server.url, *args,
+                         "--lora-scale", "0")
+    assert code == EXIT_OK, err[-2000:]
+    without = np.asarray(Image.open(json.loads(out)["images"][0])).astype(int)
+    assert np.abs(with_lora - without).max() > 10, "the job's weights do not change the image"
+    code, _, err = run(capsys, "run", job["id"], "--prompt", "x")  # no run-mode server given
+    assert code == EXIT_USER and "--cog-url" in err
 
 
 # -- against the Replicate fake (the real `replicate` client underneath) ----------------------------------
@@ -211,6 +233,47 @@ def test_submit_status_logs_cancel_and_resumed_download(capsys, fake, sample_dat
     assert code == EXIT_OK and "canceled" in out
     code, out, err = run(capsys, "download", job_id)
     assert code == EXIT_USER and "canceled" in err
+
+
+def test_submit_trains_into_a_destination_and_run_renders_its_new_version(
+        capsys, train_server, run_servers, sample_dataset, client_home, monkeypatch):
+    """Replicate's flow with the real Cog servers behind the fake: the training into a destination
+    (derived from the account and the trigger word, created private) makes a new version; `run`
+    renders with it (COG_WEIGHTS = the training's weights) and downloads the images."""
+    from fake_replicate import FakeReplicate
+
+    with FakeReplicate(None, train_server.url, cog_run_for=run_servers.url_for, token=FAKE_TOKEN) as fake:
+        monkeypatch.setenv("REPLICATE_API_TOKEN", FAKE_TOKEN)
+        monkeypatch.setenv("REPLICATE_BASE_URL", fake.url)
+        monkeypatch.setenv("REPLICATE_POLL_INTERVAL", "0.1")
+        from conftest import tiny_spec
+
+        spec = json.dumps({**json.loads(tiny_spec()), "steps": 4, "trigger_word": "sks"})
+        code, out, err = run(capsys, "--json", "submit", "--spec", spec, "--dataset", str(sample_dataset), "--wait")
+        assert code == EXIT_OK, err[-3000:]
+        job = json.loads(out)["job"]
+        assert job["kind"] == "training" and job["destination"] == "acme/sks-flux-dev" and job["status"] == "succeeded"
+        assert "training into acme/sks-flux-dev (created it, private)" in err
+        model = fake.client().models.get("acme/sks-flux-dev")
+        assert model.visibility == "private" and model.latest_version is not None
+        assert fake.job(job["id"])["output"]["version"] == f"acme/sks-flux-dev:{model.latest_version.id}"
+
+        args = ("--prompt", "sks, a red circle", "--seed", "2", "--steps", "2", "--output-format", "png",
+                "-i", "aspect_ratio=custom", "-i", "width=64", "-i", "height=64")
+        code, out, err = run(capsys, "--json", "run", job["id"], *args)
+        assert code == EXIT_OK, err[-2000:]
+        tried = json.loads(out)
+        assert len(tried["images"]) == 1 and tried["images"][0].endswith(".png")
+        assert Path(tried["images"][0]).read_bytes().startswith(b"\x89PNG")
+        assert tried["folder"].startswith(str(client_home / "cloud_outputs" / job["id"] / "tries"))
+        code, out, err = run(capsys, "--json", "run", "acme/sks-flux-dev", *args)  # the model by name
+        assert code == EXIT_OK, err[-2000:]
+        assert Path(json.loads(out)["images"][0]).read_bytes() == Path(tried["images"][0]).read_bytes()
+        code, out, err = run(capsys, "--json", "run", "simpletuner/advanced-trainer", *args)  # the plain base
+        assert code == EXIT_OK, err[-2000:]
+        assert Path(json.loads(out)["images"][0]).read_bytes() != Path(tried["images"][0]).read_bytes()
+        code, _, err = run(capsys, "run", "acme/sks-flux-dev", "--prompt", "x", "-i", "num_outputs=9")
+        assert code == EXIT_USER and "num_outputs" in err
 
 
 def test_failed_job_exits_1_with_the_reason(capsys, fake, sample_dataset):

@@ -5,6 +5,7 @@ injected faults, and the end-to-end flow on the real Cog server."""
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ import pytest
 from fake_replicate import FakeReplicate, SyntheticRun
 
 TOKEN = "r8_" + "T0kenValue" * 4
+CREATE = "/v1/models/*/versions/*/trainings"  # every job is a training into a destination model
 
 
 def sign(secret: str, webhook_id: str, ts: int, body: bytes) -> str:
@@ -160,7 +162,7 @@ def test_submit_follows_signed_webhooks_to_delivery(local, fake, sample_dataset,
     delivered = [w for w in fake.sent_webhooks if w.job_id == job_id and w.delivered]
     assert any(w.status == "succeeded" for w in delivered)
     # submitted exactly once; the token is nowhere in the store
-    creates = [q for q in fake.requests if q.method == "POST" and q.path == "/v1/predictions"]
+    creates = [q for q in fake.requests if q.method == "POST" and fnmatch.fnmatch(q.path, CREATE)]
     assert len(creates) == 1
     assert TOKEN.encode() not in (env / "jobs.sqlite3").read_bytes()
     jobs = local.http.get("/api/cloud/jobs").json()["jobs"]
@@ -189,7 +191,7 @@ def test_webhook_faults_lose_no_job(local, fake, sample_dataset, monkeypatch, ki
     job_id = _submit(local, sample_dataset).json()["job"]["id"]
     rec = local.wait_job(job_id, delivered=True, timeout=90)
     assert rec["status"] == "succeeded" and rec["step"] == 6
-    creates = [q for q in fake.requests if q.method == "POST" and q.path == "/v1/predictions"]
+    creates = [q for q in fake.requests if q.method == "POST" and fnmatch.fnmatch(q.path, CREATE)]
     assert len(creates) == 1
 
 
@@ -205,7 +207,7 @@ def test_cancel_through_the_api(local, fake, sample_dataset):
 # -- API faults -----------------------------------------------------------------------------------------
 
 def test_rate_limited_create_fails_clearly_and_counts_nothing(local, fake, sample_dataset):
-    fake.fail("/v1/predictions", 429, method="POST", retry_after="0")
+    fake.fail(CREATE, 429, method="POST", retry_after="0")
     r = _submit(local, sample_dataset)
     assert r.status_code == 502 and "429" in r.json()["detail"] and "rate limited" in r.json()["detail"]
     recs = local.state.store.list(limit=10)
@@ -218,7 +220,7 @@ def test_rate_limited_create_fails_clearly_and_counts_nothing(local, fake, sampl
 def test_server_errors_on_polls_are_retried(env, fake, sample_dataset):
     server = LocalServer(env, fake, public=False)
     try:
-        fake.fail("/v1/predictions/*", 503, method="GET", times=3, retry_after="0")
+        fake.fail("/v1/trainings/*", 503, method="GET", times=3, retry_after="0")
         job_id = _submit(server, sample_dataset).json()["job"]["id"]
         assert server.wait_job(job_id, timeout=60)["status"] == "succeeded"
     finally:
@@ -226,10 +228,10 @@ def test_server_errors_on_polls_are_retried(env, fake, sample_dataset):
 
 
 def test_dropped_connection_on_create_never_submits_twice(local, fake, sample_dataset):
-    fake.drop("/v1/predictions", method="POST")
+    fake.drop(CREATE, method="POST")
     r = _submit(local, sample_dataset)
     assert r.status_code == 502 and "cannot reach the API" in r.json()["detail"]
-    creates = [q for q in fake.requests if q.method == "POST" and q.path == "/v1/predictions"]
+    creates = [q for q in fake.requests if q.method == "POST" and fnmatch.fnmatch(q.path, CREATE)]
     assert len(creates) == 1  # no automatic resubmission
 
 
@@ -310,13 +312,16 @@ def test_oversized_webhook_bodies_are_refused(local, fake, sample_dataset):
 
 # -- end to end on the real Cog server --------------------------------------------------------------------
 
-def test_end_to_end_training_on_the_real_cog_server(env, train_server, sample_dataset, cog_weights, tmp_path):
-    """pack -> upload -> training with a destination (created) -> real Cog -> signed webhooks -> download."""
+def test_end_to_end_training_on_the_real_cog_server(env, train_server, run_servers, sample_dataset, cog_weights,
+                                                   tmp_path):
+    """pack -> upload -> training with a destination (created) -> real Cog -> signed webhooks -> download;
+    then "try it": the destination's new version renders through the API."""
     import numpy as np
     import torch
     from diffusers import FluxPipeline
 
-    with FakeReplicate(cog_train_url=train_server.url, token=TOKEN, webhook_throttle_s=0.2) as fake:
+    with FakeReplicate(cog_train_url=train_server.url, cog_run_for=run_servers.url_for, token=TOKEN,
+                       webhook_throttle_s=0.2) as fake:
         server = LocalServer(env, fake)
         try:
             spec = {"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 8, "learning_rate": 0.01,
@@ -332,6 +337,21 @@ def test_end_to_end_training_on_the_real_cog_server(env, train_server, sample_da
             assert (folder / "pytorch_lora_weights.safetensors").is_file()
             assert any(w.job_id == job_id and w.delivered for w in fake.sent_webhooks)
             assert fake.client().models.get("acme/my-lora").latest_version is not None  # created, then versioned
+
+            try_it = {"prompt": "a red circle", "num_outputs": 2, "seed": 1, "num_inference_steps": 2,
+                      "aspect_ratio": "custom", "width": 64, "height": 64, "output_format": "png"}
+            r = server.http.post(f"/api/cloud/jobs/{job_id}/run", json=try_it)
+            assert r.status_code == 200, r.text
+            images = r.json()["images"]
+            assert len(images) == 2 and all(i["path"].startswith("tries/") for i in images)
+            first = server.http.get(images[0]["url"])
+            assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
+            assert fake.count("POST", "/v1/predictions") == 1  # on the version the training made
+            bad = server.http.post(f"/api/cloud/jobs/{job_id}/run", json={"prompt": "", "colour": "red"})
+            assert bad.status_code == 422 and {p["field"] for p in bad.json()["detail"]["problems"]} == {
+                "prompt", "colour"}
+            wrong = server.http.post(f"/api/cloud/jobs/{job_id}/run", json={**try_it, "num_outputs": 7})
+            assert wrong.status_code == 422 and "num_outputs" in wrong.text  # Replicate's own validation
         finally:
             server.close()
 
@@ -353,7 +373,7 @@ def test_more_faults_give_clear_messages_and_lose_nothing(local, fake, sample_da
         r = _submit(local, sample_dataset)
         assert r.status_code == 502 and "upload" in r.json()["detail"] and "500" in r.json()["detail"]
     elif fault == "create-503":
-        fake.fail("/v1/predictions", 503, method="POST", retry_after="0")
+        fake.fail(CREATE, 503, method="POST", retry_after="0")
         r = _submit(local, sample_dataset)
         assert r.status_code == 502 and "503" in r.json()["detail"]
     elif fault == "account-slow":
@@ -372,4 +392,4 @@ def test_more_faults_give_clear_messages_and_lose_nothing(local, fake, sample_da
     assert r.status_code == 201
     rec = local.wait_job(r.json()["job"]["id"])
     assert rec["status"] == "succeeded"
-    assert len([q for q in fake.requests if q.method == "POST" and q.path == "/v1/predictions" and q.status == 201]) == 1
+    assert len([q for q in fake.requests if q.method == "POST" and fnmatch.fnmatch(q.path, CREATE) and q.status == 201]) == 1

@@ -1,12 +1,22 @@
-"""The Cog package through the real Cog HTTP server (coglet) on loopback: predictions and
-trainings train the tiny models, inputs are validated by the committed schema, secrets stay
-secret, cancel is prompt and total, webhooks arrive, and setup refuses missing weights."""
+"""The Cog package through the real Cog HTTP server (coglet) on loopback.
+
+Train entry (cog_train.py, ``--x-mode train``): trainings train the tiny models and return
+output.zip *uploaded* to the server's ``--upload-url``; inputs are validated by cog's schema;
+secrets stay secret; cancel is prompt and total; webhooks arrive; setup refuses missing weights.
+
+Run entry (predict.py): what Replicate runs for a training's destination version, COG_WEIGHTS
+set to the training's weights: it renders with the trained LoRA, exactly as the stock diffusers
+pipeline with ``load_lora_weights`` does; ``lora_weights`` / ``extra_lora`` work on the trainer's
+own version; bad inputs get 422 and bad weights fail setup, each naming the culprit.
+"""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -14,137 +24,215 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from cogserver import CogServer, FileServer, Receiver, data_uri, decode_output
-from conftest import ROOT, cog_server_fixture
+from cogserver import CogServer, FileServer, Receiver, data_uri
+from conftest import ROOT, cog_server_fixture, tiny_spec
 
 SECRET = "hf_TOPSECRETtoken1234567890"
 S3_SECRET = "s3SECRETkey0987654321zyxw"
+PROMPT = "sks, a red circle"
+# Outputs are 8-bit images. Our renderer and the stock pipeline run the same fp32 ops on the
+# CPU, so they agree exactly in practice; 2 levels (of 255) leave room for a rounding step in
+# a different BLAS path, while the LoRA itself moves pixels by far more (asserted below).
+TOLERANCE = 2
 
 
-def tiny_spec(model: str = "flux-dev", **extra) -> str:
-    base = {"flux-dev": "tiny-flux-dev", "sdxl": "tiny-sdxl"}[model]
-    return json.dumps({"base_weights": base, "resolutions": "64", "learning_rate": 0.01, "caption_dropout": 0,
-                       "validation": {"num_inference_steps": 2}, **extra})
+def _unzip(data: bytes, out: Path) -> Path:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        zf.extractall(out)
+    return out
 
 
-def _lora_changes_image(archive: bytes, family: str, cog_weights: Path, tmp_path: Path) -> None:
+def _image(value: str) -> np.ndarray:
+    assert value.startswith("data:image/"), value[:60]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1]))).convert("RGB")).astype(int)
+
+
+def _stock(family: str, cog_weights: Path, lora_dirs=(), scales=None, seed: int = 3) -> np.ndarray:
+    """What a user gets from the stock diffusers pipeline with ``load_lora_weights``."""
     from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
-    out = tmp_path / "unpacked"
-    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-        names = zf.namelist()
-        zf.extractall(out)
-    assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "config.json", "README.md",
-            "loss.png", "dataset_report.json"} <= set(names), names
-    assert any(n.startswith("samples/") for n in names)
-    assert not any(n.startswith(".work") for n in names)
-    cls, base = (FluxPipeline, "tiny-flux-dev") if family == "flux" else (StableDiffusionXLPipeline, "tiny-sdxl")
-    kw = {"max_sequence_length": 32} if family == "flux" else {}
-
-    def render(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        return np.asarray(pipe("sks, a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
-                               generator=torch.Generator().manual_seed(0), **kw).images[0])
-
-    plain = render(cls.from_pretrained(cog_weights / base))
-    pipe = cls.from_pretrained(cog_weights / base)
-    pipe.load_lora_weights(out)
-    assert np.abs(render(pipe) - plain).max() > 0.01, "the returned LoRA does not change the image"
+    if family == "flux":
+        pipe, kw = FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev"), {"guidance_scale": 3.5,
+                                                                                 "max_sequence_length": 512}
+    else:
+        pipe, kw = StableDiffusionXLPipeline.from_pretrained(cog_weights / "tiny-sdxl"), {"guidance_scale": 5.0}
+    pipe.set_progress_bar_config(disable=True)
+    names = []
+    for i, d in enumerate(lora_dirs):
+        pipe.load_lora_weights(d, adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales or [1.0] * len(names))
+    img = pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(seed),
+               **kw).images[0]
+    return np.asarray(img.convert("RGB")).astype(int)
 
 
-# -- predictions and trainings -------------------------------------------------------------------
-
-def test_prediction_flux_from_a_data_uri(predict_server, sample_zip, cog_weights, tmp_path):
-    r = predict_server.post("/predictions", {"input": {
-        "dataset": data_uri(sample_zip), "spec": tiny_spec(), "model": "flux-dev", "steps": 8,
-        "trigger_word": "sks", "validation_prompts": "a red circle\na blue square"}})
+def _render(server, **inputs) -> dict:
+    body = {"prompt": PROMPT, "aspect_ratio": "custom", "width": 64, "height": 64, "num_inference_steps": 2,
+            "seed": 3, "output_format": "png", **inputs}
+    body = {k: v for k, v in body.items() if v is not None}  # an explicit null is a 422: leave the key out
+    r = server.post("/predictions", {"input": body})
     assert r.status_code == 200, r.text
-    body = r.json()
+    return r.json()
+
+
+def _ok(body: dict) -> dict:
     assert body["status"] == "succeeded", body.get("error") or body.get("logs", "")[-2000:]
-    assert 'PROGRESS {"phase": "train", "step": 8, "total": 8' in body["logs"]
-    assert "dataset: 8 images used" in body["logs"]
-    archive = decode_output(body["output"])
-    _lora_changes_image(archive, "flux", cog_weights, tmp_path)
-    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-        config = json.loads(zf.read("config.json"))
-        assert len([n for n in zf.namelist() if n.startswith("samples/")]) == 2
-    assert config["spec"]["steps"] == 8 and config["spec"]["trigger_word"] == "sks"  # typed inputs won
+    return body
 
 
-def test_prediction_sdxl_from_a_loopback_url(predict_server, sample_zip, cog_weights, tmp_path):
-    files = FileServer(sample_zip.parent)
-    try:
-        r = predict_server.post("/predictions", {"input": {
-            "dataset": f"{files.url}/{sample_zip.name}", "model": "sdxl", "steps": 6, "lora_rank": 8,
-            "spec": tiny_spec("sdxl", lora={"targets": ["to_q", "to_k", "to_v", "to_out.0", "conv_out"]})}})
-    finally:
-        files.close()
-    body = r.json()
-    assert body["status"] == "succeeded", body.get("error")
-    _lora_changes_image(decode_output(body["output"]), "sdxl", cog_weights, tmp_path)
+# -- trainings: weights uploaded, and the destination version renders with them ----------------------
+
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+def test_training_uploads_weights_and_the_destination_renders_with_them(
+        request, family, upload_sink, run_servers, cog_weights, tmp_path):
+    weights = request.getfixturevalue(f"{family}_weights")
+    assert weights.startswith(upload_sink.url + "/files/") and "?" not in weights, weights  # uploaded, not inlined
+    assert any(p["url"] == weights and p["prediction_id"] for p in upload_sink.puts)
+    out = _unzip(upload_sink.get(weights), tmp_path / "out")
+    assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "config.json", "README.md",
+            "loss.png", "dataset_report.json"} <= {p.name for p in out.iterdir()}
+    assert list((out / "samples").glob("*.png")) and not (out / ".work").exists()
+
+    body = _ok(_render(run_servers.get(weights)))  # the destination version: COG_WEIGHTS = the weights URL
+    assert len(body["output"]) == 1
+    ours = _image(body["output"][0])
+    stock = _stock(family, cog_weights, [out])
+    base = _stock(family, cog_weights)
+    assert np.abs(ours - stock).max() <= TOLERANCE, "the run entry does not render as diffusers does with this LoRA"
+    assert np.abs(stock - base).max() > 10, "the trained LoRA does not change the image"
+    assert "trigger word" not in body["logs"]  # the prompt has it: no hint
 
 
-@pytest.mark.parametrize("model,family", [("flux-dev", "flux"), ("sdxl", "sdxl")])
-def test_training_returns_weights(train_server, sample_zip, cog_weights, tmp_path, model, family):
-    spec = tiny_spec(model, **({"lora": {"targets": ["to_q", "to_k", "to_v", "conv_out"]}} if family == "sdxl" else {}))
-    r = train_server.post("/trainings", {"input": {"dataset": data_uri(sample_zip), "spec": spec, "model": model,
-                                                   "steps": 6}})
-    body = r.json()
-    assert body["status"] == "succeeded", body.get("error")
-    assert set(body["output"]) == {"weights"}
-    _lora_changes_image(decode_output(body["output"]["weights"]), family, cog_weights, tmp_path)
-
-
-def test_bad_spec_fails_naming_every_field(predict_server, sample_zip):
-    r = predict_server.post("/predictions", {"input": {
+def test_a_bad_spec_fails_the_training_naming_every_field(train_server, sample_zip):
+    r = train_server.post("/trainings", {"input": {
         "dataset": data_uri(sample_zip), "spec": json.dumps({"lora": {"rank": 0}, "optimizer": "sgd"})}})
     body = r.json()
     assert body["status"] == "failed"
     assert "lora.rank" in body["error"] and "optimizer" in body["error"]
 
 
-# -- schema and validation -------------------------------------------------------------------------
-
-def test_schema_is_current_and_served(predict_server):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "scripts/cog_schema.py", "--check"], cwd=ROOT, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr
-    served = predict_server.client.get("/openapi.json").json()
-    assert served == json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
-    assert served["components"]["schemas"]["TrainingInput"]["properties"]["hf_token"]["x-cog-secret"] is True
+def test_training_inputs_get_422_naming_the_field(train_server):
+    for field, value in (("steps", -5), ("model", "sd15"), ("resolutions", "512;768"), ("lora_rank", 5000)):
+        r = train_server.post("/trainings", {"input": {"dataset": "data:,x", field: value}})
+        assert r.status_code == 422, r.text
+        assert any(d["loc"][-1] == field for d in r.json()["detail"]), r.text
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("steps", 0, "minimum"),
-    ("lora_rank", 5000, "maximum"),
-    ("model", "sd15", "is not one of"),
-    ("mode", "half", "is not one of"),
-    ("resolutions", "512;768", "pattern"),
+def test_training_from_a_loopback_url(train_server, sample_zip, upload_sink):
+    files = FileServer(sample_zip.parent)
+    try:
+        body = train_server.post("/trainings", {"input": {
+            "dataset": f"{files.url}/{sample_zip.name}", "spec": tiny_spec(), "steps": 2}}).json()
+    finally:
+        files.close()
+    assert body["status"] == "succeeded", body.get("error")
+    assert 'PROGRESS {"phase": "train", "step": 2, "total": 2' in body["logs"]
+    assert "dataset: 8 images used" in body["logs"]
+    with zipfile.ZipFile(io.BytesIO(upload_sink.get(body["output"]))) as zf:
+        assert json.loads(zf.read("config.json"))["spec"]["steps"] == 2  # the typed input won
+
+
+# -- the run entry --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [
+    ("num_outputs", 5), ("aspect_ratio", "7:3"), ("output_format", "gif"), ("lora_scale", 9),
+    ("width", 8), ("output_quality", 101), ("seed", -1),
 ])
-def test_bad_inputs_get_422_naming_the_field(predict_server, sample_zip, field, value, needle):
-    r = predict_server.post("/predictions", {"input": {"dataset": "data:application/zip;base64,UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA==",
-                                                       field: value}})
+def test_run_inputs_get_422_naming_the_field(run_servers, field, value):
+    r = run_servers.get(None).post("/predictions", {"input": {"prompt": "x", field: value}})
     assert r.status_code == 422, r.text
-    detail = r.json()["detail"]
-    assert any(d["loc"][-1] == field for d in detail), detail
-    assert needle in json.dumps(detail) or field in json.dumps(detail)
+    assert any(d["loc"][-1] == field for d in r.json()["detail"]), r.text
 
 
-def test_training_inputs_are_validated_too(train_server):
-    r = train_server.post("/trainings", {"input": {"dataset": "data:,x", "steps": -5}})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "steps"
+def test_run_needs_a_prompt(run_servers):
+    r = run_servers.get(None).post("/predictions", {"input": {"num_outputs": 1}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "prompt", r.text
+
+
+def test_lora_weights_and_extra_lora_on_the_trainers_own_version(run_servers, flux_weights, sdxl_weights,
+                                                                 upload_sink, cog_weights, tmp_path):
+    own = run_servers.get(None)  # no COG_WEIGHTS: the trainer's own version, base tiny-flux-dev
+    out = _unzip(upload_sink.get(flux_weights), tmp_path / "flux")
+    plain = _image(_ok(_render(own))["output"][0])
+    assert np.abs(plain - _stock("flux", cog_weights)).max() <= TOLERANCE
+
+    first = _ok(_render(own, lora_weights=flux_weights))
+    assert np.abs(_image(first["output"][0]) - _stock("flux", cog_weights, [out])).max() <= TOLERANCE
+    again = _ok(_render(own, lora_weights=flux_weights, seed=4))
+    assert "render: loaded" not in again["logs"], "a second prediction with the same LoRA loaded something"
+
+    # a bare .safetensors by URL, stacked at half strength: only that adapter loads
+    bare = upload_sink.put("my_lora.safetensors", (out / "pytorch_lora_weights.safetensors").read_bytes())
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(out / "pytorch_lora_weights.safetensors", other / "pytorch_lora_weights.safetensors")
+    stacked = _ok(_render(own, lora_weights=flux_weights, extra_lora=bare, extra_lora_scale=0.5))
+    assert "render: loaded LoRA my_lora.safetensors" in stacked["logs"]
+    assert "render: loaded flux-dev" not in stacked["logs"]
+    expected = _stock("flux", cog_weights, [out, other], [1.0, 0.5])
+    assert np.abs(_image(stacked["output"][0]) - expected).max() <= TOLERANCE
+    assert np.abs(_image(stacked["output"][0]) - _image(first["output"][0])).max() > 2
+
+    # the trained LoRAs stay loaded; rendering the plain base again loads nothing
+    assert np.abs(_image(_ok(_render(own))["output"][0]) - plain).max() <= TOLERANCE
+
+    wrong = _render(own, lora_weights=flux_weights, extra_lora=sdxl_weights)
+    assert wrong["status"] == "failed" and "extra_lora" in wrong["error"] and "sdxl" in wrong["error"]
+    missing = _render(own, lora_weights=upload_sink.url + "/files/nope/lora.zip")
+    assert missing["status"] == "failed" and "lora_weights" in missing["error"] and "404" in missing["error"]
+    hub = _render(own, lora_weights="someone/some-lora")  # the Hub is unreachable here
+    assert hub["status"] == "failed" and "lora_weights" in hub["error"] and "someone/some-lora" in hub["error"]
+    local = _render(own, lora_weights="/etc/passwd")
+    assert local["status"] == "failed" and "lora_weights" in local["error"]
+
+
+def test_an_sdxl_lora_switches_the_base_and_several_outputs_use_consecutive_seeds(run_servers, sdxl_weights):
+    own = run_servers.get(None)
+    body = _ok(_render(own, lora_weights=sdxl_weights, num_outputs=2, output_format="jpg", output_quality=80))
+    assert "switching the base model to sdxl" in body["logs"]
+    assert [o.split(";")[0] for o in body["output"]] == ["data:image/jpeg"] * 2
+    single = _ok(_render(own, lora_weights=sdxl_weights, seed=4, output_format="jpg", output_quality=80))
+    assert np.abs(_image(body["output"][1]) - _image(single["output"][0])).max() <= TOLERANCE
+    webp = _ok(_render(own, lora_weights=sdxl_weights, aspect_ratio="1:1", width=None, height=None,
+                       num_inference_steps=1, output_format="webp"))
+    img = Image.open(io.BytesIO(base64.b64decode(webp["output"][0].split(",", 1)[1])))
+    assert img.format == "WEBP" and img.size == (1024, 1024)
+
+
+def test_bad_cog_weights_fail_setup_naming_them(tmp_path, upload_sink, cog_weights):
+    corrupt = upload_sink.put("output.zip", b"PK\x03\x04 this is not a zip archive at all")
+    cases = {upload_sink.url + "/files/gone/output.zip?token=s3cr3t": "HTTP 404",
+             corrupt: "cannot unpack", str(tmp_path / "missing.zip"): "does not exist"}
+    for weights, why in cases.items():
+        server = CogServer("run", tmp_path, {"ADVANCED_TRAINER_WEIGHTS": str(cog_weights), "COG_WEIGHTS": weights,
+                                             "ADVANCED_TRAINER_LORA_CACHE": str(tmp_path / "cache"),
+                                             "HF_HUB_OFFLINE": "1"})
+        try:
+            health = server.wait(statuses=("SETUP_FAILED",), timeout=90)
+        finally:
+            server.stop()
+        logs = json.dumps(health.get("setup", {})) + server.log_path.read_text(errors="replace")
+        assert "COG_WEIGHTS" in logs and why in logs, logs[-2000:]
+        assert "s3cr3t" not in logs  # a signed URL's query string is never shown
+
+
+def test_the_served_schema_is_the_committed_one(run_servers, train_server):
+    committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    assert run_servers.get(None).client.get("/openapi.json").json() == committed
+    assert train_server.client.get("/openapi.json").json() == committed
+    assert committed["components"]["schemas"]["TrainingInput"]["properties"]["hf_token"]["x-cog-secret"] is True
 
 
 # -- webhooks and secrets --------------------------------------------------------------------------
 
-def test_webhooks_carry_progress_and_secrets_never_leak(predict_server, sample_zip, tmp_path):
+def test_webhooks_carry_progress_and_secrets_never_leak(train_server, sample_zip, upload_sink):
     hooks = Receiver()
     try:
-        r = predict_server.post("/predictions", {
+        r = train_server.post("/trainings", {
             "input": {"dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 6, "hf_token": SECRET,
                       "s3_access_key_id": "AKIA" + S3_SECRET[:8], "s3_secret_access_key": S3_SECRET},
             "webhook": hooks.url, "webhook_events_filter": ["start", "logs", "output", "completed"]},
@@ -162,11 +250,10 @@ def test_webhooks_carry_progress_and_secrets_never_leak(predict_server, sample_z
 
     # the secret appears nowhere: webhook payloads, logs, the output archive (config.json included)
     everything = json.dumps(hooks.payloads)
-    archive = decode_output(final["output"])
-    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+    with zipfile.ZipFile(io.BytesIO(upload_sink.get(final["output"]))) as zf:
         for name in zf.namelist():
             everything += zf.read(name).decode("latin-1")
-    everything += predict_server.log_path.read_text(errors="replace")
+    everything += train_server.log_path.read_text(errors="replace")
     for secret in (SECRET, S3_SECRET):
         assert secret not in everything
 
@@ -190,11 +277,11 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, sample_zip):
     """Two data-parallel trainer processes (gloo on the CPU), canceled mid-training."""
     jobs = tmp_path_factory.mktemp("cancel-jobs")
-    gen = cog_server_fixture("predict", tmp_path_factory, cog_weights, jobs, ADVANCED_TRAINER_NUM_PROCESSES="2")
+    gen = cog_server_fixture("train", tmp_path_factory, cog_weights, jobs, ADVANCED_TRAINER_NUM_PROCESSES="2")
     server = next(gen)
     hooks = Receiver()
     try:
-        r = server.post("/predictions", {"id": "pred_cancel_me", "input": {
+        r = server.post("/trainings", {"id": "pred_cancel_me", "input": {
             "dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 100000},
             "webhook": hooks.url}, headers={"Prefer": "respond-async"})
         assert r.status_code == 202
@@ -208,7 +295,7 @@ def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, samp
             pytest.fail("training did not start")
         assert len(_processes_mentioning(str(jobs))) >= 3  # launcher + 2 workers
         started = time.monotonic()
-        assert server.client.post("/predictions/pred_cancel_me/cancel").status_code == 200
+        assert server.client.post("/trainings/pred_cancel_me/cancel").status_code == 200
         final = hooks.wait_terminal(timeout=30)
         elapsed = time.monotonic() - started
         assert final["status"] == "canceled"
@@ -225,30 +312,28 @@ def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, samp
 # -- setup -------------------------------------------------------------------------------------------
 
 def test_missing_base_weights_fail_setup_saying_what_to_provide(tmp_path_factory, tmp_path, cog_weights):
-    import shutil
-
     weights = tmp_path / "weights"
     shutil.copytree(cog_weights, weights)
     shutil.rmtree(weights / "tiny-sdxl")  # listed in the manifest, gone from the disk
-    server = CogServer("predict", tmp_path, {"ADVANCED_TRAINER_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1"})
+    server = CogServer("train", tmp_path, {"ADVANCED_TRAINER_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1"})
     try:
         health = server.wait(statuses=("SETUP_FAILED",), timeout=60)
     finally:
         server.stop()
     logs = json.dumps(health.get("setup", {})) + server.log_path.read_text(errors="replace")
     assert "tiny-sdxl" in logs
-    assert "COG_WEIGHTS" in logs  # one of the ways to provide them
+    assert "ADVANCED_TRAINER_BASE_WEIGHTS" in logs  # one of the ways to provide them
 
 
 # -- publishing ------------------------------------------------------------------------------------
 
-def test_s3_publishing_puts_the_outputs_under_the_prefix(predict_server, sample_zip, s3):
+def test_s3_publishing_puts_the_outputs_under_the_prefix(train_server, sample_zip, s3, upload_sink):
     inputs = {"dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 4, "s3_bucket": s3.bucket,
               "s3_prefix": "runs/job-7", "s3_endpoint_url": s3.endpoint_url, "s3_region": s3.region,
               "s3_access_key_id": s3.access_key_id, "s3_secret_access_key": s3.secret_access_key}
-    body = predict_server.post("/predictions", {"input": inputs}).json()
+    body = train_server.post("/trainings", {"input": inputs}).json()
     assert body["status"] == "succeeded", body.get("error")
-    with zipfile.ZipFile(io.BytesIO(decode_output(body["output"]))) as zf:
+    with zipfile.ZipFile(io.BytesIO(upload_sink.get(body["output"]))) as zf:
         archived = {n: zf.read(n) for n in zf.namelist()}
     listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="runs/job-7/")["Contents"]
     keys = {o["Key"].removeprefix("runs/job-7/") for o in listed}
@@ -258,6 +343,6 @@ def test_s3_publishing_puts_the_outputs_under_the_prefix(predict_server, sample_
     assert "publish:" in body["logs"] and s3.secret_access_key not in body["logs"]
 
     bad = {**inputs, "s3_prefix": "runs/job-8", "s3_secret_access_key": "wrong-secret-value-123"}
-    body = predict_server.post("/predictions", {"input": bad}).json()
+    body = train_server.post("/trainings", {"input": bad}).json()
     assert body["status"] == "failed"
     assert "credentials" in body["error"] and "wrong-secret-value-123" not in body["error"]

@@ -1,19 +1,120 @@
-"""cog.yaml is valid for Cog, and the image's requirement pins resolve together."""
+"""The Cog package as cog itself sees it: cog.yaml, the static schema, and the image's pins.
+
+``cogcheck`` is cog 0.23.1's own pre-Docker checks (config validation and the tree-sitter
+schema generator) built from cog's source: when it refuses the repository, ``cog push``
+would too. It lives beside the clone (``../shared/tools/cogcheck``) or at ``$COGCHECK``;
+without it these checks skip (saying where to get it), except in CI where they fail.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 import tomllib
+import typing
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT
 
-SCHEMA = ROOT.parent / "shared" / "reference" / "cog-config-schema-v1.0.json"
+CONFIG_SCHEMA = ROOT / "tests" / "data" / "cog-config-schema-v1.0.json"
+SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
+
+
+def _cogcheck() -> Path:
+    path = Path(os.environ.get("COGCHECK") or ROOT.parent / "shared" / "tools" / "cogcheck" / "cogcheck")
+    if not path.is_file():
+        why = (f"cogcheck (cog's own checks) not found at {path}: it ships in the shared tools beside the "
+               f"clone (../shared/tools/cogcheck/cogcheck); set COGCHECK=/path/to/cogcheck to use another copy")
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+def _schema() -> dict:
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def test_cog_accepts_the_package_and_the_committed_schema_is_what_it_generates():
+    proc = subprocess.run([str(_cogcheck()), str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"cog would refuse this package:\n{proc.stderr}"
+    assert json.loads(proc.stdout) == _schema(), "`.cog/openapi_schema.json` is stale: run `make schema`"
+    assert proc.stdout == SCHEMA_FILE.read_text(), "`.cog/openapi_schema.json` differs from cogcheck's bytes: run `make schema`"
+
+
+def test_cog_yaml_validates_against_the_config_schema():
+    import jsonschema
+
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    jsonschema.validate(config, json.loads(CONFIG_SCHEMA.read_text()))
+    assert config["build"]["gpu"] is True
+    assert "predict" not in config, "predict: is deprecated; the entry is run:"
+    assert config["run"] == "predict.py:Predictor"
+    assert config["train"] == "cog_train.py:Trainer" and not config["train"].startswith("train.py")
+    assert not any(e.split("=")[0].startswith(("PYTHON", "COG_")) for e in config.get("environment", []))
+    for entry in (config["run"], config["train"]):
+        path, _, attr = entry.partition(":")
+        assert (ROOT / path).is_file() and f"class {attr}" in (ROOT / path).read_text()
+    assert (ROOT / config["build"]["python_requirements"]).is_file()
+
+
+def _params(module: str, cls: str, method: str) -> tuple[dict, dict]:
+    sys.path.insert(0, str(ROOT))
+    fn = getattr(getattr(__import__(module), cls), method)
+    return ({n: p for n, p in inspect.signature(fn).parameters.items() if n != "self"}, typing.get_type_hints(fn))
+
+
+@pytest.mark.parametrize("component,module,cls,method", [
+    ("Input", "predict", "Predictor", "run"), ("TrainingInput", "cog_train", "Trainer", "train")])
+def test_the_static_schema_says_what_the_code_says(component, module, cls, method):
+    """cog reads the entry files without running them; what it resolves must be what Python sees
+    (a computed default, a joined string or an expression bound would differ or vanish)."""
+    schema = _schema()["components"]["schemas"]
+    props = schema[component]["properties"]
+    params, hints = _params(module, cls, method)
+    assert set(props) == set(params)
+    for name, param in params.items():
+        field, prop = param.default, props[name]
+        if "allOf" in prop:
+            enum = schema[prop["allOf"][0]["$ref"].split("/")[-1]]["enum"]
+            assert enum == list(field.choices), name
+        assert prop.get("description") == field.description, name
+        if field.default is not None or "default" in prop:
+            assert prop.get("default") == field.default, name
+        assert prop.get("minimum") == field.ge and prop.get("maximum") == field.le, name
+        assert prop.get("pattern") == field.regex and prop.get("maxLength") == field.max_length, name
+        optional = type(None) in typing.get_args(hints[name]) or field.default is not None
+        assert (name in schema[component].get("required", [])) != optional, name
+
+
+def test_the_cog_choices_and_bounds_are_the_spec_and_renderers_own():
+    from train.inference import ASPECT_RATIOS, OUTPUT_FORMATS
+    from train.spec import MODEL_FAMILIES, TrainingSpec
+
+    schema = _schema()["components"]["schemas"]
+    train, run = schema["TrainingInput"]["properties"], schema["Input"]["properties"]
+
+    def enum(prop):
+        return schema[prop["allOf"][0]["$ref"].split("/")[-1]]["enum"]
+
+    assert enum(train["model"]) == list(MODEL_FAMILIES)
+    assert enum(train["mode"]) == list(typing.get_args(TrainingSpec.model_fields["mode"].annotation))
+    assert enum(run["aspect_ratio"]) == [*ASPECT_RATIOS, "custom"]
+    assert enum(run["output_format"]) == list(OUTPUT_FORMATS)
+    # nothing Cog lets through may be refused by the spec: each Cog bound lies inside the spec's
+    for cog_name, spec_field in (("steps", "steps"), ("batch_size", "batch_size"), ("seed", "seed")):
+        bounds = {type(m).__name__: m for m in TrainingSpec.model_fields[spec_field].metadata}
+        assert train[cog_name]["minimum"] >= bounds["Ge"].ge and train[cog_name]["maximum"] <= bounds["Le"].le
+    from train.spec import LoraSpec
+
+    rank = {type(m).__name__: m for m in LoraSpec.model_fields["rank"].metadata}
+    assert train["lora_rank"]["minimum"] >= rank["Ge"].ge and train["lora_rank"]["maximum"] <= rank["Le"].le
 
 
 def _pins(lines):
@@ -24,21 +125,6 @@ def _pins(lines):
             name, version = line.split("==")
             out[name.split("[")[0].strip().lower()] = version.strip()
     return out
-
-
-def test_cog_yaml_validates_against_the_official_schema():
-    import jsonschema
-
-    assert SCHEMA.is_file(), f"the official cog.yaml schema is expected at {SCHEMA} (shared/reference)"
-    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    jsonschema.validate(config, json.loads(SCHEMA.read_text()))
-    assert config["build"]["gpu"] is True
-    assert config["predict"] == "predict.py:Predictor"
-    assert config["train"] == "cog_train.py:Trainer" and not config["train"].startswith("train.py")
-    for entry in (config["predict"], config["train"]):
-        path, _, attr = entry.partition(":")
-        assert (ROOT / path).is_file() and f"class {attr}" in (ROOT / path).read_text()
-    assert (ROOT / config["build"]["python_requirements"]).is_file()
 
 
 def test_image_pins_match_the_project_pins():
@@ -68,7 +154,8 @@ def test_image_requirements_resolve_for_the_images_python():
 
 
 def test_readme_documents_every_cog_input():
-    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    schema = _schema()["components"]["schemas"]
     readme = (ROOT / "README.md").read_text()
-    missing = [name for name in schema["components"]["schemas"]["Input"]["properties"] if f"`{name}`" not in readme]
-    assert not missing, f"README's input table lacks {missing}"
+    for component in ("Input", "TrainingInput"):
+        missing = [name for name in schema[component]["properties"] if f"`{name}`" not in readme]
+        assert not missing, f"README's {component} table lacks {missing}"

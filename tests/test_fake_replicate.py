@@ -1,7 +1,8 @@
 """The local Replicate fake (tests/fake_replicate.py), driven through the real replicate==1.0.7
 client: every endpoint the submit client relies on, signed webhooks and their faults, API faults,
-job forwarding to a Cog-like server (a stub that scrambles its webhooks), and one end-to-end
-prediction on the real Cog server with the tiny Flux model."""
+job forwarding to a Cog-like server (a stub that scrambles its webhooks), and end to end on the
+real Cog servers: a training into a destination model, whose new version renders with the
+trained weights (a run-mode server with COG_WEIGHTS = the training's weights), as on Replicate."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from fake_replicate import TRAINER_MODEL, FakeReplicate, SyntheticRun
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = "https://example.com/dataset.zip"  # synthetic jobs never download it
+RUN = {"prompt": "a photo of sks"}  # a prediction's input: the run entry renders a prompt
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ def test_models_and_versions(fake, client):
 def test_prediction_by_version_runs_and_serves_its_output(fake, client):
     from train.progress import parse_progress_line
 
-    p = client.predictions.create(version=fake.trainer_version, input={"dataset": DATASET, "steps": 5})
+    p = client.predictions.create(version=fake.trainer_version, input={**RUN, "num_outputs": 1})
     assert (p.status, p.model, p.version, p.logs, p.output) == ("starting", TRAINER_MODEL, fake.trainer_version, "",
                                                                 None)
     assert len(p.id) == 26 and p.urls["get"] == f"{fake.url}/v1/predictions/{p.id}"
@@ -234,45 +236,45 @@ def test_prediction_by_version_runs_and_serves_its_output(fake, client):
     assert p.started_at and p.completed_at and p.metrics["predict_time"] > 0
     steps = [rec for rec in map(parse_progress_line, p.logs.splitlines()) if rec and rec["phase"] == "train"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and {"loss", "lr", "s_per_step", "eta_s"} <= set(steps[0])
-    assert p.output.startswith(f"{fake.url}/_fake/outputs/{p.id}/")
-    r = httpx.get(p.output)
+    assert len(p.output) == 1 and p.output[0].startswith(f"{fake.url}/_fake/outputs/{p.id}/")
+    r = httpx.get(p.output[0])
     assert r.headers["content-length"] == str(len(r.content)) and r.headers["etag"]
-    assert "pytorch_lora_weights.safetensors" in zip_names(r.content)
+    assert r.content.startswith(b"\x89PNG") and r.headers["content-type"] == "image/png"
     assert client.models.get(TRAINER_MODEL).run_count == 1
 
 
 def test_prediction_version_forms_and_errors(fake, client):
     for ref in (f"{TRAINER_MODEL}:{fake.trainer_version}", TRAINER_MODEL):
-        assert client.predictions.create(version=ref, input={"dataset": DATASET}).version == fake.trainer_version
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+        assert client.predictions.create(version=ref, input=RUN).version == fake.trainer_version
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN)
     assert p.version == fake.trainer_version
     with pytest.raises(ReplicateError) as e:
-        client.predictions.create(version="f" * 64, input={"dataset": DATASET})
+        client.predictions.create(version="f" * 64, input=RUN)
     assert (e.value.status, e.value.title) == (422, "Invalid version or not permitted")
     with pytest.raises(ReplicateError) as e:
         client.models.predictions.create("acme/nope", input={})
     assert e.value.status == 404
     r = httpx.post(f"{fake.url}/v1/predictions", headers={"Authorization": f"Bearer {fake.token}"},
-                   json={"version": fake.trainer_version, "input": {"steps": 0}})
+                   json={"version": fake.trainer_version, "input": {"num_outputs": 9}})
     assert r.status_code == 422 and r.json()["title"] == "Input validation failed"
     fields = {f["field"]: f for f in r.json()["invalid_fields"]}
-    assert fields["input"]["description"] == "dataset is required" and fields["input"]["type"] == "required"
-    assert fields["input.steps"]["type"] == "minimum"
-    assert r.json()["detail"].startswith("- input: dataset is required\n")
+    assert fields["input"]["description"] == "prompt is required" and fields["input"]["type"] == "required"
+    assert fields["input.num_outputs"]["type"] == "maximum"
+    assert r.json()["detail"].startswith("- input: prompt is required\n")
 
 
 def test_prefer_wait_and_run(fake, client):
     t = time.monotonic()
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, wait=5)
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN, wait=5)
     assert p.status == "succeeded" and time.monotonic() - t < 3
     assert fake.count("GET", "/v1/predictions/*") == 0 and fake.requests[-1].status == 201
-    out = client.run(TRAINER_MODEL, input={"dataset": DATASET})
-    assert isinstance(out, str) and out.startswith(fake.url)  # http://127.0.0.1 outputs stay plain strings
+    out = client.run(TRAINER_MODEL, input=RUN)
+    assert isinstance(out, list) and out[0].startswith(fake.url)  # http://127.0.0.1 outputs stay plain strings
 
     fake.synthetic = SyntheticRun(duration_s=5)
     r = httpx.post(f"{fake.url}/v1/models/{TRAINER_MODEL}/predictions", timeout=10,
                    headers={"Authorization": f"Bearer {fake.token}", "Prefer": "wait=1"},
-                   json={"input": {"dataset": DATASET}})
+                   json={"input": RUN})
     assert (r.status_code, r.headers["preference-applied"], r.json()["status"]) == (202, "wait=1", "starting")
     assert r.headers["ratelimit-remaining"] == "599"
     client.predictions.cancel(r.json()["id"])
@@ -280,7 +282,7 @@ def test_prefer_wait_and_run(fake, client):
 
 def test_cancel_a_prediction_and_it_stays_canceled(fake, client):
     fake.synthetic = SyntheticRun(duration_s=3)
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN)
     poll(lambda: client.predictions.get(p.id), until=("processing",))
     c = client.predictions.cancel(p.id)
     assert c.status == "canceled" and c.completed_at and "predict_time" in c.metrics
@@ -292,16 +294,16 @@ def test_cancel_a_prediction_and_it_stays_canceled(fake, client):
 
 def test_a_failed_run(fake, client):
     fake.synthetic = SyntheticRun(duration_s=0.05, status="failed", error="boom: out of memory")
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN)
     p.wait()
     assert (p.status, p.error, p.output) == ("failed", "boom: out of memory", None)
     with pytest.raises(ModelError):
-        client.run(TRAINER_MODEL, input={"dataset": DATASET})
+        client.run(TRAINER_MODEL, input=RUN)
 
 
 def test_predictions_list_pages_with_absolute_cursors(fake, client):
     fake.page_size = 2
-    ids = [client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}).id for _ in range(5)]
+    ids = [client.models.predictions.create(TRAINER_MODEL, input=RUN).id for _ in range(5)]
     seen, page = [], client.predictions.list()
     pages = 1
     while True:
@@ -339,7 +341,7 @@ def test_training_into_a_destination(fake, client):
     t2 = client.trainings.create(version=f"{TRAINER_MODEL}:{fake.trainer_version}", input={"dataset": DATASET},
                                  destination="acme/my-lora")
     assert client.trainings.cancel(t2.id).status == "canceled"
-    assert client.predictions.create(version=done.output["version"], input={"dataset": DATASET}).version == vid
+    assert client.predictions.create(version=done.output["version"], input=RUN).version == vid
 
 
 def test_training_destination_must_exist_and_be_ours(fake, client):
@@ -363,7 +365,7 @@ def _secret(client) -> WebhookSigningSecret:
 def test_signed_webhooks_all_events_throttled(fake, client, hooks):
     secret = _secret(client)
     fake.synthetic = SyntheticRun(duration_s=1.0, steps=30)
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url)
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url)
     got = hooks.wait_terminal()
     for a in got:
         assert replicate.webhooks.validate(headers=a["headers"], body=a["body"], secret=secret, tolerance=300) is None
@@ -386,13 +388,13 @@ def test_signed_webhooks_all_events_throttled(fake, client, hooks):
 
 
 def test_webhook_events_filter(fake, client, hooks):
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
                                          webhook_events_filter=["completed"])
     poll(lambda: client.predictions.get(p.id))
     time.sleep(0.2)
     assert [a["json"]["status"] for a in hooks.wait_terminal()] == ["succeeded"]
     with pytest.raises(ReplicateError) as e:
-        client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+        client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
                                          webhook_events_filter=["bogus"])
     assert e.value.status == 422
 
@@ -400,7 +402,7 @@ def test_webhook_events_filter(fake, client, hooks):
 def test_completed_webhook_is_retried_with_the_same_id(fake, client):
     hooks = Hooks(fail_first=3, fail_status=503)  # start fails once (never retried), completed twice
     try:
-        p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+        p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
                                              webhook_events_filter=["start", "completed"])
         got = hooks.wait_terminal()
     finally:
@@ -415,7 +417,7 @@ def test_completed_webhook_is_retried_with_the_same_id(fake, client):
     # an unreachable receiver: every attempt fails, then the fake gives up
     dead = Hooks()
     dead.close()
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=dead.url,
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=dead.url,
                                          webhook_events_filter=["completed"])
     end = time.monotonic() + 5
     while len(fake.webhooks_for(p.id)) < 4 and time.monotonic() < end:
@@ -432,7 +434,7 @@ def test_webhook_faults(fake, client, hooks):
 
     def run() -> tuple[str, int]:
         n = len(hooks.received)
-        p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, webhook=hooks.url,
+        p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
                                              webhook_events_filter=events)
         poll(lambda: client.predictions.get(p.id))
         return p.id, n
@@ -471,7 +473,7 @@ def test_webhook_faults(fake, client, hooks):
 # -- API faults ----------------------------------------------------------------------------------------
 
 def test_429_then_success_on_a_get_is_retried_by_the_client(fake, client):
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN)
     fake.fail("/v1/predictions/*", 429, times=2, retry_after="0", method="GET")
     assert client.predictions.get(p.id).id == p.id
     assert [r.status for r in fake.requests if r.path == f"/v1/predictions/{p.id}"] == [429, 429, 200]
@@ -489,16 +491,16 @@ def test_429_then_success_on_a_get_is_retried_by_the_client(fake, client):
 def test_429_and_503_on_a_post_raise_at_once(fake, client):
     fake.fail("/v1/models/*/predictions", 429, retry_after="0")
     with pytest.raises(ReplicateError) as e:
-        client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+        client.models.predictions.create(TRAINER_MODEL, input=RUN)
     assert (e.value.status, e.value.detail) == (429, "Request was throttled. Your rate limit resets in ~30s.")
     assert fake.count("POST", "/v1/models/*/predictions") == 1 and client.predictions.list().results == []
     fake.fail("/v1/predictions", 503)
     with pytest.raises(ReplicateError) as e:
-        client.predictions.create(version=fake.trainer_version, input={"dataset": DATASET})
+        client.predictions.create(version=fake.trainer_version, input=RUN)
     assert e.value.status == 503
     fake.fail("/v1/predictions", 402)
     with pytest.raises(ReplicateError) as e:
-        client.predictions.create(version=fake.trainer_version, input={"dataset": DATASET})
+        client.predictions.create(version=fake.trainer_version, input=RUN)
     assert (e.value.status, e.value.title) == (402, "Billing required")
     r = [x for x in fake.requests if x.status == 503][0]
     assert (r.method, r.fault) == ("POST", "status")
@@ -529,13 +531,20 @@ def test_faults_control_endpoint(fake, client):
     assert fake.http_faults == [] and fake.webhook_faults == []
     r = httpx.post(f"{fake.url}/_fake/synthetic", json={"duration_s": 0.05, "status": "failed", "error": "nope"})
     assert r.status_code == 200
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET})
+    p = client.models.predictions.create(TRAINER_MODEL, input=RUN)
     assert poll(lambda: client.predictions.get(p.id)).error == "nope"
 
 
 def test_output_downloads_resume_with_range(fake, client):
     fake.synthetic = SyntheticRun(duration_s=0.05, output_files={"blob.bin": bytes(range(256)) * 400})
-    p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": DATASET}, wait=5)
+    t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, input={"dataset": DATASET},
+                                destination="acme/my-lora")
+    weights = poll(lambda: client.trainings.get(t.id)).output["weights"]
+
+    class P:
+        output = weights
+
+    p = P()
     full = httpx.get(p.output)
     size, etag = len(full.content), full.headers["etag"]
     assert full.headers["accept-ranges"] == "bytes" and int(full.headers["content-length"]) == size
@@ -638,32 +647,32 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 def test_forwarding_to_cog_survives_scrambled_webhooks(tmp_path):
     out_zip = b"PK\x03\x04" + b"fake zip bytes" * 10
-    cog = StubCog(_data_uri(out_zip, "application/zip"))
+    cog = StubCog(_data_uri(out_zip, "application/zip"))  # coglet inlines a Path without --upload-url
     hooks = Hooks()
     try:
-        with FakeReplicate(cog.url, None) as fake:
+        with FakeReplicate(None, cog.url, models=["acme/my-lora"]) as fake:
             client = fake.client()
             ds = tmp_path / "ds.zip"
             ds.write_bytes(b"dataset bytes")
-            p = client.models.predictions.create(TRAINER_MODEL, input={"dataset": ds, "steps": 3},
-                                                 webhook=hooks.url)
+            p = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, destination="acme/my-lora",
+                                        input={"dataset": ds, "steps": 3}, webhook=hooks.url)
             assert p.input["dataset"].startswith(f"{fake.url}/v1/files/")  # the client uploaded the Path
-            done = poll(lambda: client.predictions.get(p.id))
+            done = poll(lambda: client.trainings.get(p.id))
             time.sleep(0.3)  # the stale hook lands after completion
-            done = client.predictions.get(p.id)
+            done = client.trainings.get(p.id)
             sent = cog.jobs[0]
-            assert sent["id"] == p.id and sent["path"] == "/predictions"
+            assert sent["id"] == p.id and sent["path"] == "/trainings"
             assert sent["webhook"] == f"{fake.url}/_fake/cog-webhook/{p.id}"
             assert sent["webhook_events_filter"] == ["start", "output", "logs", "completed"]
             file_id = p.input["dataset"].rsplit("/", 1)[1]
             assert sent["input"] == {"dataset": fake.download_url(file_id), "steps": 3}
             assert cog.downloads[sent["input"]["dataset"]] == b"dataset bytes"
-            assert (done.status, done.logs, done.metrics["predict_time"]) == (
-                "succeeded", "line 1\nline 2\nline 3\n", 1.25)
-            assert done.output == f"{fake.url}/_fake/outputs/{p.id}/output.zip"
-            assert httpx.get(done.output).content == out_zip
+            assert (done.status, done.logs, fake.job(p.id)["metrics"]["predict_time"]) == (
+                "succeeded", "line 1\nline 2\nline 3\n", 1.25)  # 1.0.7's Training drops metrics
+            assert done.output["weights"] == f"{fake.url}/_fake/outputs/{p.id}/output.zip"
+            assert httpx.get(done.output["weights"]).content == out_zip
             assert [c["status"] for c in fake.cog_requests] == [409, 202]  # queued while the slot was busy
-            assert fake.count("POST", "/v1/models/*/predictions") == 1
+            assert fake.count("POST", "/v1/models/*/versions/*/trainings") == 1
             assert hooks.wait_terminal()[-1]["json"]["status"] == "succeeded"
     finally:
         cog.close()
@@ -672,7 +681,7 @@ def test_forwarding_to_cog_survives_scrambled_webhooks(tmp_path):
 
 def test_trainings_and_cancel_are_forwarded_to_cog():
     weights = b"PK\x03\x04weights"
-    cog = StubCog({"weights": _data_uri(weights, "application/zip")})
+    cog = StubCog(_data_uri(weights, "application/zip"))
     cog.busy_once = False
     try:
         with FakeReplicate(None, cog.url, models=["acme/my-lora"]) as fake:
@@ -683,7 +692,7 @@ def test_trainings_and_cancel_are_forwarded_to_cog():
             assert cog.jobs[0]["path"] == "/trainings" and done.status == "succeeded"
             assert done.output["version"] == f"acme/my-lora:{client.models.get('acme/my-lora').latest_version.id}"
             assert httpx.get(done.output["weights"]).content == weights
-            assert done.output["weights"].endswith("/weights.zip")
+            assert done.output["weights"].endswith("/output.zip")
 
             cog.hold = True  # the next job keeps running until canceled
             t2 = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version,
@@ -701,37 +710,48 @@ def test_trainings_and_cancel_are_forwarded_to_cog():
         cog.close()
 
 
-# -- end to end: the real Cog server with the tiny Flux model ------------------------------------------
+# -- end to end: the real Cog servers with the tiny Flux model --------------------------------------
 
-def tiny_spec(**extra) -> str:
-    return json.dumps({"base_weights": "tiny-flux-dev", "resolutions": "64", "learning_rate": 0.01,
-                       "caption_dropout": 0, "validation": {"num_inference_steps": 2}, **extra})
+def test_a_training_makes_a_version_that_renders_with_its_weights(train_server, run_servers, upload_sink,
+                                                                  sample_zip):
+    """The dataset Path is uploaded by the client, rewritten to the fake's loopback URL and downloaded
+    by Cog; the weights are uploaded by Cog to the file store (--upload-url); the destination's new
+    version runs on a run-mode server whose COG_WEIGHTS is those weights."""
+    from conftest import tiny_spec
 
-
-def test_end_to_end_prediction_on_the_real_cog_server(predict_server, sample_zip):
-    """conftest's session Cog server (tiny weights + manifest); the dataset Path is uploaded by the
-    client, rewritten to the fake's loopback URL and downloaded by Cog."""
     hooks = Hooks()
     try:
-        with FakeReplicate(predict_server.url, None) as fake:
+        with FakeReplicate(None, train_server.url, cog_run_for=run_servers.url_for, models=["acme/my-lora"]) as fake:
             client = fake.client()
             secret = client.webhooks.default.secret()
-            p = client.models.predictions.create(TRAINER_MODEL, webhook=hooks.url, webhook_events_filter=["completed"],
-                                                 input={"dataset": sample_zip, "spec": tiny_spec(), "steps": 4})
-            done = poll(lambda: client.predictions.get(p.id), timeout=300)
+            t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, destination="acme/my-lora",
+                                        webhook=hooks.url, webhook_events_filter=["completed"],
+                                        input={"dataset": sample_zip, "spec": tiny_spec(), "steps": 4,
+                                               "trigger_word": "sks"})
+            done = poll(lambda: client.trainings.get(t.id), timeout=300)
             assert done.status == "succeeded", (done.error, done.logs[-2000:])
             assert 'PROGRESS {"phase": "train", "step": 4, "total": 4' in done.logs
-            assert done.started_at and done.completed_at and done.metrics["predict_time"] > 0
-            assert done.output == f"{fake.url}/_fake/outputs/{p.id}/output.zip"
-            archive = httpx.get(done.output, timeout=60)
-            assert archive.status_code == 200
-            assert "pytorch_lora_weights.safetensors" in zip_names(archive.content)
+            assert done.started_at and done.completed_at
+            weights = done.output["weights"]
+            assert weights.startswith(upload_sink.url) and "pytorch_lora_weights.safetensors" in zip_names(
+                httpx.get(weights, timeout=60).content)
             # submitted once, the dataset went up once and Cog fetched it from the loopback URL
-            assert fake.count("POST", "/v1/models/*/predictions") == 1 and fake.count("POST", "/v1/files") == 1
-            assert fake.count("GET", "/_fake/files/*") >= 1
-            assert [c["status"] for c in fake.cog_requests if c["url"].endswith("/predictions")][-1] == 202
+            assert fake.count("POST", "/v1/models/*/versions/*/trainings") == 1
+            assert fake.count("POST", "/v1/files") == 1 and fake.count("GET", "/_fake/files/*") >= 1
             final = hooks.wait_terminal(timeout=30)[-1]
             replicate.webhooks.validate(headers=final["headers"], body=final["body"], secret=secret)
             assert final["json"]["output"] == done.output
+
+            version = client.models.get("acme/my-lora").latest_version
+            assert f"acme/my-lora:{version.id}" == done.output["version"]
+            assert version.openapi_schema["components"]["schemas"]["Input"]["required"] == ["prompt"]
+            inputs = {"prompt": "sks, a red circle", "aspect_ratio": "custom", "width": 64, "height": 64,
+                      "num_inference_steps": 2, "seed": 5, "output_format": "png"}
+            trained = client.run("acme/my-lora", input=inputs)
+            plain = client.run(TRAINER_MODEL, input=inputs)  # the trainer's own version: the base model
+            assert len(trained) == 1 and len(plain) == 1
+            a, b = httpx.get(trained[0]).content, httpx.get(plain[0]).content
+            assert a.startswith(b"\x89PNG") and b.startswith(b"\x89PNG") and a != b
+            assert weights in run_servers.servers  # the version ran with COG_WEIGHTS = the training's weights
     finally:
         hooks.close()

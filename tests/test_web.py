@@ -1,7 +1,8 @@
 """The web page ("Cloud tab") served by `advanced-trainer serve`, driven in Debian's Chromium with
-Playwright against the Replicate fake and the real Cog server: validate, pack size, submit, the
-live jobs list, a finished job's images, cancel; errors in words beside their controls; pages
-from another origin cannot act; screenshots of every view in test-artifacts/screenshots/."""
+Playwright against the Replicate fake and the real Cog servers: validate, pack size, submit, the
+live jobs list, a finished job's images, "try it" (the destination's new version renders),
+cancel; errors in words beside their controls; pages from another origin cannot act;
+screenshots of every view in test-artifacts/screenshots/."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ if not os.path.exists(CHROMIUM):  # `make test` installs it; a silent skip would
 
 TOKEN = "r8_" + "W3bPageT0k" * 4
 TINY_SPEC = {"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 8, "learning_rate": 0.01,
-             "caption_dropout": 0, "validation": {"num_inference_steps": 2}}
+             "caption_dropout": 0, "trigger_word": "sks", "validation": {"num_inference_steps": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,9 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fake(home, predict_server):
-    with FakeReplicate(cog_predict_url=predict_server.url, token=TOKEN, webhook_throttle_s=0.2) as f:
+def fake(home, train_server, run_servers):
+    with FakeReplicate(cog_train_url=train_server.url, cog_run_for=run_servers.url_for, token=TOKEN,
+                       webhook_throttle_s=0.2) as f:
         yield f
 
 
@@ -191,7 +193,7 @@ def test_upload_a_zip(page, local, sample_zip):
 
 # -- the whole flow on the real Cog server -------------------------------------------------------------
 
-def test_validate_submit_follow_open_and_cancel(page, local, fake, sample_dataset, predict_server, browser):
+def test_validate_submit_follow_open_try_and_cancel(page, local, fake, sample_dataset, train_server, browser):
     # provider panel: the account, the token's source, Replicate's status (offline: unknown)
     page.get_by_role("button", name="Validate").click()
     expect(page.locator("#account-out")).to_contain_text("Acme Corp, Inc. (acme)")
@@ -242,6 +244,25 @@ def test_validate_submit_follow_open_and_cancel(page, local, fake, sample_datase
     href = page.locator("#job-files a", has_text="pytorch_lora_weights.safetensors").get_attribute("href")
     assert local.http.get(href).status_code == 200
     shot(view, "job-view-finished")
+
+    # try it: the destination's new version renders the prompt (the trigger word is filled in)
+    expect(page.locator("#job-details")).to_contain_text("training → acme/sks-flux-dev")
+    expect(page.locator("#try-prompt")).to_have_value("a photo of sks")
+    page.locator("#try-prompt").fill("")
+    page.get_by_role("button", name="Render").click()
+    expect(page.locator("#err-try-prompt")).to_contain_text("Write a prompt")
+    expect(page.locator("#try-prompt")).to_have_attribute("aria-invalid", "true")
+    page.locator("#try-prompt").fill("sks, a red circle")
+    page.get_by_label("Number of images").select_option("2")
+    page.get_by_label("Seed (empty: random)").fill("7")
+    page.get_by_role("button", name="Render").click()
+    expect(page.locator("#try-msg")).to_contain_text("2 images rendered", timeout=120_000)
+    expect(page.locator("#try-images img")).to_have_count(2)
+    page.wait_for_function("""() => [...document.querySelectorAll('#try-images img')]
+        .every(i => i.complete && i.naturalWidth > 0)""")
+    assert fake.count("POST", "/v1/predictions") == 1  # one prediction, on the training's new version
+    expect(page.locator("#job-files a", has_text="tries/")).to_have_count(0)  # not listed as downloads
+    shot(page.locator("#job-try"), "job-view-try-it")
     page.locator("#job-close").click()
     expect(view).to_be_hidden()
     expect(row.get_by_role("button", name=job_id)).to_be_focused()
@@ -274,7 +295,7 @@ def test_validate_submit_follow_open_and_cancel(page, local, fake, sample_datase
     shot(narrow.locator("#jobs"), "jobs-list-narrow")
     shot(narrow, "page-narrow", full_page=True)
     narrow.close()
-    predict_server.wait(timeout=60)  # the Cog server is free again for the other tests
+    train_server.wait(timeout=60)  # the Cog server is free again for the other tests
 
 
 def test_beyond_loopback_the_page_logs_in_with_the_api_key(browser, fake, tmp_path):

@@ -303,7 +303,7 @@ def test_prepare_required_missing_says_what_to_provide(cache):
     msg = str(e.value)
     assert f"base weights missing: {cache / 'FLUX.1-dev'}" in msg
     assert f"put the diffusers folder at {cache / 'FLUX.1-dev'}" in msg
-    assert "python -m train.weights manifest" in msg and "COG_WEIGHTS" in msg and "hf_token" in msg
+    assert "python -m train.weights manifest" in msg and "ADVANCED_TRAINER_BASE_WEIGHTS" in msg and "hf_token" in msg
     assert sorted(p.name for p in cache.iterdir()) == sorted(NAMES + ["manifest.json"])  # nothing deleted
 
 
@@ -324,7 +324,7 @@ def test_prepare_listed_model_missing_or_damaged(cache):
 def test_prepare_no_manifest(tmp_path, tiny_weights):
     with pytest.raises(WeightsError, match="no manifest.json and no diffusers pipeline folder") as e:
         prepare_weights(tmp_path / "empty")
-    assert "COG_WEIGHTS" in str(e.value) and "hf_token" in str(e.value)
+    assert "ADVANCED_TRAINER_BASE_WEIGHTS" in str(e.value) and "hf_token" in str(e.value)
     d = tmp_path / "weights"
     shutil.copytree(tiny_weights / "tiny-sdxl", d / "tiny-sdxl")
     status = prepare_weights(d)  # usable, but unchecked: say so

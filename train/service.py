@@ -1,6 +1,6 @@
-"""Running one training job for the Cog adapters (predict.py, cog_train.py).
+"""Running one training job for the Cog train entry (cog_train.py).
 
-The adapters turn Cog inputs into a ``JobRequest``; ``run_job`` validates the spec, runs the
+The adapter turns Cog inputs into a ``JobRequest``; ``run_job`` validates the spec, runs the
 trainer as a child process (``python -m train``, under torch's launcher when there is more
 than one GPU), relays every line it prints through ``sys.stdout`` (Cog's logs capture only
 Python-level writes, never a child's file descriptors), publishes, and packs the output
@@ -206,6 +206,34 @@ def _deliver_checkpoint_elsewhere(spec: TrainingSpec, out_dir: Path, secrets: di
         publish(ckpt, sub, log=log, **secrets)
     except PublishError as exc:
         log(f"return_checkpoint: could not deliver {ckpt.name}: {exc}")
+
+
+class JobFolders:
+    """One scratch folder per job under ADVANCED_TRAINER_JOBS_DIR (default: the temp dir); the
+    previous job's is removed when the next starts (Cog reads the returned archive after the
+    entry returns, so it cannot go at the end of the job itself)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.root = Path(os.environ.get("ADVANCED_TRAINER_JOBS_DIR") or tempfile.gettempdir())
+        self.current: Path | None = None
+
+    def new(self) -> Path:
+        import shutil
+        import tempfile
+
+        if self.current is not None:
+            shutil.rmtree(self.current, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.current = Path(tempfile.mkdtemp(prefix="job-", dir=self.root))
+        return self.current
+
+
+def processes_for(gpus: list) -> int:
+    """One trainer process per GPU; ADVANCED_TRAINER_NUM_PROCESSES overrides (e.g. gloo processes on a CPU)."""
+    forced = os.environ.get("ADVANCED_TRAINER_NUM_PROCESSES")
+    return int(forced) if forced else max(1, len(gpus))
 
 
 def detect_gpus() -> list[dict[str, Any]]:

@@ -54,6 +54,9 @@ _CHUNK = 1 << 20
 _PROGRESS_MIN_BYTES = 64 << 20  # downloads at least this big print a line every ~5 %
 _FETCH_PREFIX = ".fetch-"
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+# An archive of base pipelines fetched into the cache by setup(). Not COG_WEIGHTS: on Replicate that
+# variable carries a training's *trained* weights into its destination version (see train/trained.py).
+BASE_WEIGHTS_ENV = "ADVANCED_TRAINER_BASE_WEIGHTS"
 
 
 class WeightsError(FileNotFoundError):
@@ -289,7 +292,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _download(url: str, dest: Path, shown: str) -> None:
+def download_url(url: str, dest: Path, shown: str) -> None:
     """Stream ``url`` into ``dest``, printing progress every ~5 % for large files."""
     import urllib.error
     import urllib.request
@@ -392,7 +395,7 @@ def _fetch(source: str, weights_dir: Path) -> tuple[list[str], list[str]]:
     try:
         if scheme in ("http", "https"):
             archive = tmp / "archive"
-            _download(source, archive, shown)
+            download_url(source, archive, shown)
         else:
             archive = Path(urlsplit(source).path if scheme == "file" else source).expanduser()
             if not archive.is_file():
@@ -484,7 +487,7 @@ class WeightsStatus:
 def _how_to_provide(folders: list[Path]) -> str:
     where = " and ".join(_show(f) for f in folders) if folders else "weights/<name>"
     return (f"Provide them one of these ways: put the diffusers folder at {where} "
-            f"(then `python -m train.weights manifest`), set COG_WEIGHTS to a .tar/.tar.gz/.zip URL of it, "
+            f"(then `python -m train.weights manifest`), set ADVANCED_TRAINER_BASE_WEIGHTS to a .tar/.tar.gz/.zip URL of it, "
             f"or allow Hub downloads with an hf_token for gated repos.")
 
 
@@ -492,7 +495,7 @@ def prepare_weights(weights_dir: Path | None = None, *, source: str | None = Non
                     allow_hub: bool = False, hf_token: str | None = None) -> WeightsStatus:
     """Make the base weights usable for ``setup()``, or raise WeightsError saying what to provide.
 
-    1. ``source`` (COG_WEIGHTS: an archive URL or path) is fetched into ``weights_dir`` first.
+    1. ``source`` (ADVANCED_TRAINER_BASE_WEIGHTS: an archive URL or path) is fetched into ``weights_dir`` first.
     2. The manifest is loaded and every listed model's file sizes are checked.
     3. Each of ``required`` (folder names or Hub ids; default: every model in the manifest) must be
        in the cache and, if listed in the manifest, match it; otherwise, only when ``allow_hub``,
@@ -518,7 +521,7 @@ def prepare_weights(weights_dir: Path | None = None, *, source: str | None = Non
         names = [r.split("/")[-1] for r in wanted]
         if wanted and all(n in present and not problems.get(n) for n in names):
             # it would only skip folders that exist: do not download gigabytes for nothing
-            status.warnings.append(f"COG_WEIGHTS {_describe_source(source)} not fetched: "
+            status.warnings.append(f"{BASE_WEIGHTS_ENV} {_describe_source(source)} not fetched: "
                                    f"{', '.join(names)} already in {_show(weights_dir)}")
         else:
             installed, _ = _fetch(source, weights_dir)
@@ -567,7 +570,7 @@ def prepare_weights(weights_dir: Path | None = None, *, source: str | None = Non
         else:
             local = f"base weights unusable: {_show(folder)} has no model_index.json"
         if source and name not in fetched:
-            local += f"; the COG_WEIGHTS archive {_describe_source(source)} did not provide it"
+            local += f"; the {BASE_WEIGHTS_ENV} archive {_describe_source(source)} did not provide it"
         if allow_hub:
             if not _HUB_ID.match(ref):
                 failures.append(f"{local}; {ref!r} is not a Hub id (owner/name), so it cannot be downloaded")
@@ -608,6 +611,21 @@ def prepare_weights(weights_dir: Path | None = None, *, source: str | None = Non
             "a manifest listing no models and no diffusers pipeline folder"
         raise WeightsError(f"no base weights: {_show(weights_dir)} has {what}. " + _how_to_provide([]))
     return status
+
+
+def prepare_weights_from_env(required: list[str] | None = None, weights_dir: Path | None = None) -> WeightsStatus:
+    """``prepare_weights`` as the container's environment says (both Cog entries' setup()).
+
+    ADVANCED_TRAINER_BASE_WEIGHTS: an archive (URL or path) of pipeline folders to fetch first;
+    ADVANCED_TRAINER_REQUIRED_WEIGHTS: comma-separated folder names or Hub ids that must be usable
+    (``required`` adds to them); ADVANCED_TRAINER_ALLOW_HUB=1: missing ones may come from the Hub
+    (HF_TOKEN for gated repos).
+    """
+    env = [n.strip() for n in os.environ.get("ADVANCED_TRAINER_REQUIRED_WEIGHTS", "").split(",") if n.strip()]
+    wanted = list(dict.fromkeys(env + list(required or []))) or None
+    return prepare_weights(weights_dir or WEIGHTS_DIR, source=os.environ.get(BASE_WEIGHTS_ENV) or None,
+                           required=wanted, allow_hub=os.environ.get("ADVANCED_TRAINER_ALLOW_HUB", "") == "1",
+                           hf_token=os.environ.get("HF_TOKEN") or None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -893,6 +893,9 @@
     byId("job-loss").replaceChildren();
     byId("job-samples").replaceChildren();
     byId("job-files").replaceChildren();
+    byId("job-try").hidden = true;
+    byId("try-images").replaceChildren();
+    say("try-msg", "");
     setText(byId("job-logs"), "Loading the log…");
     say("job-msg", "");
     say("job-outputs-msg", "");
@@ -953,7 +956,14 @@
     }
     if (j.status === "succeeded") {
       if (state.filesShown !== id) loadFiles(id);
+      const tryBox = byId("job-try");
+      if (tryBox.hidden) {
+        tryBox.hidden = false;
+        const prompt = byId("try-prompt");
+        if (!prompt.value) prompt.value = tryPrompt(j);
+      }
     } else {
+      byId("job-try").hidden = true;
       byId("job-outputs").hidden = true;
       say("job-outputs-msg", finished ? "This job has no outputs." : "", "info");
     }
@@ -1037,7 +1047,7 @@
         el("figcaption", { text: caption })));
     }
     if (!samples.length) gallery.append(el("p", { class: "help", text: "No validation images in the outputs." }));
-    const rest = files.filter((f) => f !== lossFile && !samples.includes(f));
+    const rest = files.filter((f) => f !== lossFile && !samples.includes(f) && !f.path.startsWith("tries/"));
     for (const f of rest) {
       const base = f.path.split("/").pop();
       list.append(el("li", {},
@@ -1046,6 +1056,54 @@
     }
     byId("job-outputs").hidden = false;
   }
+
+  /* ------------------------------------------------------------------ try it -- */
+
+  function tryPrompt(j) {
+    let trigger = "";
+    try {
+      trigger = (j.spec && j.spec.trigger_word) || "";
+    } catch (e) { /* no spec: no trigger word */ }
+    return trigger ? `a photo of ${trigger}` : "";
+  }
+
+  byId("try-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const id = state.openJob;
+    if (!id) return;
+    const prompt = byId("try-prompt").value.trim();
+    const seedText = byId("try-seed").value.trim();
+    setFieldError("try-prompt", "try-prompt", prompt ? "" : "Write a prompt to render.");
+    const seed = seedText === "" ? null : Number(seedText);
+    const badSeed = seed !== null && !(Number.isInteger(seed) && seed >= 0);
+    setFieldError("try-seed", "try-seed", badSeed ? "A whole number, 0 or more." : "");
+    if (!prompt || badSeed) return;
+    const body = { prompt, num_outputs: Number(byId("try-count").value) };
+    if (seed !== null) body.seed = seed;
+    const btn = byId("try-btn");
+    btn.disabled = true;
+    say("try-msg", "Rendering… (a model that has not run for a while takes a minute to start)", "info");
+    try {
+      const r = await api("POST", `/api/cloud/jobs/${encodeURIComponent(id)}/run`, body);
+      if (state.openJob !== id) return;
+      const gallery = byId("try-images");
+      gallery.replaceChildren();
+      r.images.forEach((img, i) => {
+        gallery.append(el("figure", { class: "sample" },
+          el("a", { href: img.url, target: "_blank", rel: "noopener" },
+            el("img", { src: img.url, alt: `Rendered image ${i + 1}: ${prompt}`, class: "sample-img try-img" })),
+          el("figcaption", { text: `Image ${i + 1}` })));
+      });
+      const secs = r.predict_time != null ? ` in ${fmtDuration(r.predict_time)}` : "";
+      say("try-msg", `${r.images.length} image${r.images.length === 1 ? "" : "s"} rendered${secs}.`, "ok");
+    } catch (e) {
+      const prompt = e.problems.find((p) => p.field === "prompt");
+      if (prompt) setFieldError("try-prompt", "try-prompt", prompt.message);
+      say("try-msg", `Could not render: ${e.message}`, "error");
+    } finally {
+      btn.disabled = false;
+    }
+  });
 
   byId("job-cancel").addEventListener("click", async () => {
     const id = state.openJob;

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..spec import TrainingSpec
+from ..spec import TrainingSpec, family_of
 from .base import Batch, Family
 
 
-def family_for(spec: TrainingSpec, base_dir: Path) -> Family:
-    if spec.family == "flux":
+def family_class(model: str) -> type[Family]:
+    """The ``Family`` subclass for a model id (``flux-dev``, ``sdxl``, ...)."""
+    if family_of(model) == "flux":
         from .flux import FluxFamily
 
-        return FluxFamily(spec, base_dir)
+        return FluxFamily
     from .sdxl import SdxlFamily
 
-    return SdxlFamily(spec, base_dir)
+    return SdxlFamily
 
 
-__all__ = ["Batch", "Family", "family_for"]
+def family_for(spec: TrainingSpec, base_dir: Path) -> Family:
+    return family_class(spec.model)(spec, base_dir)
+
+
+__all__ = ["Batch", "Family", "family_class", "family_for"]

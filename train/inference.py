@@ -1,0 +1,337 @@
+"""Rendering with trained weights: the torch side of the Cog run entry (predict.py).
+
+Replicate runs a training's destination version as this image with ``COG_WEIGHTS`` set to the
+training's output; ``InferenceSession`` is what predict.py's ``setup(weights)`` builds from it:
+
+- the trained weights (``train.trained``), read once; their ``config.json`` says the family,
+  the base model and the trigger word;
+- one base pipeline kept loaded (a full fine-tune's ``model/`` replaces the base);
+- LoRA adapters loaded once each and switched by name: a second prediction with the same
+  LoRA loads nothing, another LoRA (``lora_weights``, ``extra_lora``) loads only its adapter.
+
+On the trainer's own version (no COG_WEIGHTS) it renders the base model of
+``ADVANCED_TRAINER_RUN_MODEL`` (default ``flux-dev``; its weights ``ADVANCED_TRAINER_RUN_BASE``,
+default the family's official repo), or whatever ``lora_weights`` is for.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .spec import DEFAULT_BASE_WEIGHTS, MODEL_FAMILIES, family_of
+from .trained import Trained, TrainedWeightsError, fetch_trained, shown
+
+# Sizes near one megapixel per aspect ratio, sides multiples of 64 (what Flux and SDXL were trained on).
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),
+    "4:5": (896, 1088), "5:4": (1088, 896), "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344),
+    "9:21": (640, 1536),
+}
+OUTPUT_FORMATS = ("webp", "jpg", "png")
+RENDER_DEFAULTS = {"flux-dev": (28, 3.5), "flux-schnell": (4, 0.0), "sdxl": (30, 5.0)}  # (steps, guidance)
+MAX_EXTRA_ADAPTERS = 4  # LoRAs other than the trained one kept loaded (least recently used go first)
+
+
+class InputError(ValueError):
+    """A prediction input that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    prompt: str
+    negative_prompt: str = ""
+    aspect_ratio: str = "1:1"
+    width: int | None = None
+    height: int | None = None
+    num_outputs: int = 1
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    lora_scale: float = 1.0
+    lora_weights: str | None = None
+    extra_lora: str | None = None
+    extra_lora_scale: float = 1.0
+    output_format: str = "webp"
+    output_quality: int = 90
+    hf_token: str | None = None
+
+
+def _device_and_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+class Renderer:
+    """One base pipeline, kept loaded, with LoRA adapters loaded by name and switched per render."""
+
+    def __init__(self, log: Callable[[str], None] = print):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # one line per load in the logs is enough
+        self.log = log
+        self.device, self.dtype = _device_and_dtype()
+        self.pipe: Any = None
+        self.model: str | None = None
+        self.base_key: str | None = None
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # LoRA file -> adapter name, oldest first
+        self.pinned: set[str] = set()  # adapters never evicted (the trained one)
+        self.loads = {"base": 0, "adapter": 0}  # counters: what a prediction had to load
+        self._named = 0
+
+    def ensure_base(self, model: str, folder: Path) -> None:
+        """Load ``folder`` as ``model``'s pipeline unless it is the one loaded."""
+        from .models import family_class
+
+        key = f"{model}:{Path(folder).resolve()}"
+        if key == self.base_key:
+            return
+        if self.pipe is not None:
+            self.log(f"render: switching the base model to {model} ({folder})")
+        self.pipe = self.base_key = None
+        self.adapters.clear()
+        self.pinned.clear()
+        self._named = 0
+        started = time.monotonic()
+        pipe = family_class(model).pipeline_cls.from_pretrained(folder, dtype=self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.model, self.base_key = model, key
+        self.loads["base"] += 1
+        self.log(f"render: loaded {model} from {folder} in {time.monotonic() - started:.1f}s on {self.device}")
+
+    def _adapter(self, lora_file: Path, pin: bool) -> str:
+        path = str(Path(lora_file).resolve())
+        if path in self.adapters:
+            self.adapters.move_to_end(path)
+            return self.adapters[path]
+        self._named += 1
+        name = f"lora_{self._named}"
+        try:
+            self.pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
+        except Exception as exc:  # wrong family, damaged file, incompatible targets
+            why = " ".join(str(exc).split())[:400]
+            raise InputError(f"the LoRA {Path(path).name} does not fit {self.model}: {type(exc).__name__}: {why}") \
+                from None
+        self.adapters[path] = name
+        self.log(f"render: loaded LoRA {Path(path).name} as adapter {name}")
+        if pin:
+            self.pinned.add(name)
+        self.loads["adapter"] += 1
+        self._evict()
+        return name
+
+    def _evict(self) -> None:
+        extra = [p for p, n in self.adapters.items() if n not in self.pinned]
+        for path in extra[:-MAX_EXTRA_ADAPTERS] if len(extra) > MAX_EXTRA_ADAPTERS else []:
+            self.pipe.delete_adapters([self.adapters.pop(path)])
+
+    def use_loras(self, loras: list[tuple[Path, float, bool]]) -> None:
+        """Activate exactly these (file, scale, pinned) LoRAs; none disables every loaded one."""
+        names = [self._adapter(path, pin) for path, _, pin in loras]
+        if not names:
+            if self.adapters:
+                self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(names, adapter_weights=[scale for _, scale, _ in loras])
+
+    def pixel_multiple(self) -> int:
+        if family_of(self.model or "flux-dev") == "flux":
+            return self.pipe.vae_scale_factor * 2
+        return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    def render(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, guidance: float,
+               seeds: list[int], max_sequence_length: int | None) -> list[Any]:
+        import torch
+
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        kw: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                                  guidance_scale=guidance, num_images_per_prompt=len(seeds), generator=generators)
+        if family_of(self.model or "flux-dev") == "flux":
+            if max_sequence_length:
+                kw["max_sequence_length"] = max_sequence_length
+        elif negative_prompt:
+            kw["negative_prompt"] = negative_prompt
+        with torch.inference_mode():
+            return list(self.pipe(**kw).images)
+
+
+def _env_model() -> tuple[str, str]:
+    model = os.environ.get("ADVANCED_TRAINER_RUN_MODEL") or "flux-dev"
+    if model not in MODEL_FAMILIES:
+        raise InputError(f"ADVANCED_TRAINER_RUN_MODEL: {model!r} is not one of {', '.join(MODEL_FAMILIES)}")
+    return model, os.environ.get("ADVANCED_TRAINER_RUN_BASE") or DEFAULT_BASE_WEIGHTS[model]
+
+
+def locate_base(ref: str | Path) -> Path:
+    """A base pipeline folder: a path, or a name / Hub id found (or fetched) the way setup() finds bases."""
+    from .weights import WeightsError, prepare_weights_from_env
+
+    p = Path(ref).expanduser()
+    if p.is_dir() and (p / "model_index.json").is_file():
+        return p
+    try:
+        return prepare_weights_from_env(required=[str(ref)]).path(str(ref))
+    except (WeightsError, KeyError) as exc:
+        raise InputError(f"base model {ref}: {exc}") from None
+
+
+class InferenceSession:
+    """The run entry's state: trained weights (COG_WEIGHTS), the renderer and the LoRA cache."""
+
+    def __init__(self, weights: str | None, *, log: Callable[[str], None] = print, cache_dir: Path | None = None):
+        self.log = log
+        self.cache_dir = Path(cache_dir or os.environ.get("ADVANCED_TRAINER_LORA_CACHE")
+                              or Path(tempfile.gettempdir()) / "advanced-trainer-loras")
+        self.default_model, self.default_base = _env_model()
+        self.renderer = Renderer(log=log)
+        self.sources: dict[str, Trained] = {}
+        self.bases: dict[str, Path] = {}
+        self.trained: Trained | None = None
+        if weights:
+            try:
+                self.trained = fetch_trained(str(weights), self.cache_dir, field="COG_WEIGHTS", allow_local=True,
+                                             default_model=self.default_model)
+            except TrainedWeightsError as exc:
+                raise TrainedWeightsError(f"{exc} (COG_WEIGHTS must be a training's output: the URL or path of "
+                                          f"its output.zip, or a .safetensors LoRA)") from None
+            log(f"setup: trained weights: {self.trained.describe()}"
+                + (f"; trigger word: {self.trained.trigger_word!r}" if self.trained.trigger_word else ""))
+            model, base = self._base_for(self.trained)
+            self.renderer.ensure_base(model, self._locate(base))  # a missing base fails setup, naming it
+            if self.trained.lora_file:
+                self.renderer.use_loras([(self.trained.lora_file, 1.0, True)])
+        else:
+            log(f"setup: no trained weights (the trainer's own version): renders {self.default_model} "
+                f"({self.default_base}) or the LoRA passed as lora_weights")
+            try:
+                self.renderer.ensure_base(self.default_model, self._locate(self.default_base))
+            except InputError as exc:  # it may still render another family's lora_weights
+                log(f"setup: warning: the default base is not available yet: {exc}")
+
+    # -- which base, which LoRAs ----------------------------------------------------------------
+    def _locate(self, ref: str | Path) -> Path:
+        key = str(ref)
+        if key not in self.bases:
+            self.bases[key] = locate_base(ref)
+        return self.bases[key]
+
+    def _source(self, value: str, field: str, hf_token: str | None) -> Trained:
+        if value not in self.sources:
+            try:
+                self.sources[value] = fetch_trained(value, self.cache_dir, field=field, hf_token=hf_token,
+                                                    default_model=self.default_model)
+            except TrainedWeightsError as exc:
+                raise InputError(str(exc)) from None
+        return self.sources[value]
+
+    def _base_for(self, primary: Trained | None) -> tuple[str, str | Path]:
+        """(model, base) for a render whose main weights are ``primary`` (None: the plain base)."""
+        trained = self.trained
+        model = (primary.model if primary and primary.model else None) or (trained.model if trained else None) \
+            or self.default_model
+        fam = family_of(model)
+        if trained and trained.family == fam:
+            if trained.model_dir:
+                return trained.model or model, trained.model_dir
+            if trained.base_weights:
+                return trained.model or model, trained.base_weights
+        if primary and primary.model_dir:
+            return model, primary.model_dir
+        if primary and primary.base_weights:
+            return model, primary.base_weights
+        if family_of(self.default_model) == fam:
+            return self.default_model, self.default_base
+        return model, DEFAULT_BASE_WEIGHTS[model]
+
+    def _plan(self, req: RenderRequest) -> tuple[str, str | Path, list[tuple[Path, float, bool]], Trained | None]:
+        primary = self._source(req.lora_weights, "lora_weights", req.hf_token) if req.lora_weights else self.trained
+        model, base = self._base_for(primary)
+        loras: list[tuple[Path, float, bool]] = []
+        if primary and primary.lora_file:
+            loras.append((primary.lora_file, req.lora_scale, primary is self.trained))
+        if req.extra_lora:
+            extra = self._source(req.extra_lora, "extra_lora", req.hf_token)
+            if extra.lora_file is None:
+                raise InputError(f"extra_lora: {shown(req.extra_lora)} is a full fine-tune, not a LoRA")
+            if extra.family and extra.family != family_of(model):
+                raise InputError(f"extra_lora: {shown(req.extra_lora)} is for {extra.model}, but this render uses "
+                                 f"{model}")
+            loras.append((extra.lora_file, req.extra_lora_scale, False))
+        return model, base, loras, primary
+
+    # -- one prediction ---------------------------------------------------------------------------
+    def size(self, req: RenderRequest) -> tuple[int, int]:
+        if req.aspect_ratio == "custom":
+            w, h = req.width or 1024, req.height or 1024
+        elif req.aspect_ratio in ASPECT_RATIOS:
+            w, h = ASPECT_RATIOS[req.aspect_ratio]
+        else:
+            raise InputError(f"aspect_ratio: {req.aspect_ratio!r} is not one of "
+                             f"{', '.join([*ASPECT_RATIOS, 'custom'])}")
+        m = self.renderer.pixel_multiple()
+        fw, fh = max(m, w // m * m), max(m, h // m * m)
+        if (fw, fh) != (w, h):
+            self.log(f"render: {w}x{h} rounded down to {fw}x{fh} (sides must be multiples of {m})")
+        return fw, fh
+
+    def predict(self, req: RenderRequest, out_dir: Path) -> list[Path]:
+        if not req.prompt.strip():
+            raise InputError("prompt: empty")
+        if req.output_format not in OUTPUT_FORMATS:
+            raise InputError(f"output_format: {req.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+        if not 1 <= req.num_outputs <= 4:
+            raise InputError(f"num_outputs: must be 1 to 4, got {req.num_outputs}")
+        model, base, loras, primary = self._plan(req)
+        self.renderer.ensure_base(model, self._locate(base))
+        self.renderer.use_loras(loras)
+        default_steps, default_guidance = RENDER_DEFAULTS[model]
+        steps = req.num_inference_steps or default_steps
+        guidance = default_guidance if req.guidance_scale is None else req.guidance_scale
+        seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**32 - 4)
+        seeds = [seed + i for i in range(req.num_outputs)]
+        width, height = self.size(req)
+        msl = None
+        if family_of(model) == "flux":
+            spec = (primary.config or {}).get("spec", {}) if primary else {}
+            msl = (spec.get("flux") or {}).get("max_sequence_length") or (512 if model == "flux-dev" else 256)
+        if req.negative_prompt and family_of(model) == "flux":
+            self.log("render: note: Flux does not use negative_prompt; it was ignored")
+        trigger = primary.trigger_word if primary else ""
+        if trigger and trigger.lower() not in req.prompt.lower():
+            self.log(f"render: note: the trigger word {trigger!r} is not in the prompt")
+        what = " + ".join(f"{Path(p).name}×{s:g}" for p, s, _ in loras) or "no LoRA"
+        self.log(f"render: {model}, {what}, {width}x{height}, {steps} steps, guidance {guidance:g}, "
+                 f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+        started = time.monotonic()
+        images = self.renderer.render(req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl)
+        self.log(f"render: {len(images)} image(s) in {time.monotonic() - started:.1f}s")
+        return save_images(images, out_dir, req.output_format, req.output_quality)
+
+
+def save_images(images: list[Any], out_dir: Path, fmt: str, quality: int) -> list[Path]:
+    """Write ``out-N.<fmt>`` files into a fresh ``out_dir``."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    paths = []
+    for i, img in enumerate(images):
+        path = out_dir / f"out-{i}.{fmt}"
+        if fmt == "png":
+            img.save(path, format="PNG")
+        elif fmt == "jpg":
+            img.convert("RGB").save(path, format="JPEG", quality=quality)
+        else:
+            img.save(path, format="WEBP", quality=quality)
+        paths.append(path)
+    return paths

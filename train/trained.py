@@ -1,0 +1,273 @@
+"""Trained weights: what a source of them holds, fetched and read once.
+
+On Replicate every finished training becomes a new version of the user's destination model:
+the same image, with ``COG_WEIGHTS`` set to the URL of the training's output (our
+``output.zip``). The run entry also takes any other LoRA by URL (``lora_weights``,
+``extra_lora``). ``fetch_trained(source, ...)`` turns each of these into a ``Trained``:
+
+- the source: an http(s) URL, a ``data:`` URI, a Hugging Face repo (``owner/name``,
+  ``owner/name/file.safetensors``, ``hf://...`` or a ``huggingface.co`` URL) or, only for
+  COG_WEIGHTS (set by whoever runs the container), a local path;
+- its content: our output archive or folder (``config.json`` + the LoRA, or ``model/`` for a
+  full fine-tune), another trainer's archive holding one LoRA ``.safetensors``, or a bare
+  ``.safetensors`` LoRA (the family is then read from its tensor names).
+
+Everything lands in a cache folder keyed by the source, so the same source is fetched once
+per container. Errors are ``TrainedWeightsError`` naming the field and the source (signed URLs
+shown without their query string).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from .spec import MODEL_FAMILIES, family_of
+from .weights import WeightsError, _describe_source, download_url
+
+LORA_FILE = "pytorch_lora_weights.safetensors"   # what train/export.py writes (diffusers/peft naming)
+KOHYA_FILE = "lora_kohya.safetensors"
+_HF_REPO = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+\.safetensors))?$")
+_HF_URL = re.compile(r"^https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?:blob|resolve)/[^/]+/(.+))?/?$")
+
+
+class TrainedWeightsError(ValueError):
+    """A weights source that cannot be used; the message names the field and the source."""
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What one source holds, on this machine."""
+
+    source: str                # as given, for messages (shown redacted)
+    model: str | None          # model family id (flux-dev, ...); None when it cannot be told
+    base_weights: str | None   # the base the training used (spec.base_weights); None for foreign LoRAs
+    lora_file: Path | None     # diffusers/peft (or kohya) LoRA file
+    model_dir: Path | None     # a full fine-tune's pipeline folder (replaces the base)
+    trigger_word: str = ""
+    config: dict | None = None  # our config.json, when the source is our output
+
+    @property
+    def family(self) -> str | None:
+        return family_of(self.model) if self.model else None
+
+    def describe(self) -> str:
+        what = "full fine-tune" if self.model_dir else "LoRA"
+        return f"{what} for {self.model or 'an unknown family'} from {shown(self.source)}"
+
+
+def shown(source: str) -> str:
+    """A source for messages: URLs without credentials or query string, data URIs abbreviated."""
+    if source.startswith("data:"):
+        return source[:40] + "…"
+    return _describe_source(source)
+
+
+def _key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
+# -- fetching ------------------------------------------------------------------------------------
+
+def _hf_ref(source: str) -> tuple[str, str | None] | None:
+    m = _HF_URL.match(source)
+    if m:
+        return m.group(1), m.group(2)
+    if "://" in source and not source.startswith("hf://"):
+        return None
+    m = _HF_REPO.match(source)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _fetch_hf(repo: str, filename: str | None, dest: Path, field: str, hf_token: str | None) -> Path:
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        if filename is None:
+            files = HfApi(token=hf_token).list_repo_files(repo)
+            if LORA_FILE in files:
+                filename = LORA_FILE
+            else:
+                found = [f for f in files if f.endswith(".safetensors")]
+                if len(found) != 1:
+                    raise TrainedWeightsError(
+                        f"{field}: the Hugging Face repo {repo} holds {len(found)} .safetensors files "
+                        f"({', '.join(found[:6]) or 'none'}); name one: {repo}/<file>.safetensors")
+                filename = found[0]
+        return Path(hf_hub_download(repo, filename, token=hf_token, local_dir=dest))
+    except TrainedWeightsError:
+        raise
+    except Exception as exc:  # offline, private repo without a token, no such repo or file
+        why = " ".join(str(exc).split())[:300]
+        raise TrainedWeightsError(f"{field}: cannot get {repo} from the Hugging Face Hub ({type(exc).__name__}: "
+                                  f"{why}); a private repo needs hf_token") from None
+
+
+def _fetch_file(source: str, dest_dir: Path, field: str, allow_local: bool, hf_token: str | None) -> Path:
+    """The source's bytes (or folder) on this machine."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    if source.startswith("data:"):
+        head, sep, payload = source.partition(",")
+        if not sep or ";base64" not in head:
+            raise TrainedWeightsError(f"{field}: a data URI must be base64-encoded (data:<type>;base64,...)")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError:
+            raise TrainedWeightsError(f"{field}: the data URI is not valid base64") from None
+        path = dest_dir / "weights"
+        path.write_bytes(data)
+        return path
+    scheme = urlsplit(source).scheme.lower() if "://" in source else ""
+    if scheme in ("http", "https") and not _HF_URL.match(source):
+        name = Path(unquote(urlsplit(source).path)).name or "weights"
+        path = dest_dir / name
+        try:
+            download_url(source, path, shown(source))
+        except WeightsError as exc:
+            raise TrainedWeightsError(f"{field}: {exc}") from None
+        return path
+    hf = _hf_ref(source)
+    local = Path(source[len("file://"):] if scheme == "file" else source).expanduser()
+    if allow_local and (scheme in ("", "file")) and local.exists():
+        return local
+    if hf is not None and scheme in ("", "hf"):
+        return _fetch_hf(hf[0], hf[1], dest_dir, field, hf_token)
+    if hf is not None:  # a huggingface.co URL
+        return _fetch_hf(hf[0], hf[1], dest_dir, field, hf_token)
+    if allow_local and scheme in ("", "file"):
+        raise TrainedWeightsError(f"{field}: {source} does not exist")
+    raise TrainedWeightsError(f"{field}: {shown(source)!r} is not an http(s) URL, a data URI or a Hugging Face "
+                              f"repo (owner/name or owner/name/file.safetensors)")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n < 100 * 2**20 and head[8:9] == b"{"
+
+
+def lora_family(path: Path) -> str | None:
+    """``flux`` or ``sdxl`` from a LoRA file's tensor names (diffusers, peft or kohya naming)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(("single_transformer_blocks" in k or "double_blocks" in k or "single_blocks" in k) for k in keys):
+        return "flux"
+    if any(k.startswith(("unet.", "lora_unet_", "text_encoder", "lora_te")) for k in keys):
+        return "sdxl"
+    return None
+
+
+def _read_folder(folder: Path, source: str, field: str, default_model: str) -> Trained:
+    configs = [p for p in sorted(folder.rglob("config.json"))
+               if "model" not in p.relative_to(folder).parts[:-1] and p.parent.name not in ("transformer", "unet")]
+    config = None
+    root = folder
+    for path in configs:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("trainer") == "advanced-trainer" and isinstance(doc.get("spec"), dict):
+            config, root = doc, path.parent
+            break
+    if config is not None:
+        spec = config["spec"]
+        model = spec.get("model")
+        if model not in MODEL_FAMILIES:
+            raise TrainedWeightsError(f"{field}: {shown(source)} was trained for {model!r}, which this version "
+                                      f"cannot render (it renders {', '.join(MODEL_FAMILIES)})")
+        common = dict(source=source, model=model, base_weights=spec.get("base_weights"),
+                      trigger_word=spec.get("trigger_word") or "", config=config)
+        if spec.get("mode") == "full":
+            model_dir = root / "model"
+            if not (model_dir / "model_index.json").is_file():
+                raise TrainedWeightsError(f"{field}: {shown(source)} is a full fine-tune without model/model_index.json")
+            return Trained(lora_file=None, model_dir=model_dir, **common)
+        lora = root / LORA_FILE if (root / LORA_FILE).is_file() else root / KOHYA_FILE
+        if not lora.is_file():
+            raise TrainedWeightsError(f"{field}: {shown(source)} has a config.json but no {LORA_FILE}")
+        return Trained(lora_file=lora, model_dir=None, **common)
+    files = [p for p in sorted(folder.rglob("*.safetensors")) if not p.name.startswith(".")]
+    preferred = [p for p in files if p.name == LORA_FILE] or files
+    if len(preferred) != 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in files[:6]) or "none"
+        raise TrainedWeightsError(f"{field}: {shown(source)} holds {len(files)} .safetensors files ({names}); "
+                                  f"expected one LoRA or an advanced-trainer output")
+    return _read_lora_file(preferred[0], source, field, default_model)
+
+
+def _read_lora_file(path: Path, source: str, field: str, default_model: str) -> Trained:
+    try:
+        family = lora_family(path)
+    except Exception as exc:  # a truncated or damaged file
+        raise TrainedWeightsError(f"{field}: {shown(source)} is not a readable .safetensors file "
+                                  f"({type(exc).__name__}: {exc})") from None
+    if family is None:
+        model = None
+    else:
+        model = default_model if family_of(default_model) == family else {"flux": "flux-dev", "sdxl": "sdxl"}[family]
+    return Trained(source=source, model=model, base_weights=None, lora_file=path, model_dir=None)
+
+
+def fetch_trained(source: str, cache_dir: Path, *, field: str, default_model: str = "flux-dev",
+                  allow_local: bool = False, hf_token: str | None = None) -> Trained:
+    """Fetch ``source`` into ``cache_dir`` (once) and read what it holds; see the module docstring."""
+    from .data import DataLimits, DatasetError, UnsafeArchiveError, archive_kind, extract_archive
+
+    source = source.strip()
+    if not source:
+        raise TrainedWeightsError(f"{field}: empty")
+    slot = Path(cache_dir) / _key(source)
+    unpacked = slot / "unpacked"
+    if unpacked.is_dir():  # fetched and unpacked before
+        return _read_folder(unpacked, source, field, default_model)
+    raw_dir = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mk(cache_dir)))
+    try:
+        path = _fetch_file(source, raw_dir, field, allow_local, hf_token)
+        if path.is_dir():
+            return _read_folder(path, source, field, default_model)
+        if _is_safetensors(path):
+            kept = slot / (path.name if path.name.endswith(".safetensors") else "lora.safetensors")
+            slot.mkdir(parents=True, exist_ok=True)
+            if raw_dir in path.parents:
+                shutil.move(str(path), kept)
+            else:
+                shutil.copyfile(path, kept)
+            return _read_lora_file(kept, source, field, default_model)
+        try:
+            archive_kind(path)
+        except DatasetError:
+            raise TrainedWeightsError(f"{field}: {shown(source)} is neither a .safetensors LoRA nor a zip/tar "
+                                      f"archive of one") from None
+        tmp = slot / ".unpacking"
+        shutil.rmtree(tmp, ignore_errors=True)
+        slot.mkdir(parents=True, exist_ok=True)
+        try:
+            extract_archive(path, tmp, DataLimits(max_files=200_000, max_bytes=1 << 40))
+        except (DatasetError, UnsafeArchiveError) as exc:
+            raise TrainedWeightsError(f"{field}: cannot unpack {shown(source)}: {exc}") from None
+        _read_folder(tmp, source, field, default_model)  # refuse it before it is kept
+        tmp.rename(unpacked)
+        return _read_folder(unpacked, source, field, default_model)
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+def _mk(folder: Path) -> Path:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)

@@ -87,6 +87,8 @@ def test_other_trainers_archives_and_bare_files(tmp_path):
 
     sdxl = fetch_trained(data_uri(lora_bytes(SDXL_KEYS), "application/octet-stream"), tmp_path, field="extra_lora")
     assert sdxl.model == "sdxl"
+    again = fetch_trained(data_uri(lora_bytes(SDXL_KEYS), "application/octet-stream"), tmp_path, field="extra_lora")
+    assert again.lora_file == sdxl.lora_file  # the same source is kept, not fetched twice
     schnell = fetch_trained(data_uri(lora_bytes(KOHYA_FLUX)), tmp_path, field="extra_lora",
                             default_model="flux-schnell")
     assert schnell.model == "flux-schnell"  # a Flux LoRA on a schnell container renders on schnell

@@ -138,9 +138,7 @@ def _fetch_file(source: str, dest_dir: Path, field: str, allow_local: bool, hf_t
     local = Path(source[len("file://"):] if scheme == "file" else source).expanduser()
     if allow_local and (scheme in ("", "file")) and local.exists():
         return local
-    if hf is not None and scheme in ("", "hf"):
-        return _fetch_hf(hf[0], hf[1], dest_dir, field, hf_token)
-    if hf is not None:  # a huggingface.co URL
+    if hf is not None:  # owner/name[/file], hf://..., or a huggingface.co URL
         return _fetch_hf(hf[0], hf[1], dest_dir, field, hf_token)
     if allow_local and scheme in ("", "file"):
         raise TrainedWeightsError(f"{field}: {source} does not exist")
@@ -236,7 +234,11 @@ def fetch_trained(source: str, cache_dir: Path, *, field: str, default_model: st
     unpacked = slot / "unpacked"
     if unpacked.is_dir():  # fetched and unpacked before
         return _read_folder(unpacked, source, field, default_model)
-    raw_dir = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mk(cache_dir)))
+    kept = sorted(slot.glob("*.safetensors")) if slot.is_dir() else []
+    if kept:  # a bare LoRA fetched before
+        return _read_lora_file(kept[0], source, field, default_model)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    raw_dir = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir))
     try:
         path = _fetch_file(source, raw_dir, field, allow_local, hf_token)
         if path.is_dir():
@@ -261,13 +263,11 @@ def fetch_trained(source: str, cache_dir: Path, *, field: str, default_model: st
             extract_archive(path, tmp, DataLimits(max_files=200_000, max_bytes=1 << 40))
         except (DatasetError, UnsafeArchiveError) as exc:
             raise TrainedWeightsError(f"{field}: cannot unpack {shown(source)}: {exc}") from None
-        _read_folder(tmp, source, field, default_model)  # refuse it before it is kept
         tmp.rename(unpacked)
-        return _read_folder(unpacked, source, field, default_model)
+        try:
+            return _read_folder(unpacked, source, field, default_model)
+        except TrainedWeightsError:
+            shutil.rmtree(unpacked, ignore_errors=True)  # an unusable archive is not kept
+            raise
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
-
-
-def _mk(folder: Path) -> Path:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return Path(folder)

@@ -1,15 +1,20 @@
 """The client's job store: jobs, the cost ledger and webhook dedupe, in one SQLite file.
 
+This module is the repository: the connection, the transactions and the SQL. What a job is and
+how an event changes it are pure rules in ``client.records`` (``Job``, ``merge``); the schema and
+its numbered migrations are in ``client.migrations`` (run when a store is opened).
+
 Safe for several threads and processes at once: every call opens its own connection (so no
 connection crosses a thread or a fork), the database runs in WAL mode, and every
 read-modify-write is one ``BEGIN IMMEDIATE`` transaction (the write lock is taken before the
 read, so two writers serialise instead of both acting on the same snapshot). The file is
 created with mode 0600 (SQLite gives its ``-wal``/``-shm`` files the same mode).
 
-Job records are plain dicts with the keys in ``FIELDS``. Timestamps are UTC ISO-8601 strings
-in one fixed format (``2024-05-01T12:00:00.000000Z``), so they sort as text. ``spec_json``,
-``input_json`` and ``output_json`` are JSON text; ``input_json``/``spec_json`` are scrubbed of
-anything secret-looking before they are written (``scrub_secrets``).
+Job records are plain dicts with the keys in ``FIELDS`` (their shape is ``records.Job``; the
+methods say ``dict[str, Any]`` so callers that take a plain ``dict`` keep type-checking), read by
+column name, so a column added by a newer migration never changes what older code reads.
+``input_json``/``spec_json`` are scrubbed of anything secret-looking before they are written
+(``scrub_secrets``).
 
 Submitting a job::
 
@@ -28,119 +33,64 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import sqlite3
 import stat
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from train.progress import last_progress, parse_progress_line
+from train.redaction import REDACTED, TOKEN_RE
+
+from .migrations import MIGRATIONS, Migration, StoreVersionError, migrate
+from .records import (
+    FIELDS,
+    KINDS,
+    LOGS_TAIL_CHARS,
+    PROVIDERS,
+    SOURCES,
+    STATUSES,
+    TERMINAL,
+    UNFINISHED,
+    Job,
+    StoredJob,
+    finite,
+    iso_utc,
+    merge,
+    orphan_rank,
+    tail,
+    touch,
+)
 
 __all__ = [
-    "FIELDS", "STATUSES", "TERMINAL", "UNFINISHED", "LOGS_TAIL_CHARS", "WEBHOOK_ID_RETENTION_S",
-    "JobStore", "SpendDecision", "SpendLimitExceeded", "scrub_secrets", "iso_utc",
+    "FIELDS", "STATUSES", "TERMINAL", "UNFINISHED", "PROVIDERS", "KINDS", "SOURCES", "LOGS_TAIL_CHARS",
+    "WEBHOOK_ID_RETENTION_S", "Job", "JobStore", "SpendDecision", "SpendLimitExceeded", "StoreVersionError",
+    "scrub_secrets", "iso_utc",
 ]
 
-FIELDS = (
-    "id", "provider", "kind", "model", "version", "destination", "hardware", "status",
-    "created_at", "updated_at", "started_at", "completed_at", "spec_json", "input_json",
-    "estimate_usd", "price_per_s", "predict_time", "cost_usd", "output_json", "error",
-    "logs_tail", "step", "total", "loss", "eta_s", "phase", "webhook", "last_event_at",
-    "local_dir", "delivered", "request_key",
-)
-STATUSES = ("submitting", "starting", "processing", "succeeded", "failed", "canceled")
-TERMINAL = ("succeeded", "failed", "canceled")
-UNFINISHED = ("submitting", "starting", "processing")
-PROVIDERS = ("replicate", "cog")
-KINDS = ("prediction", "training")
-SOURCES = ("webhook", "poll", "create")
-_RANK = {"submitting": 0, "starting": 1, "processing": 2, "succeeded": 3, "failed": 3, "canceled": 3}
-
-LOGS_TAIL_CHARS = 8192
 WEBHOOK_ID_RETENTION_S = 3 * 24 * 3600  # Replicate's retries end about a minute after completion
 BUSY_TIMEOUT_S = 30.0
-_SCHEMA_VERSION = 1
 
-_COLUMNS = {
-    "id": "TEXT PRIMARY KEY", "provider": "TEXT NOT NULL", "kind": "TEXT NOT NULL",
-    "model": "TEXT", "version": "TEXT", "destination": "TEXT", "hardware": "TEXT",
-    "status": "TEXT NOT NULL", "created_at": "TEXT NOT NULL", "updated_at": "TEXT NOT NULL",
-    "started_at": "TEXT", "completed_at": "TEXT", "spec_json": "TEXT", "input_json": "TEXT",
-    "estimate_usd": "REAL", "price_per_s": "REAL", "predict_time": "REAL", "cost_usd": "REAL",
-    "output_json": "TEXT", "error": "TEXT", "logs_tail": "TEXT", "step": "INTEGER",
-    "total": "INTEGER", "loss": "REAL", "eta_s": "REAL", "phase": "TEXT",
-    "webhook": "INTEGER NOT NULL DEFAULT 0", "last_event_at": "TEXT", "local_dir": "TEXT",
-    "delivered": "INTEGER NOT NULL DEFAULT 0", "request_key": "TEXT NOT NULL UNIQUE",
-}
 _BOOL = ("webhook", "delivered")
 _FLOAT = ("estimate_usd", "price_per_s", "predict_time", "cost_usd", "loss", "eta_s")
 _INT = ("step", "total")
 _TIME = ("created_at", "updated_at", "started_at", "completed_at", "last_event_at")
 _JSON = ("spec_json", "input_json", "output_json")
+# Named columns, never ``SELECT *``: what a row means to this code is FIELDS, whatever else
+# later migrations add to the table.
+_SELECT_JOB = f"SELECT {', '.join((*FIELDS, 'logs_len'))} FROM jobs"
 
 
-# --------------------------------------------------------------------------- helpers
-
-_TS_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}(?::\d{2})?)(?:\.(\d+))?(Z|[+-]\d{2}:?\d{2})?$")
-
-
-def iso_utc(value: Any) -> str | None:
-    """A datetime, epoch seconds or ISO-8601 string as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (UTC);
-    None for None or anything unparseable. Naive values are taken as UTC."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            return None
-        dt = datetime.fromtimestamp(value, timezone.utc)
-    elif isinstance(value, datetime):
-        dt = value
-    elif isinstance(value, str):
-        m = _TS_RE.match(value.strip())
-        if not m:
-            return None
-        date, clock, frac, tz = m.groups()
-        if clock.count(":") == 1:
-            clock += ":00"
-        frac = ((frac or "") + "000000")[:6]
-        if tz in (None, "Z"):
-            tz = "+00:00"
-        elif ":" not in tz:
-            tz = tz[:3] + ":" + tz[3:]
-        try:
-            dt = datetime.fromisoformat(f"{date}T{clock}.{frac}{tz}")
-        except ValueError:
-            return None
-    else:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _epoch(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
-
-
-# Secret scrubbing ---------------------------------------------------------
+# --------------------------------------------------------------------------- secret scrubbing
 
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "passphrase", "pwd", "key", "apikey",
                  "credential", "credentials", "authorization", "auth", "cookie", "privatekey",
                  "accesskey", "secretkey", "accesstoken", "authtoken", "apitoken", "signature"}
 _WORD_RE = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-_SECRET_VALUE_RE = re.compile(
-    r"(?<![A-Za-z0-9])(?:r8_[A-Za-z0-9]{20,}|hf_[A-Za-z0-9]{20,}|whsec_[A-Za-z0-9+/=]{16,}"
-    r"|(?:AKIA|ASIA)[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abpr]-[A-Za-z0-9-]{10,}"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----)")
-_REDACTED = "[redacted]"
 
 
 def _secret_name(name: Any) -> bool:
@@ -164,7 +114,7 @@ def _scrub_url(text: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(_secret_name(k) for k, _ in pairs):
-            query = urlencode([(k, _REDACTED if _secret_name(k) else v) for k, v in pairs])
+            query = urlencode([(k, REDACTED if _secret_name(k) else v) for k, v in pairs])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -183,7 +133,7 @@ def _scrub(value: Any) -> tuple[bool, Any]:
         items = []
         for v in value:
             keep, v2 = _scrub(v)
-            items.append(v2 if keep else _REDACTED)
+            items.append(v2 if keep else REDACTED)
         return True, items
     if isinstance(value, str):
         s = value.strip()
@@ -197,7 +147,7 @@ def _scrub(value: Any) -> tuple[bool, Any]:
                 if cleaned != inner:
                     return True, json.dumps(cleaned)
                 return True, value
-        if _SECRET_VALUE_RE.search(value):
+        if TOKEN_RE.search(value):
             return False, None
         if "://" in value and "@" in value or "?" in value and "://" in value:
             return True, _scrub_url(value)
@@ -209,9 +159,12 @@ def scrub_secrets(value: Any) -> Any:
     """A copy of a JSON value without secrets: keys named like token/secret/password/key/auth
     (``hf_token``, ``s3_secret_access_key``, ``apiKey``...) are dropped, as are values that look
     like credentials (``r8_…``, ``hf_…``, AWS key ids, ``whsec_…``, private keys); in lists they
-    become ``"[redacted]"``. URL user-info and secret-named query parameters are removed."""
+    become ``REDACTED`` (the marker of ``train.redaction``). URL user-info and secret-named query
+    parameters are removed."""
     keep, out = _scrub(value)
-    return out if keep else _REDACTED
+    return out if keep else REDACTED
+
+
 
 
 # --------------------------------------------------------------------------- public types
@@ -257,65 +210,43 @@ class SpendLimitExceeded(Exception):
         super().__init__("spend limit exceeded: " + decision.message)
 
 
+
 # --------------------------------------------------------------------------- the store
 
-def _map_status(value: Any) -> str | None:
-    if value == "aborted":  # newer API; ended before it started
-        return "canceled"
-    return value if value in _RANK and value != "submitting" else None
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _tail(logs: str) -> str:
-    if len(logs) <= LOGS_TAIL_CHARS:
-        return logs
-    tail = logs[-LOGS_TAIL_CHARS:]
-    nl = tail.find("\n", 0, 1024)
-    return tail[nl + 1:] if nl >= 0 else tail
+def _private_file(path: Path) -> None:
+    """Create ``path`` 0600 (its folder 0700), tighten a loose existing one and its WAL files:
+    the store holds job inputs and the spend ledger."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.getuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists() and stat.S_IMODE(side.stat().st_mode) & 0o077:
+            with contextlib.suppress(OSError):
+                os.chmod(side, 0o600)
 
 
 class JobStore:
-    """Jobs, cost ledger and webhook dedupe in one SQLite file (see the module docstring)."""
+    """Jobs, cost ledger and webhook dedupe in one SQLite file (see the module docstring).
 
-    def __init__(self, path: Path | str):
+    Opening migrates the file to the newest schema (``client.migrations``; ``migrations`` is for
+    tests) and refuses one written by a newer client (``StoreVersionError``)."""
+
+    def __init__(self, path: Path | str, *, migrations: Sequence[Migration] = MIGRATIONS):
         self.path = Path(path).expanduser()
-        if not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            st = os.fstat(fd)
-            if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.getuid():
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        for suffix in ("-wal", "-shm"):
-            side = Path(str(self.path) + suffix)
-            if side.exists() and stat.S_IMODE(side.stat().st_mode) & 0o077:
-                with contextlib.suppress(OSError):
-                    os.chmod(side, 0o600)
+        _private_file(self.path)
         con = self._connect()
         try:
             mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"could not switch {self.path} to WAL (got {mode})")
-            con.execute("BEGIN IMMEDIATE")
-            cols = ",\n  ".join(f"{name} {decl}" for name, decl in _COLUMNS.items())
-            con.execute(f"CREATE TABLE IF NOT EXISTS jobs (\n  {cols},\n  logs_len INTEGER NOT NULL DEFAULT 0\n)")
-            con.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
-            con.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at)")
-            con.execute("CREATE TABLE IF NOT EXISTS webhook_ids (id TEXT PRIMARY KEY, received_at REAL NOT NULL)")
-            con.execute("CREATE INDEX IF NOT EXISTS webhook_ids_received ON webhook_ids(received_at)")
-            # events for ids not (yet) in jobs, e.g. a webhook that beats bind(): the best one per id
-            con.execute("CREATE TABLE IF NOT EXISTS orphan_events (id TEXT PRIMARY KEY, received_at REAL NOT NULL,"
-                        " rank INTEGER NOT NULL, logs_len INTEGER NOT NULL, obj_json TEXT NOT NULL)")
-            if con.execute("PRAGMA user_version").fetchone()[0] == 0:
-                con.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            con.execute("COMMIT")
+            self.schema_version = migrate(con, self.path, migrations)
         finally:
             con.close()
 
@@ -343,35 +274,69 @@ class JobStore:
             con.close()
 
     @staticmethod
-    def _record(row: sqlite3.Row | None) -> dict[str, Any] | None:
-        if row is None:
-            return None
+    def _row(con: sqlite3.Connection, column: str, value: Any) -> sqlite3.Row | None:
+        assert column in ("id", "request_key")  # the two keys; never user text in the SQL
+        return con.execute(f"{_SELECT_JOB} WHERE {column} = ?", (value,)).fetchone()
+
+    @staticmethod
+    def _set(con: sqlite3.Connection, id: str, changes: Mapping[str, Any]) -> None:
+        names = list(changes)  # validated column names (FIELDS and logs_len), never user keys
+        con.execute(f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+                    [changes[n] for n in names] + [id])
+
+    @staticmethod
+    def _record(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
         rec = {name: row[name] for name in FIELDS}
         for name in _BOOL:
             rec[name] = bool(rec[name])
         return rec
 
-    @staticmethod
-    def _now() -> str:
-        return iso_utc(time.time())
+    def _maybe_record(self, row: sqlite3.Row | None) -> dict[str, Any] | None:
+        return None if row is None else self._record(row)
+
+    def _fetch(self, con: sqlite3.Connection, column: str, value: Any) -> dict[str, Any]:
+        row = self._row(con, column, value)
+        assert row is not None, f"job {column}={value!r} vanished inside its own transaction"
+        return self._record(row)
 
     @staticmethod
-    def _clean(fields: Mapping[str, Any]) -> dict[str, Any]:
+    def _now() -> str:
+        return cast(str, iso_utc(time.time()))
+
+    @staticmethod
+    def _check_vocabulary(name: str, value: Any) -> None:
+        if name == "status" and value not in STATUSES:
+            raise ValueError(f"bad status {value!r}")
+        if name == "provider" and value not in PROVIDERS:
+            raise ValueError(f"bad provider {value!r} (one of {PROVIDERS})")
+        if name == "kind" and value not in KINDS:
+            raise ValueError(f"bad kind {value!r} (one of {KINDS})")
+
+    @staticmethod
+    def _json_text(name: str, value: Any) -> str:
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise ValueError(f"{name} must be JSON text") from None
+        else:
+            parsed = value
+        if name in ("input_json", "spec_json"):
+            parsed = scrub_secrets(parsed)
+        return json.dumps(parsed, sort_keys=False, default=str)
+
+    @classmethod
+    def _clean(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Validate and convert field values for writing."""
         out: dict[str, Any] = {}
         for name, value in fields.items():
-            if name not in _COLUMNS:
+            if name not in FIELDS:
                 raise ValueError(f"unknown job field: {name!r}")
-            if name == "status" and value not in STATUSES:
-                raise ValueError(f"bad status {value!r}")
-            if name == "provider" and value not in PROVIDERS:
-                raise ValueError(f"bad provider {value!r} (one of {PROVIDERS})")
-            if name == "kind" and value not in KINDS:
-                raise ValueError(f"bad kind {value!r} (one of {KINDS})")
+            cls._check_vocabulary(name, value)
             if name in _BOOL:
                 value = 1 if value else 0
             elif name in _FLOAT and value is not None:
-                if _num(value) is None:
+                if finite(value) is None:
                     raise ValueError(f"{name} must be a finite number, got {value!r}")
                 value = float(value)
             elif name in _INT and value is not None:
@@ -383,18 +348,9 @@ class JobStore:
                     raise ValueError(f"{name}: not a timestamp: {value!r}")
                 value = iso
             elif name in _JSON and value is not None:
-                if isinstance(value, str):
-                    try:
-                        parsed = json.loads(value)
-                    except ValueError:
-                        raise ValueError(f"{name} must be JSON text") from None
-                else:
-                    parsed = value
-                if name in ("input_json", "spec_json"):
-                    parsed = scrub_secrets(parsed)
-                value = json.dumps(parsed, sort_keys=False, default=str)
+                value = cls._json_text(name, value)
             elif name == "logs_tail" and value is not None:
-                value = _tail(str(value))
+                value = tail(str(value))
             out[name] = value
         return out
 
@@ -417,6 +373,7 @@ class JobStore:
             (start, end, end)).fetchone()
         return float(row[0])
 
+
     # -- reservations
     def reserve(self, request_key: str, record: Mapping[str, Any], *, limit_usd: float | None = None,
                 period_start: Any = None, action: str = "block") -> tuple[dict[str, Any], SpendDecision]:
@@ -428,27 +385,31 @@ class JobStore:
             raise ValueError("request_key must be a non-empty string of at most 200 characters")
         if action not in ("warn", "block"):
             raise ValueError(f"action must be warn or block, got {action!r}")
-        if limit_usd is not None and (_num(limit_usd) is None or limit_usd < 0):
+        if limit_usd is not None and (finite(limit_usd) is None or limit_usd < 0):
             raise ValueError(f"limit_usd must be a finite number >= 0, got {limit_usd!r}")
         start = iso_utc(period_start)
         if period_start is not None and start is None:
             raise ValueError(f"period_start is not a timestamp: {period_start!r}")
-        fields = {k: v for k, v in record.items() if k not in ("id", "request_key", "status", "created_at", "updated_at")}
+        ours = ("id", "request_key", "status", "created_at", "updated_at")  # set here, not by the caller
+        fields = {k: v for k, v in record.items() if k not in ours}
         fields.setdefault("provider", "replicate")
         fields.setdefault("kind", "training")
         now = self._now()
-        fields.update(id=request_key, request_key=request_key, status="submitting", created_at=now, updated_at=now)
+        fields.update(id=request_key, request_key=request_key, status="submitting", created_at=now,
+                      updated_at=now)
         clean = self._clean(fields)
         estimate = clean.get("estimate_usd") or 0.0
         with self._tx() as con:
-            row = con.execute("SELECT * FROM jobs WHERE request_key = ?", (request_key,)).fetchone()
+            row = self._row(con, "request_key", request_key)
             spent = self._spend(con, start, None)
             if row is not None:
                 rec = self._record(row)
-                return rec, SpendDecision("ok", spent, rec["estimate_usd"] or 0.0, limit_usd, start, action, True)
+                return rec, SpendDecision("ok", spent, rec["estimate_usd"] or 0.0, limit_usd, start, action,
+                                          existing=True)
             if con.execute("SELECT 1 FROM jobs WHERE id = ?", (request_key,)).fetchone():
                 raise ValueError(f"request_key {request_key!r} collides with a job id")
-            decision = SpendDecision("ok", spent, estimate, None if limit_usd is None else float(limit_usd), start, action)
+            limit = None if limit_usd is None else float(limit_usd)
+            decision = SpendDecision("ok", spent, estimate, limit, start, action)
             if decision.over:
                 if action == "block":
                     raise SpendLimitExceeded(decision)
@@ -456,16 +417,17 @@ class JobStore:
             names = list(clean)
             con.execute(f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                         [clean[n] for n in names])
-            rec = self._record(con.execute("SELECT * FROM jobs WHERE id = ?", (request_key,)).fetchone())
+            rec = self._fetch(con, "id", request_key)
         return rec, decision
 
-    def bind(self, request_key: str, remote_id: str, remote_object: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def bind(self, request_key: str, remote_id: str,
+             remote_object: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The reservation becomes the provider's job ``remote_id``; ``remote_object`` (the create
         response) and any webhook that arrived before this call are merged in."""
         if not isinstance(remote_id, str) or not remote_id:
             raise ValueError("remote_id must be a non-empty string")
         with self._tx() as con:
-            row = con.execute("SELECT * FROM jobs WHERE request_key = ?", (request_key,)).fetchone()
+            row = self._row(con, "request_key", request_key)
             if row is None:
                 raise KeyError(f"no reservation {request_key!r}")
             if row["id"] not in (request_key, remote_id):
@@ -483,35 +445,32 @@ class JobStore:
             if orphan is not None:
                 self._apply(con, remote_id, json.loads(orphan[0]), "webhook")
                 con.execute("DELETE FROM orphan_events WHERE id = ?", (remote_id,))
-            return self._record(con.execute("SELECT * FROM jobs WHERE id = ?", (remote_id,)).fetchone())
+            return self._fetch(con, "id", remote_id)
 
     def release(self, request_key: str, error: str) -> dict[str, Any]:
         """The submission failed: mark a still-"submitting" reservation failed at zero cost so it
         stops counting. A job that was already bound is returned unchanged."""
         now = self._now()
         with self._tx() as con:
-            row = con.execute("SELECT * FROM jobs WHERE request_key = ?", (request_key,)).fetchone()
+            row = self._row(con, "request_key", request_key)
             if row is None:
                 raise KeyError(f"no reservation {request_key!r}")
             if row["status"] == "submitting":
                 con.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, updated_at = ?,"
                             " cost_usd = 0, predict_time = 0 WHERE request_key = ?",
                             (str(error), now, now, request_key))
-                row = con.execute("SELECT * FROM jobs WHERE request_key = ?", (request_key,)).fetchone()
+                return self._fetch(con, "request_key", request_key)
             return self._record(row)
 
     # -- remote updates
-    def apply_remote(self, id: str, obj: Mapping[str, Any], source: str) -> tuple[dict[str, Any] | None, bool]:
+    def apply_remote(self, id: str, obj: Mapping[str, Any], source: str
+                     ) -> tuple[dict[str, Any] | None, bool]:
         """Merge a Replicate prediction/training object (from a webhook or a poll).
 
-        Order- and duplicate-proof: the status only moves forward (starting < processing <
-        terminal) and the first terminal status is final (a later object with the same terminal
-        status may only fill fields still empty); logs are cumulative, so only longer logs
-        replace the stored ones, and the newest PROGRESS line in them sets step/total/phase/
-        eta_s (and loss when the line has one); output and error are kept when present. On a
-        terminal status ``predict_time`` comes from ``metrics.predict_time`` and ``cost_usd =
-        predict_time * price_per_s``. Returns ``(record, changed)``; for an id not in the store
-        the event is kept for ``bind`` and ``(None, False)`` is returned.
+        Order- and duplicate-proof (the rules are ``client.records.merge``): the status only
+        moves forward and the first terminal status is final; logs are cumulative; on a terminal
+        status ``cost_usd = predict_time * price_per_s``. Returns ``(record, changed)``; for an
+        id not in the store the event is kept for ``bind`` and ``(None, False)`` is returned.
         """
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -522,112 +481,30 @@ class JobStore:
 
     def _apply(self, con: sqlite3.Connection, id: str, obj: Mapping[str, Any], source: str
                ) -> tuple[dict[str, Any] | None, bool]:
-        now_epoch = time.time()
-        now = iso_utc(now_epoch)
-        row = con.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone()
+        now = time.time()
+        row = self._row(con, "id", id)
         if row is None:
-            self._keep_orphan(con, id, obj, now_epoch)
+            self._keep_orphan(con, id, obj, now)
             return None, False
-        cur = dict(row)
-        new_status = _map_status(obj.get("status"))
-        cur_status = cur["status"]
-        logs = obj.get("logs") if isinstance(obj.get("logs"), str) else None
-        changes: dict[str, Any] = {}
-
-        def fill(name: str, value: Any) -> None:  # only where empty
-            if value is not None and cur.get(name) is None:
-                changes[name] = value
-
-        def put(name: str, value: Any) -> None:  # when present and different
-            if value is not None and cur.get(name) != value:
-                changes[name] = value
-
-        if cur_status in TERMINAL:
-            if new_status != cur_status:
-                return self._touch(con, cur, source, now), False
-            fill_only = True
-        else:
-            fill_only = False
-            if new_status is not None and _RANK[new_status] > _RANK[cur_status]:
-                changes["status"] = new_status
-
-        if logs is not None and len(logs) > cur["logs_len"]:
-            changes["logs_len"] = len(logs)
-            changes["logs_tail"] = _tail(logs)
-            prog = last_progress(logs)
-            if prog is not None:
-                for name in ("step", "total", "phase"):
-                    changes[name] = prog.get(name)
-                changes["eta_s"] = _num(prog.get("eta_s"))
-            # the loss of the newest line that has one (validate/done lines carry none)
-            for line in reversed(logs.splitlines()):
-                rec = parse_progress_line(line)
-                if rec is not None and _num(rec.get("loss")) is not None:
-                    changes["loss"] = _num(rec.get("loss"))
-                    break
-
-        output = obj.get("output")
-        output_text = json.dumps(output, default=str) if output is not None else None
-        error = obj.get("error")
-        error_text = (error if isinstance(error, str) else json.dumps(error, default=str)) if error else None
-        (fill if fill_only else put)("output_json", output_text)
-        (fill if fill_only else put)("error", error_text)
-        fill("started_at", iso_utc(obj.get("started_at")))
-        fill("completed_at", iso_utc(obj.get("completed_at")))
-        fill("model", obj.get("model") if isinstance(obj.get("model"), str) else None)
-        fill("version", obj.get("version") if isinstance(obj.get("version"), str) else None)
-        metrics = obj.get("metrics") if isinstance(obj.get("metrics"), Mapping) else {}
-        predict_time = _num(metrics.get("predict_time"))
-
-        status = changes.get("status", cur_status)
-        if status in TERMINAL:
-            merged = {**cur, **changes}
-            if predict_time is None and merged["predict_time"] is None:
-                start, end = _epoch(merged["started_at"]), _epoch(merged["completed_at"])
-                if start is None:
-                    predict_time = 0.0  # never started: nothing billed
-                elif end is not None:
-                    predict_time = max(0.0, end - start)
-            if predict_time is not None:
-                (fill if fill_only else put)("predict_time", predict_time)
-            merged = {**cur, **changes}
-            if merged["completed_at"] is None:
-                changes["completed_at"] = now
-            pt, price = merged["predict_time"], merged["price_per_s"]
-            if pt is not None and (price is not None or pt == 0):
-                cost = round(pt * (price or 0.0), 6)
-                if cur["cost_usd"] is None or (not fill_only and cur["cost_usd"] != cost):
-                    changes["cost_usd"] = cost
-        elif predict_time is not None:
-            put("predict_time", predict_time)
-
+        job = cast(StoredJob, dict(row))
+        changes = merge(job, obj, source, now)
         if not changes:
-            return self._touch(con, cur, source, now), False
-        changes["updated_at"] = now
-        if source in ("webhook", "poll"):
-            changes["last_event_at"] = now
-        names = list(changes)
-        con.execute(f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
-                    [changes[n] for n in names] + [id])
-        return self._record(con.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone()), True
-
-    def _touch(self, con: sqlite3.Connection, cur: dict[str, Any], source: str, now: str) -> dict[str, Any]:
-        """An event that changed nothing still records when it came (pollers back off on it)."""
-        if source in ("webhook", "poll"):
-            con.execute("UPDATE jobs SET last_event_at = ? WHERE id = ?", (now, cur["id"]))
-            cur = {**cur, "last_event_at": now}
-        return self._record(cur)
+            # an event that changed nothing still records when it came (pollers back off on it)
+            stamp = touch(source, now)
+            if stamp:
+                self._set(con, id, stamp)
+            return self._record({**job, **stamp}), False
+        self._set(con, id, changes)
+        return self._fetch(con, "id", id), True
 
     @staticmethod
     def _keep_orphan(con: sqlite3.Connection, id: str, obj: Mapping[str, Any], now: float) -> None:
-        status = _map_status(obj.get("status"))
-        rank = _RANK.get(status, 0) if status else 0
-        logs = obj.get("logs") if isinstance(obj.get("logs"), str) else ""
+        rank, logs_len = orphan_rank(obj)
         old = con.execute("SELECT rank, logs_len FROM orphan_events WHERE id = ?", (id,)).fetchone()
-        if old is not None and (old[0], old[1]) >= (rank, len(logs)):
+        if old is not None and (old[0], old[1]) >= (rank, logs_len):
             return
-        con.execute("INSERT OR REPLACE INTO orphan_events (id, received_at, rank, logs_len, obj_json) VALUES (?, ?, ?, ?, ?)",
-                    (id, now, rank, len(logs), json.dumps(dict(obj), default=str)))
+        con.execute("INSERT OR REPLACE INTO orphan_events (id, received_at, rank, logs_len, obj_json)"
+                    " VALUES (?, ?, ?, ?, ?)", (id, now, rank, logs_len, json.dumps(dict(obj), default=str)))
 
     # -- webhook dedupe
     def seen_webhook(self, webhook_id: str) -> bool:
@@ -639,7 +516,8 @@ class JobStore:
         with self._tx() as con:
             con.execute("DELETE FROM webhook_ids WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_S,))
             con.execute("DELETE FROM orphan_events WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_S,))
-            cur = con.execute("INSERT OR IGNORE INTO webhook_ids (id, received_at) VALUES (?, ?)", (webhook_id, now))
+            cur = con.execute("INSERT OR IGNORE INTO webhook_ids (id, received_at) VALUES (?, ?)",
+                              (webhook_id, now))
             return cur.rowcount == 0
 
     def forget_webhook(self, webhook_id: str) -> None:
@@ -650,15 +528,15 @@ class JobStore:
     # -- queries and edits
     def get(self, id: str) -> dict[str, Any] | None:
         with self._tx(write=False) as con:
-            return self._record(con.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone())
+            return self._maybe_record(self._row(con, "id", id))
 
     def get_by_request_key(self, request_key: str) -> dict[str, Any] | None:
         with self._tx(write=False) as con:
-            return self._record(con.execute("SELECT * FROM jobs WHERE request_key = ?", (request_key,)).fetchone())
+            return self._maybe_record(self._row(con, "request_key", request_key))
 
     def list(self, limit: int = 50, status: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Newest first; ``status`` is one status or several."""
-        sql, args = "SELECT * FROM jobs", []
+        sql, args = _SELECT_JOB, []
         if status is not None:
             wanted = [status] if isinstance(status, str) else list(status)
             sql += f" WHERE status IN ({', '.join('?' * len(wanted))})"
@@ -680,17 +558,15 @@ class JobStore:
                 raise KeyError(f"no job {id!r}")
             if "logs_tail" in clean:
                 clean["logs_len"] = len(clean["logs_tail"] or "")
-            names = list(clean)
-            con.execute(f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
-                        [clean[n] for n in names] + [id])
-            return self._record(con.execute("SELECT * FROM jobs WHERE id = ?", (id,)).fetchone())
+            self._set(con, id, clean)
+            return self._fetch(con, "id", id)
 
     def stale_reservations(self, older_than_s: float) -> list[dict[str, Any]]:
         """Reservations still "submitting" after ``older_than_s`` seconds, oldest first: their
         submitting process stopped between reserving and binding (a submit takes seconds)."""
         cutoff = iso_utc(time.time() - older_than_s)
         with self._tx(write=False) as con:
-            rows = con.execute("SELECT * FROM jobs WHERE status = 'submitting' AND created_at <= ?"
+            rows = con.execute(f"{_SELECT_JOB} WHERE status = 'submitting' AND created_at <= ?"
                                " ORDER BY created_at ASC", (cutoff,)).fetchall()
             return [self._record(r) for r in rows]
 
@@ -698,7 +574,7 @@ class JobStore:
         """Jobs a poller should follow: bound and not terminal ("starting"/"processing"), oldest
         first. Reservations still "submitting" have no provider id to poll."""
         with self._tx(write=False) as con:
-            rows = con.execute("SELECT * FROM jobs WHERE status IN ('starting', 'processing')"
+            rows = con.execute(f"{_SELECT_JOB} WHERE status IN ('starting', 'processing')"
                                " ORDER BY created_at ASC").fetchall()
             return [self._record(r) for r in rows]
 

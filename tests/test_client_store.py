@@ -22,6 +22,7 @@ from client.store import (
     scrub_secrets,
 )
 from train.progress import format_progress
+from train.redaction import REDACTED
 
 RID = "wj4is6lbdqqkdepnwpr6v2kuva"
 
@@ -124,6 +125,7 @@ def test_spend_block_and_warn(store):
     err = info.value
     assert (err.spent_usd, err.estimate_usd, err.limit_usd) == (4.0, 2.0, 5.0)
     msg = str(err)
+    assert err.period_start is not None
     assert "$4.00" in msg and "$2.00" in msg and "$5.00" in msg and err.period_start[:10] in msg
     assert store.get("c") is None  # nothing inserted
 
@@ -185,10 +187,9 @@ def test_concurrent_reservations_threads_cannot_overrun(store):
     assert len(store.list(limit=100)) == 13
 
 
-def _process_worker(path: str, worker: int, tries: int, limit: float, start_at: float, results) -> None:
+def _process_worker(path: str, worker: int, tries: int, limit: float, start, results) -> None:
     s = JobStore(Path(path))
-    while time.time() < start_at:
-        time.sleep(0.001)
+    start.wait(timeout=60)  # all children past their imports and open, then they race
     n = 0
     for i in range(tries):
         try:
@@ -204,8 +205,9 @@ def test_concurrent_reservations_processes_cannot_overrun(tmp_path):
     JobStore(path)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    start_at = time.time() + 1.5  # all children past their imports, then they race
-    procs = [ctx.Process(target=_process_worker, args=(str(path), w, 6, 11.0, start_at, results)) for w in range(4)]
+    start = ctx.Barrier(4)
+    procs = [ctx.Process(target=_process_worker, args=(str(path), w, 6, 11.0, start, results))
+             for w in range(4)]
     for p in procs:
         p.start()
     counts = [results.get(timeout=60) for _ in procs]
@@ -320,7 +322,7 @@ def test_input_secrets_are_stripped(store):
     for secret in ("hf_xxxx", "abc", "AKIA", "r8_", "pw@", "password", "hf_aaaa", "Signature=abc", "Credential=def"):
         assert secret not in text, secret
     assert stored["dataset"] == "https://example.com/d.zip"
-    assert stored["nested"] == {"ok": 1} and stored["prompts"] == ["a cat", "[redacted]"]
+    assert stored["nested"] == {"ok": 1} and stored["prompts"] == ["a cat", REDACTED]
     assert stored["trigger_word"] == "TOK" and stored["keyword"] == "kept" and stored["max_tokens"] == 5
     assert json.loads(stored["spec"]) == {"steps": 10}
     assert "note" not in stored and "part=1" in stored["presigned"]
@@ -365,8 +367,7 @@ def test_webhook_dedupe_under_threads(store):
 
 def test_get_list_update(store):
     for i in range(3):
-        store.reserve(f"r{i}", job(estimate_usd=float(i)))
-        time.sleep(0.002)
+        store.reserve(f"r{i}", job(estimate_usd=float(i)))  # same timestamp: insertion order breaks the tie
     assert [r["id"] for r in store.list()] == ["r2", "r1", "r0"]
     assert [r["id"] for r in store.list(limit=1)] == ["r2"]
     store.bind("r1", RID, remote("processing"))

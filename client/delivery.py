@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
-import httpx
+from train.http import DownloadError, RetryPolicy, retryable_status
+from train.http import download as http_download
 
 
 class DeliveryError(Exception):
@@ -26,43 +27,19 @@ def output_url(kind: str, output) -> str | None:
 
 def download(url: str, dest: Path, progress: Callable[[int, int | None], None] | None = None,
              attempts: int = 5, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` into ``dest``, resuming a partial ``dest.part`` with an HTTP Range request."""
+    """Fetch ``url`` into ``dest``: retried, and resuming a partial ``dest.part`` with an HTTP Range request
+    (also when a later call picks up an earlier one's partial file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("data:"):
         dest.write_bytes(base64.b64decode(url.split(",", 1)[1]))
         return dest
-    part = dest.with_name(dest.name + ".part")
-    last_error: Exception | None = None
-    for _ in range(attempts):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            with httpx.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
-                if r.status_code == 416:  # already complete
-                    break
-                if r.status_code not in (200, 206):
-                    raise DeliveryError(f"download of {url} failed: HTTP {r.status_code}")
-                if r.status_code == 200:
-                    have = 0  # the server ignored the range: start over
-                total = r.headers.get("content-length")
-                total_i = int(total) + have if total is not None else None
-                with open(part, "ab" if have else "wb") as f:
-                    for chunk in r.iter_bytes(1 << 20):
-                        f.write(chunk)
-                        have += len(chunk)
-                        if progress:
-                            progress(have, total_i)
-                if total_i is not None and have < total_i:
-                    raise httpx.ReadError(f"connection closed at {have} of {total_i} bytes")
-                break
-        except (httpx.HTTPError, OSError) as exc:
-            last_error = exc
-            continue
-    else:
-        raise DeliveryError(f"download of {url} did not complete after {attempts} attempts ({last_error}); "
-                            f"run `advanced-trainer download` again to resume")
-    part.replace(dest)
-    return dest
+    try:
+        return http_download(url, dest, progress=progress, timeout=timeout,
+                             retry=RetryPolicy(attempts=attempts))
+    except DownloadError as exc:
+        if exc.status is not None and not retryable_status(exc.status):
+            raise DeliveryError(str(exc)) from None  # 403 (an expired URL), 404: trying again will not help
+        raise DeliveryError(f"{exc}; run `advanced-trainer download` again to resume") from None
 
 
 def verify_zip(path: Path) -> list[str]:
@@ -107,7 +84,8 @@ def deliver(url: str, folder: Path, progress=None) -> dict:
     return {
         "folder": str(folder),
         "archive": str(archive),
-        "lora": str(folder / "pytorch_lora_weights.safetensors") if "pytorch_lora_weights.safetensors" in found else None,
+        "lora": (str(folder / "pytorch_lora_weights.safetensors")
+                 if "pytorch_lora_weights.safetensors" in found else None),
         "kohya": str(folder / "lora_kohya.safetensors") if "lora_kohya.safetensors" in found else None,
         "model": str(folder / "model") if any(n.startswith("model/") for n in found) else None,
         "samples": sorted(str(folder / n) for n in found if n.startswith("samples/")),

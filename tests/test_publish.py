@@ -9,18 +9,16 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx2  # huggingface_hub 2.x's own httpx fork: its errors are built here as the Hub raises them
 import pytest
+import s3server
+from botocore.exceptions import ClientError
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-
-import httpx2  # noqa: E402
-from botocore.exceptions import ClientError  # noqa: E402
-from huggingface_hub import HfApi  # noqa: E402
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError  # noqa: E402
-
-import s3server  # noqa: E402
-from train import publish as pub  # noqa: E402
-from train.publish import PublishError, publish, publish_hub, publish_s3  # noqa: E402
-from train.spec import PublishSpec  # noqa: E402
+from train import publish as pub
+from train.publish import PublishError, publish, publish_hub, publish_s3
+from train.spec import PublishSpec
 
 HF_TOKEN = "hf_SECRETtokenVALUE0123456789abcdef"
 MODEL_CARD = """---

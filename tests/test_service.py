@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import SAMPLE_DATASET
+
 from train.service import JobError, JobRequest, build_spec, pack_outputs, run_job
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cogserver import UploadSink
 from safetensors.torch import save, save_file
 
-from cogserver import UploadSink
 from train.trained import LORA_FILE, TrainedWeightsError, _hf_ref, fetch_trained, lora_family
 
 FLUX_KEYS = ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
@@ -16,11 +17,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from train import weights as W
-from train.weights import (WeightsError, fetch_weights_archive, load_manifest, prepare_weights,
-                           resolve_base_weights, verify_weights, write_manifest)
+from train.weights import (
+    WeightsError,
+    fetch_weights_archive,
+    load_manifest,
+    prepare_weights,
+    resolve_base_weights,
+    verify_weights,
+    write_manifest,
+)
 
 NAMES = ["tiny-flux-dev", "tiny-flux-schnell", "tiny-sdxl"]
 
@@ -223,7 +231,6 @@ def test_fetch_local_tar_gz_and_nested_zip(archives, hashed, tmp_path):
 
 def test_fetch_over_http_with_progress(archives, hashed, http_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(W, "_PROGRESS_MIN_BYTES", 0)
-    monkeypatch.setattr(W, "_CHUNK", 64 << 10)
     d = tmp_path / "weights"
     assert fetch_weights_archive(f"{http_server}/two-models.tar.gz", d) == ["tiny-flux-dev", "tiny-sdxl"]
     assert _tree(d / "tiny-sdxl") == _tree(hashed / "tiny-sdxl")
@@ -250,12 +257,14 @@ def test_fetch_never_overwrites_or_deletes_an_existing_model(archives, tiny_weig
     assert _tree(d / "tiny-flux-dev") == before and _tree(d / "tiny-sdxl") == sdxl
 
 
-def test_fetch_errors_name_the_source(archives, http_server, tmp_path):
+def test_fetch_errors_name_the_source(archives, http_server, tmp_path, monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(W, "DOWNLOAD_RETRY", dataclasses.replace(W.DOWNLOAD_RETRY, sleep=waits.append))
     d = tmp_path / "weights"
     url = f"{http_server}/no-such-weights.tar"
     with pytest.raises(WeightsError, match="404") as e:
         fetch_weights_archive(url, d)
-    assert url in str(e.value)
+    assert url in str(e.value) and waits == []  # a 404 is final: no retries
     with pytest.raises(WeightsError, match="not a zip, tar or tar.gz") as e:
         fetch_weights_archive(str(archives["junk"]), d)
     assert str(archives["junk"]) in str(e.value)
@@ -269,6 +278,7 @@ def test_fetch_errors_name_the_source(archives, http_server, tmp_path):
     with pytest.raises(WeightsError, match="refused") as e:
         fetch_weights_archive(refused, d)
     assert f"http://127.0.0.1:{port}/w.tar.gz" in str(e.value) and "secret" not in str(e.value)
+    assert len(waits) == W.DOWNLOAD_RETRY.attempts - 1  # a network failure is tried again first
     with pytest.raises(WeightsError, match="no such file"):
         fetch_weights_archive(str(tmp_path / "missing.tar"), d)
     assert not list(d.iterdir())  # nothing left behind

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
+
+from .http import is_transport_error
+from .redaction import redact
 
 __all__ = ["PublishError", "publish", "publish_hub", "publish_s3", "list_files", "content_type"]
 
@@ -87,13 +90,6 @@ def _normalise_prefix(prefix: str | None) -> str:
     return "/".join(part for part in (prefix or "").split("/") if part)
 
 
-def _redact(text: str, secrets: list[str | None]) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 6:  # shorter "secrets" would only mangle ordinary words
-            text = text.replace(secret, "***")
-    return re.sub(r"hf_[A-Za-z0-9]{16,}", "hf_***", text)
-
-
 def _find_in_chain(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
     seen: set[int] = set()
     cur: BaseException | None = exc
@@ -113,11 +109,13 @@ _S3_HINTS = {
     "SignatureDoesNotMatch": _S3_REFUSED,
     "InvalidToken": _S3_REFUSED,
     "ExpiredToken": "the credentials have expired; supply fresh s3_access_key_id / s3_secret_access_key",
-    "TokenRefreshRequired": "the credentials have expired; supply fresh s3_access_key_id / s3_secret_access_key",
+    "TokenRefreshRequired": "the credentials have expired; supply fresh s3_access_key_id / "
+                            "s3_secret_access_key",
     "InvalidSecurity": _S3_REFUSED,
     "Unauthorized": _S3_REFUSED,
     "401": _S3_REFUSED,
-    "AuthorizationHeaderMalformed": "the request was signed for the wrong region; set s3_region to the bucket's region",
+    "AuthorizationHeaderMalformed": "the request was signed for the wrong region; set s3_region to the "
+                                    "bucket's region",
     "InvalidRegionName": "the region is not valid for this endpoint; check s3_region",
     "PermanentRedirect": "the bucket lives in another region or endpoint; set s3_region (or s3_endpoint_url)",
     "301": "the bucket lives in another region or endpoint; set s3_region (or s3_endpoint_url)",
@@ -150,20 +148,23 @@ def _s3_error_message(exc: BaseException, uri: str, bucket: str, endpoint_url: s
     client_error = _find_in_chain(exc, (ClientError,))
     if client_error is not None:
         err = client_error.response.get("Error", {})  # type: ignore[attr-defined]
-        status = client_error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")  # type: ignore[attr-defined]
+        meta = client_error.response.get("ResponseMetadata", {})  # type: ignore[attr-defined]
+        status = meta.get("HTTPStatusCode")
         code = str(err.get("Code") or status or "error")
         server_msg = (err.get("Message") or "").strip()
         if code == "NoSuchBucket" or (code == "404" and "bucket" in server_msg.lower()):
             hint = f"bucket '{bucket}' does not exist at {where}; create it or fix s3_bucket"
         elif code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"):
             hint = (f"access to bucket '{bucket}' was denied: the credentials were refused or lack write "
-                    f"permission (s3:PutObject); check s3_access_key_id / s3_secret_access_key and the bucket policy")
+                    f"permission (s3:PutObject); check s3_access_key_id / s3_secret_access_key and the "
+                    f"bucket policy")
         else:
             hint = _S3_HINTS.get(code, "")
         detail = f"{code} ({server_msg})" if server_msg and server_msg != code else code
         return f"S3 upload to {uri} failed: {detail}" + (f" — {hint}" if hint else "")
 
-    if _find_in_chain(exc, (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)) is not None:
+    no_credentials = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
+    if _find_in_chain(exc, no_credentials) is not None:
         return (f"S3 upload to {uri} failed: {type(exc).__name__} — no usable S3 credentials: set "
                 f"s3_access_key_id / s3_secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     if _find_in_chain(exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError)) is not None:
@@ -172,7 +173,8 @@ def _s3_error_message(exc: BaseException, uri: str, bucket: str, endpoint_url: s
     if _find_in_chain(exc, (ReadTimeoutError,)) is not None:
         return f"S3 upload to {uri} failed: ReadTimeoutError — {where} stopped answering; try again"
     if _find_in_chain(exc, (SSLError,)) is not None:
-        return f"S3 upload to {uri} failed: SSLError — TLS to {where} failed; check s3_endpoint_url (http vs https)"
+        return (f"S3 upload to {uri} failed: SSLError — TLS to {where} failed; check s3_endpoint_url "
+                f"(http vs https)")
     if _find_in_chain(exc, (NoRegionError,)) is not None:
         return f"S3 upload to {uri} failed: NoRegionError — set s3_region"
     return f"S3 upload to {uri} failed: {type(exc).__name__}: {exc}"
@@ -180,7 +182,7 @@ def _s3_error_message(exc: BaseException, uri: str, bucket: str, endpoint_url: s
 
 def _s3_client(endpoint_url: str | None, region: str | None, access_key_id: str | None,
                secret_access_key: str | None):
-    import boto3
+    from boto3.session import Session
     from botocore.config import Config
 
     options: dict[str, Any] = {
@@ -195,9 +197,8 @@ def _s3_client(endpoint_url: str | None, region: str | None, access_key_id: str 
         options["s3"] = {"addressing_style": "path"}
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
-    session = boto3.session.Session(aws_access_key_id=access_key_id or None,
-                                    aws_secret_access_key=secret_access_key or None,
-                                    region_name=region or None)
+    session = Session(aws_access_key_id=access_key_id or None,
+                      aws_secret_access_key=secret_access_key or None, region_name=region or None)
     return session.client("s3", endpoint_url=endpoint_url or None, config=Config(**options))
 
 
@@ -220,15 +221,16 @@ def publish_s3(folder: Path, bucket: str, prefix: str = "", *, endpoint_url: str
     if not folder.is_dir():
         raise PublishError(f"S3 upload to {root_uri} failed: {folder} is not a folder")
     if bool(access_key_id) != bool(secret_access_key):
-        raise PublishError(f"S3 upload to {root_uri} failed: only one of s3_access_key_id / s3_secret_access_key "
+        raise PublishError(f"S3 upload to {root_uri} failed: only one of s3_access_key_id / "
+                           f"s3_secret_access_key "
                            f"was given — set both, or neither to use the default AWS credential chain")
 
     try:
         client = _s3_client(endpoint_url, region, access_key_id, secret_access_key)
     except (BotoCoreError, ClientError, ValueError) as e:
-        raise PublishError(_redact(_s3_error_message(e, root_uri, bucket, endpoint_url), secrets)) from e
-    transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE,
-                              max_concurrency=MAX_CONCURRENCY)
+        raise PublishError(redact(_s3_error_message(e, root_uri, bucket, endpoint_url), secrets)) from e
+    transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                              multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=MAX_CONCURRENCY)
     base = public_base_url.rstrip("/") if public_base_url else None
     urls: list[str] = []
     for rel in list_files(folder):
@@ -238,9 +240,10 @@ def publish_s3(folder: Path, bucket: str, prefix: str = "", *, endpoint_url: str
             client.upload_file(str(folder / rel), bucket, key, ExtraArgs={"ContentType": content_type(rel)},
                                Config=transfer)
         except (BotoCoreError, ClientError, Boto3Error) as e:
-            raise PublishError(_redact(_s3_error_message(e, uri, bucket, endpoint_url), secrets)) from e
+            raise PublishError(redact(_s3_error_message(e, uri, bucket, endpoint_url), secrets)) from e
         except OSError as e:
-            raise PublishError(f"S3 upload to {uri} failed: cannot read {folder / rel}: {e.strerror or e}") from e
+            raise PublishError(f"S3 upload to {uri} failed: cannot read {folder / rel}: "
+                               f"{e.strerror or e}") from e
         urls.append(f"{base}/{quote(key)}" if base else uri)
     return urls
 
@@ -249,7 +252,6 @@ def publish_s3(folder: Path, bucket: str, prefix: str = "", *, endpoint_url: str
 
 
 def _hub_error_message(exc: BaseException, repo_id: str, step: str) -> str:
-    import httpx2
     from huggingface_hub.errors import (
         HfHubHTTPError,
         HFValidationError,
@@ -287,8 +289,9 @@ def _hub_error_message(exc: BaseException, repo_id: str, step: str) -> str:
         else:
             hint = ""
         return f"{what}: {detail}" + (f" — {hint}" if hint else "")
-    if isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError)):
-        return f"{what}: {type(exc).__name__} — could not reach the Hub; check the network (and HF_ENDPOINT)"
+    if is_transport_error(exc):  # the Hub client's own httpx fork (httpx2) included, by class name
+        return (f"{what}: {type(exc).__name__} — could not reach the Hub; check the network "
+                f"(and HF_ENDPOINT)")
     return f"{what}: {type(exc).__name__}: {exc}"
 
 
@@ -312,7 +315,7 @@ def publish_hub(folder: Path, repo_id: str, *, private: bool = True, token: str 
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", token=token,
                           commit_message=COMMIT_MESSAGE, ignore_patterns=list(HUB_IGNORE_PATTERNS))
     except Exception as e:  # noqa: BLE001 - the boundary: every failure becomes a PublishError
-        raise PublishError(_redact(_hub_error_message(e, repo_id, step), [token])) from e
+        raise PublishError(redact(_hub_error_message(e, repo_id, step), [token])) from e
     url = str(repo_url) if repo_url else ""
     return url or f"https://huggingface.co/{repo_id}"
 
@@ -321,7 +324,8 @@ def publish_hub(folder: Path, repo_id: str, *, private: bool = True, token: str 
 
 
 def publish(folder: Path, publish_spec, *, hf_token: str | None = None, s3_access_key_id: str | None = None,
-            s3_secret_access_key: str | None = None, log: Callable[[str], Any] = print) -> dict[str, list[str] | str]:
+            s3_secret_access_key: str | None = None,
+            log: Callable[[str], Any] = print) -> dict[str, list[str] | str]:
     """Run every target ``publish_spec`` (a :class:`train.spec.PublishSpec`) configures: the Hub, then S3.
 
     Returns ``{"hub": repo_url, "s3": [urls]}`` with only the targets that ran. The first failure

@@ -19,15 +19,16 @@ import signal
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .redaction import Redactor
 from .spec import SpecError, TrainingSpec, parse_spec
 
 OUTPUT_ARCHIVE = "output.zip"
 _STORED = {".safetensors", ".png", ".jpg", ".jpeg", ".webp", ".zip", ".gz", ".pt", ".bin"}  # already dense
-REDACTED = "**********"
 
 
 class JobError(RuntimeError):
@@ -54,16 +55,6 @@ def build_spec(req: JobRequest) -> TrainingSpec:
         raise JobError(str(exc)) from None
 
 
-class _Redactor:
-    def __init__(self, secrets: dict[str, str]):
-        self.values = sorted({v for v in secrets.values() if v and len(v) >= 4}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for v in self.values:
-            text = text.replace(v, REDACTED)
-        return text
-
-
 def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM the child's whole process group (launcher + workers), then SIGKILL what is left."""
     if proc.poll() is not None:
@@ -82,7 +73,8 @@ def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait()
 
 
-def run_trainer(args: list[str], env: dict[str, str], log: Callable[[str], None], redact: Callable[[str], str],
+def run_trainer(args: list[str], env: dict[str, str], log: Callable[[str], None],
+                redact: Callable[[str], str],
                 num_processes: int = 1) -> tuple[int, list[str]]:
     """Run ``python -m train ARGS`` in its own process group, relaying its output line by line.
 
@@ -160,7 +152,7 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     out_dir = workdir / "out"
     spec_file = workdir / "spec.json"
     spec_file.write_text(spec.to_json())
-    redact = _Redactor(req.secrets)
+    redact = Redactor(req.secrets.values())  # the values given, and anything shaped like a token
     env = {**os.environ, **{k: v for k, v in req.secrets.items() if v}, "PYTHONUNBUFFERED": "1"}
     args = ["--spec", str(spec_file), "--data", str(req.dataset), "--out", str(out_dir)]
     if req.resume_from is not None:
@@ -188,20 +180,21 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     return archive
 
 
-def _deliver_checkpoint_elsewhere(spec: TrainingSpec, out_dir: Path, secrets: dict, log: Callable[[str], None]) -> None:
+def _deliver_checkpoint_elsewhere(spec: TrainingSpec, out_dir: Path, secrets: dict,
+                                  log: Callable[[str], None]) -> None:
     """On failure or cancel Cog discards outputs; a configured Hub/S3 target still gets the checkpoint."""
     ckpt = latest_checkpoint(out_dir) if out_dir.exists() else None
     if ckpt is None:
         log("return_checkpoint: no checkpoint was written before the job stopped")
         return
     if not (spec.publish.s3_bucket or spec.publish.hub_model_id):
-        log(f"return_checkpoint: {ckpt.name} exists, but Cog delivers no output for a failed or canceled job; "
-            f"set an S3 bucket or hub_model_id to receive it")
+        log(f"return_checkpoint: {ckpt.name} exists, but Cog delivers no output for a failed or canceled "
+            f"job; set an S3 bucket or hub_model_id to receive it")
         return
     from .publish import PublishError, publish
 
-    sub = spec.publish.model_copy(update={"s3_prefix": "/".join(p for p in (spec.publish.s3_prefix, "checkpoints",
-                                                                              ckpt.name) if p)})
+    prefix = "/".join(p for p in (spec.publish.s3_prefix, "checkpoints", ckpt.name) if p)
+    sub = spec.publish.model_copy(update={"s3_prefix": prefix})
     try:
         publish(ckpt, sub, log=log, **secrets)
     except PublishError as exc:
@@ -231,7 +224,8 @@ class JobFolders:
 
 
 def processes_for(gpus: list) -> int:
-    """One trainer process per GPU; ADVANCED_TRAINER_NUM_PROCESSES overrides (e.g. gloo processes on a CPU)."""
+    """One trainer process per GPU; ADVANCED_TRAINER_NUM_PROCESSES overrides (e.g. gloo processes on a
+    CPU)."""
     forced = os.environ.get("ADVANCED_TRAINER_NUM_PROCESSES")
     return int(forced) if forced else max(1, len(gpus))
 

@@ -30,13 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from .http import safe_url
 from .spec import MODEL_FAMILIES, family_of
-from .weights import WeightsError, _describe_source, download_url
+from .weights import WeightsError, download_url
 
 LORA_FILE = "pytorch_lora_weights.safetensors"   # what train/export.py writes (diffusers/peft naming)
 KOHYA_FILE = "lora_kohya.safetensors"
 _HF_REPO = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+\.safetensors))?$")
-_HF_URL = re.compile(r"^https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?:blob|resolve)/[^/]+/(.+))?/?$")
+_HF_URL = re.compile(r"^https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)"
+                     r"(?:/(?:blob|resolve)/[^/]+/(.+))?/?$")
 
 
 class TrainedWeightsError(ValueError):
@@ -68,7 +70,7 @@ def shown(source: str) -> str:
     """A source for messages: URLs without credentials or query string, data URIs abbreviated."""
     if source.startswith("data:"):
         return source[:40] + "…"
-    return _describe_source(source)
+    return safe_url(source)
 
 
 def _key(source: str) -> str:
@@ -107,8 +109,8 @@ def _fetch_hf(repo: str, filename: str | None, dest: Path, field: str, hf_token:
         raise
     except Exception as exc:  # offline, private repo without a token, no such repo or file
         why = " ".join(str(exc).split())[:300]
-        raise TrainedWeightsError(f"{field}: cannot get {repo} from the Hugging Face Hub ({type(exc).__name__}: "
-                                  f"{why}); a private repo needs hf_token") from None
+        raise TrainedWeightsError(f"{field}: cannot get {repo} from the Hugging Face Hub "
+                                  f"({type(exc).__name__}: {why}); a private repo needs hf_token") from None
 
 
 def _fetch_file(source: str, dest_dir: Path, field: str, allow_local: bool, hf_token: str | None) -> Path:
@@ -130,7 +132,7 @@ def _fetch_file(source: str, dest_dir: Path, field: str, allow_local: bool, hf_t
         name = Path(unquote(urlsplit(source).path)).name or "weights"
         path = dest_dir / name
         try:
-            download_url(source, path, shown(source))
+            download_url(source, path)
         except WeightsError as exc:
             raise TrainedWeightsError(f"{field}: {exc}") from None
         return path
@@ -142,8 +144,8 @@ def _fetch_file(source: str, dest_dir: Path, field: str, allow_local: bool, hf_t
         return _fetch_hf(hf[0], hf[1], dest_dir, field, hf_token)
     if allow_local and scheme in ("", "file"):
         raise TrainedWeightsError(f"{field}: {source} does not exist")
-    raise TrainedWeightsError(f"{field}: {shown(source)!r} is not an http(s) URL, a data URI or a Hugging Face "
-                              f"repo (owner/name or owner/name/file.safetensors)")
+    raise TrainedWeightsError(f"{field}: {shown(source)!r} is not an http(s) URL, a data URI or a Hugging "
+                              f"Face repo (owner/name or owner/name/file.safetensors)")
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -170,42 +172,52 @@ def lora_family(path: Path) -> str | None:
     return None
 
 
-def _read_folder(folder: Path, source: str, field: str, default_model: str) -> Trained:
+def _our_config(folder: Path) -> tuple[dict, Path] | None:
+    """Our ``config.json`` below ``folder`` (not a pipeline component's) and the folder holding it."""
     configs = [p for p in sorted(folder.rglob("config.json"))
-               if "model" not in p.relative_to(folder).parts[:-1] and p.parent.name not in ("transformer", "unet")]
-    config = None
-    root = folder
+               if "model" not in p.relative_to(folder).parts[:-1]
+               and p.parent.name not in ("transformer", "unet")]
     for path in configs:
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(doc, dict) and doc.get("trainer") == "advanced-trainer" and isinstance(doc.get("spec"), dict):
-            config, root = doc, path.parent
-            break
-    if config is not None:
-        spec = config["spec"]
-        model = spec.get("model")
-        if model not in MODEL_FAMILIES:
-            raise TrainedWeightsError(f"{field}: {shown(source)} was trained for {model!r}, which this version "
-                                      f"cannot render (it renders {', '.join(MODEL_FAMILIES)})")
-        common = dict(source=source, model=model, base_weights=spec.get("base_weights"),
-                      trigger_word=spec.get("trigger_word") or "", config=config)
-        if spec.get("mode") == "full":
-            model_dir = root / "model"
-            if not (model_dir / "model_index.json").is_file():
-                raise TrainedWeightsError(f"{field}: {shown(source)} is a full fine-tune without model/model_index.json")
-            return Trained(lora_file=None, model_dir=model_dir, **common)
-        lora = root / LORA_FILE if (root / LORA_FILE).is_file() else root / KOHYA_FILE
-        if not lora.is_file():
+        if (isinstance(doc, dict) and doc.get("trainer") == "advanced-trainer"
+                and isinstance(doc.get("spec"), dict)):
+            return doc, path.parent
+    return None
+
+
+def _read_our_output(config: dict, root: Path, source: str, field: str) -> Trained:
+    spec = config["spec"]
+    model = spec.get("model")
+    if model not in MODEL_FAMILIES:
+        raise TrainedWeightsError(f"{field}: {shown(source)} was trained for {model!r}, which this version "
+                                  f"cannot render (it renders {', '.join(MODEL_FAMILIES)})")
+    lora_file, model_dir = None, None
+    if spec.get("mode") == "full":
+        model_dir = root / "model"
+        if not (model_dir / "model_index.json").is_file():
+            raise TrainedWeightsError(f"{field}: {shown(source)} is a full fine-tune without "
+                                      f"model/model_index.json")
+    else:
+        lora_file = root / LORA_FILE if (root / LORA_FILE).is_file() else root / KOHYA_FILE
+        if not lora_file.is_file():
             raise TrainedWeightsError(f"{field}: {shown(source)} has a config.json but no {LORA_FILE}")
-        return Trained(lora_file=lora, model_dir=None, **common)
+    return Trained(source=source, model=model, base_weights=spec.get("base_weights"), lora_file=lora_file,
+                   model_dir=model_dir, trigger_word=spec.get("trigger_word") or "", config=config)
+
+
+def _read_folder(folder: Path, source: str, field: str, default_model: str) -> Trained:
+    ours = _our_config(folder)
+    if ours is not None:
+        return _read_our_output(ours[0], ours[1], source, field)
     files = [p for p in sorted(folder.rglob("*.safetensors")) if not p.name.startswith(".")]
     preferred = [p for p in files if p.name == LORA_FILE] or files
     if len(preferred) != 1:
         names = ", ".join(str(p.relative_to(folder)) for p in files[:6]) or "none"
-        raise TrainedWeightsError(f"{field}: {shown(source)} holds {len(files)} .safetensors files ({names}); "
-                                  f"expected one LoRA or an advanced-trainer output")
+        raise TrainedWeightsError(f"{field}: {shown(source)} holds {len(files)} .safetensors files "
+                                  f"({names}); expected one LoRA or an advanced-trainer output")
     return _read_lora_file(preferred[0], source, field, default_model)
 
 
@@ -218,7 +230,8 @@ def _read_lora_file(path: Path, source: str, field: str, default_model: str) -> 
     if family is None:
         model = None
     else:
-        model = default_model if family_of(default_model) == family else {"flux": "flux-dev", "sdxl": "sdxl"}[family]
+        same = family_of(default_model) == family
+        model = default_model if same else {"flux": "flux-dev", "sdxl": "sdxl"}[family]
     return Trained(source=source, model=model, base_weights=None, lora_file=path, model_dir=None)
 
 
@@ -254,8 +267,8 @@ def fetch_trained(source: str, cache_dir: Path, *, field: str, default_model: st
         try:
             archive_kind(path)
         except DatasetError:
-            raise TrainedWeightsError(f"{field}: {shown(source)} is neither a .safetensors LoRA nor a zip/tar "
-                                      f"archive of one") from None
+            raise TrainedWeightsError(f"{field}: {shown(source)} is neither a .safetensors LoRA nor a "
+                                      f"zip/tar archive of one") from None
         tmp = slot / ".unpacking"
         shutil.rmtree(tmp, ignore_errors=True)
         slot.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,12 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-WEIGHTS_DIR = Path(os.environ.get("ADVANCED_TRAINER_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+from .http import DownloadError, RetryPolicy, download, safe_url
+
+WEIGHTS_DIR = Path(os.environ.get("ADVANCED_TRAINER_WEIGHTS",
+                                  Path(__file__).resolve().parent.parent / "weights"))
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -76,18 +79,18 @@ def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
             return folder
     for folder in candidates:
         if folder.is_dir():
-            raise WeightsError(f"base_weights: {folder} has no model_index.json; it must be a diffusers pipeline folder")
+            raise WeightsError(f"base_weights: {folder} has no model_index.json; "
+                               f"it must be a diffusers pipeline folder")
     if not _HUB_ID.match(ref):
-        raise WeightsError(f"base_weights: {ref!r} is neither a diffusers pipeline folder nor a Hub id (owner/name); "
+        raise WeightsError(f"base_weights: {ref!r} is neither a diffusers pipeline folder "
+                           f"nor a Hub id (owner/name); "
                            f"looked in {', '.join(str(c) for c in candidates)}")
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, token=os.environ.get("HF_TOKEN") or None,
-                                      allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE))
+        return _snapshot_download(ref, os.environ.get("HF_TOKEN") or None)
     except Exception as exc:  # network down, gated repo without a token, no such repo
         raise WeightsError(
-            f"base_weights: cannot get {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"base_weights: cannot get {ref!r} from the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc)[:300]}). "
             f"Put the pipeline folder in {weights_dir / ref.split('/')[-1]}, pass a local folder, "
             f"or set HF_TOKEN for a gated repo.") from None
 
@@ -143,13 +146,15 @@ def _model_entry(folder: Path, sha256: bool) -> dict:
 
 
 def _safe_name(name: object) -> bool:
-    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+    return (isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name
+            and not name.startswith("."))
 
 
 def _safe_rel(rel: object) -> bool:
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
         return False
-    return all(part not in ("", ".", "..") for part in PurePosixPath(rel).parts) and rel == PurePosixPath(rel).as_posix()
+    path = PurePosixPath(rel)
+    return all(part not in ("", ".", "..") for part in path.parts) and rel == path.as_posix()
 
 
 def _check_manifest(data: object, where: str) -> dict:
@@ -173,8 +178,8 @@ def _check_manifest(data: object, where: str) -> dict:
         for rel, info in entry["files"].items():
             if not _safe_rel(rel):
                 raise bad(f"models.{name}: file path {rel!r} is not a plain relative path")
-            if (not isinstance(info, dict) or not isinstance(info.get("size"), int) or isinstance(info["size"], bool)
-                    or info["size"] < 0):
+            if (not isinstance(info, dict) or not isinstance(info.get("size"), int)
+                    or isinstance(info["size"], bool) or info["size"] < 0):
                 raise bad(f"models.{name}.files[{rel!r}]: size must be a non-negative integer")
             sha = info.get("sha256")
             if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
@@ -183,7 +188,7 @@ def _check_manifest(data: object, where: str) -> dict:
 
 
 def load_manifest(weights_dir: Path | None = None, path: Path | None = None) -> dict | None:
-    """The manifest in ``weights_dir`` (or at ``path``), None when there is none; WeightsError when invalid."""
+    """The manifest in ``weights_dir`` (or at ``path``); None if there is none, WeightsError if invalid."""
     path = Path(path) if path else Path(weights_dir or WEIGHTS_DIR) / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -204,7 +209,8 @@ def _save_manifest(weights_dir: Path, data: dict) -> Path:
     return path
 
 
-def write_manifest(weights_dir: Path | None = None, names: list[str] | None = None, sha256: bool = True) -> Path:
+def write_manifest(weights_dir: Path | None = None, names: list[str] | None = None,
+                   sha256: bool = True) -> Path:
     """Record every file of the pipeline folders in ``weights_dir/manifest.json``; returns its path.
 
     Without ``names`` the manifest is rewritten from every pipeline folder present. With
@@ -242,7 +248,8 @@ def _check_folder(folder: Path, entry: dict, full_hash: bool) -> list[str]:
             continue
         size = p.stat().st_size
         if size != info["size"]:
-            problems.append(f"{_show(p)}: {size} bytes, the manifest says {info['size']} (truncated or replaced)")
+            problems.append(f"{_show(p)}: {size} bytes, the manifest says {info['size']} "
+                            f"(truncated or replaced)")
         elif full_hash and info.get("sha256") and file_sha256(p) != info["sha256"]:
             problems.append(f"{_show(p)}: sha256 differs from the manifest's (corrupted or replaced)")
     return problems
@@ -250,7 +257,8 @@ def _check_folder(folder: Path, entry: dict, full_hash: bool) -> list[str]:
 
 def _verify_models(weights_dir: Path, manifest: dict, full_hash: bool) -> dict[str, list[str]]:
     """Problems per model listed in ``manifest`` (an empty list when the model checks out)."""
-    return {name: _check_folder(weights_dir / name, entry, full_hash) for name, entry in manifest["models"].items()}
+    return {name: _check_folder(weights_dir / name, entry, full_hash)
+            for name, entry in manifest["models"].items()}
 
 
 def verify_weights(weights_dir: Path | None = None, manifest: dict | Path | None = None,
@@ -275,63 +283,62 @@ def verify_weights(weights_dir: Path | None = None, manifest: dict | Path | None
 # --------------------------------------------------------------------------------------------
 # fetching an archive of pipeline folders
 
-
-def _describe_source(source: str) -> str:
-    """The source for messages: a URL without credentials or query string (signed URLs carry secrets)."""
-    if "://" not in source:
-        return source
-    parts = urlsplit(source)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    shown = urlunsplit((parts.scheme, host, parts.path, "", ""))
-    return shown + ("?…" if parts.query else "")
+# Signed URLs carry secrets in the query string: messages show the URL without it.
+_describe_source = safe_url
+# ~3.5-7 s of backoff in all: rides out a network blip or a file server restarting, then says why.
+DOWNLOAD_RETRY = RetryPolicy(attempts=4)
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def download_url(url: str, dest: Path, shown: str) -> None:
-    """Stream ``url`` into ``dest``, printing progress every ~5 % for large files."""
-    import urllib.error
-    import urllib.request
+class _DownloadReport:
+    """A download's lines in the log: its size (after a disk-space check), then every ~5 % for large
+    files, or every GiB when the server does not say how large it is."""
 
-    req = urllib.request.Request(url, headers={"User-Agent": "advanced-trainer-weights/1"})
+    def __init__(self, shown: str, dest: Path):
+        self.shown, self.dest = shown, dest
+        self.started = False
+        self.next_pct = 5
+        self.gib = 0
+
+    def __call__(self, got: int, total: int | None) -> None:
+        if not self.started:
+            self.started = True
+            self._start(total)
+        elif total is not None:
+            if total >= _PROGRESS_MIN_BYTES and got * 100 >= self.next_pct * total:
+                pct = min(100, got * 100 // max(total, 1))
+                print(f"weights: {pct}% ({_gb(got)} of {_gb(total)})", flush=True)
+                self.next_pct = (pct // 5 + 1) * 5
+        elif got // (1 << 30) != self.gib:
+            print(f"weights: {_gb(got)} downloaded", flush=True)
+        self.gib = got // (1 << 30)
+
+    def _start(self, total: int | None) -> None:
+        if total is not None:
+            free = shutil.disk_usage(self.dest.parent).free
+            if total > free:
+                raise WeightsError(f"cannot download weights from {self.shown}: it is {_gb(total)}, only "
+                                   f"{_gb(free)} free in {_show(self.dest.parent.parent)}")
+            if 2 * total > free:
+                print(f"weights: warning: {_gb(free)} free; unpacking {_gb(total)} needs about twice that",
+                      flush=True)
+        print(f"weights: downloading {self.shown}" + (f" ({_gb(total)})" if total else ""), flush=True)
+
+
+def download_url(url: str, dest: Path) -> None:
+    """Stream the http(s) ``url`` into ``dest`` (retried, resumed), printing progress for large files."""
+    shown = safe_url(url)
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            if total is not None:
-                free = shutil.disk_usage(dest.parent).free
-                if total > free:
-                    raise WeightsError(f"cannot download weights from {shown}: it is {_gb(total)}, only {_gb(free)} "
-                                       f"free in {_show(dest.parent.parent)}")
-                if 2 * total > free:
-                    print(f"weights: warning: {_gb(free)} free; unpacking {_gb(total)} needs about twice that",
-                          flush=True)
-            print(f"weights: downloading {shown}" + (f" ({_gb(total)})" if total else ""), flush=True)
-            loud = total is not None and total >= _PROGRESS_MIN_BYTES
-            got, next_pct = 0, 5
-            with open(dest, "wb") as f:
-                while chunk := resp.read(_CHUNK):
-                    f.write(chunk)
-                    got += len(chunk)
-                    if loud and got * 100 >= next_pct * total:
-                        pct = min(100, got * 100 // total)
-                        print(f"weights: {pct}% ({_gb(got)} of {_gb(total)})", flush=True)
-                        next_pct = (pct // 5 + 1) * 5
-                    elif total is None and got // (1 << 30) != (got - len(chunk)) // (1 << 30):
-                        print(f"weights: {_gb(got)} downloaded", flush=True)
-            if total is not None and got != total:
-                raise WeightsError(f"cannot download weights from {shown}: the connection ended after {got} of "
-                                   f"{total} bytes; try again")
+        download(url, dest, progress=_DownloadReport(shown, dest), timeout=60, retry=DOWNLOAD_RETRY,
+                 headers={"User-Agent": "advanced-trainer-weights/1"})
     except WeightsError:
         raise
-    except urllib.error.HTTPError as exc:
-        raise WeightsError(f"cannot download weights from {shown}: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise WeightsError(f"cannot download weights from {shown}: {exc.reason}") from None
-    except (OSError, ValueError) as exc:  # timeouts, resets, a full disk, a malformed URL
+    except DownloadError as exc:
+        raise WeightsError(f"cannot download weights from {exc.url}: {exc.detail}") from None
+    except OSError as exc:  # a full disk, an unwritable folder
         raise WeightsError(f"cannot download weights from {shown}: {type(exc).__name__}: {exc}") from None
 
 
@@ -344,33 +351,35 @@ def _archive_stem(source: str) -> str:
 
 
 def _find_pipelines(root: Path, source: str, depth: int = 3) -> dict[str, Path]:
-    """Pipeline folders in an unpacked archive: the root itself (named after the archive) or folders
-    up to ``depth`` levels down (``FLUX.1-dev/``, ``weights/FLUX.1-dev/``); junk (``__MACOSX``, dot-folders) skipped."""
+    """Pipeline folders in an unpacked archive: the root itself (named after the archive) or folders up to
+    ``depth`` levels down (``FLUX.1-dev/``, ``weights/FLUX.1-dev/``); junk (``__MACOSX``, dot-folders)
+    skipped."""
     if _is_pipeline(root):
         name = _archive_stem(source)
         if not _safe_name(name):
-            raise WeightsError(f"{_describe_source(source)}: the archive holds one pipeline at its top level, "
-                               f"but no folder name can be taken from the source name")
+            raise WeightsError(f"{_describe_source(source)}: the archive holds one pipeline at its top "
+                               f"level, but no folder name can be taken from the source name")
         return {name: root}
     found: dict[str, Path] = {}
-
-    def walk(folder: Path, level: int) -> None:
-        for child in sorted(folder.iterdir()):
-            if not child.is_dir() or child.name.startswith(".") or child.name == "__MACOSX":
-                continue
-            if _is_pipeline(child):
-                if child.name in found:
-                    raise WeightsError(f"{_describe_source(source)}: two pipeline folders named {child.name!r} "
-                                       f"({found[child.name].relative_to(root)} and {child.relative_to(root)})")
-                found[child.name] = child
-            elif level < depth:
-                walk(child, level + 1)
-
-    walk(root, 1)
+    _collect_pipelines(root, root, depth, found, source)
     return found
 
 
-def _archive_manifest(root: Path, pipelines: dict[str, Path], source: str) -> dict | None:
+def _collect_pipelines(folder: Path, root: Path, levels_left: int, found: dict[str, Path],
+                       source: str) -> None:
+    for child in sorted(folder.iterdir()):
+        if not child.is_dir() or child.name.startswith(".") or child.name == "__MACOSX":
+            continue
+        if _is_pipeline(child):
+            if child.name in found:
+                raise WeightsError(f"{_describe_source(source)}: two pipeline folders named {child.name!r} "
+                                   f"({found[child.name].relative_to(root)} and {child.relative_to(root)})")
+            found[child.name] = child
+        elif levels_left > 1:
+            _collect_pipelines(child, root, levels_left - 1, found, source)
+
+
+def _archive_manifest(root: Path, pipelines: dict[str, Path]) -> dict | None:
     """A manifest.json shipped in the archive, at its top or beside the pipeline folders."""
     places = [root] + sorted({p.parent for p in pipelines.values()})
     for place in places:
@@ -379,70 +388,100 @@ def _archive_manifest(root: Path, pipelines: dict[str, Path], source: str) -> di
     return None
 
 
-def _fetch(source: str, weights_dir: Path) -> tuple[list[str], list[str]]:
-    """Fetch and install; returns (names installed, names skipped because their folder already existed)."""
+def _source_scheme(source: str) -> str:
+    """``http`` / ``https`` / ``file``, or "" for a plain path; WeightsError for anything else."""
+    scheme = urlsplit(source).scheme.lower() if "://" in source else ""
+    if scheme not in ("", "http", "https", "file"):
+        raise WeightsError(f"cannot fetch weights from {_describe_source(source)}: only http(s) URLs "
+                           f"and local paths are supported")
+    return scheme
+
+
+def _archive_file(source: str, scheme: str, tmp: Path) -> Path:
+    """The archive on this machine: downloaded into ``tmp`` for a URL, else the local file itself."""
+    if scheme in ("http", "https"):
+        archive = tmp / "archive"
+        download_url(source, archive)
+        return archive
+    archive = Path(urlsplit(source).path if scheme == "file" else source).expanduser()
+    if not archive.is_file():
+        raise WeightsError(f"cannot fetch weights from {_describe_source(source)}: no such file")
+    return archive
+
+
+def _unpack(archive: Path, into: Path, shown: str) -> Path:
+    """Extract ``archive`` into ``into`` (unsafe entries refused), WeightsError naming the source."""
+    # numpy + PIL come with train.data: not at import time (client/pack.py imports this module)
     from train.data import DataLimits, DatasetError, UnsafeArchiveError, extract_archive
 
+    print(f"weights: unpacking {shown}", flush=True)
+    limits = DataLimits(max_files=500_000, max_bytes=4 << 40)  # weights are big; only traversal etc. matter
+    try:
+        extract_archive(archive, into, limits)
+    except DatasetError as exc:
+        raise WeightsError(f"cannot use weights from {shown}: {exc} (expected a .tar, .tar.gz or .zip "
+                           f"of diffusers pipeline folders)") from None
+    except UnsafeArchiveError as exc:
+        raise WeightsError(f"cannot use weights from {shown}: unsafe archive refused: {exc}") from None
+    return into
+
+
+def _entries_for(pipelines: dict[str, Path], shipped: dict | None, shown: str) -> dict[str, dict]:
+    """Manifest entries of the unpacked pipelines: the archive's own (which they must match), else sizes."""
+    entries: dict[str, dict] = {}
+    for name, folder in pipelines.items():
+        if shipped and name in shipped["models"]:
+            problems = _check_folder(folder, shipped["models"][name], False)
+            if problems:
+                raise WeightsError(f"cannot use weights from {shown}: {name} does not match the archive's "
+                                   f"manifest.json: " + "; ".join(problems[:5]))
+            entries[name] = shipped["models"][name]
+        else:
+            entries[name] = _model_entry(folder, sha256=False)
+    return entries
+
+
+def _install(pipelines: dict[str, Path], entries: dict[str, dict], weights_dir: Path,
+             manifest: dict | None) -> tuple[list[str], list[str]]:
+    """Move each pipeline into ``weights_dir`` (a rename) unless its folder exists; add it to the manifest."""
+    manifest = manifest or {"version": MANIFEST_VERSION, "models": {}}
+    installed: list[str] = []
+    skipped: list[str] = []
+    for name, folder in pipelines.items():
+        target = weights_dir / name
+        if target.exists() or target.is_symlink():
+            print(f"weights: {_show(target)} already exists; left as it is (not overwritten)", flush=True)
+            skipped.append(name)
+            continue
+        os.rename(folder, target)
+        installed.append(name)
+        manifest["models"][name] = entries[name]
+        print(f"weights: installed {_show(target)}", flush=True)
+    if installed:
+        _save_manifest(weights_dir, manifest)
+    return installed, skipped
+
+
+def _fetch(source: str, weights_dir: Path) -> tuple[list[str], list[str]]:
+    """Fetch and install; returns (names installed, names skipped because their folder already existed)."""
     shown = _describe_source(source)
     weights_dir.mkdir(parents=True, exist_ok=True)
     existing_manifest = load_manifest(weights_dir)  # a broken manifest stops us before anything moves
-    scheme = urlsplit(source).scheme.lower() if "://" in source else ""
-    if scheme not in ("", "http", "https", "file"):
-        raise WeightsError(f"cannot fetch weights from {shown}: only http(s) URLs and local paths are supported")
+    scheme = _source_scheme(source)
     tmp = Path(tempfile.mkdtemp(prefix=_FETCH_PREFIX, dir=weights_dir))
-    installed: list[str] = []
-    skipped: list[str] = []
     try:
-        if scheme in ("http", "https"):
-            archive = tmp / "archive"
-            download_url(source, archive, shown)
-        else:
-            archive = Path(urlsplit(source).path if scheme == "file" else source).expanduser()
-            if not archive.is_file():
-                raise WeightsError(f"cannot fetch weights from {shown}: no such file")
-        print(f"weights: unpacking {shown}", flush=True)
-        unpacked = tmp / "unpacked"
-        limits = DataLimits(max_files=500_000, max_bytes=4 << 40)  # weights are big; only traversal etc. matter
-        try:
-            extract_archive(archive, unpacked, limits)
-        except DatasetError as exc:
-            raise WeightsError(f"cannot use weights from {shown}: {exc} (expected a .tar, .tar.gz or .zip "
-                               f"of diffusers pipeline folders)") from None
-        except UnsafeArchiveError as exc:
-            raise WeightsError(f"cannot use weights from {shown}: unsafe archive refused: {exc}") from None
+        archive = _archive_file(source, scheme, tmp)
+        unpacked = _unpack(archive, tmp / "unpacked", shown)
         if archive.parent == tmp:
             archive.unlink()  # free the space before moving things around
         pipelines = _find_pipelines(unpacked, source)
         if not pipelines:
-            raise WeightsError(f"cannot use weights from {shown}: the archive holds no diffusers pipeline folder "
-                               f"(a folder with model_index.json)")
-        shipped = _archive_manifest(unpacked, pipelines, source)
-        entries: dict[str, dict] = {}
-        for name, folder in pipelines.items():
-            if shipped and name in shipped["models"]:
-                problems = _check_folder(folder, shipped["models"][name], False)
-                if problems:
-                    raise WeightsError(f"cannot use weights from {shown}: {name} does not match the archive's "
-                                       f"manifest.json: " + "; ".join(problems[:5]))
-                entries[name] = shipped["models"][name]
-            else:
-                entries[name] = _model_entry(folder, sha256=False)
-        manifest = existing_manifest or {"version": MANIFEST_VERSION, "models": {}}
-        for name, folder in pipelines.items():
-            target = weights_dir / name
-            if target.exists() or target.is_symlink():
-                print(f"weights: {_show(target)} already exists; left as it is (not overwritten)", flush=True)
-                skipped.append(name)
-                continue
-            os.rename(folder, target)
-            installed.append(name)
-            manifest["models"][name] = entries[name]
-            print(f"weights: installed {_show(target)}", flush=True)
-        if installed:
-            _save_manifest(weights_dir, manifest)
+            raise WeightsError(f"cannot use weights from {shown}: the archive holds no diffusers pipeline "
+                               f"folder (a folder with model_index.json)")
+        entries = _entries_for(pipelines, _archive_manifest(unpacked, pipelines), shown)
+        return _install(pipelines, entries, weights_dir, existing_manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
-    return installed, skipped
 
 
 def fetch_weights_archive(source: str, weights_dir: Path) -> list[str]:
@@ -479,23 +518,147 @@ class WeightsStatus:
                 return self.models[key]
         raise KeyError(ref)
 
+    def record(self, key: str, folder: Path, origin: str) -> None:
+        self.models[key] = folder
+        self.origins[key] = origin
+
     def lines(self) -> list[str]:
         out = [f"weights: {name} ({self.origins[name]}): {_show(path)}" for name, path in self.models.items()]
         return out + [f"weights: warning: {w}" for w in self.warnings]
 
 
+@dataclass
+class _Scan:
+    """The cache as it is: its manifest, each listed model's problems, the pipeline folders present."""
+
+    manifest: dict | None
+    problems: dict[str, list[str]]
+    present: list[str]
+
+    def usable(self, name: str) -> bool:
+        return name in self.present and not self.problems.get(name)
+
+
+def _scan(weights_dir: Path) -> _Scan:
+    manifest = load_manifest(weights_dir)
+    problems = _verify_models(weights_dir, manifest, False) if manifest else {}
+    return _Scan(manifest, problems, pipeline_folders(weights_dir))
+
+
+def _wanted(required: list[str] | None, scan: _Scan) -> list[str]:
+    """The refs that must be usable: ``required``, else every model in the manifest."""
+    if required is not None:
+        return list(required)
+    return list(scan.manifest["models"]) if scan.manifest else []
+
+
 def _how_to_provide(folders: list[Path]) -> str:
     where = " and ".join(_show(f) for f in folders) if folders else "weights/<name>"
     return (f"Provide them one of these ways: put the diffusers folder at {where} "
-            f"(then `python -m train.weights manifest`), set ADVANCED_TRAINER_BASE_WEIGHTS to a .tar/.tar.gz/.zip URL of it, "
-            f"or allow Hub downloads with an hf_token for gated repos.")
+            f"(then `python -m train.weights manifest`), set {BASE_WEIGHTS_ENV} to a .tar/.tar.gz/.zip URL "
+            f"of it, or allow Hub downloads with an hf_token for gated repos.")
 
 
-def prepare_weights(weights_dir: Path | None = None, *, source: str | None = None, required: list[str] | None = None,
-                    allow_hub: bool = False, hf_token: str | None = None) -> WeightsStatus:
+def _fetch_source(source: str, weights_dir: Path, required: list[str] | None, scan: _Scan,
+                  status: WeightsStatus) -> tuple[_Scan, set[str]]:
+    """Fetch the archive ``source`` unless every wanted model is already usable; returns the new scan and
+    the names it installed."""
+    names = [r.split("/")[-1] for r in _wanted(required, scan)]
+    if names and all(scan.usable(n) for n in names):
+        # it would only skip folders that exist: do not download gigabytes for nothing
+        status.warnings.append(f"{BASE_WEIGHTS_ENV} {_describe_source(source)} not fetched: "
+                               f"{', '.join(names)} already in {_show(weights_dir)}")
+        return scan, set()
+    installed, _ = _fetch(source, weights_dir)
+    return _scan(weights_dir), set(installed)
+
+
+def _record_cache(status: WeightsStatus, scan: _Scan, fetched: set[str]) -> None:
+    """Every usable folder in the cache goes into ``status``, with warnings for what was not checked."""
+    weights_dir, manifest_path = status.weights_dir, status.weights_dir / MANIFEST_NAME
+    status.manifest = manifest_path if scan.manifest is not None else None
+    if scan.manifest is None and scan.present:
+        status.warnings.append(f"{_show(manifest_path)} is missing, so file sizes were not checked; "
+                               f"write it with `python -m train.weights manifest`")
+    leftovers = sorted(p.name for p in weights_dir.glob(_FETCH_PREFIX + "*")) if weights_dir.is_dir() else []
+    if leftovers:
+        status.warnings.append(f"leftover temporary folders from an interrupted fetch in "
+                               f"{_show(weights_dir)}: "
+                               f"{', '.join(leftovers)} (safe to delete)")
+    for name in scan.present:
+        if not scan.usable(name):
+            continue
+        status.record(name, weights_dir / name, "tarball" if name in fetched else "cache")
+        if scan.manifest is not None and name not in scan.manifest["models"]:
+            status.warnings.append(f"{_show(weights_dir / name)} is not in {_show(manifest_path)}, so its "
+                                   f"files were not checked; run `python -m train.weights manifest`")
+
+
+def _local_problem(ref: str, scan: _Scan, weights_dir: Path) -> str | None:
+    """Why the cache cannot serve ``ref``; None when it can."""
+    name = ref.split("/")[-1]
+    folder = weights_dir / name
+    if not _safe_name(name):
+        return f"{ref!r} is not a folder name or Hub id"
+    if scan.usable(name):
+        return None
+    if not folder.is_dir():
+        listed = scan.manifest is not None and name in scan.manifest["models"]
+        where = f" (listed in {_show(weights_dir / MANIFEST_NAME)})" if listed else ""
+        return f"base weights missing: {_show(folder)}{where}"
+    problems = scan.problems.get(name)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        return f"base weights damaged: {'; '.join(problems[:3])}{more}"
+    return f"base weights unusable: {_show(folder)} has no model_index.json"
+
+
+def _snapshot_download(ref: str, token: str | None) -> Path:
+    # huggingface_hub: imported only when the Hub is actually used (an optional path in setup())
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(ref, token=token, allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE))
+
+
+def _from_hub(ref: str, local: str, hf_token: str | None, status: WeightsStatus) -> str | None:
+    """Download ``ref`` from the Hub into ``status``; the failure message when that does not work."""
+    if not _HUB_ID.match(ref):
+        return f"{local}; {ref!r} is not a Hub id (owner/name), so it cannot be downloaded"
+    token = hf_token or os.environ.get("HF_TOKEN") or None
+    print(f"weights: downloading {ref} from the Hugging Face Hub", flush=True)
+    try:
+        path = _snapshot_download(ref, token)
+    except Exception as exc:  # offline, gated repo without a token, no such repo
+        why = " ".join(str(exc).split())[:300]
+        tok = "an hf_token was given" if token else "no hf_token was given"
+        return (f"{local}; the Hugging Face Hub download of {ref} failed ({type(exc).__name__}: {why}; {tok} "
+                f"— a gated repo needs an hf_token with access to it)")
+    if not _is_pipeline(path):
+        return f"{local}; the Hub repo {ref} has no model_index.json (not a diffusers pipeline)"
+    if local.startswith("base weights damaged"):
+        status.warnings.append(f"{local}; using the Hub copy of {ref} instead")
+    status.record(ref, path, "hub")
+    return None
+
+
+def _provide(ref: str, status: WeightsStatus, scan: _Scan, *, source: str | None, fetched: set[str],
+             allow_hub: bool, hf_token: str | None) -> str | None:
+    """Make ``ref`` usable (the cache, else the Hub when allowed); the reason it is not, else None."""
+    local = _local_problem(ref, scan, status.weights_dir)
+    if local is None:
+        return None
+    if source and ref.split("/")[-1] not in fetched:
+        local += f"; the {BASE_WEIGHTS_ENV} archive {_describe_source(source)} did not provide it"
+    return _from_hub(ref, local, hf_token, status) if allow_hub else local
+
+
+def prepare_weights(weights_dir: Path | None = None, *, source: str | None = None,
+                    required: list[str] | None = None, allow_hub: bool = False,
+                    hf_token: str | None = None) -> WeightsStatus:
     """Make the base weights usable for ``setup()``, or raise WeightsError saying what to provide.
 
-    1. ``source`` (ADVANCED_TRAINER_BASE_WEIGHTS: an archive URL or path) is fetched into ``weights_dir`` first.
+    1. ``source`` (ADVANCED_TRAINER_BASE_WEIGHTS: an archive URL or path) is fetched into ``weights_dir``
+       first.
     2. The manifest is loaded and every listed model's file sizes are checked.
     3. Each of ``required`` (folder names or Hub ids; default: every model in the manifest) must be
        in the cache and, if listed in the manifest, match it; otherwise, only when ``allow_hub``,
@@ -504,116 +667,33 @@ def prepare_weights(weights_dir: Path | None = None, *, source: str | None = Non
     """
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
     status = WeightsStatus(weights_dir=weights_dir)
-    manifest_path = weights_dir / MANIFEST_NAME
-
-    def scan() -> tuple[dict | None, dict[str, list[str]], list[str]]:
-        manifest = load_manifest(weights_dir)
-        return manifest, (_verify_models(weights_dir, manifest, False) if manifest else {}), \
-            pipeline_folders(weights_dir)
-
-    def wanted_refs(manifest: dict | None) -> list[str]:
-        return list(required) if required is not None else list(manifest["models"]) if manifest else []
-
-    manifest, problems, present = scan()
-    fetched: set[str] = set()
+    scan, fetched = _scan(weights_dir), set()
     if source:
-        wanted = wanted_refs(manifest)
-        names = [r.split("/")[-1] for r in wanted]
-        if wanted and all(n in present and not problems.get(n) for n in names):
-            # it would only skip folders that exist: do not download gigabytes for nothing
-            status.warnings.append(f"{BASE_WEIGHTS_ENV} {_describe_source(source)} not fetched: "
-                                   f"{', '.join(names)} already in {_show(weights_dir)}")
-        else:
-            installed, _ = _fetch(source, weights_dir)
-            fetched.update(installed)
-            manifest, problems, present = scan()
-    status.manifest = manifest_path if manifest is not None else None
-    if manifest is None and present:
-        status.warnings.append(f"{_show(manifest_path)} is missing, so file sizes were not checked; "
-                               f"write it with `python -m train.weights manifest`")
-    leftovers = sorted(p.name for p in weights_dir.glob(_FETCH_PREFIX + "*")) if weights_dir.is_dir() else []
-    if leftovers:
-        status.warnings.append(f"leftover temporary folders from an interrupted fetch in {_show(weights_dir)}: "
-                               f"{', '.join(leftovers)} (safe to delete)")
-
-    def usable(name: str) -> bool:
-        return name in present and not problems.get(name)
-
-    def add(key: str, folder: Path, origin: str) -> None:
-        status.models[key] = folder
-        status.origins[key] = origin
-
-    for name in present:
-        if usable(name):
-            add(name, weights_dir / name, "tarball" if name in fetched else "cache")
-            if manifest is not None and name not in manifest["models"]:
-                status.warnings.append(f"{_show(weights_dir / name)} is not in {_show(manifest_path)}, so its files "
-                                       f"were not checked; run `python -m train.weights manifest`")
-
-    wanted = wanted_refs(manifest)
+        scan, fetched = _fetch_source(source, weights_dir, required, scan, status)
+    _record_cache(status, scan, fetched)
     failures: list[str] = []
     folders: list[Path] = []
-    for ref in wanted:
-        name = ref.split("/")[-1]
-        folder = weights_dir / name
-        if _safe_name(name) and usable(name):
-            continue
-        if not _safe_name(name):
-            local = f"{ref!r} is not a folder name or Hub id"
-        elif not folder.is_dir():
-            listed = f" (listed in {_show(manifest_path)})" if manifest and name in manifest["models"] else ""
-            local = f"base weights missing: {_show(folder)}{listed}"
-        elif problems.get(name):
-            detail = "; ".join(problems[name][:3]) + (f"; and {len(problems[name]) - 3} more"
-                                                    if len(problems[name]) > 3 else "")
-            local = f"base weights damaged: {detail}"
-        else:
-            local = f"base weights unusable: {_show(folder)} has no model_index.json"
-        if source and name not in fetched:
-            local += f"; the {BASE_WEIGHTS_ENV} archive {_describe_source(source)} did not provide it"
-        if allow_hub:
-            if not _HUB_ID.match(ref):
-                failures.append(f"{local}; {ref!r} is not a Hub id (owner/name), so it cannot be downloaded")
-                folders.append(folder)
-                continue
-            try:
-                from huggingface_hub import snapshot_download
-
-                print(f"weights: downloading {ref} from the Hugging Face Hub", flush=True)
-                path = Path(snapshot_download(ref, token=hf_token or os.environ.get("HF_TOKEN") or None,
-                                              allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE))
-            except Exception as exc:  # offline, gated repo without a token, no such repo
-                why = " ".join(str(exc).split())[:300]
-                tok = "an hf_token was given" if (hf_token or os.environ.get("HF_TOKEN")) else "no hf_token was given"
-                failures.append(f"{local}; the Hugging Face Hub download of {ref} failed ({type(exc).__name__}: "
-                                f"{why}; {tok} — a gated repo needs an hf_token with access to it)")
-                folders.append(folder)
-                continue
-            if not _is_pipeline(path):
-                failures.append(f"{local}; the Hub repo {ref} has no model_index.json (not a diffusers pipeline)")
-                folders.append(folder)
-                continue
-            if local.startswith("base weights damaged"):
-                status.warnings.append(f"{local}; using the Hub copy of {ref} instead")
-            add(ref, path, "hub")
-            continue
-        failures.append(local)
-        folders.append(folder)
-
+    for ref in _wanted(required, scan):
+        why = _provide(ref, status, scan, source=source, fetched=fetched, allow_hub=allow_hub,
+                       hf_token=hf_token)
+        if why:
+            failures.append(why)
+            folders.append(weights_dir / ref.split("/")[-1])
     if required is not None:  # models nobody asked for may be broken: say so, do not fail
-        for name, probs in problems.items():
-            if probs and name not in {r.split("/")[-1] for r in wanted}:
-                status.warnings.append(f"{name} (not required) does not match the manifest: {'; '.join(probs[:3])}")
+        asked = {r.split("/")[-1] for r in required}
+        status.warnings += [f"{name} (not required) does not match the manifest: {'; '.join(probs[:3])}"
+                            for name, probs in scan.problems.items() if probs and name not in asked]
     if failures:
         raise WeightsError("; ".join(failures) + ". " + _how_to_provide(folders))
     if not status.models:
-        what = "no manifest.json and no diffusers pipeline folder" if manifest is None else \
-            "a manifest listing no models and no diffusers pipeline folder"
+        what = ("no manifest.json and no diffusers pipeline folder" if scan.manifest is None
+                else "a manifest listing no models and no diffusers pipeline folder")
         raise WeightsError(f"no base weights: {_show(weights_dir)} has {what}. " + _how_to_provide([]))
     return status
 
 
-def prepare_weights_from_env(required: list[str] | None = None, weights_dir: Path | None = None) -> WeightsStatus:
+def prepare_weights_from_env(required: list[str] | None = None,
+                             weights_dir: Path | None = None) -> WeightsStatus:
     """``prepare_weights`` as the container's environment says (both Cog entries' setup()).
 
     ADVANCED_TRAINER_BASE_WEIGHTS: an archive (URL or path) of pipeline folders to fetch first;
@@ -633,7 +713,8 @@ def prepare_weights_from_env(required: list[str] | None = None, weights_dir: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.weights", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.weights",
+                                     description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("manifest", help="record every file of the pipeline folders in manifest.json")
     p.add_argument("names", nargs="*", help="only these model folders (the rest of the manifest is kept)")
@@ -660,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{len(problems)} problem(s)", file=sys.stderr)
                 return 1
             data = load_manifest(args.weights_dir) or {"models": {}}
-            print(f"ok: {', '.join(data['models']) or 'no models'} ({'sizes and sha256' if args.hash else 'sizes'})")
+            checked = "sizes and sha256" if args.hash else "sizes"
+            print(f"ok: {', '.join(data['models']) or 'no models'} ({checked})")
             return 0
         names = fetch_weights_archive(args.source, args.weights_dir)
         print("models:", ", ".join(names))

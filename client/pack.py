@@ -11,6 +11,12 @@ holding what the container's staging (``train/data.py``) uses and nothing else:
   symbolic links (never followed), unreadable and too-small images are left out, each
   listed in the result with the reason.
 
+What the container would refuse is refused here first, naming the file: a caption file or
+caption table over its size cap, more files than the trainer accepts, an image over the pixel
+cap, an entry that deflates beyond the compression-ratio bound (a flat-colour BMP or TIFF:
+``fit`` re-encodes such images as JPEG). The rules are the container's own, imported from
+``train/dataset_rules.py`` (standard library only).
+
 Files are streamed into the archive in chunks (constant memory). The archive's size is
 computed before anything is written (exactly: headers plus stored or deflated data), and a
 set over ``limit_bytes`` (Replicate's upload limit, 100 MiB) is refused with the largest
@@ -19,8 +25,7 @@ largest first, downscaled to a shorter side of ``min_side`` (the largest trainin
 resolution) and never below it or upscaled, until the archive fits. Re-encoded images live
 in a temporary folder; the input folder is never modified.
 
-Torch-free and numpy-free: this runs on laptops. The staging rules are mirrored here, not
-imported (``train.data`` needs numpy); ``tests/test_pack.py`` checks both agree.
+Torch-free and numpy-free: this runs on laptops.
 """
 
 from __future__ import annotations
@@ -35,24 +40,23 @@ import tempfile
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from train import dataset_rules as rules
+from train.dataset_rules import (  # noqa: F401 - IMAGE_EXTENSIONS is re-exported for callers
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    MIN_IMAGE_SIDE,
+)
 from train.weights import file_sha256  # stdlib-only module: keeps the client torch- and numpy-free
 
-# --- mirrored from train/data.py (kept equal by tests/test_pack.py) ---------------------------
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-UNSUPPORTED_IMAGE_EXTENSIONS = {".gif", ".heic", ".heif", ".avif", ".svg", ".psd", ".jxl", ".raw", ".cr2",
-                                ".nef", ".dng", ".arw", ".ico", ".exr"}
-CAPTION_FILES = {"metadata.jsonl", "captions.csv"}
-MIN_IMAGE_SIDE = 16
-MAX_IMAGE_PIXELS = 80_000_000  # DataLimits.max_image_pixels: the container refuses the whole set over it
-_JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
-# ----------------------------------------------------------------------------------------------
-
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the container refuses the whole set over it
 UPLOAD_LIMIT = 100 * 2**20       # Replicate's upload limit for a file input
 DEFAULT_MIN_SIDE = 1024          # the spec's default resolution, when fit is asked without min_side
 JPEG_QUALITY = 90
@@ -140,6 +144,7 @@ class PackResult:
         return "\n".join(lines)
 
 
+
 def largest_training_side(spec: Any) -> int:
     """The largest training resolution: the smallest shorter side ``fit`` may reduce an image to.
 
@@ -192,20 +197,6 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _junk_reason(name: str, is_dir: bool) -> str | None:
-    lower = name.lower()
-    if name == "__MACOSX":
-        return "macOS archive metadata (__MACOSX)"
-    if name.startswith("._"):
-        return "macOS resource fork (._ file)"
-    if lower == ".ds_store":
-        return "macOS folder metadata (.DS_Store)"
-    if lower in ("thumbs.db", "desktop.ini"):
-        return "Windows folder metadata"
-    if name.startswith("."):
-        return "hidden folder" if is_dir else "hidden file"
-    return None
-
 
 def _walk(folder: Path) -> Iterator[tuple[PurePosixPath, Path, str | None]]:
     """Every entry below ``folder`` as (relative path, path, reason to leave it out or None).
@@ -233,7 +224,7 @@ def _walk(folder: Path) -> Iterator[tuple[PurePosixPath, Path, str | None]]:
             except OSError as exc:
                 yield rel, path, f"cannot be read ({exc.strerror or exc})"
                 continue
-            junk = _junk_reason(e.name, is_dir)
+            junk = rules.junk_reason(e.name, is_dir)
             if junk:
                 yield rel, path, junk
             elif is_dir:
@@ -263,12 +254,10 @@ def _exif_swaps(img: Image.Image) -> bool:
         return False
 
 
-def _key(rel: PurePosixPath) -> str:
-    return str(rel.with_suffix(""))
 
 
 # --------------------------------------------------------------------------------------------
-# caption tables (parsed as train/data.py's _caption_table does)
+# caption tables (parsed by the container's own rules, train/dataset_rules.py)
 
 
 @dataclass
@@ -283,45 +272,11 @@ class _Table:
         return self.rel.parent
 
 
-def _table_key(base: PurePosixPath, name: str) -> str:
-    return str(base / name.replace("\\", "/"))
-
-
 def _parse_table(table: _Table, problems: list[str]) -> None:
-    text = table.path.read_text(encoding="utf-8-sig", errors="replace")
-    if table.kind == "metadata.jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                name, caption = row["file_name"], row["text"]
-                assert isinstance(name, str) and isinstance(caption, str)
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                problems.append(f'{table.rel}:{lineno}: not a JSON object with "file_name" and "text"; '
-                                f"the trainer ignores this row")
-                continue
-            table.names[_table_key(table.base, name)] = caption.strip()
-        return
-    reader = csv.reader(io.StringIO(text.replace("\r\n", "\n")))
-    header = next(reader, None) or []
-    name_col, text_col = _csv_columns(header)
-    if name_col is None or text_col is None:
-        problems.append(f"{table.rel}: needs a header with file_name (or image) and text (or caption) columns; "
-                        f"the trainer ignores this file")
-        return
-    for row in reader:
-        name = row[name_col].strip() if name_col < len(row) else ""
-        if name:
-            table.names[_table_key(table.base, name)] = (row[text_col] if text_col < len(row) else "").strip()
-
-
-def _csv_columns(header: list[str]) -> tuple[int | None, int | None]:
-    # DictReader keeps the last column of a repeated name; so does this.
-    cols = {h.lower().strip(): i for i, h in enumerate(header)}
-    name_col = next((cols[k] for k in ("file_name", "filename", "image", "file") if k in cols), None)
-    text_col = next((cols[k] for k in ("text", "caption", "prompt") if k in cols), None)
-    return name_col, text_col
+    table.names, found = rules.parse_caption_table(table.kind, table.path.read_bytes(), table.base)
+    for lineno, why in found:
+        where, what = (f"{table.rel}:{lineno}", "row") if lineno else (str(table.rel), "file")
+        problems.append(f"{where}: {why}; the trainer ignores this {what}")
 
 
 def _rewrite_table(table: _Table, renames: dict[str, str], dest: Path) -> bool:
@@ -336,20 +291,20 @@ def _rewrite_table(table: _Table, renames: dict[str, str], dest: Path) -> bool:
                 name = row["file_name"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-            if isinstance(name, str) and _table_key(table.base, name) in renames:
+            if isinstance(name, str) and rules.table_key(table.base, name) in renames:
                 row["file_name"] = _renamed_field(name, table.base, renames)
                 lines[i] = json.dumps(row, ensure_ascii=False)
                 changed = True
         out = "\n".join(lines)
     else:
         rows = list(csv.reader(io.StringIO(text.replace("\r\n", "\n"))))
-        name_col, _ = _csv_columns(rows[0] if rows else [])
+        name_col, _ = rules.csv_columns(rows[0] if rows else [])
         if name_col is None:
             return False
         for row in rows[1:]:
             if name_col < len(row):
                 name = row[name_col].strip()
-                if name and _table_key(table.base, name) in renames:
+                if name and rules.table_key(table.base, name) in renames:
                     row[name_col] = _renamed_field(name, table.base, renames)
                     changed = True
         buf = io.StringIO()
@@ -363,9 +318,11 @@ def _rewrite_table(table: _Table, renames: dict[str, str], dest: Path) -> bool:
 
 def _renamed_field(name: str, base: PurePosixPath, renames: dict[str, str]) -> str:
     """The table's file name for the renamed image, written as the user wrote it (folders, separators)."""
-    new = renames[_table_key(base, name)]
+    new = renames[rules.table_key(base, name)]
     old_suffix, new_suffix = PurePosixPath(name.replace("\\", "/")).suffix, PurePosixPath(new).suffix
     return name[: len(name) - len(old_suffix)] + new_suffix
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +333,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB as train.data.to_rgb makes it (alpha and colour keys flattened on white), without numpy."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        lo, hi = img.convert("F").getextrema() if mode != "F" else img.getextrema()
+        hi = img.convert("F").getextrema()[1]
+        assert isinstance(hi, (int, float))  # one band: (min, max) numbers, not per-band tuples
         top = 65535.0 if mode.startswith("I;16") or hi > 255 else 255.0
         if mode == "F" and hi <= 1.0:
             top = 1.0
@@ -486,7 +444,8 @@ def _write_zip(entries: list[_Entry], out: Path, progress: Callable[[int, int], 
                 if hasattr(info, "compress_level"):   # Python 3.13+
                     info.compress_level = 9
                 else:
-                    info._compresslevel = 9  # noqa: SLF001 - the per-entry level before 3.13
+                    # the per-entry level before 3.13
+                    info._compresslevel = 9  # noqa: SLF001  # pyright: ignore[reportAttributeAccessIssue]
             info.create_system = 3       # the same bytes on every OS
             info.external_attr = _FILE_MODE
             info.file_size = e.size
@@ -515,22 +474,65 @@ def _too_large(size: int, limit: int, entries: list[_Entry], fitted: bool, min_s
     return PackTooLarge(msg, size, limit, largest)
 
 
+
 # --------------------------------------------------------------------------------------------
 # the packer
 
 
 def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fit: bool = False,
                  min_side: int | None = None, progress: Callable[[int, int], None] | None = None,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, inspect_only: dict | None = None) -> PackResult:
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_files: int = DEFAULT_MAX_FILES,
+                 inspect_only: dict | None = None) -> PackResult:
     """Pack ``folder`` into the zip ``out``; see the module docstring.
 
     ``min_side``: the shortest side ``fit`` may reduce an image to (pass ``largest_training_side(spec)``;
     default 1024, the spec's default resolution). ``progress(done, total)``: bytes of file data
-    written so far and in all. ``max_image_pixels``: the trainer's per-image cap (the spec's
-    ``dataset.max_image_pixels``); an image over it is refused, or downscaled under ``fit``.
-    Raises ``PackTooLarge`` (before writing anything) or ``PackError``.
+    written so far and in all. ``max_image_pixels`` and ``max_files``: the trainer's limits (the
+    spec's ``dataset.max_image_pixels`` and ``dataset.max_files``); an image over the pixel cap is
+    refused, or downscaled under ``fit``. Raises ``PackTooLarge`` (before writing anything) or ``PackError``.
     """
     folder, out = Path(folder), Path(out)
+    min_side = _check_arguments(folder, out, min_side)
+    scan = _scan(folder)
+    _probe_images(scan, max_image_pixels)
+    _leave_out_orphan_captions(scan)
+    _refuse_what_the_trainer_refuses(folder, scan, fit, max_image_pixels, max_files)
+    caption_sources, problems = _caption_summary(scan)
+
+    with tempfile.TemporaryDirectory(prefix="advanced-trainer-pack-") as tmp_name:
+        layout = _Layout.plan(scan, Path(tmp_name))
+        must = scan.over_cap + [k for k in _too_compressible(layout, fit) if k not in scan.over_cap]
+        size = layout.size()
+        if inspect_only is not None:  # report what the archive would be, write nothing
+            largest = sorted(((e.arcname, e.footprint) for e in layout.entries()), key=lambda t: -t[1])[:5]
+            inspect_only.update(bytes=size, images=len(scan.images), skipped=len(scan.skipped),
+                                largest=[{"path": n, "bytes": b} for n, b in largest])
+            return None  # type: ignore[return-value]
+        changed: list[PackChange] = []
+        if size > limit_bytes and not fit:
+            raise _too_large(size, limit_bytes, layout.entries(), False, min_side)
+        if size > limit_bytes or must:
+            _fit(scan.images, layout, must, changed, limit_bytes, min_side, max_image_pixels)
+        written, digest = _write_archive(layout.entries(), out, limit_bytes, progress, bool(changed),
+                                         min_side)
+
+    changed.sort(key=lambda c: _sort_key(c.path))
+    return PackResult(archive=out, size_bytes=written, sha256=digest, images=len(scan.images),
+                      captions=len(scan.images) - caption_sources["none"], skipped=scan.skipped,
+                      changed=changed, caption_sources=caption_sources, warnings=problems,
+                      limit_bytes=limit_bytes)
+
+
+def inspect_folder(folder: Path) -> dict:
+    """The size the packed archive would have (exact), its image count and largest entries — nothing written."""
+    info: dict = {}
+    with tempfile.TemporaryDirectory(prefix="advanced-trainer-inspect-") as tmp:
+        pack_dataset(folder, Path(tmp) / "dataset.zip", inspect_only=info)
+    return info
+
+
+def _check_arguments(folder: Path, out: Path, min_side: int | None) -> int:
+    """``min_side`` resolved; PackError for a missing folder or an output path inside it."""
     if not folder.exists():
         raise PackError(f"dataset folder {str(folder)!r} does not exist")
     if not folder.is_dir():
@@ -544,189 +546,233 @@ def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fi
         min_side = DEFAULT_MIN_SIDE
     if min_side < MIN_IMAGE_SIDE:
         raise ValueError(f"min_side must be at least {MIN_IMAGE_SIDE}, got {min_side}")
+    return min_side
 
-    skipped: list[tuple[str, str]] = []
-    problems: list[str] = []
-    images: dict[str, _Image] = {}
-    txts: dict[str, tuple[PurePosixPath, Path]] = {}
-    tables: list[_Table] = []
-    candidates: list[tuple[PurePosixPath, Path]] = []
+
+@dataclass
+class _Scan:
+    """A dataset folder sorted by role, as the trainer sorts it; keys are ``dataset_rules.image_key``."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (shown path, reason)
+    candidates: list[tuple[PurePosixPath, Path]] = field(default_factory=list)
+    txts: dict[str, tuple[PurePosixPath, Path]] = field(default_factory=dict)
+    tables: list[_Table] = field(default_factory=list)
+    images: dict[str, _Image] = field(default_factory=dict)        # the candidates that can be used
+    over_cap: list[str] = field(default_factory=list)              # images over the trainer's pixel cap
+
+
+def _scan(folder: Path) -> _Scan:
+    scan = _Scan()
     for rel, path, reason in sorted(_walk(folder), key=lambda t: t[0].parts):
         shown = rel.as_posix() + ("/" if reason and path.is_dir() and not path.is_symlink() else "")
         if reason:
-            skipped.append((shown, reason))
+            scan.skipped.append((shown, reason))
             continue
-        ext = rel.suffix.lower()
-        if ext in IMAGE_EXTENSIONS:
-            candidates.append((rel, path))
-        elif ext == ".txt":
-            txts[_key(rel)] = (rel, path)
-        elif rel.name in CAPTION_FILES:
-            tables.append(_Table(rel, path, rel.name))
-        elif rel.name.lower() in CAPTION_FILES:
-            skipped.append((shown, f"the trainer reads this table only when it is named {rel.name.lower()!r}; "
-                                   f"rename it"))
-        elif ext in UNSUPPORTED_IMAGE_EXTENSIONS:
-            skipped.append((shown, f"unsupported image format {ext} (use JPEG, PNG, WebP, BMP or TIFF)"))
+        kind, why = rules.classify(rel)
+        if kind == rules.IMAGE:
+            scan.candidates.append((rel, path))
+        elif kind == rules.CAPTION:
+            scan.txts[rules.image_key(rel)] = (rel, path)
+        elif kind == rules.TABLE:
+            scan.tables.append(_Table(rel, path, rel.name))
         else:
-            skipped.append((shown, "not an image or a caption file"))
+            scan.skipped.append((shown, why))
+    return scan
 
-    over_cap: list[str] = []
-    for rel, path in candidates:
-        key, shown = _key(rel), rel.as_posix()
-        if key in images:
-            skipped.append((shown, f"another image has the same name ({images[key].rel.name}) and was used"))
+
+def _probe_images(scan: _Scan, max_image_pixels: int) -> None:
+    """Fill ``scan.images`` with the candidates that can be read, leaving the rest out with a reason."""
+    for rel, path in scan.candidates:
+        key, shown = rules.image_key(rel), rel.as_posix()
+        if key in scan.images:
+            scan.skipped.append((shown, f"another image has the same name ({scan.images[key].rel.name}) "
+                                        f"and was used"))
             continue
         try:
             width, height = _probe(path)
         except Image.DecompressionBombError:
-            skipped.append((shown, "too large for Pillow to open safely; the trainer refuses it too"))
+            scan.skipped.append((shown, "too large for Pillow to open safely; the trainer refuses it too"))
             continue
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            skipped.append((shown, f"cannot be read as an image ({type(exc).__name__}: {exc})"[:300]))
+            scan.skipped.append((shown, f"cannot be read as an image ({type(exc).__name__}: {exc})"[:300]))
             continue
         if min(width, height) < MIN_IMAGE_SIDE:
-            skipped.append((shown, f"too small ({width}x{height}; at least {MIN_IMAGE_SIDE} px a side)"))
+            scan.skipped.append((shown, f"too small ({width}x{height}; at least {MIN_IMAGE_SIDE} px a side)"))
             continue
-        images[key] = _Image(rel, path, path.stat().st_size, width, height)
+        scan.images[key] = _Image(rel, path, path.stat().st_size, width, height)
         if width * height > max_image_pixels:
-            over_cap.append(key)
+            scan.over_cap.append(key)
 
-    candidate_keys = {_key(rel) for rel, _ in candidates}
-    for key, (rel, _) in sorted(txts.items()):
-        if key not in images:
+
+def _leave_out_orphan_captions(scan: _Scan) -> None:
+    candidate_keys = {rules.image_key(rel) for rel, _ in scan.candidates}
+    for key, (rel, _) in sorted(scan.txts.items()):
+        if key not in scan.images:
             why = "its image was left out" if key in candidate_keys else "caption has no image with the same name"
-            skipped.append((rel.as_posix(), why))
-    skipped.sort(key=lambda t: _sort_key(t[0].rstrip("/")))
-    if not images:
-        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:10]) or "the folder holds no files"
+            scan.skipped.append((rel.as_posix(), why))
+    scan.skipped.sort(key=lambda t: _sort_key(t[0].rstrip("/")))
+
+
+def _refuse_what_the_trainer_refuses(folder: Path, scan: _Scan, fit: bool, max_image_pixels: int,
+                                     max_files: int) -> None:
+    """PackError, naming the file, for a set the container would refuse (or find empty)."""
+    if not scan.images:
+        reasons = "; ".join(f"{n}: {r}" for n, r in scan.skipped[:10]) or "the folder holds no files"
         raise PackError(f"no usable image in {str(folder)!r} ({reasons})")
-    if over_cap and not fit:
-        img = images[over_cap[0]]
+    if scan.over_cap and not fit:
+        img = scan.images[scan.over_cap[0]]
         raise PackError(f"{img.rel.as_posix()}: {img.width}x{img.height} is over the trainer's cap of "
                         f"{max_image_pixels} pixels an image (the whole dataset would be refused); "
                         f"pack with --fit to downscale it, or resize it")
+    captions = [(rules.CAPTION, rel, path) for key, (rel, path) in scan.txts.items() if key in scan.images]
+    for kind, rel, path in [*captions, *((rules.TABLE, t.rel, t.path) for t in scan.tables)]:
+        why = rules.oversize_reason(kind, path.stat().st_size, max_files)
+        if why:
+            raise PackError(f"{rel.as_posix()}: {why}; the trainer would refuse the whole dataset. "
+                            f"Shorten it, or remove it")
+    files = len(scan.images) + len(captions) + len(scan.tables)
+    if files > max_files:
+        raise PackError(f"{str(folder)!r}: the archive would hold {files} files, more than the trainer's "
+                        f"limit of {max_files} (dataset.max_files); remove images or raise the limit")
 
-    for table in tables:
+
+def _caption_summary(scan: _Scan) -> tuple[dict[str, int], list[str]]:
+    """How many images get each caption source (in the trainer's order), and table problems to warn about."""
+    problems: list[str] = []
+    for table in scan.tables:
         _parse_table(table, problems)
-    # which caption the trainer will use, in its order: same-stem .txt > metadata.jsonl > captions.csv
-    merged = {kind: {n: text for t in tables if t.kind == kind for n, text in t.names.items()}
-              for kind in ("metadata.jsonl", "captions.csv")}
-    caption_sources = {"txt": 0, "metadata.jsonl": 0, "captions.csv": 0, "none": 0}
-    for key, img in images.items():
+    merged = {kind: {n: text for t in scan.tables if t.kind == kind for n, text in t.names.items()}
+              for kind in rules.CAPTION_FILES}
+    sources = {"txt": 0, "metadata.jsonl": 0, "captions.csv": 0, "none": 0}
+    for key, img in scan.images.items():
         name = img.rel.as_posix()
-        source = "txt" if key in txts else next((k for k, names in merged.items() if name in names), "none")
-        if source in merged and not merged[source][name]:
-            source = "none"  # an empty caption in the table
-        caption_sources[source] += 1
-    known = {img.rel.as_posix() for img in images.values()}
-    for table in tables:
+        source = rules.caption_source(key in scan.txts, name, merged)
+        if source == "default" or (source in merged and not merged[source][name]):
+            source = "none"  # no caption, or an empty one in a table: the default caption and trigger word
+        sources[source] += 1
+    known = {img.rel.as_posix() for img in scan.images.values()}
+    for table in scan.tables:
         orphans = sorted(n for n in table.names if n not in known)
         if orphans:
             problems.append(f"{table.rel}: {len(orphans)} row(s) name no image in the dataset "
                             f"(first: {orphans[0]!r}); names are relative to the table's folder")
-
-    with tempfile.TemporaryDirectory(prefix="advanced-trainer-pack-") as tmp_name:
-        tmp = Path(tmp_name)
-        image_entries = {key: _entry(img.rel.as_posix(), img.path) for key, img in images.items()}
-        fixed = [_entry(rel.as_posix(), path) for key, (rel, path) in txts.items() if key in images]
-        renames: dict[str, str] = {}
-        table_entries: list[_Entry] = []
-
-        def render_tables() -> None:
-            table_entries.clear()
-            for i, t in enumerate(tables):
-                dest = tmp / "tables" / str(i) / t.rel.name
-                source = dest if renames and _rewrite_table(t, renames, dest) else t.path
-                table_entries.append(_entry(t.rel.as_posix(), source))
-
-        def all_entries() -> list[_Entry]:
-            return sorted([*image_entries.values(), *fixed, *table_entries], key=lambda e: _sort_key(e.arcname))
-
-        render_tables()
-        size = _archive_size(all_entries())
-        if inspect_only is not None:  # report what the archive would be, write nothing
-            largest = sorted(((e.arcname, e.footprint) for e in all_entries()), key=lambda t: -t[1])[:5]
-            inspect_only.update(bytes=size, images=len(images), skipped=len(skipped),
-                                largest=[{"path": n, "bytes": b} for n, b in largest])
-            return None  # type: ignore[return-value]
-        changed: list[PackChange] = []
-        if size > limit_bytes and not fit:
-            raise _too_large(size, limit_bytes, all_entries(), False, min_side)
-        if size > limit_bytes or over_cap:
-            size = _fit(images, image_entries, over_cap, renames, changed, render_tables, all_entries,
-                        tmp, limit_bytes, min_side, max_image_pixels)
-
-        entries = all_entries()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f".{out.name}.partial")
-        try:
-            _write_zip(entries, partial, progress)
-            written = partial.stat().st_size
-            if written > limit_bytes:  # the computed size is exact; this guards against files changing meanwhile
-                raise _too_large(written, limit_bytes, entries, bool(changed), min_side)
-            digest = file_sha256(partial)
-            os.replace(partial, out)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-
-    changed.sort(key=lambda c: _sort_key(c.path))
-    return PackResult(archive=out, size_bytes=written, sha256=digest, images=len(images),
-                      captions=len(images) - caption_sources["none"], skipped=skipped, changed=changed,
-                      caption_sources=caption_sources, warnings=problems, limit_bytes=limit_bytes)
+    return sources, problems
 
 
-def inspect_folder(folder: Path) -> dict:
-    """The size the packed archive would have (exact), its image count and largest entries — nothing written."""
-    info: dict = {}
-    with tempfile.TemporaryDirectory(prefix="advanced-trainer-inspect-") as tmp:
-        pack_dataset(folder, Path(tmp) / "dataset.zip", inspect_only=info)
-    return info
+@dataclass
+class _Layout:
+    """The archive being planned: its entries, and the renames re-encoding made (the tables follow them)."""
+
+    tables: list[_Table]
+    tmp: Path                        # re-encoded images and rewritten tables
+    images: dict[str, _Entry]        # image key -> entry
+    captions: list[_Entry]
+    renames: dict[str, str] = field(default_factory=dict)   # old image path -> new (a .png became .jpg)
+    table_entries: list[_Entry] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, scan: _Scan, tmp: Path) -> _Layout:
+        images = {key: _entry(img.rel.as_posix(), img.path) for key, img in scan.images.items()}
+        captions = [_entry(rel.as_posix(), path) for key, (rel, path) in scan.txts.items() if key in scan.images]
+        layout = cls(scan.tables, tmp, images, captions)
+        layout.render_tables()
+        return layout
+
+    def render_tables(self) -> None:
+        """The caption tables' entries, rewritten under ``tmp`` where an image they name was renamed."""
+        self.table_entries = []
+        for i, t in enumerate(self.tables):
+            dest = self.tmp / "tables" / str(i) / t.rel.name
+            source = dest if self.renames and _rewrite_table(t, self.renames, dest) else t.path
+            self.table_entries.append(_entry(t.rel.as_posix(), source))
+
+    def entries(self) -> list[_Entry]:
+        return sorted([*self.images.values(), *self.captions, *self.table_entries],
+                      key=lambda e: _sort_key(e.arcname))
+
+    def size(self) -> int:
+        return _archive_size(self.entries())
 
 
-def _fit(images: dict[str, _Image], image_entries: dict[str, _Entry], over_cap: list[str],
-         renames: dict[str, str], changed: list[PackChange], render_tables: Callable[[], None],
-         all_entries: Callable[[], list[_Entry]], tmp: Path, limit: int, min_side: int,
-         max_pixels: int) -> int:
-    """Re-encode images, largest first, until the archive fits; returns its exact size."""
+def _too_compressible(layout: _Layout, fit: bool) -> list[str]:
+    """Images that deflate past the trainer's compression-ratio bound (``fit`` re-encodes them as JPEG).
+
+    The trainer refuses such an entry as a decompression bomb, so without ``fit`` they, and any
+    other entry over the bound, are refused here, named.
+    """
+    keys = [key for key, e in layout.images.items() if rules.ratio_reason(e.size, e.packed)]
+    others = [e for e in [*layout.captions, *layout.table_entries] if rules.ratio_reason(e.size, e.packed)]
+    if others or (keys and not fit):
+        e = others[0] if others else layout.images[keys[0]]
+        hint = "" if others else "; pack with --fit to re-encode it as JPEG, or save it as PNG"
+        raise PackError(f"{e.arcname}: deflates from {e.size} to {e.packed} bytes, over the trainer's limit "
+                        f"of {rules.MAX_COMPRESSION_RATIO}x (it would refuse the whole dataset as a "
+                        f"decompression bomb){hint}")
+    return keys
+
+
+def _write_archive(entries: list[_Entry], out: Path, limit: int, progress: Callable[[int, int], None] | None,
+                   fitted: bool, min_side: int) -> tuple[int, str]:
+    """Write the zip next to ``out`` and move it into place; returns (bytes, sha256)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        _write_zip(entries, partial, progress)
+        written = partial.stat().st_size
+        if written > limit:  # the computed size is exact; this guards against files changing meanwhile
+            raise _too_large(written, limit, entries, fitted, min_side)
+        digest = file_sha256(partial)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written, digest
+
+
+def _fit(images: dict[str, _Image], layout: _Layout, required: list[str], changed: list[PackChange],
+         limit: int, min_side: int, max_pixels: int) -> int:
+    """Re-encode images, largest first, until the archive fits; returns its exact size.
+
+    ``required``: images that must be re-encoded whatever the size (over the pixel cap, or over the
+    compression-ratio bound).
+    """
     by_size = sorted(images, key=lambda k: (-images[k].size, images[k].rel.parts))
-    # 1. images over the pixel cap (required); 2. images larger than min_side, downscaled to it;
+    # 1. required images; 2. images larger than min_side, downscaled to it;
     # 3. the rest re-encoded at their size, kept only when that saves at least 10 %.
-    plan = ([(k, True, True) for k in by_size if k in over_cap]
+    plan = ([(k, True, True) for k in by_size if k in required]
             + [(k, True, False) for k in by_size
-               if k not in over_cap and min(images[k].width, images[k].height) > min_side]
+               if k not in required and min(images[k].width, images[k].height) > min_side]
             + [(k, False, False) for k in by_size
-               if k not in over_cap and min(images[k].width, images[k].height) <= min_side])
+               if k not in required and min(images[k].width, images[k].height) <= min_side])
     done: set[str] = set()
-    size = _archive_size(all_entries())
-    for key, downscale, required in plan:
-        if size <= limit and not required:
-            render_tables()  # renames change the tables; the loop goes on if they tip it over
-            size = _archive_size(all_entries())
+    size = layout.size()
+    for key, downscale, must in plan:
+        if size <= limit and not must:
+            layout.render_tables()  # renames change the tables; the loop goes on if they tip it over
+            size = layout.size()
             if size <= limit:
                 return size
         if key in done:
             continue
-        img, old = images[key], image_entries[key]
+        img, old = images[key], layout.images[key]
         new_rel = img.rel if img.rel.suffix.lower() in _JPEG_EXTENSIONS else img.rel.with_suffix(".jpg")
-        dest = tmp / "images" / new_rel
+        dest = layout.tmp / "images" / new_rel
         new_dims = _reencode(img, dest, min_side, max_pixels, downscale)
         new = _entry(new_rel.as_posix(), dest)
-        keep = required or (new.footprint < old.footprint if downscale
-                            else new.size <= old.size * _REENCODE_MIN_SAVING)
+        keep = must or (new.footprint < old.footprint if downscale
+                        else new.size <= old.size * _REENCODE_MIN_SAVING)
         if not keep:
             dest.unlink()
             continue
         done.add(key)
-        image_entries[key] = new
+        layout.images[key] = new
         size += new.footprint - old.footprint
         if new_rel != img.rel:
-            renames[img.rel.as_posix()] = new_rel.as_posix()
+            layout.renames[img.rel.as_posix()] = new_rel.as_posix()
         changed.append(PackChange(img.rel.as_posix(), new_rel.as_posix(), old.size, new.size,
                                   (img.width, img.height), new_dims))
-    render_tables()
-    size = _archive_size(all_entries())
+    layout.render_tables()
+    size = layout.size()
     if size > limit:
-        raise _too_large(size, limit, all_entries(), True, min_side)
+        raise _too_large(size, limit, layout.entries(), True, min_side)
     return size

@@ -116,7 +116,7 @@ def test_place_and_crop_give_exact_centred_bucket():
 @pytest.mark.parametrize("res, multiple", [(64, 16), (256, 8), (512, 16), (1024, 64)])
 def test_resize_and_crop_always_gives_the_bucket_size(size, res, multiple):
     img = Image.new("RGB", size, (120, 60, 30))
-    for p in place(*size, [res], multiple):
+    for p in place(size[0], size[1], [res], multiple):
         out = resize_and_crop(img, p)
         assert out.size == p.bucket
         top, left = p.crop_top_left

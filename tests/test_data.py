@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import struct
 import tarfile
 import time
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -90,7 +92,7 @@ def tar_member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link
     return info, data
 
 
-def make_tar(path: Path, entries: dict[str, bytes] | list, mode: str = "w:gz") -> Path:
+def make_tar(path: Path, entries: dict[str, bytes] | list, mode: Literal["w", "w:gz"] = "w:gz") -> Path:
     """``entries``: name -> bytes, or a list of (TarInfo, bytes) from ``tar_member``."""
     items = [tar_member(n, d) for n, d in entries.items()] if isinstance(entries, dict) else entries
     with tarfile.open(path, mode) as tf:
@@ -246,7 +248,7 @@ def test_caption_sources_precedence_and_trigger_word(tmp_path):
     archive = make_zip(tmp_path / "upload.zip", {
         "a.jpg": jpg(), "b.jpg": jpg(), "c.jpg": jpg(), "d.jpg": jpg(), "e.jpg": jpg(), "f.jpg": jpg(),
         "a.txt": b"\xef\xbb\xbfa photo of\r\na dog \r\n",  # UTF-8 BOM and CRLF
-        "e.txt": "SKS dog".encode(),
+        "e.txt": b"SKS dog",
         "f.txt": b"",
         "metadata.jsonl": metadata.encode(),
         "captions.csv": captions_csv.encode(),
@@ -659,3 +661,242 @@ def test_load_rgb_refuses_bomb_directly(tmp_path):
     p.write_bytes(bomb_png())
     with pytest.raises(UnsafeArchiveError, match="bomb.png"):
         load_rgb(p, DataLimits().max_image_pixels)
+
+
+# --------------------------------------------------------------------------------------------
+# decompression bombs, oversize captions, files that are never extracted
+
+MiB = 2**20
+
+
+def zip_of_zeros(path: Path, zeros_name: str, mib: int, extra: dict[str, bytes] | None = None) -> Path:
+    """A zip holding ``mib`` MiB of zeros under ``zeros_name``, written in chunks (it compresses ~1000x)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+        with zf.open(zeros_name, "w", force_zip64=True) as f:
+            chunk = bytes(MiB)
+            for _ in range(mib):
+                f.write(chunk)
+    return path
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes as a stream, so a large tar member never sits in memory."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def tar_gz_of_zeros(path: Path, zeros_name: str, mib: int, extra: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz", compresslevel=6) as tf:
+        for name, data in extra.items():
+            info, _ = tar_member(name, data)
+            tf.addfile(info, io.BytesIO(data))
+        info, _ = tar_member(zeros_name)
+        info.size = mib * MiB
+        tf.addfile(info, io.BufferedReader(_Zeros(info.size)))
+    return path
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+@pytest.fixture()
+def disk_writes(monkeypatch) -> list[int]:
+    """Counts every byte staging writes to files (``[total]``), wherever it writes them."""
+    import builtins
+
+    import train.data as data
+
+    total = [0]
+
+    class Counted:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, b) -> int:
+            total[0] += len(b)
+            return self._f.write(b)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        return Counted(f) if any(c in mode for c in "wax+") else f
+
+    monkeypatch.setattr(data, "open", counting_open, raising=False)
+    return total
+
+
+def test_zip_bomb_is_refused_before_its_bytes_reach_the_disk(tmp_path, disk_writes):
+    """The issue's archive, smaller: a 256 MiB file of zeros (a 0.25 MB zip) next to one image."""
+    archive = zip_of_zeros(tmp_path / "bomb.zip", "zeros.bin", 256, {"a.png": png()})
+    assert archive.stat().st_size < MiB
+    msg = assert_refused(archive, tmp_path, "'zeros.bin'")
+    assert "ratio" in msg and "200x" in msg
+    assert disk_writes[0] <= 2 * MiB  # refused from the declared sizes, before extracting anything
+    assert folder_bytes(tmp_path / "job") == 0
+
+
+def test_tar_gz_bomb_is_refused_from_its_header(tmp_path, disk_writes):
+    archive = tar_gz_of_zeros(tmp_path / "bomb.tgz", "zeros.bin", 128, {"a.png": png()})
+    assert archive.stat().st_size < MiB
+    msg = assert_refused(archive, tmp_path, "'zeros.bin'")
+    assert "ratio" in msg
+    assert disk_writes[0] <= 2 * MiB
+    assert folder_bytes(tmp_path / "job") == 0
+
+
+def test_tar_gz_bomb_under_the_header_bound_is_stopped_while_streaming(tmp_path, disk_writes):
+    """2 MiB of noise makes the archive large enough that 64 MiB of zeros passes the header bound."""
+    noise = np.random.default_rng(3).integers(0, 256, 2 * MiB, dtype=np.uint8).tobytes()
+    archive = tar_gz_of_zeros(tmp_path / "bomb.tgz", "x.png", 64, {"a.png": png(), "noise.png": noise})
+    assert 64 * MiB < 200 * archive.stat().st_size
+    msg = assert_refused(archive, tmp_path, "'x.png'")
+    assert "ratio" in msg
+    assert disk_writes[0] <= 2 * MiB + 24 * MiB  # the noise, then x.png until its measured ratio passes 200x
+    assert folder_bytes(tmp_path / "job") == 0    # the partial file went with the rest
+
+
+@pytest.mark.parametrize("container", ["zip", "tar.gz"])
+def test_compressible_but_honest_entries_are_extracted(tmp_path, container):
+    """8 MiB that deflates ~120x (a flat-colour raw image would): under the bound, so it is extracted."""
+    rng = random.Random(5)
+    flat = b"".join(rng.randbytes(4) + bytes(1020) for _ in range(8 * 1024))
+    entries = {"a.png": png(), "flat.png": flat}
+    archive = (make_zip(tmp_path / "d.zip", entries) if container == "zip"
+               else make_tar(tmp_path / "d.tgz", entries))
+    assert 100 * archive.stat().st_size < len(flat) < 200 * archive.stat().st_size
+    ds = stage(archive, tmp_path)
+    assert [r.name for r in ds.images] == ["a.png"]
+    assert "cannot be decoded" in dict(ds.skipped)["flat.png"]  # extracted whole, then read as an image
+
+
+def test_image_name_does_not_exempt_an_entry_from_the_ratio_bound(tmp_path, disk_writes):
+    archive = zip_of_zeros(tmp_path / "bomb.zip", "x.png", 64, {"a.png": png()})
+    msg = assert_refused(archive, tmp_path, "'x.png'")
+    assert "ratio" in msg
+    assert disk_writes[0] <= 2 * MiB
+
+
+@pytest.mark.parametrize("container", ["zip", "tar.gz"])
+def test_oversize_caption_file_is_refused(tmp_path, disk_writes, container):
+    caption = b"a photo of a dog " * (50 * MiB // 17)  # 50 MiB
+    entries = {"a.png": png(), "a.txt": caption}
+    if container == "zip":
+        archive = make_zip(tmp_path / "data.zip", entries, zipfile.ZIP_STORED)  # stored: only the cap applies
+    else:
+        archive = make_tar(tmp_path / "data.tgz", entries)
+    msg = assert_refused(archive, tmp_path, "'a.txt'")
+    assert f"cap of {MiB} bytes for a caption file" in msg
+    assert disk_writes[0] <= 2 * MiB
+
+
+def test_oversize_caption_table_is_refused(tmp_path):
+    rows = "".join(f'{{"file_name": "{i}.png", "text": "caption number {i}"}}\n' for i in range(60_000))
+    assert len(rows) > MiB
+    archive = make_zip(tmp_path / "data.zip", {"a.png": png(), "metadata.jsonl": rows.encode()})
+    msg = assert_refused(archive, tmp_path, "'metadata.jsonl'", DataLimits(max_files=10))
+    assert "caption table" in msg
+    # the cap grows with the number of files an archive may hold
+    ds = stage(archive, tmp_path, DataLimits(max_files=1_000), job="job_ok")
+    assert [r.name for r in ds.images] == ["a.png"]
+
+
+def test_oversize_caption_in_a_folder_is_refused(tmp_path):
+    src = tmp_path / "upload"
+    src.mkdir()
+    (src / "a.png").write_bytes(png())
+    (src / "a.txt").write_bytes(b"x" * (MiB + 1))
+    with pytest.raises(UnsafeArchiveError, match=r"'a\.txt'.*caption file"):
+        stage(src, tmp_path)
+
+
+def test_files_that_are_not_images_or_captions_are_never_extracted(tmp_path):
+    video = np.random.default_rng(4).integers(0, 256, 3 * MiB, dtype=np.uint8).tobytes()
+    archive = make_zip(tmp_path / "upload.zip", {
+        "set/a.png": png(), "set/a.txt": b"a cat", "set/video.mp4": video, "set/notes.md": b"# notes",
+        "set/__MACOSX/._a.png": b"\x00\x05\x16\x07junk",
+    }, zipfile.ZIP_STORED)
+    ds = stage(archive, tmp_path)
+    assert [(r.name, r.caption) for r in ds.images] == [("a.png", "a cat")]
+    assert dict(ds.skipped) == {"video.mp4": "not an image or a caption file",
+                                "notes.md": "not an image or a caption file"}  # junk is silent
+    on_disk = {f for _, _, files in os.walk(tmp_path / "job") for f in files}
+    assert on_disk == {"a.png", "a.txt"}
+    assert folder_bytes(tmp_path / "job") < 10_000
+    assert any("video.mp4" in line for line in dataset_report_lines(ds))
+
+
+def test_weights_archives_keep_every_file(tmp_path):
+    """``extract_archive`` without ``dataset_only`` (checkpoints, weights) extracts every regular file."""
+    from train.data import extract_archive
+
+    archive = zip_of_zeros(tmp_path / "weights.zip", "model.safetensors", 4, {"config.json": b"{}"})
+    skipped = extract_archive(archive, tmp_path / "out", DataLimits())
+    assert skipped == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size == 4 * MiB
+
+
+# --------------------------------------------------------------------------------------------
+# the shared rules (train/dataset_rules.py, imported by client/pack.py too)
+
+
+def test_shared_rules_classify_entries():
+    from pathlib import PurePosixPath as P
+
+    from train import dataset_rules as rules
+
+    assert rules.classify(P("sub/A.JPG")) == (rules.IMAGE, "")
+    assert rules.classify(P("sub/a.txt")) == (rules.CAPTION, "")
+    assert rules.classify(P("sub/metadata.jsonl")) == (rules.TABLE, "")
+    assert rules.classify(P("captions.csv")) == (rules.TABLE, "")
+    assert rules.classify(P("__MACOSX/sub/._a.png"))[0] == rules.JUNK
+    assert rules.classify(P("Thumbs.db")) == (rules.JUNK, "Windows folder metadata")
+    assert rules.classify(P(".hidden/a.png")) == (rules.JUNK, "hidden file")
+    kind, why = rules.classify(P("Metadata.JSONL"))
+    assert kind == rules.OTHER and "'metadata.jsonl'" in why
+    assert rules.classify(P("a.gif"))[1].startswith("unsupported image format .gif")
+    assert rules.classify(P("a.bin")) == (rules.OTHER, "not an image or a caption file")
+
+
+def test_shared_rules_size_bounds():
+    from train import dataset_rules as rules
+
+    assert rules.ratio_reason(MiB, 1) is None                      # small entries: any ratio
+    assert rules.ratio_reason(10_000_000, 50_000) is None           # at the bound
+    assert "ratio" in (rules.ratio_reason(10_000_001, 50_000) or "")
+    assert rules.oversize_reason(rules.CAPTION, MiB) is None
+    assert rules.oversize_reason(rules.CAPTION, MiB + 1)
+    assert rules.oversize_reason(rules.IMAGE, 10**12) is None       # images have the pixel cap instead
+    assert rules.caption_size_cap(rules.TABLE, 20_000) == 20_000 * 4096
+    assert rules.caption_size_cap(rules.TABLE, 1) == MiB
+
+
+def test_shared_rules_caption_precedence():
+    from train import dataset_rules as rules
+
+    tables = {"metadata.jsonl": {"a.png": "j"}, "captions.csv": {"a.png": "c", "b.png": "c"}}
+    assert rules.caption_source(True, "a.png", tables) == "txt"
+    assert rules.caption_source(False, "a.png", tables) == "metadata.jsonl"
+    assert rules.caption_source(False, "b.png", tables) == "captions.csv"
+    assert rules.caption_source(False, "c.png", tables) == "default"

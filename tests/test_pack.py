@@ -280,7 +280,8 @@ def test_fit_reduces_under_the_limit_without_going_below_min_side(tmp_path: Path
         assert img.getexif().get(0x0112) in (None, 1), name     # rotation applied, not tagged
     assert images["rot.jpg"].size == (128, 192)               # portrait, as shown
     assert images["sub/wide.jpg"].size == (320, 128)
-    assert all(c >= 245 for c in images["alpha.jpg"].convert("RGB").getpixel((40, 64)))  # flattened on white
+    pixel = images["alpha.jpg"].convert("RGB").getpixel((40, 64))
+    assert isinstance(pixel, tuple) and all(c >= 245 for c in pixel)  # flattened on white
     with zipfile.ZipFile(out) as zf:
         assert zf.read("small.png") == (folder / "small.png").read_bytes()
         names = zf.namelist()
@@ -395,16 +396,52 @@ def test_largest_training_side():
     assert largest_training_side(parse_spec({})) == 1024
 
 
-def test_mirrors_the_container_rules():
-    import client.pack as pack
-    import train.data as data
+def test_refuses_the_caption_files_the_container_refuses(tmp_path: Path):
+    folder = big_set(tmp_path / "set", n=2, size=(32, 32))
+    write(folder / "img0.txt", "a very long caption " * 60_000)   # 1.2 MiB, over the 1 MiB cap
+    write(folder / "orphan.txt", "x" * (2 * 2**20))               # over the cap too, but never packed
+    with pytest.raises(PackError, match=r"img0\.txt: .*over the cap of 1048576 bytes for a caption file"):
+        pack_dataset(folder, tmp_path / "d.zip")
+    assert not (tmp_path / "d.zip").exists()
 
-    assert pack.IMAGE_EXTENSIONS == data.IMAGE_EXTENSIONS
-    assert pack.UNSUPPORTED_IMAGE_EXTENSIONS == data.UNSUPPORTED_IMAGE_EXTENSIONS
-    assert pack.CAPTION_FILES == data.CAPTION_FILES
-    assert pack.MIN_IMAGE_SIDE == data.MIN_IMAGE_SIDE
-    assert pack._JUNK_NAMES == data._JUNK_NAMES
-    assert pack.MAX_IMAGE_PIXELS == data.DataLimits().max_image_pixels
+    write(folder / "img0.txt", "caption 0")
+    rows = "".join(json.dumps({"file_name": f"img{i % 2}.png", "text": f"row {i}"}) + "\n"
+                   for i in range(40_000))
+    write(folder / "metadata.jsonl", rows)                        # ~1.6 MiB
+    with pytest.raises(PackError, match=r"metadata\.jsonl: .*caption table"):
+        pack_dataset(folder, tmp_path / "d.zip", max_files=10)
+    result = pack_dataset(folder, tmp_path / "d.zip")             # the table cap grows with max_files
+    assert dict(result.skipped)["orphan.txt"] == "caption has no image with the same name"
+
+
+def test_refuses_more_files_than_the_container_accepts(tmp_path: Path):
+    folder = big_set(tmp_path / "set", n=3, size=(32, 32))        # 3 images + 3 captions
+    with pytest.raises(PackError, match=r"6 files, more than the trainer's limit of 5"):
+        pack_dataset(folder, tmp_path / "d.zip", max_files=5)
+    assert pack_dataset(folder, tmp_path / "d.zip", max_files=6).images == 3
+
+
+def test_images_the_container_would_take_for_a_bomb_are_refused_or_re_encoded(tmp_path: Path):
+    """A flat-colour BMP deflates ~1000x: the trainer refuses that entry, so the packer must not write it."""
+    from train.data import UnsafeArchiveError, stage_dataset
+
+    folder = tmp_path / "flat"
+    write_img(folder / "flat.bmp", Image.new("RGB", (1200, 1000), (40, 90, 200)))
+    write(folder / "flat.txt", "a blue square")
+    with pytest.raises(PackError, match=r"flat\.bmp: deflates from \d+ to \d+ bytes.*200x.*--fit"):
+        pack_dataset(folder, tmp_path / "d.zip")
+    assert not (tmp_path / "d.zip").exists()
+
+    # what the packer would otherwise have uploaded: the container refuses it, naming the entry
+    with zipfile.ZipFile(tmp_path / "naive.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(folder / "flat.bmp", "flat.bmp")
+    with pytest.raises(UnsafeArchiveError, match=r"'flat\.bmp'.*ratio"):
+        stage_dataset(tmp_path / "naive.zip", tmp_path / "job0")
+
+    result = pack_dataset(folder, tmp_path / "d.zip", fit=True, min_side=512)
+    assert [(c.path, c.new_path) for c in result.changed] == [("flat.bmp", "flat.jpg")]
+    staged = stage_dataset(result.archive, tmp_path / "job")
+    assert [(r.name, r.caption) for r in staged.images] == [("flat.jpg", "a blue square")]
 
 
 def test_size_is_exact_with_non_ascii_names(tmp_path: Path):
@@ -435,7 +472,7 @@ def test_colour_conversion_matches_the_container(make):
     img = make()
     ours, theirs = _to_rgb(img), to_rgb(img)
     assert ours.mode == theirs.mode == "RGB"
-    diff = max(abs(a - b) for a, b in zip(ours.tobytes(), theirs.tobytes()))
+    diff = max(abs(a - b) for a, b in zip(ours.tobytes(), theirs.tobytes(), strict=True))
     assert diff <= 1
 
 

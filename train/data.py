@@ -4,24 +4,27 @@ What people upload is messy, and what an attacker uploads is hostile. This modul
 - detects zip / tar / tar.gz by magic bytes, never by extension;
 - refuses unsafe archives with a message naming the entry: path traversal, absolute
   paths, links and device files, more entries or uncompressed bytes than the limits,
-  images over the pixel cap (decompression bombs);
-- tolerates junk (``__MACOSX/``, ``._*``, ``.DS_Store``, ``Thumbs.db``), one nested top
-  folder, upper-case extensions, EXIF rotation, RGBA / CMYK / P / L / 16-bit images;
+  decompression bombs (an entry that unpacks to over 200x its compressed size, checked from
+  the declared sizes before extracting and again while streaming), caption files over their
+  size cap, images over the pixel cap;
+- extracts only images and caption files: anything else is never written to disk, only named
+  in the report; junk (``__MACOSX/``, ``._*``, ``.DS_Store``, ``Thumbs.db``) is left out silently;
+- tolerates one nested top folder, upper-case extensions, EXIF rotation, RGBA / CMYK / P /
+  L / 16-bit images;
 - pairs captions: same-stem ``.txt`` > ``metadata.jsonl`` (``file_name``, ``text``) >
   ``captions.csv`` > the default caption / trigger word, and puts the trigger word into
   captions that lack it;
 - skips files it cannot use, naming each with the reason, and fails only when no usable
   image is left.
 
-Extraction writes only below the job's own dataset folder.
+The rules shared with the client's packer (what an entry is, caption precedence, size caps,
+the dataset hash) live in ``train/dataset_rules.py``. Extraction writes only below the job's
+own dataset folder.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
+import gzip
 import re
 import shutil
 import stat
@@ -29,20 +32,28 @@ import tarfile
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterator
+from typing import IO, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-UNSUPPORTED_IMAGE_EXTENSIONS = {".gif", ".heic", ".heif", ".avif", ".svg", ".psd", ".jxl", ".raw", ".cr2",
-                                ".nef", ".dng", ".arw", ".ico", ".exr"}
-CAPTION_FILES = {"metadata.jsonl", "captions.csv"}
-MIN_IMAGE_SIDE = 16
-_JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+from . import dataset_rules as rules
+from .dataset_rules import (  # noqa: F401 - re-exported: the names other modules import from here
+    CAPTION_FILES,
+    IMAGE_EXTENSIONS,
+    MIN_IMAGE_SIDE,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
+)
+
 _COPY_CHUNK = 1 << 20
+# tar.gz: the compressed bytes an entry used are measured from the file position, which runs
+# ahead of (or, for the entry's first bytes, behind) what was decompressed by a read buffer or
+# two (8 KiB each). Counting this much more never refuses an honest entry.
+_RATIO_SLACK = 64 << 10
 
 
 class UnsafeArchiveError(ValueError):
@@ -55,9 +66,9 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class DataLimits:
-    max_files: int = 20_000
-    max_bytes: int = 8 * 2**30
-    max_image_pixels: int = 80_000_000
+    max_files: int = rules.DEFAULT_MAX_FILES
+    max_bytes: int = rules.DEFAULT_MAX_BYTES
+    max_image_pixels: int = rules.DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -117,18 +128,6 @@ def _safe_member_path(name: str) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def _copy_bounded(src: IO[bytes], dst_path: Path, budget: list[int], name: str, limits: DataLimits) -> None:
-    """Stream ``src`` into ``dst_path`` and stop when the archive's byte budget runs out."""
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst_path, "wb") as dst:
-        while chunk := src.read(_COPY_CHUNK):
-            budget[0] -= len(chunk)
-            if budget[0] < 0:
-                raise UnsafeArchiveError(
-                    f"archive entry {name!r}: the archive unpacks to more than {limits.max_bytes} bytes (limit)")
-            dst.write(chunk)
-
-
 def _inside(dest: Path, rel: PurePosixPath) -> Path:
     target = (dest / rel).resolve()
     if not target.is_relative_to(dest.resolve()):
@@ -136,16 +135,95 @@ def _inside(dest: Path, rel: PurePosixPath) -> Path:
     return target
 
 
-def extract_archive(archive: Path, dest: Path, limits: DataLimits) -> None:
-    """Extract ``archive`` into ``dest`` (which must not exist yet) after checking every entry."""
+class _Budget:
+    """The uncompressed bytes an archive may still unpack to (``DataLimits.max_bytes``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def check(self, n: int, entry: str) -> None:
+        if n > self.left:
+            raise UnsafeArchiveError(
+                f"archive entry {entry!r}: the archive unpacks to more than {self.limit} bytes (limit)")
+
+    def spend(self, n: int, entry: str) -> None:
+        self.check(n, entry)
+        self.left -= n
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One archive entry to copy out: its stream, what it declares, and how to see its compressed bytes."""
+
+    stream: IO[bytes]
+    name: str                                     # as written in the archive, for messages
+    declared: int                                 # the uncompressed size the archive declares
+    compressed_pos: Callable[[], int] | None = None  # the compressed stream's position (tar.gz only)
+
+
+def _copy_entry(src: _Source, dst_path: Path, budget: _Budget) -> None:
+    """Stream one entry to ``dst_path``, counting the bytes actually written.
+
+    Stops, and removes the partial file, when the entry goes past the size it declared, past
+    the compression-ratio bound (measured as it streams) or past the archive's byte budget.
+    """
+    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    start = src.compressed_pos() if src.compressed_pos else 0
+    written = 0
+    try:
+        with open(dst_path, "wb") as dst:
+            while chunk := src.stream.read(_COPY_CHUNK):
+                written += len(chunk)
+                if written > src.declared:
+                    raise UnsafeArchiveError(
+                        f"archive entry {src.name!r}: holds more than the {src.declared} bytes it declares")
+                if src.compressed_pos:
+                    why = rules.ratio_reason(written, src.compressed_pos() - start + _RATIO_SLACK)
+                    if why:
+                        raise UnsafeArchiveError(f"archive entry {src.name!r}: {why}")
+                budget.spend(len(chunk), src.name)
+                dst.write(chunk)
+    except BaseException:
+        dst_path.unlink(missing_ok=True)
+        raise
+
+
+def _screen(name: str, rel: PurePosixPath, size: int, compressed: int | None,
+            limits: DataLimits) -> str | None:
+    """A dataset entry's fate from its declared sizes, before any byte is extracted.
+
+    Returns None to extract it, "" to leave junk out silently, or the reason a file that is
+    neither an image nor a caption is left out (never written to disk). Raises
+    UnsafeArchiveError for a caption over its cap or an entry over the compression-ratio bound.
+    """
+    kind, reason = rules.classify(rel)
+    why = rules.oversize_reason(kind, size, limits.max_files)
+    if why is None and compressed is not None:
+        why = rules.ratio_reason(size, compressed)
+    if why:
+        raise UnsafeArchiveError(f"archive entry {name!r}: {why}")
+    if kind == rules.JUNK:
+        return ""
+    return reason if kind == rules.OTHER else None
+
+
+def extract_archive(archive: Path, dest: Path, limits: DataLimits, *,
+                    dataset_only: bool = False) -> list[tuple[str, str]]:
+    """Extract ``archive`` into ``dest`` (which must not exist yet) after checking every entry.
+
+    ``dataset_only``: extract images and caption files only, refusing caption files over their
+    cap and entries over the compression-ratio bound (``train/dataset_rules.py``). Returns the
+    entries left out as (path, reason); junk is left out without a reason and not listed.
+    Without it every regular file is extracted (weights and checkpoint archives).
+    """
     kind = archive_kind(archive)
     dest.mkdir(parents=True)
-    budget = [limits.max_bytes]
+    budget = _Budget(limits.max_bytes)
     try:
         if kind == "zip":
-            _extract_zip(archive, dest, limits, budget)
-        else:
-            _extract_tar(archive, dest, limits, budget)
+            return _extract_zip(archive, dest, limits, budget, dataset_only)
+        return _extract_tar(archive, dest, limits, budget, dataset_only, gz=kind == "tar.gz")
     except UnsafeArchiveError:
         shutil.rmtree(dest, ignore_errors=True)  # nothing half-extracted stays behind
         raise
@@ -160,38 +238,61 @@ def extract_archive(archive: Path, dest: Path, limits: DataLimits) -> None:
         raise
 
 
-def _extract_zip(archive: Path, dest: Path, limits: DataLimits, budget: list[int]) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        if len(infos) > limits.max_files:
-            raise UnsafeArchiveError(f"{archive.name}: {len(infos)} entries, more than the limit of {limits.max_files}")
-        declared = 0
-        for info in infos:  # name the entry that crosses the limit, as the tar path does
-            declared += info.file_size
-            if declared > limits.max_bytes:
-                raise UnsafeArchiveError(f"archive entry {info.filename!r}: the archive unpacks to more than "
-                                         f"{limits.max_bytes} bytes (limit)")
-        plan = []
-        for info in infos:
-            rel = _safe_member_path(info.filename)
-            kind = (info.external_attr >> 16) & 0o170000
-            if kind == stat.S_IFLNK:
-                raise UnsafeArchiveError(f"archive entry {info.filename!r}: links are not allowed")
-            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise UnsafeArchiveError(f"archive entry {info.filename!r}: special files are not allowed")
-            if info.flag_bits & 0x1:
-                raise UnsafeArchiveError(f"archive entry {info.filename!r}: encrypted entries are not supported")
+def _zip_plan(archive: Path, infos: list[zipfile.ZipInfo], limits: DataLimits, dataset_only: bool,
+              skipped: list[tuple[str, str]]) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The entries to extract; every entry is checked (and the archive refused) before any is."""
+    if len(infos) > limits.max_files:
+        raise UnsafeArchiveError(
+            f"{archive.name}: {len(infos)} entries, more than the limit of {limits.max_files}")
+    declared = 0
+    for info in infos:  # name the entry that crosses the limit, as the tar path does
+        declared += info.file_size
+        if declared > limits.max_bytes:
+            raise UnsafeArchiveError(f"archive entry {info.filename!r}: the archive unpacks to more than "
+                                     f"{limits.max_bytes} bytes (limit)")
+    plan = []
+    for info in infos:
+        rel = _safe_member_path(info.filename)
+        kind = (info.external_attr >> 16) & 0o170000
+        if kind == stat.S_IFLNK:
+            raise UnsafeArchiveError(f"archive entry {info.filename!r}: links are not allowed")
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise UnsafeArchiveError(f"archive entry {info.filename!r}: special files are not allowed")
+        if info.flag_bits & 0x1:
+            raise UnsafeArchiveError(f"archive entry {info.filename!r}: encrypted entries are not supported")
+        if info.is_dir() or str(rel) == ".":
+            continue
+        reason = None
+        if dataset_only:
+            reason = _screen(info.filename, rel, info.file_size, info.compress_size, limits)
+        if reason is None:
             plan.append((info, rel))
-        for info, rel in plan:
-            if info.is_dir() or str(rel) == ".":
-                continue
-            with zf.open(info) as src:
-                _copy_bounded(src, _inside(dest, rel), budget, info.filename, limits)
+        elif reason:
+            skipped.append((rel.as_posix(), reason))
+    return plan
 
 
-def _extract_tar(archive: Path, dest: Path, limits: DataLimits, budget: list[int]) -> None:
+def _extract_zip(archive: Path, dest: Path, limits: DataLimits, budget: _Budget,
+                 dataset_only: bool) -> list[tuple[str, str]]:
+    skipped: list[tuple[str, str]] = []
+    with zipfile.ZipFile(archive) as zf:
+        for info, rel in _zip_plan(archive, zf.infolist(), limits, dataset_only, skipped):
+            # zipfile reads at most the declared compressed size and returns at most the declared
+            # size, so the ratio checked in the plan holds while streaming too.
+            with zf.open(info) as stream:
+                _copy_entry(_Source(stream, info.filename, info.file_size), _inside(dest, rel), budget)
+    return skipped
+
+
+def _extract_tar(archive: Path, dest: Path, limits: DataLimits, budget: _Budget, dataset_only: bool,
+                 gz: bool) -> list[tuple[str, str]]:
+    skipped: list[tuple[str, str]] = []
     count = 0
-    with tarfile.open(archive, mode="r:*") as tf:
+    # The gzip layer is opened here, not by tarfile, so the compressed file's position can be read:
+    # it is what an entry's compression ratio is measured against while it streams.
+    compressed_total = archive.stat().st_size if gz else None
+    with (open(archive, "rb") as raw, _gunzip(raw, gz) as stream,
+          tarfile.open(fileobj=stream, mode="r:") as tf):
         for member in tf:  # streaming: a tar.gz is checked as it decompresses
             count += 1
             if count > limits.max_files:
@@ -203,12 +304,25 @@ def _extract_tar(archive: Path, dest: Path, limits: DataLimits, budget: list[int
                 continue
             if not member.isfile():
                 raise UnsafeArchiveError(f"archive entry {member.name!r}: special files are not allowed")
-            if member.size > budget[0]:
-                raise UnsafeArchiveError(
-                    f"archive entry {member.name!r}: the archive unpacks to more than {limits.max_bytes} bytes (limit)")
+            budget.check(member.size, member.name)
+            # No entry can use more compressed bytes than the whole file holds: a bound from the header.
+            reason = None
+            if dataset_only:
+                reason = _screen(member.name, rel, member.size, compressed_total, limits)
+            if reason is not None:
+                budget.spend(member.size, member.name)  # declared bytes count even when left out
+                if reason:
+                    skipped.append((rel.as_posix(), reason))
+                continue
             src = tf.extractfile(member)
             assert src is not None
-            _copy_bounded(src, _inside(dest, rel), budget, member.name, limits)
+            position = raw.tell if gz and dataset_only else None
+            _copy_entry(_Source(src, member.name, member.size, position), _inside(dest, rel), budget)
+    return skipped
+
+
+def _gunzip(raw: BinaryIO, gz: bool) -> gzip.GzipFile | nullcontext[BinaryIO]:
+    return gzip.GzipFile(fileobj=raw, mode="rb") if gz else nullcontext(raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,51 +379,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def read_caption_file(path: Path) -> str:
     """A caption file's text: BOM removed, CRLF/CR normalised, lines joined, whitespace tidied."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    lines = [ln.strip() for ln in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
-    return re.sub(r"\s+", " ", " ".join(ln for ln in lines if ln)).strip()
-
-
-def _caption_table(root: Path, skipped: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
-    """Captions keyed by the image's relative path, from metadata.jsonl and captions.csv files."""
-    from_jsonl: dict[str, str] = {}
-    from_csv: dict[str, str] = {}
-    for meta in sorted(root.rglob("metadata.jsonl")):
-        base = meta.parent.relative_to(root)
-        for lineno, line in enumerate(meta.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                name, text = row["file_name"], row["text"]
-                assert isinstance(name, str) and isinstance(text, str)
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                skipped.append((f"{meta.relative_to(root)}:{lineno}", 'not a JSON object with "file_name" and "text"'))
-                continue
-            from_jsonl[str(base / name.replace("\\", "/"))] = _tidy(text)
-    for table in sorted(root.rglob("captions.csv")):
-        base = table.parent.relative_to(root)
-        text = table.read_text(encoding="utf-8-sig", errors="replace").replace("\r\n", "\n")
-        reader = csv.DictReader(io.StringIO(text))
-        fields = {f.lower().strip(): f for f in reader.fieldnames or []}
-        name_col = next((fields[k] for k in ("file_name", "filename", "image", "file") if k in fields), None)
-        text_col = next((fields[k] for k in ("text", "caption", "prompt") if k in fields), None)
-        if not name_col or not text_col:
-            skipped.append((str(table.relative_to(root)),
-                            "needs a header with file_name (or image) and text (or caption) columns"))
-            continue
-        for row in reader:
-            if row.get(name_col):
-                from_csv[str(base / row[name_col].strip().replace("\\", "/"))] = _tidy(row.get(text_col) or "")
-    return from_jsonl, from_csv
-
-
-def _tidy(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    return rules.decode_caption(path.read_bytes())
 
 
 def add_trigger_word(caption: str, trigger: str, position: str = "prepend") -> str:
@@ -327,16 +397,11 @@ def add_trigger_word(caption: str, trigger: str, position: str = "prepend") -> s
 # staging
 
 
-def _is_junk(rel: PurePosixPath) -> bool:
-    return (any(p == "__MACOSX" or p.startswith(".") for p in rel.parts)
-            or rel.name.lower() in _JUNK_NAMES)
-
-
 def _dataset_root(folder: Path) -> Path:
     """Descend through single nested top folders (``data.zip`` -> ``data/`` -> images)."""
     root = folder
     while True:
-        entries = [p for p in root.iterdir() if not _is_junk(PurePosixPath(p.name))]
+        entries = [p for p in root.iterdir() if not rules.is_junk(PurePosixPath(p.name))]
         if len(entries) == 1 and entries[0].is_dir():
             root = entries[0]
         else:
@@ -356,19 +421,21 @@ def stage_dataset(source: Path, job_dir: Path, limits: DataLimits = DataLimits()
                   default_caption: str = "", trigger_position: str = "prepend") -> StagedDataset:
     """Stage ``source`` (an archive or a folder) for training and describe what was found.
 
-    Archives are extracted under ``job_dir/dataset``; folders are read in place.
+    Archives are extracted under ``job_dir/dataset`` (images and caption files only); folders
+    are read in place.
     """
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"dataset {str(source)!r} does not exist")
+    captions = _CaptionRules(trigger_word, default_caption, trigger_position)
     if source.is_dir():
-        return _stage_folder(source, limits, trigger_word, default_caption, trigger_position)
+        return _stage_folder(source, limits, captions)
     folder = Path(job_dir) / "dataset"
     if folder.exists():
         shutil.rmtree(folder)
-    extract_archive(source, folder, limits)
+    left_out = extract_archive(source, folder, limits, dataset_only=True)
     try:
-        return _stage_folder(folder, limits, trigger_word, default_caption, trigger_position)
+        return _stage_folder(folder, limits, captions, left_out)
     except BaseException:
         # An archive refused after unpacking (an image over the pixel cap, too many files) or one
         # with no usable image leaves nothing extracted behind. A user's folder is never removed.
@@ -376,73 +443,115 @@ def stage_dataset(source: Path, job_dir: Path, limits: DataLimits = DataLimits()
         raise
 
 
-def _stage_folder(folder: Path, limits: DataLimits, trigger_word: str, default_caption: str,
-                  trigger_position: str) -> StagedDataset:
-    root = _dataset_root(folder)
+@dataclass(frozen=True)
+class _CaptionRules:
+    trigger_word: str
+    default_caption: str
+    trigger_position: str
 
-    skipped: list[tuple[str, str]] = []
-    images: dict[str, Path] = {}
-    txt_captions: dict[str, Path] = {}
-    n_files = 0
-    for path, rel in _walk(root):
-        n_files += 1
+
+@dataclass
+class _Found:
+    """What a dataset folder holds, sorted by role; keys are relative paths without the extension."""
+
+    images: dict[str, Path] = field(default_factory=dict)
+    txt_captions: dict[str, Path] = field(default_factory=dict)
+    tables: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _stage_folder(folder: Path, limits: DataLimits, captions: _CaptionRules,
+                  left_out: Sequence[tuple[str, str]] = ()) -> StagedDataset:
+    root = _dataset_root(folder)
+    found = _find_files(root, limits)
+    # entries left out of the archive are named as the rest are: relative to the dataset root
+    prefix = root.relative_to(folder).as_posix() + "/" if root != folder else ""
+    found.skipped[:0] = [(n.removeprefix(prefix), why) for n, why in left_out]
+    for key in sorted(set(found.txt_captions) - set(found.images)):
+        found.skipped.append((found.txt_captions[key].relative_to(root).as_posix(),
+                              "caption has no image with the same name"))
+    tables = _caption_tables(root, found.tables, found.skipped)
+    records, digest = _image_records(root, found, tables, limits, captions)
+    if not records:
+        reasons = "; ".join(f"{n}: {r}" for n, r in found.skipped[:10]) or "the dataset holds no files"
+        raise DatasetError(f"no usable image in the dataset ({reasons})")
+    return StagedDataset(root=root, images=records, skipped=found.skipped, dataset_hash=digest)
+
+
+def _find_files(root: Path, limits: DataLimits) -> _Found:
+    """Every file below ``root`` by role (``dataset_rules.classify``); refuses links and oversize captions."""
+    found = _Found()
+    for n_files, (path, rel) in enumerate(_walk(root), 1):
         if n_files > limits.max_files:
             raise UnsafeArchiveError(f"dataset: more than {limits.max_files} files (limit)")
         if path.is_symlink():
             raise UnsafeArchiveError(f"dataset entry {str(rel)!r}: links are not allowed")
-        if _is_junk(rel):
+        kind, reason = rules.classify(rel)
+        if kind == rules.JUNK:
             continue
-        ext = rel.suffix.lower()
-        key = str(rel.with_suffix(""))
-        if ext in IMAGE_EXTENSIONS:
-            if key in images:
-                skipped.append((str(rel), f"another image has the same name ({images[key].name}) and was used"))
+        if kind == rules.OTHER:
+            found.skipped.append((str(rel), reason))
+            continue
+        # archives were checked while extracting; a folder given in place is checked here
+        why = rules.oversize_reason(kind, path.stat().st_size, limits.max_files)
+        if why:
+            raise UnsafeArchiveError(f"dataset entry {str(rel)!r}: {why}")
+        key = rules.image_key(rel)
+        if kind == rules.IMAGE:
+            if key in found.images:
+                found.skipped.append((str(rel), f"another image has the same name ({found.images[key].name}) "
+                                                f"and was used"))
                 continue
-            images[key] = path
-        elif ext == ".txt":
-            txt_captions[key] = path
-        elif rel.name.lower() in CAPTION_FILES:
-            continue
-        elif ext in UNSUPPORTED_IMAGE_EXTENSIONS:
-            skipped.append((str(rel), f"unsupported image format {ext} (use JPEG, PNG, WebP, BMP or TIFF)"))
+            found.images[key] = path
+        elif kind == rules.CAPTION:
+            found.txt_captions[key] = path
         else:
-            skipped.append((str(rel), "not an image or a caption file"))
+            found.tables.append(path)
+    return found
 
-    for key in sorted(set(txt_captions) - set(images)):
-        skipped.append((str(txt_captions[key].relative_to(root)), "caption has no image with the same name"))
-    from_jsonl, from_csv = _caption_table(root, skipped)
 
+def _caption_tables(root: Path, tables: list[Path],
+                    skipped: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """Captions from metadata.jsonl and captions.csv files, by kind, keyed by the image's relative path."""
+    merged: dict[str, dict[str, str]] = {kind: {} for kind in rules.CAPTION_FILES}
+    for path in tables:  # sorted: a later table of the same kind wins for an image both name
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+        captions, problems = rules.parse_caption_table(path.name, path.read_bytes(), rel.parent)
+        merged[path.name].update(captions)
+        skipped += [(f"{rel}:{lineno}" if lineno else str(rel), why) for lineno, why in problems]
+    return merged
+
+
+def _image_records(root: Path, found: _Found, tables: dict[str, dict[str, str]], limits: DataLimits,
+                   captions: _CaptionRules) -> tuple[list[ImageRecord], str]:
+    """The usable images with their final captions, and the dataset hash over them."""
     records: list[ImageRecord] = []
-    digest = hashlib.sha256()
-    for key in sorted(images):
-        path = images[key]
+    digest = rules.DatasetHash()
+    for key in sorted(found.images):
+        path = found.images[key]
         name = path.relative_to(root).as_posix()
         try:
             img = load_rgb(path, limits.max_image_pixels)
         except UnsafeArchiveError:
             raise
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            skipped.append((name, f"cannot be decoded as an image ({type(exc).__name__}: {exc})"[:300]))
+            found.skipped.append((name, f"cannot be decoded as an image ({type(exc).__name__}: {exc})"[:300]))
             continue
         if min(img.size) < MIN_IMAGE_SIDE:
-            skipped.append((name, f"too small ({img.width}x{img.height}; at least {MIN_IMAGE_SIDE} px a side)"))
+            found.skipped.append(
+                (name, f"too small ({img.width}x{img.height}; at least {MIN_IMAGE_SIDE} px a side)"))
             continue
-        if key in txt_captions:
-            caption, origin = read_caption_file(txt_captions[key]), "txt"
-        elif name in from_jsonl:
-            caption, origin = from_jsonl[name], "metadata.jsonl"
-        elif name in from_csv:
-            caption, origin = from_csv[name], "captions.csv"
+        origin = rules.caption_source(key in found.txt_captions, name, tables)
+        if origin == "txt":
+            caption = read_caption_file(found.txt_captions[key])
+        elif origin == "default":
+            caption = captions.default_caption.strip()
         else:
-            caption, origin = default_caption.strip(), "default"
-        caption = add_trigger_word(caption, trigger_word, trigger_position)
+            caption = tables[origin][name]
+        caption = add_trigger_word(caption, captions.trigger_word, captions.trigger_position)
         records.append(ImageRecord(path, name, caption, origin, img.width, img.height))
-        digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest() + caption.encode() + b"\0")
-
-    if not records:
-        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:10]) or "the dataset holds no files"
-        raise DatasetError(f"no usable image in the dataset ({reasons})")
-    return StagedDataset(root=root, images=records, skipped=skipped, dataset_hash=digest.hexdigest())
+        digest.add(name, path, caption)
+    return records, digest.hexdigest()
 
 
 def dataset_report_lines(ds: StagedDataset, buckets: dict[str, int] | None = None) -> list[str]:

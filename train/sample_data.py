@@ -58,7 +58,8 @@ def write_sample_dataset(out: Path, count: int = 8, size: tuple[int, int] | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.sample_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.sample_data",
+                                     description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("examples/sample-dataset"))
     parser.add_argument("--count", type=int, default=8)
     args = parser.parse_args(argv)

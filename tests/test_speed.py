@@ -57,7 +57,7 @@ def test_channels_last_unet_matches(tiny_weights, sample_dataset, tmp_path):
 
 
 def test_cache_on_device_gives_identical_batches(tiny_weights, sample_dataset, tmp_path):
-    """Moving the cache (here: to the same CPU, as a GPU run moves it to CUDA) changes no value."""
+    """Moving the cache changes no value, and leaves nothing a step reads on the host."""
     from train.cache import collate
     from train.models.base import BatchRandom
     from train.speed import cache_fits_on_device
@@ -75,13 +75,21 @@ def test_cache_on_device_gives_identical_batches(tiny_weights, sample_dataset, t
     family.load(torch.float32)
     ds = stage_dataset(sample_dataset, tmp_path / "job")
     cache = build_cache(family, ds, [64], ["x"], torch.device("cpu"), 10**8)
-    gen = lambda: BatchRandom(torch.Generator().manual_seed(0), 2, 0, 2, torch.device("cpu"))  # noqa: E731
-    before = collate(cache, [0, 1], [False, True], torch.device("cpu"), torch.float32, gen())
-    cache.to(torch.device("cpu"), torch.float32)
-    after = collate(cache, [0, 1], [False, True], torch.device("cpu"), torch.float32, gen())
-    for a, b in ((before.latent_mean, after.latent_mean), (before.time_ids, after.time_ids),
-                 (before.text["prompt_embeds"], after.text["prompt_embeds"])):
-        assert torch.equal(a, b)
+    cpu = torch.device("cpu")
+    gen = lambda: BatchRandom(torch.Generator().manual_seed(0), 2, 0, 2, cpu)  # noqa: E731
+    before = collate(cache, [0, 1], [False, True], cpu, torch.float32, gen())
+    # values: the move keeps every item in its place; text embeddings arrive in the step's dtype
+    cache.to(cpu, torch.bfloat16)
+    after = collate(cache, [0, 1], [False, True], cpu, torch.bfloat16, gen())
+    assert torch.equal(before.latent_mean, after.latent_mean) and torch.equal(before.time_ids, after.time_ids)
+    assert after.text["prompt_embeds"].dtype == torch.bfloat16
+    assert torch.equal(before.text["prompt_embeds"].to(torch.bfloat16), after.text["prompt_embeds"])
+    # residency: after a move nothing a batch is built from is left on the host (the meta device
+    # stands in for CUDA here: a tensor the move forgot would still say "cpu")
+    cache.to(torch.device("meta"), torch.bfloat16)
+    resident = [t for it in cache.items for t in (it.mean, it.std, it.time_ids)]
+    resident += [t for d in [*cache.texts, cache.empty_text] for t in d.values()]
+    assert resident and {t.device.type for t in resident} == {"meta"}
     assert cache.nbytes() > 0
 
 

@@ -14,6 +14,7 @@ the same safety checks as datasets.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,16 @@ class Checkpoint:
     spec: dict[str, Any]
 
 
-def save_checkpoint(folder: Path, step: int, spec: TrainingSpec, trainable: dict[str, torch.Tensor],
-                    optimizer: Any, lr_scheduler: Any, sampler_state: dict[str, int],
-                    generators: dict[str, torch.Generator], history: list[tuple[int, float]]) -> Path:
+def save_checkpoint(folder: Path, spec: TrainingSpec, trainable: dict[str, torch.Tensor], optimizer: Any,
+                    lr_scheduler: Any, train_state: dict[str, Any]) -> Path:
+    """``train_state`` is ``TrainState.state_dict()`` (train/trainer.py): step, sampler, history, generators."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(folder / TRAINABLE))
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "generators": {k: g.get_state() for k, g in generators.items()},
-                "torch_rng": torch.get_rng_state()}, folder / STATE)
-    (folder / META).write_text(json.dumps({"step": step, "sampler": sampler_state, "history": history,
-                                           "spec": json.loads(spec.to_json())}, indent=1) + "\n")
+                "generators": train_state["generators"], "torch_rng": torch.get_rng_state()}, folder / STATE)
+    meta = {"step": train_state["step"], "sampler": train_state["sampler"], "history": train_state["history"],
+            "spec": json.loads(spec.to_json())}
+    (folder / META).write_text(json.dumps(meta, indent=1) + "\n")
     return folder
 
 
@@ -68,8 +69,6 @@ def open_checkpoint(source: Path, work: Path) -> Checkpoint:
     if source.is_file():
         folder = work / "resume"
         if folder.exists():
-            import shutil
-
             shutil.rmtree(folder)
         extract_archive(source, folder, DataLimits(max_files=100, max_bytes=200 * 2**30))
     found = sorted(p.parent for p in folder.rglob(META))
@@ -101,11 +100,10 @@ def load_trainable(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt.folder / TRAINABLE))
 
 
-def restore_training_state(ckpt: Checkpoint, optimizer: Any, lr_scheduler: Any,
-                           generators: dict[str, torch.Generator]) -> None:
+def restore_training_state(ckpt: Checkpoint, optimizer: Any, lr_scheduler: Any) -> dict[str, Any]:
+    """Loads the optimizer, the LR schedule and torch's RNG; returns the ``TrainState`` dict to load."""
     state = torch.load(ckpt.folder / STATE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    for name, gen in generators.items():
-        gen.set_state(state["generators"][name])
     torch.set_rng_state(state["torch_rng"])
+    return {"step": ckpt.step, "sampler": ckpt.sampler, "history": ckpt.history, "generators": state["generators"]}

@@ -19,7 +19,12 @@ what fp8 costs in accuracy on the tiny models; the GPU benchmark measures what i
 
 from __future__ import annotations
 
+from typing import Protocol, cast, runtime_checkable
+
 import torch
+
+# torch's fp8 matmul: private by name, the one public entry to the fp8 tensor cores in torch 2.13
+_scaled_mm = torch._scaled_mm  # pyright: ignore[reportPrivateImportUsage]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -61,7 +66,7 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
         ctx.in_dtype, ctx.out_dtype = x.dtype, out_dtype
         shape = x.shape
         qx, sx = quantize_rows(x.reshape(-1, shape[-1]))
-        y = torch._scaled_mm(qx, w_q.t(), scale_a=sx, scale_b=w_scale.t(), out_dtype=out_dtype)
+        y = _scaled_mm(qx, w_q.t(), scale_a=sx, scale_b=w_scale.t(), out_dtype=out_dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -71,7 +76,7 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
         qg, sg = quantize_rows(grad_out.reshape(-1, shape[-1]).float() * w_scale.t())
         w_col = w_q.t().contiguous().t()  # (N, K), column-major
         ones = torch.ones(1, w_q.shape[1], dtype=torch.float32, device=w_q.device)
-        gx = torch._scaled_mm(qg, w_col, scale_a=sg, scale_b=ones, out_dtype=ctx.out_dtype)
+        gx = _scaled_mm(qg, w_col, scale_a=sg, scale_b=ones, out_dtype=ctx.out_dtype)
         return gx.reshape(*shape[:-1], gx.shape[-1]).to(ctx.in_dtype), None, None, None
 
 
@@ -103,6 +108,16 @@ class Fp8FrozenLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 rowwise"
+
+
+@runtime_checkable
+class Fp8Convertible(Protocol):
+    """A module with a frozen weight that is not an ``nn.Linear`` but can run it in fp8 itself
+    (train/fused.py's stacked q/k/v). ``use_fp8`` returns the parameters it converted."""
+
+    fp8: Fp8FrozenLinear | None
+
+    def use_fp8(self) -> int: ...
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -146,17 +161,16 @@ def convert_frozen_linears(model: torch.nn.Module) -> tuple[int, int]:
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            targets.append((parent, attr, module, f"{block_name}.{name}"))
+            targets.append((parent, attr, cast(torch.nn.Linear, module), f"{block_name}.{name}"))
     n_params, n_linears = 0, len(targets)
     while targets:  # one at a time, dropping each bf16 linear as it goes: the peak stays near the weights
         parent, attr, linear, _ = targets.pop()
         n_params += linear.weight.numel()
         setattr(parent, attr, Fp8FrozenLinear(linear.weight, linear.bias))
         del linear
-    from .fused import FusedProjection
-
-    fused = [m for m in model.modules() if isinstance(m, FusedProjection) and m.fp8 is None]
-    for m in fused:  # fused q/k/v (speed.fuse_qkv): the stacked weight goes fp8 as one matmul
-        n_params += m.weight.numel()
-        m.use_fp8()
-    return n_linears + len(fused), n_params
+    # modules holding a frozen weight of their own (fused q/k/v, speed.fuse_qkv) convert themselves:
+    # the stacked weight goes fp8 as one matmul
+    stacked = [m for m in model.modules() if isinstance(m, Fp8Convertible) and m.fp8 is None]
+    for m in stacked:
+        n_params += m.use_fp8()
+    return n_linears + len(stacked), n_params

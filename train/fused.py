@@ -19,21 +19,31 @@ and LoRA dropout is 0 (one dropout mask for three projections would change the m
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
+
+from .fp8 import Fp8FrozenLinear, compute_dtype
 
 ADAPTER = "default"
 
 
+# peft's LoRA layers (``lora.Linear``) are reached through plain ``nn.Module`` references here;
+# their adapter dicts (lora_A, lora_B, scaling) are read as ``Any``: torch types every module
+# attribute as ``Tensor | Module``.
+
+
 def _base(part: torch.nn.Module) -> torch.nn.Linear:
-    return getattr(part, "base_layer", part)
+    return cast(torch.nn.Linear, getattr(part, "base_layer", part))
 
 
 def _lora(part: torch.nn.Module) -> tuple[torch.nn.Linear, torch.nn.Linear, float] | None:
     """(A, B, scale) of a peft LoRA layer's adapter, or None for a plain linear."""
-    if not hasattr(part, "lora_A") or ADAPTER not in part.lora_A:
+    layer: Any = part
+    if not hasattr(layer, "lora_A") or ADAPTER not in layer.lora_A:
         return None
-    return part.lora_A[ADAPTER], part.lora_B[ADAPTER], float(part.scaling[ADAPTER])
+    return layer.lora_A[ADAPTER], layer.lora_B[ADAPTER], float(layer.scaling[ADAPTER])
 
 
 def can_fuse(parts: list[torch.nn.Module]) -> str | None:
@@ -46,8 +56,8 @@ def can_fuse(parts: list[torch.nn.Module]) -> str | None:
     scales = {lo[2] for lo in loras if lo is not None}
     if len(scales) > 1:
         return "the projections' LoRA scales differ"
-    for p, lo in zip(parts, loras):
-        if lo is not None and not isinstance(p.lora_dropout[ADAPTER], torch.nn.Identity):
+    for p, lo in zip(parts, loras, strict=True):
+        if lo is not None and not isinstance(cast(Any, p).lora_dropout[ADAPTER], torch.nn.Identity):
             return "LoRA dropout is on"
         if lo is not None and (getattr(p, "merged", False) or getattr(p, "disable_adapters", False)
                                or ADAPTER in getattr(p, "lora_variant", {})):
@@ -73,9 +83,10 @@ class FusedProjection(torch.nn.Module):
                               torch.zeros(b.out_features, dtype=weight.dtype, device=weight.device) for b in bases])
         row = 0
         for b in bases:  # each projection now reads its rows of the stacked weight: no second copy
-            b.fused_into = self.__class__.__name__  # marks it unused by the forward (fp8 skips it)
+            _mark_fused(b, self.__class__.__name__)  # unused by the forward now (fp8 skips it)
             b.weight.data = weight[row:row + b.out_features]
             if b.bias is not None:
+                assert bias is not None
                 b.bias.data = bias[row:row + b.out_features]
             row += b.out_features
         self.weight, self.bias = weight, bias  # plain attributes: frozen, never broadcast or saved
@@ -85,10 +96,11 @@ class FusedProjection(torch.nn.Module):
         self._lora_parts = [i for i, lo in enumerate(loras) if lo is not None]
         self.scale = next((lo[2] for lo in loras if lo is not None), 1.0)
 
-    def use_fp8(self) -> None:
-        """Run the stacked base matmul in fp8 (train/fp8.py) and free the bf16 weights."""
-        from .fp8 import Fp8FrozenLinear
-
+    def use_fp8(self) -> int:
+        """Run the stacked base matmul in fp8 (train/fp8.py) and free the bf16 weights; returns
+        the parameters converted."""
+        assert self.weight is not None, "already fp8"
+        n_params = self.weight.numel()
         self.fp8 = Fp8FrozenLinear(self.weight, self.bias)
         empty = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
         for p in self._parts:  # only the fused path runs now; the views would keep the bf16 storage alive
@@ -96,21 +108,32 @@ class FusedProjection(torch.nn.Module):
             if _base(p).bias is not None:
                 _base(p).bias.data = empty
         self.weight = self.bias = None
+        return n_params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fp8(x) if self.fp8 is not None else F.linear(x, self.weight, self.bias)
+        if self.fp8 is not None:
+            y = self.fp8(x)
+        else:
+            assert self.weight is not None
+            y = F.linear(x, self.weight, self.bias)
         if not self._lora_parts:
             return y
         loras = [_lora(p) for p in self._parts]
-        a = torch.cat([loras[i][0].weight for i in self._lora_parts])
+        a = torch.cat([lo[0].weight for lo in loras if lo is not None])
         blocks = []
-        for p, lo in zip(self._parts, loras):  # zero blocks for projections without a LoRA
+        for p, lo in zip(self._parts, loras, strict=True):  # zero blocks for projections without a LoRA
             blocks.append(lo[1].weight if lo is not None else
                           torch.zeros(_base(p).out_features, 0, dtype=a.dtype, device=a.device))
         b = torch.block_diag(*blocks)
         result_dtype = y.dtype
         h = F.linear(x.to(a.dtype), a)  # peft casts the input to the LoRA's dtype the same way
         return (y + F.linear(h, b) * self.scale).to(result_dtype)
+
+
+def _mark_fused(linear: torch.nn.Module, into: str) -> None:
+    """Marks a base linear whose weight now lives in a fused matmul (fp8 and the fusers skip it).
+    A plain attribute: set past ``Module.__setattr__``, which types values as tensors or modules."""
+    object.__setattr__(linear, "fused_into", into)
 
 
 def fuse_flux_attention(model: torch.nn.Module) -> tuple[int, list[str]]:
@@ -122,9 +145,10 @@ def fuse_flux_attention(model: torch.nn.Module) -> tuple[int, list[str]]:
     for name, attn in model.named_modules():
         if type(attn).__name__ != "FluxAttention" or getattr(attn, "fused_projections", False):
             continue
-        groups = {"to_qkv": [attn.to_q, attn.to_k, attn.to_v]}
-        if getattr(attn, "add_q_proj", None) is not None:
-            groups["to_added_qkv"] = [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
+        a: Any = attn  # diffusers' FluxAttention: its projections are typed Tensor | Module by torch
+        groups: dict[str, list[torch.nn.Module]] = {"to_qkv": [a.to_q, a.to_k, a.to_v]}
+        if getattr(a, "add_q_proj", None) is not None:
+            groups["to_added_qkv"] = [a.add_q_proj, a.add_k_proj, a.add_v_proj]
         reasons = {key: can_fuse(parts) for key, parts in groups.items()}
         if any(reasons.values()):  # all or nothing: the processor reads both fused projections
             skipped += [f"{name}: {why}" for why in reasons.values() if why]
@@ -132,7 +156,7 @@ def fuse_flux_attention(model: torch.nn.Module) -> tuple[int, list[str]]:
         for key, parts in groups.items():
             setattr(attn, key, FusedProjection(parts))
             fused += 1
-        attn.fused_projections = True
+        a.fused_projections = True  # diffusers' processor then reads to_qkv / to_added_qkv
     return fused, skipped
 
 
@@ -167,8 +191,6 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     a = self.lora_A[ADAPTER].weight
     b = self.lora_B[ADAPTER].weight
     base = self.base_layer
-    from .fp8 import compute_dtype
-
     kind, dtype = x.device.type, compute_dtype(x)
     with torch.autocast(kind, enabled=False):
         stacked = self._stacked if self._stacked.dtype == dtype else self._stacked.to(dtype)
@@ -192,10 +214,11 @@ def fuse_lora_layers(model: torch.nn.Module) -> tuple[int, list[str]]:
         if why:
             skipped.append(f"{name}: {why}")
             continue
-        base, a = layer.base_layer, layer.lora_A[ADAPTER].weight
+        peft_layer: Any = layer
+        base, a = peft_layer.base_layer, peft_layer.lora_A[ADAPTER].weight
         stacked = torch.cat([base.weight.detach(), a.detach().to(base.weight.dtype)])
         base.weight.data = stacked[:base.out_features]  # the base reads its rows: no second copy
-        base.fused_into = "stacked LoRA"
+        _mark_fused(base, "stacked LoRA")
         layer._stacked = stacked  # a plain attribute: frozen (its A rows are rewritten each step)
         layer.forward = _fused_lora_forward.__get__(layer)
         fused += 1

@@ -28,9 +28,13 @@ by how much, is measured with ``bench/`` on a GPU; the defaults stay conservativ
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
+import torch._dynamo as dynamo
+
+from .fp8 import Fp8FrozenLinear, convert_frozen_linears
+from .fused import fuse_flux_attention, fuse_lora_layers
 
 CACHE_FRACTION_OF_FREE = 0.05
 COMPILE_MIN_STEPS = 200
@@ -57,7 +61,7 @@ def compile_blocks(model: torch.nn.Module) -> str:
     ADVANCED_TRAINER_COMPILE_BACKEND picks another dynamo backend (tests use ``aot_eager``).
     """
     backend = os.environ.get("ADVANCED_TRAINER_COMPILE_BACKEND", "inductor")
-    model.compile_repeated_blocks(fullgraph=False, dynamic=False, backend=backend)
+    cast(Any, model).compile_repeated_blocks(fullgraph=False, dynamic=False, backend=backend)
     names = sorted(set(getattr(model, "_repeated_blocks", ())))
     return f"compile: repeated blocks {names} with {backend}"
 
@@ -84,40 +88,78 @@ def cache_fits_on_device(choice: str, cache_bytes: int, free_bytes: int | None) 
 
 def resident_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights take on the device, fp8 copies included (for the memory plan)."""
-    from .fp8 import Fp8FrozenLinear
-
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total + sum(m.nbytes() for m in model.modules() if isinstance(m, Fp8FrozenLinear))
 
 
-def apply_structure_levers(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
-    """Levers that change the modules (and fp8: the weights' memory): before the memory plan."""
-    lines = []
-    if use_channels_last(spec.speed.channels_last, spec.family, cuda):
-        model.to(memory_format=torch.channels_last)
-        lines.append("channels_last: on (UNet convolutions in NHWC)")
-    if spec.speed.fuse_qkv == "on":
+class ModelConverter(Protocol):
+    """A speed lever that changes the model's modules: asked whether it applies, then run.
+
+    The structure levers run in the order of ``STRUCTURE_CONVERTERS``, before the memory plan
+    (fp8 changes what the weights take); compilation runs last, after checkpointing is set.
+    Each returns the lines to log, so the run says what it did.
+    """
+
+    def wanted(self, spec: Any, cuda: bool) -> bool: ...
+
+    def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]: ...
+
+
+class ChannelsLast:
+    def wanted(self, spec: Any, cuda: bool) -> bool:
+        return use_channels_last(spec.speed.channels_last, spec.family, cuda)
+
+    def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # nn.Module.to takes it
+        return ["channels_last: on (UNet convolutions in NHWC)"]
+
+
+class FuseQkv:
+    def wanted(self, spec: Any, cuda: bool) -> bool:
+        return spec.speed.fuse_qkv == "on"
+
+    def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]:
         if spec.family != "flux":
-            lines.append("fuse_qkv: Flux attention only; nothing fused in this SDXL UNet")
-        else:
-            from .fused import fuse_flux_attention
+            return ["fuse_qkv: Flux attention only; nothing fused in this SDXL UNet"]
+        n, skipped = fuse_flux_attention(model)
+        return [f"fuse_qkv: {n} q/k/v projections fused with their LoRA" +
+                (f"; left unfused: {'; '.join(skipped[:3])}" if skipped else "")]
 
-            n, skipped = fuse_flux_attention(model)
-            lines.append(f"fuse_qkv: {n} q/k/v projections fused with their LoRA" +
-                         (f"; left unfused: {'; '.join(skipped[:3])}" if skipped else ""))
-    if spec.speed.fp8_base == "on":
-        from .fp8 import convert_frozen_linears
 
+class Fp8Base:
+    def wanted(self, spec: Any, cuda: bool) -> bool:
+        return spec.speed.fp8_base == "on"
+
+    def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]:
         n, n_params = convert_frozen_linears(model)
-        lines.append(f"fp8_base: {n} frozen linears ({n_params / 1e6:.1f} M parameters) run fp8 e4m3 matmuls")
+        lines = [f"fp8_base: {n} frozen linears ({n_params / 1e6:.1f} M parameters) run fp8 e4m3 matmuls"]
         if not use_compile(spec, cuda) and cuda:
             lines.append("fp8_base: without speed.compile=blocks the per-token quantisation runs unfused (slower)")
-    if spec.speed.fuse_lora == "on":  # after fp8: layers that went fp8 keep that path
-        from .fused import fuse_lora_layers
+        return lines
 
+
+class FuseLora:
+    def wanted(self, spec: Any, cuda: bool) -> bool:
+        return spec.speed.fuse_lora == "on"
+
+    def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]:
         n, skipped = fuse_lora_layers(model)
-        lines.append(f"fuse_lora: {n} LoRA linears compute base and LoRA down projection as one matmul" +
-                     (f"; left as they were: {'; '.join(skipped[:3])}" if skipped else ""))
+        return [f"fuse_lora: {n} LoRA linears compute base and LoRA down projection as one matmul" +
+                (f"; left as they were: {'; '.join(skipped[:3])}" if skipped else "")]
+
+
+# The order matters: q/k/v fuse before fp8 (the stacked weight goes fp8 as one matmul), and LoRA
+# fusion comes after fp8 (layers that went fp8 keep that path).
+STRUCTURE_CONVERTERS: tuple[ModelConverter, ...] = (ChannelsLast(), FuseQkv(), Fp8Base(), FuseLora())
+
+
+def apply_structure_levers(spec: Any, model: torch.nn.Module, cuda: bool,
+                           converters: tuple[ModelConverter, ...] = STRUCTURE_CONVERTERS) -> list[str]:
+    """Levers that change the modules (and fp8: the weights' memory): before the memory plan."""
+    lines: list[str] = []
+    for converter in converters:
+        if converter.wanted(spec, cuda):
+            lines += converter.convert(spec, model, cuda)
     return lines
 
 
@@ -126,8 +168,6 @@ def apply_compile(spec, model: torch.nn.Module, cuda: bool) -> list[str]:
     lines = []
     if use_compile(spec, cuda):
         if spec.speed.compile == "auto":
-            import torch._dynamo as dynamo
-
             dynamo.config.suppress_errors = True  # a graph that cannot compile runs eagerly
         auto = f" (auto: a GPU run of {COMPILE_MIN_STEPS}+ steps)" if spec.speed.compile == "auto" else ""
         lines.append(compile_blocks(model) + auto)

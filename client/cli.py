@@ -1,8 +1,10 @@
 """advanced-trainer: submit training jobs to Replicate (or any Cog server) and track them.
 
+--json (before or after the command) gives machine-readable output.
+
 Exit codes: 0 done; 1 the job failed or was canceled; 2 a problem you can fix (bad spec,
-dataset too large, token missing or malformed, spend limit); 3 a remote failure (the API or
-network refused or broke).
+dataset too large, token missing or refused, no billing, unknown model, spend limit); 3 a
+remote failure (the network or the API broke, or throttled: try again).
 """
 
 from __future__ import annotations
@@ -13,20 +15,27 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from train.spec import parse_set_items
+
 from . import pricing
 from . import token as tokens
-from .config import Settings, store_path
+from .cog_receiver import CogHookReceiver
+from .config import Settings, outputs_dir, store_path
+from .errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_USER, ClientError, UserError, exit_code
+from .jobs import deliver_job, follow, load_spec, reconcile_stale, refresh, submit
+from .pack import PackError, pack_dataset
+from .providers import CogProvider, Provider, ReplicateProvider
+from .run import resolve_target, run
+from .settings_api import apply_settings
+from .spend import spend_summary
+from .statuspage import replicate_status
+from .store import TERMINAL, JobStore
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USER, EXIT_REMOTE = 0, 1, 2, 3
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int):
-        self.code = code
-        super().__init__(message)
+__all__ = ["EXIT_OK", "EXIT_JOB_FAILED", "EXIT_USER", "EXIT_REMOTE", "build_parser", "main"]
 
 
 def _out(args, data: Any, human: str | None = None) -> None:
@@ -36,46 +45,31 @@ def _out(args, data: Any, human: str | None = None) -> None:
         print(human)
 
 
-def _store():
-    from .store import JobStore
-
+def _store() -> JobStore:
     return JobStore(store_path())
 
 
-def make_provider(args, settings: Settings):
-    from .providers import CogProvider, ReplicateProvider
-
+def make_provider(args, settings: Settings) -> Provider:
     if getattr(args, "provider", "replicate") == "cog":
         url = getattr(args, "cog_url", None) or settings.cog_url
         if not url:
-            raise CliError("provider cog needs --cog-url (or `advanced-trainer config set cog_url URL`)", EXIT_USER)
+            raise UserError("provider cog needs --cog-url (or `advanced-trainer config set cog_url URL`)")
         return CogProvider(url)
-    try:
-        tok = tokens.resolve()
-    except tokens.TokenError as exc:
-        raise CliError(str(exc), EXIT_USER) from None
+    tok = tokens.resolve()
     return ReplicateProvider(tok.value, model=getattr(args, "model", None) or settings.model,
                              version=settings.version, base_url=os.environ.get("REPLICATE_BASE_URL") or None)
 
 
-def _overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CliError(f"{flag} {item!r}: expected NAME=VALUE", EXIT_USER)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def _items(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    try:
+        return parse_set_items(items, flag)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 # -- commands ------------------------------------------------------------------------------------
 
 def cmd_validate(args, settings):
-    from .statuspage import replicate_status
-
     provider = make_provider(args, settings)
     account = provider.account()
     source = tokens.status().get("source") if provider.name == "replicate" else None
@@ -109,22 +103,8 @@ def cmd_hardware(args, settings):
     _out(args, rows, "\n".join(f"{r['sku']:<20} {r['name']:<28} ${r['usd_per_hour']:>6.2f}/h" for r in rows))
 
 
-def _spend_summary(store, settings) -> dict:
-    from datetime import datetime, timezone
-
-    from .spend import SpendLimit
-
-    now = datetime.now(timezone.utc)
-    out = {}
-    for period in ("daily", "weekly", "monthly"):
-        start = SpendLimit(1.0, period, "warn").period_start(now)
-        out[period] = round(store.spend_between(start, now), 4)
-    return out
-
-
 def cmd_billing(args, settings):
-    store = _store()
-    spend = _spend_summary(store, settings)
+    spend = spend_summary(_store())
     data = {"balance": None, "balance_note": "unavailable: Replicate has no public balance endpoint",
             "local_spend_usd": spend, "spend_limit": settings.spend_limit,
             "prices_usd_per_hour": {k: v[1] for k, v in pricing.HARDWARE.items()}}
@@ -133,21 +113,20 @@ def cmd_billing(args, settings):
         "balance: unavailable (Replicate has no public balance endpoint)",
         f"spent (local ledger): today ${spend['daily']:.2f}, this week ${spend['weekly']:.2f}, "
         f"this month ${spend['monthly']:.2f}",
-        f"spend limit: ${limit['amount_usd']:.2f} per {limit['period']} ({limit['action']})" if limit else "spend limit: none",
+        f"spend limit: ${limit['amount_usd']:.2f} per {limit['period']} ({limit['action']})" if limit
+        else "spend limit: none",
     ]))
 
 
 def cmd_estimate(args, settings):
-    from .jobs import load_spec
-
-    spec = load_spec(args.spec, _overrides(args.set))
+    spec = load_spec(args.spec, _items(args.set))
     n = args.images or 20
     rows = []
     for sku in ([args.hardware] if args.hardware else ["gpu-l40s", "gpu-a100-large", "gpu-h100"]):
         try:
             est = pricing.estimate(spec, sku, n)
         except pricing.UnknownHardware as exc:
-            raise CliError(str(exc), EXIT_USER) from None
+            raise UserError(str(exc)) from None
         rows.append({"hardware": sku, "seconds": round(est.seconds), "usd": round(est.usd, 2)})
         if not args.json:
             print(f"{sku:<16} {est.describe()}")
@@ -156,24 +135,21 @@ def cmd_estimate(args, settings):
 
 
 def cmd_pack(args, settings):
-    from .jobs import load_spec
-    from .pack import PackError, pack_dataset
-
-    spec = load_spec(args.spec, _overrides(args.set))
+    spec = load_spec(args.spec, _items(args.set))
     folder = Path(args.folder).resolve()
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}.zip"  # beside the folder, never inside
     try:
         result = pack_dataset(folder, out, fit=args.fit, min_side=max(spec.resolutions),
                               progress=_bar("pack") if not args.json else None)
     except PackError as exc:
-        raise CliError(str(exc), EXIT_USER) from None
+        raise UserError(str(exc)) from None
     _out(args, result.to_dict(), result.summary())
 
 
 def _bar(label: str):
     if not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # only for a terminal: tqdm is slow to import and optional
 
     state: dict[str, Any] = {}
 
@@ -202,18 +178,14 @@ def _print_update(rec: dict) -> None:
 
 
 def cmd_submit(args, settings):
-    from .jobs import UserError, deliver_job, follow, load_spec, submit
-
-    spec = load_spec(args.spec, _overrides(args.set))
+    spec = load_spec(args.spec, _items(args.set))
     provider = make_provider(args, settings)
     store = _store()
     receiver = None
     webhook = None
     if provider.name == "replicate":
         webhook = settings.webhook_url()
-    elif args.wait:
-        from .server import CogHookReceiver
-
+    elif args.wait and isinstance(provider, CogProvider):
         receiver = CogHookReceiver(store, provider)
         webhook = receiver.url
     try:
@@ -229,20 +201,21 @@ def cmd_submit(args, settings):
         if not args.wait:
             _out(args, {"job": rec, "estimate_usd": round(sub.estimate.usd, 2)}, rec["id"])
             return EXIT_OK
-        rec = follow(store, provider, rec["id"], on_update=None if args.json else _print_update)
-        result: dict[str, Any] = {"job": rec}
-        if rec["status"] == "succeeded":
-            result["outputs"] = deliver_job(store, rec, progress=_bar("download"))
-        human = f"job {rec['id']} {rec['status']}: {rec.get('error') or ''}"
-        if rec["status"] == "succeeded":
-            human = _describe_outputs(result.get("outputs")) + _try_hint(rec)
-        _out(args, result, human)
-        return EXIT_OK if rec["status"] == "succeeded" else EXIT_JOB_FAILED
-    except UserError as exc:
-        raise CliError(str(exc), EXIT_USER) from None
+        return _wait_and_deliver(args, store, provider, rec["id"])
     finally:
         if receiver:
             receiver.close()
+
+
+def _wait_and_deliver(args, store: JobStore, provider: Provider, job_id: str) -> int:
+    rec = follow(store, provider, job_id, on_update=None if args.json else _print_update)
+    result: dict[str, Any] = {"job": rec}
+    human = f"job {rec['id']} {rec['status']}: {rec.get('error') or ''}"
+    if rec["status"] == "succeeded":
+        result["outputs"] = deliver_job(store, rec, progress=_bar("download"))
+        human = _describe_outputs(result["outputs"]) + _try_hint(rec)
+    _out(args, result, human)
+    return EXIT_OK if rec["status"] == "succeeded" else EXIT_JOB_FAILED
 
 
 def _try_hint(rec: dict) -> str:
@@ -263,32 +236,24 @@ def _trigger(rec: dict) -> str:
 
 
 def cmd_run(args, settings):
-    from .config import outputs_dir
-    from .jobs import UserError
-    from .run import resolve_target, run
-
-    store = _store()
-    try:
-        target = resolve_target(store, args.target)
-    except UserError as exc:
-        raise CliError(str(exc), EXIT_USER) from None
+    target = resolve_target(_store(), args.target)
     if target.provider == "cog" or args.provider == "cog":
         args.provider = "cog"
         args.cog_url = args.cog_url or settings.cog_run_url
         if not args.cog_url:
-            raise CliError("running on a Cog server needs --cog-url (a server in run mode) or "
-                           "`advanced-trainer config set cog_run_url URL`", EXIT_USER)
+            raise UserError("running on a Cog server needs --cog-url (a server in run mode) or "
+                            "`advanced-trainer config set cog_run_url URL`")
         if target.provider != "cog":
-            raise CliError(f"{args.target} is a Replicate model; a Cog server runs a job's weights "
-                           f"(pass a job id)", EXIT_USER)
+            raise UserError(f"{args.target} is a Replicate model; a Cog server runs a job's weights "
+                            f"(pass a job id)")
     provider = make_provider(args, settings)
     inputs = {"prompt": args.prompt, "num_outputs": args.num_outputs, "seed": args.seed,
               "aspect_ratio": args.aspect_ratio, "lora_scale": args.lora_scale,
               "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-              "output_format": args.output_format, **_overrides(args.input, "--input")}
+              "output_format": args.output_format, **_items(args.input, "--input")}
     if not args.json:
-        print(f"running {target.ref if target.provider == 'replicate' else target.ref + ' on ' + args.cog_url} ...",
-              file=sys.stderr)
+        where = target.ref if target.provider == "replicate" else f"{target.ref} on {args.cog_url}"
+        print(f"running {where} ...", file=sys.stderr)
 
     def folder_for(pred_id: str) -> Path:
         if args.out:
@@ -320,24 +285,22 @@ def _describe_outputs(o: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _job(store, job_id: str) -> dict:
+def _job(store: JobStore, job_id: str) -> dict:
     rec = store.get(job_id)
     if rec is None:
-        raise CliError(f"no job {job_id} in the job store ({store_path()})", EXIT_USER)
+        raise UserError(f"no job {job_id} in the job store ({store_path()})")
     return rec
 
 
-def _provider_for(rec, args, settings):
+def _provider_for(rec: dict, args, settings: Settings) -> Provider:
     args.provider = rec["provider"]
     return make_provider(args, settings)
 
 
 def cmd_status(args, settings):
-    from .jobs import refresh
-
     store = _store()
     rec = _job(store, args.id)
-    if rec["status"] not in ("succeeded", "failed", "canceled") and not args.offline:
+    if rec["status"] not in TERMINAL and not args.offline:
         rec = refresh(store, _provider_for(rec, args, settings), args.id)
     _out(args, rec, "\n".join(f"{k}: {rec[k]}" for k in ("id", "kind", "status", "step", "total", "loss", "eta_s",
                                                           "estimate_usd", "cost_usd", "error", "local_dir")
@@ -345,8 +308,6 @@ def cmd_status(args, settings):
 
 
 def cmd_logs(args, settings):
-    from .jobs import refresh
-
     store = _store()
     rec = _job(store, args.id)
     provider = _provider_for(rec, args, settings)
@@ -358,7 +319,7 @@ def cmd_logs(args, settings):
         sys.stdout.write(logs[shown:])
         sys.stdout.flush()
         shown = len(logs)
-        if not args.follow or obj.get("status") in ("succeeded", "failed", "canceled"):
+        if not args.follow or obj.get("status") in TERMINAL:
             return EXIT_OK
         time.sleep(2)
         rec = refresh(store, provider, args.id)
@@ -368,30 +329,23 @@ def cmd_cancel(args, settings):
     store = _store()
     rec = _job(store, args.id)
     obj = _provider_for(rec, args, settings).cancel(rec["kind"], args.id)
-    merged = store.apply_remote(args.id, obj, "poll")
-    rec = merged[0] if isinstance(merged, tuple) else merged
-    _out(args, rec, f"{args.id}: {rec['status']}")
+    merged, _ = store.apply_remote(args.id, obj, "poll")
+    assert merged is not None, "a job in the store merges into its record"
+    _out(args, merged, f"{args.id}: {merged['status']}")
 
 
 def cmd_download(args, settings):
-    from .jobs import UserError, deliver_job, refresh
-
     store = _store()
     rec = _job(store, args.id)
-    if rec["status"] not in ("succeeded", "failed", "canceled"):
+    if rec["status"] not in TERMINAL:
         rec = refresh(store, _provider_for(rec, args, settings), args.id)
-    try:
-        info = deliver_job(store, rec, progress=_bar("download"))
-    except UserError as exc:
-        raise CliError(str(exc), EXIT_USER) from None
+    info = deliver_job(store, rec, progress=_bar("download"))
     _out(args, info, _describe_outputs(info))
 
 
 def cmd_jobs(args, settings):
     store = _store()
     if args.reconcile:
-        from .jobs import reconcile_stale
-
         notes = reconcile_stale(store, lambda rec: _provider_for(rec, args, settings), args.older_than * 60)
         print("\n".join(notes) or "no interrupted submissions", file=sys.stderr)
     rows = store.list(limit=args.limit)
@@ -409,25 +363,21 @@ def cmd_token(args, settings):
         return
     value = sys.stdin.readline() if args.stdin else getpass.getpass("Replicate API token (input hidden): ")
     value = value.rstrip("\r\n") if args.stdin else value
-    try:
-        path = tokens.save(value)
-    except tokens.TokenError as exc:
-        raise CliError(str(exc), EXIT_USER) from None
+    path = tokens.save(value)
     _out(args, {"saved": str(path)}, f"token saved to {path} (mode 0600)")
 
 
 def cmd_config(args, settings):
     if args.action == "show" or args.action is None:
-        from dataclasses import asdict
-
         _out(args, asdict(settings), json.dumps(asdict(settings), indent=2))
         return
-    from .settings_api import apply_settings
-
+    if args.key is None or args.value is None:
+        raise UserError("config set needs a KEY and a VALUE, "
+                        "e.g. `advanced-trainer config set public_url https://...`")
     try:
         updated = apply_settings(settings, {args.key: _parse_value(args.value)})
     except ValueError as exc:
-        raise CliError(str(exc), EXIT_USER) from None
+        raise UserError(str(exc)) from None
     updated.save()
     _out(args, {"ok": True}, f"{args.key} saved")
 
@@ -440,54 +390,77 @@ def _parse_value(value: str) -> Any:
 
 
 def cmd_serve(args, settings):
-    from .server import serve
+    from .server import serve  # fastapi and uvicorn load only for `serve`
 
     serve(args.host, args.port)
 
 
 # -- parser ----------------------------------------------------------------------------------------
+# Global flags are accepted before the command and after it (`advanced-trainer validate --json`, as
+# with gh, kubectl or docker). After it they default to SUPPRESS, so a command's parser never
+# overwrites a flag given before the command with its default.
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advanced-trainer", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _global_flags(p: argparse.ArgumentParser, after_command: bool) -> None:
+    default: Any = argparse.SUPPRESS if after_command else False
+    p.add_argument("--json", action="store_true", default=default, help="machine-readable output")
 
-    def provider_args(sp):
-        sp.add_argument("--provider", choices=["replicate", "cog"], default="replicate")
-        sp.add_argument("--cog-url", help="the Cog HTTP server (provider cog)")
-        sp.add_argument("--model", help="owner/model on Replicate (default: settings, simpletuner/advanced-trainer)")
 
-    def spec_args(sp, required=False):
-        sp.add_argument("--spec", required=required, help="training spec: JSON file or string")
-        sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a spec field")
+def _command(sub, name: str, fn, help: str) -> argparse.ArgumentParser:
+    sp = sub.add_parser(name, help=help)
+    _global_flags(sp, after_command=True)
+    sp.set_defaults(fn=fn)
+    return sp
 
-    sp = sub.add_parser("validate", help="check the API token (or the Cog server) and show the account")
-    provider_args(sp)
-    sp.set_defaults(fn=cmd_validate)
-    sp = sub.add_parser("versions", help="list the trainer model's versions (* = pinned)")
-    provider_args(sp)
-    sp.set_defaults(fn=cmd_versions)
-    sp = sub.add_parser("hardware", help="hardware and prices")
-    provider_args(sp)
+
+def _provider_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--provider", choices=["replicate", "cog"], default="replicate")
+    sp.add_argument("--cog-url", help="the Cog HTTP server (provider cog)")
+    sp.add_argument("--model",
+                    help="owner/model on Replicate (default: settings, simpletuner/advanced-trainer)")
+
+
+def _spec_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--spec", help="training spec: JSON file or string")
+    sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a spec field")
+
+
+def _account_commands(sub) -> None:
+    _provider_args(_command(sub, "validate", cmd_validate,
+                            "check the API token (or the Cog server) and show the account"))
+    _provider_args(_command(sub, "versions", cmd_versions, "list the trainer model's versions (* = pinned)"))
+    sp = _command(sub, "hardware", cmd_hardware, "hardware and prices")
+    _provider_args(sp)
     sp.add_argument("--offline", action="store_true", help="only the built-in price table")
-    sp.set_defaults(fn=cmd_hardware)
-    sp = sub.add_parser("billing", help="prices and local spend (Replicate has no public balance endpoint)")
-    sp.set_defaults(fn=cmd_billing)
-    sp = sub.add_parser("estimate", help="estimated time and cost of a spec")
-    spec_args(sp)
+    _command(sub, "billing", cmd_billing, "prices and local spend (Replicate has no public balance endpoint)")
+
+
+def _settings_commands(sub) -> None:
+    sp = _command(sub, "token", cmd_token, "save or delete the Replicate API token (secrets file, mode 0600)")
+    sp.add_argument("action", choices=["set", "delete"])
+    sp.add_argument("--stdin", action="store_true", help="read the token from standard input")
+    sp = _command(sub, "config", cmd_config, "show or change settings (public_url, spend_limit, ...)")
+    sp.add_argument("action", choices=["show", "set"], nargs="?")
+    sp.add_argument("key", nargs="?")
+    sp.add_argument("value", nargs="?")
+
+
+def _dataset_commands(sub) -> None:
+    sp = _command(sub, "estimate", cmd_estimate, "estimated time and cost of a spec")
+    _spec_args(sp)
     sp.add_argument("--hardware")
     sp.add_argument("--images", type=int, help="images in the dataset (default 20)")
-    sp.set_defaults(fn=cmd_estimate)
-    sp = sub.add_parser("pack", help="pack a dataset folder into an upload-ready zip (<= 100 MiB)")
+    sp = _command(sub, "pack", cmd_pack, "pack a dataset folder into an upload-ready zip (<= 100 MiB)")
     sp.add_argument("folder")
     sp.add_argument("--out", help="the zip to write (default: FOLDER.zip)")
-    sp.add_argument("--fit", action="store_true", help="re-encode/downsize images to fit, never below the spec's largest resolution")
-    spec_args(sp)
-    sp.set_defaults(fn=cmd_pack)
-    sp = sub.add_parser("submit", help="pack, upload and start a training job")
-    provider_args(sp)
-    spec_args(sp)
+    sp.add_argument("--fit", action="store_true",
+                    help="re-encode/downsize images to fit, never below the spec's largest resolution")
+    _spec_args(sp)
+
+
+def _submit_command(sub) -> None:
+    sp = _command(sub, "submit", cmd_submit, "pack, upload and start a training job")
+    _provider_args(sp)
+    _spec_args(sp)
     sp.add_argument("--dataset", required=True, help="a dataset folder (packed for you) or a zip")
     sp.add_argument("--destination", help="owner/name: the Replicate model the training writes a new version of "
                                           "(default: <your account>/<trigger word or dataset>-<model>; created "
@@ -495,8 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hardware", help="for the estimate and a created destination (default: settings)")
     sp.add_argument("--fit", action="store_true", help="downsize images if the dataset is over 100 MiB")
     sp.add_argument("--wait", action="store_true", help="follow the job to the end and download its outputs")
-    sp.set_defaults(fn=cmd_submit)
-    sp = sub.add_parser("run", help="render with trained weights: a job id or a model (owner/name[:version])")
+
+
+def _run_command(sub) -> None:
+    sp = _command(sub, "run", cmd_run,
+                  "render with trained weights: a job id or a model (owner/name[:version])")
     sp.add_argument("target", help="a succeeded training's job id, or a Replicate model owner/name[:version]")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--num-outputs", type=int, help="images, 1-4 (default 1)")
@@ -510,67 +486,57 @@ def build_parser() -> argparse.ArgumentParser:
                     help="any other input of the run entry (negative_prompt, lora_weights, extra_lora, ...)")
     sp.add_argument("--out", help="folder for the images (default: cloud_outputs/<job id>/tries/<id>/ or "
                                   "cloud_outputs/runs/<id>/)")
-    provider_args(sp)
-    sp.set_defaults(fn=cmd_run)
+    _provider_args(sp)
+
+
+def _job_commands(sub) -> None:
     for name, fn, hlp in (("status", cmd_status, "a job's status"), ("cancel", cmd_cancel, "cancel a job"),
                           ("download", cmd_download, "download, verify and unpack a job's outputs")):
-        sp = sub.add_parser(name, help=hlp)
+        sp = _command(sub, name, fn, hlp)
         sp.add_argument("id")
         sp.add_argument("--cog-url")
         if name == "status":
             sp.add_argument("--offline", action="store_true", help="only the job store")
-        sp.set_defaults(fn=fn)
-    sp = sub.add_parser("logs", help="a job's logs")
+    sp = _command(sub, "logs", cmd_logs, "a job's logs")
     sp.add_argument("id")
     sp.add_argument("--follow", "-f", action="store_true")
     sp.add_argument("--cog-url")
-    sp.set_defaults(fn=cmd_logs)
-    sp = sub.add_parser("jobs", help="recent jobs from the local store")
+    sp = _command(sub, "jobs", cmd_jobs, "recent jobs from the local store")
     sp.add_argument("--limit", type=int, default=20)
     sp.add_argument("--reconcile", action="store_true",
                     help="settle submissions interrupted before the provider's answer was recorded: find their "
                          "jobs at the provider, or release them so they stop counting against the spend limit")
     sp.add_argument("--older-than", type=float, default=10, metavar="MINUTES",
                     help="with --reconcile: only submissions at least this old (default 10)")
-    sp.set_defaults(fn=cmd_jobs)
-    sp = sub.add_parser("token", help="save or delete the Replicate API token (secrets file, mode 0600)")
-    sp.add_argument("action", choices=["set", "delete"])
-    sp.add_argument("--stdin", action="store_true", help="read the token from standard input")
-    sp.set_defaults(fn=cmd_token)
-    sp = sub.add_parser("config", help="show or change settings (public_url, spend_limit, ...)")
-    sp.add_argument("action", choices=["show", "set"], nargs="?")
-    sp.add_argument("key", nargs="?")
-    sp.add_argument("value", nargs="?")
-    sp.set_defaults(fn=cmd_config)
-    sp = sub.add_parser("serve", help="the local server: REST API, webhook receiver, web page")
+
+
+def _serve_command(sub) -> None:
+    sp = _command(sub, "serve", cmd_serve, "the local server: REST API, webhook receiver, web page")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8080)
-    sp.set_defaults(fn=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(prog="advanced-trainer", description=doc.split("\n\n")[0],
+                                epilog=doc.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _global_flags(p, after_command=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_account_commands, _dataset_commands, _submit_command, _run_command, _job_commands,
+                _settings_commands, _serve_command):
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .jobs import UserError
-    from .providers import ProviderError, RemoteUserError
-
+    args = build_parser().parse_args(argv)
     try:
-        settings = Settings.load()
-        code = args.fn(args, settings)
+        code = args.fn(args, Settings.load())
         return code or EXIT_OK
-    except CliError as exc:
+    except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.code
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER
-    except RemoteUserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER if exc.status in (401, 413, 422) else EXIT_REMOTE
-    except ProviderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_REMOTE
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,29 +14,29 @@ any order and any number of times, so a job is never lost between the two paths.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from train.spec import SpecError, TrainingSpec, parse_spec
 
 from . import pricing
 from .config import Settings, outputs_dir
 from .delivery import deliver, output_url
-from .providers import TERMINAL, ProviderError, RemoteUserError
-from .store import JobStore
+from .errors import ProviderError, RemoteUserError, UserError, is_retryable
+from .pack import UPLOAD_LIMIT, PackError, pack_dataset
+from .providers import Provider, plain_dict
+from .spend import SpendLimit
+from .store import TERMINAL, JobStore, SpendLimitExceeded
 
 EVENTS = ["start", "output", "logs", "completed"]
-UPLOAD_LIMIT = 100 * 2**20
-
-
-class UserError(Exception):
-    """Something the user can fix (bad spec, dataset too large, spend limit): exit code 2."""
-
 
 @dataclass
 class Submission:
@@ -55,8 +55,6 @@ def load_spec(spec: str | Path | dict | None, overrides: dict[str, Any] | None =
 def prepare_archive(dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool = False,
                     log: Callable[[str], None] = print) -> tuple[Path, int]:
     """A zip under the upload limit: a folder is packed; an archive is checked. Returns (path, images)."""
-    from .pack import PackError, pack_dataset
-
     dataset = Path(dataset)
     if not dataset.exists():
         raise UserError(f"dataset {dataset} does not exist")
@@ -88,7 +86,8 @@ def default_destination(owner: str, spec: TrainingSpec, dataset: Path) -> str:
     return f"{owner.lower()}/{slug}-{spec.model}"
 
 
-def resolve_destination(provider, spec: TrainingSpec, dataset: Path, destination: str | None) -> str | None:
+def resolve_destination(provider: Provider, spec: TrainingSpec, dataset: Path,
+                        destination: str | None) -> str | None:
     """The destination model of a Replicate training: the one given (checked), or one derived from
     the account and the dataset. A Cog server has no destinations (None)."""
     if provider.name != "replicate":
@@ -101,7 +100,7 @@ def resolve_destination(provider, spec: TrainingSpec, dataset: Path, destination
     return default_destination(provider.account()["username"], spec, dataset)
 
 
-def _find_created(provider, kind: str, dataset_url: str) -> tuple[dict | None, bool]:
+def _find_created(provider: Provider, kind: str, dataset_url: str) -> tuple[dict | None, bool]:
     """The job a create may have made without our hearing back, found by its dataset URL (each
     upload has its own URL) among the provider's most recent jobs (one page). Returns (the job
     or None, whether the provider could be asked)."""
@@ -114,9 +113,7 @@ def _find_created(provider, kind: str, dataset_url: str) -> tuple[dict | None, b
         return None, False
     for p in page.results:
         if (p.input or {}).get("dataset") == dataset_url:
-            from .providers import _plain
-
-            return _plain(p), True
+            return plain_dict(p), True
     return None, True
 
 
@@ -131,7 +128,7 @@ def stale_hint(store: JobStore) -> str:
             f"(`advanced-trainer jobs --reconcile` finds their jobs or releases them)")
 
 
-def reconcile_stale(store: JobStore, provider_for: Callable[[dict], Any],
+def reconcile_stale(store: JobStore, provider_for: Callable[[dict], Provider],
                     older_than_s: float = STALE_AFTER_S) -> list[str]:
     """Settle reservations left "submitting" by a process that stopped between reserving and
     binding: a job the provider has for the recorded dataset upload is bound (it counts, and is
@@ -169,8 +166,6 @@ def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> di
     """Credentials the container needs for the spec's Hub/S3 targets, from this environment
     (HF_TOKEN; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). They go to the API as Secret inputs
     and nowhere else: the job store scrubs them from what it records."""
-    import os
-
     env = dict(os.environ) if env is None else env
     out = {}
     if spec.publish.hub_model_id and env.get("HF_TOKEN"):
@@ -181,12 +176,10 @@ def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> di
     return out
 
 
-def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, dataset: Path, *,
+def submit(store: JobStore, provider: Provider, settings: Settings, spec: TrainingSpec, dataset: Path, *,
            hardware: str | None = None, destination: str | None = None, webhook: str | None = None,
            fit: bool = False, extra_inputs: dict[str, Any] | None = None,
            log: Callable[[str], None] = print) -> Submission:
-    from .spend import SpendLimit
-
     hardware = hardware or settings.hardware
     warnings: list[str] = []
     if destination and provider.name != "replicate":
@@ -205,8 +198,6 @@ def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, da
                   "destination": destination, "hardware": hardware, "spec_json": spec.to_json(),
                   "estimate_usd": round(est.usd, 4), "price_per_s": pricing.price_per_second(hardware),
                   "webhook": bool(webhook)}
-        from .store import SpendLimitExceeded
-
         try:
             _, decision = store.reserve(request_key, record, limit_usd=limit.amount_usd if limit else None,
                                         period_start=limit.period_start() if limit else None,
@@ -241,16 +232,16 @@ def submit(store: JobStore, provider, settings: Settings, spec: TrainingSpec, da
     return Submission(rec, est, warnings)
 
 
-def refresh(store: JobStore, provider, job_id: str) -> dict:
+def refresh(store: JobStore, provider: Provider, job_id: str) -> dict:
     rec = store.get(job_id)
     if rec is None:
         raise UserError(f"no job {job_id} in the job store")
-    obj = provider.get(rec["kind"], job_id)
-    merged = store.apply_remote(job_id, obj, "poll")
-    return merged[0] if isinstance(merged, tuple) else merged
+    merged, _ = store.apply_remote(job_id, provider.get(rec["kind"], job_id), "poll")
+    assert merged is not None, "a job in the store merges into its record"
+    return merged
 
 
-def follow(store: JobStore, provider, job_id: str, on_update: Callable[[dict], None] | None = None,
+def follow(store: JobStore, provider: Provider, job_id: str, on_update: Callable[[dict], None] | None = None,
            poll_min: float = 0.5, poll_max: float = 15.0, timeout: float | None = None,
            webhook_quiet_s: float = 60.0) -> dict:
     """Wait for a job to end. Polls with backoff; when webhooks are flowing into the store
@@ -263,12 +254,12 @@ def follow(store: JobStore, provider, job_id: str, on_update: Callable[[dict], N
         if rec is None:
             raise UserError(f"no job {job_id} in the job store")
         webhooks_flowing = rec.get("webhook") and rec.get("last_event_at") and \
-            time.time() - _ts(rec["last_event_at"]) < webhook_quiet_s
+            time.time() - epoch_seconds(rec["last_event_at"]) < webhook_quiet_s
         if rec["status"] not in TERMINAL and not webhooks_flowing:
             try:
                 rec = refresh(store, provider, job_id)
             except ProviderError as exc:
-                if exc.status not in (None, 429, 500, 502, 503, 504):
+                if not is_retryable(exc.status):
                     raise
                 delay = min(poll_max, max(delay * 2, exc.retry_after or 0))
         seen = (rec["status"], rec.get("step"), len(rec.get("logs_tail") or ""))
@@ -286,11 +277,10 @@ def follow(store: JobStore, provider, job_id: str, on_update: Callable[[dict], N
         time.sleep(delay)
 
 
-def _ts(value) -> float:
+def epoch_seconds(value: str | float) -> float:
+    """A store timestamp (ISO 8601, ``Z`` allowed, or already epoch seconds) as epoch seconds."""
     if isinstance(value, (int, float)):
         return float(value)
-    from datetime import datetime
-
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 

@@ -9,51 +9,65 @@ run-mode server, given the weights as ``lora_weights``).
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import httpx
+from replicate.client import Client
+from replicate.exceptions import ReplicateError
 
-TERMINAL = ("succeeded", "failed", "canceled")
+from .errors import ProviderError, RemoteUserError, remote_error
+from .store import TERMINAL
+
+_HINTS = {401: " — the API token was refused: check it with `advanced-trainer validate`",
+          402: " — billing is not set up on the Replicate account",
+          404: " — not found (check the model name, version or destination)",
+          413: " — the upload is over Replicate's 100 MiB limit: use `advanced-trainer pack --fit`",
+          422: " — Replicate rejected the input",
+          429: " — rate limited; try again shortly"}
 
 
-class ProviderError(Exception):
-    """A remote failure (network, API error); ``status`` is the HTTP status when there was one."""
+class Provider(Protocol):
+    """What the submit flow, the poller and `run` need from wherever jobs run.
 
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
-        self.status = status
-        self.retry_after = retry_after
-        super().__init__(message)
+    Every method answers with Replicate-shaped job objects (plain dicts) and raises
+    ``ProviderError`` (``RemoteUserError`` when the user can fix the cause).
+    """
 
+    name: str
 
-class RemoteUserError(ProviderError):
-    """The remote side refused the request for a reason the user can fix (401, 402, 404, 413, 422)."""
+    def account(self) -> dict[str, Any]: ...
+    def hardware(self) -> list[dict[str, Any]]: ...
+    def versions(self) -> list[dict[str, Any]]: ...
+    def resolve_version(self) -> str: ...
+    def upload(self, path: Path) -> str: ...
+    def ensure_destination(self, destination: str, hardware: str) -> bool: ...
+
+    def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
+               destination: str | None = None) -> dict[str, Any]: ...
+
+    def predict(self, ref: str, inputs: dict[str, Any]) -> dict[str, Any]: ...
+    def get(self, kind: str, job_id: str) -> dict[str, Any]: ...
+    def cancel(self, kind: str, job_id: str) -> dict[str, Any]: ...
 
 
 def _from_replicate_error(exc: Exception, doing: str) -> ProviderError:
-    from replicate.exceptions import ReplicateError
-
     if isinstance(exc, ReplicateError):
         status = exc.status
         detail = exc.detail or exc.title or "no detail"
-        hint = {401: " — the API token was refused: check it with `advanced-trainer validate`",
-                402: " — billing is not set up on the Replicate account",
-                404: " — not found (check the model name, version or destination)",
-                413: " — the upload is over Replicate's 100 MiB limit: use `advanced-trainer pack --fit`",
-                422: " — Replicate rejected the input",
-                429: " — rate limited; try again shortly"}.get(status or 0, "")
-        cls = RemoteUserError if status in (401, 402, 403, 404, 413, 422) else ProviderError
-        return cls(f"{doing} failed: HTTP {status}: {detail}{hint}", status)
+        return remote_error(f"{doing} failed: HTTP {status}: {detail}{_HINTS.get(status or 0, '')}", status)
     if isinstance(exc, httpx.HTTPError):
         return ProviderError(f"{doing} failed: cannot reach the API ({type(exc).__name__}: {exc})")
     return ProviderError(f"{doing} failed: {type(exc).__name__}: {exc}")
 
 
-def _plain(obj: Any) -> dict:
+def plain_dict(obj: Any) -> dict:
     """A replicate resource (pydantic v1 model) as a plain dict of the API's fields."""
     if isinstance(obj, dict):
         return obj
@@ -68,11 +82,9 @@ class ReplicateProvider:
     name = "replicate"
 
     def __init__(self, token: str, model: str, version: str | None = None, base_url: str | None = None):
-        import replicate
-
         self.model = model
         self.pinned_version = version
-        self.client = replicate.Client(api_token=token, base_url=base_url)
+        self.client = Client(api_token=token, base_url=base_url)
 
     def _call(self, doing: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -81,10 +93,10 @@ class ReplicateProvider:
             raise _from_replicate_error(exc, doing) from None
 
     def account(self) -> dict:
-        return self._call("GET /v1/account", lambda: _plain(self.client.accounts.current()))
+        return self._call("GET /v1/account", lambda: plain_dict(self.client.accounts.current()))
 
     def hardware(self) -> list[dict]:
-        return self._call("GET /v1/hardware", lambda: [_plain(h) for h in self.client.hardware.list()])
+        return self._call("GET /v1/hardware", lambda: [plain_dict(h) for h in self.client.hardware.list()])
 
     def versions(self) -> list[dict]:
         def go():
@@ -109,8 +121,6 @@ class ReplicateProvider:
 
     def ensure_destination(self, destination: str, hardware: str) -> bool:
         """Create ``owner/name`` (private) when it does not exist; True when created."""
-        from replicate.exceptions import ReplicateError
-
         owner, name = destination.split("/", 1)
         try:
             self.client.models.get(destination)
@@ -129,7 +139,7 @@ class ReplicateProvider:
         kw: dict[str, Any] = {"input": inputs}
         if webhook:
             kw.update(webhook=webhook, webhook_events_filter=events)
-        return self._call("create training", lambda: _plain(self.client.trainings.create(
+        return self._call("create training", lambda: plain_dict(self.client.trainings.create(
             model=self.model, version=version, destination=destination, **kw)))
 
     def predict(self, ref: str, inputs: dict, timeout: float = 900, poll: float = 1.0) -> dict:
@@ -139,7 +149,7 @@ class ReplicateProvider:
                 return self.client.predictions.create(version=ref.split(":", 1)[1], input=inputs, wait=True)
             return self.client.models.predictions.create(model=ref, input=inputs, wait=True)
 
-        obj = self._call(f"run {ref}", lambda: _plain(create()))
+        obj = self._call(f"run {ref}", lambda: plain_dict(create()))
         deadline = time.monotonic() + timeout
         while obj.get("status") not in TERMINAL:
             if time.monotonic() > deadline:
@@ -154,11 +164,11 @@ class ReplicateProvider:
             # so read the object as the API sends it, through the client's own request path.
             return self._call(f"GET training {job_id}",
                               lambda: self.client._request("GET", f"/v1/trainings/{job_id}").json())
-        return self._call(f"GET {kind} {job_id}", lambda: _plain(self.client.predictions.get(job_id)))
+        return self._call(f"GET {kind} {job_id}", lambda: plain_dict(self.client.predictions.get(job_id)))
 
     def cancel(self, kind: str, job_id: str) -> dict:
         api = self.client.trainings if kind == "training" else self.client.predictions
-        return self._call(f"cancel {kind} {job_id}", lambda: _plain(api.cancel(job_id)))
+        return self._call(f"cancel {kind} {job_id}", lambda: plain_dict(api.cancel(job_id)))
 
 
 class CogProvider:
@@ -194,8 +204,6 @@ class CogProvider:
         return "local"
 
     def upload(self, path: Path) -> str:
-        import base64
-
         return "data:application/zip;base64," + base64.b64encode(path.read_bytes()).decode()
 
     def ensure_destination(self, destination: str, hardware: str) -> bool:
@@ -216,7 +224,8 @@ class CogProvider:
             body.update(webhook=webhook, webhook_events_filter=events)
             r = self._post(path, body, {"Prefer": "respond-async"})
             if r.status_code != 202:
-                raise ProviderError(f"the Cog server refused the job: HTTP {r.status_code}: {r.text[:500]}", r.status_code)
+                raise remote_error(f"the Cog server refused the job: HTTP {r.status_code}: {r.text[:500]}",
+                                   r.status_code)
             return dict(record)
         threading.Thread(target=self._run_sync, args=(job_id, path, body), daemon=True).start()
         return dict(record)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import mimetypes
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 from .delivery import DeliveryError, download, output_url
-from .jobs import UserError
-from .providers import ProviderError
+from .errors import ProviderError, UserError
+from .providers import Provider
+from .store import JobStore
 
 _REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[0-9a-f]{64})?$")
 
@@ -33,7 +35,7 @@ class Target:
     weights: str | None = None  # cog: sent as lora_weights
 
 
-def resolve_target(store, target: str) -> Target:
+def resolve_target(store: JobStore, target: str) -> Target:
     """A job id from the store (a succeeded training), or a Replicate model ``owner/name[:version]``."""
     rec = store.get(target)
     if rec is not None:
@@ -75,7 +77,8 @@ def _name(url: str, i: int) -> str:
     return name if name and "." in name else f"out-{i}.bin"
 
 
-def run(provider, target: Target, inputs: dict[str, Any], folder_for) -> RunResult:
+def run(provider: Provider, target: Target, inputs: dict[str, Any],
+        folder_for: Callable[[str], Path]) -> RunResult:
     """Run ``target`` with ``inputs`` and download its images into ``folder_for(prediction id)``."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
     if target.provider == "cog":

@@ -9,6 +9,7 @@ from typing import Any
 
 from . import pricing
 from .config import Settings
+from .spend import SpendLimit
 
 _MODEL = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VERSION = re.compile(r"^[0-9a-f]{64}$")
@@ -36,8 +37,6 @@ def _url(name: str, value: Any) -> str | None:
 
 def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
     """A new Settings with ``changes`` applied; ValueError naming every bad key at once."""
-    from .spend import SpendLimit
-
     problems, clean = [], {}
     for key, value in changes.items():
         try:

@@ -8,11 +8,14 @@ their estimate.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["PERIODS", "ACTIONS", "SpendLimit"]
+from .store import JobStore
+
+__all__ = ["PERIODS", "ACTIONS", "SpendLimit", "spend_summary"]
 
 PERIODS = ("daily", "weekly", "monthly")
 ACTIONS = ("warn", "block")
@@ -76,7 +79,7 @@ class SpendLimit:
         return {"amount_usd": self.amount_usd, "period": self.period, "action": self.action}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SpendLimit":
+    def from_dict(cls, data: Mapping[str, Any]) -> SpendLimit:
         """Parse a settings dict; unknown keys and bad values raise ValueError. ``amount_usd``
         may be a numeric string (environment variables, text config)."""
         if not isinstance(data, Mapping):
@@ -96,3 +99,10 @@ class SpendLimit:
 
     def describe(self) -> str:
         return f"${self.amount_usd:.2f} {self.period} ({self.action})"
+
+
+def spend_summary(store: JobStore, now: datetime | None = None) -> dict[str, float]:
+    """What the ledger counts in the current day, week and month (UTC), in USD."""
+    now = _utc(now)
+    return {period: round(store.spend_between(SpendLimit(1.0, period, "warn").period_start(now), now), 4)
+            for period in PERIODS}

@@ -13,18 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_secrets, save_secret
+from .errors import UserError
 
 ENV = "REPLICATE_API_TOKEN"
 SECRET_NAME = "replicate_api_token"
 _SHAPE = re.compile(r"^r8_[A-Za-z0-9]{20,80}$")
 
 
-class TokenError(Exception):
-    """A token problem a user can fix; ``kind`` is not_set | malformed | invalid | restart_needed."""
+class TokenError(UserError):
+    """A token problem a user can fix; ``kind`` is not_set | malformed | invalid | restart_needed.
+    A missing token is a 401 to the server's callers (authenticate first); the rest are 400."""
 
     def __init__(self, kind: str, message: str):
         self.kind = kind
-        super().__init__(message)
+        super().__init__(message, 401 if kind == "not_set" else 400)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ that any HTTP server can call it. Order of checks for one request (``authenticat
 2. the body must not exceed ``MAX_WEBHOOK_BODY`` (check ``Content-Length`` before reading with
    ``check_content_length``, and the bytes read with ``check_body_size``) -> 413
 3. the Standard Webhooks signature (``WebhookVerifier.verify``)         -> 400 / 401 / 500 / 503
+4. the signed body must be a JSON object (``parse_payload``)            -> 400
 
 Replays: a captured request is only accepted within ``tolerance_s`` of its signed timestamp,
 and inside that window the job store's ``seen_webhook(webhook-id)`` drops duplicates (Replicate
@@ -28,16 +29,18 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import re
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from replicate.webhook import (
     InvalidSecretKeyError,
+    Webhooks,
     WebhookSigningSecret,
     WebhookValidationError,
-    Webhooks,
 )
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "check_content_length",
     "check_body_size",
     "authenticate",
+    "parse_payload",
 ]
 
 # Source addresses Replicate sends webhooks from (the default allow-list).
@@ -317,13 +321,11 @@ class WebhookVerifier:
 
     # -- checks
     def _headers(self, headers: Mapping[str, str]) -> tuple[str, str, str]:
-        wid = _header(headers, _HEADER_ID)
-        ts = _header(headers, _HEADER_TS)
-        sig = _header(headers, _HEADER_SIG)
-        missing = [n for n, v in ((_HEADER_ID, wid), (_HEADER_TS, ts), (_HEADER_SIG, sig)) if not v or not v.strip()]
+        values = {n: (_header(headers, n) or "").strip() for n in (_HEADER_ID, _HEADER_TS, _HEADER_SIG)}
+        missing = [n for n, v in values.items() if not v]
         if missing:
             raise WebhookRejected(400, "missing header(s): " + ", ".join(missing))
-        wid, ts, sig = wid.strip(), ts.strip(), sig.strip()
+        wid, ts, sig = values[_HEADER_ID], values[_HEADER_TS], values[_HEADER_SIG]
         if len(wid) > 256 or not wid.isprintable():
             raise WebhookRejected(400, "malformed webhook-id")
         if not _TS_RE.match(ts):
@@ -400,3 +402,16 @@ def authenticate(peer: str, headers: Mapping[str, str], body: bytes, *, verifier
     check_content_length(headers)
     check_body_size(body)
     return verifier.verify(headers, body)
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    """The job object a webhook carries. A body that is not a JSON object is refused with a 400
+    (the sender's mistake, not ours: a 5xx would only make it send the same body again)."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise WebhookRejected(400, "body is not JSON (expected the prediction or training object)") from None
+    if not isinstance(payload, dict):
+        raise WebhookRejected(400, f"body is JSON {type(payload).__name__}, expected an object "
+                                   f"(the prediction or training)")
+    return payload

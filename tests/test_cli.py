@@ -56,3 +56,10 @@ def test_missing_base_weights_say_what_to_provide(tiny_weights, tmp_path):
                  "--set", "base_weights=nowhere/not-a-model"], tiny_weights, tmp_path)
     assert proc.returncode == 2
     assert "base_weights" in proc.stderr and "HF_TOKEN" in proc.stderr
+
+
+def test_a_set_item_without_a_value_exits_2_naming_it(tiny_weights, tmp_path):
+    proc = _run(["--data", str(ROOT / "examples" / "sample-dataset"), "--out", str(tmp_path / "o"),
+                 "--set", "steps=5", "--set", "lora.rank"], tiny_weights, tmp_path)
+    assert proc.returncode == 2 and "--set 'lora.rank': expected FIELD=VALUE" in proc.stderr
+    assert not (tmp_path / "o").exists()

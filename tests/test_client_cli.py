@@ -285,8 +285,8 @@ def test_failed_job_exits_1_with_the_reason(capsys, fake, sample_dataset):
 
 
 def test_pack_refuses_over_the_limit_before_any_upload(capsys, fake, tmp_path, monkeypatch):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     folder = tmp_path / "big"
     folder.mkdir()
@@ -355,6 +355,7 @@ def test_status_page_is_shown_and_unreachable_means_unknown(capsys, fake, monkey
 
 def test_readme_documents_every_command_and_route():
     from conftest import ROOT
+
     from client.server import State, create_app
 
     readme = (ROOT / "README.md").read_text()
@@ -364,9 +365,10 @@ def test_readme_documents_every_command_and_route():
 
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(State(root=Path(tmp)))
-    routes = {r.path for r in app.routes if r.path.startswith("/api/")} - {"/api/webhooks/cog/{key}"}
+    # the OpenAPI document lists every API route (app.routes nests the routers' own lists)
+    routes = {p for p in app.openapi()["paths"] if p.startswith("/api/")} - {"/api/webhooks/cog/{key}"}
     missing = [r for r in routes
-               if r.replace("{job_id}", "{id}").replace("{name:path}", "{path}") not in readme and r not in readme]
+               if r.replace("{job_id}", "{id}").replace("{name}", "{path}") not in readme and r not in readme]
     assert not missing, missing
 
 
@@ -417,3 +419,40 @@ def test_reconcile_settles_submissions_interrupted_before_the_answer(capsys, fak
     assert store.stale_reservations(0) == []
     code, out, _ = run(capsys, "--json", "status", job_id)  # followed like any other job
     assert code == EXIT_OK and json.loads(out)["id"] == job_id
+
+
+# -- global flags, --set items, one table of error kinds --------------------------------------------------
+
+def test_json_is_accepted_before_and_after_the_command(capsys, fake):
+    spec = json.dumps({"steps": 500})
+    code, before, _ = run(capsys, "--json", "estimate", "--spec", spec)
+    code2, after, _ = run(capsys, "estimate", "--spec", spec, "--json")
+    assert code == code2 == EXIT_OK and json.loads(before) == json.loads(after)
+    code, out, _ = run(capsys, "validate", "--json")
+    assert code == EXIT_OK and json.loads(out)["account"]["username"] == "acme"
+    code, out, _ = run(capsys, "jobs", "--json")
+    assert code == EXIT_OK and json.loads(out) == []
+    code, out, _ = run(capsys, "jobs")  # and without it, words
+    assert code == EXIT_OK and out.strip() == "no jobs yet"
+
+
+def test_a_set_item_without_a_value_names_the_item(capsys):
+    code, _, err = run(capsys, "estimate", "--set", "steps=100", "--set", "lora.rank")
+    assert code == EXIT_USER and "--set 'lora.rank': expected FIELD=VALUE" in err
+
+
+def test_billing_refused_upstream_is_a_problem_the_user_fixes(capsys, fake, sample_dataset):
+    fake.fail("/v1/models/*/versions/*/trainings", 402, method="POST")
+    code, _, err = run(capsys, "submit", "--spec", "{}", "--dataset", str(sample_dataset))
+    assert code == EXIT_USER and "402" in err and "billing" in err
+
+
+@pytest.mark.parametrize("status,exit_code,http", [(401, 2, 401), (402, 2, 402), (403, 2, 403), (404, 2, 404),
+                                                   (413, 2, 413), (422, 2, 422), (429, 3, 502), (500, 3, 502),
+                                                   (503, 3, 502), (None, 3, 502)])
+def test_one_table_decides_the_exit_code_and_the_http_status(status, exit_code, http):
+    from client import errors
+
+    exc = errors.remote_error("x", status)
+    assert errors.exit_code(exc) == exit_code and errors.http_status(exc) == http
+    assert errors.is_retryable(status) == (exit_code == 3)

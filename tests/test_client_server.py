@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from fake_replicate import FakeReplicate, SyntheticRun
 
 TOKEN = "r8_" + "T0kenValue" * 4
@@ -393,3 +392,63 @@ def test_more_faults_give_clear_messages_and_lose_nothing(local, fake, sample_da
     rec = local.wait_job(r.json()["job"]["id"])
     assert rec["status"] == "succeeded"
     assert len([q for q in fake.requests if q.method == "POST" and fnmatch.fnmatch(q.path, CREATE) and q.status == 201]) == 1
+
+
+# -- request bodies, error shapes, webhooks that are not JSON ----------------------------------------------
+
+BODYLESS = {("post", "/api/cloud/jobs/{job_id}/cancel")}
+
+
+def test_openapi_documents_every_request_body(tmp_path):
+    from client.server import State, create_app
+
+    doc = create_app(State(root=tmp_path)).openapi()
+    writes = [(m, path, op) for path, ops in doc["paths"].items() for m, op in ops.items()
+              if m in ("post", "put", "patch")]
+    assert len(writes) >= 12
+    for method, path, op in writes:
+        if (method, path) in BODYLESS:
+            assert "requestBody" not in op, path
+            continue
+        content = op.get("requestBody", {}).get("content", {})
+        assert content and all("schema" in c for c in content.values()), (method, path)
+    submit = doc["components"]["schemas"]["SubmitRequest"]
+    assert "dataset" in submit["required"] and submit["additionalProperties"] is False
+    assert "multipart/form-data" in doc["paths"]["/api/cloud/datasets"]["post"]["requestBody"]["content"]
+
+
+def test_a_bad_request_body_names_each_field_and_echoes_no_value(local):
+    r = local.http.post("/api/cloud/jobs/submit", json={"spec": {}, "dataset": 5, "colour": "red"})
+    assert r.status_code == 422
+    problems = {p["field"]: p["message"] for p in r.json()["detail"]["problems"]}
+    assert set(problems) == {"dataset", "colour"} and problems["colour"] == "unknown field"
+    r = local.http.put("/api/cloud/providers/replicate/token", json={"token": {"value": TOKEN}})
+    assert r.status_code == 422 and TOKEN not in r.text
+    assert r.json()["detail"]["problems"][0]["field"] == "token"
+
+
+def test_billing_refused_upstream_is_a_402_here_too(local, fake, sample_dataset):
+    fake.fail(CREATE, 402, method="POST")
+    r = _submit(local, sample_dataset)
+    assert r.status_code == 402 and "billing" in r.json()["detail"]
+    assert local.state.store.spend_between() == 0  # the reservation was released
+
+
+def test_a_signed_webhook_that_is_not_json_is_a_400_and_changes_nothing(local, fake, sample_dataset):
+    job_id, obj = _job_and_hook(local, fake, sample_dataset)
+    before = local.state.store.get(job_id)
+    now = int(time.time())
+
+    def post(webhook_id: str, body: bytes):
+        return local.http.post("/api/webhooks/replicate", content=body, headers={
+            "content-type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": str(now),
+            "webhook-signature": sign(fake.webhook_secret, webhook_id, now, body)})
+
+    for n, (body, reason) in enumerate(((b"{not json", "not JSON"), (b"[1, 2]", "expected an object"),
+                                        (b"\"succeeded\"", "expected an object"))):
+        r = post(f"msg_bad{n}", body)
+        assert r.status_code == 400 and reason in r.json()["detail"], r.text
+    assert local.state.store.get(job_id) == before
+    # the refused deliveries were not recorded: the same id with a proper body is processed, not a duplicate
+    r = post("msg_bad0", json.dumps(obj).encode())
+    assert r.status_code == 200 and "duplicate" not in r.json()

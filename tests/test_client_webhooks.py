@@ -74,7 +74,7 @@ def reject(v: WebhookVerifier, hdrs, body=BODY) -> WebhookRejected:
 def test_valid_signature_passes_and_matches_the_official_validator():
     assert verifier().verify(headers(), BODY) == "msg_1"
     # our test signer agrees with replicate 1.0.7's own validator
-    from replicate.webhook import WebhookSigningSecret, Webhooks
+    from replicate.webhook import Webhooks, WebhookSigningSecret
     Webhooks.validate(headers=headers(), body=BODY.decode(), secret=WebhookSigningSecret(key=SECRET))
 
 
@@ -316,3 +316,15 @@ def test_no_torch_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parent.parent))
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("body,reason", [(b"{oops", "not JSON"), (b"\xff\xfe", "not JSON"),
+                                         (b"[]", "expected an object"), (b"null", "expected an object")])
+def test_a_body_that_is_not_a_json_object_is_400(body, reason):
+    with pytest.raises(WebhookRejected) as info:
+        wh.parse_payload(body)
+    assert info.value.status == 400 and reason in info.value.reason
+
+
+def test_a_json_object_body_is_the_job():
+    assert wh.parse_payload(BODY)["status"] == "succeeded"

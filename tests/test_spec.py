@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
-from train.spec import SPEC_VERSION, SpecError, TARGET_PRESETS, parse_spec, spec_json_schema
+from train.spec import SPEC_VERSION, TARGET_PRESETS, SpecError, parse_spec, spec_json_schema
 
 
 def test_defaults_are_resolved_per_family():
@@ -89,7 +90,7 @@ def test_file_and_overrides(tmp_path):
 
 def test_spec_is_frozen():
     spec = parse_spec({})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.steps = 5  # type: ignore[misc]
 
 
@@ -124,3 +125,14 @@ def test_reference_documents_every_field():
             if f"`{sub_name}`" not in doc:
                 missing.append(f"{name}.{sub_name}")
     assert not missing, f"fields missing from docs/spec.md: {missing}"
+
+
+def test_set_items_read_json_values_and_keep_text():
+    from train.spec import parse_set_items
+
+    items = parse_set_items(["steps=50", "lora.rank=8", "model=flux-dev", "resolutions=[512, 768]",
+                             "trigger_word="])
+    assert items == {"steps": 50, "lora.rank": 8, "model": "flux-dev", "resolutions": [512, 768], "trigger_word": ""}
+    assert parse_spec(None, **items).lora.rank == 8
+    with pytest.raises(ValueError, match=r"--input 'seed': expected FIELD=VALUE"):
+        parse_set_items(["width=64", "seed"], flag="--input")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from .spec import SpecError, parse_spec
+from .spec import SpecError, parse_set_items, parse_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Re-run this command under torch's elastic launcher, one process per device."""
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue
@@ -51,15 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    try:
+        overrides = parse_set_items(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         spec = parse_spec(args.spec, **overrides)
     except SpecError as exc:

@@ -370,6 +370,23 @@ def _load_raw(raw: dict[str, Any] | str | Path | None) -> dict[str, Any]:
     return data
 
 
+def parse_set_items(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``FIELD=VALUE`` command-line items as overrides for ``parse_spec``. A value is read as JSON
+    when it parses (``steps=50``, ``lora.targets=["a"]``) and kept as text otherwise
+    (``model=flux-dev``). Raises ``ValueError`` naming the item without an ``=`` (the same parser
+    reads other ``NAME=VALUE`` flags, so the message names ``flag`` rather than the spec)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def spec_json_schema() -> dict[str, Any]:
     """The JSON schema of the spec (for docs and for clients that build forms)."""
     return TrainingSpec.model_json_schema()

@@ -140,6 +140,7 @@ def cmd_pack(args, settings):
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}.zip"  # beside the folder, never inside
     try:
         result = pack_dataset(folder, out, fit=args.fit, min_side=max(spec.resolutions),
+                              max_files=spec.dataset.max_files, max_image_pixels=spec.dataset.max_image_pixels,
                               progress=_bar("pack") if not args.json else None)
     except PackError as exc:
         raise UserError(str(exc)) from None

@@ -11,12 +11,14 @@ A job that ran and failed is neither: the CLI exits 1 for it (``EXIT_JOB_FAILED`
 
 from __future__ import annotations
 
+from train.http import retryable_status
+
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USER, EXIT_REMOTE = 0, 1, 2, 3
 
-# Remote HTTP statuses a user can do something about (token, billing, names, sizes, inputs)...
+# Remote HTTP statuses a user can do something about (token, billing, names, sizes, inputs). The
+# ones where waiting and trying again is the remedy (408, 429, 5xx) are train.http's rule, the same
+# for every request the project makes.
 USER_FIXABLE_STATUSES = frozenset({401, 402, 403, 404, 413, 422})
-# ...and the ones where waiting and trying again is the remedy.
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class ClientError(Exception):
@@ -46,7 +48,7 @@ class RemoteUserError(ProviderError):
 
 def is_retryable(status: int | None) -> bool:
     """Whether a remote answer (None: no answer at all) is worth trying again."""
-    return status is None or status in RETRYABLE_STATUSES
+    return status is None or retryable_status(status)
 
 
 def remote_error(message: str, status: int | None, retry_after: float | None = None) -> ProviderError:

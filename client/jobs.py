@@ -60,8 +60,10 @@ def prepare_archive(dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool 
         raise UserError(f"dataset {dataset} does not exist")
     if dataset.is_dir():
         try:
+            # the spec's own limits: the packer refuses what this job's container would
             result = pack_dataset(dataset, workdir / "dataset.zip", limit_bytes=UPLOAD_LIMIT, fit=fit,
-                                  min_side=max(spec.resolutions))
+                                  min_side=max(spec.resolutions), max_files=spec.dataset.max_files,
+                                  max_image_pixels=spec.dataset.max_image_pixels)
         except PackError as exc:
             raise UserError(str(exc)) from None
         log(result.summary())

@@ -22,6 +22,8 @@ import httpx
 from replicate.client import Client
 from replicate.exceptions import ReplicateError
 
+from train.http import RetryPolicy
+
 from .errors import ProviderError, RemoteUserError, remote_error
 from .store import TERMINAL
 
@@ -171,6 +173,12 @@ class ReplicateProvider:
         return self._call(f"cancel {kind} {job_id}", lambda: plain_dict(api.cancel(job_id)))
 
 
+# A Cog server runs one job at a time and answers 409 while busy; the slot is released just after
+# the previous job ends, so a short, steady wait (about 10 s in all) is enough.
+_COG_BUSY = RetryPolicy(attempts=50, base_delay_s=0.2, max_delay_s=0.2,
+                        retryable=lambda exc: isinstance(exc, ProviderError) and exc.status == 409)
+
+
 class CogProvider:
     """Any Cog HTTP server (a self-hosted GPU box, or the local no-Docker dev server).
 
@@ -231,17 +239,18 @@ class CogProvider:
         return dict(record)
 
     def _post(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
-        for _ in range(50):  # the slot is released just after the previous job
+        def post() -> httpx.Response:
             try:
                 r = self.http.post(path, json=body, headers=headers or {})
             except httpx.HTTPError as exc:
                 raise ProviderError(f"cannot reach the Cog server at {self.url}: {exc}") from None
-            if r.status_code != 409:
-                if r.status_code == 422:
-                    raise RemoteUserError(f"the Cog server rejected the input: {r.text[:1000]}", 422)
-                return r
-            time.sleep(0.2)
-        raise ProviderError("the Cog server is busy with another job (HTTP 409)", 409)
+            if r.status_code == 409:
+                raise ProviderError("the Cog server is busy with another job (HTTP 409)", 409)
+            if r.status_code == 422:
+                raise RemoteUserError(f"the Cog server rejected the input: {r.text[:1000]}", 422)
+            return r
+
+        return _COG_BUSY.call(post)
 
     def _run_sync(self, job_id: str, path: str, body: dict) -> None:
         with self.lock:

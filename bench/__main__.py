@@ -62,7 +62,12 @@ def parse_variants(values: list[str]) -> list[tuple[str, str]]:
     return variants
 
 
-def _fmt(v, spec: str) -> str:
+# The table's columns in print order, with their widths; `table_rows` fills them by name.
+COLUMNS: dict[str, int] = {"case": -13, "impl": -16, "s/step": 8, "1st s": 7, "TFLOP": 7, "MFU%": 5,
+                           "peakGiB": 7, "vs stock": 8, "vs comp.": 8, "target": 14, "met": 4}  # < 0: left-aligned
+
+
+def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
@@ -83,33 +88,53 @@ def target_for(case: str, r: dict, results: list[dict]) -> tuple[str, bool | Non
     return f"<={goal:.2f}s,{cap:g}GiB", fits and r["s_per_step"] <= goal
 
 
-def table(results: list[dict]) -> str:
-    head = (f"{'case':<13} {'impl':<16} {'s/step':>8} {'1st s':>7} {'TFLOP':>7} {'MFU%':>5} {'peakGiB':>7} "
-            f"{'vs stock':>8} {'vs comp.':>8} {'target':>14} {'met':>4}")
-    rows = [head, "-" * len(head)]
-    by_case: dict[str, list[dict]] = {}
+def table_rows(results: list[dict]) -> list[dict[str, str]]:
+    """One row per figure, keyed by column name (``COLUMNS``); a failed run's row has ``error``
+    instead of figures. Ratios compare against the stock rows of the same case in ``results``."""
+    order = list(dict.fromkeys(r["case"] for r in results))  # grouped by case, in first-run order
+    results = sorted(results, key=lambda r: order.index(r["case"]))
+    rows = []
+    stock = {(r["case"], r["impl"]): r.get("s_per_step") for r in results
+             if r["impl"] in ("stock", "stock-compiled")}
     for r in results:
-        by_case.setdefault(r["case"], []).append(r)
-    for case, runs in by_case.items():
-        base = {r["impl"]: r for r in runs if r["impl"] in ("stock", "stock-compiled")}
-        for r in runs:
-            if "error" in r:
-                rows.append(f"{case:<13} {r['impl']:<16} ERROR {r['error'][:90]}")
-                continue
-            ratios, goal, met = [], "-", None
-            for ref in ("stock", "stock-compiled"):
-                s = base.get(ref, {}).get("s_per_step")
-                ratios.append(f"{s / r['s_per_step']:.2f}x" if s and r["impl"].startswith("project") else "-")
-            if r["impl"].startswith("project"):
-                goal, met = target_for(case, r, results)
-            rows.append(f"{case:<13} {r['impl']:<16} {r['s_per_step']:>8.4f} {r.get('first_step_s', 0):>7.1f} "
-                        f"{r['tflop_per_step']:>7.4g} {_fmt(r['mfu_pct'], '>5.1f'):>5} {_fmt(r['peak_gib'], '>7.1f'):>7} "
-                        f"{ratios[0]:>8} {ratios[1]:>8} {goal:>14} {'-' if met is None else ('yes' if met else 'NO'):>4}")
-    return "\n".join(rows)
+        row = {"case": r["case"], "impl": r["impl"]}
+        if "error" in r:
+            rows.append({**row, "error": r["error"]})
+            continue
+        project = r["impl"].startswith("project")
+        ratios = {}
+        for column, ref in (("vs stock", "stock"), ("vs comp.", "stock-compiled")):
+            s = stock.get((r["case"], ref))
+            ratios[column] = f"{s / r['s_per_step']:.2f}x" if s and project else "-"
+        goal, met = target_for(r["case"], r, results) if project else ("-", None)
+        rows.append({**row, "s/step": f"{r['s_per_step']:.4f}", "1st s": f"{r.get('first_step_s', 0):.1f}",
+                     "TFLOP": f"{r['tflop_per_step']:.4g}", "MFU%": _fmt(r.get("mfu_pct"), ".1f"),
+                     "peakGiB": _fmt(r.get("peak_gib"), ".1f"), **ratios, "target": goal,
+                     "met": "-" if met is None else ("yes" if met else "NO")})
+    return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    """The rows of ``table_rows`` as fixed-width text under a header and a rule."""
+    def line(cells: dict[str, str]) -> str:
+        return " ".join(f"{cells[c]:<{-w}}" if w < 0 else f"{cells[c]:>{w}}" for c, w in COLUMNS.items())
+
+    head = line({c: c for c in COLUMNS})
+    out = [head, "-" * len(head)]
+    for row in rows:
+        if "error" in row:
+            out.append(f"{row['case']:<13} {row['impl']:<16} ERROR {row['error'][:90]}")
+        else:
+            out.append(line(row))
+    return "\n".join(out)
+
+
+def table(results: list[dict]) -> str:
+    return format_table(table_rows(results))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU")
     parser.add_argument("--cases", default="flux1024,flux512,sdxl1024", help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--impls", default="stock,stock-compiled,project",

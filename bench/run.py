@@ -15,6 +15,10 @@ the project plans its memory for the cap under policy ``auto``, the stock step t
 gradient checkpointing.
 """
 
+# diffusers exports its classes through a lazy module that pyright cannot see into; the names are
+# diffusers' documented public API.
+# pyright: reportPrivateImportUsage=false
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +27,11 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -42,7 +49,22 @@ STOCK_TARGETS = {
 }
 
 
-def build_model(case: Case, tiny: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+# A diffusers FluxTransformer2DModel or UNet2DConditionModel: its config and adapter methods are
+# dynamic attributes that torch.nn.Module's typing cannot describe.
+Model = Any
+
+
+@dataclass
+class TimedStep:
+    """One implementation's optimizer step, ready to time, and what it was set up with."""
+
+    run: Callable[[], None]
+    trainable: int  # trainable parameters
+    gradient_checkpointing: bool
+    levers: list[str] = field(default_factory=list)
+
+
+def build_model(case: Case, tiny: bool, device: torch.device, dtype: torch.dtype) -> Model:
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     cls = FluxTransformer2DModel if case.family == "flux" else UNet2DConditionModel
@@ -74,16 +96,22 @@ def cap_memory(case: Case, device: torch.device) -> int | None:
     return max(0, min(free, cap - torch.cuda.memory_reserved(device)))
 
 
-def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+def project_step(case: Case, model: Model, device: torch.device, dtype: torch.dtype) -> TimedStep:
     """A step of this trainer, through the same functions the training loop calls."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from train.loop import _make_trainable, _optimizer, micro_step
+    from train.loop import build_optimizer, make_trainable, micro_step
     from train.memory import choose_memory_plan
     from train.models import family_for
     from train.models.base import Batch, BatchRandom
     from train.spec import parse_spec
+    from train.speed import (
+        apply_attention_backend,
+        apply_compile,
+        apply_structure_levers,
+        resident_weight_bytes,
+    )
 
     cuda = device.type == "cuda"
     spec = parse_spec({"model": "flux-dev" if case.family == "flux" else "sdxl", "base_weights": "bench",
@@ -91,7 +119,8 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
                        "memory_policy": os.environ.get("BENCH_MEMORY_POLICY") or ("auto" if case.memory_gib else "off"),
                        "speed": json.loads(os.environ.get("BENCH_SPEED") or "{}"),
                        "flux": {"max_sequence_length": min(case.text_tokens, 512)}})
-    family = family_for(spec, Path("unused"))  # no pipeline folder: the parts the loss needs are set below
+    # no pipeline folder: the parts the loss needs are stand-ins set below (hence untyped)
+    family: Any = family_for(spec, Path("unused"))
     cfg = model.config
     if case.family == "flux":
         family.pipe = SimpleNamespace(transformer=model, vae=SimpleNamespace(config=SimpleNamespace(
@@ -108,9 +137,7 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         text = {"prompt_embeds": torch.randn(case.batch_size, case.text_tokens, cfg.cross_attention_dim),
                 "pooled_prompt_embeds": torch.randn(case.batch_size, pooled)}
-    params = _make_trainable(spec, model)
-    from train.speed import apply_attention_backend, apply_compile, apply_structure_levers, resident_weight_bytes
-
+    params = make_trainable(spec, model)
     levers = apply_structure_levers(spec, model, cuda)  # the order of train.loop: these, plan, compile
     if cuda:
         torch.cuda.empty_cache()
@@ -126,7 +153,7 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
     levers += apply_compile(spec, model, cuda)
     model.train()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
-    optimizer = _optimizer(spec, params, cuda)
+    optimizer = build_optimizer(spec, params, cuda)
     model, optimizer = accelerator.prepare(model, optimizer)
     side = case.resolution // 8
     gen = torch.Generator(device=device).manual_seed(0)
@@ -140,12 +167,11 @@ def project_step(case: Case, model: torch.nn.Module, device: torch.device, dtype
     def step():
         micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm)
 
-    step.levers = [plan.reason, *levers]  # type: ignore[attr-defined]
-    return step, sum(p.numel() for p in params), plan.gradient_checkpointing
+    return TimedStep(step, sum(p.numel() for p in params), plan.gradient_checkpointing, [plan.reason, *levers])
 
 
-def stock_step(case: Case, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-               compiled: bool = False):
+def stock_step(case: Case, model: Model, device: torch.device, dtype: torch.dtype,
+               compiled: bool = False) -> TimedStep:
     from peft import LoraConfig
 
     cuda = device.type == "cuda"
@@ -189,8 +215,8 @@ def stock_step(case: Case, model: torch.nn.Module, device: torch.device, dtype: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.levers = ["gradient checkpointing"] * bool(case.memory_gib) + ["compile_repeated_blocks"] * compiled  # type: ignore[attr-defined]
-    return step, sum(p.numel() for p in params), bool(case.memory_gib)
+    levers = ["gradient checkpointing"] * bool(case.memory_gib) + ["compile_repeated_blocks"] * compiled
+    return TimedStep(step, sum(p.numel() for p in params), bool(case.memory_gib), levers)
 
 
 def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
@@ -202,9 +228,10 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
     model = build_model(case, tiny, device, dtype)
     base_params = sum(p.numel() for p in model.parameters())
     if impl == "project":
-        step, trainable, ckpt = project_step(case, model, device, dtype)
+        timed = project_step(case, model, device, dtype)
     else:
-        step, trainable, ckpt = stock_step(case, model, device, dtype, compiled=impl == "stock-compiled")
+        timed = stock_step(case, model, device, dtype, compiled=impl == "stock-compiled")
+    step = timed.run
 
     t0 = time.perf_counter()
     step()  # the first step pays for compilation, if any
@@ -235,9 +262,9 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
             "first_step_s": round(first, 2), "memory_cap_gib": case.memory_gib,
             "tflop_per_step": float(f"{tflop:.4g}"),
             "mfu_pct": round(100 * tflop / med / PEAK_TFLOPS, 2) if device.type == "cuda" else None,
-            "peak_gib": round(peak, 2) if peak is not None else None, "trainable_m": round(trainable / 1e6, 2),
-            "base_params_b": round(base_params / 1e9, 3), "gradient_checkpointing": ckpt, "steps": steps,
-            "levers": getattr(step, "levers", [])}
+            "peak_gib": round(peak, 2) if peak is not None else None, "trainable_m": round(timed.trainable / 1e6, 2),
+            "base_params_b": round(base_params / 1e9, 3), "gradient_checkpointing": timed.gradient_checkpointing, "steps": steps,
+            "levers": timed.levers}
 
 
 def main(argv: list[str] | None = None) -> None:

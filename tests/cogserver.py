@@ -16,12 +16,30 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
+T = TypeVar("T")
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``check`` until it returns something truthy and return that; raise TimeoutError naming
+    ``what`` after ``timeout`` seconds.  For state only reachable by asking (a process's health, its
+    children); ``check`` may raise to fail at once."""
+    end = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what} within {timeout:g}s")
+        time.sleep(interval)  # the poll interval, not a wait for something to have happened
 
 
 def free_port() -> int:
@@ -48,12 +66,12 @@ class CogServer:
             "PYTHONPATH": str(ROOT),
             **(env or {}),
         }
-        args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *args]
+        cmd = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *args]
         if mode == "train":
-            args += ["--x-mode", "train"]
+            cmd += ["--x-mode", "train"]
         self.log_path = log_dir / f"cog-{mode}-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(300, connect=5))
 
@@ -61,32 +79,33 @@ class CogServer:
         return self.client.get("/health-check", timeout=2).json()
 
     def wait(self, statuses=("READY",), timeout: float = 120) -> dict:
-        end = time.monotonic() + timeout
         last: dict = {}
-        while time.monotonic() < end:
+
+        def reached() -> dict | None:
+            nonlocal last
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cog server exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
             try:
                 last = self.health()
             except httpx.HTTPError:
-                time.sleep(0.1)
-                continue
-            if last.get("status") in statuses:
-                return last
+                return None  # not listening yet
             if last.get("status") in ("SETUP_FAILED", "UNHEALTHY", "DEFUNCT") and "SETUP_FAILED" not in statuses:
                 raise RuntimeError(f"cog server {last.get('status')}: {json.dumps(last.get('setup'))[-3000:]}")
-            time.sleep(0.1)
-        raise TimeoutError(f"cog server not {statuses} after {timeout}s: {last}\n{self.log_path.read_text()[-3000:]}")
+            return last if last.get("status") in statuses else None
+
+        try:
+            return wait_until(reached, timeout, f"cog server {self.mode} reaching {'/'.join(statuses)}")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}: {last}\n{self.log_path.read_text()[-3000:]}") from None
 
     def post(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
         """POST, waiting for the slot first (the server answers 409 just after a job ends)."""
-        for _ in range(100):
+        def accepted() -> httpx.Response | None:
             self.wait()
             r = self.client.post(path, json=body, headers=headers or {})
-            if r.status_code != 409:
-                return r
-            time.sleep(0.1)
-        return r
+            return None if r.status_code == 409 else r
+
+        return wait_until(accepted, 30, f"a free slot on the cog server for POST {path}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -177,7 +196,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.payloads: list[dict] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()  # notified on every payload
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -185,6 +204,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with outer.lock:
                     outer.payloads.append(json.loads(body))
+                    outer.lock.notify_all()
                 self.send_response(200)
                 self.end_headers()
 
@@ -195,15 +215,17 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def wait(self, predicate: Callable[[list[dict]], bool], timeout: float, what: str) -> list[dict]:
+        """The payloads so far, once ``predicate(payloads)`` holds (re-checked on every webhook)."""
+        with self.lock:
+            if not self.lock.wait_for(lambda: predicate(self.payloads), timeout):
+                raise TimeoutError(f"{what} within {timeout:g}s; got {[p.get('status') for p in self.payloads]}")
+            return list(self.payloads)
+
     def wait_terminal(self, timeout: float = 300) -> dict:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                done = [p for p in self.payloads if p.get("status") in ("succeeded", "failed", "canceled")]
-            if done:
-                return done[-1]
-            time.sleep(0.1)
-        raise TimeoutError(f"no terminal webhook; got {[p.get('status') for p in self.payloads]}")
+        terminal = ("succeeded", "failed", "canceled")
+        got = self.wait(lambda ps: any(p.get("status") in terminal for p in ps), timeout, "no terminal webhook")
+        return [p for p in got if p.get("status") in terminal][-1]
 
     def close(self) -> None:
         self.server.shutdown()

@@ -8,13 +8,15 @@ or synthetically when not.  Point the real client at it::
         client = replicate.Client(api_token=fake.token, base_url=fake.url)
         prediction = client.models.predictions.create("simpletuner/advanced-trainer", input={...})
 
-Served (``Authorization: Bearer <token>`` or ``Token <token>``; 401 problem+json otherwise):
-account, files (multipart upload, 413 over ``max_file_size``), hardware, models and versions,
-predictions (``Prefer: wait``, ``Cancel-After``), trainings (destination must exist and belong to
-the account), the default webhook secret.  Unauthenticated loopback helpers under ``/_fake/``:
-raw file bytes (``/_fake/files/{id}/{name}``, what Cog downloads), outputs
-(``/_fake/outputs/{job}/{name}``, with Range/ETag), the Cog webhook sink, and the fault and
-synthetic-run control endpoints.
+Served (``Authorization: Bearer <token>`` or ``Token <token>``; 401 problem+json otherwise): what
+the submit client (``client/providers.py``, ``client/jobs.py``) calls through the 1.0.7 client --
+account, files (multipart upload, 413 over ``max_file_size``; GET), hardware, models (get, create)
+and their versions (list), predictions (by version or by model, ``Prefer: wait``; get, cancel,
+list), trainings (destination must exist and belong to the account; get, cancel, list), the
+default webhook secret.  Lists serve their first page only (all the client and 1.0.7's
+``versions.list()`` read).  Unauthenticated loopback helpers under ``/_fake/``: raw file bytes
+(``/_fake/files/{id}/{name}``, what Cog downloads), outputs (``/_fake/outputs/{job}/{name}``,
+resumable with ``Range``), and the Cog webhook sink.
 
 Jobs: a training goes to ``cog_train_url`` (``POST /trainings``), a prediction to a run-mode
 server: ``cog_run_for(weights)`` gives its URL for the version's COG_WEIGHTS (None for the
@@ -29,7 +31,8 @@ job runs synthetically (``fake.synthetic``: trainings return a LoRA-shaped zip, 
 Outgoing webhooks are signed per Standard Webhooks with the account's ``whsec_`` secret; logs and
 output events are throttled; the completed event is retried (same ``webhook-id``).  Faults for
 both the API and the webhooks can be injected at runtime (see ``fail``, ``slow``, ``drop``,
-``truncate``, ``webhook_fault`` and ``POST /_fake/faults``).
+``truncate`` and ``webhook_fault``); ``wait_for``, ``wait_until`` and ``settled`` wait on the fake's
+own state changes, so tests never sleep for a fixed time.
 """
 
 from __future__ import annotations
@@ -48,16 +51,19 @@ import secrets
 import socket
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
+import jsonschema
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINER_MODEL = "simpletuner/advanced-trainer"
@@ -91,7 +97,6 @@ HARDWARE = [
 
 _PREFER_WAIT = re.compile(r"^wait(=([1-9]|[1-9][0-9]|60))?$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_CANCEL_AFTER = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -104,10 +109,6 @@ def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse_iso(s: str) -> datetime:
-    return datetime.fromisoformat(s.replace("Z", "+00:00"))
-
-
 def _job_id() -> str:
     """26 lowercase base32 characters, like ``wj4is6lbdqqkdepnwpr6v2kuva``."""
     return base64.b32encode(os.urandom(16)).decode().lower().rstrip("=")
@@ -118,7 +119,7 @@ def _file_id() -> str:
     return base64.b64encode(str(uuid.uuid4()).encode()).decode().rstrip("=")
 
 
-def _problem(status: int, detail: str, title: str | None = None, **extra) -> "_Resp":
+def _problem(status: int, detail: str, title: str | None = None, **extra) -> _Resp:
     body: dict[str, Any] = {}
     if title:
         body["title"] = title
@@ -128,27 +129,18 @@ def _problem(status: int, detail: str, title: str | None = None, **extra) -> "_R
     return _Resp(status, body, content_type="application/problem+json")
 
 
-def _not_found(detail: str = "Not found.") -> "_Resp":
+def _not_found(detail: str = "Not found.") -> _Resp:
     return _problem(404, detail)
 
 
-def _invalid_version() -> "_Resp":
+def _invalid_version() -> _Resp:
     return _problem(422, "The specified version does not exist (or perhaps you don't have permission to use it?)",
                     "Invalid version or not permitted")
 
 
-def _invalid_fields(fields: list[dict]) -> "_Resp":
+def _invalid_fields(fields: list[dict]) -> _Resp:
     detail = "".join(f"- {f['field']}: {f['description']}\n" for f in fields)
     return _problem(422, detail, "Input validation failed", invalid_fields=fields)
-
-
-def _cursor_encode(obj: dict) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
-
-
-def _cursor_decode(s: str) -> dict:
-    s += "=" * (-len(s) % 4)
-    return json.loads(base64.urlsafe_b64decode(s.encode()))
 
 
 def tiny_zip(files: dict[str, bytes] | None = None) -> bytes:
@@ -187,24 +179,18 @@ def progress_line(step: int, total: int, loss: float, lr: float = 1e-4, s_per_st
 class SyntheticRun:
     """How a job runs when no Cog URL is configured (snapshotted when the job is created).
 
-    ``duration_s`` is the time in ``processing``, spread evenly over the log lines; ``queue_s``
-    the time in ``starting`` first.  ``log_lines=None`` gives a few plain lines plus ``steps``
-    progress lines in the trainer's format.  ``status`` is the final status (``succeeded`` or
-    ``failed``; ``canceled`` also works).  ``output_files`` are zipped into the output archive.
+    ``duration_s`` is the time in ``processing``, spread evenly over a few plain log lines and
+    ``steps`` progress lines in the trainer's format.  ``status`` is the final status
+    (``succeeded`` or ``failed``; ``canceled`` also works).
     """
 
     duration_s: float = 0.3
-    queue_s: float = 0.0
     steps: int = 5
     status: str = "succeeded"
     error: str = "synthetic failure: CUDA out of memory"
-    log_lines: list[str] | None = None
-    output_files: dict[str, bytes] | None = None
     predict_time: float | None = None  # metrics.predict_time; default: the measured time
 
     def lines(self) -> list[str]:
-        if self.log_lines is not None:
-            return list(self.log_lines)
         sps = self.duration_s / max(self.steps, 1)
         out = ["synthetic run: loading base weights", "dataset: 8 images used"]
         out += [progress_line(i, self.steps, 0.5 / i, s_per_step=sps) for i in range(1, self.steps + 1)]
@@ -225,7 +211,6 @@ class HttpFault:
     method: str | None = None
     retry_after: str | None = None
     delay_s: float = 0.0
-    body: Any = None  # dict → problem+json; str → text/html (an edge error page)
     after_bytes: int | None = None  # truncate: bytes of the body sent before closing
     hits: int = 0
 
@@ -310,10 +295,6 @@ class _Req:
             return {}
         return json.loads(self.body)
 
-    def q(self, name: str) -> str | None:
-        v = self.query.get(name)
-        return v[0] if v else None
-
 
 @dataclass
 class _Blob:
@@ -349,10 +330,6 @@ class _Model:
     visibility: str
     hardware: str
     description: str | None = None
-    github_url: str | None = None
-    paper_url: str | None = None
-    license_url: str | None = None
-    cover_image_url: str | None = None
     run_count: int = 0
     versions: list[_Version] = field(default_factory=list)  # newest first
     seq: int = 0
@@ -369,7 +346,6 @@ class _Job:
     seq: int
     webhook: str | None = None
     events: tuple[str, ...] = EVENTS
-    webhook_completed: str | None = None
     destination: str | None = None
     status: str = "starting"
     logs: str = ""
@@ -378,14 +354,14 @@ class _Job:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     metrics: dict = field(default_factory=dict)
-    deadline: datetime | None = None
     cog_url: str | None = None
     cog_weights: str | None = None  # predictions: the version's trained weights (COG_WEIGHTS)
     cog_resolve: bool = False  # predictions: ask ``cog_run_for`` for the Cog URL when the job starts
     cog_accepted: bool = False
     synthetic: SyntheticRun | None = None
     canceled: threading.Event = field(default_factory=threading.Event)
-    channel: "_WebhookChannel | None" = None
+    channel: _WebhookChannel | None = None
+    runner: threading.Thread | None = None  # runs the job (synthetic) or hands it to Cog
 
     @property
     def terminal(self) -> bool:
@@ -398,7 +374,7 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     allow_reuse_address = True
 
-    def __init__(self, fake: "FakeReplicate"):
+    def __init__(self, fake: FakeReplicate):
         self.fake = fake
         self.open_sockets: set[socket.socket] = set()
         self.sock_lock = threading.Lock()
@@ -436,11 +412,10 @@ class _WebhookChannel:
     """One job's outgoing webhooks, sent in order from one thread: ``start`` and ``completed``
     immediately, ``logs``/``output`` coalesced and at least ``throttle_s`` apart."""
 
-    def __init__(self, fake: "FakeReplicate", job: _Job):
+    def __init__(self, fake: FakeReplicate, job: _Job):
         self.fake = fake
         self.job_id = job.id
-        self.url = job.webhook
-        self.completed_url = job.webhook_completed
+        self.url = job.webhook or ""  # a channel exists only for a job with a webhook
         self.events = job.events
         self.cv = threading.Condition()
         self.start_body: str | None = None
@@ -461,6 +436,10 @@ class _WebhookChannel:
                 self.completed_body, self.completed_status = body, status
             else:
                 self.pending.add(event)
+            self.cv.notify_all()
+
+    def wake(self) -> None:
+        with self.cv:
             self.cv.notify_all()
 
     def _next(self):
@@ -485,7 +464,7 @@ class _WebhookChannel:
                         return event, None, ""
                     self.cv.wait(wait)
                 else:
-                    self.cv.wait(0.5)
+                    self.cv.wait()  # notify() or wake() (on stop) ends the wait
 
     def _loop(self) -> None:
         fake = self.fake
@@ -503,8 +482,6 @@ class _WebhookChannel:
             if self.url and event in self.events:
                 self._send(event, body, status)
             if event == "completed":
-                if self.completed_url:
-                    fake._deliver(self.job_id, self.completed_url, "completed", body, status, None, retry=True)
                 if self.held is not None:  # nothing came after it: release it a little later
                     fake._stopping.wait(fake.webhook_reorder_max_hold_s)
                     self._release_held()
@@ -611,7 +588,7 @@ class FakeReplicate:
             self.add_model(ref)
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "FakeReplicate":
+    def start(self) -> FakeReplicate:
         if self._server is None:
             self._server = _Server(self)
             self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -633,6 +610,9 @@ class FakeReplicate:
         self._stopping.set()
         with self._changed:
             self._changed.notify_all()
+            channels = [j.channel for j in self._jobs.values() if j.channel]
+        for channel in channels:
+            channel.wake()
         self._server.shutdown()
         self._server.server_close()
         with self._server.sock_lock:
@@ -646,17 +626,19 @@ class FakeReplicate:
         self._cog.close()
         self._server = None
 
-    def __enter__(self) -> "FakeReplicate":
+    def __enter__(self) -> FakeReplicate:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def client(self, **kwargs):
-        """A ``replicate.Client`` pointed at this fake."""
-        import replicate
+    def client(self, **kwargs) -> Any:
+        """A ``replicate.Client`` pointed at this fake (typed Any: 1.0.7's models make every field
+        Optional, and tests read them as the fake sends them)."""
+        import replicate  # the real client, imported only by tests that ask for one
 
-        return replicate.Client(api_token=self.token, base_url=self.url, **kwargs)
+        # replicate exports Client lazily; pyright cannot see it (reportPrivateImportUsage)
+        return replicate.Client(api_token=self.token, base_url=self.url, **kwargs)  # pyright: ignore
 
     # -- seeding ------------------------------------------------------------------------------------
     def add_model(self, ref: str, *, visibility: str = "private", hardware: str = "cpu", versions: int = 0,
@@ -683,13 +665,13 @@ class FakeReplicate:
 
     # -- fault injection ----------------------------------------------------------------------------
     def fail(self, pattern: str, status: int = 429, *, times: int | None = 1, method: str | None = None,
-             retry_after: str | None = None, body: Any = None) -> HttpFault:
-        """The next ``times`` matching requests get ``status`` (429 and 503 carry ``Retry-After``,
-        default ``"1"``; pass ``"0"`` for fast tests)."""
+             retry_after: str | None = None) -> HttpFault:
+        """The next ``times`` matching requests get ``status`` with Replicate's problem+json for it
+        (429 and 503 carry ``Retry-After``, default ``"1"``; pass ``"0"`` for fast tests)."""
         if retry_after is None and status in (429, 503):
             retry_after = "1"
         return self._add_fault(HttpFault(pattern, "status", status=status, times=times, method=method,
-                                         retry_after=retry_after, body=body))
+                                         retry_after=retry_after))
 
     def slow(self, pattern: str, delay_s: float, *, times: int | None = 1, method: str | None = None) -> HttpFault:
         """Delay the next matching responses by ``delay_s`` (then answer normally)."""
@@ -752,17 +734,42 @@ class FakeReplicate:
         with self._lock:
             return self._json(self._jobs[job_id])
 
-    def wait_for(self, job_id: str, statuses=TERMINAL, timeout: float = 30) -> dict:
+    def wait_until(self, predicate: Callable[[], Any], timeout: float = 10, what: str = "the condition") -> Any:
+        """Wait until ``predicate()`` (called with the fake's lock held) is truthy and return it.  It
+        is re-checked on every state change: job status, logs, output, a webhook attempt recorded."""
         end = time.monotonic() + timeout
         with self._changed:
             while True:
-                job = self._jobs[job_id]
-                if job.status in statuses:
-                    return self._json(job)
+                got = predicate()
+                if got:
+                    return got
                 left = end - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"{job_id} is {job.status}, not in {statuses}")
-                self._changed.wait(min(left, 0.5))
+                    raise TimeoutError(f"fake Replicate: {what} did not happen within {timeout:g}s")
+                self._changed.wait(left)
+
+    def wait_for(self, job_id: str, statuses=TERMINAL, timeout: float = 30) -> dict:
+        """The job (as GET returns it) once its status is one of ``statuses``."""
+        def reached() -> dict | None:
+            job = self._jobs[job_id]
+            return self._json(job) if job.status in statuses else None
+
+        return self.wait_until(reached, timeout, f"job {job_id} reaching {'/'.join(statuses)} "
+                                                 f"(it is {self._jobs[job_id].status})")
+
+    def settled(self, job_id: str, timeout: float = 10) -> dict:
+        """The job once nothing more will happen to it: terminal, its runner done and its webhooks
+        sent (retries included).  Webhook faults sent on the side (``late``) are not waited for."""
+        job = self.wait_for(job_id, timeout=timeout)
+        with self._lock:
+            threads = [t for t in (self._jobs[job_id].runner,
+                                   getattr(self._jobs[job_id].channel, "thread", None)) if t is not None]
+        end = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+            if t.is_alive():
+                raise TimeoutError(f"fake Replicate: job {job_id} still has {t.name} running after {timeout:g}s")
+        return job
 
     def count(self, method: str, pattern: str) -> int:
         """How many requests with this method hit a path matching the glob."""
@@ -802,7 +809,7 @@ class FakeReplicate:
         auth = "Authorization" in h.headers
         delay, fault = self._take_http_faults(method, path)
         if delay is not None:
-            time.sleep(delay.delay_s)
+            self._stopping.wait(delay.delay_s)  # a simulated slow answer; stop() cuts it short
         status: int | None
         truncate_at = None
         if fault is not None and fault.kind == "drop":
@@ -819,8 +826,6 @@ class FakeReplicate:
             try:
                 resp = self._route(req)
             except Exception as e:  # a bug in the fake shows up as a 500 with the reason
-                import traceback
-
                 resp = _problem(500, f"fake error: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             if fault is not None and fault.kind == "truncate":
                 size = len(resp.body) if isinstance(resp.body, bytes) else 0
@@ -836,10 +841,6 @@ class FakeReplicate:
 
     def _fault_response(self, f: HttpFault) -> _Resp:
         headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
-        if isinstance(f.body, str):
-            return _Resp(f.status, f.body.encode(), headers, "text/html")
-        if isinstance(f.body, dict):
-            return _Resp(f.status, f.body, headers, "application/problem+json")
         if f.status == 402:
             resp = _problem(402, "You need to set up billing to run this model. Go to "
                                  "https://replicate.com/account/billing#billing to set it up. If you have recently "
@@ -869,7 +870,7 @@ class FakeReplicate:
             data = str(resp.body).encode()
         try:
             h.send_response(resp.status)
-            if resp.status not in (204, 304):
+            if resp.status != 204:
                 h.send_header("Content-Type", resp.content_type)
                 h.send_header("Content-Length", str(len(data)))
             for k, v in resp.headers.items():
@@ -877,7 +878,7 @@ class FakeReplicate:
             if truncate_at is not None:
                 h.send_header("Connection", "close")
             h.end_headers()
-            if head or resp.status in (204, 304):
+            if head or resp.status == 204:
                 return
             if truncate_at is not None:
                 h.wfile.write(data[:truncate_at])
@@ -894,17 +895,11 @@ class FakeReplicate:
         # (method, regex, handler name, needs auth)
         ("GET", r"/v1/account", "_account", True),
         ("POST", r"/v1/files", "_files_create", True),
-        ("GET", r"/v1/files", "_files_list", True),
         ("GET", r"/v1/files/(?P<fid>[^/]+)", "_files_get", True),
-        ("DELETE", r"/v1/files/(?P<fid>[^/]+)", "_files_delete", True),
         ("GET", r"/v1/hardware", "_hardware", True),
-        ("GET", r"/v1/models", "_models_list", True),
         ("POST", r"/v1/models", "_models_create", True),
         ("GET", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)", "_models_get", True),
-        ("DELETE", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)", "_models_delete", True),
         ("GET", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/versions", "_versions_list", True),
-        ("GET", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/versions/(?P<v>[^/]+)", "_versions_get", True),
-        ("DELETE", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/versions/(?P<v>[^/]+)", "_versions_delete", True),
         ("POST", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/versions/(?P<v>[^/]+)/trainings", "_trainings_create", True),
         ("POST", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/predictions", "_model_predictions_create", True),
         ("POST", r"/v1/predictions", "_predictions_create", True),
@@ -920,10 +915,6 @@ class FakeReplicate:
         ("GET", r"/_fake/outputs/(?P<id>[^/]+)/(?P<name>[^/]+)", "_raw_output", False),
         ("HEAD", r"/_fake/outputs/(?P<id>[^/]+)/(?P<name>[^/]+)", "_raw_output", False),
         ("POST", r"/_fake/cog-webhook/(?P<id>[^/]+)", "_cog_webhook", False),
-        ("GET", r"/_fake/faults", "_faults_get", False),
-        ("POST", r"/_fake/faults", "_faults_post", False),
-        ("DELETE", r"/_fake/faults", "_faults_delete", False),
-        ("POST", r"/_fake/synthetic", "_synthetic_post", False),
     ]
     _COMPILED = [(m, re.compile(rx + "/?"), name, auth) for m, rx, name, auth in _ROUTES]
 
@@ -954,43 +945,20 @@ class FakeReplicate:
         return scheme.lower() in ("bearer", "token") and hmac.compare_digest(token.strip().encode(),
                                                                              self.token.encode())
 
-    def _body_json(self, req: _Req) -> tuple[dict | None, _Resp | None]:
+    def _body_json(self, req: _Req) -> dict | _Resp:
+        """The request's JSON object, or the 400 to answer instead."""
         try:
             body = req.json()
         except (ValueError, UnicodeDecodeError):
-            return None, _problem(400, "JSON parse error - request body is not valid JSON", "Bad request")
+            return _problem(400, "JSON parse error - request body is not valid JSON", "Bad request")
         if not isinstance(body, dict):
-            return None, _problem(400, "Request body must be a JSON object", "Bad request")
-        return body, None
+            return _problem(400, "Request body must be a JSON object", "Bad request")
+        return body
 
-    def _page(self, req: _Req, items: list, dump: Callable[[Any], dict], path: str) -> _Resp:
-        """Newest first; ``next``/``previous`` are absolute URLs with ``?cursor=``."""
-        items = sorted(items, key=lambda x: x.seq, reverse=True)
-        cursor = req.q("cursor")
-        size = max(1, self.page_size)
-        if cursor:
-            try:
-                c = _cursor_decode(cursor)
-            except (ValueError, binascii.Error, UnicodeDecodeError):
-                return _problem(400, "Invalid cursor", "Bad request")
-            if "lt" in c:
-                page = [x for x in items if x.seq < c["lt"]][:size]
-            else:
-                page = [x for x in items if x.seq > c["gt"]][-size:]
-        else:
-            page = items[:size]
-        others = {k: v for k, v in req.query.items() if k != "cursor"}
-
-        def link(c: dict) -> str:
-            q = urllib.parse.urlencode({**others, "cursor": _cursor_encode(c)}, doseq=True)
-            return f"{self.url}{path}?{q}"
-
-        nxt = prev = None
-        if page and any(x.seq < page[-1].seq for x in items):
-            nxt = link({"lt": page[-1].seq})
-        if page and any(x.seq > page[0].seq for x in items):
-            prev = link({"gt": page[0].seq})
-        return _Resp(200, {"next": nxt, "previous": prev, "results": [dump(x) for x in page]})
+    def _page(self, items: list, dump: Callable[[Any], dict]) -> _Resp:
+        """The first page, newest first.  The client reads only the first page of a list (as
+        1.0.7's ``versions.list()`` does), so no cursors are served: ``next`` stays null."""
+        return _Resp(200, {"next": None, "previous": None, "results": [dump(x) for x in items[:max(1, self.page_size)]]})
 
     # -- account, hardware, secret ----------------------------------------------------------------
     def _account(self, req: _Req) -> _Resp:
@@ -1052,20 +1020,10 @@ class FakeReplicate:
             self._files[f.id] = f
             return _Resp(201, self._file_json(f))
 
-    def _files_list(self, req: _Req) -> _Resp:
-        with self._lock:
-            return self._page(req, list(self._files.values()), self._file_json, "/v1/files")
-
     def _files_get(self, req: _Req, fid: str) -> _Resp:
         with self._lock:
             f = self._files.get(fid)
             return _Resp(200, self._file_json(f)) if f else _not_found()
-
-    def _files_delete(self, req: _Req, fid: str) -> _Resp:
-        with self._lock:
-            if self._files.pop(fid, None) is None:
-                return _not_found()
-        return _Resp(204)
 
     def _raw_file(self, req: _Req, fid: str) -> _Resp:
         with self._lock:
@@ -1088,21 +1046,16 @@ class FakeReplicate:
     def _model_json(self, m: _Model) -> dict:
         return {
             "url": f"https://replicate.com/{m.owner}/{m.name}", "owner": m.owner, "name": m.name,
-            "description": m.description, "visibility": m.visibility, "github_url": m.github_url,
-            "paper_url": m.paper_url, "license_url": m.license_url, "cover_image_url": m.cover_image_url,
-            "run_count": m.run_count, "default_example": None,
+            "description": m.description, "visibility": m.visibility, "github_url": None,
+            "paper_url": None, "license_url": None, "cover_image_url": None, "run_count": m.run_count, "default_example": None,
             "latest_version": self._version_json(m.versions[0]) if m.versions else None,
             "is_official": False,
         }
 
-    def _models_list(self, req: _Req) -> _Resp:
-        with self._lock:
-            return self._page(req, list(self._models.values()), self._model_json, "/v1/models")
-
     def _models_create(self, req: _Req) -> _Resp:
-        body, err = self._body_json(req)
-        if err:
-            return err
+        body = self._body_json(req)
+        if isinstance(body, _Resp):
+            return body
         missing = [k for k in ("owner", "name", "visibility", "hardware") if not body.get(k)]
         if missing:
             return _invalid_fields([{"type": "required", "field": k, "description": f"{k} is required"}
@@ -1122,9 +1075,8 @@ class FakeReplicate:
         with self._lock:
             if ref in self._models:
                 return _problem(409, f"A model named {ref} already exists.", "Model already exists")
-            extra = {k: body.get(k) for k in ("description", "github_url", "paper_url", "license_url",
-                                                "cover_image_url")}
-            m = self.add_model(ref, visibility=body["visibility"], hardware=body["hardware"], **extra)
+            m = self.add_model(ref, visibility=body["visibility"], hardware=body["hardware"],
+                               description=body.get("description"))
             return _Resp(201, self._model_json(m))
 
     def _models_get(self, req: _Req, o: str, n: str) -> _Resp:
@@ -1132,43 +1084,12 @@ class FakeReplicate:
             m = self._models.get(f"{o}/{n}")
             return _Resp(200, self._model_json(m)) if m else _not_found()
 
-    def _models_delete(self, req: _Req, o: str, n: str) -> _Resp:
-        with self._lock:
-            m = self._models.get(f"{o}/{n}")
-            if m is None:
-                return _not_found()
-            if m.owner != self.owner:
-                return _problem(403, "You do not have permission to delete this model.", "Forbidden")
-            if m.versions:
-                return _problem(409, "Delete the model's versions first.", "Model has versions")
-            del self._models[f"{o}/{n}"]
-        return _Resp(204)
-
     def _versions_list(self, req: _Req, o: str, n: str) -> _Resp:
         with self._lock:
             m = self._models.get(f"{o}/{n}")
             if m is None:
                 return _not_found()
-            versions = [_Seq(i, v) for i, v in enumerate(reversed(m.versions))]
-            return self._page(req, versions, lambda s: self._version_json(s.obj), f"/v1/models/{o}/{n}/versions")
-
-    def _versions_get(self, req: _Req, o: str, n: str, v: str) -> _Resp:
-        with self._lock:
-            hit = self._versions.get(v)
-            if hit is None or f"{hit[0].owner}/{hit[0].name}" != f"{o}/{n}":
-                return _not_found()
-            return _Resp(200, self._version_json(hit[1]))
-
-    def _versions_delete(self, req: _Req, o: str, n: str, v: str) -> _Resp:
-        with self._lock:
-            hit = self._versions.get(v)
-            if hit is None or f"{hit[0].owner}/{hit[0].name}" != f"{o}/{n}":
-                return _not_found()
-            if hit[0].owner != self.owner:
-                return _problem(403, "You do not have permission to delete this version.", "Forbidden")
-            hit[0].versions.remove(hit[1])
-            del self._versions[v]
-        return _Resp(204)
+            return self._page(m.versions, self._version_json)  # kept newest first
 
     # -- jobs: JSON -------------------------------------------------------------------------------
     def _json(self, job: _Job, *, create: bool = False) -> dict:
@@ -1185,8 +1106,6 @@ class FakeReplicate:
         }
         if job.kind == "prediction":
             out["data_removed"] = False
-            if job.deadline is not None:
-                out["deadline"] = _iso(job.deadline)
         else:
             out["webhook_completed"] = None
         return out
@@ -1222,22 +1141,15 @@ class FakeReplicate:
             if component not in schemas:
                 return None
         fields: list[dict] = []
-        try:
-            import jsonschema
-        except ImportError:  # required fields only
-            for name in schemas[component].get("required", []):
-                if name not in inp:
-                    fields.append({"type": "required", "field": "input", "description": f"{name} is required"})
-        else:
-            root = {"$ref": f"#/components/schemas/{component}", "components": version.openapi_schema["components"]}
-            for e in sorted(jsonschema.Draft202012Validator(root).iter_errors(inp), key=lambda e: list(e.path)):
-                if e.validator == "required":
-                    name = e.message.split("'")[1] if "'" in e.message else e.message
-                    fields.append({"type": "required", "field": "input", "description": f"{name} is required"})
-                else:
-                    where = ".".join(str(p) for p in e.absolute_path)
-                    fields.append({"type": str(e.validator), "field": f"input.{where}" if where else "input",
-                                   "description": e.message})
+        root = {"$ref": f"#/components/schemas/{component}", "components": version.openapi_schema["components"]}
+        for e in sorted(jsonschema.Draft202012Validator(root).iter_errors(inp), key=lambda e: list(e.path)):
+            if e.validator == "required":
+                name = e.message.split("'")[1] if "'" in e.message else e.message
+                fields.append({"type": "required", "field": "input", "description": f"{name} is required"})
+            else:
+                where = ".".join(str(p) for p in e.absolute_path)
+                fields.append({"type": str(e.validator), "field": f"input.{where}" if where else "input",
+                               "description": e.message})
         return _invalid_fields(fields) if fields else None
 
     def _webhook_params(self, body: dict) -> tuple[tuple[str, ...], _Resp | None]:
@@ -1251,12 +1163,11 @@ class FakeReplicate:
         return tuple(events), None
 
     def _new_job(self, kind: str, model: _Model, version: _Version, body: dict, events: tuple[str, ...],
-                 destination: str | None = None, deadline: datetime | None = None) -> _Job:
+                 destination: str | None = None) -> _Job:
         self._seq += 1
         job = _Job(kind=kind, id=_job_id(), model=f"{model.owner}/{model.name}", version=version.id,
                    input=body.get("input") or {}, created_at=_now(), seq=self._seq, webhook=body.get("webhook"),
-                   events=events, webhook_completed=body.get("webhook_completed"), destination=destination,
-                   deadline=deadline)
+                   events=events, destination=destination)
         job.cog_url = self.cog_predict_url if kind == "prediction" else self.cog_train_url
         if kind == "prediction" and self.cog_run_for is not None:
             # as on Replicate: the version's image in run mode, COG_WEIGHTS = its training's weights
@@ -1265,14 +1176,12 @@ class FakeReplicate:
             job.synthetic = SyntheticRun(**asdict(self.synthetic))
         model.run_count += 1
         self._jobs[job.id] = job
-        if job.webhook or job.webhook_completed:
+        if job.webhook:
             job.channel = _WebhookChannel(self, job)
             job.channel.notify("start", self._dump(job), job.status)
         runner = self._run_cog if (job.cog_url or job.cog_resolve) else self._run_synthetic
-        threading.Thread(target=runner, args=(job,), name=f"job-{job.id}", daemon=True).start()
-        if deadline is not None:
-            delay = (deadline - _now()).total_seconds()
-            threading.Thread(target=self._deadline, args=(job, delay), daemon=True).start()
+        job.runner = threading.Thread(target=runner, args=(job,), name=f"job-{job.id}", daemon=True)
+        job.runner.start()
         return job
 
     def _create_prediction(self, req: _Req, body: dict, hit: tuple[_Model, _Version] | None) -> _Resp:
@@ -1284,21 +1193,12 @@ class FakeReplicate:
         events, bad = self._webhook_params(body)
         if bad:
             return bad
-        deadline = None
-        cancel_after = req.headers.get("Cancel-After")
-        if cancel_after:
-            m = _CANCEL_AFTER.fullmatch(cancel_after.strip())
-            secs = (int(m.group(1) or 0) * 3600 + int(m.group(2) or 0) * 60 + int(m.group(3) or 0)) if m else 0
-            if not m or not any(m.groups()) or secs < 5:
-                return _problem(422, "Cancel-After must be a duration such as 30s, 5m or 1h30m, at least 5s",
-                                "Invalid Cancel-After header")
-            deadline = _now() + timedelta(seconds=secs)
         prefer = (req.headers.get("Prefer") or "").strip()
         wait = None
         if _PREFER_WAIT.match(prefer):
             wait = float(prefer.partition("=")[2] or self.max_wait_s)
         with self._lock:
-            job = self._new_job("prediction", hit[0], hit[1], body, events, deadline=deadline)
+            job = self._new_job("prediction", hit[0], hit[1], body, events)
             if wait is None:
                 return _Resp(201, self._json(job))
             end = time.monotonic() + min(wait, self.max_wait_s)
@@ -1314,17 +1214,17 @@ class FakeReplicate:
         return _Resp(201 if done else 202, out, {"Preference-Applied": prefer})
 
     def _predictions_create(self, req: _Req) -> _Resp:
-        body, err = self._body_json(req)
-        if err:
-            return err
+        body = self._body_json(req)
+        if isinstance(body, _Resp):
+            return body
         with self._lock:
             hit = self._resolve_version(body.get("version"))
         return self._create_prediction(req, body, hit)
 
     def _model_predictions_create(self, req: _Req, o: str, n: str) -> _Resp:
-        body, err = self._body_json(req)
-        if err:
-            return err
+        body = self._body_json(req)
+        if isinstance(body, _Resp):
+            return body
         with self._lock:
             m = self._models.get(f"{o}/{n}")
             if m is None:
@@ -1333,9 +1233,9 @@ class FakeReplicate:
         return self._create_prediction(req, body, hit)
 
     def _trainings_create(self, req: _Req, o: str, n: str, v: str) -> _Resp:
-        body, err = self._body_json(req)
-        if err:
-            return err
+        body = self._body_json(req)
+        if isinstance(body, _Resp):
+            return body
         with self._lock:
             hit = self._versions.get(v)
             if hit is None or f"{hit[0].owner}/{hit[0].name}" != f"{o}/{n}":
@@ -1365,27 +1265,16 @@ class FakeReplicate:
             job = self._jobs.get(id)
             return _Resp(200, self._json(job)) if job and job.kind == "training" else _not_found()
 
-    def _list_jobs(self, req: _Req, kind: str) -> _Resp:
+    def _list_jobs(self, kind: str) -> _Resp:
         with self._lock:
-            jobs = [j for j in self._jobs.values() if j.kind == kind]
-            try:
-                if req.q("created_after"):
-                    after = _parse_iso(req.q("created_after"))
-                    jobs = [j for j in jobs if j.created_at > after]
-                if req.q("created_before"):
-                    before = _parse_iso(req.q("created_before"))
-                    jobs = [j for j in jobs if j.created_at < before]
-            except ValueError:
-                return _problem(400, "created_after/created_before must be ISO-8601 timestamps", "Bad request")
-            if req.q("source") == "web":
-                jobs = []
-            return self._page(req, jobs, self._json, f"/v1/{kind}s")
+            jobs = sorted((j for j in self._jobs.values() if j.kind == kind), key=lambda j: j.seq, reverse=True)
+            return self._page(jobs, self._json)
 
     def _predictions_list(self, req: _Req) -> _Resp:
-        return self._list_jobs(req, "prediction")
+        return self._list_jobs("prediction")
 
     def _trainings_list(self, req: _Req) -> _Resp:
-        return self._list_jobs(req, "training")
+        return self._list_jobs("training")
 
     def _predictions_cancel(self, req: _Req, id: str) -> _Resp:
         job = self._cancel(id)
@@ -1410,10 +1299,6 @@ class FakeReplicate:
         if forward:
             self._cog_cancel(job)
         return out
-
-    def _deadline(self, job: _Job, delay: float) -> None:
-        if not self._stopping.wait(max(delay, 0)) and not job.terminal:
-            self._cancel(job.id)
 
     # -- jobs: state changes (call with the lock held) --------------------------------------------
     def _mark_processing(self, job: _Job) -> None:
@@ -1494,7 +1379,7 @@ class FakeReplicate:
     def _run_synthetic(self, job: _Job) -> None:
         syn = job.synthetic
         assert syn is not None
-        if job.canceled.wait(syn.queue_s) or self._stopping.is_set():
+        if self._stopping.is_set():
             return
         with self._lock:
             if job.terminal:
@@ -1522,7 +1407,7 @@ class FakeReplicate:
                 if job.kind == "prediction":  # the run entry renders images
                     output = [self._store_output(job, "out-0.png", tiny_png(), "image/png")]
                 else:
-                    url = self._store_output(job, "output.zip", tiny_zip(syn.output_files), "application/zip")
+                    url = self._store_output(job, "output.zip", tiny_zip(), "application/zip")
                     output = self._training_output(job, {"weights": url})
                 self._finish(job, "succeeded", output=output, predict_time=predict_time)
             else:
@@ -1545,6 +1430,7 @@ class FakeReplicate:
     def _run_cog(self, job: _Job) -> None:
         path = "/predictions" if job.kind == "prediction" else "/trainings"
         if job.cog_resolve:
+            assert self.cog_run_for is not None
             try:  # may start a server (seconds): outside the lock
                 url = self.cog_run_for(job.cog_weights).rstrip("/")
             except Exception as e:  # noqa: BLE001 - the version cannot boot: the prediction fails
@@ -1553,6 +1439,8 @@ class FakeReplicate:
                 return
             with self._lock:
                 job.cog_url = url
+        assert job.cog_url is not None
+        target = job.cog_url + path
         with self._lock:
             body = {"id": job.id, "input": self._rewrite_input(job.input),
                     "webhook": f"{self.url}/_fake/cog-webhook/{job.id}",
@@ -1560,21 +1448,21 @@ class FakeReplicate:
         failures = 0
         while not job.canceled.is_set() and not self._stopping.is_set():
             try:
-                r = self._cog.post(job.cog_url + path, json=body, headers={"Prefer": "respond-async"})
+                r = self._cog.post(target, json=body, headers={"Prefer": "respond-async"})
             except httpx.HTTPError as e:
-                self.cog_requests.append({"method": "POST", "url": job.cog_url + path, "status": None,
+                self.cog_requests.append({"method": "POST", "url": target, "status": None,
                                           "job_id": job.id, "error": repr(e)})
                 failures += 1
                 if failures >= 20:
                     with self._lock:
                         self._finish(job, "failed", error=f"could not reach the model server: {e}")
                     return
-                self._stopping.wait(0.5)
+                job.canceled.wait(0.5)  # a retry interval; a cancel (stop() cancels too) ends it
                 continue
-            self.cog_requests.append({"method": "POST", "url": job.cog_url + path, "status": r.status_code,
+            self.cog_requests.append({"method": "POST", "url": target, "status": r.status_code,
                                       "job_id": job.id})
             if r.status_code in (409, 503):  # slot busy / setup not finished: the job stays queued
-                self._stopping.wait(0.2)
+                job.canceled.wait(0.2)
                 continue
             if r.status_code in (200, 202):
                 with self._lock:
@@ -1635,8 +1523,9 @@ class FakeReplicate:
         return "v1," + base64.b64encode(digest).decode()
 
     def _record_webhook(self, rec: SentWebhook) -> None:
-        with self._lock:
+        with self._changed:
             self.sent_webhooks.append(rec)
+            self._changed.notify_all()
 
     def _deliver(self, job_id: str, url: str, event: str, body: str, status: str, fault: str | None, *,
                  retry: bool, msg_id: str | None = None) -> bool:
@@ -1662,63 +1551,6 @@ class FakeReplicate:
             if ok or (code is not None and code < 400):  # 3xx: redirects are not followed, nor retried
                 return ok
         return False
-
-    # -- control endpoints ------------------------------------------------------------------------
-    def _faults_get(self, req: _Req) -> _Resp:
-        with self._lock:
-            return _Resp(200, {"http": [asdict(f) for f in self.http_faults],
-                               "webhooks": [asdict(f) for f in self.webhook_faults]})
-
-    def _faults_post(self, req: _Req) -> _Resp:
-        """``{"kind": "status"|"delay"|"drop"|"truncate", "path": glob, ...HttpFault fields}`` or
-        ``{"webhook": "drop"|"duplicate"|"reorder"|"late", "event", "times", "delay_s", "job_id"}``;
-        a list of these is accepted too."""
-        try:
-            body = req.json()
-        except ValueError:
-            return _problem(400, "bad JSON")
-        added = []
-        try:
-            for spec in body if isinstance(body, list) else [body]:
-                spec = dict(spec)
-                if "webhook" in spec:
-                    kind = spec.pop("webhook")
-                    added.append(asdict(self.webhook_fault(kind, **spec)))
-                    continue
-                kind = spec.pop("kind", "status")
-                pattern = spec.pop("path", None) or spec.pop("pattern")
-                if kind == "status":
-                    f = self.fail(pattern, spec.pop("status", 429), **spec)
-                elif kind == "delay":
-                    f = self.slow(pattern, spec.pop("delay_s"), **spec)
-                elif kind == "drop":
-                    f = self.drop(pattern, **spec)
-                elif kind == "truncate":
-                    f = self.truncate(pattern, **spec)
-                else:
-                    raise ValueError(f"unknown fault kind {kind!r}")
-                added.append(asdict(f))
-        except (TypeError, ValueError, KeyError) as e:
-            return _problem(422, f"bad fault spec: {e}")
-        return _Resp(201, {"added": added})
-
-    def _faults_delete(self, req: _Req) -> _Resp:
-        self.clear_faults()
-        return _Resp(204)
-
-    def _synthetic_post(self, req: _Req) -> _Resp:
-        try:
-            self.synthetic = SyntheticRun(**req.json())
-        except (TypeError, ValueError) as e:
-            return _problem(422, f"bad synthetic spec: {e}")
-        return _Resp(200, asdict(self.synthetic) | {"output_files": None})
-
-
-@dataclass
-class _Seq:
-    seq: int
-    obj: Any
-
 
 # -- module helpers --------------------------------------------------------------------------------
 
@@ -1792,34 +1624,16 @@ def _cog_error(r: httpx.Response) -> str:
 
 
 def _blob_response(req: _Req, blob: _Blob) -> _Resp:
-    """200, or 206 for one ``Range: bytes=`` range (``If-Range`` honoured), 416 when unsatisfiable,
-    304 for a matching ``If-None-Match``."""
-    etag = f'"{blob.etag}"'
+    """200, or 206 for ``Range: bytes=START-[END]`` (how the client resumes a download), 416 when
+    START is past the end; any other Range form is ignored (a full 200), as HTTP allows."""
     size = len(blob.data)
-    headers = {"Accept-Ranges": "bytes", "ETag": etag, "Cache-Control": "public, max-age=3600"}
-    inm = req.headers.get("If-None-Match")
-    if inm and etag in [t.strip() for t in inm.split(",")]:
-        return _Resp(304, None, headers)
-    rng = (req.headers.get("Range") or "").strip()
-    if_range = req.headers.get("If-Range")
-    if rng.startswith("bytes=") and "," not in rng and (if_range is None or if_range.strip() == etag):
-        first, _, last = rng[6:].strip().partition("-")
-        try:
-            if first == "":
-                n = int(last)
-                start, end = max(size - n, 0), size - 1
-                if n == 0:
-                    raise IndexError
-            else:
-                start = int(first)
-                end = min(int(last), size - 1) if last else size - 1
-                if start >= size or end < start:
-                    raise IndexError
-        except ValueError:
-            pass  # malformed: ignore the header
-        except IndexError:
-            return _Resp(416, b"", {**headers, "Content-Range": f"bytes */{size}"}, blob.content_type)
-        else:
-            return _Resp(206, blob.data[start:end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{size}"},
-                         blob.content_type)
-    return _Resp(200, blob.data, headers, blob.content_type)
+    headers = {"Accept-Ranges": "bytes", "ETag": f'"{blob.etag}"', "Cache-Control": "public, max-age=3600"}
+    m = re.fullmatch(r"bytes=(\d+)-(\d*)", (req.headers.get("Range") or "").strip())
+    if m is None:
+        return _Resp(200, blob.data, headers, blob.content_type)
+    start = int(m.group(1))
+    end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    if start >= size or end < start:
+        return _Resp(416, b"", {**headers, "Content-Range": f"bytes */{size}"}, blob.content_type)
+    return _Resp(206, blob.data[start:end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{size}"},
+                 blob.content_type)

@@ -248,7 +248,7 @@ def test_archive_over_the_upload_limit_gets_a_clear_message(env, sample_dataset)
 
 def _job_and_hook(local, fake, sample_dataset):
     job_id = _submit(local, sample_dataset).json()["job"]["id"]
-    local.wait_job(job_id)
+    local.wait_job(job_id, delivered=True)  # the download changes the record too: let it finish first
     return job_id, fake.job(job_id)
 
 

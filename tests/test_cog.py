@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from cogserver import CogServer, FileServer, Receiver, data_uri
+from cogserver import CogServer, FileServer, Receiver, data_uri, wait_until
 from conftest import ROOT, cog_server_fixture, tiny_spec
+from PIL import Image
 
 SECRET = "hf_TOPSECRETtoken1234567890"
 S3_SECRET = "s3SECRETkey0987654321zyxw"
@@ -285,14 +284,11 @@ def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, samp
             "dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 100000},
             "webhook": hooks.url}, headers={"Prefer": "respond-async"})
         assert r.status_code == 202
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait until both workers train
-            logs = "".join(p.get("logs") or "" for p in hooks.payloads)
-            if '"phase": "train"' in logs and "process 1 of 2" in logs:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("training did not start")
+        def both_train(payloads: list[dict]) -> bool:
+            logs = "".join(p.get("logs") or "" for p in payloads)
+            return '"phase": "train"' in logs and "process 1 of 2" in logs
+
+        hooks.wait(both_train, 120, "both data-parallel workers logging training steps")
         assert len(_processes_mentioning(str(jobs))) >= 3  # launcher + 2 workers
         started = time.monotonic()
         assert server.client.post("/trainings/pred_cancel_me/cancel").status_code == 200
@@ -300,10 +296,8 @@ def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, samp
         elapsed = time.monotonic() - started
         assert final["status"] == "canceled"
         assert elapsed < 10, f"cancel took {elapsed:.1f}s"
-        deadline = time.monotonic() + 10
-        while _processes_mentioning(str(jobs)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _processes_mentioning(str(jobs)) == [], "trainer processes outlived the cancel"
+        wait_until(lambda: not _processes_mentioning(str(jobs)), 10, "trainer processes outlived the cancel: "
+                   "they did not all exit", interval=0.2)
     finally:
         hooks.close()
         gen.close()

@@ -452,7 +452,3 @@ def describe(result: TrainResult) -> dict[str, Any]:
     return {"out_dir": str(result.out_dir), "weights": [str(p) for p in result.weights],
             "samples": [str(p) for p in result.samples], "loss_plot": str(result.loss_plot),
             "config": str(result.config)}
-
-
-# bench/run.py builds its step from these (renamed public; the old names stay until bench moves)
-_make_trainable, _optimizer = make_trainable, build_optimizer

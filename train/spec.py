@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 SPEC_VERSION = 1
 
@@ -68,11 +69,11 @@ class _Section(BaseModel):
 
 
 class LoraSpec(_Section):
-    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
-    alpha: float | None = Field(None, gt=0, le=4096, description="LoRA alpha; default: equal to the rank")
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r")
+    alpha: float | None = Field(default=None, gt=0, le=4096, description="LoRA alpha; default: equal to the rank")
     targets: str | list[str] = Field(
-        "default", description='target modules: a preset ("default", "attention", "attention+mlp") or module names')
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+        default="default", description='target modules: a preset ("default", "attention", "attention+mlp") or module names')
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
     @field_validator("targets")
     @classmethod
@@ -92,11 +93,11 @@ class LoraSpec(_Section):
 class ValidationSpec(_Section):
     prompts: list[str] = Field(default_factory=list, max_length=16,
                                description="prompts rendered at the interval and at the end (the trigger word is added)")
-    interval: int = Field(0, ge=0, description="steps between validation renders; 0 = only at the end")
-    num_inference_steps: int | None = Field(None, ge=1, le=200, description="default: 28 (dev), 4 (schnell), 30 (sdxl)")
-    guidance_scale: float | None = Field(None, ge=0, le=30, description="default: 3.5 (dev), 0 (schnell), 5 (sdxl)")
-    resolution: int | None = Field(None, ge=64, le=4096, description="square render size; default: the first training resolution")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="default: the training seed")
+    interval: int = Field(default=0, ge=0, description="steps between validation renders; 0 = only at the end")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=200, description="default: 28 (dev), 4 (schnell), 30 (sdxl)")
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, description="default: 3.5 (dev), 0 (schnell), 5 (sdxl)")
+    resolution: int | None = Field(default=None, ge=64, le=4096, description="square render size; default: the first training resolution")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="default: the training seed")
 
     @field_validator("prompts")
     @classmethod
@@ -112,88 +113,88 @@ class ValidationSpec(_Section):
 class DatasetSpec(_Section):
     """Limits applied while staging an uploaded archive (the defaults suit 100 MiB uploads)."""
 
-    max_files: int = Field(20_000, ge=1, le=1_000_000, description="most archive entries accepted")
-    max_bytes: int = Field(8 * 2**30, ge=1, le=256 * 2**30, description="most uncompressed bytes accepted")
-    max_image_pixels: int = Field(80_000_000, ge=4096, le=1_000_000_000, description="largest image (w*h) accepted")
-    default_caption: str = Field("", max_length=2000, description="caption for images that have none")
+    max_files: int = Field(default=20_000, ge=1, le=1_000_000, description="most archive entries accepted")
+    max_bytes: int = Field(default=8 * 2**30, ge=1, le=256 * 2**30, description="most uncompressed bytes accepted")
+    max_image_pixels: int = Field(default=80_000_000, ge=4096, le=1_000_000_000, description="largest image (w*h) accepted")
+    default_caption: str = Field(default="", max_length=2000, description="caption for images that have none")
     trigger_word_position: Literal["prepend", "append"] = "prepend"
 
 
 class FluxOptions(_Section):
-    guidance: float = Field(1.0, ge=0, le=30, description="value fed to the guidance embedding while training (dev)")
+    guidance: float = Field(default=1.0, ge=0, le=30, description="value fed to the guidance embedding while training (dev)")
     timestep_sampling: Literal["flux_shift", "logit_normal", "shift", "uniform"] = Field(
-        "flux_shift", description="flux_shift: logit-normal sigmas with the resolution-dependent shift the pipeline uses")
-    shift: float = Field(3.0, gt=0, le=20, description="constant shift for timestep_sampling=shift")
-    logit_mean: float = Field(0.0, ge=-5, le=5)
-    logit_std: float = Field(1.0, gt=0, le=5)
-    max_sequence_length: int | None = Field(None, ge=1, le=512, description="T5 tokens; default 512 (dev), 256 (schnell)")
+        default="flux_shift", description="flux_shift: logit-normal sigmas with the resolution-dependent shift the pipeline uses")
+    shift: float = Field(default=3.0, gt=0, le=20, description="constant shift for timestep_sampling=shift")
+    logit_mean: float = Field(default=0.0, ge=-5, le=5)
+    logit_std: float = Field(default=1.0, gt=0, le=5)
+    max_sequence_length: int | None = Field(default=None, ge=1, le=512, description="T5 tokens; default 512 (dev), 256 (schnell)")
 
 
 class SdxlOptions(_Section):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
-        "auto", description="auto: what the base model's scheduler config says")
-    snr_gamma: float | None = Field(None, gt=0, le=100, description="min-SNR loss weighting; None disables it")
-    noise_offset: float = Field(0.0, ge=0, le=1)
+        default="auto", description="auto: what the base model's scheduler config says")
+    snr_gamma: float | None = Field(default=None, gt=0, le=100, description="min-SNR loss weighting; None disables it")
+    noise_offset: float = Field(default=0.0, ge=0, le=1)
 
 
 class SpeedOptions(_Section):
     """Step-speed levers (train/speed.py). All but fp8_base are numerically equivalent to the plain path."""
 
     attention: Literal["auto", "flash", "efficient", "math", "cudnn"] = Field(
-        "auto", description="SDPA backend on CUDA; auto = flash / memory-efficient, never cuDNN")
+        default="auto", description="SDPA backend on CUDA; auto = flash / memory-efficient, never cuDNN")
     compile: Literal["auto", "off", "blocks"] = Field(
-        "auto", description="blocks: torch.compile the repeated blocks; auto: blocks on a GPU for runs of "
+        default="auto", description="blocks: torch.compile the repeated blocks; auto: blocks on a GPU for runs of "
                             "200+ steps (the warm-up pays for itself), falling back to eager where it cannot compile")
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="NHWC UNet (SDXL); auto: on CUDA")
+    channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="NHWC UNet (SDXL); auto: on CUDA")
     cache_on_device: Literal["auto", "on", "off"] = Field(
-        "auto", description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory")
+        default="auto", description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory")
     fuse_qkv: Literal["off", "on"] = Field(
-        "off", description="LoRA on Flux: q/k/v projections and their LoRA as one matmul each (same numbers)")
+        default="off", description="LoRA on Flux: q/k/v projections and their LoRA as one matmul each (same numbers)")
     fuse_lora: Literal["off", "on"] = Field(
-        "off", description="LoRA: each other LoRA linear computes its base and LoRA down projection as one matmul "
+        default="off", description="LoRA: each other LoRA linear computes its base and LoRA down projection as one matmul "
                            "(same numbers); layers that run fp8 keep their own path")
     fp8_base: Literal["off", "on"] = Field(
-        "off", description="LoRA only: the frozen base's linears in the repeated blocks run fp8 matmuls "
+        default="off", description="LoRA only: the frozen base's linears in the repeated blocks run fp8 matmuls "
                            "(e4m3, per-row scales; Ada/Hopper GPUs); not bit-equal to bf16")
 
 
 class PublishSpec(_Section):
     """Where finished weights go besides the output archive. Credentials never live in the spec."""
 
-    hub_model_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    hub_model_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
     hub_private: bool = True
-    s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-    s3_prefix: str = Field("", max_length=900)
-    s3_endpoint_url: str | None = Field(None, pattern=r"^https?://")
-    s3_region: str | None = Field(None, max_length=64)
-    s3_public_base_url: str | None = Field(None, pattern=r"^https?://")
+    s3_bucket: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    s3_prefix: str = Field(default="", max_length=900)
+    s3_endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
+    s3_region: str | None = Field(default=None, max_length=64)
+    s3_public_base_url: str | None = Field(default=None, pattern=r"^https?://")
 
 
 class TrainingSpec(_Section):
     spec_version: Literal[1] = SPEC_VERSION
-    model: ModelFamily = Field("flux-dev", description="model family")
-    base_weights: str | None = Field(None, min_length=1, description="a diffusers folder or a Hub id; default: the family's official repo")
+    model: ModelFamily = Field(default="flux-dev", description="model family")
+    base_weights: str | None = Field(default=None, min_length=1, description="a diffusers folder or a Hub id; default: the family's official repo")
     mode: Literal["lora", "full"] = "lora"
     lora: LoraSpec = LoraSpec()
-    steps: int = Field(1000, ge=1, le=1_000_000, description="optimizer steps")
-    learning_rate: float | None = Field(None, gt=0, le=10, description="default: 1e-4 (lora), 1e-5 (full), 1.0 (prodigy)")
+    steps: int = Field(default=1000, ge=1, le=1_000_000, description="optimizer steps")
+    learning_rate: float | None = Field(default=None, gt=0, le=10, description="default: 1e-4 (lora), 1e-5 (full), 1.0 (prodigy)")
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_steps: int = Field(default=0, ge=0)
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
-    weight_decay: float = Field(1e-4, ge=0, le=1)
-    batch_size: int = Field(1, ge=1, le=64)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="gradient clipping; 0 disables it")
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    batch_size: int = Field(default=1, ge=1, le=64)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    max_grad_norm: float = Field(default=1.0, ge=0, le=1e6, description="gradient clipping; 0 disables it")
     resolutions: list[int] = Field(default_factory=lambda: [1024], min_length=1, max_length=8,
                                    description='target sizes, e.g. "512,768,1024"')
-    trigger_word: str = Field("", max_length=100)
-    caption_dropout: float = Field(0.05, ge=0, le=1, description="probability of training a step with an empty caption")
-    seed: int = Field(42, ge=0, le=2**32 - 1)
+    trigger_word: str = Field(default="", max_length=100)
+    caption_dropout: float = Field(default=0.05, ge=0, le=1, description="probability of training a step with an empty caption")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
     validation: ValidationSpec = ValidationSpec()
-    checkpoint_interval: int = Field(0, ge=0, description="steps between resumable checkpoints; 0 = none")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    checkpoint_interval: int = Field(default=0, ge=0, description="steps between resumable checkpoints; 0 = none")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(default="auto", description="auto: bf16 on a GPU, fp32 on a CPU")
     memory_policy: Literal["auto", "off", "gradient_checkpointing"] = "auto"
-    log_every: int = Field(1, ge=1, le=10_000, description="steps between progress lines")
+    log_every: int = Field(default=1, ge=1, le=10_000, description="steps between progress lines")
     dataset: DatasetSpec = DatasetSpec()
     flux: FluxOptions = FluxOptions()
     sdxl: SdxlOptions = SdxlOptions()
@@ -306,7 +307,7 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     return problems
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "spec"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":

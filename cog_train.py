@@ -14,12 +14,11 @@ without running it.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from cog import BaseRunner, Input, Path, Secret
 
 
-def _secret(value) -> Optional[str]:
+def _secret(value) -> str | None:
     if value is None:
         return None
     return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
@@ -27,6 +26,7 @@ def _secret(value) -> Optional[str]:
 
 class Trainer(BaseRunner):
     def setup(self) -> None:
+        # the trainer's modules load with the runner, not when Cog reads this file for its inputs
         from train.service import JobFolders, detect_gpus, processes_for
         from train.weights import prepare_weights_from_env
 
@@ -49,35 +49,35 @@ class Trainer(BaseRunner):
         spec: str = Input(
             description="The whole training spec as JSON (see docs/spec.md); the typed inputs below override its fields",
             default="{}"),
-        model: Optional[str] = Input(description="Model family (overrides spec.model)",
+        model: str | None = Input(description="Model family (overrides spec.model)",
                                      choices=["flux-dev", "flux-schnell", "sdxl"], default=None),
-        mode: Optional[str] = Input(description="lora or full fine-tune (overrides spec.mode)",
+        mode: str | None = Input(description="lora or full fine-tune (overrides spec.mode)",
                                     choices=["lora", "full"], default=None),
-        steps: Optional[int] = Input(description="Optimizer steps", ge=1, le=100000, default=None),
-        learning_rate: Optional[float] = Input(description="Peak learning rate", ge=1e-7, le=10, default=None),
-        lora_rank: Optional[int] = Input(description="LoRA rank", ge=1, le=1024, default=None),
-        resolutions: Optional[str] = Input(description='Training resolutions, e.g. "512,768,1024"',
+        steps: int | None = Input(description="Optimizer steps", ge=1, le=100000, default=None),
+        learning_rate: float | None = Input(description="Peak learning rate", ge=1e-7, le=10, default=None),
+        lora_rank: int | None = Input(description="LoRA rank", ge=1, le=1024, default=None),
+        resolutions: str | None = Input(description='Training resolutions, e.g. "512,768,1024"',
                                            regex=r"^\s*\d+(\s*,\s*\d+)*\s*$", default=None),
-        batch_size: Optional[int] = Input(description="Images per batch and GPU", ge=1, le=64, default=None),
-        trigger_word: Optional[str] = Input(description="Word put into every caption that lacks it",
+        batch_size: int | None = Input(description="Images per batch and GPU", ge=1, le=64, default=None),
+        trigger_word: str | None = Input(description="Word put into every caption that lacks it",
                                             max_length=100, default=None),
-        seed: Optional[int] = Input(description="Random seed", ge=0, le=4294967295, default=None),
-        validation_prompts: Optional[str] = Input(description="Validation prompts, one per line", default=None),
-        hf_token: Optional[Secret] = Input(description="Hugging Face token: gated base models and Hub publishing",
+        seed: int | None = Input(description="Random seed", ge=0, le=4294967295, default=None),
+        validation_prompts: str | None = Input(description="Validation prompts, one per line", default=None),
+        hf_token: Secret | None = Input(description="Hugging Face token: gated base models and Hub publishing",
                                            default=None),
-        hub_model_id: Optional[str] = Input(description="Publish the result to this Hugging Face repo (owner/name)",
+        hub_model_id: str | None = Input(description="Publish the result to this Hugging Face repo (owner/name)",
                                             regex=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", default=None),
         hub_private: bool = Input(description="Make the Hub repo private", default=True),
-        s3_bucket: Optional[str] = Input(description="Publish the output files to this S3-compatible bucket",
+        s3_bucket: str | None = Input(description="Publish the output files to this S3-compatible bucket",
                                          default=None),
         s3_prefix: str = Input(description="Key prefix inside the bucket", default=""),
-        s3_endpoint_url: Optional[str] = Input(description="Endpoint of a non-AWS store (MinIO, B2, R2)", default=None),
-        s3_region: Optional[str] = Input(description="Bucket region", default=None),
-        s3_public_base_url: Optional[str] = Input(description="Public URL of the bucket, for the links in the log",
+        s3_endpoint_url: str | None = Input(description="Endpoint of a non-AWS store (MinIO, B2, R2)", default=None),
+        s3_region: str | None = Input(description="Bucket region", default=None),
+        s3_public_base_url: str | None = Input(description="Public URL of the bucket, for the links in the log",
                                                   default=None),
-        s3_access_key_id: Optional[Secret] = Input(description="S3 access key id", default=None),
-        s3_secret_access_key: Optional[Secret] = Input(description="S3 secret access key", default=None),
-        resume_from: Optional[Path] = Input(description="A checkpoint archive to continue from", default=None),
+        s3_access_key_id: Secret | None = Input(description="S3 access key id", default=None),
+        s3_secret_access_key: Secret | None = Input(description="S3 secret access key", default=None),
+        resume_from: Path | None = Input(description="A checkpoint archive to continue from", default=None),
         return_checkpoint: bool = Input(description="Include resumable checkpoints in the output archive",
                                         default=False),
     ) -> Path:

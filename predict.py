@@ -16,19 +16,19 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import List, Optional
 
 from cog import BaseRunner, Input, Path, Secret
 
 
-def _secret(value) -> Optional[str]:
+def _secret(value) -> str | None:
     if value is None:
         return None
     return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
 
 
 class Predictor(BaseRunner):
-    def setup(self, weights: Optional[str] = None) -> None:
+    def setup(self, weights: str | None = None) -> None:
+        # the trainer's modules load with the runner, not when Cog reads this file for its inputs
         from train.inference import InferenceSession
 
         self.session = InferenceSession(weights)
@@ -43,31 +43,31 @@ class Predictor(BaseRunner):
             description="Aspect ratio of the images (about one megapixel); custom: width and height below",
             choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
             default="1:1"),
-        width: Optional[int] = Input(description="Width with aspect_ratio custom (rounded down to a multiple of 16)",
+        width: int | None = Input(description="Width with aspect_ratio custom (rounded down to a multiple of 16)",
                                      ge=64, le=2048, default=None),
-        height: Optional[int] = Input(description="Height with aspect_ratio custom (rounded down to a multiple of 16)",
+        height: int | None = Input(description="Height with aspect_ratio custom (rounded down to a multiple of 16)",
                                       ge=64, le=2048, default=None),
         num_outputs: int = Input(description="Number of images (seeds seed, seed+1, ...)", ge=1, le=4, default=1),
-        num_inference_steps: Optional[int] = Input(
+        num_inference_steps: int | None = Input(
             description="Denoising steps; default 28 (flux-dev), 4 (flux-schnell), 30 (sdxl)", ge=1, le=100,
             default=None),
-        guidance_scale: Optional[float] = Input(
+        guidance_scale: float | None = Input(
             description="Guidance; default 3.5 (flux-dev), 0 (flux-schnell), 5 (sdxl)", ge=0, le=20, default=None),
-        seed: Optional[int] = Input(description="Random seed; empty for a random one (it is logged)", ge=0,
+        seed: int | None = Input(description="Random seed; empty for a random one (it is logged)", ge=0,
                                     le=4294967295, default=None),
         lora_scale: float = Input(description="Strength of the LoRA", ge=-1, le=3, default=1.0),
         # One string literal per description: the static generator does not join adjacent literals.
-        lora_weights: Optional[str] = Input(
+        lora_weights: str | None = Input(
             description="Another LoRA instead of the trained one: a URL of an advanced-trainer output.zip, a .safetensors or another trainer's archive, or a Hugging Face repo (owner/name or owner/name/file.safetensors)",  # noqa: E501
             default=None),
-        extra_lora: Optional[str] = Input(description="A second LoRA stacked on the first (same forms as lora_weights)",
+        extra_lora: str | None = Input(description="A second LoRA stacked on the first (same forms as lora_weights)",
                                           default=None),
         extra_lora_scale: float = Input(description="Strength of extra_lora", ge=-1, le=3, default=1.0),
         output_format: str = Input(description="Image format", choices=["webp", "jpg", "png"], default="webp"),
         output_quality: int = Input(description="Quality of webp and jpg images (png is lossless)", ge=0, le=100,
                                     default=90),
-        hf_token: Optional[Secret] = Input(description="Hugging Face token for LoRAs in private repos", default=None),
-    ) -> List[Path]:
+        hf_token: Secret | None = Input(description="Hugging Face token for LoRAs in private repos", default=None),
+    ) -> list[Path]:
         """Render the prompt; returns the images."""
         from train.inference import InputError, RenderRequest
 

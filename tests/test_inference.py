@@ -34,18 +34,20 @@ def _img(path) -> np.ndarray:
 
 
 def test_a_full_fine_tune_renders_as_its_own_pipeline(session_env, cog_weights, sample_dataset, tmp_path):
-    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
     spec = quick_spec(cog_weights, "flux-dev", mode="full", steps=4, learning_rate=1e-3, trigger_word="sks")
     train_quietly(spec, sample_dataset, tmp_path / "out")
     logs: list[str] = []
     session = InferenceSession(str(tmp_path / "out"), log=logs.append, cache_dir=tmp_path / "cache")
-    assert session.trained.model_dir == tmp_path / "out" / "model"
+    assert session.trained is not None and session.trained.model_dir == tmp_path / "out" / "model"
     ours = _img(session.predict(_req(), tmp_path / "r")[0])
     pipe = FluxPipeline.from_pretrained(tmp_path / "out" / "model")
     pipe.set_progress_bar_config(disable=True)
-    stock = np.asarray(pipe("sks, a red circle", num_inference_steps=2, height=64, width=64, guidance_scale=3.5,
-                            max_sequence_length=512, generator=torch.Generator().manual_seed(3)).images[0]).astype(int)
+    out = pipe("sks, a red circle", num_inference_steps=2, height=64, width=64, guidance_scale=3.5,
+               max_sequence_length=512, generator=torch.Generator().manual_seed(3))
+    # return_dict=True: an output object, not the tuple diffusers' return type also allows
+    stock = np.asarray(out.images[0]).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
     assert np.abs(ours - stock).max() <= 2
     session.predict(_req(prompt="a red circle"), tmp_path / "r2")
     assert any("the trigger word 'sks' is not in the prompt" in line for line in logs)

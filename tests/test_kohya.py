@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -18,7 +18,10 @@ def _delta(sd, module, alpha):
 
 
 def _trained_lora(transformer, targets, rank=4, alpha=2.0):
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    # peft types lora_alpha as int; a float works (and is what the trainer passes)
+    config = LoraConfig(r=rank, lora_alpha=alpha,  # pyright: ignore[reportArgumentType]
+                        init_lora_weights="gaussian", target_modules=targets)
+    transformer.add_adapter(config)
     torch.manual_seed(3)
     for name, p in transformer.named_parameters():
         if "lora_B" in name:  # B starts at zero; give it values as training would

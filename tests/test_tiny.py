@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,8 @@ from train.sample_data import write_sample_dataset
 
 @pytest.mark.parametrize("name", ["tiny-flux-dev", "tiny-flux-schnell", "tiny-sdxl"])
 def test_stock_pipeline_loads_and_renders(tiny_weights, name):
-    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 
     folder = tiny_weights / name
     for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
@@ -20,9 +23,11 @@ def test_stock_pipeline_loads_and_renders(tiny_weights, name):
     cls = StableDiffusionXLPipeline if "sdxl" in name else FluxPipeline
     pipe = cls.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    kw = {} if "sdxl" in name else {"max_sequence_length": 32}
-    image = pipe("a red circle", num_inference_steps=2, height=64, width=96,
-                 generator=torch.Generator().manual_seed(0), **kw).images[0]
+    kw: dict[str, Any] = {} if "sdxl" in name else {"max_sequence_length": 32}
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=96,
+               generator=torch.Generator().manual_seed(0), **kw)
+    # return_dict=True: an output object, not the tuple diffusers' return type also allows
+    image = out.images[0]  # pyright: ignore[reportAttributeAccessIssue]
     assert image.size == (96, 64)
     assert np.asarray(image).std() > 0  # not a blank image
     if "flux" in name:

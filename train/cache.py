@@ -9,8 +9,8 @@ are encoded once. After this the VAE and text encoders can leave the accelerator
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def build_cache(family: Family, dataset: StagedDataset, resolutions: list[int], 
         items.append(CachedItem(rec.name, p, mean[0].cpu(), std[0].cpu(), index[rec.caption]))
         if on_item:
             on_item(i + 1, len(plan))
-    return LatentCache(items, texts, captions, empty, list(zip(validation_prompts, val)))
+    return LatentCache(items, texts, captions, empty, list(zip(validation_prompts, val, strict=True)))
 
 
 class BatchSampler:
@@ -151,7 +151,7 @@ def collate(cache: LatentCache, indices: list[int], drop: list[bool], device: to
             text_dtype: torch.dtype, rng: BatchRandom) -> Batch:
     """Stack cached items into a Batch; ``drop[i]`` swaps item i's caption for the empty one."""
     items = [cache.items[i] for i in indices]
-    texts = [cache.empty_text if d else cache.texts[it.caption] for it, d in zip(items, drop)]
+    texts = [cache.empty_text if d else cache.texts[it.caption] for it, d in zip(items, drop, strict=True)]
     text = {k: _to_device(torch.stack([t[k] for t in texts]), device, text_dtype) for k in texts[0]}
     return Batch(
         latent_mean=_to_device(torch.stack([it.mean for it in items]), device),

@@ -12,16 +12,20 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
+import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import save_file
 
+from .models.base import Family
 from .spec import TrainingSpec
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -48,7 +52,7 @@ def device_info() -> dict[str, Any]:
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": 1}
 
 
-def export_lora(family, state_dict: dict[str, torch.Tensor], lora_config: dict[str, Any], out_dir: Path,
+def export_lora(family: Family, state_dict: dict[str, torch.Tensor], lora_config: dict[str, Any], out_dir: Path,
                 alpha: float, rank: int) -> dict[str, Path]:
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     diffusers_file = family.save_lora(out_dir, sd, lora_config)
@@ -63,12 +67,10 @@ def export_lora(family, state_dict: dict[str, torch.Tensor], lora_config: dict[s
     return {"diffusers": diffusers_file, "kohya": out_dir / KOHYA_FILE}
 
 
-def export_full_model(family, model: torch.nn.Module, folder: Path) -> Path:
+def export_full_model(family: Family, model: torch.nn.Module, folder: Path) -> Path:
     """A full fine-tune as a complete diffusers pipeline folder: the trained denoiser, and the base
     model's other components linked (or copied) unchanged, so ``Pipeline.from_pretrained(folder)`` works."""
-    import os
-    import shutil
-
+    assert isinstance(model, ModelMixin), f"a full fine-tune saves a diffusers model, not {type(model).__name__}"
     base = family.base_dir
     if folder.exists():
         shutil.rmtree(folder)
@@ -85,6 +87,7 @@ def export_full_model(family, model: torch.nn.Module, folder: Path) -> Path:
 
 
 def write_loss_plot(history: list[tuple[int, float]], path: Path) -> None:
+    # matplotlib loads here, once per run at export: importing it costs about a second
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +95,8 @@ def write_loss_plot(history: list[tuple[int, float]], path: Path) -> None:
 
     steps = [s for s, _ in history]
     losses = [v for _, v in history]
-    smooth, ema = [], None
+    smooth: list[float] = []
+    ema: float | None = None
     for v in losses:
         ema = v if ema is None else 0.9 * ema + 0.1 * v
         smooth.append(ema)
@@ -125,16 +129,28 @@ def write_config(path: Path, spec: TrainingSpec, dataset_hash: str, timings: dic
 
 def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, str]], final_loss: float | None,
                      n_images: int) -> None:
-    """A Hugging Face style model card (YAML front matter + usage)."""
-    pipeline = "FluxPipeline" if spec.family == "flux" else "StableDiffusionXLPipeline"
-    full = spec.mode == "full"
-    trigger = spec.trigger_word
-    widget = "\n".join(f"- text: {json.dumps(p)}\n  output:\n    url: {f}" for p, f in samples[:4])
+    """A Hugging Face style model card (YAML front matter + usage); ``samples`` are (prompt, file)."""
+    lines = [*_card_front_matter(spec, samples), *_card_summary(spec, final_loss, n_images),
+             *_card_usage(spec, samples), *_card_files(spec, samples)]
+    path.write_text("\n".join(lines))
+
+
+def _pipeline_name(spec: TrainingSpec) -> str:
+    return "FluxPipeline" if spec.family == "flux" else "StableDiffusionXLPipeline"
+
+
+def _base_weights(spec: TrainingSpec) -> str:
+    assert spec.base_weights is not None, "the spec resolves base_weights' default"
+    return spec.base_weights
+
+
+def _card_front_matter(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]:
+    base = _base_weights(spec)
     # The Hub checks base_model against its repos: only a Hub id goes there, never a local folder.
-    hub_id = re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", spec.base_weights) and not Path(spec.base_weights).exists()
+    hub_id = re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", base) and not Path(base).exists()
     lines = [
         "---",
-        *([f"base_model: {spec.base_weights}"] if hub_id else []),
+        *([f"base_model: {base}"] if hub_id else []),
         "library_name: diffusers",
         "license: other",
         "tags:",
@@ -144,34 +160,48 @@ def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, st
         f"- {'flux' if spec.family == 'flux' else 'stable-diffusion-xl'}",
         "- advanced-trainer",
     ]
-    if trigger:
-        lines.append(f"instance_prompt: {json.dumps(trigger)}")
+    if spec.trigger_word:
+        lines.append(f"instance_prompt: {json.dumps(spec.trigger_word)}")
+    widget = "\n".join(f"- text: {json.dumps(p)}\n  output:\n    url: {f}" for p, f in samples[:4])
     if widget:
         lines += ["widget:", widget]
-    lines += [
-        "---",
+    return [*lines, "---"]
+
+
+def _card_summary(spec: TrainingSpec, final_loss: float | None, n_images: int) -> list[str]:
+    full = spec.mode == "full"
+    assert spec.learning_rate is not None, "the spec resolves learning_rate's default"
+    if full:
+        shape = "full fine-tune, "
+    else:
+        assert spec.lora.alpha is not None, "the spec resolves lora.alpha's default"
+        shape = f"rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, "
+    lines = [
         "",
-        f"# {'Fine-tune' if full else 'LoRA'} of {spec.base_weights}",
+        f"# {'Fine-tune' if full else 'LoRA'} of {_base_weights(spec)}",
         "",
         f"Trained with advanced-trainer: {spec.steps} steps on {n_images} images at "
-        f"{', '.join(str(r) for r in spec.resolutions)} px, "
-        + ("full fine-tune, " if full else f"rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, ")
-        + f"learning rate {spec.learning_rate:g} ({spec.optimizer}, {spec.lr_scheduler}).",
+        f"{', '.join(str(r) for r in spec.resolutions)} px, {shape}"
+        f"learning rate {spec.learning_rate:g} ({spec.optimizer}, {spec.lr_scheduler}).",
     ]
     if final_loss is not None:
         lines.append(f"Final training loss (EMA): {final_loss:.4f}.")
-    if trigger:
-        lines += ["", f"Trigger word: `{trigger}` — put it in your prompt."]
-    example_prompt = samples[0][0] if samples else (trigger or "a photo")
-    if full:
-        load = [f'pipe = {pipeline}.from_pretrained("path/to/this/folder/model", torch_dtype=torch.bfloat16).to("cuda")']
-        files = ["- `model/`: the whole pipeline in diffusers layout, with the fine-tuned "
-                 f"{'transformer' if spec.family == 'flux' else 'UNet'}"]
+    if spec.trigger_word:
+        lines += ["", f"Trigger word: `{spec.trigger_word}` — put it in your prompt."]
+    return lines
+
+
+def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]:
+    pipeline = _pipeline_name(spec)
+    example_prompt = samples[0][0] if samples else (spec.trigger_word or "a photo")
+    if spec.mode == "full":
+        load = [f'pipe = {pipeline}.from_pretrained("path/to/this/folder/model", torch_dtype=torch.bfloat16)'
+                '.to("cuda")']
     else:
-        load = [f'pipe = {pipeline}.from_pretrained("{spec.base_weights}", torch_dtype=torch.bfloat16).to("cuda")',
+        load = [f'pipe = {pipeline}.from_pretrained("{_base_weights(spec)}", torch_dtype=torch.bfloat16)'
+                '.to("cuda")',
                 'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors']
-        files = [f"- `{LORA_FILE}`: diffusers / peft format", f"- `{KOHYA_FILE}`: kohya / ComfyUI format"]
-    lines += [
+    lines = [
         "",
         "## Use with diffusers",
         "",
@@ -184,9 +214,18 @@ def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, st
         "```",
         "",
     ]
-    if not full:
+    if spec.mode != "full":
         lines += [f"`{KOHYA_FILE}` holds the same LoRA in kohya naming for ComfyUI, Forge and sd-scripts.", ""]
-    lines += [
+    return lines
+
+
+def _card_files(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]:
+    if spec.mode == "full":
+        files = ["- `model/`: the whole pipeline in diffusers layout, with the fine-tuned "
+                 f"{'transformer' if spec.family == 'flux' else 'UNet'}"]
+    else:
+        files = [f"- `{LORA_FILE}`: diffusers / peft format", f"- `{KOHYA_FILE}`: kohya / ComfyUI format"]
+    lines = [
         "## Files",
         "",
         *files,
@@ -196,4 +235,4 @@ def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, st
     ]
     if samples:
         lines += ["## Samples", ""] + [f"![{p}]({f})" for p, f in samples[:8]] + [""]
-    path.write_text("\n".join(lines))
+    return lines

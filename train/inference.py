@@ -22,12 +22,17 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .spec import DEFAULT_BASE_WEIGHTS, MODEL_FAMILIES, family_of
 from .trained import Trained, TrainedWeightsError, fetch_trained, shown
+from .weights import WeightsError, prepare_weights_from_env
+
+# torch, diffusers and the model families are imported where first used: importing this module
+# stays torch-free (its tables are checked against predict.py's literal choices without torch).
 
 # Sizes near one megapixel per aspect ratio, sides multiples of 64 (what Flux and SDXL were trained on).
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -176,8 +181,6 @@ def _env_model() -> tuple[str, str]:
 
 def locate_base(ref: str | Path) -> Path:
     """A base pipeline folder: a path, or a name / Hub id found (or fetched) the way setup() finds bases."""
-    from .weights import WeightsError, prepare_weights_from_env
-
     p = Path(ref).expanduser()
     if p.is_dir() and (p / "model_index.json").is_file():
         return p

@@ -104,7 +104,7 @@ def enable_checkpointing(model, fraction: float) -> str:
     and checkpoint block i when the running share crosses a multiple of ``fraction``. The rest
     run normally, so they keep their activations and skip the recomputation.
     """
-    import torch.utils.checkpoint
+    import torch.utils.checkpoint  # here, not at the top: the planning above stays importable without torch
 
     if fraction >= 1.0:
         model.enable_gradient_checkpointing()

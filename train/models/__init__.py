@@ -10,6 +10,8 @@ from .base import Batch, Family
 
 def family_class(model: str) -> type[Family]:
     """The ``Family`` subclass for a model id (``flux-dev``, ``sdxl``, ...)."""
+    # Imported on demand: each family module loads its diffusers pipeline code (seconds), and a
+    # process needs only one of them.
     if family_of(model) == "flux":
         from .flux import FluxFamily
 

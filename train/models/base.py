@@ -75,6 +75,11 @@ class Family(ABC):
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_name)
 
+    @property
+    def denoiser_dtype(self) -> torch.dtype:
+        """The denoiser's weight dtype (diffusers' ``ModelMixin.dtype``; a plain Module has none)."""
+        return getattr(self.pipe, self.denoiser_name).dtype
+
     def frozen_names(self) -> list[str]:
         return [n for n in ("vae", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
 
@@ -100,10 +105,24 @@ class Family(ABC):
         return batch.latent_mean + batch.latent_std * batch.rng.randn(*batch.latent_mean.shape[1:])
 
     # -- validation and export -----------------------------------------------------------------
-    @abstractmethod
+    @torch.no_grad()
     def render(self, text: dict[str, torch.Tensor], size: int, steps: int, guidance: float,
                seed: int, device: torch.device) -> Any:
         """A PIL image from cached prompt embeddings with the current denoiser."""
+        # The prompts come as cached embeddings, so the pipeline is built without text encoders
+        # (they may have left the device by now).
+        pipe = self.pipeline_cls(**self.render_components(), text_encoder=None, tokenizer=None,
+                                 text_encoder_2=None, tokenizer_2=None)
+        pipe.set_progress_bar_config(disable=True)
+        dtype = self.denoiser_dtype
+        return pipe(prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
+                    pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
+                    height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+
+    def render_components(self) -> dict[str, Any]:
+        """The pipeline parts a validation render needs, the text encoders aside."""
+        return {"scheduler": self.pipe.scheduler, "vae": self.pipe.vae, self.denoiser_name: self.denoiser}
 
     @abstractmethod
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

@@ -8,15 +8,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
+from ..spec import TrainingSpec
 from .base import Batch, BatchRandom, Family
+from .kohya import flux_to_kohya
 
 
 class FluxFamily(Family):
     pipeline_cls = FluxPipeline
     denoiser_name = "transformer"
+
+    def __init__(self, spec: TrainingSpec, base_dir: Path):
+        super().__init__(spec, base_dir)
+        self._ids_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -24,7 +29,8 @@ class FluxFamily(Family):
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=prompts, device=device,
             max_sequence_length=self.spec.flux.max_sequence_length)
-        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
+        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
+                for e, p in zip(embeds, pooled, strict=True)]
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,11 +61,10 @@ class FluxFamily(Family):
     def _image_ids(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The pipeline's latent position ids, kept per shape on the device: built on the host
         every step they would cost a synchronising copy each step."""
-        cache = self.__dict__.setdefault("_ids_cache", {})
         key = (rows, cols, device, dtype)
-        if key not in cache:
-            cache[key] = FluxPipeline._prepare_latent_image_ids(1, rows, cols, device, dtype)
-        return cache[key]
+        if key not in self._ids_cache:
+            self._ids_cache[key] = FluxPipeline._prepare_latent_image_ids(1, rows, cols, device, dtype)
+        return self._ids_cache[key]
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         vae_cfg = self.pipe.vae.config
@@ -76,7 +81,7 @@ class FluxFamily(Family):
         img_ids = self._image_ids(h // 2, w // 2, x0.device, dtype)
         txt_ids = torch.zeros(batch.text["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
         guidance = None
-        if self.denoiser.config.guidance_embeds:
+        if self.pipe.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.spec.flux.guidance, device=x0.device, dtype=torch.float32)
         pred = model(hidden_states=packed, timestep=sigmas.to(dtype), guidance=guidance,
                      pooled_projections=batch.text["pooled_prompt_embeds"],
@@ -85,24 +90,11 @@ class FluxFamily(Family):
         return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
 
     # -- validation and export -----------------------------------------------------------------
-    @torch.no_grad()
-    def render(self, text: dict[str, torch.Tensor], size: int, steps: int, guidance: float, seed: int,
-               device: torch.device) -> Any:
-        pipe = FluxPipeline(scheduler=self.pipe.scheduler, vae=self.pipe.vae, text_encoder=None, tokenizer=None,
-                            text_encoder_2=None, tokenizer_2=None, transformer=self.denoiser)
-        pipe.set_progress_bar_config(disable=True)
-        dtype = self.denoiser.dtype
-        return pipe(prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
-                    pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
-                    height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
-
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict, safe_serialization=True,
+        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
+        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=layers, safe_serialization=True,
                                        transformer_lora_adapter_metadata=metadata)
         return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        from .kohya import flux_to_kohya
-
         return flux_to_kohya(state_dict, alpha, self.denoiser)

@@ -75,7 +75,7 @@ def fuse(parts: list[tuple[torch.Tensor, torch.Tensor] | None], out_dims: list[i
     down = torch.zeros(n * rank, in_dim, dtype=ref.dtype)
     up = torch.zeros(sum(out_dims), n * rank, dtype=ref.dtype)
     row = 0
-    for j, (part, dim) in enumerate(zip(parts, out_dims)):
+    for j, (part, dim) in enumerate(zip(parts, out_dims, strict=True)):
         if part is not None:
             a, b = part
             assert a.shape == (rank, in_dim) and b.shape == (dim, rank), (a.shape, b.shape, rank, dim)
@@ -92,8 +92,12 @@ def flux_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, transformer
     done: set[str] = set()
 
     def out_features(path: str) -> int:
-        mod = modules[path]
-        return getattr(mod, "out_features", None) or mod.base_layer.out_features  # peft wraps targeted layers
+        layer = modules[path]
+        for candidate in (layer, getattr(layer, "base_layer", None)):  # peft wraps the targeted layers
+            features = getattr(candidate, "out_features", None)
+            if isinstance(features, int):
+                return features
+        raise AssertionError(f"{path}: no out_features ({type(layer).__name__})")
 
     def emit_fused(prefix: str, name: str, parts: list[str]) -> None:
         paths = [f"{prefix}.{p}" for p in parts]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from .base import Batch, Family
+from .kohya import sdxl_to_kohya
 
 
 class SdxlFamily(Family):
@@ -20,12 +22,13 @@ class SdxlFamily(Family):
     def load(self, dtype: torch.dtype) -> None:
         super().load(dtype)
         self.pipe.vae.to(torch.float32)  # the SDXL VAE overflows in half precision
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        # from_config returns (scheduler, unused kwargs) only when asked to
+        self.noise_scheduler = cast(DDPMScheduler, DDPMScheduler.from_config(self.pipe.scheduler.config))
         wanted = self.spec.sdxl.prediction_type
-        self.prediction_type = self.noise_scheduler.config.prediction_type if wanted == "auto" else wanted
+        self.prediction_type = self.noise_scheduler.config["prediction_type"] if wanted == "auto" else wanted
 
     def pixel_multiple(self) -> int:
-        levels = len(self.denoiser.config.block_out_channels)
+        levels = len(self.pipe.unet.config.block_out_channels)
         return 8 * 2 ** (levels - 1)
 
     # -- caching ---------------------------------------------------------------------------------
@@ -33,7 +36,8 @@ class SdxlFamily(Family):
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
-        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
+        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
+                for e, p in zip(embeds, pooled, strict=True)]
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +52,8 @@ class SdxlFamily(Family):
         noise = batch.rng.randn(*x0.shape[1:])
         if self.spec.sdxl.noise_offset:
             noise = noise + self.spec.sdxl.noise_offset * batch.rng.randn(x0.shape[1], 1, 1)
-        t = batch.rng.randint(sched.config.num_train_timesteps)
+        # diffusers annotates timesteps as IntTensor; the int64 tensor randint gives is what it indexes with
+        t = cast(torch.IntTensor, batch.rng.randint(sched.config["num_train_timesteps"]))
         noisy = sched.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
 
@@ -68,25 +73,14 @@ class SdxlFamily(Family):
         return (per_item * weight).mean()
 
     # -- validation and export -----------------------------------------------------------------
-    @torch.no_grad()
-    def render(self, text: dict[str, torch.Tensor], size: int, steps: int, guidance: float, seed: int,
-               device: torch.device) -> Any:
-        pipe = StableDiffusionXLPipeline(vae=self.pipe.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                         tokenizer_2=None, unet=self.denoiser, scheduler=self.pipe.scheduler,
-                                         add_watermarker=False)
-        pipe.set_progress_bar_config(disable=True)
-        dtype = self.denoiser.dtype
-        return pipe(prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
-                    pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
-                    height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+    def render_components(self) -> dict[str, Any]:
+        return {**super().render_components(), "add_watermarker": False}
 
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=state_dict, safe_serialization=True,
+        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
+        StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
                                                     unet_lora_adapter_metadata=metadata)
         return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        from .kohya import sdxl_to_kohya
-
         return sdxl_to_kohya(state_dict, alpha)

@@ -35,70 +35,114 @@ class Trainer(BaseRunner):
         self.weights = prepare_weights_from_env()
         self.jobs = JobFolders()
         names = ", ".join(g["name"] for g in self.gpus) or "none (CPU)"
-        print(f"setup: GPUs: {names}; processes per job: {self.processes}; base weights: "
-              f"{', '.join(self.weights.models) or 'none cached'}")
+        print(
+            f"setup: GPUs: {names}; processes per job: {self.processes}; base weights: "
+            f"{', '.join(self.weights.models) or 'none cached'}"
+        )
         if os.environ.get("COG_WEIGHTS"):
-            print("setup: note: COG_WEIGHTS is set (this is a trained version); a training here starts from the "
-                  "base model, not from those weights")
+            print(
+                "setup: note: COG_WEIGHTS is set (this is a trained version); a training here starts from the "
+                "base model, not from those weights"
+            )
 
     def train(
         self,
         # One string literal per description: the static generator does not join adjacent literals.
         dataset: Path = Input(
-            description="Dataset archive (zip, tar or tar.gz) of images with same-stem .txt captions, a metadata.jsonl or a captions.csv; a URL or a data URI"),  # noqa: E501
+            description="Dataset archive (zip, tar or tar.gz) of images with same-stem .txt captions, a metadata.jsonl or a captions.csv; a URL or a data URI"
+        ),  # noqa: E501
         spec: str = Input(
             description="The whole training spec as JSON (see docs/spec.md); the typed inputs below override its fields",
-            default="{}"),
-        model: str | None = Input(description="Model family (overrides spec.model)",
-                                     choices=["flux-dev", "flux-schnell", "sdxl"], default=None),
-        mode: str | None = Input(description="lora or full fine-tune (overrides spec.mode)",
-                                    choices=["lora", "full"], default=None),
+            default="{}",
+        ),
+        model: str | None = Input(
+            description="Model family (overrides spec.model)",
+            choices=["flux-dev", "flux-schnell", "sdxl"],
+            default=None,
+        ),
+        mode: str | None = Input(
+            description="lora or full fine-tune (overrides spec.mode)", choices=["lora", "full"], default=None
+        ),
         steps: int | None = Input(description="Optimizer steps", ge=1, le=100000, default=None),
         learning_rate: float | None = Input(description="Peak learning rate", ge=1e-7, le=10, default=None),
         lora_rank: int | None = Input(description="LoRA rank", ge=1, le=1024, default=None),
-        resolutions: str | None = Input(description='Training resolutions, e.g. "512,768,1024"',
-                                           regex=r"^\s*\d+(\s*,\s*\d+)*\s*$", default=None),
+        resolutions: str | None = Input(
+            description='Training resolutions, e.g. "512,768,1024"',
+            regex=r"^\s*\d+(\s*,\s*\d+)*\s*$",
+            default=None,
+        ),
         batch_size: int | None = Input(description="Images per batch and GPU", ge=1, le=64, default=None),
-        trigger_word: str | None = Input(description="Word put into every caption that lacks it",
-                                            max_length=100, default=None),
+        trigger_word: str | None = Input(
+            description="Word put into every caption that lacks it", max_length=100, default=None
+        ),
         seed: int | None = Input(description="Random seed", ge=0, le=4294967295, default=None),
         validation_prompts: str | None = Input(description="Validation prompts, one per line", default=None),
-        hf_token: Secret | None = Input(description="Hugging Face token: gated base models and Hub publishing",
-                                           default=None),
-        hub_model_id: str | None = Input(description="Publish the result to this Hugging Face repo (owner/name)",
-                                            regex=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", default=None),
+        hf_token: Secret | None = Input(
+            description="Hugging Face token: gated base models and Hub publishing", default=None
+        ),
+        hub_model_id: str | None = Input(
+            description="Publish the result to this Hugging Face repo (owner/name)",
+            regex=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+            default=None,
+        ),
         hub_private: bool = Input(description="Make the Hub repo private", default=True),
-        s3_bucket: str | None = Input(description="Publish the output files to this S3-compatible bucket",
-                                         default=None),
+        s3_bucket: str | None = Input(
+            description="Publish the output files to this S3-compatible bucket", default=None
+        ),
         s3_prefix: str = Input(description="Key prefix inside the bucket", default=""),
-        s3_endpoint_url: str | None = Input(description="Endpoint of a non-AWS store (MinIO, B2, R2)", default=None),
+        s3_endpoint_url: str | None = Input(
+            description="Endpoint of a non-AWS store (MinIO, B2, R2)", default=None
+        ),
         s3_region: str | None = Input(description="Bucket region", default=None),
-        s3_public_base_url: str | None = Input(description="Public URL of the bucket, for the links in the log",
-                                                  default=None),
+        s3_public_base_url: str | None = Input(
+            description="Public URL of the bucket, for the links in the log", default=None
+        ),
         s3_access_key_id: Secret | None = Input(description="S3 access key id", default=None),
         s3_secret_access_key: Secret | None = Input(description="S3 secret access key", default=None),
         resume_from: Path | None = Input(description="A checkpoint archive to continue from", default=None),
-        return_checkpoint: bool = Input(description="Include resumable checkpoints in the output archive",
-                                        default=False),
+        return_checkpoint: bool = Input(
+            description="Include resumable checkpoints in the output archive", default=False
+        ),
     ) -> Path:
         """Train on the dataset; returns output.zip (LoRA files, samples, config.json, model card)."""
         from train.service import JobError, JobRequest, run_job
 
-        prompts = [p.strip() for p in validation_prompts.splitlines() if p.strip()] if validation_prompts else None
+        prompts = (
+            [p.strip() for p in validation_prompts.splitlines() if p.strip()] if validation_prompts else None
+        )
         overrides = {
-            "model": model, "mode": mode, "steps": steps, "learning_rate": learning_rate, "lora.rank": lora_rank,
-            "resolutions": resolutions, "batch_size": batch_size, "trigger_word": trigger_word, "seed": seed,
-            "validation.prompts": prompts, "publish.hub_model_id": hub_model_id, "publish.hub_private": hub_private,
-            "publish.s3_bucket": s3_bucket, "publish.s3_prefix": s3_prefix,
-            "publish.s3_endpoint_url": s3_endpoint_url, "publish.s3_region": s3_region,
+            "model": model,
+            "mode": mode,
+            "steps": steps,
+            "learning_rate": learning_rate,
+            "lora.rank": lora_rank,
+            "resolutions": resolutions,
+            "batch_size": batch_size,
+            "trigger_word": trigger_word,
+            "seed": seed,
+            "validation.prompts": prompts,
+            "publish.hub_model_id": hub_model_id,
+            "publish.hub_private": hub_private,
+            "publish.s3_bucket": s3_bucket,
+            "publish.s3_prefix": s3_prefix,
+            "publish.s3_endpoint_url": s3_endpoint_url,
+            "publish.s3_region": s3_region,
             "publish.s3_public_base_url": s3_public_base_url,
         }
-        secrets = {"HF_TOKEN": _secret(hf_token), "AWS_ACCESS_KEY_ID": _secret(s3_access_key_id),
-                   "AWS_SECRET_ACCESS_KEY": _secret(s3_secret_access_key)}
-        req = JobRequest(dataset=Path(dataset), spec_json=spec, overrides=overrides,
-                         secrets={k: v for k, v in secrets.items() if v},
-                         resume_from=Path(resume_from) if resume_from else None,
-                         return_checkpoint=bool(return_checkpoint), num_processes=self.processes)
+        secrets = {
+            "HF_TOKEN": _secret(hf_token),
+            "AWS_ACCESS_KEY_ID": _secret(s3_access_key_id),
+            "AWS_SECRET_ACCESS_KEY": _secret(s3_secret_access_key),
+        }
+        req = JobRequest(
+            dataset=Path(dataset),
+            spec_json=spec,
+            overrides=overrides,
+            secrets={k: v for k, v in secrets.items() if v},
+            resume_from=Path(resume_from) if resume_from else None,
+            return_checkpoint=bool(return_checkpoint),
+            num_processes=self.processes,
+        )
         try:
             return Path(run_job(req, self.jobs.new()))
         except JobError as exc:

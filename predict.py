@@ -32,7 +32,9 @@ class Predictor(BaseRunner):
         from train.inference import InferenceSession
 
         self.session = InferenceSession(weights)
-        self.out_root = Path(tempfile.mkdtemp(prefix="render-", dir=os.environ.get("ADVANCED_TRAINER_JOBS_DIR") or None))
+        self.out_root = Path(
+            tempfile.mkdtemp(prefix="render-", dir=os.environ.get("ADVANCED_TRAINER_JOBS_DIR") or None)
+        )
         self.count = 0
 
     def run(
@@ -41,32 +43,74 @@ class Predictor(BaseRunner):
         negative_prompt: str = Input(description="What not to draw (SDXL; Flux ignores it)", default=""),
         aspect_ratio: str = Input(
             description="Aspect ratio of the images (about one megapixel); custom: width and height below",
-            choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
-            default="1:1"),
-        width: int | None = Input(description="Width with aspect_ratio custom (rounded down to a multiple of 16)",
-                                     ge=64, le=2048, default=None),
-        height: int | None = Input(description="Height with aspect_ratio custom (rounded down to a multiple of 16)",
-                                      ge=64, le=2048, default=None),
-        num_outputs: int = Input(description="Number of images (seeds seed, seed+1, ...)", ge=1, le=4, default=1),
+            choices=[
+                "1:1",
+                "16:9",
+                "21:9",
+                "3:2",
+                "2:3",
+                "4:5",
+                "5:4",
+                "3:4",
+                "4:3",
+                "9:16",
+                "9:21",
+                "custom",
+            ],
+            default="1:1",
+        ),
+        width: int | None = Input(
+            description="Width with aspect_ratio custom (rounded down to a multiple of 16)",
+            ge=64,
+            le=2048,
+            default=None,
+        ),
+        height: int | None = Input(
+            description="Height with aspect_ratio custom (rounded down to a multiple of 16)",
+            ge=64,
+            le=2048,
+            default=None,
+        ),
+        num_outputs: int = Input(
+            description="Number of images (seeds seed, seed+1, ...)", ge=1, le=4, default=1
+        ),
         num_inference_steps: int | None = Input(
-            description="Denoising steps; default 28 (flux-dev), 4 (flux-schnell), 30 (sdxl)", ge=1, le=100,
-            default=None),
+            description="Denoising steps; default 28 (flux-dev), 4 (flux-schnell), 30 (sdxl)",
+            ge=1,
+            le=100,
+            default=None,
+        ),
         guidance_scale: float | None = Input(
-            description="Guidance; default 3.5 (flux-dev), 0 (flux-schnell), 5 (sdxl)", ge=0, le=20, default=None),
-        seed: int | None = Input(description="Random seed; empty for a random one (it is logged)", ge=0,
-                                    le=4294967295, default=None),
+            description="Guidance; default 3.5 (flux-dev), 0 (flux-schnell), 5 (sdxl)",
+            ge=0,
+            le=20,
+            default=None,
+        ),
+        seed: int | None = Input(
+            description="Random seed; empty for a random one (it is logged)",
+            ge=0,
+            le=4294967295,
+            default=None,
+        ),
         lora_scale: float = Input(description="Strength of the LoRA", ge=-1, le=3, default=1.0),
         # One string literal per description: the static generator does not join adjacent literals.
         lora_weights: str | None = Input(
             description="Another LoRA instead of the trained one: a URL of an advanced-trainer output.zip, a .safetensors or another trainer's archive, or a Hugging Face repo (owner/name or owner/name/file.safetensors)",  # noqa: E501
-            default=None),
-        extra_lora: str | None = Input(description="A second LoRA stacked on the first (same forms as lora_weights)",
-                                          default=None),
+            default=None,
+        ),
+        extra_lora: str | None = Input(
+            description="A second LoRA stacked on the first (same forms as lora_weights)", default=None
+        ),
         extra_lora_scale: float = Input(description="Strength of extra_lora", ge=-1, le=3, default=1.0),
-        output_format: str = Input(description="Image format", choices=["webp", "jpg", "png"], default="webp"),
-        output_quality: int = Input(description="Quality of webp and jpg images (png is lossless)", ge=0, le=100,
-                                    default=90),
-        hf_token: Secret | None = Input(description="Hugging Face token for LoRAs in private repos", default=None),
+        output_format: str = Input(
+            description="Image format", choices=["webp", "jpg", "png"], default="webp"
+        ),
+        output_quality: int = Input(
+            description="Quality of webp and jpg images (png is lossless)", ge=0, le=100, default=90
+        ),
+        hf_token: Secret | None = Input(
+            description="Hugging Face token for LoRAs in private repos", default=None
+        ),
     ) -> list[Path]:
         """Render the prompt; returns the images."""
         from train.inference import InputError, RenderRequest
@@ -75,11 +119,23 @@ class Predictor(BaseRunner):
         shutil.rmtree(self.out_root / f"p{self.count}", ignore_errors=True)
         self.count += 1
         req = RenderRequest(
-            prompt=prompt, negative_prompt=negative_prompt, aspect_ratio=aspect_ratio, width=width, height=height,
-            num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            seed=seed, lora_scale=lora_scale, lora_weights=lora_weights or None, extra_lora=extra_lora or None,
-            extra_lora_scale=extra_lora_scale, output_format=output_format, output_quality=output_quality,
-            hf_token=_secret(hf_token))
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            aspect_ratio=aspect_ratio,
+            width=width,
+            height=height,
+            num_outputs=num_outputs,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            lora_scale=lora_scale,
+            lora_weights=lora_weights or None,
+            extra_lora=extra_lora or None,
+            extra_lora_scale=extra_lora_scale,
+            output_format=output_format,
+            output_quality=output_quality,
+            hf_token=_secret(hf_token),
+        )
         try:
             paths = self.session.predict(req, self.out_root / f"p{self.count}")
         except InputError as exc:

@@ -36,8 +36,11 @@ def run_one(case: str, impl: str, tiny: bool, steps: int, timeout: int, speed: s
     cmd = [sys.executable, "-m", "bench.run", "--case", case, "--impl", kind, "--steps", str(steps)]
     if tiny:
         cmd.append("--tiny")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "BENCH_SPEED": speed}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "BENCH_SPEED": speed,
+    }
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -45,7 +48,11 @@ def run_one(case: str, impl: str, tiny: bool, steps: int, timeout: int, speed: s
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"case": case, "impl": impl, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
-    return {**json.loads(lines[-1]), "impl": impl, "speed": json.loads(speed or "{}") if kind == "project" else None}
+    return {
+        **json.loads(lines[-1]),
+        "impl": impl,
+        "speed": json.loads(speed or "{}") if kind == "project" else None,
+    }
 
 
 def parse_variants(values: list[str]) -> list[tuple[str, str]]:
@@ -63,8 +70,19 @@ def parse_variants(values: list[str]) -> list[tuple[str, str]]:
 
 
 # The table's columns in print order, with their widths; `table_rows` fills them by name.
-COLUMNS: dict[str, int] = {"case": -13, "impl": -16, "s/step": 8, "1st s": 7, "TFLOP": 7, "MFU%": 5,
-                           "peakGiB": 7, "vs stock": 8, "vs comp.": 8, "target": 14, "met": 4}  # < 0: left-aligned
+COLUMNS: dict[str, int] = {
+    "case": -13,
+    "impl": -16,
+    "s/step": 8,
+    "1st s": 7,
+    "TFLOP": 7,
+    "MFU%": 5,
+    "peakGiB": 7,
+    "vs stock": 8,
+    "vs comp.": 8,
+    "target": 14,
+    "met": 4,
+}  # < 0: left-aligned
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -79,8 +97,11 @@ def target_for(case: str, r: dict, results: list[dict]) -> tuple[str, bool | Non
     cap = CASES[case].memory_gib
     if cap is None:
         return "-", None
-    free = [x["s_per_step"] for x in results if x["case"] == "flux1024" and x["impl"].startswith("project")
-            and "s_per_step" in x]
+    free = [
+        x["s_per_step"]
+        for x in results
+        if x["case"] == "flux1024" and x["impl"].startswith("project") and "s_per_step" in x
+    ]
     fits = r.get("peak_gib") is None or r["peak_gib"] <= cap
     if not free:
         return f"<={cap:g}GiB", fits if r.get("peak_gib") is not None else None
@@ -94,8 +115,11 @@ def table_rows(results: list[dict]) -> list[dict[str, str]]:
     order = list(dict.fromkeys(r["case"] for r in results))  # grouped by case, in first-run order
     results = sorted(results, key=lambda r: order.index(r["case"]))
     rows = []
-    stock = {(r["case"], r["impl"]): r.get("s_per_step") for r in results
-             if r["impl"] in ("stock", "stock-compiled")}
+    stock = {
+        (r["case"], r["impl"]): r.get("s_per_step")
+        for r in results
+        if r["impl"] in ("stock", "stock-compiled")
+    }
     for r in results:
         row = {"case": r["case"], "impl": r["impl"]}
         if "error" in r:
@@ -107,15 +131,25 @@ def table_rows(results: list[dict]) -> list[dict[str, str]]:
             s = stock.get((r["case"], ref))
             ratios[column] = f"{s / r['s_per_step']:.2f}x" if s and project else "-"
         goal, met = target_for(r["case"], r, results) if project else ("-", None)
-        rows.append({**row, "s/step": f"{r['s_per_step']:.4f}", "1st s": f"{r.get('first_step_s', 0):.1f}",
-                     "TFLOP": f"{r['tflop_per_step']:.4g}", "MFU%": _fmt(r.get("mfu_pct"), ".1f"),
-                     "peakGiB": _fmt(r.get("peak_gib"), ".1f"), **ratios, "target": goal,
-                     "met": "-" if met is None else ("yes" if met else "NO")})
+        rows.append(
+            {
+                **row,
+                "s/step": f"{r['s_per_step']:.4f}",
+                "1st s": f"{r.get('first_step_s', 0):.1f}",
+                "TFLOP": f"{r['tflop_per_step']:.4g}",
+                "MFU%": _fmt(r.get("mfu_pct"), ".1f"),
+                "peakGiB": _fmt(r.get("peak_gib"), ".1f"),
+                **ratios,
+                "target": goal,
+                "met": "-" if met is None else ("yes" if met else "NO"),
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
     """The rows of ``table_rows`` as fixed-width text under a header and a rule."""
+
     def line(cells: dict[str, str]) -> str:
         return " ".join(f"{cells[c]:<{-w}}" if w < 0 else f"{cells[c]:>{w}}" for c, w in COLUMNS.items())
 
@@ -136,16 +170,30 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU")
-    parser.add_argument("--cases", default="flux1024,flux512,sdxl1024", help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--impls", default="stock,stock-compiled,project",
-                        help="comma-separated, from stock, stock-compiled, project")
-    parser.add_argument("--speed", action="append", default=[], metavar="[NAME=]JSON",
-                        help=f"a project variant's spec.speed (repeatable; default {DEFAULT_SPEED})")
+    parser.add_argument(
+        "--cases", default="flux1024,flux512,sdxl1024", help=f"comma-separated, from {', '.join(CASES)}"
+    )
+    parser.add_argument(
+        "--impls",
+        default="stock,stock-compiled,project",
+        help="comma-separated, from stock, stock-compiled, project",
+    )
+    parser.add_argument(
+        "--speed",
+        action="append",
+        default=[],
+        metavar="[NAME=]JSON",
+        help=f"a project variant's spec.speed (repeatable; default {DEFAULT_SPEED})",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case and implementation")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole run: later runs are skipped (and listed) once it is spent")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run: later runs are skipped (and listed) once it is spent",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     steps = args.steps or (3 if args.tiny else 10)
@@ -162,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         if case not in CASES:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
         for impl in impls:
-            for name, speed in (variants if impl == "project" else [(impl, "")]):
+            for name, speed in variants if impl == "project" else [(impl, "")]:
                 left = None if args.budget is None else args.budget - (time.monotonic() - started)
                 if left is not None and left < 30:
                     r = {"case": case, "impl": name, "error": "skipped: the --budget was spent"}
                 else:
-                    r = run_one(case, name, args.tiny, steps, int(min(args.timeout, left or args.timeout)), speed)
+                    r = run_one(
+                        case, name, args.tiny, steps, int(min(args.timeout, left or args.timeout)), speed
+                    )
                 print(json.dumps(r), flush=True)
                 results.append(r)
                 if args.json:  # written as it goes: a device call cut short keeps what it measured

@@ -9,30 +9,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-FLUX_DEV: dict[str, Any] = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-FLUX_TINY: dict[str, Any] = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                 axes_dims_rope=(4, 6, 6))
-SDXL_UNET: dict[str, Any] = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816, use_linear_projection=True)
-SDXL_TINY: dict[str, Any] = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
-                 attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), addition_embed_type="text_time",
-                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
-                 use_linear_projection=True, norm_num_groups=32)
+FLUX_DEV: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_TINY: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+)
+SDXL_TINY: dict[str, Any] = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 1),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+    use_linear_projection=True,
+    norm_num_groups=32,
+)
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    family: str       # flux | sdxl
+    family: str  # flux | sdxl
     resolution: int
     batch_size: int
     text_tokens: int  # T5 tokens (Flux) / CLIP tokens (SDXL)
@@ -47,8 +86,14 @@ class Case:
         """The tiny stand-in: same family and shape logic, CPU-sized."""
         if not tiny:
             return self
-        return Case(self.name, self.family, {1024: 64, 512: 32}[self.resolution], min(self.batch_size, 2),
-                    8 if self.family == "flux" else 77, self.memory_gib)
+        return Case(
+            self.name,
+            self.family,
+            {1024: 64, 512: 32}[self.resolution],
+            min(self.batch_size, 2),
+            8 if self.family == "flux" else 77,
+            self.memory_gib,
+        )
 
 
 # The cases of shared/reference/gpu-baseline.md and of the GPU speed targets. ``flux1024-44g``

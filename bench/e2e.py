@@ -30,14 +30,42 @@ from .cases import FLUX_DEV
 
 GOAL_S = 7 * 60  # the goal for 1000 steps at 1024² on one H200
 # Flux.1-dev's text encoders and VAE, from their published configs.
-T5_XXL: dict[str, Any] = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
-              feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-CLIP_L: dict[str, Any] = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-VAE_16: dict[str, Any] = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-              norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-              use_quant_conv=False, use_post_quant_conv=False)
+T5_XXL: dict[str, Any] = dict(
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    feed_forward_proj="gated-gelu",
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+CLIP_L: dict[str, Any] = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+VAE_16: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 
 
 def write_random_flux_dev(folder: Path) -> Path:
@@ -66,17 +94,36 @@ def write_random_flux_dev(folder: Path) -> Path:
         with torch.device(device):
             transformer = FluxTransformer2DModel(**FLUX_DEV)
             t5 = T5EncoderModel(T5Config(vocab_size=32128, **T5_XXL))
-            clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, bos_token_id=clip_vocab - 2,
-                                                eos_token_id=clip_vocab - 1, pad_token_id=clip_vocab - 1, **CLIP_L))
+            clip = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=49408,
+                    bos_token_id=clip_vocab - 2,
+                    eos_token_id=clip_vocab - 1,
+                    pad_token_id=clip_vocab - 1,
+                    **CLIP_L,
+                )
+            )
         with torch.device(device):
             vae = AutoencoderKL(**VAE_16).float()
     finally:
         torch.set_default_dtype(previous)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip,
-                        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder_2=t5,
-                        tokenizer_2=T5Tokenizer.from_pretrained(folder / "tokenizer_2"), transformer=transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=t5,
+        tokenizer_2=T5Tokenizer.from_pretrained(folder / "tokenizer_2"),
+        transformer=transformer,
+    )
     pipe.save_pretrained(folder)
     del pipe, transformer, t5, clip, vae
     if device == "cuda":
@@ -96,28 +143,47 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     written_s = time.perf_counter() - t0
     data = work / "dataset"
     write_sample_dataset(data, args.images, (args.resolution, args.resolution))
-    spec = parse_spec({"model": "flux-dev", "base_weights": str(base), "steps": args.steps,
-                       "resolutions": [args.resolution], "batch_size": 1, "log_every": args.log_every,
-                       "speed": json.loads(args.speed), "validation": {"num_inference_steps": args.render_steps}})
+    spec = parse_spec(
+        {
+            "model": "flux-dev",
+            "base_weights": str(base),
+            "steps": args.steps,
+            "resolutions": [args.resolution],
+            "batch_size": 1,
+            "log_every": args.log_every,
+            "speed": json.loads(args.speed),
+            "validation": {"num_inference_steps": args.render_steps},
+        }
+    )
     start = time.perf_counter()
     result = run_training(spec, data, work / "out")
     wall = time.perf_counter() - start
     assert result is not None
     config = json.loads(result.config.read_text())
     timings = config["timings_s"]
-    return {"tiny": args.tiny, "steps": args.steps, "images": args.images, "resolution": args.resolution,
-            "speed": json.loads(args.speed), "weights_written_s": round(written_s, 1), "wall_s": round(wall, 1),
-            "timings_s": {k: round(v, 2) for k, v in timings.items()},
-            "s_per_step": round((timings["train"] - timings.get("first_step", 0)) / max(1, args.steps - 1), 4),
-            "memory_plan": config.get("memory_plan"), "final_loss": config.get("final_loss")}
+    return {
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "images": args.images,
+        "resolution": args.resolution,
+        "speed": json.loads(args.speed),
+        "weights_written_s": round(written_s, 1),
+        "wall_s": round(wall, 1),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "s_per_step": round((timings["train"] - timings.get("first_step", 0)) / max(1, args.steps - 1), 4),
+        "memory_plan": config.get("memory_plan"),
+        "final_loss": config.get("final_loss"),
+    }
 
 
 def report(r: dict) -> str:
     lines = [f"{'phase':<10} {'seconds':>9}"]
     lines += [f"{k:<10} {v:>9.1f}" for k, v in r["timings_s"].items() if k not in ("total", "first_step")]
     lines.append(f"{'total':<10} {r['timings_s']['total']:>9.1f}   (wall {r['wall_s']:.1f} s)")
-    lines.append(f"train: {r['s_per_step']:.3f} s/step after the first step "
-                 f"({r['timings_s'].get('first_step', 0):.1f} s, compilation included)")
+    lines.append(
+        f"train: {r['s_per_step']:.3f} s/step after the first step "
+        f"({r['timings_s'].get('first_step', 0):.1f} s, compilation included)"
+    )
     if not r["tiny"]:
         t = r["timings_s"]
         per_1000 = t["total"] - t["train"] + t.get("first_step", 0) + 999 * r["s_per_step"]
@@ -132,10 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default 1000 (20 with --tiny)")
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--resolution", type=int, default=None, help="default 1024 (64 with --tiny)")
-    parser.add_argument("--speed", default='{"compile": "blocks", "fuse_qkv": "on", "fuse_lora": "on"}', help="the spec's speed section (JSON)")
+    parser.add_argument(
+        "--speed",
+        default='{"compile": "blocks", "fuse_qkv": "on", "fuse_lora": "on"}',
+        help="the spec's speed section (JSON)",
+    )
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--render-steps", type=int, default=28, help="validation render steps at the end")
-    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="work folder (default: a temporary one, removed)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     args.steps = args.steps or (20 if args.tiny else 1000)

@@ -42,9 +42,22 @@ IMPLS = ["stock", "stock-compiled", "project"]
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", "989"))  # H200 dense bf16; set yours elsewhere
 # The stock baseline's LoRA targets (all 14 Flux linear types; SDXL attention).
 STOCK_TARGETS = {
-    "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
-             "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-             "ff_context.net.2", "proj_mlp", "proj_out"],
+    "flux": [
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+        "proj_out",
+    ],
     "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
 }
 
@@ -114,37 +127,60 @@ def project_step(case: Case, model: Model, device: torch.device, dtype: torch.dt
     )
 
     cuda = device.type == "cuda"
-    spec = parse_spec({"model": "flux-dev" if case.family == "flux" else "sdxl", "base_weights": "bench",
-                       "resolutions": [max(case.resolution, 64)], "batch_size": case.batch_size,
-                       "memory_policy": os.environ.get("BENCH_MEMORY_POLICY") or ("auto" if case.memory_gib else "off"),
-                       "speed": json.loads(os.environ.get("BENCH_SPEED") or "{}"),
-                       "flux": {"max_sequence_length": min(case.text_tokens, 512)}})
+    spec = parse_spec(
+        {
+            "model": "flux-dev" if case.family == "flux" else "sdxl",
+            "base_weights": "bench",
+            "resolutions": [max(case.resolution, 64)],
+            "batch_size": case.batch_size,
+            "memory_policy": os.environ.get("BENCH_MEMORY_POLICY") or ("auto" if case.memory_gib else "off"),
+            "speed": json.loads(os.environ.get("BENCH_SPEED") or "{}"),
+            "flux": {"max_sequence_length": min(case.text_tokens, 512)},
+        }
+    )
     # no pipeline folder: the parts the loss needs are stand-ins set below (hence untyped)
     family: Any = family_for(spec, Path("unused"))
     cfg = model.config
     if case.family == "flux":
-        family.pipe = SimpleNamespace(transformer=model, vae=SimpleNamespace(config=SimpleNamespace(
-            shift_factor=0.1159, scaling_factor=0.3611)), scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True))
+        family.pipe = SimpleNamespace(
+            transformer=model,
+            vae=SimpleNamespace(config=SimpleNamespace(shift_factor=0.1159, scaling_factor=0.3611)),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        )
         channels = cfg.in_channels // 4
-        text = {"prompt_embeds": torch.randn(case.batch_size, case.text_tokens, cfg.joint_attention_dim),
-                "pooled_prompt_embeds": torch.randn(case.batch_size, cfg.pooled_projection_dim)}
+        text = {
+            "prompt_embeds": torch.randn(case.batch_size, case.text_tokens, cfg.joint_attention_dim),
+            "pooled_prompt_embeds": torch.randn(case.batch_size, cfg.pooled_projection_dim),
+        }
     else:
-        family.pipe = SimpleNamespace(unet=model, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.13025)))
-        family.noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        family.pipe = SimpleNamespace(
+            unet=model, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.13025))
+        )
+        family.noise_scheduler = DDPMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+        )
         family.prediction_type = "epsilon"
         channels = cfg.in_channels
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        text = {"prompt_embeds": torch.randn(case.batch_size, case.text_tokens, cfg.cross_attention_dim),
-                "pooled_prompt_embeds": torch.randn(case.batch_size, pooled)}
+        text = {
+            "prompt_embeds": torch.randn(case.batch_size, case.text_tokens, cfg.cross_attention_dim),
+            "pooled_prompt_embeds": torch.randn(case.batch_size, pooled),
+        }
     params = make_trainable(spec, model)
     levers = apply_structure_levers(spec, model, cuda)  # the order of train.loop: these, plan, compile
     if cuda:
         torch.cuda.empty_cache()
-    plan = choose_memory_plan(spec.memory_policy, cap_memory(case, device), family=case.family,
-                              weight_bytes=resident_weight_bytes(model),
-                              trainable_params=sum(p.numel() for p in params), optimizer=spec.optimizer,
-                              resolution=case.resolution, batch_size=case.batch_size, text_tokens=case.text_tokens)
+    plan = choose_memory_plan(
+        spec.memory_policy,
+        cap_memory(case, device),
+        family=case.family,
+        weight_bytes=resident_weight_bytes(model),
+        trainable_params=sum(p.numel() for p in params),
+        optimizer=spec.optimizer,
+        resolution=case.resolution,
+        batch_size=case.batch_size,
+        text_tokens=case.text_tokens,
+    )
     if plan.gradient_checkpointing:
         from train.memory import enable_checkpointing
 
@@ -157,26 +193,37 @@ def project_step(case: Case, model: Model, device: torch.device, dtype: torch.dt
     model, optimizer = accelerator.prepare(model, optimizer)
     side = case.resolution // 8
     gen = torch.Generator(device=device).manual_seed(0)
-    batch = Batch(latent_mean=torch.randn(case.batch_size, channels, side, side, device=device),
-                  latent_std=torch.full((case.batch_size, channels, side, side), 0.05, device=device),
-                  text={k: v.to(device, dtype) for k, v in text.items()},
-                  time_ids=torch.tensor([[case.resolution, case.resolution, 0, 0, case.resolution,
-                                          case.resolution]] * case.batch_size, device=device, dtype=torch.float32),
-                  rng=BatchRandom(gen, case.batch_size, 0, case.batch_size, device))
+    batch = Batch(
+        latent_mean=torch.randn(case.batch_size, channels, side, side, device=device),
+        latent_std=torch.full((case.batch_size, channels, side, side), 0.05, device=device),
+        text={k: v.to(device, dtype) for k, v in text.items()},
+        time_ids=torch.tensor(
+            [[case.resolution, case.resolution, 0, 0, case.resolution, case.resolution]] * case.batch_size,
+            device=device,
+            dtype=torch.float32,
+        ),
+        rng=BatchRandom(gen, case.batch_size, 0, case.batch_size, device),
+    )
 
     def step():
         micro_step(family, model, batch, accelerator, optimizer, params, spec.max_grad_norm)
 
-    return TimedStep(step, sum(p.numel() for p in params), plan.gradient_checkpointing, [plan.reason, *levers])
+    return TimedStep(
+        step, sum(p.numel() for p in params), plan.gradient_checkpointing, [plan.reason, *levers]
+    )
 
 
-def stock_step(case: Case, model: Model, device: torch.device, dtype: torch.dtype,
-               compiled: bool = False) -> TimedStep:
+def stock_step(
+    case: Case, model: Model, device: torch.device, dtype: torch.dtype, compiled: bool = False
+) -> TimedStep:
     from peft import LoraConfig
 
     cuda = device.type == "cuda"
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                 target_modules=STOCK_TARGETS[case.family]))
+    model.add_adapter(
+        LoraConfig(
+            r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=STOCK_TARGETS[case.family]
+        )
+    )
     cap_memory(case, device)
     if case.memory_gib:
         model.enable_gradient_checkpointing()
@@ -192,18 +239,30 @@ def stock_step(case: Case, model: Model, device: torch.device, dtype: torch.dtyp
         ids = torch.zeros(side // 2, side // 2, 3, device=device)
         ids[..., 1] += torch.arange(side // 2, device=device)[:, None]
         ids[..., 2] += torch.arange(side // 2, device=device)[None, :]
-        inputs = dict(hidden_states=torch.randn(b, n_img, cfg.in_channels, device=device, dtype=dtype),
-                      encoder_hidden_states=torch.randn(b, case.text_tokens, cfg.joint_attention_dim, device=device, dtype=dtype),
-                      pooled_projections=torch.randn(b, cfg.pooled_projection_dim, device=device, dtype=dtype),
-                      timestep=torch.rand(b, device=device, dtype=dtype), guidance=torch.ones(b, device=device, dtype=dtype),
-                      img_ids=ids.reshape(-1, 3).to(dtype), txt_ids=torch.zeros(case.text_tokens, 3, device=device, dtype=dtype))
+        inputs = dict(
+            hidden_states=torch.randn(b, n_img, cfg.in_channels, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(
+                b, case.text_tokens, cfg.joint_attention_dim, device=device, dtype=dtype
+            ),
+            pooled_projections=torch.randn(b, cfg.pooled_projection_dim, device=device, dtype=dtype),
+            timestep=torch.rand(b, device=device, dtype=dtype),
+            guidance=torch.ones(b, device=device, dtype=dtype),
+            img_ids=ids.reshape(-1, 3).to(dtype),
+            txt_ids=torch.zeros(case.text_tokens, 3, device=device, dtype=dtype),
+        )
     else:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        inputs = dict(sample=torch.randn(b, cfg.in_channels, side, side, device=device, dtype=dtype),
-                      timestep=torch.randint(0, 1000, (b,), device=device),
-                      encoder_hidden_states=torch.randn(b, case.text_tokens, cfg.cross_attention_dim, device=device, dtype=dtype),
-                      added_cond_kwargs=dict(text_embeds=torch.randn(b, pooled, device=device, dtype=dtype),
-                                             time_ids=torch.randn(b, 6, device=device, dtype=dtype)))
+        inputs = dict(
+            sample=torch.randn(b, cfg.in_channels, side, side, device=device, dtype=dtype),
+            timestep=torch.randint(0, 1000, (b,), device=device),
+            encoder_hidden_states=torch.randn(
+                b, case.text_tokens, cfg.cross_attention_dim, device=device, dtype=dtype
+            ),
+            added_cond_kwargs=dict(
+                text_embeds=torch.randn(b, pooled, device=device, dtype=dtype),
+                time_ids=torch.randn(b, 6, device=device, dtype=dtype),
+            ),
+        )
     target = {}
 
     def step():
@@ -223,7 +282,9 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA's backward crashed on the H200 (gpu-baseline.md)
+        torch.backends.cuda.enable_cudnn_sdp(
+            False
+        )  # cuDNN SDPA's backward crashed on the H200 (gpu-baseline.md)
     case = CASES[case_name].scaled(tiny)
     model = build_model(case, tiny, device, dtype)
     base_params = sum(p.numel() for p in model.parameters())
@@ -256,15 +317,28 @@ def measure(case_name: str, impl: str, tiny: bool, steps: int) -> dict:
     _sync(device)
     tflop = counter.get_total_flops() / 1e12
     med = statistics.median(times)
-    return {"case": case_name, "impl": impl, "tiny": tiny, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "resolution": case.resolution, "batch_size": case.batch_size, "s_per_step": round(med, 5),
-            "s_min": round(min(times), 5), "s_max": round(max(times), 5), "warmup_s": round(warmup, 2),
-            "first_step_s": round(first, 2), "memory_cap_gib": case.memory_gib,
-            "tflop_per_step": float(f"{tflop:.4g}"),
-            "mfu_pct": round(100 * tflop / med / PEAK_TFLOPS, 2) if device.type == "cuda" else None,
-            "peak_gib": round(peak, 2) if peak is not None else None, "trainable_m": round(timed.trainable / 1e6, 2),
-            "base_params_b": round(base_params / 1e9, 3), "gradient_checkpointing": timed.gradient_checkpointing, "steps": steps,
-            "levers": timed.levers}
+    return {
+        "case": case_name,
+        "impl": impl,
+        "tiny": tiny,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "resolution": case.resolution,
+        "batch_size": case.batch_size,
+        "s_per_step": round(med, 5),
+        "s_min": round(min(times), 5),
+        "s_max": round(max(times), 5),
+        "warmup_s": round(warmup, 2),
+        "first_step_s": round(first, 2),
+        "memory_cap_gib": case.memory_gib,
+        "tflop_per_step": float(f"{tflop:.4g}"),
+        "mfu_pct": round(100 * tflop / med / PEAK_TFLOPS, 2) if device.type == "cuda" else None,
+        "peak_gib": round(peak, 2) if peak is not None else None,
+        "trainable_m": round(timed.trainable / 1e6, 2),
+        "base_params_b": round(base_params / 1e9, 3),
+        "gradient_checkpointing": timed.gradient_checkpointing,
+        "steps": steps,
+        "levers": timed.levers,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

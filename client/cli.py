@@ -56,8 +56,12 @@ def make_provider(args, settings: Settings) -> Provider:
             raise UserError("provider cog needs --cog-url (or `advanced-trainer config set cog_url URL`)")
         return CogProvider(url)
     tok = tokens.resolve()
-    return ReplicateProvider(tok.value, model=getattr(args, "model", None) or settings.model,
-                             version=settings.version, base_url=os.environ.get("REPLICATE_BASE_URL") or None)
+    return ReplicateProvider(
+        tok.value,
+        model=getattr(args, "model", None) or settings.model,
+        version=settings.version,
+        base_url=os.environ.get("REPLICATE_BASE_URL") or None,
+    )
 
 
 def _items(items: list[str], flag: str = "--set") -> dict[str, Any]:
@@ -69,13 +73,17 @@ def _items(items: list[str], flag: str = "--set") -> dict[str, Any]:
 
 # -- commands ------------------------------------------------------------------------------------
 
+
 def cmd_validate(args, settings):
     provider = make_provider(args, settings)
     account = provider.account()
     source = tokens.status().get("source") if provider.name == "replicate" else None
     status = replicate_status() if provider.name == "replicate" else None
-    human = (f"token OK ({source}): {account.get('username')} ({account.get('type')}, {account.get('name')})"
-             if source else f"reachable: {account.get('name')}")
+    human = (
+        f"token OK ({source}): {account.get('username')} ({account.get('type')}, {account.get('name')})"
+        if source
+        else f"reachable: {account.get('name')}"
+    )
     if status:
         human += f"\nReplicate status: {status['indicator']} ({status['description']})"
     _out(args, {"ok": True, "account": account, "token_source": source, "replicate_status": status}, human)
@@ -85,9 +93,14 @@ def cmd_versions(args, settings):
     provider = make_provider(args, settings)
     versions = provider.versions()
     pinned = settings.version
-    _out(args, {"model": getattr(provider, "model", None), "pinned": pinned, "versions": versions},
-         "\n".join(f"{'*' if v['id'] == pinned else ' '} {v['id']}  {v.get('created_at') or ''}" for v in versions)
-         or "no versions")
+    _out(
+        args,
+        {"model": getattr(provider, "model", None), "pinned": pinned, "versions": versions},
+        "\n".join(
+            f"{'*' if v['id'] == pinned else ' '} {v['id']}  {v.get('created_at') or ''}" for v in versions
+        )
+        or "no versions",
+    )
 
 
 def cmd_hardware(args, settings):
@@ -96,33 +109,55 @@ def cmd_hardware(args, settings):
         try:
             listed = make_provider(args, settings).hardware()
         except Exception as exc:  # noqa: BLE001 - prices are still useful without the API
-            print(f"note: could not list hardware from the API ({exc}); showing the price table", file=sys.stderr)
+            print(
+                f"note: could not list hardware from the API ({exc}); showing the price table",
+                file=sys.stderr,
+            )
     names = {h.get("sku"): h.get("name") for h in listed}
-    rows = [{"sku": sku, "name": names.get(sku, name), "usd_per_hour": price, "gpus": gpus,
-             "listed_by_api": sku in names} for sku, (name, price, gpus) in pricing.HARDWARE.items()]
+    rows = [
+        {
+            "sku": sku,
+            "name": names.get(sku, name),
+            "usd_per_hour": price,
+            "gpus": gpus,
+            "listed_by_api": sku in names,
+        }
+        for sku, (name, price, gpus) in pricing.HARDWARE.items()
+    ]
     _out(args, rows, "\n".join(f"{r['sku']:<20} {r['name']:<28} ${r['usd_per_hour']:>6.2f}/h" for r in rows))
 
 
 def cmd_billing(args, settings):
     spend = spend_summary(_store())
-    data = {"balance": None, "balance_note": "unavailable: Replicate has no public balance endpoint",
-            "local_spend_usd": spend, "spend_limit": settings.spend_limit,
-            "prices_usd_per_hour": {k: v[1] for k, v in pricing.HARDWARE.items()}}
+    data = {
+        "balance": None,
+        "balance_note": "unavailable: Replicate has no public balance endpoint",
+        "local_spend_usd": spend,
+        "spend_limit": settings.spend_limit,
+        "prices_usd_per_hour": {k: v[1] for k, v in pricing.HARDWARE.items()},
+    }
     limit = settings.spend_limit
-    _out(args, data, "\n".join([
-        "balance: unavailable (Replicate has no public balance endpoint)",
-        f"spent (local ledger): today ${spend['daily']:.2f}, this week ${spend['weekly']:.2f}, "
-        f"this month ${spend['monthly']:.2f}",
-        f"spend limit: ${limit['amount_usd']:.2f} per {limit['period']} ({limit['action']})" if limit
-        else "spend limit: none",
-    ]))
+    _out(
+        args,
+        data,
+        "\n".join(
+            [
+                "balance: unavailable (Replicate has no public balance endpoint)",
+                f"spent (local ledger): today ${spend['daily']:.2f}, this week ${spend['weekly']:.2f}, "
+                f"this month ${spend['monthly']:.2f}",
+                f"spend limit: ${limit['amount_usd']:.2f} per {limit['period']} ({limit['action']})"
+                if limit
+                else "spend limit: none",
+            ]
+        ),
+    )
 
 
 def cmd_estimate(args, settings):
     spec = load_spec(args.spec, _items(args.set))
     n = args.images or 20
     rows = []
-    for sku in ([args.hardware] if args.hardware else ["gpu-l40s", "gpu-a100-large", "gpu-h100"]):
+    for sku in [args.hardware] if args.hardware else ["gpu-l40s", "gpu-a100-large", "gpu-h100"]:
         try:
             est = pricing.estimate(spec, sku, n)
         except pricing.UnknownHardware as exc:
@@ -137,11 +172,19 @@ def cmd_estimate(args, settings):
 def cmd_pack(args, settings):
     spec = load_spec(args.spec, _items(args.set))
     folder = Path(args.folder).resolve()
-    out = Path(args.out) if args.out else folder.parent / f"{folder.name}.zip"  # beside the folder, never inside
+    out = (
+        Path(args.out) if args.out else folder.parent / f"{folder.name}.zip"
+    )  # beside the folder, never inside
     try:
-        result = pack_dataset(folder, out, fit=args.fit, min_side=max(spec.resolutions),
-                              max_files=spec.dataset.max_files, max_image_pixels=spec.dataset.max_image_pixels,
-                              progress=_bar("pack") if not args.json else None)
+        result = pack_dataset(
+            folder,
+            out,
+            fit=args.fit,
+            min_side=max(spec.resolutions),
+            max_files=spec.dataset.max_files,
+            max_image_pixels=spec.dataset.max_image_pixels,
+            progress=_bar("pack") if not args.json else None,
+        )
     except PackError as exc:
         raise UserError(str(exc)) from None
     _out(args, result.to_dict(), result.summary())
@@ -159,6 +202,7 @@ def _bar(label: str):
         if bar is None:
             bar = state["bar"] = tqdm(total=total, desc=label, unit="B", unit_scale=True, file=sys.stderr)
         bar.update(done - bar.n)
+
     return update
 
 
@@ -190,13 +234,25 @@ def cmd_submit(args, settings):
         receiver = CogHookReceiver(store, provider)
         webhook = receiver.url
     try:
-        sub = submit(store, provider, settings, spec, Path(args.dataset), hardware=args.hardware,
-                     destination=args.destination, webhook=webhook, fit=args.fit,
-                     log=(lambda m: print(m, file=sys.stderr)))
+        sub = submit(
+            store,
+            provider,
+            settings,
+            spec,
+            Path(args.dataset),
+            hardware=args.hardware,
+            destination=args.destination,
+            webhook=webhook,
+            fit=args.fit,
+            log=(lambda m: print(m, file=sys.stderr)),
+        )
         rec = sub.record
         if not args.json:
             into = f" into {rec['destination']}" if rec.get("destination") else ""
-            print(f"submitted {rec['kind']} {rec['id']}{into} — estimate {sub.estimate.describe()}", file=sys.stderr)
+            print(
+                f"submitted {rec['kind']} {rec['id']}{into} — estimate {sub.estimate.describe()}",
+                file=sys.stderr,
+            )
             if not webhook:
                 print("no public URL set: following the job by polling", file=sys.stderr)
         if not args.wait:
@@ -223,10 +279,14 @@ def _try_hint(rec: dict) -> str:
     output = json.loads(rec["output_json"]) if rec.get("output_json") else {}
     version = output.get("version") if isinstance(output, dict) else None
     if rec["provider"] == "replicate" and version:
-        return (f"\nnew version:        {version}\ntry it:             advanced-trainer run {rec['id']} "
-                f"--prompt \"a photo of {_trigger(rec) or 'TOK'}\"")
-    return (f"\ntry it:             advanced-trainer run {rec['id']} --provider cog --cog-url <run-mode server> "
-            f"--prompt \"a photo of {_trigger(rec) or 'TOK'}\"")
+        return (
+            f"\nnew version:        {version}\ntry it:             advanced-trainer run {rec['id']} "
+            f'--prompt "a photo of {_trigger(rec) or "TOK"}"'
+        )
+    return (
+        f"\ntry it:             advanced-trainer run {rec['id']} --provider cog --cog-url <run-mode server> "
+        f'--prompt "a photo of {_trigger(rec) or "TOK"}"'
+    )
 
 
 def _trigger(rec: dict) -> str:
@@ -242,16 +302,26 @@ def cmd_run(args, settings):
         args.provider = "cog"
         args.cog_url = args.cog_url or settings.cog_run_url
         if not args.cog_url:
-            raise UserError("running on a Cog server needs --cog-url (a server in run mode) or "
-                            "`advanced-trainer config set cog_run_url URL`")
+            raise UserError(
+                "running on a Cog server needs --cog-url (a server in run mode) or "
+                "`advanced-trainer config set cog_run_url URL`"
+            )
         if target.provider != "cog":
-            raise UserError(f"{args.target} is a Replicate model; a Cog server runs a job's weights "
-                            f"(pass a job id)")
+            raise UserError(
+                f"{args.target} is a Replicate model; a Cog server runs a job's weights (pass a job id)"
+            )
     provider = make_provider(args, settings)
-    inputs = {"prompt": args.prompt, "num_outputs": args.num_outputs, "seed": args.seed,
-              "aspect_ratio": args.aspect_ratio, "lora_scale": args.lora_scale,
-              "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-              "output_format": args.output_format, **_items(args.input, "--input")}
+    inputs = {
+        "prompt": args.prompt,
+        "num_outputs": args.num_outputs,
+        "seed": args.seed,
+        "aspect_ratio": args.aspect_ratio,
+        "lora_scale": args.lora_scale,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "output_format": args.output_format,
+        **_items(args.input, "--input"),
+    }
     if not args.json:
         where = target.ref if target.provider == "replicate" else f"{target.ref} on {args.cog_url}"
         print(f"running {where} ...", file=sys.stderr)
@@ -265,8 +335,14 @@ def cmd_run(args, settings):
 
     result = run(provider, target, inputs, folder_for)
     took = (result.prediction.get("metrics") or {}).get("predict_time")
-    _out(args, result.to_dict(), f"{len(result.images)} image(s) from {result.prediction.get('id')}"
-         + (f" in {took:.1f}s" if took else "") + ":\n" + "\n".join(f"  {p}" for p in result.images))
+    _out(
+        args,
+        result.to_dict(),
+        f"{len(result.images)} image(s) from {result.prediction.get('id')}"
+        + (f" in {took:.1f}s" if took else "")
+        + ":\n"
+        + "\n".join(f"  {p}" for p in result.images),
+    )
 
 
 def _describe_outputs(o: dict | None) -> str:
@@ -303,9 +379,27 @@ def cmd_status(args, settings):
     rec = _job(store, args.id)
     if rec["status"] not in TERMINAL and not args.offline:
         rec = refresh(store, _provider_for(rec, args, settings), args.id)
-    _out(args, rec, "\n".join(f"{k}: {rec[k]}" for k in ("id", "kind", "status", "step", "total", "loss", "eta_s",
-                                                          "estimate_usd", "cost_usd", "error", "local_dir")
-                              if rec.get(k) is not None))
+    _out(
+        args,
+        rec,
+        "\n".join(
+            f"{k}: {rec[k]}"
+            for k in (
+                "id",
+                "kind",
+                "status",
+                "step",
+                "total",
+                "loss",
+                "eta_s",
+                "estimate_usd",
+                "cost_usd",
+                "error",
+                "local_dir",
+            )
+            if rec.get(k) is not None
+        ),
+    )
 
 
 def cmd_logs(args, settings):
@@ -350,11 +444,17 @@ def cmd_jobs(args, settings):
         notes = reconcile_stale(store, lambda rec: _provider_for(rec, args, settings), args.older_than * 60)
         print("\n".join(notes) or "no interrupted submissions", file=sys.stderr)
     rows = store.list(limit=args.limit)
-    _out(args, rows, "\n".join(
-        f"{r['id']:<28} {r['kind']:<10} {r['status']:<10} "
-        f"{(str(r.get('step')) + '/' + str(r.get('total'))) if r.get('total') else '':<12} "
-        f"${(r.get('cost_usd') if r.get('cost_usd') is not None else r.get('estimate_usd') or 0):.2f}"
-        for r in rows) or "no jobs yet")
+    _out(
+        args,
+        rows,
+        "\n".join(
+            f"{r['id']:<28} {r['kind']:<10} {r['status']:<10} "
+            f"{(str(r.get('step')) + '/' + str(r.get('total'))) if r.get('total') else '':<12} "
+            f"${(r.get('cost_usd') if r.get('cost_usd') is not None else r.get('estimate_usd') or 0):.2f}"
+            for r in rows
+        )
+        or "no jobs yet",
+    )
 
 
 def cmd_token(args, settings):
@@ -373,8 +473,9 @@ def cmd_config(args, settings):
         _out(args, asdict(settings), json.dumps(asdict(settings), indent=2))
         return
     if args.key is None or args.value is None:
-        raise UserError("config set needs a KEY and a VALUE, "
-                        "e.g. `advanced-trainer config set public_url https://...`")
+        raise UserError(
+            "config set needs a KEY and a VALUE, e.g. `advanced-trainer config set public_url https://...`"
+        )
     try:
         updated = apply_settings(settings, {args.key: _parse_value(args.value)})
     except ValueError as exc:
@@ -401,6 +502,7 @@ def cmd_serve(args, settings):
 # with gh, kubectl or docker). After it they default to SUPPRESS, so a command's parser never
 # overwrites a flag given before the command with its default.
 
+
 def _global_flags(p: argparse.ArgumentParser, after_command: bool) -> None:
     default: Any = argparse.SUPPRESS if after_command else False
     p.add_argument("--json", action="store_true", default=default, help="machine-readable output")
@@ -416,8 +518,9 @@ def _command(sub, name: str, fn, help: str) -> argparse.ArgumentParser:
 def _provider_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--provider", choices=["replicate", "cog"], default="replicate")
     sp.add_argument("--cog-url", help="the Cog HTTP server (provider cog)")
-    sp.add_argument("--model",
-                    help="owner/model on Replicate (default: settings, simpletuner/advanced-trainer)")
+    sp.add_argument(
+        "--model", help="owner/model on Replicate (default: settings, simpletuner/advanced-trainer)"
+    )
 
 
 def _spec_args(sp: argparse.ArgumentParser) -> None:
@@ -426,8 +529,11 @@ def _spec_args(sp: argparse.ArgumentParser) -> None:
 
 
 def _account_commands(sub) -> None:
-    _provider_args(_command(sub, "validate", cmd_validate,
-                            "check the API token (or the Cog server) and show the account"))
+    _provider_args(
+        _command(
+            sub, "validate", cmd_validate, "check the API token (or the Cog server) and show the account"
+        )
+    )
     _provider_args(_command(sub, "versions", cmd_versions, "list the trainer model's versions (* = pinned)"))
     sp = _command(sub, "hardware", cmd_hardware, "hardware and prices")
     _provider_args(sp)
@@ -453,8 +559,11 @@ def _dataset_commands(sub) -> None:
     sp = _command(sub, "pack", cmd_pack, "pack a dataset folder into an upload-ready zip (<= 100 MiB)")
     sp.add_argument("folder")
     sp.add_argument("--out", help="the zip to write (default: FOLDER.zip)")
-    sp.add_argument("--fit", action="store_true",
-                    help="re-encode/downsize images to fit, never below the spec's largest resolution")
+    sp.add_argument(
+        "--fit",
+        action="store_true",
+        help="re-encode/downsize images to fit, never below the spec's largest resolution",
+    )
     _spec_args(sp)
 
 
@@ -463,36 +572,54 @@ def _submit_command(sub) -> None:
     _provider_args(sp)
     _spec_args(sp)
     sp.add_argument("--dataset", required=True, help="a dataset folder (packed for you) or a zip")
-    sp.add_argument("--destination", help="owner/name: the Replicate model the training writes a new version of "
-                                          "(default: <your account>/<trigger word or dataset>-<model>; created "
-                                          "private if missing)")
+    sp.add_argument(
+        "--destination",
+        help="owner/name: the Replicate model the training writes a new version of "
+        "(default: <your account>/<trigger word or dataset>-<model>; created "
+        "private if missing)",
+    )
     sp.add_argument("--hardware", help="for the estimate and a created destination (default: settings)")
     sp.add_argument("--fit", action="store_true", help="downsize images if the dataset is over 100 MiB")
     sp.add_argument("--wait", action="store_true", help="follow the job to the end and download its outputs")
 
 
 def _run_command(sub) -> None:
-    sp = _command(sub, "run", cmd_run,
-                  "render with trained weights: a job id or a model (owner/name[:version])")
+    sp = _command(
+        sub, "run", cmd_run, "render with trained weights: a job id or a model (owner/name[:version])"
+    )
     sp.add_argument("target", help="a succeeded training's job id, or a Replicate model owner/name[:version]")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--num-outputs", type=int, help="images, 1-4 (default 1)")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--aspect-ratio", help="1:1 (default), 16:9, 3:2, ... or custom (with --input width=... height=...)")
+    sp.add_argument(
+        "--aspect-ratio", help="1:1 (default), 16:9, 3:2, ... or custom (with --input width=... height=...)"
+    )
     sp.add_argument("--lora-scale", type=float)
     sp.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
     sp.add_argument("--guidance", type=float, help="guidance_scale (default: the model's)")
     sp.add_argument("--output-format", choices=["webp", "jpg", "png"])
-    sp.add_argument("--input", "-i", action="append", default=[], metavar="NAME=VALUE",
-                    help="any other input of the run entry (negative_prompt, lora_weights, extra_lora, ...)")
-    sp.add_argument("--out", help="folder for the images (default: cloud_outputs/<job id>/tries/<id>/ or "
-                                  "cloud_outputs/runs/<id>/)")
+    sp.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other input of the run entry (negative_prompt, lora_weights, extra_lora, ...)",
+    )
+    sp.add_argument(
+        "--out",
+        help="folder for the images (default: cloud_outputs/<job id>/tries/<id>/ or "
+        "cloud_outputs/runs/<id>/)",
+    )
     _provider_args(sp)
 
 
 def _job_commands(sub) -> None:
-    for name, fn, hlp in (("status", cmd_status, "a job's status"), ("cancel", cmd_cancel, "cancel a job"),
-                          ("download", cmd_download, "download, verify and unpack a job's outputs")):
+    for name, fn, hlp in (
+        ("status", cmd_status, "a job's status"),
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("download", cmd_download, "download, verify and unpack a job's outputs"),
+    ):
         sp = _command(sub, name, fn, hlp)
         sp.add_argument("id")
         sp.add_argument("--cog-url")
@@ -504,11 +631,19 @@ def _job_commands(sub) -> None:
     sp.add_argument("--cog-url")
     sp = _command(sub, "jobs", cmd_jobs, "recent jobs from the local store")
     sp.add_argument("--limit", type=int, default=20)
-    sp.add_argument("--reconcile", action="store_true",
-                    help="settle submissions interrupted before the provider's answer was recorded: find their "
-                         "jobs at the provider, or release them so they stop counting against the spend limit")
-    sp.add_argument("--older-than", type=float, default=10, metavar="MINUTES",
-                    help="with --reconcile: only submissions at least this old (default 10)")
+    sp.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="settle submissions interrupted before the provider's answer was recorded: find their "
+        "jobs at the provider, or release them so they stop counting against the spend limit",
+    )
+    sp.add_argument(
+        "--older-than",
+        type=float,
+        default=10,
+        metavar="MINUTES",
+        help="with --reconcile: only submissions at least this old (default 10)",
+    )
 
 
 def _serve_command(sub) -> None:
@@ -519,13 +654,23 @@ def _serve_command(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog="advanced-trainer", description=doc.split("\n\n")[0],
-                                epilog=doc.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="advanced-trainer",
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _global_flags(p, after_command=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_account_commands, _dataset_commands, _submit_command, _run_command, _job_commands,
-                _settings_commands, _serve_command):
+    for add in (
+        _account_commands,
+        _dataset_commands,
+        _submit_command,
+        _run_command,
+        _job_commands,
+        _settings_commands,
+        _serve_command,
+    ):
         add(sub)
     return p
 

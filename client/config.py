@@ -47,14 +47,14 @@ def _write_private(path: Path, text: str) -> None:
 class Settings:
     """User settings (settings.json). Every field has a safe default."""
 
-    model: str = DEFAULT_MODEL          # the trainer model on Replicate (or your own owner/model)
-    version: str | None = None          # a pinned version id; None = the latest
-    hardware: str = DEFAULT_HARDWARE    # for estimates, and for destination models created on submit
-    public_url: str | None = None       # public base URL that reaches `serve` (webhooks); None = poll
+    model: str = DEFAULT_MODEL  # the trainer model on Replicate (or your own owner/model)
+    version: str | None = None  # a pinned version id; None = the latest
+    hardware: str = DEFAULT_HARDWARE  # for estimates, and for destination models created on submit
+    public_url: str | None = None  # public base URL that reaches `serve` (webhooks); None = poll
     webhook_allowed_ips: list[str] = field(default_factory=lambda: list(REPLICATE_WEBHOOK_CIDRS))
     trusted_proxies: list[str] = field(default_factory=list)
-    cog_url: str | None = None          # provider "cog": a Cog HTTP server in train mode (trainings)
-    cog_run_url: str | None = None      # provider "cog": a Cog HTTP server in run mode (trying the weights)
+    cog_url: str | None = None  # provider "cog": a Cog HTTP server in train mode (trainings)
+    cog_run_url: str | None = None  # provider "cog": a Cog HTTP server in run mode (trying the weights)
     allowed_hosts: list[str] = field(default_factory=list)  # extra Host names `serve` answers to
     spend_limit: dict[str, Any] | None = None  # {"amount_usd", "period", "action"}
 

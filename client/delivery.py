@@ -25,8 +25,13 @@ def output_url(kind: str, output) -> str | None:
     return output if isinstance(output, str) else None
 
 
-def download(url: str, dest: Path, progress: Callable[[int, int | None], None] | None = None,
-             attempts: int = 5, timeout: float = 60.0) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    progress: Callable[[int, int | None], None] | None = None,
+    attempts: int = 5,
+    timeout: float = 60.0,
+) -> Path:
     """Fetch ``url`` into ``dest``: retried, and resuming a partial ``dest.part`` with an HTTP Range request
     (also when a later call picks up an earlier one's partial file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -34,8 +39,9 @@ def download(url: str, dest: Path, progress: Callable[[int, int | None], None] |
         dest.write_bytes(base64.b64decode(url.split(",", 1)[1]))
         return dest
     try:
-        return http_download(url, dest, progress=progress, timeout=timeout,
-                             retry=RetryPolicy(attempts=attempts))
+        return http_download(
+            url, dest, progress=progress, timeout=timeout, retry=RetryPolicy(attempts=attempts)
+        )
     except DownloadError as exc:
         if exc.status is not None and not retryable_status(exc.status):
             raise DeliveryError(str(exc)) from None  # 403 (an expired URL), 404: trying again will not help
@@ -84,8 +90,11 @@ def deliver(url: str, folder: Path, progress=None) -> dict:
     return {
         "folder": str(folder),
         "archive": str(archive),
-        "lora": (str(folder / "pytorch_lora_weights.safetensors")
-                 if "pytorch_lora_weights.safetensors" in found else None),
+        "lora": (
+            str(folder / "pytorch_lora_weights.safetensors")
+            if "pytorch_lora_weights.safetensors" in found
+            else None
+        ),
         "kohya": str(folder / "lora_kohya.safetensors") if "lora_kohya.safetensors" in found else None,
         "model": str(folder / "model") if any(n.startswith("model/") for n in found) else None,
         "samples": sorted(str(folder / n) for n in found if n.startswith("samples/")),

@@ -59,7 +59,8 @@ def remote_error(message: str, status: int | None, retry_after: float | None = N
 
 def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, (UserError, RemoteUserError)) or (
-        isinstance(exc, ProviderError) and exc.status in USER_FIXABLE_STATUSES)
+        isinstance(exc, ProviderError) and exc.status in USER_FIXABLE_STATUSES
+    )
 
 
 def exit_code(exc: ClientError) -> int:

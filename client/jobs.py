@@ -38,6 +38,7 @@ from .store import TERMINAL, JobStore, SpendLimitExceeded
 
 EVENTS = ["start", "output", "logs", "completed"]
 
+
 @dataclass
 class Submission:
     record: dict
@@ -52,8 +53,9 @@ def load_spec(spec: str | Path | dict | None, overrides: dict[str, Any] | None =
         raise UserError(str(exc)) from None
 
 
-def prepare_archive(dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool = False,
-                    log: Callable[[str], None] = print) -> tuple[Path, int]:
+def prepare_archive(
+    dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool = False, log: Callable[[str], None] = print
+) -> tuple[Path, int]:
     """A zip under the upload limit: a folder is packed; an archive is checked. Returns (path, images)."""
     dataset = Path(dataset)
     if not dataset.exists():
@@ -61,17 +63,25 @@ def prepare_archive(dataset: Path, spec: TrainingSpec, workdir: Path, fit: bool 
     if dataset.is_dir():
         try:
             # the spec's own limits: the packer refuses what this job's container would
-            result = pack_dataset(dataset, workdir / "dataset.zip", limit_bytes=UPLOAD_LIMIT, fit=fit,
-                                  min_side=max(spec.resolutions), max_files=spec.dataset.max_files,
-                                  max_image_pixels=spec.dataset.max_image_pixels)
+            result = pack_dataset(
+                dataset,
+                workdir / "dataset.zip",
+                limit_bytes=UPLOAD_LIMIT,
+                fit=fit,
+                min_side=max(spec.resolutions),
+                max_files=spec.dataset.max_files,
+                max_image_pixels=spec.dataset.max_image_pixels,
+            )
         except PackError as exc:
             raise UserError(str(exc)) from None
         log(result.summary())
         return result.archive, result.images
     size = dataset.stat().st_size
     if size > UPLOAD_LIMIT:
-        raise UserError(f"{dataset.name} is {size / 2**20:.1f} MiB, over Replicate's upload limit of 100 MiB; "
-                        f"pack the folder with `advanced-trainer pack --fit`")
+        raise UserError(
+            f"{dataset.name} is {size / 2**20:.1f} MiB, over Replicate's upload limit of 100 MiB; "
+            f"pack the folder with `advanced-trainer pack --fit`"
+        )
     return dataset, 20
 
 
@@ -88,16 +98,19 @@ def default_destination(owner: str, spec: TrainingSpec, dataset: Path) -> str:
     return f"{owner.lower()}/{slug}-{spec.model}"
 
 
-def resolve_destination(provider: Provider, spec: TrainingSpec, dataset: Path,
-                        destination: str | None) -> str | None:
+def resolve_destination(
+    provider: Provider, spec: TrainingSpec, dataset: Path, destination: str | None
+) -> str | None:
     """The destination model of a Replicate training: the one given (checked), or one derived from
     the account and the dataset. A Cog server has no destinations (None)."""
     if provider.name != "replicate":
         return None
     if destination:
         if not _MODEL_REF.match(destination):
-            raise UserError(f"destination: expected owner/name in lowercase letters, digits, dashes, underscores "
-                            f"or periods, got {destination!r}")
+            raise UserError(
+                f"destination: expected owner/name in lowercase letters, digits, dashes, underscores "
+                f"or periods, got {destination!r}"
+            )
         return destination
     return default_destination(provider.account()["username"], spec, dataset)
 
@@ -126,12 +139,15 @@ def stale_hint(store: JobStore) -> str:
     stale = store.stale_reservations(STALE_AFTER_S)
     if not stale:
         return ""
-    return (f"; {len(stale)} submission(s) interrupted before the provider's answer was recorded still count "
-            f"(`advanced-trainer jobs --reconcile` finds their jobs or releases them)")
+    return (
+        f"; {len(stale)} submission(s) interrupted before the provider's answer was recorded still count "
+        f"(`advanced-trainer jobs --reconcile` finds their jobs or releases them)"
+    )
 
 
-def reconcile_stale(store: JobStore, provider_for: Callable[[dict], Provider],
-                    older_than_s: float = STALE_AFTER_S) -> list[str]:
+def reconcile_stale(
+    store: JobStore, provider_for: Callable[[dict], Provider], older_than_s: float = STALE_AFTER_S
+) -> list[str]:
     """Settle reservations left "submitting" by a process that stopped between reserving and
     binding: a job the provider has for the recorded dataset upload is bound (it counts, and is
     followed like any other); a reservation that never sent anything, or whose job the provider
@@ -178,12 +194,21 @@ def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> di
     return out
 
 
-def submit(store: JobStore, provider: Provider, settings: Settings, spec: TrainingSpec, dataset: Path, *,
-           hardware: str | None = None, destination: str | None = None, webhook: str | None = None,
-           fit: bool = False, extra_inputs: dict[str, Any] | None = None,
-           log: Callable[[str], None] = print) -> Submission:
+def submit(
+    store: JobStore,
+    provider: Provider,
+    settings: Settings,
+    spec: TrainingSpec,
+    dataset: Path,
+    *,
+    hardware: str | None = None,
+    destination: str | None = None,
+    webhook: str | None = None,
+    fit: bool = False,
+    extra_inputs: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Submission:
     hardware = hardware or settings.hardware
-    warnings: list[str] = []
     if destination and provider.name != "replicate":
         log(f"note: a Cog server has no destination models; {destination} is not used")
     destination = resolve_destination(provider, spec, dataset, destination)
@@ -193,45 +218,83 @@ def submit(store: JobStore, provider: Provider, settings: Settings, spec: Traini
             est = pricing.estimate(spec, hardware, n_images)
         except pricing.UnknownHardware as exc:
             raise UserError(str(exc)) from None
-        kind = "training"
         request_key = uuid.uuid4().hex
-        limit = SpendLimit.from_dict(settings.spend_limit) if settings.spend_limit else None
-        record = {"provider": provider.name, "kind": kind, "model": getattr(provider, "model", None),
-                  "destination": destination, "hardware": hardware, "spec_json": spec.to_json(),
-                  "estimate_usd": round(est.usd, 4), "price_per_s": pricing.price_per_second(hardware),
-                  "webhook": bool(webhook)}
-        try:
-            _, decision = store.reserve(request_key, record, limit_usd=limit.amount_usd if limit else None,
-                                        period_start=limit.period_start() if limit else None,
-                                        action=limit.action if limit else "warn")
-        except SpendLimitExceeded as exc:
-            raise UserError(str(exc) + stale_hint(store)) from None
-        if decision.status == "warn":
-            warnings.append(str(decision.message))
-            log(f"warning: {decision.message}")
+        record = {
+            "provider": provider.name,
+            "kind": "training",
+            "model": getattr(provider, "model", None),
+            "destination": destination,
+            "hardware": hardware,
+            "spec_json": spec.to_json(),
+            "estimate_usd": round(est.usd, 4),
+            "price_per_s": pricing.price_per_second(hardware),
+            "webhook": bool(webhook),
+        }
+        warnings = _reserve(store, request_key, record, settings, log)
         try:
             version = provider.resolve_version()
             if destination:  # before the upload: a destination we cannot create stops the job early
                 created = provider.ensure_destination(destination, hardware)
                 log(f"training into {destination}" + (" (created it, private)" if created else ""))
             dataset_url = provider.upload(archive)
-            inputs = {"dataset": dataset_url, "spec": spec.to_json(), **publish_secrets(spec), **(extra_inputs or {})}
-            store.update(request_key, input_json=inputs)  # secrets scrubbed; lets a later reconcile find the job
-            try:
-                obj = provider.create(kind, version, inputs, webhook, EVENTS, destination)
-            except ProviderError as exc:
-                if isinstance(exc, RemoteUserError):
-                    raise
-                lost, _ = _find_created(provider, kind, dataset_url)
-                if lost is None:
-                    raise
-                log(f"the create request's answer was lost, but the job exists: {lost['id']}")
-                obj = lost
+            inputs = {
+                "dataset": dataset_url,
+                "spec": spec.to_json(),
+                **publish_secrets(spec),
+                **(extra_inputs or {}),
+            }
+            store.update(
+                request_key, input_json=inputs
+            )  # secrets scrubbed; lets a later reconcile find the job
+            obj = _create(provider, version, inputs, dataset_url, webhook, destination, log)
         except BaseException as exc:
             store.release(request_key, str(exc))
             raise
         rec = store.bind(request_key, obj["id"], {**obj, "version": version})
     return Submission(rec, est, warnings)
+
+
+def _reserve(
+    store: JobStore, request_key: str, record: dict[str, Any], settings: Settings, log: Callable[[str], None]
+) -> list[str]:
+    """The row and its spend check in one transaction; returns the warnings to show."""
+    limit = SpendLimit.from_dict(settings.spend_limit) if settings.spend_limit else None
+    try:
+        _, decision = store.reserve(
+            request_key,
+            record,
+            limit_usd=limit.amount_usd if limit else None,
+            period_start=limit.period_start() if limit else None,
+            action=limit.action if limit else "warn",
+        )
+    except SpendLimitExceeded as exc:
+        raise UserError(str(exc) + stale_hint(store)) from None
+    if decision.status != "warn":
+        return []
+    log(f"warning: {decision.message}")
+    return [str(decision.message)]
+
+
+def _create(
+    provider: Provider,
+    version: str,
+    inputs: dict[str, Any],
+    dataset_url: str,
+    webhook: str | None,
+    destination: str | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Create the training; when the answer is lost, find the job it made by its dataset URL."""
+    try:
+        return provider.create("training", version, inputs, webhook, EVENTS, destination)
+    except ProviderError as exc:
+        if isinstance(exc, RemoteUserError):
+            raise
+        lost, _ = _find_created(provider, "training", dataset_url)
+        if lost is None:
+            raise
+        log(f"the create request's answer was lost, but the job exists: {lost['id']}")
+        return lost
 
 
 def refresh(store: JobStore, provider: Provider, job_id: str) -> dict:
@@ -243,9 +306,16 @@ def refresh(store: JobStore, provider: Provider, job_id: str) -> dict:
     return merged
 
 
-def follow(store: JobStore, provider: Provider, job_id: str, on_update: Callable[[dict], None] | None = None,
-           poll_min: float = 0.5, poll_max: float = 15.0, timeout: float | None = None,
-           webhook_quiet_s: float = 60.0) -> dict:
+def follow(
+    store: JobStore,
+    provider: Provider,
+    job_id: str,
+    on_update: Callable[[dict], None] | None = None,
+    poll_min: float = 0.5,
+    poll_max: float = 15.0,
+    timeout: float | None = None,
+    webhook_quiet_s: float = 60.0,
+) -> dict:
     """Wait for a job to end. Polls with backoff; when webhooks are flowing into the store
     (``serve``), polling only resumes after ``webhook_quiet_s`` seconds without one."""
     delay = poll_min
@@ -255,8 +325,11 @@ def follow(store: JobStore, provider: Provider, job_id: str, on_update: Callable
         rec = store.get(job_id)
         if rec is None:
             raise UserError(f"no job {job_id} in the job store")
-        webhooks_flowing = rec.get("webhook") and rec.get("last_event_at") and \
-            time.time() - epoch_seconds(rec["last_event_at"]) < webhook_quiet_s
+        webhooks_flowing = (
+            rec.get("webhook")
+            and rec.get("last_event_at")
+            and time.time() - epoch_seconds(rec["last_event_at"]) < webhook_quiet_s
+        )
         if rec["status"] not in TERMINAL and not webhooks_flowing:
             try:
                 rec = refresh(store, provider, job_id)

@@ -50,23 +50,47 @@ class StoreVersionError(RuntimeError):
 
     def __init__(self, path: Path | str, found: int, known: int):
         self.path, self.found, self.known = Path(path), found, known
-        super().__init__(f"job store {path} has schema version {found}, but this advanced-trainer only "
-                         f"knows versions up to {known}: upgrade advanced-trainer, or point it at "
-                         f"another store")
+        super().__init__(
+            f"job store {path} has schema version {found}, but this advanced-trainer only "
+            f"knows versions up to {known}: upgrade advanced-trainer, or point it at "
+            f"another store"
+        )
 
 
 # The jobs table as the code before migrations created it (column order included, since
 # ``SELECT *`` users and the fixture see it).
 _V1_JOB_COLUMNS = (
-    ("id", "TEXT PRIMARY KEY"), ("provider", "TEXT NOT NULL"), ("kind", "TEXT NOT NULL"),
-    ("model", "TEXT"), ("version", "TEXT"), ("destination", "TEXT"), ("hardware", "TEXT"),
-    ("status", "TEXT NOT NULL"), ("created_at", "TEXT NOT NULL"), ("updated_at", "TEXT NOT NULL"),
-    ("started_at", "TEXT"), ("completed_at", "TEXT"), ("spec_json", "TEXT"), ("input_json", "TEXT"),
-    ("estimate_usd", "REAL"), ("price_per_s", "REAL"), ("predict_time", "REAL"), ("cost_usd", "REAL"),
-    ("output_json", "TEXT"), ("error", "TEXT"), ("logs_tail", "TEXT"), ("step", "INTEGER"),
-    ("total", "INTEGER"), ("loss", "REAL"), ("eta_s", "REAL"), ("phase", "TEXT"),
-    ("webhook", "INTEGER NOT NULL DEFAULT 0"), ("last_event_at", "TEXT"), ("local_dir", "TEXT"),
-    ("delivered", "INTEGER NOT NULL DEFAULT 0"), ("request_key", "TEXT NOT NULL UNIQUE"),
+    ("id", "TEXT PRIMARY KEY"),
+    ("provider", "TEXT NOT NULL"),
+    ("kind", "TEXT NOT NULL"),
+    ("model", "TEXT"),
+    ("version", "TEXT"),
+    ("destination", "TEXT"),
+    ("hardware", "TEXT"),
+    ("status", "TEXT NOT NULL"),
+    ("created_at", "TEXT NOT NULL"),
+    ("updated_at", "TEXT NOT NULL"),
+    ("started_at", "TEXT"),
+    ("completed_at", "TEXT"),
+    ("spec_json", "TEXT"),
+    ("input_json", "TEXT"),
+    ("estimate_usd", "REAL"),
+    ("price_per_s", "REAL"),
+    ("predict_time", "REAL"),
+    ("cost_usd", "REAL"),
+    ("output_json", "TEXT"),
+    ("error", "TEXT"),
+    ("logs_tail", "TEXT"),
+    ("step", "INTEGER"),
+    ("total", "INTEGER"),
+    ("loss", "REAL"),
+    ("eta_s", "REAL"),
+    ("phase", "TEXT"),
+    ("webhook", "INTEGER NOT NULL DEFAULT 0"),
+    ("last_event_at", "TEXT"),
+    ("local_dir", "TEXT"),
+    ("delivered", "INTEGER NOT NULL DEFAULT 0"),
+    ("request_key", "TEXT NOT NULL UNIQUE"),
     ("logs_len", "INTEGER NOT NULL DEFAULT 0"),
 )
 
@@ -80,13 +104,13 @@ def _v1_initial_schema(con: sqlite3.Connection) -> None:
     con.execute("CREATE TABLE IF NOT EXISTS webhook_ids (id TEXT PRIMARY KEY, received_at REAL NOT NULL)")
     con.execute("CREATE INDEX IF NOT EXISTS webhook_ids_received ON webhook_ids(received_at)")
     # events for ids not (yet) in jobs, e.g. a webhook that beats bind(): the furthest one per id
-    con.execute("CREATE TABLE IF NOT EXISTS orphan_events (id TEXT PRIMARY KEY, received_at REAL NOT NULL,"
-                " rank INTEGER NOT NULL, logs_len INTEGER NOT NULL, obj_json TEXT NOT NULL)")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS orphan_events (id TEXT PRIMARY KEY, received_at REAL NOT NULL,"
+        " rank INTEGER NOT NULL, logs_len INTEGER NOT NULL, obj_json TEXT NOT NULL)"
+    )
 
 
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "jobs, webhook ids and orphan events", _v1_initial_schema),
-)
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "jobs, webhook ids and orphan events", _v1_initial_schema),)
 
 
 def schema_version(con: sqlite3.Connection) -> int:

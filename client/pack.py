@@ -57,8 +57,8 @@ from train.dataset_rules import (  # noqa: F401 - IMAGE_EXTENSIONS is re-exporte
 from train.weights import file_sha256  # stdlib-only module: keeps the client torch- and numpy-free
 
 MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the container refuses the whole set over it
-UPLOAD_LIMIT = 100 * 2**20       # Replicate's upload limit for a file input
-DEFAULT_MIN_SIDE = 1024          # the spec's default resolution, when fit is asked without min_side
+UPLOAD_LIMIT = 100 * 2**20  # Replicate's upload limit for a file input
+DEFAULT_MIN_SIDE = 1024  # the spec's default resolution, when fit is asked without min_side
 JPEG_QUALITY = 90
 _STORED_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}  # already compressed: deflate gains nothing
 _JPEG_EXTENSIONS = {".jpg", ".jpeg"}
@@ -66,7 +66,7 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _FILE_MODE = (stat.S_IFREG | 0o644) << 16
 _CHUNK = 1 << 20
 _LOCAL_HEADER, _CENTRAL_HEADER, _END_RECORD = 30, 46, 22
-_REENCODE_MIN_SAVING = 0.9       # a same-size re-encode is kept only when it saves at least 10 %
+_REENCODE_MIN_SAVING = 0.9  # a same-size re-encode is kept only when it saves at least 10 %
 
 
 class PackError(ValueError):
@@ -100,49 +100,73 @@ class PackResult:
     archive: Path
     size_bytes: int
     sha256: str
-    images: int                      # images in the archive
-    captions: int                    # of those, how many have a caption (txt, metadata.jsonl or captions.csv)
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (relative path, reason)
+    images: int  # images in the archive
+    captions: int  # of those, how many have a caption (txt, metadata.jsonl or captions.csv)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     changed: list[PackChange] = field(default_factory=list)
-    caption_sources: dict[str, int] = field(default_factory=dict)  # txt / metadata.jsonl / captions.csv / none
-    warnings: list[str] = field(default_factory=list)              # packed, but probably not what was meant
+    caption_sources: dict[str, int] = field(
+        default_factory=dict
+    )  # txt / metadata.jsonl / captions.csv / none
+    warnings: list[str] = field(default_factory=list)  # packed, but probably not what was meant
     limit_bytes: int = UPLOAD_LIMIT
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for ``--json`` output)."""
-        return {"archive": str(self.archive), "bytes": self.size_bytes, "sha256": self.sha256,
-                "images": self.images, "captions": self.captions, "caption_sources": dict(self.caption_sources),
-                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-                "changed": [{"path": c.path, "new_path": c.new_path, "old_bytes": c.old_bytes,
-                             "new_bytes": c.new_bytes, "old_dimensions": list(c.old_dimensions),
-                             "new_dimensions": list(c.new_dimensions)} for c in self.changed],
-                "warnings": list(self.warnings), "limit_bytes": self.limit_bytes}
+        return {
+            "archive": str(self.archive),
+            "bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "images": self.images,
+            "captions": self.captions,
+            "caption_sources": dict(self.caption_sources),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "changed": [
+                {
+                    "path": c.path,
+                    "new_path": c.new_path,
+                    "old_bytes": c.old_bytes,
+                    "new_bytes": c.new_bytes,
+                    "old_dimensions": list(c.old_dimensions),
+                    "new_dimensions": list(c.new_dimensions),
+                }
+                for c in self.changed
+            ],
+            "warnings": list(self.warnings),
+            "limit_bytes": self.limit_bytes,
+        }
 
     def summary(self) -> str:
-        lines = [f"packed {self.images} image{'s' if self.images != 1 else ''} "
-                 f"({self.captions} with captions) into {self.archive.name}: "
-                 f"{_human(self.size_bytes)} of the {_human(self.limit_bytes)} limit, sha256 {self.sha256[:16]}"]
+        lines = [
+            f"packed {self.images} image{'s' if self.images != 1 else ''} "
+            f"({self.captions} with captions) into {self.archive.name}: "
+            f"{_human(self.size_bytes)} of the {_human(self.limit_bytes)} limit, sha256 {self.sha256[:16]}"
+        ]
         sources = ", ".join(f"{k} {v}" for k, v in sorted(self.caption_sources.items()) if v and k != "none")
         if sources:
             lines.append(f"captions from: {sources}")
         if self.caption_sources.get("none"):
-            lines.append(f"{self.caption_sources['none']} image(s) without a caption: the trainer gives them "
-                         f"the default caption and trigger word")
+            lines.append(
+                f"{self.caption_sources['none']} image(s) without a caption: the trainer gives them "
+                f"the default caption and trigger word"
+            )
         if self.changed:
             saved = sum(c.old_bytes - c.new_bytes for c in self.changed)
-            lines.append(f"re-encoded {len(self.changed)} image{'s' if len(self.changed) != 1 else ''} "
-                         f"to fit (saved {_human(saved)}):")
+            lines.append(
+                f"re-encoded {len(self.changed)} image{'s' if len(self.changed) != 1 else ''} "
+                f"to fit (saved {_human(saved)}):"
+            )
             for c in self.changed:
                 name = c.path if c.new_path == c.path else f"{c.path} -> {c.new_path}"
-                lines.append(f"  {name}: {_human(c.old_bytes)} -> {_human(c.new_bytes)}, "
-                             f"{c.old_dimensions[0]}x{c.old_dimensions[1]} -> "
-                             f"{c.new_dimensions[0]}x{c.new_dimensions[1]}")
+                lines.append(
+                    f"  {name}: {_human(c.old_bytes)} -> {_human(c.new_bytes)}, "
+                    f"{c.old_dimensions[0]}x{c.old_dimensions[1]} -> "
+                    f"{c.new_dimensions[0]}x{c.new_dimensions[1]}"
+                )
         if self.skipped:
             lines.append(f"left out {len(self.skipped)} file{'s' if len(self.skipped) != 1 else ''}:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
 
 
 def largest_training_side(spec: Any) -> int:
@@ -168,7 +192,7 @@ class _Image:
     rel: PurePosixPath
     path: Path
     size: int
-    width: int      # after EXIF rotation
+    width: int  # after EXIF rotation
     height: int
 
 
@@ -178,7 +202,7 @@ class _Entry:
     source: Path
     size: int
     compress: int
-    packed: int     # bytes of data in the zip (stored: size; deflated: computed)
+    packed: int  # bytes of data in the zip (stored: size; deflated: computed)
 
     @property
     def footprint(self) -> int:
@@ -195,7 +219,6 @@ def _human(n: int) -> str:
     if n >= 2**10:
         return f"{n / 2**10:.1f} KiB"
     return f"{n} B"
-
 
 
 def _walk(folder: Path) -> Iterator[tuple[PurePosixPath, Path, str | None]]:
@@ -254,8 +277,6 @@ def _exif_swaps(img: Image.Image) -> bool:
         return False
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # caption tables (parsed by the container's own rules, train/dataset_rules.py)
 
@@ -264,8 +285,8 @@ def _exif_swaps(img: Image.Image) -> bool:
 class _Table:
     rel: PurePosixPath
     path: Path
-    kind: str                               # metadata.jsonl | captions.csv
-    names: dict[str, str] = field(default_factory=dict)   # image key (relative path) -> caption text
+    kind: str  # metadata.jsonl | captions.csv
+    names: dict[str, str] = field(default_factory=dict)  # image key (relative path) -> caption text
 
     @property
     def base(self) -> PurePosixPath:
@@ -323,8 +344,6 @@ def _renamed_field(name: str, base: PurePosixPath, renames: dict[str, str]) -> s
     return name[: len(name) - len(old_suffix)] + new_suffix
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # re-encoding (fit)
 
@@ -349,8 +368,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _target_size(width: int, height: int, min_side: int, max_pixels: int, downscale: bool,
-                 name: str) -> tuple[int, int]:
+def _target_size(
+    width: int, height: int, min_side: int, max_pixels: int, downscale: bool, name: str
+) -> tuple[int, int]:
     """(width, height) after the reduction: shorter side ``min_side`` (when larger), under the pixel cap."""
     short = min(width, height)
     new_w, new_h = width, height
@@ -366,9 +386,11 @@ def _target_size(width: int, height: int, min_side: int, max_pixels: int, downsc
         while new_w * new_h > max_pixels:
             new_w, new_h = max(1, new_w - 1), max(1, new_h - 1)
         if min(new_w, new_h) < min(min_side, short):
-            raise PackError(f"{name}: {width}x{height} cannot be brought under the trainer's cap of "
-                            f"{max_pixels} pixels without its shorter side going below {min(min_side, short)} px; "
-                            f"crop it or remove it")
+            raise PackError(
+                f"{name}: {width}x{height} cannot be brought under the trainer's cap of "
+                f"{max_pixels} pixels without its shorter side going below {min(min_side, short)} px; "
+                f"crop it or remove it"
+            )
     return new_w, new_h
 
 
@@ -390,8 +412,10 @@ def _reencode(image: _Image, dest: Path, min_side: int, max_pixels: int, downsca
     except Image.DecompressionBombError as exc:
         raise PackError(f"{name}: too large for Pillow to open safely ({exc}); resize it yourself") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise PackError(f"{name}: cannot be read as an image to re-encode it ({type(exc).__name__}: {exc}); "
-                        f"fix or remove the file") from None
+        raise PackError(
+            f"{name}: cannot be read as an image to re-encode it ({type(exc).__name__}: {exc}); "
+            f"fix or remove the file"
+        ) from None
     if img.size != target:
         img = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -441,12 +465,12 @@ def _write_zip(entries: list[_Entry], out: Path, progress: Callable[[int, int], 
             info = zipfile.ZipInfo(e.arcname, date_time=_ZIP_EPOCH)
             info.compress_type = e.compress
             if e.compress == zipfile.ZIP_DEFLATED:
-                if hasattr(info, "compress_level"):   # Python 3.13+
+                if hasattr(info, "compress_level"):  # Python 3.13+
                     info.compress_level = 9
                 else:
                     # the per-entry level before 3.13
                     info._compresslevel = 9  # noqa: SLF001  # pyright: ignore[reportAttributeAccessIssue]
-            info.create_system = 3       # the same bytes on every OS
+            info.create_system = 3  # the same bytes on every OS
             info.external_attr = _FILE_MODE
             info.file_size = e.size
             with open(e.source, "rb") as src, zf.open(info, "w") as dst:
@@ -457,32 +481,48 @@ def _write_zip(entries: list[_Entry], out: Path, progress: Callable[[int, int], 
                         progress(done, total)
 
 
-def _too_large(size: int, limit: int, entries: list[_Entry], fitted: bool, min_side: int | None) -> PackTooLarge:
+def _too_large(
+    size: int, limit: int, entries: list[_Entry], fitted: bool, min_side: int | None
+) -> PackTooLarge:
     largest = sorted(((e.arcname, e.size) for e in entries), key=lambda t: (-t[1], t[0]))[:5]
     listing = "; ".join(f"{n} ({_human(s)})" for n, s in largest)
-    over = (f"Replicate's upload limit of 100 MiB ({limit:,} bytes)" if limit == UPLOAD_LIMIT else
-            f"the limit of {_human(limit)} ({limit:,} bytes; Replicate's upload limit is 100 MiB)")
+    over = (
+        f"Replicate's upload limit of 100 MiB ({limit:,} bytes)"
+        if limit == UPLOAD_LIMIT
+        else f"the limit of {_human(limit)} ({limit:,} bytes; Replicate's upload limit is 100 MiB)"
+    )
     head = f"the dataset archive would be {_human(size)} ({size:,} bytes), over {over}"
     if fitted:
-        msg = (f"{head} even with every image re-encoded as JPEG (quality {JPEG_QUALITY}) and downscaled to a "
-               f"shorter side of {min_side} px: it cannot fit without going below min_side ({min_side} px, the "
-               f"largest training resolution). Largest files after reduction: {listing}. Remove images, or "
-               f"train at a smaller resolution.")
+        msg = (
+            f"{head} even with every image re-encoded as JPEG (quality {JPEG_QUALITY}) and downscaled to a "
+            f"shorter side of {min_side} px: it cannot fit without going below min_side ({min_side} px, the "
+            f"largest training resolution). Largest files after reduction: {listing}. Remove images, or "
+            f"train at a smaller resolution."
+        )
     else:
-        msg = (f"{head}. Largest files: {listing}. Pack with --fit to re-encode and downscale images (never "
-               f"below the largest training resolution), or remove images.")
+        msg = (
+            f"{head}. Largest files: {listing}. Pack with --fit to re-encode and downscale images (never "
+            f"below the largest training resolution), or remove images."
+        )
     return PackTooLarge(msg, size, limit, largest)
-
 
 
 # --------------------------------------------------------------------------------------------
 # the packer
 
 
-def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fit: bool = False,
-                 min_side: int | None = None, progress: Callable[[int, int], None] | None = None,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_files: int = DEFAULT_MAX_FILES,
-                 inspect_only: dict | None = None) -> PackResult:
+def pack_dataset(
+    folder: Path,
+    out: Path,
+    *,
+    limit_bytes: int = UPLOAD_LIMIT,
+    fit: bool = False,
+    min_side: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_files: int = DEFAULT_MAX_FILES,
+    inspect_only: dict | None = None,
+) -> PackResult:
     """Pack ``folder`` into the zip ``out``; see the module docstring.
 
     ``min_side``: the shortest side ``fit`` may reduce an image to (pass ``largest_training_side(spec)``;
@@ -505,22 +545,35 @@ def pack_dataset(folder: Path, out: Path, *, limit_bytes: int = UPLOAD_LIMIT, fi
         size = layout.size()
         if inspect_only is not None:  # report what the archive would be, write nothing
             largest = sorted(((e.arcname, e.footprint) for e in layout.entries()), key=lambda t: -t[1])[:5]
-            inspect_only.update(bytes=size, images=len(scan.images), skipped=len(scan.skipped),
-                                largest=[{"path": n, "bytes": b} for n, b in largest])
+            inspect_only.update(
+                bytes=size,
+                images=len(scan.images),
+                skipped=len(scan.skipped),
+                largest=[{"path": n, "bytes": b} for n, b in largest],
+            )
             return None  # type: ignore[return-value]
         changed: list[PackChange] = []
         if size > limit_bytes and not fit:
             raise _too_large(size, limit_bytes, layout.entries(), False, min_side)
         if size > limit_bytes or must:
             _fit(scan.images, layout, must, changed, limit_bytes, min_side, max_image_pixels)
-        written, digest = _write_archive(layout.entries(), out, limit_bytes, progress, bool(changed),
-                                         min_side)
+        written, digest = _write_archive(
+            layout.entries(), out, limit_bytes, progress, bool(changed), min_side
+        )
 
     changed.sort(key=lambda c: _sort_key(c.path))
-    return PackResult(archive=out, size_bytes=written, sha256=digest, images=len(scan.images),
-                      captions=len(scan.images) - caption_sources["none"], skipped=scan.skipped,
-                      changed=changed, caption_sources=caption_sources, warnings=problems,
-                      limit_bytes=limit_bytes)
+    return PackResult(
+        archive=out,
+        size_bytes=written,
+        sha256=digest,
+        images=len(scan.images),
+        captions=len(scan.images) - caption_sources["none"],
+        skipped=scan.skipped,
+        changed=changed,
+        caption_sources=caption_sources,
+        warnings=problems,
+        limit_bytes=limit_bytes,
+    )
 
 
 def inspect_folder(folder: Path) -> dict:
@@ -540,8 +593,10 @@ def _check_arguments(folder: Path, out: Path, min_side: int | None) -> int:
     if out.is_dir():
         raise PackError(f"{str(out)!r} is a folder; give the path of the zip to write")
     if out.resolve().is_relative_to(folder.resolve()):
-        raise PackError(f"{str(out)!r} is inside the dataset folder; write the archive somewhere else "
-                        f"(the dataset folder is never modified)")
+        raise PackError(
+            f"{str(out)!r} is inside the dataset folder; write the archive somewhere else "
+            f"(the dataset folder is never modified)"
+        )
     if min_side is None:
         min_side = DEFAULT_MIN_SIDE
     if min_side < MIN_IMAGE_SIDE:
@@ -553,12 +608,12 @@ def _check_arguments(folder: Path, out: Path, min_side: int | None) -> int:
 class _Scan:
     """A dataset folder sorted by role, as the trainer sorts it; keys are ``dataset_rules.image_key``."""
 
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (shown path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (shown path, reason)
     candidates: list[tuple[PurePosixPath, Path]] = field(default_factory=list)
     txts: dict[str, tuple[PurePosixPath, Path]] = field(default_factory=dict)
     tables: list[_Table] = field(default_factory=list)
-    images: dict[str, _Image] = field(default_factory=dict)        # the candidates that can be used
-    over_cap: list[str] = field(default_factory=list)              # images over the trainer's pixel cap
+    images: dict[str, _Image] = field(default_factory=dict)  # the candidates that can be used
+    over_cap: list[str] = field(default_factory=list)  # images over the trainer's pixel cap
 
 
 def _scan(folder: Path) -> _Scan:
@@ -585,8 +640,9 @@ def _probe_images(scan: _Scan, max_image_pixels: int) -> None:
     for rel, path in scan.candidates:
         key, shown = rules.image_key(rel), rel.as_posix()
         if key in scan.images:
-            scan.skipped.append((shown, f"another image has the same name ({scan.images[key].rel.name}) "
-                                        f"and was used"))
+            scan.skipped.append(
+                (shown, f"another image has the same name ({scan.images[key].rel.name}) and was used")
+            )
             continue
         try:
             width, height = _probe(path)
@@ -608,32 +664,43 @@ def _leave_out_orphan_captions(scan: _Scan) -> None:
     candidate_keys = {rules.image_key(rel) for rel, _ in scan.candidates}
     for key, (rel, _) in sorted(scan.txts.items()):
         if key not in scan.images:
-            why = "its image was left out" if key in candidate_keys else "caption has no image with the same name"
+            why = (
+                "its image was left out"
+                if key in candidate_keys
+                else "caption has no image with the same name"
+            )
             scan.skipped.append((rel.as_posix(), why))
     scan.skipped.sort(key=lambda t: _sort_key(t[0].rstrip("/")))
 
 
-def _refuse_what_the_trainer_refuses(folder: Path, scan: _Scan, fit: bool, max_image_pixels: int,
-                                     max_files: int) -> None:
+def _refuse_what_the_trainer_refuses(
+    folder: Path, scan: _Scan, fit: bool, max_image_pixels: int, max_files: int
+) -> None:
     """PackError, naming the file, for a set the container would refuse (or find empty)."""
     if not scan.images:
         reasons = "; ".join(f"{n}: {r}" for n, r in scan.skipped[:10]) or "the folder holds no files"
         raise PackError(f"no usable image in {str(folder)!r} ({reasons})")
     if scan.over_cap and not fit:
         img = scan.images[scan.over_cap[0]]
-        raise PackError(f"{img.rel.as_posix()}: {img.width}x{img.height} is over the trainer's cap of "
-                        f"{max_image_pixels} pixels an image (the whole dataset would be refused); "
-                        f"pack with --fit to downscale it, or resize it")
+        raise PackError(
+            f"{img.rel.as_posix()}: {img.width}x{img.height} is over the trainer's cap of "
+            f"{max_image_pixels} pixels an image (the whole dataset would be refused); "
+            f"pack with --fit to downscale it, or resize it"
+        )
     captions = [(rules.CAPTION, rel, path) for key, (rel, path) in scan.txts.items() if key in scan.images]
     for kind, rel, path in [*captions, *((rules.TABLE, t.rel, t.path) for t in scan.tables)]:
         why = rules.oversize_reason(kind, path.stat().st_size, max_files)
         if why:
-            raise PackError(f"{rel.as_posix()}: {why}; the trainer would refuse the whole dataset. "
-                            f"Shorten it, or remove it")
+            raise PackError(
+                f"{rel.as_posix()}: {why}; the trainer would refuse the whole dataset. "
+                f"Shorten it, or remove it"
+            )
     files = len(scan.images) + len(captions) + len(scan.tables)
     if files > max_files:
-        raise PackError(f"{str(folder)!r}: the archive would hold {files} files, more than the trainer's "
-                        f"limit of {max_files} (dataset.max_files); remove images or raise the limit")
+        raise PackError(
+            f"{str(folder)!r}: the archive would hold {files} files, more than the trainer's "
+            f"limit of {max_files} (dataset.max_files); remove images or raise the limit"
+        )
 
 
 def _caption_summary(scan: _Scan) -> tuple[dict[str, int], list[str]]:
@@ -641,8 +708,10 @@ def _caption_summary(scan: _Scan) -> tuple[dict[str, int], list[str]]:
     problems: list[str] = []
     for table in scan.tables:
         _parse_table(table, problems)
-    merged = {kind: {n: text for t in scan.tables if t.kind == kind for n, text in t.names.items()}
-              for kind in rules.CAPTION_FILES}
+    merged = {
+        kind: {n: text for t in scan.tables if t.kind == kind for n, text in t.names.items()}
+        for kind in rules.CAPTION_FILES
+    }
     sources = {"txt": 0, "metadata.jsonl": 0, "captions.csv": 0, "none": 0}
     for key, img in scan.images.items():
         name = img.rel.as_posix()
@@ -654,8 +723,10 @@ def _caption_summary(scan: _Scan) -> tuple[dict[str, int], list[str]]:
     for table in scan.tables:
         orphans = sorted(n for n in table.names if n not in known)
         if orphans:
-            problems.append(f"{table.rel}: {len(orphans)} row(s) name no image in the dataset "
-                            f"(first: {orphans[0]!r}); names are relative to the table's folder")
+            problems.append(
+                f"{table.rel}: {len(orphans)} row(s) name no image in the dataset "
+                f"(first: {orphans[0]!r}); names are relative to the table's folder"
+            )
     return sources, problems
 
 
@@ -664,16 +735,18 @@ class _Layout:
     """The archive being planned: its entries, and the renames re-encoding made (the tables follow them)."""
 
     tables: list[_Table]
-    tmp: Path                        # re-encoded images and rewritten tables
-    images: dict[str, _Entry]        # image key -> entry
+    tmp: Path  # re-encoded images and rewritten tables
+    images: dict[str, _Entry]  # image key -> entry
     captions: list[_Entry]
-    renames: dict[str, str] = field(default_factory=dict)   # old image path -> new (a .png became .jpg)
+    renames: dict[str, str] = field(default_factory=dict)  # old image path -> new (a .png became .jpg)
     table_entries: list[_Entry] = field(default_factory=list)
 
     @classmethod
     def plan(cls, scan: _Scan, tmp: Path) -> _Layout:
         images = {key: _entry(img.rel.as_posix(), img.path) for key, img in scan.images.items()}
-        captions = [_entry(rel.as_posix(), path) for key, (rel, path) in scan.txts.items() if key in scan.images]
+        captions = [
+            _entry(rel.as_posix(), path) for key, (rel, path) in scan.txts.items() if key in scan.images
+        ]
         layout = cls(scan.tables, tmp, images, captions)
         layout.render_tables()
         return layout
@@ -687,8 +760,9 @@ class _Layout:
             self.table_entries.append(_entry(t.rel.as_posix(), source))
 
     def entries(self) -> list[_Entry]:
-        return sorted([*self.images.values(), *self.captions, *self.table_entries],
-                      key=lambda e: _sort_key(e.arcname))
+        return sorted(
+            [*self.images.values(), *self.captions, *self.table_entries], key=lambda e: _sort_key(e.arcname)
+        )
 
     def size(self) -> int:
         return _archive_size(self.entries())
@@ -705,14 +779,22 @@ def _too_compressible(layout: _Layout, fit: bool) -> list[str]:
     if others or (keys and not fit):
         e = others[0] if others else layout.images[keys[0]]
         hint = "" if others else "; pack with --fit to re-encode it as JPEG, or save it as PNG"
-        raise PackError(f"{e.arcname}: deflates from {e.size} to {e.packed} bytes, over the trainer's limit "
-                        f"of {rules.MAX_COMPRESSION_RATIO}x (it would refuse the whole dataset as a "
-                        f"decompression bomb){hint}")
+        raise PackError(
+            f"{e.arcname}: deflates from {e.size} to {e.packed} bytes, over the trainer's limit "
+            f"of {rules.MAX_COMPRESSION_RATIO}x (it would refuse the whole dataset as a "
+            f"decompression bomb){hint}"
+        )
     return keys
 
 
-def _write_archive(entries: list[_Entry], out: Path, limit: int, progress: Callable[[int, int], None] | None,
-                   fitted: bool, min_side: int) -> tuple[int, str]:
+def _write_archive(
+    entries: list[_Entry],
+    out: Path,
+    limit: int,
+    progress: Callable[[int, int], None] | None,
+    fitted: bool,
+    min_side: int,
+) -> tuple[int, str]:
     """Write the zip next to ``out`` and move it into place; returns (bytes, sha256)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
@@ -729,8 +811,15 @@ def _write_archive(entries: list[_Entry], out: Path, limit: int, progress: Calla
     return written, digest
 
 
-def _fit(images: dict[str, _Image], layout: _Layout, required: list[str], changed: list[PackChange],
-         limit: int, min_side: int, max_pixels: int) -> int:
+def _fit(
+    images: dict[str, _Image],
+    layout: _Layout,
+    required: list[str],
+    changed: list[PackChange],
+    limit: int,
+    min_side: int,
+    max_pixels: int,
+) -> int:
     """Re-encode images, largest first, until the archive fits; returns its exact size.
 
     ``required``: images that must be re-encoded whatever the size (over the pixel cap, or over the
@@ -739,11 +828,19 @@ def _fit(images: dict[str, _Image], layout: _Layout, required: list[str], change
     by_size = sorted(images, key=lambda k: (-images[k].size, images[k].rel.parts))
     # 1. required images; 2. images larger than min_side, downscaled to it;
     # 3. the rest re-encoded at their size, kept only when that saves at least 10 %.
-    plan = ([(k, True, True) for k in by_size if k in required]
-            + [(k, True, False) for k in by_size
-               if k not in required and min(images[k].width, images[k].height) > min_side]
-            + [(k, False, False) for k in by_size
-               if k not in required and min(images[k].width, images[k].height) <= min_side])
+    plan = (
+        [(k, True, True) for k in by_size if k in required]
+        + [
+            (k, True, False)
+            for k in by_size
+            if k not in required and min(images[k].width, images[k].height) > min_side
+        ]
+        + [
+            (k, False, False)
+            for k in by_size
+            if k not in required and min(images[k].width, images[k].height) <= min_side
+        ]
+    )
     done: set[str] = set()
     size = layout.size()
     for key, downscale, must in plan:
@@ -759,8 +856,9 @@ def _fit(images: dict[str, _Image], layout: _Layout, required: list[str], change
         dest = layout.tmp / "images" / new_rel
         new_dims = _reencode(img, dest, min_side, max_pixels, downscale)
         new = _entry(new_rel.as_posix(), dest)
-        keep = must or (new.footprint < old.footprint if downscale
-                        else new.size <= old.size * _REENCODE_MIN_SAVING)
+        keep = must or (
+            new.footprint < old.footprint if downscale else new.size <= old.size * _REENCODE_MIN_SAVING
+        )
         if not keep:
             dest.unlink()
             continue
@@ -769,8 +867,11 @@ def _fit(images: dict[str, _Image], layout: _Layout, required: list[str], change
         size += new.footprint - old.footprint
         if new_rel != img.rel:
             layout.renames[img.rel.as_posix()] = new_rel.as_posix()
-        changed.append(PackChange(img.rel.as_posix(), new_rel.as_posix(), old.size, new.size,
-                                  (img.width, img.height), new_dims))
+        changed.append(
+            PackChange(
+                img.rel.as_posix(), new_rel.as_posix(), old.size, new.size, (img.width, img.height), new_dims
+            )
+        )
     layout.render_tables()
     size = layout.size()
     if size > limit:

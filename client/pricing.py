@@ -33,8 +33,8 @@ _STEP_S = {
     "flux": {"t4": 20.0, "l40s": 2.4, "a100": 1.6, "h100": 1.0, "cpu": 600.0},
     "sdxl": {"t4": 3.0, "l40s": 0.55, "a100": 0.4, "h100": 0.28, "cpu": 120.0},
 }
-FULL_FINETUNE_FACTOR = 1.6   # full fine-tunes: larger backward and optimizer
-STARTUP_S = 180              # boot, weights, staging and caching, export (typical)
+FULL_FINETUNE_FACTOR = 1.6  # full fine-tunes: larger backward and optimizer
+STARTUP_S = 180  # boot, weights, staging and caching, export (typical)
 PER_IMAGE_CACHE_S = 0.3
 
 

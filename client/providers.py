@@ -27,12 +27,14 @@ from train.http import RetryPolicy
 from .errors import ProviderError, RemoteUserError, remote_error
 from .store import TERMINAL
 
-_HINTS = {401: " — the API token was refused: check it with `advanced-trainer validate`",
-          402: " — billing is not set up on the Replicate account",
-          404: " — not found (check the model name, version or destination)",
-          413: " — the upload is over Replicate's 100 MiB limit: use `advanced-trainer pack --fit`",
-          422: " — Replicate rejected the input",
-          429: " — rate limited; try again shortly"}
+_HINTS = {
+    401: " — the API token was refused: check it with `advanced-trainer validate`",
+    402: " — billing is not set up on the Replicate account",
+    404: " — not found (check the model name, version or destination)",
+    413: " — the upload is over Replicate's 100 MiB limit: use `advanced-trainer pack --fit`",
+    422: " — Replicate rejected the input",
+    429: " — rate limited; try again shortly",
+}
 
 
 class Provider(Protocol):
@@ -51,8 +53,15 @@ class Provider(Protocol):
     def upload(self, path: Path) -> str: ...
     def ensure_destination(self, destination: str, hardware: str) -> bool: ...
 
-    def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
-               destination: str | None = None) -> dict[str, Any]: ...
+    def create(
+        self,
+        kind: str,
+        version: str,
+        inputs: dict,
+        webhook: str | None,
+        events: list[str],
+        destination: str | None = None,
+    ) -> dict[str, Any]: ...
 
     def predict(self, ref: str, inputs: dict[str, Any]) -> dict[str, Any]: ...
     def get(self, kind: str, job_id: str) -> dict[str, Any]: ...
@@ -103,8 +112,11 @@ class ReplicateProvider:
     def versions(self) -> list[dict]:
         def go():
             model = self.client.models.get(self.model)
-            return [{"id": v.id, "created_at": str(v.created_at), "cog_version": v.cog_version}
-                    for v in model.versions.list()]
+            return [
+                {"id": v.id, "created_at": str(v.created_at), "cog_version": v.cog_version}
+                for v in model.versions.list()
+            ]
+
         return self._call(f"list versions of {self.model}", go)
 
     def resolve_version(self) -> str:
@@ -112,13 +124,16 @@ class ReplicateProvider:
             return self.pinned_version
         versions = self.versions()
         if not versions:
-            raise RemoteUserError(f"{self.model} has no versions yet: push one with `cog push r8.im/{self.model}`")
+            raise RemoteUserError(
+                f"{self.model} has no versions yet: push one with `cog push r8.im/{self.model}`"
+            )
         return versions[0]["id"]
 
     def upload(self, path: Path) -> str:
         def go():
             with open(path, "rb") as f:
                 return self.client.files.create(f, filename=path.name, content_type="application/zip")
+
         return self._call(f"upload {path.name}", go).urls["get"]
 
     def ensure_destination(self, destination: str, hardware: str) -> bool:
@@ -130,22 +145,41 @@ class ReplicateProvider:
         except ReplicateError as exc:
             if exc.status != 404:
                 raise _from_replicate_error(exc, f"look up {destination}") from None
-        self._call(f"create model {destination}", lambda: self.client.models.create(
-            owner=owner, name=name, visibility="private", hardware=hardware,
-            description="LoRA weights trained with advanced-trainer"))
+        self._call(
+            f"create model {destination}",
+            lambda: self.client.models.create(
+                owner=owner,
+                name=name,
+                visibility="private",
+                hardware=hardware,
+                description="LoRA weights trained with advanced-trainer",
+            ),
+        )
         return True
 
-    def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
-               destination: str | None = None) -> dict:
+    def create(
+        self,
+        kind: str,
+        version: str,
+        inputs: dict,
+        webhook: str | None,
+        events: list[str],
+        destination: str | None = None,
+    ) -> dict:
         assert kind == "training" and destination, "jobs are trainings into a destination model"
         kw: dict[str, Any] = {"input": inputs}
         if webhook:
             kw.update(webhook=webhook, webhook_events_filter=events)
-        return self._call("create training", lambda: plain_dict(self.client.trainings.create(
-            model=self.model, version=version, destination=destination, **kw)))
+        return self._call(
+            "create training",
+            lambda: plain_dict(
+                self.client.trainings.create(model=self.model, version=version, destination=destination, **kw)
+            ),
+        )
 
     def predict(self, ref: str, inputs: dict, timeout: float = 900, poll: float = 1.0) -> dict:
         """Run ``owner/name`` (its latest version) or ``owner/name:version`` and wait for the result."""
+
         def create():
             if ":" in ref:
                 return self.client.predictions.create(version=ref.split(":", 1)[1], input=inputs, wait=True)
@@ -155,7 +189,9 @@ class ReplicateProvider:
         deadline = time.monotonic() + timeout
         while obj.get("status") not in TERMINAL:
             if time.monotonic() > deadline:
-                raise ProviderError(f"run {ref}: prediction {obj['id']} still {obj.get('status')} after {timeout:.0f}s")
+                raise ProviderError(
+                    f"run {ref}: prediction {obj['id']} still {obj.get('status')} after {timeout:.0f}s"
+                )
             time.sleep(poll)
             obj = self.get("prediction", obj["id"])
         return obj
@@ -164,8 +200,10 @@ class ReplicateProvider:
         if kind == "training":
             # replicate 1.0.7's Training model drops ``metrics`` (predict_time: what the ledger bills),
             # so read the object as the API sends it, through the client's own request path.
-            return self._call(f"GET training {job_id}",
-                              lambda: self.client._request("GET", f"/v1/trainings/{job_id}").json())
+            return self._call(
+                f"GET training {job_id}",
+                lambda: self.client._request("GET", f"/v1/trainings/{job_id}").json(),
+            )
         return self._call(f"GET {kind} {job_id}", lambda: plain_dict(self.client.predictions.get(job_id)))
 
     def cancel(self, kind: str, job_id: str) -> dict:
@@ -175,8 +213,12 @@ class ReplicateProvider:
 
 # A Cog server runs one job at a time and answers 409 while busy; the slot is released just after
 # the previous job ends, so a short, steady wait (about 10 s in all) is enough.
-_COG_BUSY = RetryPolicy(attempts=50, base_delay_s=0.2, max_delay_s=0.2,
-                        retryable=lambda exc: isinstance(exc, ProviderError) and exc.status == 409)
+_COG_BUSY = RetryPolicy(
+    attempts=50,
+    base_delay_s=0.2,
+    max_delay_s=0.2,
+    retryable=lambda exc: isinstance(exc, ProviderError) and exc.status == 409,
+)
 
 
 class CogProvider:
@@ -217,23 +259,39 @@ class CogProvider:
     def ensure_destination(self, destination: str, hardware: str) -> bool:
         return False
 
-    def create(self, kind: str, version: str, inputs: dict, webhook: str | None, events: list[str],
-               destination: str | None = None) -> dict:
+    def create(
+        self,
+        kind: str,
+        version: str,
+        inputs: dict,
+        webhook: str | None,
+        events: list[str],
+        destination: str | None = None,
+    ) -> dict:
         assert kind == "training"
         job_id = "cog-" + uuid.uuid4().hex[:20]
         path = "/trainings"
         body: dict[str, Any] = {"id": job_id, "input": inputs}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        record = {"id": job_id, "status": "starting", "logs": "", "output": None, "error": None, "metrics": {},
-                  "created_at": now, "input": {}}
+        record = {
+            "id": job_id,
+            "status": "starting",
+            "logs": "",
+            "output": None,
+            "error": None,
+            "metrics": {},
+            "created_at": now,
+            "input": {},
+        }
         with self.lock:
             self.jobs[job_id] = record
         if webhook:
             body.update(webhook=webhook, webhook_events_filter=events)
             r = self._post(path, body, {"Prefer": "respond-async"})
             if r.status_code != 202:
-                raise remote_error(f"the Cog server refused the job: HTTP {r.status_code}: {r.text[:500]}",
-                                   r.status_code)
+                raise remote_error(
+                    f"the Cog server refused the job: HTTP {r.status_code}: {r.text[:500]}", r.status_code
+                )
             return dict(record)
         threading.Thread(target=self._run_sync, args=(job_id, path, body), daemon=True).start()
         return dict(record)
@@ -269,7 +327,9 @@ class CogProvider:
         try:
             result = r.json()
         except ValueError:
-            raise ProviderError(f"run on {self.url}: HTTP {r.status_code}: {r.text[:300]}", r.status_code) from None
+            raise ProviderError(
+                f"run on {self.url}: HTTP {r.status_code}: {r.text[:300]}", r.status_code
+            ) from None
         if r.status_code != 200 or "status" not in result:
             raise ProviderError(f"run on {self.url}: HTTP {r.status_code}: {r.text[:300]}", r.status_code)
         return {"id": job_id, **{k: v for k, v in result.items() if k != "id"}}

@@ -32,9 +32,26 @@ from typing import Any, TypedDict
 from train.progress import last_progress, parse_progress_line
 
 __all__ = [
-    "FIELDS", "STATUSES", "TERMINAL", "UNFINISHED", "PROVIDERS", "KINDS", "SOURCES", "RANK",
-    "LOGS_TAIL_CHARS", "Job", "StoredJob", "rank", "merge", "touch", "orphan_rank", "iso_utc",
-    "epoch", "finite", "map_status", "tail",
+    "FIELDS",
+    "STATUSES",
+    "TERMINAL",
+    "UNFINISHED",
+    "PROVIDERS",
+    "KINDS",
+    "SOURCES",
+    "RANK",
+    "LOGS_TAIL_CHARS",
+    "Job",
+    "StoredJob",
+    "rank",
+    "merge",
+    "touch",
+    "orphan_rank",
+    "iso_utc",
+    "epoch",
+    "finite",
+    "map_status",
+    "tail",
 ]
 
 STATUSES = ("submitting", "starting", "processing", "succeeded", "failed", "canceled")
@@ -173,10 +190,11 @@ def tail(logs: str) -> str:
         return logs
     end = logs[-LOGS_TAIL_CHARS:]
     nl = end.find("\n", 0, 1024)
-    return end[nl + 1:] if nl >= 0 else end
+    return end[nl + 1 :] if nl >= 0 else end
 
 
 # --------------------------------------------------------------------------- merge rules
+
 
 def touch(source: str, now: float) -> dict[str, Any]:
     """What any event records even when it changes nothing: when the provider last spoke."""
@@ -221,8 +239,13 @@ def _field_changes(job: StoredJob, event: Mapping[str, Any], fill_only: bool) ->
     error = event.get("error")
     output_text = json.dumps(output, default=str) if output is not None else None
     _offer(out, job, "output_json", output_text, fill_only)
-    _offer(out, job, "error", (error if isinstance(error, str) else json.dumps(error, default=str))
-           if error else None, fill_only)
+    _offer(
+        out,
+        job,
+        "error",
+        (error if isinstance(error, str) else json.dumps(error, default=str)) if error else None,
+        fill_only,
+    )
     # when it ran and what ran are facts of the job: the first value seen stays
     _offer(out, job, "started_at", iso_utc(event.get("started_at")), True)
     _offer(out, job, "completed_at", iso_utc(event.get("completed_at")), True)
@@ -239,8 +262,9 @@ def _billed_seconds(job: Mapping[str, Any]) -> float | None:
     return max(0.0, end - start) if end is not None else None
 
 
-def _billing_changes(job: StoredJob, changes: Mapping[str, Any], event: Mapping[str, Any],
-                     fill_only: bool, now: float) -> dict[str, Any]:
+def _billing_changes(
+    job: StoredJob, changes: Mapping[str, Any], event: Mapping[str, Any], fill_only: bool, now: float
+) -> dict[str, Any]:
     """predict_time, completed_at and cost_usd once the job (with ``changes``) is terminal."""
     metrics = event.get("metrics")
     predict_time = finite(metrics.get("predict_time")) if isinstance(metrics, Mapping) else None

@@ -29,8 +29,8 @@ _REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[0-9a-f]{64})?$")
 class Target:
     """What to run: a Replicate model reference, or a Cog job's weights."""
 
-    provider: str          # replicate | cog
-    ref: str               # owner/name[:version] (replicate) or the job id (cog)
+    provider: str  # replicate | cog
+    ref: str  # owner/name[:version] (replicate) or the job id (cog)
     job: dict | None = None
     weights: str | None = None  # cog: sent as lora_weights
 
@@ -54,7 +54,9 @@ def resolve_target(store: JobStore, target: str) -> Target:
         return Target("replicate", ref, rec)
     if _REF.match(target):
         return Target("replicate", target)
-    raise UserError(f"{target!r} is neither a job in the store nor a model (owner/name or owner/name:version)")
+    raise UserError(
+        f"{target!r} is neither a job in the store nor a model (owner/name or owner/name:version)"
+    )
 
 
 @dataclass
@@ -64,9 +66,13 @@ class RunResult:
     folder: Path
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.prediction.get("id"), "status": self.prediction.get("status"),
-                "images": [str(p) for p in self.images], "folder": str(self.folder),
-                "predict_time": (self.prediction.get("metrics") or {}).get("predict_time")}
+        return {
+            "id": self.prediction.get("id"),
+            "status": self.prediction.get("status"),
+            "images": [str(p) for p in self.images],
+            "folder": str(self.folder),
+            "predict_time": (self.prediction.get("metrics") or {}).get("predict_time"),
+        }
 
 
 def _name(url: str, i: int) -> str:
@@ -77,15 +83,18 @@ def _name(url: str, i: int) -> str:
     return name if name and "." in name else f"out-{i}.bin"
 
 
-def run(provider: Provider, target: Target, inputs: dict[str, Any],
-        folder_for: Callable[[str], Path]) -> RunResult:
+def run(
+    provider: Provider, target: Target, inputs: dict[str, Any], folder_for: Callable[[str], Path]
+) -> RunResult:
     """Run ``target`` with ``inputs`` and download its images into ``folder_for(prediction id)``."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
     if target.provider == "cog":
         inputs.setdefault("lora_weights", target.weights)
     obj = provider.predict(target.ref, inputs)
     if obj.get("status") != "succeeded":
-        raise ProviderError(f"run {target.ref}: the prediction {obj.get('status')}: {obj.get('error') or 'no reason given'}")
+        raise ProviderError(
+            f"run {target.ref}: the prediction {obj.get('status')}: {obj.get('error') or 'no reason given'}"
+        )
     outputs = obj.get("output")
     outputs = outputs if isinstance(outputs, list) else [outputs]
     folder = Path(folder_for(obj["id"]))

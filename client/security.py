@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+)
 SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
@@ -59,7 +61,7 @@ def _split_host(value: str) -> tuple[str, int | None]:
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
-        host, rest = value[1:end], value[end + 1:]
+        host, rest = value[1:end], value[end + 1 :]
         return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
     if value.count(":") == 1:
         host, _, port = value.partition(":")
@@ -166,7 +168,9 @@ class SecurityMiddleware:
         length = headers.get("content-length")
         if length is not None and length.isdigit():
             if int(length) > limit:
-                return await _json(send_secure, 413, {"detail": f"request body over the {limit // MiB} MiB limit"})
+                return await _json(
+                    send_secure, 413, {"detail": f"request body over the {limit // MiB} MiB limit"}
+                )
             return await self.app(scope, receive, send_secure)
         # No Content-Length (chunked): read the body here, within the limit, then hand it on.
         chunks, seen = [], 0
@@ -177,7 +181,9 @@ class SecurityMiddleware:
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > limit:
-                return await _json(send_secure, 413, {"detail": f"request body over the {limit // MiB} MiB limit"})
+                return await _json(
+                    send_secure, 413, {"detail": f"request body over the {limit // MiB} MiB limit"}
+                )
             if not message.get("more_body"):
                 break
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
@@ -187,7 +193,9 @@ class SecurityMiddleware:
 
         await self.app(scope, replay_receive, send_secure)
 
-    def check(self, policy: Policy, headers: dict[str, str], path: str, method: str) -> tuple[int, str] | None:
+    def check(
+        self, policy: Policy, headers: dict[str, str], path: str, method: str
+    ) -> tuple[int, str] | None:
         host, _ = _split_host(headers.get("host", ""))
         if host not in policy.allowed_hosts():
             return 421, "Host not allowed (this server answers only to its own names)"
@@ -202,7 +210,10 @@ class SecurityMiddleware:
         public = method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))  # the login form
         if policy.needs_auth and not webhook and not public and path != "/api/session":
             if not self.authenticated(policy, headers):
-                return 401, "authentication required: send the API key (Authorization: Bearer <key>) or log in"
+                return (
+                    401,
+                    "authentication required: send the API key (Authorization: Bearer <key>) or log in",
+                )
         return None
 
     def authenticated(self, policy: Policy, headers: dict[str, str]) -> bool:
@@ -219,6 +230,11 @@ class SecurityMiddleware:
 
 async def _json(send: Callable[[dict], Awaitable[None]], status: int, body: Any) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})

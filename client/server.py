@@ -33,14 +33,19 @@ from .security import SecurityMiddleware, hash_key, is_loopback
 
 __all__ = ["State", "create_app", "poll_once", "serve", "ensure_api_key", "uvicorn_config"]
 
-POLL_QUIET_S = 60.0        # poll a job whose webhooks have been silent this long
+POLL_QUIET_S = 60.0  # poll a job whose webhooks have been silent this long
 POLL_MIN_S, POLL_MAX_S = 2.0, 30.0
 
 
 def create_app(state: State) -> FastAPI:
     # /docs would load Swagger UI from a CDN (no network, and against the CSP); /openapi.json stays.
-    app = FastAPI(title="advanced-trainer", version="0.1.0", docs_url=None, redoc_url=None,
-                  description="Submit and track training jobs; receives Replicate's signed webhooks.")
+    app = FastAPI(
+        title="advanced-trainer",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        description="Submit and track training jobs; receives Replicate's signed webhooks.",
+    )
     app.state.trainer = state
     app.add_middleware(SecurityMiddleware, policy=state.policy, sessions=state.sessions)
     app.add_exception_handler(ClientError, _client_error)
@@ -52,6 +57,7 @@ def create_app(state: State) -> FastAPI:
 
 
 # -- error answers (one shape for the page: detail is a string or {"problems": [...]}) -------------
+
 
 async def _client_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ClientError)
@@ -79,13 +85,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        message = "unknown field" if err.get("type") == "extra_forbidden" else \
-            str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        message = (
+            "unknown field"
+            if err.get("type") == "extra_forbidden"
+            else str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        )
         problems.append(_problem(".".join(loc) or None, message))
     return JSONResponse({"detail": {"problems": problems}}, status_code=422)
 
 
 # -- the poller ------------------------------------------------------------------------------------
+
 
 def _poll_job(state: State, rec: dict, now: float) -> bool:
     """Poll one job when it is due; True when it was polled."""
@@ -109,8 +119,9 @@ def poll_once(state: State, now: float | None = None) -> int:
     """Poll the unfinished jobs that are due, and deliver succeeded ones not yet delivered; returns
     how many were polled."""
     now = time.time() if now is None else now
-    polled = sum(_poll_job(state, rec, now) for rec in state.store.unfinished()
-                 if rec["status"] != "submitting")
+    polled = sum(
+        _poll_job(state, rec, now) for rec in state.store.unfinished() if rec["status"] != "submitting"
+    )
     for rec in state.store.list(limit=50, status="succeeded"):
         if not rec.get("delivered"):
             state.deliver_async(rec["id"])
@@ -127,12 +138,14 @@ def _poller(state: State) -> None:
 
 # -- serving ---------------------------------------------------------------------------------------
 
+
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
     """uvicorn settings for the app. proxy_headers is off: uvicorn would otherwise believe
     X-Forwarded-For from loopback and hand the webhook allow-list a forged client address;
     the trusted_proxies setting (client.webhooks.client_ip) is the one place XFF is read."""
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=False,
-                          server_header=False)
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False
+    )
 
 
 def ensure_api_key(root: Path | None = None) -> str | None:
@@ -148,8 +161,11 @@ def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
     if not is_loopback(host):
         key = ensure_api_key()
         if key:
-            print(f"serving beyond loopback: every route but the webhooks needs this API key (shown once; "
-                  f"only its hash is stored):\n  {key}", flush=True)
+            print(
+                f"serving beyond loopback: every route but the webhooks needs this API key (shown once; "
+                f"only its hash is stored):\n  {key}",
+                flush=True,
+            )
     state = State(host=host, port=port)
     app = create_app(state)
     threading.Thread(target=_poller, args=(state,), daemon=True).start()

@@ -17,7 +17,7 @@ _VERSION = re.compile(r"^[0-9a-f]{64}$")
 
 def _cidrs(name: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{name}: expected a list of IP ranges such as \"34.82.0.0/16\"")
+        raise ValueError(f'{name}: expected a list of IP ranges such as "34.82.0.0/16"')
     out = []
     for v in value:
         try:
@@ -50,25 +50,34 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
                 clean[key] = value or None
             elif key == "hardware":
                 if value not in pricing.HARDWARE:
-                    raise ValueError(f"hardware: unknown {value!r}; choose from {', '.join(pricing.HARDWARE)}")
+                    raise ValueError(
+                        f"hardware: unknown {value!r}; choose from {', '.join(pricing.HARDWARE)}"
+                    )
                 clean[key] = value
             elif key in ("public_url", "cog_url", "cog_run_url"):
                 clean[key] = _url(key, value)
             elif key in ("webhook_allowed_ips", "trusted_proxies"):
                 clean[key] = _cidrs(key, value)
                 if key == "webhook_allowed_ips" and not clean[key]:
-                    raise ValueError("webhook_allowed_ips: an empty list refuses every webhook; to accept any "
-                                     "address say so: [\"0.0.0.0/0\", \"::/0\"]")
+                    raise ValueError(
+                        "webhook_allowed_ips: an empty list refuses every webhook; to accept any "
+                        'address say so: ["0.0.0.0/0", "::/0"]'
+                    )
             elif key == "allowed_hosts":
-                if not isinstance(value, list) or not all(isinstance(h, str) and re.match(r"^[A-Za-z0-9.-]+$|^\[[0-9a-fA-F:]+\]$", h)
-                                                          for h in value):
-                    raise ValueError("allowed_hosts: expected a list of host names such as \"trainer.example.com\"")
+                if not isinstance(value, list) or not all(
+                    isinstance(h, str) and re.match(r"^[A-Za-z0-9.-]+$|^\[[0-9a-fA-F:]+\]$", h) for h in value
+                ):
+                    raise ValueError(
+                        'allowed_hosts: expected a list of host names such as "trainer.example.com"'
+                    )
                 clean[key] = [h.lower() for h in value]
             elif key == "spend_limit":
                 clean[key] = None if value in (None, "", {}) else SpendLimit.from_dict(value).to_dict()
             else:
-                raise ValueError(f"{key}: unknown setting; known: model, version, hardware, public_url, cog_url, "
-                                 f"cog_run_url, webhook_allowed_ips, trusted_proxies, allowed_hosts, spend_limit")
+                raise ValueError(
+                    f"{key}: unknown setting; known: model, version, hardware, public_url, cog_url, "
+                    f"cog_run_url, webhook_allowed_ips, trusted_proxies, allowed_hosts, spend_limit"
+                )
         except (ValueError, TypeError) as exc:
             problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
     if problems:

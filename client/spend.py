@@ -69,7 +69,11 @@ class SpendLimit:
             return start + timedelta(days=1)
         if self.period == "weekly":
             return start + timedelta(days=7)
-        return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
 
     def reserve_kwargs(self, now: datetime | None = None) -> dict[str, Any]:
         """Keyword arguments for ``JobStore.reserve``."""
@@ -94,8 +98,12 @@ class SpendLimit:
             try:
                 amount = float(amount.strip().lstrip("$"))
             except ValueError:
-                raise ValueError(f"spend limit amount_usd must be a number, got {data['amount_usd']!r}") from None
-        return cls(amount_usd=amount, period=data.get("period", "monthly"), action=data.get("action", "block"))
+                raise ValueError(
+                    f"spend limit amount_usd must be a number, got {data['amount_usd']!r}"
+                ) from None
+        return cls(
+            amount_usd=amount, period=data.get("period", "monthly"), action=data.get("action", "block")
+        )
 
     def describe(self) -> str:
         return f"${self.amount_usd:.2f} {self.period} ({self.action})"
@@ -104,5 +112,7 @@ class SpendLimit:
 def spend_summary(store: JobStore, now: datetime | None = None) -> dict[str, float]:
     """What the ledger counts in the current day, week and month (UTC), in USD."""
     now = _utc(now)
-    return {period: round(store.spend_between(SpendLimit(1.0, period, "warn").period_start(now), now), 4)
-            for period in PERIODS}
+    return {
+        period: round(store.spend_between(SpendLimit(1.0, period, "warn").period_start(now), now), 4)
+        for period in PERIODS
+    }

@@ -18,7 +18,14 @@ def replicate_status(url: str | None = None, timeout: float = 3.0) -> dict:
         r = httpx.get(url, timeout=timeout, trust_env=True, follow_redirects=True)
         r.raise_for_status()
         status = r.json().get("status", {})
-        return {"indicator": status.get("indicator", "unknown"), "description": status.get("description", ""),
-                "url": "https://www.replicatestatus.com"}
+        return {
+            "indicator": status.get("indicator", "unknown"),
+            "description": status.get("description", ""),
+            "url": "https://www.replicatestatus.com",
+        }
     except (httpx.HTTPError, ValueError):
-        return {"indicator": "unknown", "description": "status page unreachable", "url": "https://www.replicatestatus.com"}
+        return {
+            "indicator": "unknown",
+            "description": "status page unreachable",
+            "url": "https://www.replicatestatus.com",
+        }

@@ -67,9 +67,22 @@ from .records import (
 )
 
 __all__ = [
-    "FIELDS", "STATUSES", "TERMINAL", "UNFINISHED", "PROVIDERS", "KINDS", "SOURCES", "LOGS_TAIL_CHARS",
-    "WEBHOOK_ID_RETENTION_S", "Job", "JobStore", "SpendDecision", "SpendLimitExceeded", "StoreVersionError",
-    "scrub_secrets", "iso_utc",
+    "FIELDS",
+    "STATUSES",
+    "TERMINAL",
+    "UNFINISHED",
+    "PROVIDERS",
+    "KINDS",
+    "SOURCES",
+    "LOGS_TAIL_CHARS",
+    "WEBHOOK_ID_RETENTION_S",
+    "Job",
+    "JobStore",
+    "SpendDecision",
+    "SpendLimitExceeded",
+    "StoreVersionError",
+    "scrub_secrets",
+    "iso_utc",
 ]
 
 WEBHOOK_ID_RETENTION_S = 3 * 24 * 3600  # Replicate's retries end about a minute after completion
@@ -87,9 +100,28 @@ _SELECT_JOB = f"SELECT {', '.join((*FIELDS, 'logs_len'))} FROM jobs"
 
 # --------------------------------------------------------------------------- secret scrubbing
 
-_SECRET_WORDS = {"token", "secret", "password", "passwd", "passphrase", "pwd", "key", "apikey",
-                 "credential", "credentials", "authorization", "auth", "cookie", "privatekey",
-                 "accesskey", "secretkey", "accesstoken", "authtoken", "apitoken", "signature"}
+_SECRET_WORDS = {
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "key",
+    "apikey",
+    "credential",
+    "credentials",
+    "authorization",
+    "auth",
+    "cookie",
+    "privatekey",
+    "accesskey",
+    "secretkey",
+    "accesstoken",
+    "authtoken",
+    "apitoken",
+    "signature",
+}
 _WORD_RE = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 
@@ -165,9 +197,8 @@ def scrub_secrets(value: Any) -> Any:
     return out if keep else REDACTED
 
 
-
-
 # --------------------------------------------------------------------------- public types
+
 
 @dataclass(frozen=True)
 class SpendDecision:
@@ -196,8 +227,10 @@ class SpendDecision:
         if self.limit_usd is None:
             return f"spent ${self.spent_usd:.2f}{since}; estimate ${self.estimate_usd:.2f}; no limit"
         verb = "exceeds" if self.over else "within"
-        return (f"spent ${self.spent_usd:.2f}{since} + estimate ${self.estimate_usd:.2f} "
-                f"= ${self.spent_usd + self.estimate_usd:.2f} {verb} limit ${self.limit_usd:.2f}")
+        return (
+            f"spent ${self.spent_usd:.2f}{since} + estimate ${self.estimate_usd:.2f} "
+            f"= ${self.spent_usd + self.estimate_usd:.2f} {verb} limit ${self.limit_usd:.2f}"
+        )
 
 
 class SpendLimitExceeded(Exception):
@@ -210,8 +243,8 @@ class SpendLimitExceeded(Exception):
         super().__init__("spend limit exceeded: " + decision.message)
 
 
-
 # --------------------------------------------------------------------------- the store
+
 
 def _private_file(path: Path) -> None:
     """Create ``path`` 0600 (its folder 0700), tighten a loose existing one and its WAL files:
@@ -281,8 +314,10 @@ class JobStore:
     @staticmethod
     def _set(con: sqlite3.Connection, id: str, changes: Mapping[str, Any]) -> None:
         names = list(changes)  # validated column names (FIELDS and logs_len), never user keys
-        con.execute(f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
-                    [changes[n] for n in names] + [id])
+        con.execute(
+            f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+            [changes[n] for n in names] + [id],
+        )
 
     @staticmethod
     def _record(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
@@ -370,13 +405,20 @@ class JobStore:
                 WHERE (status IN ({terminal})
                        AND COALESCE(completed_at, updated_at) >= ? AND COALESCE(completed_at, updated_at) < ?)
                    OR (status NOT IN ({terminal}) AND created_at < ?)""",
-            (start, end, end)).fetchone()
+            (start, end, end),
+        ).fetchone()
         return float(row[0])
 
-
     # -- reservations
-    def reserve(self, request_key: str, record: Mapping[str, Any], *, limit_usd: float | None = None,
-                period_start: Any = None, action: str = "block") -> tuple[dict[str, Any], SpendDecision]:
+    def reserve(
+        self,
+        request_key: str,
+        record: Mapping[str, Any],
+        *,
+        limit_usd: float | None = None,
+        period_start: Any = None,
+        action: str = "block",
+    ) -> tuple[dict[str, Any], SpendDecision]:
         """Check the spend limit and insert the job as "submitting" (id = ``request_key``), in one
         transaction. Raises ``SpendLimitExceeded`` when ``action == "block"`` and spend in the
         period plus this job's ``estimate_usd`` would exceed ``limit_usd``. Reserving a key
@@ -395,8 +437,9 @@ class JobStore:
         fields.setdefault("provider", "replicate")
         fields.setdefault("kind", "training")
         now = self._now()
-        fields.update(id=request_key, request_key=request_key, status="submitting", created_at=now,
-                      updated_at=now)
+        fields.update(
+            id=request_key, request_key=request_key, status="submitting", created_at=now, updated_at=now
+        )
         clean = self._clean(fields)
         estimate = clean.get("estimate_usd") or 0.0
         with self._tx() as con:
@@ -404,8 +447,9 @@ class JobStore:
             spent = self._spend(con, start, None)
             if row is not None:
                 rec = self._record(row)
-                return rec, SpendDecision("ok", spent, rec["estimate_usd"] or 0.0, limit_usd, start, action,
-                                          existing=True)
+                return rec, SpendDecision(
+                    "ok", spent, rec["estimate_usd"] or 0.0, limit_usd, start, action, existing=True
+                )
             if con.execute("SELECT 1 FROM jobs WHERE id = ?", (request_key,)).fetchone():
                 raise ValueError(f"request_key {request_key!r} collides with a job id")
             limit = None if limit_usd is None else float(limit_usd)
@@ -415,13 +459,16 @@ class JobStore:
                     raise SpendLimitExceeded(decision)
                 decision = SpendDecision("warn", spent, estimate, decision.limit_usd, start, action)
             names = list(clean)
-            con.execute(f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                        [clean[n] for n in names])
+            con.execute(
+                f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [clean[n] for n in names],
+            )
             rec = self._fetch(con, "id", request_key)
         return rec, decision
 
-    def bind(self, request_key: str, remote_id: str,
-             remote_object: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def bind(
+        self, request_key: str, remote_id: str, remote_object: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The reservation becomes the provider's job ``remote_id``; ``remote_object`` (the create
         response) and any webhook that arrived before this call are merged in."""
         if not isinstance(remote_id, str) or not remote_id:
@@ -437,8 +484,10 @@ class JobStore:
                     raise ValueError(f"reservation {request_key!r} was released ({row['status']})")
                 if con.execute("SELECT 1 FROM jobs WHERE id = ?", (remote_id,)).fetchone():
                     raise ValueError(f"job {remote_id!r} already exists")
-                con.execute("UPDATE jobs SET id = ?, updated_at = ? WHERE request_key = ?",
-                            (remote_id, self._now(), request_key))
+                con.execute(
+                    "UPDATE jobs SET id = ?, updated_at = ? WHERE request_key = ?",
+                    (remote_id, self._now(), request_key),
+                )
             if remote_object is not None:
                 self._apply(con, remote_id, remote_object, "create")
             orphan = con.execute("SELECT obj_json FROM orphan_events WHERE id = ?", (remote_id,)).fetchone()
@@ -456,15 +505,18 @@ class JobStore:
             if row is None:
                 raise KeyError(f"no reservation {request_key!r}")
             if row["status"] == "submitting":
-                con.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, updated_at = ?,"
-                            " cost_usd = 0, predict_time = 0 WHERE request_key = ?",
-                            (str(error), now, now, request_key))
+                con.execute(
+                    "UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, updated_at = ?,"
+                    " cost_usd = 0, predict_time = 0 WHERE request_key = ?",
+                    (str(error), now, now, request_key),
+                )
                 return self._fetch(con, "request_key", request_key)
             return self._record(row)
 
     # -- remote updates
-    def apply_remote(self, id: str, obj: Mapping[str, Any], source: str
-                     ) -> tuple[dict[str, Any] | None, bool]:
+    def apply_remote(
+        self, id: str, obj: Mapping[str, Any], source: str
+    ) -> tuple[dict[str, Any] | None, bool]:
         """Merge a Replicate prediction/training object (from a webhook or a poll).
 
         Order- and duplicate-proof (the rules are ``client.records.merge``): the status only
@@ -479,8 +531,9 @@ class JobStore:
         with self._tx() as con:
             return self._apply(con, id, obj, source)
 
-    def _apply(self, con: sqlite3.Connection, id: str, obj: Mapping[str, Any], source: str
-               ) -> tuple[dict[str, Any] | None, bool]:
+    def _apply(
+        self, con: sqlite3.Connection, id: str, obj: Mapping[str, Any], source: str
+    ) -> tuple[dict[str, Any] | None, bool]:
         now = time.time()
         row = self._row(con, "id", id)
         if row is None:
@@ -503,8 +556,11 @@ class JobStore:
         old = con.execute("SELECT rank, logs_len FROM orphan_events WHERE id = ?", (id,)).fetchone()
         if old is not None and (old[0], old[1]) >= (rank, logs_len):
             return
-        con.execute("INSERT OR REPLACE INTO orphan_events (id, received_at, rank, logs_len, obj_json)"
-                    " VALUES (?, ?, ?, ?, ?)", (id, now, rank, logs_len, json.dumps(dict(obj), default=str)))
+        con.execute(
+            "INSERT OR REPLACE INTO orphan_events (id, received_at, rank, logs_len, obj_json)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (id, now, rank, logs_len, json.dumps(dict(obj), default=str)),
+        )
 
     # -- webhook dedupe
     def seen_webhook(self, webhook_id: str) -> bool:
@@ -516,8 +572,9 @@ class JobStore:
         with self._tx() as con:
             con.execute("DELETE FROM webhook_ids WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_S,))
             con.execute("DELETE FROM orphan_events WHERE received_at < ?", (now - WEBHOOK_ID_RETENTION_S,))
-            cur = con.execute("INSERT OR IGNORE INTO webhook_ids (id, received_at) VALUES (?, ?)",
-                              (webhook_id, now))
+            cur = con.execute(
+                "INSERT OR IGNORE INTO webhook_ids (id, received_at) VALUES (?, ?)", (webhook_id, now)
+            )
             return cur.rowcount == 0
 
     def forget_webhook(self, webhook_id: str) -> None:
@@ -566,16 +623,19 @@ class JobStore:
         submitting process stopped between reserving and binding (a submit takes seconds)."""
         cutoff = iso_utc(time.time() - older_than_s)
         with self._tx(write=False) as con:
-            rows = con.execute(f"{_SELECT_JOB} WHERE status = 'submitting' AND created_at <= ?"
-                               " ORDER BY created_at ASC", (cutoff,)).fetchall()
+            rows = con.execute(
+                f"{_SELECT_JOB} WHERE status = 'submitting' AND created_at <= ? ORDER BY created_at ASC",
+                (cutoff,),
+            ).fetchall()
             return [self._record(r) for r in rows]
 
     def unfinished(self) -> list[dict[str, Any]]:
         """Jobs a poller should follow: bound and not terminal ("starting"/"processing"), oldest
         first. Reservations still "submitting" have no provider id to poll."""
         with self._tx(write=False) as con:
-            rows = con.execute(f"{_SELECT_JOB} WHERE status IN ('starting', 'processing')"
-                               " ORDER BY created_at ASC").fetchall()
+            rows = con.execute(
+                f"{_SELECT_JOB} WHERE status IN ('starting', 'processing') ORDER BY created_at ASC"
+            ).fetchall()
             return [self._record(r) for r in rows]
 
     def spend_between(self, start: Any = None, end: Any = None) -> float:

@@ -44,12 +44,19 @@ def check_shape(value: str, where: str) -> str:
     """Refuse values that cannot be a Replicate token, saying why (without echoing the value)."""
     if value != value.strip():
         what = "a newline" if "\n" in value or "\r" in value else "spaces"
-        raise TokenError("malformed", f"the token in {where} has {what} around it; copy it again without them")
+        raise TokenError(
+            "malformed", f"the token in {where} has {what} around it; copy it again without them"
+        )
     if not value.startswith("r8_"):
-        raise TokenError("malformed", f"the token in {where} does not start with r8_; Replicate API tokens do "
-                                      f"(https://replicate.com/account/api-tokens)")
+        raise TokenError(
+            "malformed",
+            f"the token in {where} does not start with r8_; Replicate API tokens do "
+            f"(https://replicate.com/account/api-tokens)",
+        )
     if not _SHAPE.match(value):
-        raise TokenError("malformed", f"the token in {where} is not a complete Replicate token (r8_ and letters/digits)")
+        raise TokenError(
+            "malformed", f"the token in {where} is not a complete Replicate token (r8_ and letters/digits)"
+        )
     return value
 
 
@@ -77,8 +84,11 @@ def save(value: str, root: Path | None = None) -> Path:
     path = save_secret(SECRET_NAME, value, root)
     env = os.environ.get(ENV)
     if env and env != value:
-        raise TokenError("restart_needed", f"token saved to {path}, but ${ENV} in this environment overrides it: "
-                                           f"unset {ENV} (or restart your shell / the server) to use the new one")
+        raise TokenError(
+            "restart_needed",
+            f"token saved to {path}, but ${ENV} in this environment overrides it: "
+            f"unset {ENV} (or restart your shell / the server) to use the new one",
+        )
     return path
 
 

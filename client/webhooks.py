@@ -106,7 +106,7 @@ def _parse_ip(value: str | None) -> _Address | None:
         return None
     if s.startswith("["):  # [v6] or [v6]:port
         end = s.find("]")
-        if end < 0 or (s[end + 1:] and not re.fullmatch(r":[0-9]{1,5}", s[end + 1:])):
+        if end < 0 or (s[end + 1 :] and not re.fullmatch(r":[0-9]{1,5}", s[end + 1 :])):
             return None
         s = s[1:end]
     elif s.count(":") == 1:  # v4:port
@@ -211,6 +211,7 @@ def client_ip(peer: str, headers: Mapping[str, str], trusted_proxies: Sequence[s
 
 # --------------------------------------------------------------------------- body size
 
+
 def check_content_length(headers: Mapping[str, str], limit: int = MAX_WEBHOOK_BODY) -> None:
     """Refuse before reading: 413 when ``Content-Length`` exceeds ``limit``, 400 when malformed.
     A missing Content-Length (chunked) is allowed; bound the read with ``limit + 1`` bytes and
@@ -232,6 +233,7 @@ def check_body_size(body: bytes, limit: int = MAX_WEBHOOK_BODY) -> None:
 
 # --------------------------------------------------------------------------- signatures
 
+
 def _normalise_secret(secret: object) -> WebhookSigningSecret:
     """``whsec_<base64>`` (the prefix is optional) as the 1.0.7 secret object, or raise
     InvalidSecretKeyError. 1.0.7 itself would accept any ``x_y`` and decode ``y`` leniently."""
@@ -239,7 +241,7 @@ def _normalise_secret(secret: object) -> WebhookSigningSecret:
         raise InvalidSecretKeyError("webhook secret is not a string")
     raw = secret.strip()
     if raw.startswith(_SECRET_PREFIX):
-        raw = raw[len(_SECRET_PREFIX):]
+        raw = raw[len(_SECRET_PREFIX) :]
     if not raw or "_" in raw or not _B64_RE.match(raw):
         raise InvalidSecretKeyError("webhook secret is not whsec_<base64>")
     try:
@@ -278,8 +280,14 @@ class WebhookVerifier:
     requests cannot turn into a flood of secret fetches. Thread-safe.
     """
 
-    def __init__(self, get_secret: Callable[[bool], str], tolerance_s: int = DEFAULT_TOLERANCE_S,
-                 now: Callable[[], float] = time.time, *, min_refresh_interval_s: float = 30.0):
+    def __init__(
+        self,
+        get_secret: Callable[[bool], str],
+        tolerance_s: int = DEFAULT_TOLERANCE_S,
+        now: Callable[[], float] = time.time,
+        *,
+        min_refresh_interval_s: float = 30.0,
+    ):
         if tolerance_s is None or tolerance_s < 0:
             raise ValueError("tolerance_s must be a non-negative number of seconds")
         self._get_secret = get_secret
@@ -337,15 +345,21 @@ class WebhookVerifier:
         if skew > self.tolerance_s:
             raise WebhookRejected(401, f"webhook timestamp too old ({int(skew)} s > {self.tolerance_s} s)")
         if -skew > self.tolerance_s:
-            raise WebhookRejected(401, f"webhook timestamp in the future ({int(-skew)} s > {self.tolerance_s} s)")
+            raise WebhookRejected(
+                401, f"webhook timestamp in the future ({int(-skew)} s > {self.tolerance_s} s)"
+            )
 
     @staticmethod
     def _matches(secret: str, wid: str, ts: str, sigs: str, body: str) -> bool:
         """True on a match, False on a mismatch; raises InvalidSecretKeyError for a bad secret."""
         secret_obj = _normalise_secret(secret)
         try:
-            Webhooks.validate(headers={_HEADER_ID: wid, _HEADER_TS: ts, _HEADER_SIG: sigs},
-                              body=body, secret=secret_obj, tolerance=None)
+            Webhooks.validate(
+                headers={_HEADER_ID: wid, _HEADER_TS: ts, _HEADER_SIG: sigs},
+                body=body,
+                secret=secret_obj,
+                tolerance=None,
+            )
         except InvalidSecretKeyError:
             raise
         except (WebhookValidationError, binascii.Error, ValueError):
@@ -391,9 +405,15 @@ class WebhookVerifier:
         raise WebhookRejected(401, "invalid webhook signature")
 
 
-def authenticate(peer: str, headers: Mapping[str, str], body: bytes, *, verifier: WebhookVerifier,
-                 allowed: Sequence[str] = REPLICATE_WEBHOOK_CIDRS,
-                 trusted_proxies: Sequence[str] = ()) -> str:
+def authenticate(
+    peer: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    verifier: WebhookVerifier,
+    allowed: Sequence[str] = REPLICATE_WEBHOOK_CIDRS,
+    trusted_proxies: Sequence[str] = (),
+) -> str:
     """All checks for one request, in order (address, size, signature). Returns the webhook id;
     raises ``WebhookRejected``. The caller then dedupes with ``JobStore.seen_webhook``."""
     ip = client_ip(peer, headers, trusted_proxies)
@@ -412,6 +432,7 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         raise WebhookRejected(400, "body is not JSON (expected the prediction or training object)") from None
     if not isinstance(payload, dict):
-        raise WebhookRejected(400, f"body is JSON {type(payload).__name__}, expected an object "
-                                   f"(the prediction or training)")
+        raise WebhookRejected(
+            400, f"body is JSON {type(payload).__name__}, expected an object (the prediction or training)"
+        )
     return payload

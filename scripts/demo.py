@@ -36,22 +36,33 @@ def ensure_tiny_weights(weights: Path) -> None:
     from train.weights import load_manifest, write_manifest
 
     write_all(weights)
-    if load_manifest(weights) is None or any(n not in (load_manifest(weights) or {}).get("models", {})
-                                             for n in ("tiny-flux-dev", "tiny-flux-schnell", "tiny-sdxl")):
+    if load_manifest(weights) is None or any(
+        n not in (load_manifest(weights) or {}).get("models", {})
+        for n in ("tiny-flux-dev", "tiny-flux-schnell", "tiny-sdxl")
+    ):
         write_manifest(weights)
 
 
 def start_cog_server(mode: str, weights: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-           "PORT": str(port), "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
-           "COG_TRAIN_TYPE_STUB": "cog_train.py:Trainer", "ADVANCED_TRAINER_WEIGHTS": str(weights),
-           "ADVANCED_TRAINER_RUN_BASE": "tiny-flux-dev", "COG_THROTTLE_RESPONSE_INTERVAL": "0.2",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PORT": str(port),
+        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "COG_TRAIN_TYPE_STUB": "cog_train.py:Trainer",
+        "ADVANCED_TRAINER_WEIGHTS": str(weights),
+        "ADVANCED_TRAINER_RUN_BASE": "tiny-flux-dev",
+        "COG_THROTTLE_RESPONSE_INTERVAL": "0.2",
+        "PYTHONPATH": str(ROOT),
+    }
     log = open(log_path, "wb")
-    args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"] + (["--x-mode", "train"]
-                                                                               if mode == "train" else [])
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"] + (
+        ["--x-mode", "train"] if mode == "train" else []
+    )
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -88,8 +99,22 @@ def main() -> int:
     proc, url = start_cog_server("train", weights, logs / "advanced-trainer-demo-cog-train.log")
     try:
         print(f"demo: submitting a training to {url} with the bundled sample dataset ...", flush=True)
-        code = cli(["submit", "--provider", "cog", "--cog-url", url, "--spec", str(ROOT / "examples" / "demo-spec.json"),
-                    "--dataset", str(ROOT / "examples" / "sample-dataset"), "--hardware", "cpu", "--wait"])
+        code = cli(
+            [
+                "submit",
+                "--provider",
+                "cog",
+                "--cog-url",
+                url,
+                "--spec",
+                str(ROOT / "examples" / "demo-spec.json"),
+                "--dataset",
+                str(ROOT / "examples" / "sample-dataset"),
+                "--hardware",
+                "cpu",
+                "--wait",
+            ]
+        )
         if code != 0:
             return code
     finally:
@@ -102,9 +127,30 @@ def main() -> int:
     print("demo: starting the Cog HTTP server in run mode (predict.py) to try the LoRA ...", flush=True)
     proc, url = start_cog_server("run", weights, logs / "advanced-trainer-demo-cog-run.log")
     try:
-        return cli(["run", job["id"], "--provider", "cog", "--cog-url", url, "--prompt",
-                    "sks, a red circle on a blue background", "--seed", "1", "--steps", "8",
-                    "--output-format", "png", "-i", "aspect_ratio=custom", "-i", "width=64", "-i", "height=64"])
+        return cli(
+            [
+                "run",
+                job["id"],
+                "--provider",
+                "cog",
+                "--cog-url",
+                url,
+                "--prompt",
+                "sks, a red circle on a blue background",
+                "--seed",
+                "1",
+                "--steps",
+                "8",
+                "--output-format",
+                "png",
+                "-i",
+                "aspect_ratio=custom",
+                "-i",
+                "width=64",
+                "-i",
+                "height=64",
+            ]
+        )
     finally:
         stop(proc)
 

@@ -51,7 +51,9 @@ def free_port() -> int:
 class CogServer:
     """``mode`` is ``run`` (predict.py: rendering) or ``train`` (cog_train.py: trainings)."""
 
-    def __init__(self, mode: str, log_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+    def __init__(
+        self, mode: str, log_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ):
         assert mode in ("run", "train"), mode
         self.mode = mode
         self.port = free_port()
@@ -71,8 +73,9 @@ class CogServer:
             cmd += ["--x-mode", "train"]
         self.log_path = log_dir / f"cog-{mode}-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(300, connect=5))
 
     def health(self) -> dict:
@@ -84,13 +87,20 @@ class CogServer:
         def reached() -> dict | None:
             nonlocal last
             if self.proc.poll() is not None:
-                raise RuntimeError(f"cog server exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"cog server exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}"
+                )
             try:
                 last = self.health()
             except httpx.HTTPError:
                 return None  # not listening yet
-            if last.get("status") in ("SETUP_FAILED", "UNHEALTHY", "DEFUNCT") and "SETUP_FAILED" not in statuses:
-                raise RuntimeError(f"cog server {last.get('status')}: {json.dumps(last.get('setup'))[-3000:]}")
+            if (
+                last.get("status") in ("SETUP_FAILED", "UNHEALTHY", "DEFUNCT")
+                and "SETUP_FAILED" not in statuses
+            ):
+                raise RuntimeError(
+                    f"cog server {last.get('status')}: {json.dumps(last.get('setup'))[-3000:]}"
+                )
             return last if last.get("status") in statuses else None
 
         try:
@@ -100,6 +110,7 @@ class CogServer:
 
     def post(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
         """POST, waiting for the slot first (the server answers 409 just after a job ends)."""
+
         def accepted() -> httpx.Response | None:
             self.wait()
             r = self.client.post(path, json=body, headers=headers or {})
@@ -138,10 +149,18 @@ class UploadSink:
                 name = self.path.rsplit("/", 1)[-1] or "file"
                 key = f"{uuid.uuid4().hex[:12]}/{name}"
                 outer.files[key] = (body, self.headers.get("content-type") or "application/octet-stream")
-                outer.puts.append({"path": self.path, "size": len(body), "prediction_id":
-                                   self.headers.get("x-prediction-id"), "url": f"{outer.url}/files/{key}"})
+                outer.puts.append(
+                    {
+                        "path": self.path,
+                        "size": len(body),
+                        "prediction_id": self.headers.get("x-prediction-id"),
+                        "url": f"{outer.url}/files/{key}",
+                    }
+                )
                 self.send_response(201)
-                self.send_header("Location", f"{outer.url}/files/{key}?signature=abc")  # query: coglet strips it
+                self.send_header(
+                    "Location", f"{outer.url}/files/{key}?signature=abc"
+                )  # query: coglet strips it
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -219,12 +238,16 @@ class Receiver:
         """The payloads so far, once ``predicate(payloads)`` holds (re-checked on every webhook)."""
         with self.lock:
             if not self.lock.wait_for(lambda: predicate(self.payloads), timeout):
-                raise TimeoutError(f"{what} within {timeout:g}s; got {[p.get('status') for p in self.payloads]}")
+                raise TimeoutError(
+                    f"{what} within {timeout:g}s; got {[p.get('status') for p in self.payloads]}"
+                )
             return list(self.payloads)
 
     def wait_terminal(self, timeout: float = 300) -> dict:
         terminal = ("succeeded", "failed", "canceled")
-        got = self.wait(lambda ps: any(p.get("status") in terminal for p in ps), timeout, "no terminal webhook")
+        got = self.wait(
+            lambda ps: any(p.get("status") in terminal for p in ps), timeout, "no terminal webhook"
+        )
         return [p for p in got if p.get("status") in terminal][-1]
 
     def close(self) -> None:

@@ -36,9 +36,16 @@ def quick_spec(tiny_weights: Path, model: str = "flux-dev", **fields):
     from train.spec import parse_spec
 
     base = {"flux-dev": "tiny-flux-dev", "flux-schnell": "tiny-flux-schnell", "sdxl": "tiny-sdxl"}[model]
-    raw = {"model": model, "base_weights": str(tiny_weights / base), "steps": 6, "resolutions": "64",
-           "learning_rate": 2e-3, "caption_dropout": 0.0, "seed": 7,
-           "validation": {"num_inference_steps": 2}}
+    raw = {
+        "model": model,
+        "base_weights": str(tiny_weights / base),
+        "steps": 6,
+        "resolutions": "64",
+        "learning_rate": 2e-3,
+        "caption_dropout": 0.0,
+        "seed": 7,
+        "validation": {"num_inference_steps": 2},
+    }
     return parse_spec(raw, **fields)
 
 
@@ -66,6 +73,7 @@ def s3():
 
 # -- the real Cog server with the tiny models (shared by the Cog package's and the client's tests) --
 
+
 @pytest.fixture(scope="session")
 def cog_weights(tiny_weights) -> Path:
     from train.weights import write_manifest
@@ -91,9 +99,18 @@ def jobs_dir(tmp_path_factory) -> Path:
 def cog_server_fixture(mode, tmp_path_factory, cog_weights, jobs_dir, args=(), **env):
     from cogserver import CogServer
 
-    server = CogServer(mode, tmp_path_factory.mktemp("cog"), {
-        "ADVANCED_TRAINER_WEIGHTS": str(cog_weights), "ADVANCED_TRAINER_JOBS_DIR": str(jobs_dir),
-        "ADVANCED_TRAINER_RUN_BASE": "tiny-flux-dev", "HF_HUB_OFFLINE": "1", **env}, args=tuple(args))
+    server = CogServer(
+        mode,
+        tmp_path_factory.mktemp("cog"),
+        {
+            "ADVANCED_TRAINER_WEIGHTS": str(cog_weights),
+            "ADVANCED_TRAINER_JOBS_DIR": str(jobs_dir),
+            "ADVANCED_TRAINER_RUN_BASE": "tiny-flux-dev",
+            "HF_HUB_OFFLINE": "1",
+            **env,
+        },
+        args=tuple(args),
+    )
     try:
         server.wait()
         yield server
@@ -113,8 +130,9 @@ def upload_sink():
 
 @pytest.fixture(scope="session")
 def train_server(tmp_path_factory, cog_weights, jobs_dir, upload_sink):
-    yield from cog_server_fixture("train", tmp_path_factory, cog_weights, jobs_dir,
-                                  args=("--upload-url", upload_sink.upload_url))
+    yield from cog_server_fixture(
+        "train", tmp_path_factory, cog_weights, jobs_dir, args=("--upload-url", upload_sink.upload_url)
+    )
 
 
 class RunServers:
@@ -157,16 +175,35 @@ def tiny_spec(model: str = "flux-dev", **extra) -> str:
     base = {"flux-dev": "tiny-flux-dev", "sdxl": "tiny-sdxl"}[model]
     if model == "sdxl":
         extra.setdefault("lora", {"targets": ["to_q", "to_k", "to_v", "to_out.0", "conv_out"]})
-    return json.dumps({"base_weights": base, "resolutions": "64", "learning_rate": 0.01, "caption_dropout": 0,
-                       "validation": {"num_inference_steps": 2}, **extra})
+    return json.dumps(
+        {
+            "base_weights": base,
+            "resolutions": "64",
+            "learning_rate": 0.01,
+            "caption_dropout": 0,
+            "validation": {"num_inference_steps": 2},
+            **extra,
+        }
+    )
 
 
 def _train_once(train_server, sample_zip, model: str) -> str:
     from cogserver import data_uri
 
-    r = train_server.post("/trainings", {"input": {
-        "dataset": data_uri(sample_zip), "spec": tiny_spec(model), "model": model, "steps": 6, "lora_rank": 8,
-        "trigger_word": "sks", "validation_prompts": "a red circle"}})
+    r = train_server.post(
+        "/trainings",
+        {
+            "input": {
+                "dataset": data_uri(sample_zip),
+                "spec": tiny_spec(model),
+                "model": model,
+                "steps": 6,
+                "lora_rank": 8,
+                "trigger_word": "sks",
+                "validation_prompts": "a red circle",
+            }
+        },
+    )
     body = r.json()
     assert body["status"] == "succeeded", body.get("error") or body.get("logs", "")[-2000:]
     return body["output"]

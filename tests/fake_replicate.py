@@ -101,6 +101,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 # -- small helpers -------------------------------------------------------------------------------
 
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -134,8 +135,11 @@ def _not_found(detail: str = "Not found.") -> _Resp:
 
 
 def _invalid_version() -> _Resp:
-    return _problem(422, "The specified version does not exist (or perhaps you don't have permission to use it?)",
-                    "Invalid version or not permitted")
+    return _problem(
+        422,
+        "The specified version does not exist (or perhaps you don't have permission to use it?)",
+        "Invalid version or not permitted",
+    )
 
 
 def _invalid_fields(fields: list[dict]) -> _Resp:
@@ -145,11 +149,15 @@ def _invalid_fields(fields: list[dict]) -> _Resp:
 
 def tiny_zip(files: dict[str, bytes] | None = None) -> bytes:
     """A small zip; by default a LoRA-shaped archive (an empty but valid safetensors file)."""
-    files = files if files is not None else {
-        "pytorch_lora_weights.safetensors": (2).to_bytes(8, "little") + b"{}",
-        "config.json": b'{"synthetic": true}',
-        "README.md": b"# synthetic LoRA\n",
-    }
+    files = (
+        files
+        if files is not None
+        else {
+            "pytorch_lora_weights.safetensors": (2).to_bytes(8, "little") + b"{}",
+            "config.json": b'{"synthetic": true}',
+            "README.md": b"# synthetic LoRA\n",
+        }
+    )
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in files.items():
@@ -168,12 +176,20 @@ def tiny_png(color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
 
 def progress_line(step: int, total: int, loss: float, lr: float = 1e-4, s_per_step: float = 0.2) -> str:
     """A line in the trainer's progress format (``train/progress.py``)."""
-    rec = {"phase": "train", "step": step, "total": total, "loss": round(loss, 6), "lr": lr,
-           "s_per_step": round(s_per_step, 4), "eta_s": round(max(total - step, 0) * s_per_step, 1)}
+    rec = {
+        "phase": "train",
+        "step": step,
+        "total": total,
+        "loss": round(loss, 6),
+        "lr": lr,
+        "s_per_step": round(s_per_step, 4),
+        "eta_s": round(max(total - step, 0) * s_per_step, 1),
+    }
     return "PROGRESS " + json.dumps(rec)
 
 
 # -- configuration records -----------------------------------------------------------------------
+
 
 @dataclass
 class SyntheticRun:
@@ -272,6 +288,7 @@ class SentWebhook:
 
 
 # -- server internals ----------------------------------------------------------------------------
+
 
 @dataclass
 class _Resp:
@@ -491,8 +508,16 @@ class _WebhookChannel:
         if self.held is not None:
             event, body, status, msg_id = self.held
             self.held = None
-            self.fake._deliver(self.job_id, self.url, event, body, status, "reorder",
-                               retry=event == "completed", msg_id=msg_id)
+            self.fake._deliver(
+                self.job_id,
+                self.url,
+                event,
+                body,
+                status,
+                "reorder",
+                retry=event == "completed",
+                msg_id=msg_id,
+            )
 
     def _send(self, event: str, body: str, status: str) -> None:
         fake = self.fake
@@ -502,15 +527,33 @@ class _WebhookChannel:
         if fault is None:
             fake._deliver(self.job_id, self.url, event, body, status, None, retry=retry, msg_id=msg_id)
         elif fault.kind == "drop":
-            fake._record_webhook(SentWebhook(self.job_id, event, msg_id, status, self.url, 0, False, None,
-                                             None, "drop", time.time(), body))
+            fake._record_webhook(
+                SentWebhook(
+                    self.job_id,
+                    event,
+                    msg_id,
+                    status,
+                    self.url,
+                    0,
+                    False,
+                    None,
+                    None,
+                    "drop",
+                    time.time(),
+                    body,
+                )
+            )
         elif fault.kind == "duplicate":
             fake._deliver(self.job_id, self.url, event, body, status, "duplicate", retry=retry, msg_id=msg_id)
             fake._deliver(self.job_id, self.url, event, body, status, "duplicate", retry=retry, msg_id=msg_id)
         elif fault.kind == "late":
+
             def late():
                 if not fake._stopping.wait(fault.delay_s):
-                    fake._deliver(self.job_id, self.url, event, body, status, "late", retry=retry, msg_id=msg_id)
+                    fake._deliver(
+                        self.job_id, self.url, event, body, status, "late", retry=retry, msg_id=msg_id
+                    )
+
             threading.Thread(target=late, daemon=True).start()
         elif fault.kind == "reorder":
             if self.held is None:
@@ -524,20 +567,35 @@ class _WebhookChannel:
 
 # -- the fake ------------------------------------------------------------------------------------
 
+
 class FakeReplicate:
     """The fake API server.  See the module docstring; all knobs are plain attributes."""
 
-    def __init__(self, cog_predict_url: str | None = None, cog_train_url: str | None = None, *,
-                 cog_run_for: Callable[[str | None], str] | None = None,
-                 token: str = "r8_test_fake_token_0123456789abcdef", owner: str = "acme",
-                 account_name: str = "Acme Corp, Inc.", account_type: str = "organization",
-                 models: list[str] | tuple[str, ...] = (), openapi_schema: dict | None = None,
-                 trainer_model: str = TRAINER_MODEL, trainer_version: str | None = None,
-                 max_file_size: int = 100 * MiB, page_size: int = 100,
-                 webhook_throttle_s: float = 0.5, webhook_retry_delays: tuple[float, ...] = (0.1, 0.2, 0.4),
-                 webhook_timeout_s: float = 5.0, webhook_reorder_max_hold_s: float = 0.5,
-                 max_wait_s: float = 60.0, synthetic: SyntheticRun | None = None,
-                 validate_inputs: bool = True, cog_version: str = "0.23.1"):
+    def __init__(
+        self,
+        cog_predict_url: str | None = None,
+        cog_train_url: str | None = None,
+        *,
+        cog_run_for: Callable[[str | None], str] | None = None,
+        token: str = "r8_test_fake_token_0123456789abcdef",
+        owner: str = "acme",
+        account_name: str = "Acme Corp, Inc.",
+        account_type: str = "organization",
+        models: list[str] | tuple[str, ...] = (),
+        openapi_schema: dict | None = None,
+        trainer_model: str = TRAINER_MODEL,
+        trainer_version: str | None = None,
+        max_file_size: int = 100 * MiB,
+        page_size: int = 100,
+        webhook_throttle_s: float = 0.5,
+        webhook_retry_delays: tuple[float, ...] = (0.1, 0.2, 0.4),
+        webhook_timeout_s: float = 5.0,
+        webhook_reorder_max_hold_s: float = 0.5,
+        max_wait_s: float = 60.0,
+        synthetic: SyntheticRun | None = None,
+        validate_inputs: bool = True,
+        cog_version: str = "0.23.1",
+    ):
         self.cog_predict_url = cog_predict_url.rstrip("/") if cog_predict_url else None
         self.cog_train_url = cog_train_url.rstrip("/") if cog_train_url else None
         self.cog_run_for = cog_run_for
@@ -556,8 +614,11 @@ class FakeReplicate:
         self.validate_inputs = validate_inputs
         self.cog_version = cog_version
         self.webhook_secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-        self.openapi_schema = openapi_schema if openapi_schema is not None else json.loads(
-            (ROOT / ".cog" / "openapi_schema.json").read_text())
+        self.openapi_schema = (
+            openapi_schema
+            if openapi_schema is not None
+            else json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+        )
 
         self.requests: list[RequestRecord] = []
         self.sent_webhooks: list[SentWebhook] = []
@@ -580,8 +641,13 @@ class FakeReplicate:
         self._cog = httpx.Client(timeout=httpx.Timeout(60, connect=5))
         self.url = ""
 
-        tm = self.add_model(trainer_model, visibility="public", hardware="gpu-h100", versions=0,
-                            description="Fine-tune Flux.1 and SDXL (LoRA and full) on Replicate's GPUs")
+        tm = self.add_model(
+            trainer_model,
+            visibility="public",
+            hardware="gpu-h100",
+            versions=0,
+            description="Fine-tune Flux.1 and SDXL (LoRA and full) on Replicate's GPUs",
+        )
         self.trainer_model = f"{tm.owner}/{tm.name}"
         self.trainer_version = self.add_version(self.trainer_model, version_id=trainer_version)
         for ref in models:
@@ -592,8 +658,12 @@ class FakeReplicate:
         if self._server is None:
             self._server = _Server(self)
             self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name="fake-replicate", daemon=True)
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name="fake-replicate",
+                daemon=True,
+            )
             self._thread.start()
         return self
 
@@ -641,39 +711,62 @@ class FakeReplicate:
         return replicate.Client(api_token=self.token, base_url=self.url, **kwargs)  # pyright: ignore
 
     # -- seeding ------------------------------------------------------------------------------------
-    def add_model(self, ref: str, *, visibility: str = "private", hardware: str = "cpu", versions: int = 0,
-                  **fields) -> _Model:
+    def add_model(
+        self, ref: str, *, visibility: str = "private", hardware: str = "cpu", versions: int = 0, **fields
+    ) -> _Model:
         owner, name = ref.split("/", 1)
         with self._lock:
             self._seq += 1
-            model = _Model(owner=owner, name=name, visibility=visibility, hardware=hardware, seq=self._seq, **fields)
+            model = _Model(
+                owner=owner, name=name, visibility=visibility, hardware=hardware, seq=self._seq, **fields
+            )
             self._models[ref] = model
         for _ in range(versions):
             self.add_version(ref)
         return model
 
-    def add_version(self, ref: str, *, openapi_schema: dict | None = None, version_id: str | None = None,
-                    weights: str | None = None) -> str:
+    def add_version(
+        self,
+        ref: str,
+        *,
+        openapi_schema: dict | None = None,
+        version_id: str | None = None,
+        weights: str | None = None,
+    ) -> str:
         with self._lock:
             model = self._models[ref]
-            v = _Version(id=version_id or secrets.token_hex(32), created_at=_now(), cog_version=self.cog_version,
-                         openapi_schema=openapi_schema if openapi_schema is not None else self.openapi_schema,
-                         weights=weights)
+            v = _Version(
+                id=version_id or secrets.token_hex(32),
+                created_at=_now(),
+                cog_version=self.cog_version,
+                openapi_schema=openapi_schema if openapi_schema is not None else self.openapi_schema,
+                weights=weights,
+            )
             model.versions.insert(0, v)
             self._versions[v.id] = (model, v)
             return v.id
 
     # -- fault injection ----------------------------------------------------------------------------
-    def fail(self, pattern: str, status: int = 429, *, times: int | None = 1, method: str | None = None,
-             retry_after: str | None = None) -> HttpFault:
+    def fail(
+        self,
+        pattern: str,
+        status: int = 429,
+        *,
+        times: int | None = 1,
+        method: str | None = None,
+        retry_after: str | None = None,
+    ) -> HttpFault:
         """The next ``times`` matching requests get ``status`` with Replicate's problem+json for it
         (429 and 503 carry ``Retry-After``, default ``"1"``; pass ``"0"`` for fast tests)."""
         if retry_after is None and status in (429, 503):
             retry_after = "1"
-        return self._add_fault(HttpFault(pattern, "status", status=status, times=times, method=method,
-                                         retry_after=retry_after))
+        return self._add_fault(
+            HttpFault(pattern, "status", status=status, times=times, method=method, retry_after=retry_after)
+        )
 
-    def slow(self, pattern: str, delay_s: float, *, times: int | None = 1, method: str | None = None) -> HttpFault:
+    def slow(
+        self, pattern: str, delay_s: float, *, times: int | None = 1, method: str | None = None
+    ) -> HttpFault:
         """Delay the next matching responses by ``delay_s`` (then answer normally)."""
         return self._add_fault(HttpFault(pattern, "delay", delay_s=delay_s, times=times, method=method))
 
@@ -681,14 +774,29 @@ class FakeReplicate:
         """Close the connection without a response (after reading the request)."""
         return self._add_fault(HttpFault(pattern, "drop", times=times, method=method))
 
-    def truncate(self, pattern: str, *, after_bytes: int | None = None, times: int | None = 1,
-                 method: str | None = None) -> HttpFault:
+    def truncate(
+        self,
+        pattern: str,
+        *,
+        after_bytes: int | None = None,
+        times: int | None = 1,
+        method: str | None = None,
+    ) -> HttpFault:
         """Send the headers (full Content-Length) and only ``after_bytes`` of the body (default
         half), then close: an interrupted download."""
-        return self._add_fault(HttpFault(pattern, "truncate", after_bytes=after_bytes, times=times, method=method))
+        return self._add_fault(
+            HttpFault(pattern, "truncate", after_bytes=after_bytes, times=times, method=method)
+        )
 
-    def webhook_fault(self, kind: str, *, event: str | None = None, times: int | None = 1, delay_s: float = 1.0,
-                      job_id: str | None = None) -> WebhookFault:
+    def webhook_fault(
+        self,
+        kind: str,
+        *,
+        event: str | None = None,
+        times: int | None = 1,
+        delay_s: float = 1.0,
+        job_id: str | None = None,
+    ) -> WebhookFault:
         if kind not in ("drop", "duplicate", "reorder", "late"):
             raise ValueError(kind)
         f = WebhookFault(kind, event=event, times=times, delay_s=delay_s, job_id=job_id)
@@ -734,7 +842,9 @@ class FakeReplicate:
         with self._lock:
             return self._json(self._jobs[job_id])
 
-    def wait_until(self, predicate: Callable[[], Any], timeout: float = 10, what: str = "the condition") -> Any:
+    def wait_until(
+        self, predicate: Callable[[], Any], timeout: float = 10, what: str = "the condition"
+    ) -> Any:
         """Wait until ``predicate()`` (called with the fake's lock held) is truthy and return it.  It
         is re-checked on every state change: job status, logs, output, a webhook attempt recorded."""
         end = time.monotonic() + timeout
@@ -750,31 +860,42 @@ class FakeReplicate:
 
     def wait_for(self, job_id: str, statuses=TERMINAL, timeout: float = 30) -> dict:
         """The job (as GET returns it) once its status is one of ``statuses``."""
+
         def reached() -> dict | None:
             job = self._jobs[job_id]
             return self._json(job) if job.status in statuses else None
 
-        return self.wait_until(reached, timeout, f"job {job_id} reaching {'/'.join(statuses)} "
-                                                 f"(it is {self._jobs[job_id].status})")
+        return self.wait_until(
+            reached,
+            timeout,
+            f"job {job_id} reaching {'/'.join(statuses)} (it is {self._jobs[job_id].status})",
+        )
 
     def settled(self, job_id: str, timeout: float = 10) -> dict:
         """The job once nothing more will happen to it: terminal, its runner done and its webhooks
         sent (retries included).  Webhook faults sent on the side (``late``) are not waited for."""
         job = self.wait_for(job_id, timeout=timeout)
         with self._lock:
-            threads = [t for t in (self._jobs[job_id].runner,
-                                   getattr(self._jobs[job_id].channel, "thread", None)) if t is not None]
+            threads = [
+                t
+                for t in (self._jobs[job_id].runner, getattr(self._jobs[job_id].channel, "thread", None))
+                if t is not None
+            ]
         end = time.monotonic() + timeout
         for t in threads:
             t.join(max(0.0, end - time.monotonic()))
             if t.is_alive():
-                raise TimeoutError(f"fake Replicate: job {job_id} still has {t.name} running after {timeout:g}s")
+                raise TimeoutError(
+                    f"fake Replicate: job {job_id} still has {t.name} running after {timeout:g}s"
+                )
         return job
 
     def count(self, method: str, pattern: str) -> int:
         """How many requests with this method hit a path matching the glob."""
         with self._lock:
-            return sum(1 for r in self.requests if r.method == method and fnmatch.fnmatchcase(r.path, pattern))
+            return sum(
+                1 for r in self.requests if r.method == method and fnmatch.fnmatchcase(r.path, pattern)
+            )
 
     def webhooks_for(self, job_id: str) -> list[SentWebhook]:
         with self._lock:
@@ -836,15 +957,22 @@ class FakeReplicate:
 
     def _log(self, req: _Req, auth: bool, status: int | None, fault: str | None) -> None:
         with self._lock:
-            self.requests.append(RequestRecord(req.method, req.path, req.raw_query, auth, len(req.body), status,
-                                               fault, time.time()))
+            self.requests.append(
+                RequestRecord(
+                    req.method, req.path, req.raw_query, auth, len(req.body), status, fault, time.time()
+                )
+            )
 
     def _fault_response(self, f: HttpFault) -> _Resp:
         headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
         if f.status == 402:
-            resp = _problem(402, "You need to set up billing to run this model. Go to "
-                                 "https://replicate.com/account/billing#billing to set it up. If you have recently "
-                                 "set up billing, please wait a few minutes before trying again.", "Billing required")
+            resp = _problem(
+                402,
+                "You need to set up billing to run this model. Go to "
+                "https://replicate.com/account/billing#billing to set it up. If you have recently "
+                "set up billing, please wait a few minutes before trying again.",
+                "Billing required",
+            )
             resp.headers.update(headers)
             return resp
         detail = {
@@ -900,7 +1028,12 @@ class FakeReplicate:
         ("POST", r"/v1/models", "_models_create", True),
         ("GET", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)", "_models_get", True),
         ("GET", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/versions", "_versions_list", True),
-        ("POST", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/versions/(?P<v>[^/]+)/trainings", "_trainings_create", True),
+        (
+            "POST",
+            r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/versions/(?P<v>[^/]+)/trainings",
+            "_trainings_create",
+            True,
+        ),
         ("POST", r"/v1/models/(?P<o>[^/]+)/(?P<n>[^/]+)/predictions", "_model_predictions_create", True),
         ("POST", r"/v1/predictions", "_predictions_create", True),
         ("GET", r"/v1/predictions", "_predictions_list", True),
@@ -942,8 +1075,9 @@ class FakeReplicate:
     def _authorized(self, req: _Req) -> bool:
         value = req.headers.get("Authorization") or ""
         scheme, _, token = value.partition(" ")
-        return scheme.lower() in ("bearer", "token") and hmac.compare_digest(token.strip().encode(),
-                                                                             self.token.encode())
+        return scheme.lower() in ("bearer", "token") and hmac.compare_digest(
+            token.strip().encode(), self.token.encode()
+        )
 
     def _body_json(self, req: _Req) -> dict | _Resp:
         """The request's JSON object, or the 400 to answer instead."""
@@ -958,12 +1092,22 @@ class FakeReplicate:
     def _page(self, items: list, dump: Callable[[Any], dict]) -> _Resp:
         """The first page, newest first.  The client reads only the first page of a list (as
         1.0.7's ``versions.list()`` does), so no cursors are served: ``next`` stays null."""
-        return _Resp(200, {"next": None, "previous": None, "results": [dump(x) for x in items[:max(1, self.page_size)]]})
+        return _Resp(
+            200,
+            {"next": None, "previous": None, "results": [dump(x) for x in items[: max(1, self.page_size)]]},
+        )
 
     # -- account, hardware, secret ----------------------------------------------------------------
     def _account(self, req: _Req) -> _Resp:
-        return _Resp(200, {"type": self.account_type, "username": self.owner, "name": self.account_name,
-                           "github_url": f"https://github.com/{self.owner}"})
+        return _Resp(
+            200,
+            {
+                "type": self.account_type,
+                "username": self.owner,
+                "name": self.account_name,
+                "github_url": f"https://github.com/{self.owner}",
+            },
+        )
 
     def _hardware(self, req: _Req) -> _Resp:
         return _Resp(200, list(HARDWARE))
@@ -974,10 +1118,17 @@ class FakeReplicate:
     # -- files ------------------------------------------------------------------------------------
     def _file_json(self, f: _File) -> dict:
         return {
-            "id": f.id, "name": f.name, "content_type": f.content_type, "size": len(f.data),
+            "id": f.id,
+            "name": f.name,
+            "content_type": f.content_type,
+            "size": len(f.data),
             "etag": hashlib.md5(f.data).hexdigest(),
-            "checksums": {"sha256": hashlib.sha256(f.data).hexdigest(), "md5": hashlib.md5(f.data).hexdigest()},
-            "metadata": f.metadata, "created_at": _iso(f.created_at),
+            "checksums": {
+                "sha256": hashlib.sha256(f.data).hexdigest(),
+                "md5": hashlib.md5(f.data).hexdigest(),
+            },
+            "metadata": f.metadata,
+            "created_at": _iso(f.created_at),
             "expires_at": _iso(f.created_at + timedelta(hours=24)),
             "urls": {"get": f"{self.url}/v1/files/{f.id}"},
         }
@@ -998,22 +1149,32 @@ class FakeReplicate:
             return _problem(400, f"Malformed multipart body: {e}", "Bad request")
         content = next((p for p in parts if p["name"] == "content"), None)
         if content is None:
-            return _invalid_fields([{"type": "required", "field": "content", "description": "content is required"}])
+            return _invalid_fields(
+                [{"type": "required", "field": "content", "description": "content is required"}]
+            )
         if len(content["data"]) > self.max_file_size:
             return _problem(413, "Files must be less than 100MB in size")
         fields = {p["name"]: p["data"].decode("utf-8", "replace") for p in parts if p["filename"] is None}
         name = fields.get("filename") or content["filename"] or "file"
         if len(name.encode()) > 255:
-            return _invalid_fields([{"type": "max_length", "field": "filename",
-                                     "description": "filename must be at most 255 bytes"}])
+            return _invalid_fields(
+                [
+                    {
+                        "type": "max_length",
+                        "field": "filename",
+                        "description": "filename must be at most 255 bytes",
+                    }
+                ]
+            )
         ctype_part = fields.get("type") or content["content_type"] or "application/octet-stream"
         try:
             metadata = json.loads(fields["metadata"]) if fields.get("metadata") else {}
         except ValueError:
             metadata = None
         if not isinstance(metadata, dict):
-            return _invalid_fields([{"type": "invalid", "field": "metadata",
-                                     "description": "metadata must be a JSON object"}])
+            return _invalid_fields(
+                [{"type": "invalid", "field": "metadata", "description": "metadata must be a JSON object"}]
+            )
         with self._lock:
             self._seq += 1
             f = _File(_file_id(), name, ctype_part, content["data"], metadata, _now(), self._seq)
@@ -1040,14 +1201,26 @@ class FakeReplicate:
     # -- models and versions ----------------------------------------------------------------------
     @staticmethod
     def _version_json(v: _Version) -> dict:
-        return {"id": v.id, "created_at": _iso(v.created_at), "cog_version": v.cog_version,
-                "openapi_schema": v.openapi_schema}
+        return {
+            "id": v.id,
+            "created_at": _iso(v.created_at),
+            "cog_version": v.cog_version,
+            "openapi_schema": v.openapi_schema,
+        }
 
     def _model_json(self, m: _Model) -> dict:
         return {
-            "url": f"https://replicate.com/{m.owner}/{m.name}", "owner": m.owner, "name": m.name,
-            "description": m.description, "visibility": m.visibility, "github_url": None,
-            "paper_url": None, "license_url": None, "cover_image_url": None, "run_count": m.run_count, "default_example": None,
+            "url": f"https://replicate.com/{m.owner}/{m.name}",
+            "owner": m.owner,
+            "name": m.name,
+            "description": m.description,
+            "visibility": m.visibility,
+            "github_url": None,
+            "paper_url": None,
+            "license_url": None,
+            "cover_image_url": None,
+            "run_count": m.run_count,
+            "default_example": None,
             "latest_version": self._version_json(m.versions[0]) if m.versions else None,
             "is_official": False,
         }
@@ -1058,25 +1231,51 @@ class FakeReplicate:
             return body
         missing = [k for k in ("owner", "name", "visibility", "hardware") if not body.get(k)]
         if missing:
-            return _invalid_fields([{"type": "required", "field": k, "description": f"{k} is required"}
-                                    for k in missing])
+            return _invalid_fields(
+                [{"type": "required", "field": k, "description": f"{k} is required"} for k in missing]
+            )
         if body["visibility"] not in ("public", "private"):
-            return _invalid_fields([{"type": "enum", "field": "visibility",
-                                     "description": "visibility must be one of: public, private"}])
+            return _invalid_fields(
+                [
+                    {
+                        "type": "enum",
+                        "field": "visibility",
+                        "description": "visibility must be one of: public, private",
+                    }
+                ]
+            )
         if body["hardware"] not in {h["sku"] for h in HARDWARE}:
-            return _invalid_fields([{"type": "enum", "field": "hardware",
-                                     "description": f"{body['hardware']!r} is not a valid hardware SKU"}])
+            return _invalid_fields(
+                [
+                    {
+                        "type": "enum",
+                        "field": "hardware",
+                        "description": f"{body['hardware']!r} is not a valid hardware SKU",
+                    }
+                ]
+            )
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", body["name"]):
-            return _invalid_fields([{"type": "pattern", "field": "name",
-                                     "description": "name may contain lowercase letters, digits, '-', '_' and '.'"}])
+            return _invalid_fields(
+                [
+                    {
+                        "type": "pattern",
+                        "field": "name",
+                        "description": "name may contain lowercase letters, digits, '-', '_' and '.'",
+                    }
+                ]
+            )
         if body["owner"] != self.owner:
             return _problem(403, "You do not have permission to create models for this owner.", "Forbidden")
         ref = f"{body['owner']}/{body['name']}"
         with self._lock:
             if ref in self._models:
                 return _problem(409, f"A model named {ref} already exists.", "Model already exists")
-            m = self.add_model(ref, visibility=body["visibility"], hardware=body["hardware"],
-                               description=body.get("description"))
+            m = self.add_model(
+                ref,
+                visibility=body["visibility"],
+                hardware=body["hardware"],
+                description=body.get("description"),
+            )
             return _Resp(201, self._model_json(m))
 
     def _models_get(self, req: _Req, o: str, n: str) -> _Resp:
@@ -1096,13 +1295,24 @@ class FakeReplicate:
         kind = "predictions" if job.kind == "prediction" or create else "trainings"
         metrics = dict(job.metrics)
         out: dict[str, Any] = {
-            "id": job.id, "model": job.model, "version": job.version, "input": job.input, "logs": job.logs,
-            "output": job.output, "error": job.error, "status": job.status,
-            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+            "id": job.id,
+            "model": job.model,
+            "version": job.version,
+            "input": job.input,
+            "logs": job.logs,
+            "output": job.output,
+            "error": job.error,
+            "status": job.status,
+            "created_at": _iso(job.created_at),
+            "started_at": _iso(job.started_at),
             "completed_at": _iso(job.completed_at),
-            "urls": {"get": f"{self.url}/v1/{kind}/{job.id}", "cancel": f"{self.url}/v1/{kind}/{job.id}/cancel",
-                     "web": f"https://replicate.com/p/{job.id}"},
-            "metrics": metrics, "source": "api",
+            "urls": {
+                "get": f"{self.url}/v1/{kind}/{job.id}",
+                "cancel": f"{self.url}/v1/{kind}/{job.id}/cancel",
+                "web": f"https://replicate.com/p/{job.id}",
+            },
+            "metrics": metrics,
+            "source": "api",
         }
         if job.kind == "prediction":
             out["data_removed"] = False
@@ -1132,7 +1342,9 @@ class FakeReplicate:
 
     def _check_input(self, version: _Version, inp: Any, component: str) -> _Resp | None:
         if not isinstance(inp, dict):
-            return _invalid_fields([{"type": "type", "field": "input", "description": "input must be an object"}])
+            return _invalid_fields(
+                [{"type": "type", "field": "input", "description": "input must be an object"}]
+            )
         if not self.validate_inputs:
             return None
         schemas = (version.openapi_schema or {}).get("components", {}).get("schemas", {})
@@ -1141,15 +1353,23 @@ class FakeReplicate:
             if component not in schemas:
                 return None
         fields: list[dict] = []
-        root = {"$ref": f"#/components/schemas/{component}", "components": version.openapi_schema["components"]}
+        root = {
+            "$ref": f"#/components/schemas/{component}",
+            "components": version.openapi_schema["components"],
+        }
         for e in sorted(jsonschema.Draft202012Validator(root).iter_errors(inp), key=lambda e: list(e.path)):
             if e.validator == "required":
                 name = e.message.split("'")[1] if "'" in e.message else e.message
                 fields.append({"type": "required", "field": "input", "description": f"{name} is required"})
             else:
                 where = ".".join(str(p) for p in e.absolute_path)
-                fields.append({"type": str(e.validator), "field": f"input.{where}" if where else "input",
-                               "description": e.message})
+                fields.append(
+                    {
+                        "type": str(e.validator),
+                        "field": f"input.{where}" if where else "input",
+                        "description": e.message,
+                    }
+                )
         return _invalid_fields(fields) if fields else None
 
     def _webhook_params(self, body: dict) -> tuple[tuple[str, ...], _Resp | None]:
@@ -1157,17 +1377,39 @@ class FakeReplicate:
         if events is None:
             return EVENTS, None
         if not isinstance(events, list) or any(e not in EVENTS for e in events):
-            return EVENTS, _invalid_fields([{"type": "enum", "field": "webhook_events_filter",
-                                             "description": "webhook_events_filter items must be one of: "
-                                                            + ", ".join(EVENTS)}])
+            return EVENTS, _invalid_fields(
+                [
+                    {
+                        "type": "enum",
+                        "field": "webhook_events_filter",
+                        "description": "webhook_events_filter items must be one of: " + ", ".join(EVENTS),
+                    }
+                ]
+            )
         return tuple(events), None
 
-    def _new_job(self, kind: str, model: _Model, version: _Version, body: dict, events: tuple[str, ...],
-                 destination: str | None = None) -> _Job:
+    def _new_job(
+        self,
+        kind: str,
+        model: _Model,
+        version: _Version,
+        body: dict,
+        events: tuple[str, ...],
+        destination: str | None = None,
+    ) -> _Job:
         self._seq += 1
-        job = _Job(kind=kind, id=_job_id(), model=f"{model.owner}/{model.name}", version=version.id,
-                   input=body.get("input") or {}, created_at=_now(), seq=self._seq, webhook=body.get("webhook"),
-                   events=events, destination=destination)
+        job = _Job(
+            kind=kind,
+            id=_job_id(),
+            model=f"{model.owner}/{model.name}",
+            version=version.id,
+            input=body.get("input") or {},
+            created_at=_now(),
+            seq=self._seq,
+            webhook=body.get("webhook"),
+            events=events,
+            destination=destination,
+        )
         job.cog_url = self.cog_predict_url if kind == "prediction" else self.cog_train_url
         if kind == "prediction" and self.cog_run_for is not None:
             # as on Replicate: the version's image in run mode, COG_WEIGHTS = its training's weights
@@ -1267,7 +1509,9 @@ class FakeReplicate:
 
     def _list_jobs(self, kind: str) -> _Resp:
         with self._lock:
-            jobs = sorted((j for j in self._jobs.values() if j.kind == kind), key=lambda j: j.seq, reverse=True)
+            jobs = sorted(
+                (j for j in self._jobs.values() if j.kind == kind), key=lambda j: j.seq, reverse=True
+            )
             return self._page(jobs, self._json)
 
     def _predictions_list(self, req: _Req) -> _Resp:
@@ -1322,8 +1566,15 @@ class FakeReplicate:
             if job.channel and "output" in job.events:
                 job.channel.notify("output")
 
-    def _finish(self, job: _Job, status: str, *, output: Any = None, error: str | None = None,
-                predict_time: float | None = None) -> None:
+    def _finish(
+        self,
+        job: _Job,
+        status: str,
+        *,
+        output: Any = None,
+        error: str | None = None,
+        predict_time: float | None = None,
+    ) -> None:
         if job.terminal:
             return  # never regress (or re-finish) a terminal job
         now = _now()
@@ -1339,8 +1590,10 @@ class FakeReplicate:
             job.error = error or "Prediction failed"
         if predict_time is None:
             predict_time = (now - job.started_at).total_seconds() if job.started_at else 0.0
-        job.metrics = {"predict_time": round(predict_time, 6),
-                       "total_time": round((now - job.created_at).total_seconds(), 6)}
+        job.metrics = {
+            "predict_time": round(predict_time, 6),
+            "total_time": round((now - job.created_at).total_seconds(), 6),
+        }
         self._changed.notify_all()
         if job.channel:
             job.channel.notify("completed", self._dump(job), job.status)
@@ -1411,8 +1664,12 @@ class FakeReplicate:
                     output = self._training_output(job, {"weights": url})
                 self._finish(job, "succeeded", output=output, predict_time=predict_time)
             else:
-                self._finish(job, syn.status, error=syn.error if syn.status == "failed" else None,
-                             predict_time=predict_time)
+                self._finish(
+                    job,
+                    syn.status,
+                    error=syn.error if syn.status == "failed" else None,
+                    predict_time=predict_time,
+                )
 
     # -- jobs: on the real Cog server -------------------------------------------------------------
     def _rewrite_input(self, value: Any) -> Any:
@@ -1442,16 +1699,20 @@ class FakeReplicate:
         assert job.cog_url is not None
         target = job.cog_url + path
         with self._lock:
-            body = {"id": job.id, "input": self._rewrite_input(job.input),
-                    "webhook": f"{self.url}/_fake/cog-webhook/{job.id}",
-                    "webhook_events_filter": list(EVENTS)}
+            body = {
+                "id": job.id,
+                "input": self._rewrite_input(job.input),
+                "webhook": f"{self.url}/_fake/cog-webhook/{job.id}",
+                "webhook_events_filter": list(EVENTS),
+            }
         failures = 0
         while not job.canceled.is_set() and not self._stopping.is_set():
             try:
                 r = self._cog.post(target, json=body, headers={"Prefer": "respond-async"})
             except httpx.HTTPError as e:
-                self.cog_requests.append({"method": "POST", "url": target, "status": None,
-                                          "job_id": job.id, "error": repr(e)})
+                self.cog_requests.append(
+                    {"method": "POST", "url": target, "status": None, "job_id": job.id, "error": repr(e)}
+                )
                 failures += 1
                 if failures >= 20:
                     with self._lock:
@@ -1459,8 +1720,9 @@ class FakeReplicate:
                     return
                 job.canceled.wait(0.5)  # a retry interval; a cancel (stop() cancels too) ends it
                 continue
-            self.cog_requests.append({"method": "POST", "url": target, "status": r.status_code,
-                                      "job_id": job.id})
+            self.cog_requests.append(
+                {"method": "POST", "url": target, "status": r.status_code, "job_id": job.id}
+            )
             if r.status_code in (409, 503):  # slot busy / setup not finished: the job stays queued
                 job.canceled.wait(0.2)
                 continue
@@ -1480,10 +1742,13 @@ class FakeReplicate:
         url = f"{job.cog_url}{path}/{job.id}/cancel"
         try:
             r = self._cog.post(url, timeout=10)
-            self.cog_requests.append({"method": "POST", "url": url, "status": r.status_code, "job_id": job.id})
+            self.cog_requests.append(
+                {"method": "POST", "url": url, "status": r.status_code, "job_id": job.id}
+            )
         except httpx.HTTPError as e:
-            self.cog_requests.append({"method": "POST", "url": url, "status": None, "job_id": job.id,
-                                      "error": repr(e)})
+            self.cog_requests.append(
+                {"method": "POST", "url": url, "status": None, "job_id": job.id, "error": repr(e)}
+            )
 
     def _cog_webhook(self, req: _Req, id: str) -> _Resp:
         try:
@@ -1509,7 +1774,9 @@ class FakeReplicate:
                     output = self._convert_output(job, payload.get("output"))
                     if job.kind == "training":
                         output = self._training_output(job, output)
-                self._finish(job, status, output=output, error=payload.get("error"), predict_time=predict_time)
+                self._finish(
+                    job, status, output=output, error=payload.get("error"), predict_time=predict_time
+                )
             else:
                 self._mark_processing(job)
                 self._set_logs(job, logs)
@@ -1519,7 +1786,9 @@ class FakeReplicate:
 
     # -- outgoing webhooks ------------------------------------------------------------------------
     def sign(self, msg_id: str, timestamp: int, body: str) -> str:
-        digest = hmac.new(self.signing_key(), f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+        digest = hmac.new(
+            self.signing_key(), f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256
+        ).digest()
         return "v1," + base64.b64encode(digest).decode()
 
     def _record_webhook(self, rec: SentWebhook) -> None:
@@ -1527,8 +1796,18 @@ class FakeReplicate:
             self.sent_webhooks.append(rec)
             self._changed.notify_all()
 
-    def _deliver(self, job_id: str, url: str, event: str, body: str, status: str, fault: str | None, *,
-                 retry: bool, msg_id: str | None = None) -> bool:
+    def _deliver(
+        self,
+        job_id: str,
+        url: str,
+        event: str,
+        body: str,
+        status: str,
+        fault: str | None,
+        *,
+        retry: bool,
+        msg_id: str | None = None,
+    ) -> bool:
         msg_id = msg_id or "msg_" + secrets.token_hex(12)
         delays = self.webhook_retry_delays if retry else ()
         for attempt in range(len(delays) + 1):
@@ -1536,9 +1815,13 @@ class FakeReplicate:
                 return False
             sent_at = time.time()
             ts = int(sent_at)
-            headers = {"Content-Type": "application/json", "User-Agent": "fake-replicate-webhooks/1.0",
-                       "webhook-id": msg_id, "webhook-timestamp": str(ts),
-                       "webhook-signature": self.sign(msg_id, ts, body)}
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "fake-replicate-webhooks/1.0",
+                "webhook-id": msg_id,
+                "webhook-timestamp": str(ts),
+                "webhook-signature": self.sign(msg_id, ts, body),
+            }
             code = err = None
             try:
                 r = self._http.post(url, content=body.encode(), headers=headers)
@@ -1546,13 +1829,18 @@ class FakeReplicate:
             except (httpx.HTTPError, RuntimeError) as e:
                 err = repr(e)
             ok = code is not None and 200 <= code < 300
-            self._record_webhook(SentWebhook(job_id, event, msg_id, status, url, attempt + 1, ok, code, err, fault,
-                                             sent_at, body))
+            self._record_webhook(
+                SentWebhook(
+                    job_id, event, msg_id, status, url, attempt + 1, ok, code, err, fault, sent_at, body
+                )
+            )
             if ok or (code is not None and code < 400):  # 3xx: redirects are not followed, nor retried
                 return ok
         return False
 
+
 # -- module helpers --------------------------------------------------------------------------------
+
 
 def _parse_multipart(body: bytes, content_type: str) -> list[dict]:
     m = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type)
@@ -1585,8 +1873,14 @@ def _parse_multipart(body: bytes, content_type: str) -> list[dict]:
         if "filename*" in params:
             enc, _, rest = params["filename*"].partition("''")
             filename = urllib.parse.unquote(rest, encoding=enc or "utf-8")
-        parts.append({"name": params.get("name"), "filename": filename,
-                      "content_type": headers.get("content-type"), "data": data})
+        parts.append(
+            {
+                "name": params.get("name"),
+                "filename": filename,
+                "content_type": headers.get("content-type"),
+                "data": data,
+            }
+        )
     return parts
 
 
@@ -1618,7 +1912,9 @@ def _cog_error(r: httpx.Response) -> str:
     except ValueError:
         return f"model server answered {r.status_code}: {r.text[:500]}"
     if r.status_code == 422 and isinstance(body.get("detail"), list):
-        msgs = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[2:])}: {d.get('msg')}" for d in body["detail"])
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in d.get('loc', [])[2:])}: {d.get('msg')}" for d in body["detail"]
+        )
         return f"Input validation failed: {msgs}"
     return f"model server answered {r.status_code}: {body.get('error') or body.get('detail') or body}"
 
@@ -1635,5 +1931,9 @@ def _blob_response(req: _Req, blob: _Blob) -> _Resp:
     end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
     if start >= size or end < start:
         return _Resp(416, b"", {**headers, "Content-Range": f"bytes */{size}"}, blob.content_type)
-    return _Resp(206, blob.data[start:end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{size}"},
-                 blob.content_type)
+    return _Resp(
+        206,
+        blob.data[start : end + 1],
+        {**headers, "Content-Range": f"bytes {start}-{end}/{size}"},
+        blob.content_type,
+    )

@@ -46,11 +46,17 @@ class S3Server:
         from botocore.config import Config
 
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
             aws_access_key_id=access_key_id or self.access_key_id,
             aws_secret_access_key=secret_access_key or self.secret_access_key,
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                          retries={"mode": "standard", "total_max_attempts": 1}))
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                retries={"mode": "standard", "total_max_attempts": 1},
+            ),
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -95,8 +101,13 @@ def start(bucket: str = "trainer-outputs", timeout: float = 20.0) -> S3Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
     env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_BOOTSTRAP_ACTIONS)
     log = tempfile.TemporaryFile()  # werkzeug logs every request to stderr: a file never fills up like a pipe
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     log_closed = False
     try:
         _wait_until_up(proc, log, endpoint, timeout)
@@ -104,23 +115,41 @@ def start(bucket: str = "trainer-outputs", timeout: float = 20.0) -> S3Server:
         log_closed = True
 
         # The free, unauthenticated actions (any keys are accepted for these).
-        anon = dict(endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",
-                    aws_secret_access_key="bootstrap",
-                    config=Config(retries={"mode": "standard", "total_max_attempts": 1},
-                                  s3={"addressing_style": "path"}))
+        anon = dict(
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+            config=Config(
+                retries={"mode": "standard", "total_max_attempts": 1}, s3={"addressing_style": "path"}
+            ),
+        )
         iam = boto3.session.Session().client("iam", **anon)
         iam.create_user(UserName="trainer")
-        iam.put_user_policy(UserName="trainer", PolicyName="s3-all", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-        }))
+        iam.put_user_policy(
+            UserName="trainer",
+            PolicyName="s3-all",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
         key = iam.create_access_key(UserName="trainer")["AccessKey"]
         iam.create_user(UserName="nobody")
         denied = iam.create_access_key(UserName="nobody")["AccessKey"]
         boto3.session.Session().client("s3", **anon).create_bucket(Bucket=bucket)
 
-        server = S3Server(endpoint, bucket, key["AccessKeyId"], key["SecretAccessKey"],
-                          denied["AccessKeyId"], denied["SecretAccessKey"], process=proc)
+        server = S3Server(
+            endpoint,
+            bucket,
+            key["AccessKeyId"],
+            key["SecretAccessKey"],
+            denied["AccessKeyId"],
+            denied["SecretAccessKey"],
+            process=proc,
+        )
         _check_auth_enforced(server, ClientError)
         return server
     except BaseException:
@@ -132,8 +161,10 @@ def start(bucket: str = "trainer-outputs", timeout: float = 20.0) -> S3Server:
 
 
 def _check_auth_enforced(server: S3Server, ClientError: type) -> None:
-    probes = [("made-up key", "AKIAMADEUPMADEUP0000", "x" * 40, "InvalidAccessKeyId"),
-              ("no-policy user", server.denied_access_key_id, server.denied_secret_access_key, "AccessDenied")]
+    probes = [
+        ("made-up key", "AKIAMADEUPMADEUP0000", "x" * 40, "InvalidAccessKeyId"),
+        ("no-policy user", server.denied_access_key_id, server.denied_secret_access_key, "AccessDenied"),
+    ]
     for label, ak, sk, expected in probes:
         try:
             server.client(ak, sk).put_object(Bucket=server.bucket, Key="auth-probe", Body=b"x")

@@ -67,7 +67,16 @@ def test_multiple_that_is_not_a_power_of_two():
 
 
 def test_bucket_step():
-    assert [bucket_step(r) for r in (64, 128, 255, 256, 511, 512, 1024, 2048)] == [16, 16, 16, 32, 32, 64, 64, 64]
+    assert [bucket_step(r) for r in (64, 128, 255, 256, 511, 512, 1024, 2048)] == [
+        16,
+        16,
+        16,
+        32,
+        32,
+        64,
+        64,
+        64,
+    ]
 
 
 @pytest.mark.parametrize("res", RESOLUTIONS)
@@ -84,7 +93,9 @@ def test_nearest_bucket_follows_the_image_shape(res):
 
     w, h = nearest_bucket(900, 1600, buckets)
     assert h > w
-    assert nearest_bucket(10_000, 100, buckets)[0] / nearest_bucket(10_000, 100, buckets)[1] == pytest.approx(4)
+    assert nearest_bucket(10_000, 100, buckets)[0] / nearest_bucket(10_000, 100, buckets)[1] == pytest.approx(
+        4
+    )
 
 
 def test_place_and_crop_give_exact_centred_bucket():
@@ -109,7 +120,7 @@ def test_place_and_crop_give_exact_centred_bucket():
     assert abs(left - right) <= 1
     got = np.asarray(out).astype(int)
     mid = bw // 2
-    assert got[:, : mid - 2].max() < 30 and got[:, mid + 2:].min() > 225
+    assert got[:, : mid - 2].max() < 30 and got[:, mid + 2 :].min() > 225
 
 
 @pytest.mark.parametrize("size", [(200, 100), (100, 200), (123, 77), (64, 64), (1000, 50), (17, 900)])

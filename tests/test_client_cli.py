@@ -40,15 +40,33 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for cmd in ("validate", "versions", "hardware", "billing", "estimate", "pack", "submit", "status", "logs",
-                "cancel", "download", "jobs", "token", "serve"):
+    for cmd in (
+        "validate",
+        "versions",
+        "hardware",
+        "billing",
+        "estimate",
+        "pack",
+        "submit",
+        "status",
+        "logs",
+        "cancel",
+        "download",
+        "jobs",
+        "token",
+        "serve",
+    ):
         assert cmd in text
     sub = {a.dest for a in build_parser()._actions}
     assert "command" in sub
 
 
 def test_token_set_checks_the_shape_and_never_prints_the_value(capsys, monkeypatch, client_home):
-    for bad, why in ((GOOD + " \n", "spaces"), ("r8_short", "not a complete"), ("sk_" + "x" * 40, "does not start with r8_")):
+    for bad, why in (
+        (GOOD + " \n", "spaces"),
+        ("r8_short", "not a complete"),
+        ("sk_" + "x" * 40, "does not start with r8_"),
+    ):
         code, out, err = run(capsys, "token", "set", "--stdin", stdin=bad + "\n", monkeypatch=monkeypatch)
         assert code == EXIT_USER and why in err
         assert bad.strip() not in out + err
@@ -76,7 +94,9 @@ def test_malformed_environment_token_is_reported_without_its_value(capsys, monke
 
 
 def test_estimate_and_billing(capsys):
-    code, out, _ = run(capsys, "--json", "estimate", "--spec", json.dumps({"model": "flux-dev", "steps": 1000}))
+    code, out, _ = run(
+        capsys, "--json", "estimate", "--spec", json.dumps({"model": "flux-dev", "steps": 1000})
+    )
     rows = json.loads(out)
     assert code == EXIT_OK and [r["hardware"] for r in rows] == ["gpu-l40s", "gpu-a100-large", "gpu-h100"]
     l40s = rows[0]
@@ -90,8 +110,13 @@ def test_estimate_and_billing(capsys):
 
 
 def test_config_validates_every_key(capsys, client_home):
-    code, _, _ = run(capsys, "config", "set", "spend_limit", json.dumps({"amount_usd": 5, "period": "daily",
-                                                                       "action": "block"}))
+    code, _, _ = run(
+        capsys,
+        "config",
+        "set",
+        "spend_limit",
+        json.dumps({"amount_usd": 5, "period": "daily", "action": "block"}),
+    )
     assert code == EXIT_OK
     code, _, _ = run(capsys, "config", "set", "webhook_allowed_ips", '["127.0.0.1/32", "10.0.0.0/8"]')
     assert code == EXIT_OK
@@ -100,30 +125,75 @@ def test_config_validates_every_key(capsys, client_home):
     code, _, err = run(capsys, "config", "set", "colour", "blue")
     assert code == EXIT_USER and "unknown setting" in err
     settings = json.loads((client_home / "settings.json").read_text())
-    assert settings["spend_limit"]["amount_usd"] == 5 and settings["webhook_allowed_ips"] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert settings["spend_limit"]["amount_usd"] == 5 and settings["webhook_allowed_ips"] == [
+        "127.0.0.1/32",
+        "10.0.0.0/8",
+    ]
     code, out, _ = run(capsys, "billing")
     assert "$5.00 per daily (block)" in out
 
 
 def test_spend_limit_blocks_before_any_upload(capsys, sample_dataset, client_home):
-    run(capsys, "config", "set", "spend_limit", json.dumps({"amount_usd": 0.01, "period": "daily", "action": "block"}))
-    code, out, err = run(capsys, "submit", "--provider", "cog", "--cog-url", "http://127.0.0.1:9",
-                         "--spec", json.dumps({"steps": 5000}), "--dataset", str(sample_dataset))
+    run(
+        capsys,
+        "config",
+        "set",
+        "spend_limit",
+        json.dumps({"amount_usd": 0.01, "period": "daily", "action": "block"}),
+    )
+    code, out, err = run(
+        capsys,
+        "submit",
+        "--provider",
+        "cog",
+        "--cog-url",
+        "http://127.0.0.1:9",
+        "--spec",
+        json.dumps({"steps": 5000}),
+        "--dataset",
+        str(sample_dataset),
+    )
     assert code == EXIT_USER and "spend limit exceeded" in err
 
 
-def test_submit_with_the_cog_provider_end_to_end(capsys, train_server, run_servers, sample_dataset, cog_weights,
-                                                client_home):
+def test_submit_with_the_cog_provider_end_to_end(
+    capsys, train_server, run_servers, sample_dataset, cog_weights, client_home
+):
     """pack -> a training on the real Cog server -> follow its webhooks -> download -> the LoRA works;
     then `run` renders with it on a run-mode Cog server (the weights sent as lora_weights)."""
-    spec = json.dumps({"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 8, "learning_rate": 0.01,
-                       "caption_dropout": 0, "trigger_word": "sks", "validation": {"num_inference_steps": 2}})
-    code, out, err = run(capsys, "--json", "submit", "--provider", "cog", "--cog-url", train_server.url,
-                         "--spec", spec, "--dataset", str(sample_dataset), "--hardware", "cpu", "--wait")
+    spec = json.dumps(
+        {
+            "base_weights": "tiny-flux-dev",
+            "resolutions": "64",
+            "steps": 8,
+            "learning_rate": 0.01,
+            "caption_dropout": 0,
+            "trigger_word": "sks",
+            "validation": {"num_inference_steps": 2},
+        }
+    )
+    code, out, err = run(
+        capsys,
+        "--json",
+        "submit",
+        "--provider",
+        "cog",
+        "--cog-url",
+        train_server.url,
+        "--spec",
+        spec,
+        "--dataset",
+        str(sample_dataset),
+        "--hardware",
+        "cpu",
+        "--wait",
+    )
     assert code == EXIT_OK, err[-3000:]
     result = json.loads(out)
     job, outputs = result["job"], result["outputs"]
-    assert job["status"] == "succeeded" and job["kind"] == "training" and job["step"] == 8 and job["total"] == 8
+    assert (
+        job["status"] == "succeeded" and job["kind"] == "training" and job["step"] == 8 and job["total"] == 8
+    )
     assert outputs["folder"] == str(client_home / "cloud_outputs" / job["id"])
     assert os.path.isfile(outputs["lora"]) and os.path.isfile(outputs["loss_plot"]) and outputs["samples"]
 
@@ -131,8 +201,17 @@ def test_submit_with_the_cog_provider_end_to_end(capsys, train_server, run_serve
 
     def render(pipe):
         pipe.set_progress_bar_config(disable=True)
-        return np.asarray(pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
-                               max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images[0])
+        return np.asarray(
+            pipe(
+                "a red circle",
+                num_inference_steps=2,
+                height=64,
+                width=64,
+                output_type="np",
+                max_sequence_length=32,
+                generator=torch.Generator().manual_seed(0),
+            ).images[0]
+        )
 
     base = render(FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev"))
     pipe = FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev")
@@ -146,9 +225,25 @@ def test_submit_with_the_cog_provider_end_to_end(capsys, train_server, run_serve
 
     # try it: the job's weights on a run-mode server
     server = run_servers.get(None)
-    args = ("--prompt", "sks, a red circle", "--seed", "1", "--steps", "2", "--output-format", "png",
-            "-i", "aspect_ratio=custom", "-i", "width=64", "-i", "height=64")
-    code, out, err = run(capsys, "--json", "run", job["id"], "--provider", "cog", "--cog-url", server.url, *args)
+    args = (
+        "--prompt",
+        "sks, a red circle",
+        "--seed",
+        "1",
+        "--steps",
+        "2",
+        "--output-format",
+        "png",
+        "-i",
+        "aspect_ratio=custom",
+        "-i",
+        "width=64",
+        "-i",
+        "height=64",
+    )
+    code, out, err = run(
+        capsys, "--json", "run", job["id"], "--provider", "cog", "--cog-url", server.url, *args
+    )
     assert code == EXIT_OK, err[-2000:]
     tried = json.loads(out)
     assert tried["status"] == "succeeded" and len(tried["images"]) == 1
@@ -156,8 +251,19 @@ def test_submit_with_the_cog_provider_end_to_end(capsys, train_server, run_serve
     from PIL import Image
 
     with_lora = np.asarray(Image.open(tried["images"][0])).astype(int)
-    code, out, err = run(capsys, "--json", "run", job["id"], "--provider", "cog", "--cog-url", server.url, *args,
-                         "--lora-scale", "0")
+    code, out, err = run(
+        capsys,
+        "--json",
+        "run",
+        job["id"],
+        "--provider",
+        "cog",
+        "--cog-url",
+        server.url,
+        *args,
+        "--lora-scale",
+        "0",
+    )
     assert code == EXIT_OK, err[-2000:]
     without = np.asarray(Image.open(json.loads(out)["images"][0])).astype(int)
     assert np.abs(with_lora - without).max() > 10, "the job's weights do not change the image"
@@ -174,12 +280,17 @@ FAKE_TOKEN = "r8_" + "CliT0ken" * 5
 def fake(monkeypatch):
     from fake_replicate import FakeReplicate, SyntheticRun
 
-    with FakeReplicate(token=FAKE_TOKEN, webhook_throttle_s=0.05,
-                       synthetic=SyntheticRun(duration_s=0.5, steps=5, predict_time=60.0)) as f:
+    with FakeReplicate(
+        token=FAKE_TOKEN,
+        webhook_throttle_s=0.05,
+        synthetic=SyntheticRun(duration_s=0.5, steps=5, predict_time=60.0),
+    ) as f:
         monkeypatch.setenv("REPLICATE_API_TOKEN", FAKE_TOKEN)
         monkeypatch.setenv("REPLICATE_BASE_URL", f.url)
         monkeypatch.setenv("REPLICATE_POLL_INTERVAL", "0.1")
-        monkeypatch.setenv("ADVANCED_TRAINER_STATUS_URL", "http://127.0.0.1:9/status.json")  # no internet in tests
+        monkeypatch.setenv(
+            "ADVANCED_TRAINER_STATUS_URL", "http://127.0.0.1:9/status.json"
+        )  # no internet in tests
         yield f
 
 
@@ -208,11 +319,21 @@ def test_submit_status_logs_cancel_and_resumed_download(capsys, fake, sample_dat
 
     # a job followed to the end by polling (no public URL), its download interrupted once and resumed
     fake.truncate("/_fake/outputs/*", after_bytes=100)
-    code, out, err = run(capsys, "--json", "submit", "--spec", json.dumps({"steps": 20}),
-                         "--dataset", str(sample_dataset), "--wait")
+    code, out, err = run(
+        capsys,
+        "--json",
+        "submit",
+        "--spec",
+        json.dumps({"steps": 20}),
+        "--dataset",
+        str(sample_dataset),
+        "--wait",
+    )
     assert code == EXIT_OK, err
     result = json.loads(out)
-    assert result["job"]["status"] == "succeeded" and result["job"]["cost_usd"] == pytest.approx(60 * 3.51 / 3600, rel=1e-3)
+    assert result["job"]["status"] == "succeeded" and result["job"]["cost_usd"] == pytest.approx(
+        60 * 3.51 / 3600, rel=1e-3
+    )
     archive = client_home / "cloud_outputs" / result["job"]["id"] / "output.zip"
     import zipfile
 
@@ -236,7 +357,8 @@ def test_submit_status_logs_cancel_and_resumed_download(capsys, fake, sample_dat
 
 
 def test_submit_trains_into_a_destination_and_run_renders_its_new_version(
-        capsys, train_server, run_servers, sample_dataset, client_home, monkeypatch):
+    capsys, train_server, run_servers, sample_dataset, client_home, monkeypatch
+):
     """Replicate's flow with the real Cog servers behind the fake: the training into a destination
     (derived from the account and the trigger word, created private) makes a new version; `run`
     renders with it (COG_WEIGHTS = the training's weights) and downloads the images."""
@@ -249,17 +371,37 @@ def test_submit_trains_into_a_destination_and_run_renders_its_new_version(
         from conftest import tiny_spec
 
         spec = json.dumps({**json.loads(tiny_spec()), "steps": 4, "trigger_word": "sks"})
-        code, out, err = run(capsys, "--json", "submit", "--spec", spec, "--dataset", str(sample_dataset), "--wait")
+        code, out, err = run(
+            capsys, "--json", "submit", "--spec", spec, "--dataset", str(sample_dataset), "--wait"
+        )
         assert code == EXIT_OK, err[-3000:]
         job = json.loads(out)["job"]
-        assert job["kind"] == "training" and job["destination"] == "acme/sks-flux-dev" and job["status"] == "succeeded"
+        assert (
+            job["kind"] == "training"
+            and job["destination"] == "acme/sks-flux-dev"
+            and job["status"] == "succeeded"
+        )
         assert "training into acme/sks-flux-dev (created it, private)" in err
         model = fake.client().models.get("acme/sks-flux-dev")
         assert model.visibility == "private" and model.latest_version is not None
         assert fake.job(job["id"])["output"]["version"] == f"acme/sks-flux-dev:{model.latest_version.id}"
 
-        args = ("--prompt", "sks, a red circle", "--seed", "2", "--steps", "2", "--output-format", "png",
-                "-i", "aspect_ratio=custom", "-i", "width=64", "-i", "height=64")
+        args = (
+            "--prompt",
+            "sks, a red circle",
+            "--seed",
+            "2",
+            "--steps",
+            "2",
+            "--output-format",
+            "png",
+            "-i",
+            "aspect_ratio=custom",
+            "-i",
+            "width=64",
+            "-i",
+            "height=64",
+        )
         code, out, err = run(capsys, "--json", "run", job["id"], *args)
         assert code == EXIT_OK, err[-2000:]
         tried = json.loads(out)
@@ -296,23 +438,33 @@ def test_pack_refuses_over_the_limit_before_any_upload(capsys, fake, tmp_path, m
     import client.jobs
 
     monkeypatch.setattr(client.jobs, "UPLOAD_LIMIT", 1_000_000)  # 3 x 4 MB of noise; ~3 x 190 KB at 512 px
-    code, out, err = run(capsys, "submit", "--spec", json.dumps({"resolutions": "512"}), "--dataset", str(folder))
+    code, out, err = run(
+        capsys, "submit", "--spec", json.dumps({"resolutions": "512"}), "--dataset", str(folder)
+    )
     assert code == EXIT_USER and "limit" in err and "--fit" in err
     assert not [q for q in fake.requests if q.path.startswith("/v1/files")]
-    code, out, err = run(capsys, "submit", "--spec", json.dumps({"resolutions": "512"}), "--dataset", str(folder), "--fit")
+    code, out, err = run(
+        capsys, "submit", "--spec", json.dumps({"resolutions": "512"}), "--dataset", str(folder), "--fit"
+    )
     assert code == EXIT_OK, err
 
 
-def test_publish_credentials_go_to_the_api_but_not_the_store(capsys, fake, sample_dataset, client_home, monkeypatch):
+def test_publish_credentials_go_to_the_api_but_not_the_store(
+    capsys, fake, sample_dataset, client_home, monkeypatch
+):
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETvalue1234567890abcd")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE1234567")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cretKEYvalue/abcdefghij1234")
     spec = {"publish": {"hub_model_id": "acme/my-lora", "s3_bucket": "my-bucket"}}
-    code, out, err = run(capsys, "--json", "submit", "--spec", json.dumps(spec), "--dataset", str(sample_dataset))
+    code, out, err = run(
+        capsys, "--json", "submit", "--spec", json.dumps(spec), "--dataset", str(sample_dataset)
+    )
     assert code == EXIT_OK, err
     job_id = json.loads(out)["job"]["id"]
     sent = fake.job(job_id)["input"]
-    assert sent["hf_token"] == "hf_SECRETvalue1234567890abcd" and sent["s3_secret_access_key"].startswith("s3cret")
+    assert sent["hf_token"] == "hf_SECRETvalue1234567890abcd" and sent["s3_secret_access_key"].startswith(
+        "s3cret"
+    )
     db = (client_home / "jobs.sqlite3").read_bytes()
     for secret in ("hf_SECRETvalue1234567890abcd", "s3cretKEYvalue", FAKE_TOKEN):
         assert secret.encode() not in db
@@ -333,7 +485,9 @@ def test_status_page_is_shown_and_unreachable_means_unknown(capsys, fake, monkey
 
     class Status(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            body = json.dumps({"status": {"indicator": "minor", "description": "Degraded predictions"}}).encode()
+            body = json.dumps(
+                {"status": {"indicator": "minor", "description": "Degraded predictions"}}
+            ).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -354,9 +508,8 @@ def test_status_page_is_shown_and_unreachable_means_unknown(capsys, fake, monkey
 
 
 def test_readme_documents_every_command_and_route():
-    from conftest import ROOT
-
     from client.server import State, create_app
+    from conftest import ROOT
 
     readme = (ROOT / "README.md").read_text()
     commands = [a for a in build_parser()._subparsers._group_actions[0].choices]
@@ -367,18 +520,22 @@ def test_readme_documents_every_command_and_route():
         app = create_app(State(root=Path(tmp)))
     # the OpenAPI document lists every API route (app.routes nests the routers' own lists)
     routes = {p for p in app.openapi()["paths"] if p.startswith("/api/")} - {"/api/webhooks/cog/{key}"}
-    missing = [r for r in routes
-               if r.replace("{job_id}", "{id}").replace("{name}", "{path}") not in readme and r not in readme]
+    missing = [
+        r
+        for r in routes
+        if r.replace("{job_id}", "{id}").replace("{name}", "{path}") not in readme and r not in readme
+    ]
     assert not missing, missing
 
 
-def test_reconcile_settles_submissions_interrupted_before_the_answer(capsys, fake, sample_dataset, monkeypatch):
+def test_reconcile_settles_submissions_interrupted_before_the_answer(
+    capsys, fake, sample_dataset, monkeypatch
+):
     """A submit killed after the create (its job exists, the store never heard) and one killed before
     anything was sent: both keep counting until `jobs --reconcile` binds the first and releases the second."""
-    from fake_replicate import SyntheticRun
-
     from client.cli import _store
     from client.store import JobStore
+    from fake_replicate import SyntheticRun
 
     fake.synthetic = SyntheticRun(duration_s=30, steps=30)
     real_bind = JobStore.bind
@@ -402,7 +559,13 @@ def test_reconcile_settles_submissions_interrupted_before_the_answer(capsys, fak
 
     # a blocked submit says why the limit is reached and what settles it
     monkeypatch.setattr("client.jobs.STALE_AFTER_S", 0)
-    run(capsys, "config", "set", "spend_limit", json.dumps({"amount_usd": 1.0, "period": "weekly", "action": "block"}))
+    run(
+        capsys,
+        "config",
+        "set",
+        "spend_limit",
+        json.dumps({"amount_usd": 1.0, "period": "weekly", "action": "block"}),
+    )
     code, _, err = run(capsys, "submit", "--spec", "{}", "--dataset", str(sample_dataset))
     assert code == EXIT_USER and "2 submission(s) interrupted" in err and "jobs --reconcile" in err
     run(capsys, "config", "set", "spend_limit", "null")
@@ -422,6 +585,7 @@ def test_reconcile_settles_submissions_interrupted_before_the_answer(capsys, fak
 
 
 # -- global flags, --set items, one table of error kinds --------------------------------------------------
+
 
 def test_json_is_accepted_before_and_after_the_command(capsys, fake):
     spec = json.dumps({"steps": 500})
@@ -447,9 +611,21 @@ def test_billing_refused_upstream_is_a_problem_the_user_fixes(capsys, fake, samp
     assert code == EXIT_USER and "402" in err and "billing" in err
 
 
-@pytest.mark.parametrize("status,exit_code,http", [(401, 2, 401), (402, 2, 402), (403, 2, 403), (404, 2, 404),
-                                                   (413, 2, 413), (422, 2, 422), (429, 3, 502), (500, 3, 502),
-                                                   (503, 3, 502), (None, 3, 502)])
+@pytest.mark.parametrize(
+    "status,exit_code,http",
+    [
+        (401, 2, 401),
+        (402, 2, 402),
+        (403, 2, 403),
+        (404, 2, 404),
+        (413, 2, 413),
+        (422, 2, 422),
+        (429, 3, 502),
+        (500, 3, 502),
+        (503, 3, 502),
+        (None, 3, 502),
+    ],
+)
 def test_one_table_decides_the_exit_code_and_the_http_status(status, exit_code, http):
     from client import errors
 

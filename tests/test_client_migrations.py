@@ -64,15 +64,22 @@ V2 = (*MIGRATIONS, Migration(2, "jobs.notes (test only)", _add_notes))
 
 # --------------------------------------------------------------------------- the v1 fixture
 
+
 def test_v1_store_opens_with_every_job_intact(v1_path):
     store = JobStore(v1_path)
     assert _version(v1_path) == 1 and store.schema_version == 1
     jobs = {j["id"]: j for j in store.list(limit=100)}
     assert set(jobs) == V1_IDS
-    proc, ok, fail, cancel, pending = (jobs[i] for i in ("proc-id", "ok-id", "fail-id", "cancel-id",
-                                                           "req-submitting"))
+    proc, ok, fail, cancel, pending = (
+        jobs[i] for i in ("proc-id", "ok-id", "fail-id", "cancel-id", "req-submitting")
+    )
     assert (proc["status"], proc["step"], proc["total"], proc["loss"], proc["phase"]) == (
-        "processing", 40, 100, 0.125, "train")
+        "processing",
+        40,
+        100,
+        0.125,
+        "train",
+    )
     assert proc["started_at"] == "2024-05-01T10:01:00.000000Z" and "booting" in proc["logs_tail"]
     assert (ok["status"], ok["predict_time"], ok["cost_usd"]) == ("succeeded", 118.5, 0.237)
     assert json.loads(ok["output_json"]) == {"weights": "https://x/w.tar"}
@@ -85,7 +92,8 @@ def test_v1_store_opens_with_every_job_intact(v1_path):
     # spend: the finished jobs' costs plus the unfinished jobs' estimates
     assert store.spend_between() == pytest.approx(0.237 + 0.12 + 0.0 + 1.0 + 1.5)
     assert store.spend_between("2024-05-01T00:00:00Z", "2024-05-02T00:00:00Z") == pytest.approx(
-        0.237 + 0.12 + 1.0 + 1.5)
+        0.237 + 0.12 + 1.0 + 1.5
+    )
     assert [j["id"] for j in store.unfinished()] == ["proc-id"]
     assert _sql(v1_path, "SELECT id FROM webhook_ids") == [("msg_seen",)]
 
@@ -100,8 +108,12 @@ def test_v1_store_accepts_updates_events_and_its_waiting_orphan(v1_path):
     old = {"id": "proc-id", "status": "processing", "logs": "booting\n"}
     rec, changed = store.apply_remote("proc-id", old, "poll")
     assert not changed and rec is not None and rec["step"] == 60
-    done = {"id": "proc-id", "status": "succeeded", "metrics": {"predict_time": 10.0},
-            "output": {"weights": "https://x/2.tar"}}
+    done = {
+        "id": "proc-id",
+        "status": "succeeded",
+        "metrics": {"predict_time": 10.0},
+        "output": {"weights": "https://x/2.tar"},
+    }
     rec, _ = store.apply_remote("proc-id", done, "webhook")
     assert rec is not None and rec["status"] == "succeeded" and rec["cost_usd"] == pytest.approx(0.02)
     assert store.update("fail-id", delivered=True)["delivered"] is True
@@ -121,6 +133,7 @@ def test_migration_1_is_the_schema_the_v1_code_wrote(v1_path, tmp_path):
 
 
 # --------------------------------------------------------------------------- new migrations
+
 
 def test_a_migration_adds_a_column_to_a_populated_store(v1_path):
     before = _sql(v1_path, "SELECT * FROM jobs ORDER BY id")

@@ -19,21 +19,40 @@ PRICE = 0.002
 def stored(**fields: Any) -> StoredJob:
     """A job as the store keeps it, just bound."""
     job: dict[str, Any] = {name: None for name in FIELDS}
-    job.update(id="rid", provider="replicate", kind="training", status="starting", request_key="req",
-               created_at="2024-05-01T10:00:00.000000Z", updated_at="2024-05-01T10:00:00.000000Z",
-               price_per_s=PRICE, webhook=True, delivered=False, logs_len=0)
+    job.update(
+        id="rid",
+        provider="replicate",
+        kind="training",
+        status="starting",
+        request_key="req",
+        created_at="2024-05-01T10:00:00.000000Z",
+        updated_at="2024-05-01T10:00:00.000000Z",
+        price_per_s=PRICE,
+        webhook=True,
+        delivered=False,
+        logs_len=0,
+    )
     job.update(fields)
     return cast(StoredJob, job)
 
 
 def progress_logs(*steps: int) -> str:
-    return "booting\n" + "".join(format_progress("train", s, 100, loss=1.0 / s, eta_s=100.0 - s) + "\n"
-                                 for s in steps)
+    return "booting\n" + "".join(
+        format_progress("train", s, 100, loss=1.0 / s, eta_s=100.0 - s) + "\n" for s in steps
+    )
 
 
 def event(status: str, logs: str = "", **extra) -> dict:
-    obj = {"id": "rid", "status": status, "logs": logs, "output": None, "error": None,
-           "started_at": None, "completed_at": None, "metrics": {}}
+    obj = {
+        "id": "rid",
+        "status": status,
+        "logs": logs,
+        "output": None,
+        "error": None,
+        "started_at": None,
+        "completed_at": None,
+        "metrics": {},
+    }
     obj.update(extra)
     return obj
 
@@ -41,10 +60,17 @@ def event(status: str, logs: str = "", **extra) -> dict:
 STARTED, COMPLETED = "2024-05-01T10:01:00Z", "2024-05-01T10:03:00Z"
 PROCESSING_1 = event("processing", progress_logs(10), started_at=STARTED)
 PROCESSING_2 = event("processing", progress_logs(10, 20), started_at=STARTED)
-SUCCEEDED = event("succeeded", progress_logs(10, 20, 100), started_at=STARTED, completed_at=COMPLETED,
-                  output={"weights": "https://x/w.tar"}, metrics={"predict_time": 118.5})
-FAILED = event("failed", progress_logs(10), started_at=STARTED, completed_at=COMPLETED,
-               error="CUDA out of memory")
+SUCCEEDED = event(
+    "succeeded",
+    progress_logs(10, 20, 100),
+    started_at=STARTED,
+    completed_at=COMPLETED,
+    output={"weights": "https://x/w.tar"},
+    metrics={"predict_time": 118.5},
+)
+FAILED = event(
+    "failed", progress_logs(10), started_at=STARTED, completed_at=COMPLETED, error="CUDA out of memory"
+)
 CANCELED = event("canceled")
 
 
@@ -61,30 +87,55 @@ def replay(events, job: StoredJob | None = None, source="webhook") -> tuple[dict
 
 # (events in arrival order, what the job must show at the end)
 ORDERS = {
-    "in order": ([PROCESSING_1, PROCESSING_2, SUCCEEDED],
-                 {"status": "succeeded", "step": 100, "predict_time": 118.5, "cost_usd": 0.237,
-                  "completed_at": "2024-05-01T10:03:00.000000Z"}),
-    "late processing after succeeded": ([SUCCEEDED, PROCESSING_2, PROCESSING_1],
-                                        {"status": "succeeded", "step": 100, "cost_usd": 0.237}),
-    "duplicate terminal": ([PROCESSING_1, SUCCEEDED, SUCCEEDED],
-                           {"status": "succeeded", "predict_time": 118.5, "cost_usd": 0.237}),
+    "in order": (
+        [PROCESSING_1, PROCESSING_2, SUCCEEDED],
+        {
+            "status": "succeeded",
+            "step": 100,
+            "predict_time": 118.5,
+            "cost_usd": 0.237,
+            "completed_at": "2024-05-01T10:03:00.000000Z",
+        },
+    ),
+    "late processing after succeeded": (
+        [SUCCEEDED, PROCESSING_2, PROCESSING_1],
+        {"status": "succeeded", "step": 100, "cost_usd": 0.237},
+    ),
+    "duplicate terminal": (
+        [PROCESSING_1, SUCCEEDED, SUCCEEDED],
+        {"status": "succeeded", "predict_time": 118.5, "cost_usd": 0.237},
+    ),
     "failed then succeeded: the first terminal status is final": (
         [PROCESSING_1, FAILED, SUCCEEDED],
-        {"status": "failed", "error": "CUDA out of memory", "output_json": None, "predict_time": 120.0,
-         "cost_usd": 0.24}),
+        {
+            "status": "failed",
+            "error": "CUDA out of memory",
+            "output_json": None,
+            "predict_time": 120.0,
+            "cost_usd": 0.24,
+        },
+    ),
     "logs shorter after longer are ignored": (
-        [PROCESSING_2, PROCESSING_1], {"status": "processing", "step": 20, "loss": 0.05, "eta_s": 80.0}),
-    "logs shorter then longer": ([PROCESSING_1, PROCESSING_2],
-                                 {"status": "processing", "step": 20, "loss": 0.05, "total": 100}),
+        [PROCESSING_2, PROCESSING_1],
+        {"status": "processing", "step": 20, "loss": 0.05, "eta_s": 80.0},
+    ),
+    "logs shorter then longer": (
+        [PROCESSING_1, PROCESSING_2],
+        {"status": "processing", "step": 20, "loss": 0.05, "total": 100},
+    ),
     "poll without metrics: predict_time from the timestamps": (
         [event("succeeded", started_at=STARTED, completed_at=COMPLETED)],
-        {"status": "succeeded", "predict_time": 120.0, "cost_usd": 0.24}),
+        {"status": "succeeded", "predict_time": 120.0, "cost_usd": 0.24},
+    ),
     "canceled before it started costs nothing": (
-        [CANCELED], {"status": "canceled", "predict_time": 0.0, "cost_usd": 0.0,
-                     "completed_at": iso_utc(NOW)}),
+        [CANCELED],
+        {"status": "canceled", "predict_time": 0.0, "cost_usd": 0.0, "completed_at": iso_utc(NOW)},
+    ),
     "aborted is canceled": ([event("aborted")], {"status": "canceled", "cost_usd": 0.0}),
-    "starting after processing does not go back": ([PROCESSING_1, event("starting")],
-                                                   {"status": "processing", "step": 10}),
+    "starting after processing does not go back": (
+        [PROCESSING_1, event("starting")],
+        {"status": "processing", "step": 10},
+    ),
 }
 
 

@@ -38,18 +38,27 @@ def test_foreign_host_headers_are_refused(local):
 
 def test_cross_site_writes_are_refused_and_change_nothing(local, env):
     before = (env / "settings.json").read_text()
-    for headers in ({"origin": "http://evil.example"}, {"origin": "null"}, {"origin": "http://localhost:9999"},
-                    {"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}):
-        for method, path, body in (("PUT", "/api/cloud/providers/replicate", {"public_url": "https://evil.example"}),
-                                   ("POST", "/api/cloud/jobs/submit", {"spec": {}, "dataset": "/tmp"}),
-                                   ("PUT", "/api/cloud/spend-limit", None),
-                                   ("DELETE", "/api/cloud/providers/replicate/token", None),
-                                   ("POST", "/api/cloud/jobs/x/cancel", None)):
+    for headers in (
+        {"origin": "http://evil.example"},
+        {"origin": "null"},
+        {"origin": "http://localhost:9999"},
+        {"sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "same-site"},
+    ):
+        for method, path, body in (
+            ("PUT", "/api/cloud/providers/replicate", {"public_url": "https://evil.example"}),
+            ("POST", "/api/cloud/jobs/submit", {"spec": {}, "dataset": "/tmp"}),
+            ("PUT", "/api/cloud/spend-limit", None),
+            ("DELETE", "/api/cloud/providers/replicate/token", None),
+            ("POST", "/api/cloud/jobs/x/cancel", None),
+        ):
             r = local.http.request(method, path, json=body, headers=headers)
             assert r.status_code == 403, (method, path, headers, r.status_code)
     assert (env / "settings.json").read_text() == before
     # the page's own origin, and tools that send no Origin at all, are fine
-    ok = local.http.put("/api/cloud/spend-limit", json=None, headers={"origin": local.url, "sec-fetch-site": "same-origin"})
+    ok = local.http.put(
+        "/api/cloud/spend-limit", json=None, headers={"origin": local.url, "sec-fetch-site": "same-origin"}
+    )
     assert ok.status_code == 200
     assert local.http.put("/api/cloud/spend-limit", json=None).status_code == 200
 
@@ -74,14 +83,15 @@ def test_body_size_caps(local):
         for _ in range(3):
             yield b"x" * 2**20
 
-    r = local.http.post("/api/cloud/spec/validate", content=chunks(), headers={"content-type": "application/json"})
+    r = local.http.post(
+        "/api/cloud/spec/validate", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
 
 
 def test_beyond_loopback_every_route_but_webhooks_needs_the_key(env, monkeypatch):
-    from fake_replicate import FakeReplicate
-
     from client import server as srv
+    from fake_replicate import FakeReplicate
 
     key = srv.ensure_api_key(env)
     assert key and srv.ensure_api_key(env) is None  # made once, stored hashed
@@ -91,8 +101,14 @@ def test_beyond_loopback_every_route_but_webhooks_needs_the_key(env, monkeypatch
         try:
             assert server.http.get("/api/cloud/jobs").status_code == 401
             assert server.http.get("/").status_code == 200  # the page (its login form) holds no data
-            assert server.http.get("/api/cloud/jobs", headers={"authorization": "Bearer wrong"}).status_code == 401
-            assert server.http.get("/api/cloud/jobs", headers={"authorization": f"Bearer {key}"}).status_code == 200
+            assert (
+                server.http.get("/api/cloud/jobs", headers={"authorization": "Bearer wrong"}).status_code
+                == 401
+            )
+            assert (
+                server.http.get("/api/cloud/jobs", headers={"authorization": f"Bearer {key}"}).status_code
+                == 200
+            )
             assert server.http.get("/api/cloud/jobs", headers={"x-api-key": key}).status_code == 200
             # the page logs in once and gets an HttpOnly, SameSite=Strict session cookie
             assert server.http.post("/api/session", json={"api_key": "nope"}).status_code == 401

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from fake_replicate import FakeReplicate, SyntheticRun
 
 TOKEN = "r8_" + "T0kenValue" * 4
@@ -30,8 +31,14 @@ def sign(secret: str, webhook_id: str, ts: int, body: bytes) -> str:
 class LocalServer:
     """client.server's app on a real port (uvicorn in a thread) plus its poller."""
 
-    def __init__(self, root: Path, fake: FakeReplicate, public: bool = True, allowed=("127.0.0.1/32",),
-                 bind: str = "127.0.0.1"):
+    def __init__(
+        self,
+        root: Path,
+        fake: FakeReplicate,
+        public: bool = True,
+        allowed=("127.0.0.1/32",),
+        bind: str = "127.0.0.1",
+    ):
         import socket
 
         import uvicorn
@@ -43,8 +50,9 @@ class LocalServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        Settings(public_url=self.url if public else None, webhook_allowed_ips=list(allowed),
-                 hardware="gpu-l40s").save(root)
+        Settings(
+            public_url=self.url if public else None, webhook_allowed_ips=list(allowed), hardware="gpu-l40s"
+        ).save(root)
         self.state = srv.State(root=root, base_url=fake.url, host=bind, port=self.port)
         self.app = srv.create_app(self.state)
         self.server = uvicorn.Server(srv.uvicorn_config(self.app, bind, self.port, log_level="error"))
@@ -60,7 +68,9 @@ class LocalServer:
             except httpx.HTTPError:
                 time.sleep(0.05)
 
-    def wait_job(self, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout=60, delivered=False) -> dict:
+    def wait_job(
+        self, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout=60, delivered=False
+    ) -> dict:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             rec = self.state.store.get(job_id)
@@ -86,8 +96,11 @@ def env(tmp_path, monkeypatch):
 
 @pytest.fixture()
 def fake(env):
-    with FakeReplicate(token=TOKEN, webhook_throttle_s=0.05,
-                       synthetic=SyntheticRun(duration_s=0.6, steps=6, predict_time=120.0)) as f:
+    with FakeReplicate(
+        token=TOKEN,
+        webhook_throttle_s=0.05,
+        synthetic=SyntheticRun(duration_s=0.6, steps=6, predict_time=120.0),
+    ) as f:
         yield f
 
 
@@ -99,19 +112,26 @@ def local(env, fake):
 
 
 def _submit(local, dataset, **extra):
-    r = local.http.post("/api/cloud/jobs/submit", json={"spec": {"model": "flux-dev", "steps": 50},
-                                                         "dataset": str(dataset), **extra})
+    r = local.http.post(
+        "/api/cloud/jobs/submit",
+        json={"spec": {"model": "flux-dev", "steps": 50}, "dataset": str(dataset), **extra},
+    )
     return r
 
 
 # -- REST API ------------------------------------------------------------------------------------------
+
 
 def test_provider_endpoints_never_reveal_the_token(local, fake):
     seen = []
     r = local.http.get("/api/cloud/providers/replicate/validate")
     seen.append(r.text)
     body = r.json()
-    assert body["ok"] and body["account"]["username"] == "acme" and body["token"] == {"set": True, "source": "environment"}
+    assert (
+        body["ok"]
+        and body["account"]["username"] == "acme"
+        and body["token"] == {"set": True, "source": "environment"}
+    )
     r = local.http.get("/api/cloud/providers/replicate/versions")
     seen.append(r.text)
     assert r.json()["versions"][0]["id"] == fake.trainer_version
@@ -123,11 +143,20 @@ def test_provider_endpoints_never_reveal_the_token(local, fake):
     seen.append(local.http.get("/openapi.json").text)
     assert all(TOKEN not in text for text in seen)
     paths = json.loads(seen[-1])["paths"]
-    for path in ("/api/cloud/providers/replicate/versions", "/api/cloud/providers/replicate/validate",
-                 "/api/cloud/providers/replicate/billing", "/api/cloud/providers/replicate/token",
-                 "/api/cloud/providers/replicate", "/api/cloud/jobs/submit", "/api/cloud/jobs",
-                 "/api/cloud/jobs/{job_id}", "/api/cloud/jobs/{job_id}/cancel", "/api/cloud/jobs/{job_id}/logs",
-                 "/api/webhooks/replicate", "/api/cloud/spend-limit"):
+    for path in (
+        "/api/cloud/providers/replicate/versions",
+        "/api/cloud/providers/replicate/validate",
+        "/api/cloud/providers/replicate/billing",
+        "/api/cloud/providers/replicate/token",
+        "/api/cloud/providers/replicate",
+        "/api/cloud/jobs/submit",
+        "/api/cloud/jobs",
+        "/api/cloud/jobs/{job_id}",
+        "/api/cloud/jobs/{job_id}/cancel",
+        "/api/cloud/jobs/{job_id}/logs",
+        "/api/webhooks/replicate",
+        "/api/cloud/spend-limit",
+    ):
         assert path in paths, path
 
 
@@ -140,15 +169,20 @@ def test_token_and_settings_endpoints(local, env, monkeypatch):
     assert r.status_code == 200 and TOKEN not in r.text and r.json()["token"]["source"] == "secrets file"
     assert local.http.get("/api/cloud/providers/replicate/validate").json()["ok"] is True
     assert local.http.delete("/api/cloud/providers/replicate/token").json()["deleted"] is True
-    r = local.http.put("/api/cloud/providers/replicate", json={"hardware": "gpu-a100-large", "public_url": "ftp://x",
-                                                               "webhook_allowed_ips": ["999.1.1.1"]})
+    r = local.http.put(
+        "/api/cloud/providers/replicate",
+        json={"hardware": "gpu-a100-large", "public_url": "ftp://x", "webhook_allowed_ips": ["999.1.1.1"]},
+    )
     assert r.status_code == 422 and "public_url" in r.text and "webhook_allowed_ips" in r.text
-    r = local.http.put("/api/cloud/spend-limit", json={"amount_usd": 20, "period": "weekly", "action": "warn"})
+    r = local.http.put(
+        "/api/cloud/spend-limit", json={"amount_usd": 20, "period": "weekly", "action": "warn"}
+    )
     assert r.status_code == 200
     assert local.http.get("/api/cloud/spend-limit").json()["spend_limit"]["period"] == "weekly"
 
 
 # -- the job flow ---------------------------------------------------------------------------------------
+
 
 def test_submit_follows_signed_webhooks_to_delivery(local, fake, sample_dataset, env):
     r = _submit(local, sample_dataset)
@@ -205,6 +239,7 @@ def test_cancel_through_the_api(local, fake, sample_dataset):
 
 # -- API faults -----------------------------------------------------------------------------------------
 
+
 def test_rate_limited_create_fails_clearly_and_counts_nothing(local, fake, sample_dataset):
     fake.fail(CREATE, 429, method="POST", retry_after="0")
     r = _submit(local, sample_dataset)
@@ -246,6 +281,7 @@ def test_archive_over_the_upload_limit_gets_a_clear_message(env, sample_dataset)
 
 # -- webhook security -------------------------------------------------------------------------------------
 
+
 def _job_and_hook(local, fake, sample_dataset):
     job_id = _submit(local, sample_dataset).json()["job"]["id"]
     local.wait_job(job_id, delivered=True)  # the download changes the record too: let it finish first
@@ -262,17 +298,42 @@ def test_forged_tampered_replayed_expired_and_foreign_webhooks_change_nothing(lo
     other = "whsec_" + base64.b64encode(b"x" * 24).decode()
 
     def post(headers, data=body, extra=None):
-        return local.http.post("/api/webhooks/replicate", content=data,
-                               headers={"content-type": "application/json", **headers, **(extra or {})})
+        return local.http.post(
+            "/api/webhooks/replicate",
+            content=data,
+            headers={"content-type": "application/json", **headers, **(extra or {})},
+        )
 
     cases = {
-        "forged": ({"webhook-id": "msg_f1", "webhook-timestamp": str(now), "webhook-signature": sign(other, "msg_f1", now, body)}, 401),
-        "tampered": ({"webhook-id": "msg_t1", "webhook-timestamp": str(now),
-                      "webhook-signature": sign(secret, "msg_t1", now, json.dumps(obj).encode())}, 401),
-        "expired": ({"webhook-id": "msg_e1", "webhook-timestamp": str(now - 3600),
-                     "webhook-signature": sign(secret, "msg_e1", now - 3600, body)}, 401),
+        "forged": (
+            {
+                "webhook-id": "msg_f1",
+                "webhook-timestamp": str(now),
+                "webhook-signature": sign(other, "msg_f1", now, body),
+            },
+            401,
+        ),
+        "tampered": (
+            {
+                "webhook-id": "msg_t1",
+                "webhook-timestamp": str(now),
+                "webhook-signature": sign(secret, "msg_t1", now, json.dumps(obj).encode()),
+            },
+            401,
+        ),
+        "expired": (
+            {
+                "webhook-id": "msg_e1",
+                "webhook-timestamp": str(now - 3600),
+                "webhook-signature": sign(secret, "msg_e1", now - 3600, body),
+            },
+            401,
+        ),
         "unsigned": ({"webhook-id": "msg_u1", "webhook-timestamp": str(now)}, 400),
-        "malformed": ({"webhook-id": "msg_m1", "webhook-timestamp": str(now), "webhook-signature": "v1,!!!notbase64"}, 401),
+        "malformed": (
+            {"webhook-id": "msg_m1", "webhook-timestamp": str(now), "webhook-signature": "v1,!!!notbase64"},
+            401,
+        ),
     }
     for name, (headers, status) in cases.items():
         r = post(headers)
@@ -281,7 +342,11 @@ def test_forged_tampered_replayed_expired_and_foreign_webhooks_change_nothing(lo
     sent = [w for w in fake.sent_webhooks if w.job_id == job_id and w.delivered][-1]
     replay_id = sent.webhook_id
     assert local.state.store.seen_webhook(replay_id)  # it was processed when first delivered
-    good = {"webhook-id": replay_id, "webhook-timestamp": str(now), "webhook-signature": sign(secret, replay_id, now, body)}
+    good = {
+        "webhook-id": replay_id,
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(secret, replay_id, now, body),
+    }
     r = post(good)
     assert r.status_code == 200 and r.json().get("duplicate") is True
     # wrongly sourced: an address outside the allow-list, also when it claims another one in X-Forwarded-For
@@ -290,7 +355,11 @@ def test_forged_tampered_replayed_expired_and_foreign_webhooks_change_nothing(lo
     s = Settings.load(local.state.root)
     s.webhook_allowed_ips = ["34.82.0.0/16", "35.185.0.0/16"]
     s.save(local.state.root)
-    fresh = {"webhook-id": "msg_new", "webhook-timestamp": str(now), "webhook-signature": sign(secret, "msg_new", now, body)}
+    fresh = {
+        "webhook-id": "msg_new",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(secret, "msg_new", now, body),
+    }
     r = post(fresh, extra={"x-forwarded-for": "34.82.1.1"})
     assert r.status_code == 403, r.text
     after = local.state.store.get(job_id)
@@ -303,30 +372,48 @@ def test_oversized_webhook_bodies_are_refused(local, fake, sample_dataset):
 
     body = json.dumps({**obj, "logs": "x" * (MAX_WEBHOOK_BODY + 10)}).encode()
     now = int(time.time())
-    r = local.http.post("/api/webhooks/replicate", content=body, headers={
-        "content-type": "application/json", "webhook-id": "msg_big", "webhook-timestamp": str(now),
-        "webhook-signature": sign(fake.webhook_secret, "msg_big", now, body)})
+    r = local.http.post(
+        "/api/webhooks/replicate",
+        content=body,
+        headers={
+            "content-type": "application/json",
+            "webhook-id": "msg_big",
+            "webhook-timestamp": str(now),
+            "webhook-signature": sign(fake.webhook_secret, "msg_big", now, body),
+        },
+    )
     assert r.status_code == 413
 
 
 # -- end to end on the real Cog server --------------------------------------------------------------------
 
-def test_end_to_end_training_on_the_real_cog_server(env, train_server, run_servers, sample_dataset, cog_weights,
-                                                   tmp_path):
+
+def test_end_to_end_training_on_the_real_cog_server(
+    env, train_server, run_servers, sample_dataset, cog_weights, tmp_path
+):
     """pack -> upload -> training with a destination (created) -> real Cog -> signed webhooks -> download;
     then "try it": the destination's new version renders through the API."""
     import numpy as np
     import torch
     from diffusers import FluxPipeline
 
-    with FakeReplicate(cog_train_url=train_server.url, cog_run_for=run_servers.url_for, token=TOKEN,
-                       webhook_throttle_s=0.2) as fake:
+    with FakeReplicate(
+        cog_train_url=train_server.url, cog_run_for=run_servers.url_for, token=TOKEN, webhook_throttle_s=0.2
+    ) as fake:
         server = LocalServer(env, fake)
         try:
-            spec = {"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 8, "learning_rate": 0.01,
-                    "caption_dropout": 0, "validation": {"num_inference_steps": 2}}
-            r = server.http.post("/api/cloud/jobs/submit", json={"spec": spec, "dataset": str(sample_dataset),
-                                                                 "destination": "acme/my-lora"})
+            spec = {
+                "base_weights": "tiny-flux-dev",
+                "resolutions": "64",
+                "steps": 8,
+                "learning_rate": 0.01,
+                "caption_dropout": 0,
+                "validation": {"num_inference_steps": 2},
+            }
+            r = server.http.post(
+                "/api/cloud/jobs/submit",
+                json={"spec": spec, "dataset": str(sample_dataset), "destination": "acme/my-lora"},
+            )
             assert r.status_code == 201, r.text
             job_id = r.json()["job"]["id"]
             rec = server.wait_job(job_id, delivered=True, timeout=240)
@@ -335,10 +422,20 @@ def test_end_to_end_training_on_the_real_cog_server(env, train_server, run_serve
             folder = env / "cloud_outputs" / job_id
             assert (folder / "pytorch_lora_weights.safetensors").is_file()
             assert any(w.job_id == job_id and w.delivered for w in fake.sent_webhooks)
-            assert fake.client().models.get("acme/my-lora").latest_version is not None  # created, then versioned
+            assert (
+                fake.client().models.get("acme/my-lora").latest_version is not None
+            )  # created, then versioned
 
-            try_it = {"prompt": "a red circle", "num_outputs": 2, "seed": 1, "num_inference_steps": 2,
-                      "aspect_ratio": "custom", "width": 64, "height": 64, "output_format": "png"}
+            try_it = {
+                "prompt": "a red circle",
+                "num_outputs": 2,
+                "seed": 1,
+                "num_inference_steps": 2,
+                "aspect_ratio": "custom",
+                "width": 64,
+                "height": 64,
+                "output_format": "png",
+            }
             r = server.http.post(f"/api/cloud/jobs/{job_id}/run", json=try_it)
             assert r.status_code == 200, r.text
             images = r.json()["images"]
@@ -348,7 +445,9 @@ def test_end_to_end_training_on_the_real_cog_server(env, train_server, run_serve
             assert fake.count("POST", "/v1/predictions") == 1  # on the version the training made
             bad = server.http.post(f"/api/cloud/jobs/{job_id}/run", json={"prompt": "", "colour": "red"})
             assert bad.status_code == 422 and {p["field"] for p in bad.json()["detail"]["problems"]} == {
-                "prompt", "colour"}
+                "prompt",
+                "colour",
+            }
             wrong = server.http.post(f"/api/cloud/jobs/{job_id}/run", json={**try_it, "num_outputs": 7})
             assert wrong.status_code == 422 and "num_outputs" in wrong.text  # Replicate's own validation
         finally:
@@ -356,8 +455,17 @@ def test_end_to_end_training_on_the_real_cog_server(env, train_server, run_serve
 
     def render(pipe):
         pipe.set_progress_bar_config(disable=True)
-        return np.asarray(pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
-                               max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images[0])
+        return np.asarray(
+            pipe(
+                "a red circle",
+                num_inference_steps=2,
+                height=64,
+                width=64,
+                output_type="np",
+                max_sequence_length=32,
+                generator=torch.Generator().manual_seed(0),
+            ).images[0]
+        )
 
     base = render(FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev"))
     pipe = FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev")
@@ -391,7 +499,16 @@ def test_more_faults_give_clear_messages_and_lose_nothing(local, fake, sample_da
     assert r.status_code == 201
     rec = local.wait_job(r.json()["job"]["id"])
     assert rec["status"] == "succeeded"
-    assert len([q for q in fake.requests if q.method == "POST" and fnmatch.fnmatch(q.path, CREATE) and q.status == 201]) == 1
+    assert (
+        len(
+            [
+                q
+                for q in fake.requests
+                if q.method == "POST" and fnmatch.fnmatch(q.path, CREATE) and q.status == 201
+            ]
+        )
+        == 1
+    )
 
 
 # -- request bodies, error shapes, webhooks that are not JSON ----------------------------------------------
@@ -403,8 +520,12 @@ def test_openapi_documents_every_request_body(tmp_path):
     from client.server import State, create_app
 
     doc = create_app(State(root=tmp_path)).openapi()
-    writes = [(m, path, op) for path, ops in doc["paths"].items() for m, op in ops.items()
-              if m in ("post", "put", "patch")]
+    writes = [
+        (m, path, op)
+        for path, ops in doc["paths"].items()
+        for m, op in ops.items()
+        if m in ("post", "put", "patch")
+    ]
     assert len(writes) >= 12
     for method, path, op in writes:
         if (method, path) in BODYLESS:
@@ -440,12 +561,24 @@ def test_a_signed_webhook_that_is_not_json_is_a_400_and_changes_nothing(local, f
     now = int(time.time())
 
     def post(webhook_id: str, body: bytes):
-        return local.http.post("/api/webhooks/replicate", content=body, headers={
-            "content-type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": str(now),
-            "webhook-signature": sign(fake.webhook_secret, webhook_id, now, body)})
+        return local.http.post(
+            "/api/webhooks/replicate",
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "webhook-id": webhook_id,
+                "webhook-timestamp": str(now),
+                "webhook-signature": sign(fake.webhook_secret, webhook_id, now, body),
+            },
+        )
 
-    for n, (body, reason) in enumerate(((b"{not json", "not JSON"), (b"[1, 2]", "expected an object"),
-                                        (b"\"succeeded\"", "expected an object"))):
+    for n, (body, reason) in enumerate(
+        (
+            (b"{not json", "not JSON"),
+            (b"[1, 2]", "expected an object"),
+            (b'"succeeded"', "expected an object"),
+        )
+    ):
         r = post(f"msg_bad{n}", body)
         assert r.status_code == 400 and reason in r.json()["detail"], r.text
     assert local.state.store.get(job_id) == before

@@ -33,17 +33,37 @@ def store(tmp_path) -> JobStore:
 
 
 def job(**fields):
-    base = {"provider": "replicate", "kind": "training", "model": "acme/trainer", "version": "v" * 64,
-            "destination": "acme/out", "hardware": "gpu-h100", "estimate_usd": 1.0, "price_per_s": 0.001525,
-            "webhook": True}
+    base = {
+        "provider": "replicate",
+        "kind": "training",
+        "model": "acme/trainer",
+        "version": "v" * 64,
+        "destination": "acme/out",
+        "hardware": "gpu-h100",
+        "estimate_usd": 1.0,
+        "price_per_s": 0.001525,
+        "webhook": True,
+    }
     base.update(fields)
     return base
 
 
 def remote(status="starting", logs="", **extra):
-    obj = {"id": RID, "model": "acme/trainer", "version": "v" * 64, "status": status, "logs": logs,
-           "input": {}, "output": None, "error": None, "created_at": "2024-05-01T10:00:00.123456Z",
-           "started_at": None, "completed_at": None, "metrics": {}, "urls": {}}
+    obj = {
+        "id": RID,
+        "model": "acme/trainer",
+        "version": "v" * 64,
+        "status": status,
+        "logs": logs,
+        "input": {},
+        "output": None,
+        "error": None,
+        "created_at": "2024-05-01T10:00:00.123456Z",
+        "started_at": None,
+        "completed_at": None,
+        "metrics": {},
+        "urls": {},
+    }
     obj.update(extra)
     return obj
 
@@ -55,6 +75,7 @@ def bound(store: JobStore, key="req-1", **fields):
 
 # --------------------------------------------------------------------------- file
 
+
 def test_file_is_private_and_wal(store, tmp_path):
     path = tmp_path / "state" / "jobs.db"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -63,6 +84,7 @@ def test_file_is_private_and_wal(store, tmp_path):
         if side.exists():
             assert stat.S_IMODE(side.stat().st_mode) & 0o077 == 0, side
     import sqlite3
+
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
@@ -75,6 +97,7 @@ def test_file_is_private_and_wal(store, tmp_path):
 
 
 # --------------------------------------------------------------------------- reservations
+
 
 def test_reserve_bind_release(store):
     rec, decision = store.reserve("req-1", job(input_json={"steps": 10}))
@@ -129,7 +152,9 @@ def test_spend_block_and_warn(store):
     assert "$4.00" in msg and "$2.00" in msg and "$5.00" in msg and err.period_start[:10] in msg
     assert store.get("c") is None  # nothing inserted
 
-    rec, decision = store.reserve("c", job(estimate_usd=2.0), limit_usd=5.0, period_start=period, action="warn")
+    rec, decision = store.reserve(
+        "c", job(estimate_usd=2.0), limit_usd=5.0, period_start=period, action="warn"
+    )
     assert decision.status == "warn" and decision.over and rec["status"] == "submitting"
     assert decision.spent_usd == 4.0 and decision.remaining_usd == 1.0
 
@@ -152,8 +177,16 @@ def test_spend_counts_cost_of_finished_jobs_in_their_period(store):
         store.reserve("new2", job(estimate_usd=1.0), **limit.reserve_kwargs())
     # the estimate is replaced by the real cost once the job finishes
     store.bind("new", RID, remote("processing"))
-    store.apply_remote(RID, remote("succeeded", metrics={"predict_time": 200.0},
-                                   started_at="2024-05-01T10:00:01Z", completed_at="2024-05-01T10:03:21Z"), "webhook")
+    store.apply_remote(
+        RID,
+        remote(
+            "succeeded",
+            metrics={"predict_time": 200.0},
+            started_at="2024-05-01T10:00:01Z",
+            completed_at="2024-05-01T10:03:21Z",
+        ),
+        "webhook",
+    )
     store.update(RID, completed_at=datetime.now(timezone.utc))
     assert store.spend_between(limit.period_start()) == pytest.approx(200 * 0.001525)
     _, decision = store.reserve("new2", job(estimate_usd=1.0), **limit.reserve_kwargs())
@@ -206,8 +239,9 @@ def test_concurrent_reservations_processes_cannot_overrun(tmp_path):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     start = ctx.Barrier(4)
-    procs = [ctx.Process(target=_process_worker, args=(str(path), w, 6, 11.0, start, results))
-             for w in range(4)]
+    procs = [
+        ctx.Process(target=_process_worker, args=(str(path), w, 6, 11.0, start, results)) for w in range(4)
+    ]
     for p in procs:
         p.start()
     counts = [results.get(timeout=60) for _ in procs]
@@ -220,21 +254,33 @@ def test_concurrent_reservations_processes_cannot_overrun(tmp_path):
 
 # --------------------------------------------------------------------------- remote merges
 
+
 def test_apply_remote_reordered_duplicated_and_late_events(store):
     bound(store, price_per_s=0.002)
     logs1 = "booting\n" + format_progress("train", 10, 100, loss=0.5, eta_s=90.0) + "\n"
     logs2 = logs1 + "some line\n" + format_progress("train", 20, 100, loss=0.25, eta_s=80.0) + "\n"
 
-    rec, changed = store.apply_remote(RID, remote("processing", logs2, started_at="2024-05-01T10:00:05Z"), "webhook")
+    rec, changed = store.apply_remote(
+        RID, remote("processing", logs2, started_at="2024-05-01T10:00:05Z"), "webhook"
+    )
     assert changed and rec["status"] == "processing"
-    assert (rec["step"], rec["total"], rec["loss"], rec["eta_s"], rec["phase"]) == (20, 100, 0.25, 80.0, "train")
+    assert (rec["step"], rec["total"], rec["loss"], rec["eta_s"], rec["phase"]) == (
+        20,
+        100,
+        0.25,
+        80.0,
+        "train",
+    )
     assert rec["started_at"] == "2024-05-01T10:00:05.000000Z" and rec["last_event_at"]
 
     # an older event arriving late: status does not go back, shorter logs are ignored
     rec, changed = store.apply_remote(RID, remote("starting", logs1), "poll")
     assert not changed and rec["status"] == "processing" and rec["step"] == 20
     # the same event twice: no change
-    assert store.apply_remote(RID, remote("processing", logs2, started_at="2024-05-01T10:00:05Z"), "webhook")[1] is False
+    assert (
+        store.apply_remote(RID, remote("processing", logs2, started_at="2024-05-01T10:00:05Z"), "webhook")[1]
+        is False
+    )
 
     # a phase line without a loss keeps the last loss
     logs3 = logs2 + format_progress("export", 0, 1) + "\n"
@@ -242,9 +288,14 @@ def test_apply_remote_reordered_duplicated_and_late_events(store):
     assert changed and rec["phase"] == "export" and rec["loss"] == 0.25 and rec["eta_s"] is None
 
     done_logs = logs3 + format_progress("done", 100, 100) + "\n"
-    final = remote("succeeded", done_logs, output={"version": "acme/out:" + "a" * 64, "weights": "https://x/w.tar"},
-                   started_at="2024-05-01T10:00:05Z", completed_at="2024-05-01T10:02:05Z",
-                   metrics={"predict_time": 118.5, "total_time": 125.0})
+    final = remote(
+        "succeeded",
+        done_logs,
+        output={"version": "acme/out:" + "a" * 64, "weights": "https://x/w.tar"},
+        started_at="2024-05-01T10:00:05Z",
+        completed_at="2024-05-01T10:02:05Z",
+        metrics={"predict_time": 118.5, "total_time": 125.0},
+    )
     rec, changed = store.apply_remote(RID, final, "webhook")
     assert changed and rec["status"] == "succeeded" and rec["phase"] == "done"
     assert rec["predict_time"] == 118.5 and rec["cost_usd"] == pytest.approx(0.237)
@@ -264,12 +315,22 @@ def test_apply_remote_reordered_duplicated_and_late_events(store):
 
 def test_terminal_fills_only_missing_fields_and_never_started_costs_nothing(store):
     bound(store)
-    rec, _ = store.apply_remote(RID, remote("failed", error="CUDA out of memory", started_at="2024-05-01T10:00:00Z",
-                                            completed_at="2024-05-01T10:01:00Z"), "poll")
+    rec, _ = store.apply_remote(
+        RID,
+        remote(
+            "failed",
+            error="CUDA out of memory",
+            started_at="2024-05-01T10:00:00Z",
+            completed_at="2024-05-01T10:01:00Z",
+        ),
+        "poll",
+    )
     # no metrics yet: predict_time from the timestamps
     assert rec["status"] == "failed" and rec["predict_time"] == 60.0
     assert rec["cost_usd"] == pytest.approx(60 * 0.001525) and rec["error"] == "CUDA out of memory"
-    rec, changed = store.apply_remote(RID, remote("failed", error="other", metrics={"predict_time": 58.0}), "webhook")
+    rec, changed = store.apply_remote(
+        RID, remote("failed", error="other", metrics={"predict_time": 58.0}), "webhook"
+    )
     assert not changed and rec["predict_time"] == 60.0 and rec["error"] == "CUDA out of memory"
 
     store.reserve("req-c", job(estimate_usd=7.0))
@@ -281,7 +342,9 @@ def test_terminal_fills_only_missing_fields_and_never_started_costs_nothing(stor
     # no price known: the estimate keeps counting (conservative)
     store.reserve("req-n", job(estimate_usd=4.0, price_per_s=None))
     store.bind("req-n", "np-id", {**remote("starting"), "id": "np-id"})
-    rec, _ = store.apply_remote("np-id", {**remote("succeeded"), "id": "np-id", "metrics": {"predict_time": 10.0}}, "poll")
+    rec, _ = store.apply_remote(
+        "np-id", {**remote("succeeded"), "id": "np-id", "metrics": {"predict_time": 10.0}}, "poll"
+    )
     assert rec["cost_usd"] is None
     assert store.spend_between() == pytest.approx(60 * 0.001525 + 0 + 4.0)
 
@@ -308,18 +371,39 @@ def test_logs_tail_is_bounded(store):
 
 # --------------------------------------------------------------------------- secrets
 
+
 def test_input_secrets_are_stripped(store):
     spec = json.dumps({"steps": 10, "hf_token": "hf_" + "a" * 34})
-    inputs = {"dataset": "https://user:pw@example.com/d.zip", "steps": 100, "hf_token": "hf_" + "x" * 34,
-              "s3_secret_access_key": "abc", "s3_access_key_id": "AKIAABCDEFGHIJKLMNOP", "apiKey": "k",
-              "nested": {"password": "p", "ok": 1, "Authorization": "Bearer r8_" + "z" * 36},
-              "prompts": ["a cat", "r8_" + "q" * 36], "trigger_word": "TOK", "keyword": "kept",
-              "max_tokens": 5, "spec": spec, "note": "my token is r8_" + "w" * 36,
-              "presigned": "https://s3.example.com/b/k?X-Amz-Signature=abc&X-Amz-Credential=def&part=1"}
+    inputs = {
+        "dataset": "https://user:pw@example.com/d.zip",
+        "steps": 100,
+        "hf_token": "hf_" + "x" * 34,
+        "s3_secret_access_key": "abc",
+        "s3_access_key_id": "AKIAABCDEFGHIJKLMNOP",
+        "apiKey": "k",
+        "nested": {"password": "p", "ok": 1, "Authorization": "Bearer r8_" + "z" * 36},
+        "prompts": ["a cat", "r8_" + "q" * 36],
+        "trigger_word": "TOK",
+        "keyword": "kept",
+        "max_tokens": 5,
+        "spec": spec,
+        "note": "my token is r8_" + "w" * 36,
+        "presigned": "https://s3.example.com/b/k?X-Amz-Signature=abc&X-Amz-Credential=def&part=1",
+    }
     rec, _ = store.reserve("req-1", job(input_json=inputs, spec_json={"hf_token": "t", "steps": 3}))
     stored = json.loads(rec["input_json"])
     text = rec["input_json"] + rec["spec_json"]
-    for secret in ("hf_xxxx", "abc", "AKIA", "r8_", "pw@", "password", "hf_aaaa", "Signature=abc", "Credential=def"):
+    for secret in (
+        "hf_xxxx",
+        "abc",
+        "AKIA",
+        "r8_",
+        "pw@",
+        "password",
+        "hf_aaaa",
+        "Signature=abc",
+        "Credential=def",
+    ):
         assert secret not in text, secret
     assert stored["dataset"] == "https://example.com/d.zip"
     assert stored["nested"] == {"ok": 1} and stored["prompts"] == ["a cat", REDACTED]
@@ -335,6 +419,7 @@ def test_input_secrets_are_stripped(store):
 
 
 # --------------------------------------------------------------------------- dedupe and queries
+
 
 def test_webhook_dedupe_and_pruning(store, monkeypatch):
     assert store.seen_webhook("msg_1") is False
@@ -394,21 +479,34 @@ def test_iso_utc():
 
 # --------------------------------------------------------------------------- spend limits
 
+
 def test_spend_limit_periods_and_settings():
     t = datetime(2024, 5, 15, 13, 45, tzinfo=timezone.utc)  # a Wednesday
     assert SpendLimit(10, "daily").period_start(t) == datetime(2024, 5, 15, tzinfo=timezone.utc)
     assert SpendLimit(10, "weekly").period_start(t) == datetime(2024, 5, 13, tzinfo=timezone.utc)
     assert SpendLimit(10, "monthly").period_start(t) == datetime(2024, 5, 1, tzinfo=timezone.utc)
-    assert SpendLimit(10, "monthly").period_end(datetime(2024, 12, 31, 23)) == datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert SpendLimit(10, "monthly").period_end(datetime(2024, 12, 31, 23)) == datetime(
+        2025, 1, 1, tzinfo=timezone.utc
+    )
     # a non-UTC time is converted first (01:00+02:00 is the previous UTC day)
     tz2 = timezone(timedelta(hours=2))
     assert SpendLimit(1, "daily").period_start(datetime(2024, 5, 15, 1, tzinfo=tz2)).day == 14
     lim = SpendLimit(25.5, "weekly", "warn")
     assert SpendLimit.from_dict(lim.to_dict()) == lim
-    assert SpendLimit.from_dict({"amount_usd": "$12.5"}).to_dict() == {"amount_usd": 12.5, "period": "monthly",
-                                                                      "action": "block"}
-    for bad in ({"amount_usd": -1}, {"amount_usd": float("nan")}, {"amount_usd": True},
-                {"amount_usd": 5, "period": "hourly"}, {"amount_usd": 5, "action": "panic"},
-                {"amount_usd": 5, "extra": 1}, {}, {"amount_usd": "lots"}):
+    assert SpendLimit.from_dict({"amount_usd": "$12.5"}).to_dict() == {
+        "amount_usd": 12.5,
+        "period": "monthly",
+        "action": "block",
+    }
+    for bad in (
+        {"amount_usd": -1},
+        {"amount_usd": float("nan")},
+        {"amount_usd": True},
+        {"amount_usd": 5, "period": "hourly"},
+        {"amount_usd": 5, "action": "panic"},
+        {"amount_usd": 5, "extra": 1},
+        {},
+        {"amount_usd": "lots"},
+    ):
         with pytest.raises(ValueError):
             SpendLimit.from_dict(bad)

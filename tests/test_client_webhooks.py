@@ -30,8 +30,14 @@ SECRET = "whsec_" + base64.b64encode(KEY).decode()
 OTHER_KEY = b"fedcba9876543210fedcba9876543210"
 OTHER_SECRET = "whsec_" + base64.b64encode(OTHER_KEY).decode()
 NOW = 1_700_000_000
-BODY = json.dumps({"id": "wj4is6lbdqqkdepnwpr6v2kuva", "status": "succeeded", "logs": "héllo\n",
-                   "metrics": {"predict_time": 12.5}}).encode()
+BODY = json.dumps(
+    {
+        "id": "wj4is6lbdqqkdepnwpr6v2kuva",
+        "status": "succeeded",
+        "logs": "héllo\n",
+        "metrics": {"predict_time": 12.5},
+    }
+).encode()
 
 
 def sign(key: bytes, wid: str, ts: int | str, body: bytes) -> str:
@@ -39,9 +45,14 @@ def sign(key: bytes, wid: str, ts: int | str, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
-def headers(wid: str = "msg_1", ts: int | str = NOW, body: bytes = BODY, key: bytes = KEY, sig: str | None = None):
-    return {"webhook-id": wid, "webhook-timestamp": str(ts),
-            "webhook-signature": sig if sig is not None else sign(key, wid, ts, body)}
+def headers(
+    wid: str = "msg_1", ts: int | str = NOW, body: bytes = BODY, key: bytes = KEY, sig: str | None = None
+):
+    return {
+        "webhook-id": wid,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sig if sig is not None else sign(key, wid, ts, body),
+    }
 
 
 class Secrets:
@@ -71,10 +82,12 @@ def reject(v: WebhookVerifier, hdrs, body=BODY) -> WebhookRejected:
 
 # --------------------------------------------------------------------------- signatures
 
+
 def test_valid_signature_passes_and_matches_the_official_validator():
     assert verifier().verify(headers(), BODY) == "msg_1"
     # our test signer agrees with replicate 1.0.7's own validator
     from replicate.webhook import Webhooks, WebhookSigningSecret
+
     Webhooks.validate(headers=headers(), body=BODY.decode(), secret=WebhookSigningSecret(key=SECRET))
 
 
@@ -148,14 +161,17 @@ def test_malformed_timestamp_and_bodies_are_400():
     assert reject(v, headers(body=bad_utf8), bad_utf8).status == 400
 
 
-@pytest.mark.parametrize("sig", [
-    "v1,!!!!not-base64!!!!",
-    "v1,abc",                      # bad padding: binascii.Error inside 1.0.7
-    "v1,YWJj",                     # valid base64, wrong length
-    "nocomma",                     # 1.0.7 raises InvalidSignatureError at once
-    "v1,",
-    "",
-])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        "v1,!!!!not-base64!!!!",
+        "v1,abc",  # bad padding: binascii.Error inside 1.0.7
+        "v1,YWJj",  # valid base64, wrong length
+        "nocomma",  # 1.0.7 raises InvalidSignatureError at once
+        "v1,",
+        "",
+    ],
+)
 def test_malformed_signatures_are_401_without_binascii_errors(sig):
     h = headers(sig=sig)
     err = reject(verifier(), h)
@@ -229,6 +245,7 @@ def test_body_size_limits():
 
 # --------------------------------------------------------------------------- addresses
 
+
 def test_ip_allowed_defaults_and_ipv6():
     assert ip_allowed("34.82.1.2", REPLICATE_WEBHOOK_CIDRS)
     assert ip_allowed("35.185.255.255", REPLICATE_WEBHOOK_CIDRS)
@@ -238,11 +255,11 @@ def test_ip_allowed_defaults_and_ipv6():
     assert not ip_allowed("2001:db8::1", REPLICATE_WEBHOOK_CIDRS)
     assert ip_allowed("2001:db8::1", ["2001:db8::/32"])
     assert not ip_allowed("2001:db9::1", ["2001:db8::/32"])
-    assert ip_allowed("192.0.2.7", ["192.0.2.7"])          # single address
+    assert ip_allowed("192.0.2.7", ["192.0.2.7"])  # single address
     assert ip_allowed("2001:db8::7", ["2001:db8::7"])
     assert not ip_allowed("192.0.2.8", ["192.0.2.7"])
-    assert not ip_allowed("34.82.1.2", [])                  # empty allows nothing
-    assert ip_allowed("8.8.8.8", ["0.0.0.0/0", "::/0"])     # allow-all is explicit
+    assert not ip_allowed("34.82.1.2", [])  # empty allows nothing
+    assert ip_allowed("8.8.8.8", ["0.0.0.0/0", "::/0"])  # allow-all is explicit
     assert not ip_allowed("not-an-ip", REPLICATE_WEBHOOK_CIDRS)
     assert not ip_allowed("", REPLICATE_WEBHOOK_CIDRS)
     with pytest.raises(ValueError):
@@ -303,7 +320,9 @@ def test_authenticate_checks_address_then_size_then_signature():
     h = {**headers(), "X-Forwarded-For": "35.185.3.4"}
     assert authenticate("127.0.0.1", h, BODY, verifier=v, trusted_proxies=["127.0.0.1"]) == "msg_1"
     with pytest.raises(WebhookRejected) as info:
-        authenticate("34.82.1.1", {**headers(), "content-length": str(MAX_WEBHOOK_BODY + 1)}, BODY, verifier=v)
+        authenticate(
+            "34.82.1.1", {**headers(), "content-length": str(MAX_WEBHOOK_BODY + 1)}, BODY, verifier=v
+        )
     assert info.value.status == 413
     with pytest.raises(WebhookRejected) as info:
         authenticate("34.82.1.1", headers(key=OTHER_KEY), BODY, verifier=v)
@@ -312,14 +331,27 @@ def test_authenticate_checks_address_then_size_then_signature():
 
 def test_no_torch_import():
     import subprocess
+
     code = "import sys, client.webhooks, client.store, client.spend; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("body,reason", [(b"{oops", "not JSON"), (b"\xff\xfe", "not JSON"),
-                                         (b"[]", "expected an object"), (b"null", "expected an object")])
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (b"{oops", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[]", "expected an object"),
+        (b"null", "expected an object"),
+    ],
+)
 def test_a_body_that_is_not_a_json_object_is_400(body, reason):
     with pytest.raises(WebhookRejected) as info:
         wh.parse_payload(body)

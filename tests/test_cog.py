@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from cogserver import CogServer, FileServer, Receiver, data_uri, wait_until
 from conftest import ROOT, cog_server_fixture, tiny_spec
-from PIL import Image
 
 SECRET = "hf_TOPSECRETtoken1234567890"
 S3_SECRET = "s3SECRETkey0987654321zyxw"
@@ -45,7 +46,9 @@ def _unzip(data: bytes, out: Path) -> Path:
 
 def _image(value: str) -> np.ndarray:
     assert value.startswith("data:image/"), value[:60]
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1]))).convert("RGB")).astype(int)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1]))).convert("RGB")).astype(
+        int
+    )
 
 
 def _stock(family: str, cog_weights: Path, lora_dirs=(), scales=None, seed: int = 3) -> np.ndarray:
@@ -53,10 +56,15 @@ def _stock(family: str, cog_weights: Path, lora_dirs=(), scales=None, seed: int 
     from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
     if family == "flux":
-        pipe, kw = FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev"), {"guidance_scale": 3.5,
-                                                                                 "max_sequence_length": 512}
+        pipe, kw = (
+            FluxPipeline.from_pretrained(cog_weights / "tiny-flux-dev"),
+            {"guidance_scale": 3.5, "max_sequence_length": 512},
+        )
     else:
-        pipe, kw = StableDiffusionXLPipeline.from_pretrained(cog_weights / "tiny-sdxl"), {"guidance_scale": 5.0}
+        pipe, kw = (
+            StableDiffusionXLPipeline.from_pretrained(cog_weights / "tiny-sdxl"),
+            {"guidance_scale": 5.0},
+        )
     pipe.set_progress_bar_config(disable=True)
     names = []
     for i, d in enumerate(lora_dirs):
@@ -64,14 +72,28 @@ def _stock(family: str, cog_weights: Path, lora_dirs=(), scales=None, seed: int 
         names.append(f"a{i}")
     if names:
         pipe.set_adapters(names, adapter_weights=scales or [1.0] * len(names))
-    img = pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(seed),
-               **kw).images[0]
+    img = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    ).images[0]
     return np.asarray(img.convert("RGB")).astype(int)
 
 
 def _render(server, **inputs) -> dict:
-    body = {"prompt": PROMPT, "aspect_ratio": "custom", "width": 64, "height": 64, "num_inference_steps": 2,
-            "seed": 3, "output_format": "png", **inputs}
+    body = {
+        "prompt": PROMPT,
+        "aspect_ratio": "custom",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "seed": 3,
+        "output_format": "png",
+        **inputs,
+    }
     body = {k: v for k, v in body.items() if v is not None}  # an explicit null is a 422: leave the key out
     r = server.post("/predictions", {"input": body})
     assert r.status_code == 200, r.text
@@ -85,15 +107,25 @@ def _ok(body: dict) -> dict:
 
 # -- trainings: weights uploaded, and the destination version renders with them ----------------------
 
+
 @pytest.mark.parametrize("family", ["flux", "sdxl"])
 def test_training_uploads_weights_and_the_destination_renders_with_them(
-        request, family, upload_sink, run_servers, cog_weights, tmp_path):
+    request, family, upload_sink, run_servers, cog_weights, tmp_path
+):
     weights = request.getfixturevalue(f"{family}_weights")
-    assert weights.startswith(upload_sink.url + "/files/") and "?" not in weights, weights  # uploaded, not inlined
+    assert weights.startswith(upload_sink.url + "/files/") and "?" not in weights, (
+        weights
+    )  # uploaded, not inlined
     assert any(p["url"] == weights and p["prediction_id"] for p in upload_sink.puts)
     out = _unzip(upload_sink.get(weights), tmp_path / "out")
-    assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "config.json", "README.md",
-            "loss.png", "dataset_report.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+        "config.json",
+        "README.md",
+        "loss.png",
+        "dataset_report.json",
+    } <= {p.name for p in out.iterdir()}
     assert list((out / "samples").glob("*.png")) and not (out / ".work").exists()
 
     body = _ok(_render(run_servers.get(weights)))  # the destination version: COG_WEIGHTS = the weights URL
@@ -101,14 +133,23 @@ def test_training_uploads_weights_and_the_destination_renders_with_them(
     ours = _image(body["output"][0])
     stock = _stock(family, cog_weights, [out])
     base = _stock(family, cog_weights)
-    assert np.abs(ours - stock).max() <= TOLERANCE, "the run entry does not render as diffusers does with this LoRA"
+    assert np.abs(ours - stock).max() <= TOLERANCE, (
+        "the run entry does not render as diffusers does with this LoRA"
+    )
     assert np.abs(stock - base).max() > 10, "the trained LoRA does not change the image"
     assert "trigger word" not in body["logs"]  # the prompt has it: no hint
 
 
 def test_a_bad_spec_fails_the_training_naming_every_field(train_server, sample_zip):
-    r = train_server.post("/trainings", {"input": {
-        "dataset": data_uri(sample_zip), "spec": json.dumps({"lora": {"rank": 0}, "optimizer": "sgd"})}})
+    r = train_server.post(
+        "/trainings",
+        {
+            "input": {
+                "dataset": data_uri(sample_zip),
+                "spec": json.dumps({"lora": {"rank": 0}, "optimizer": "sgd"}),
+            }
+        },
+    )
     body = r.json()
     assert body["status"] == "failed"
     assert "lora.rank" in body["error"] and "optimizer" in body["error"]
@@ -124,8 +165,10 @@ def test_training_inputs_get_422_naming_the_field(train_server):
 def test_training_from_a_loopback_url(train_server, sample_zip, upload_sink):
     files = FileServer(sample_zip.parent)
     try:
-        body = train_server.post("/trainings", {"input": {
-            "dataset": f"{files.url}/{sample_zip.name}", "spec": tiny_spec(), "steps": 2}}).json()
+        body = train_server.post(
+            "/trainings",
+            {"input": {"dataset": f"{files.url}/{sample_zip.name}", "spec": tiny_spec(), "steps": 2}},
+        ).json()
     finally:
         files.close()
     assert body["status"] == "succeeded", body.get("error")
@@ -137,10 +180,19 @@ def test_training_from_a_loopback_url(train_server, sample_zip, upload_sink):
 
 # -- the run entry --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value", [
-    ("num_outputs", 5), ("aspect_ratio", "7:3"), ("output_format", "gif"), ("lora_scale", 9),
-    ("width", 8), ("output_quality", 101), ("seed", -1),
-])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_outputs", 5),
+        ("aspect_ratio", "7:3"),
+        ("output_format", "gif"),
+        ("lora_scale", 9),
+        ("width", 8),
+        ("output_quality", 101),
+        ("seed", -1),
+    ],
+)
 def test_run_inputs_get_422_naming_the_field(run_servers, field, value):
     r = run_servers.get(None).post("/predictions", {"input": {"prompt": "x", field: value}})
     assert r.status_code == 422, r.text
@@ -152,8 +204,9 @@ def test_run_needs_a_prompt(run_servers):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "prompt", r.text
 
 
-def test_lora_weights_and_extra_lora_on_the_trainers_own_version(run_servers, flux_weights, sdxl_weights,
-                                                                 upload_sink, cog_weights, tmp_path):
+def test_lora_weights_and_extra_lora_on_the_trainers_own_version(
+    run_servers, flux_weights, sdxl_weights, upload_sink, cog_weights, tmp_path
+):
     own = run_servers.get(None)  # no COG_WEIGHTS: the trainer's own version, base tiny-flux-dev
     out = _unzip(upload_sink.get(flux_weights), tmp_path / "flux")
     plain = _image(_ok(_render(own))["output"][0])
@@ -184,7 +237,9 @@ def test_lora_weights_and_extra_lora_on_the_trainers_own_version(run_servers, fl
     missing = _render(own, lora_weights=upload_sink.url + "/files/nope/lora.zip")
     assert missing["status"] == "failed" and "lora_weights" in missing["error"] and "404" in missing["error"]
     hub = _render(own, lora_weights="someone/some-lora")  # the Hub is unreachable here
-    assert hub["status"] == "failed" and "lora_weights" in hub["error"] and "someone/some-lora" in hub["error"]
+    assert (
+        hub["status"] == "failed" and "lora_weights" in hub["error"] and "someone/some-lora" in hub["error"]
+    )
     local = _render(own, lora_weights="/etc/passwd")
     assert local["status"] == "failed" and "lora_weights" in local["error"]
 
@@ -196,20 +251,39 @@ def test_an_sdxl_lora_switches_the_base_and_several_outputs_use_consecutive_seed
     assert [o.split(";")[0] for o in body["output"]] == ["data:image/jpeg"] * 2
     single = _ok(_render(own, lora_weights=sdxl_weights, seed=4, output_format="jpg", output_quality=80))
     assert np.abs(_image(body["output"][1]) - _image(single["output"][0])).max() <= TOLERANCE
-    webp = _ok(_render(own, lora_weights=sdxl_weights, aspect_ratio="1:1", width=None, height=None,
-                       num_inference_steps=1, output_format="webp"))
+    webp = _ok(
+        _render(
+            own,
+            lora_weights=sdxl_weights,
+            aspect_ratio="1:1",
+            width=None,
+            height=None,
+            num_inference_steps=1,
+            output_format="webp",
+        )
+    )
     img = Image.open(io.BytesIO(base64.b64decode(webp["output"][0].split(",", 1)[1])))
     assert img.format == "WEBP" and img.size == (1024, 1024)
 
 
 def test_bad_cog_weights_fail_setup_naming_them(tmp_path, upload_sink, cog_weights):
     corrupt = upload_sink.put("output.zip", b"PK\x03\x04 this is not a zip archive at all")
-    cases = {upload_sink.url + "/files/gone/output.zip?token=s3cr3t": "HTTP 404",
-             corrupt: "cannot unpack", str(tmp_path / "missing.zip"): "does not exist"}
+    cases = {
+        upload_sink.url + "/files/gone/output.zip?token=s3cr3t": "HTTP 404",
+        corrupt: "cannot unpack",
+        str(tmp_path / "missing.zip"): "does not exist",
+    }
     for weights, why in cases.items():
-        server = CogServer("run", tmp_path, {"ADVANCED_TRAINER_WEIGHTS": str(cog_weights), "COG_WEIGHTS": weights,
-                                             "ADVANCED_TRAINER_LORA_CACHE": str(tmp_path / "cache"),
-                                             "HF_HUB_OFFLINE": "1"})
+        server = CogServer(
+            "run",
+            tmp_path,
+            {
+                "ADVANCED_TRAINER_WEIGHTS": str(cog_weights),
+                "COG_WEIGHTS": weights,
+                "ADVANCED_TRAINER_LORA_CACHE": str(tmp_path / "cache"),
+                "HF_HUB_OFFLINE": "1",
+            },
+        )
         try:
             health = server.wait(statuses=("SETUP_FAILED",), timeout=90)
         finally:
@@ -223,19 +297,33 @@ def test_the_served_schema_is_the_committed_one(run_servers, train_server):
     committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
     assert run_servers.get(None).client.get("/openapi.json").json() == committed
     assert train_server.client.get("/openapi.json").json() == committed
-    assert committed["components"]["schemas"]["TrainingInput"]["properties"]["hf_token"]["x-cog-secret"] is True
+    assert (
+        committed["components"]["schemas"]["TrainingInput"]["properties"]["hf_token"]["x-cog-secret"] is True
+    )
 
 
 # -- webhooks and secrets --------------------------------------------------------------------------
 
+
 def test_webhooks_carry_progress_and_secrets_never_leak(train_server, sample_zip, upload_sink):
     hooks = Receiver()
     try:
-        r = train_server.post("/trainings", {
-            "input": {"dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 6, "hf_token": SECRET,
-                      "s3_access_key_id": "AKIA" + S3_SECRET[:8], "s3_secret_access_key": S3_SECRET},
-            "webhook": hooks.url, "webhook_events_filter": ["start", "logs", "output", "completed"]},
-            headers={"Prefer": "respond-async"})
+        r = train_server.post(
+            "/trainings",
+            {
+                "input": {
+                    "dataset": data_uri(sample_zip),
+                    "spec": tiny_spec(),
+                    "steps": 6,
+                    "hf_token": SECRET,
+                    "s3_access_key_id": "AKIA" + S3_SECRET[:8],
+                    "s3_secret_access_key": S3_SECRET,
+                },
+                "webhook": hooks.url,
+                "webhook_events_filter": ["start", "logs", "output", "completed"],
+            },
+            headers={"Prefer": "respond-async"},
+        )
         assert r.status_code == 202, r.text
         final = hooks.wait_terminal()
     finally:
@@ -243,7 +331,11 @@ def test_webhooks_carry_progress_and_secrets_never_leak(train_server, sample_zip
     assert final["status"] == "succeeded", final.get("error")
     statuses = [p["status"] for p in hooks.payloads]
     assert "processing" in statuses  # start / logs events before completion
-    progress_hooks = [p for p in hooks.payloads if p["status"] == "processing" and '"phase": "train"' in (p.get("logs") or "")]
+    progress_hooks = [
+        p
+        for p in hooks.payloads
+        if p["status"] == "processing" and '"phase": "train"' in (p.get("logs") or "")
+    ]
     assert progress_hooks, "no webhook carried a progress line"
     assert 'PROGRESS {"phase": "done"' in final["logs"]
 
@@ -258,6 +350,7 @@ def test_webhooks_carry_progress_and_secrets_never_leak(train_server, sample_zip
 
 
 # -- cancel ----------------------------------------------------------------------------------------
+
 
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
@@ -280,10 +373,17 @@ def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, samp
     server = next(gen)
     hooks = Receiver()
     try:
-        r = server.post("/trainings", {"id": "pred_cancel_me", "input": {
-            "dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 100000},
-            "webhook": hooks.url}, headers={"Prefer": "respond-async"})
+        r = server.post(
+            "/trainings",
+            {
+                "id": "pred_cancel_me",
+                "input": {"dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 100000},
+                "webhook": hooks.url,
+            },
+            headers={"Prefer": "respond-async"},
+        )
         assert r.status_code == 202
+
         def both_train(payloads: list[dict]) -> bool:
             logs = "".join(p.get("logs") or "" for p in payloads)
             return '"phase": "train"' in logs and "process 1 of 2" in logs
@@ -296,14 +396,19 @@ def test_cancel_stops_every_process_promptly(tmp_path_factory, cog_weights, samp
         elapsed = time.monotonic() - started
         assert final["status"] == "canceled"
         assert elapsed < 10, f"cancel took {elapsed:.1f}s"
-        wait_until(lambda: not _processes_mentioning(str(jobs)), 10, "trainer processes outlived the cancel: "
-                   "they did not all exit", interval=0.2)
+        wait_until(
+            lambda: not _processes_mentioning(str(jobs)),
+            10,
+            "trainer processes outlived the cancel: they did not all exit",
+            interval=0.2,
+        )
     finally:
         hooks.close()
         gen.close()
 
 
 # -- setup -------------------------------------------------------------------------------------------
+
 
 def test_missing_base_weights_fail_setup_saying_what_to_provide(tmp_path_factory, tmp_path, cog_weights):
     weights = tmp_path / "weights"
@@ -321,10 +426,19 @@ def test_missing_base_weights_fail_setup_saying_what_to_provide(tmp_path_factory
 
 # -- publishing ------------------------------------------------------------------------------------
 
+
 def test_s3_publishing_puts_the_outputs_under_the_prefix(train_server, sample_zip, s3, upload_sink):
-    inputs = {"dataset": data_uri(sample_zip), "spec": tiny_spec(), "steps": 4, "s3_bucket": s3.bucket,
-              "s3_prefix": "runs/job-7", "s3_endpoint_url": s3.endpoint_url, "s3_region": s3.region,
-              "s3_access_key_id": s3.access_key_id, "s3_secret_access_key": s3.secret_access_key}
+    inputs = {
+        "dataset": data_uri(sample_zip),
+        "spec": tiny_spec(),
+        "steps": 4,
+        "s3_bucket": s3.bucket,
+        "s3_prefix": "runs/job-7",
+        "s3_endpoint_url": s3.endpoint_url,
+        "s3_region": s3.region,
+        "s3_access_key_id": s3.access_key_id,
+        "s3_secret_access_key": s3.secret_access_key,
+    }
     body = train_server.post("/trainings", {"input": inputs}).json()
     assert body["status"] == "succeeded", body.get("error")
     with zipfile.ZipFile(io.BytesIO(upload_sink.get(body["output"]))) as zf:
@@ -332,7 +446,11 @@ def test_s3_publishing_puts_the_outputs_under_the_prefix(train_server, sample_zi
     listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="runs/job-7/")["Contents"]
     keys = {o["Key"].removeprefix("runs/job-7/") for o in listed}
     assert keys == set(archived)
-    got = s3.client().get_object(Bucket=s3.bucket, Key="runs/job-7/pytorch_lora_weights.safetensors")["Body"].read()
+    got = (
+        s3.client()
+        .get_object(Bucket=s3.bucket, Key="runs/job-7/pytorch_lora_weights.safetensors")["Body"]
+        .read()
+    )
     assert got == archived["pytorch_lora_weights.safetensors"]
     assert "publish:" in body["logs"] and s3.secret_access_key not in body["logs"]
 

@@ -13,11 +13,11 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 import typing
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from conftest import ROOT
@@ -29,8 +29,10 @@ SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
 def _cogcheck() -> Path:
     path = Path(os.environ.get("COGCHECK") or ROOT.parent / "shared" / "tools" / "cogcheck" / "cogcheck")
     if not path.is_file():
-        why = (f"cogcheck (cog's own checks) not found at {path}: it ships in the shared tools beside the "
-               f"clone (../shared/tools/cogcheck/cogcheck); set COGCHECK=/path/to/cogcheck to use another copy")
+        why = (
+            f"cogcheck (cog's own checks) not found at {path}: it ships in the shared tools beside the "
+            f"clone (../shared/tools/cogcheck/cogcheck); set COGCHECK=/path/to/cogcheck to use another copy"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)
@@ -45,7 +47,9 @@ def test_cog_accepts_the_package_and_the_committed_schema_is_what_it_generates()
     proc = subprocess.run([str(_cogcheck()), str(ROOT)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"cog would refuse this package:\n{proc.stderr}"
     assert json.loads(proc.stdout) == _schema(), "`.cog/openapi_schema.json` is stale: run `make schema`"
-    assert proc.stdout == SCHEMA_FILE.read_text(), "`.cog/openapi_schema.json` differs from cogcheck's bytes: run `make schema`"
+    assert proc.stdout == SCHEMA_FILE.read_text(), (
+        "`.cog/openapi_schema.json` differs from cogcheck's bytes: run `make schema`"
+    )
 
 
 def test_cog_yaml_validates_against_the_config_schema():
@@ -67,11 +71,16 @@ def test_cog_yaml_validates_against_the_config_schema():
 def _params(module: str, cls: str, method: str) -> tuple[dict, dict]:
     sys.path.insert(0, str(ROOT))
     fn = getattr(getattr(__import__(module), cls), method)
-    return ({n: p for n, p in inspect.signature(fn).parameters.items() if n != "self"}, typing.get_type_hints(fn))
+    return (
+        {n: p for n, p in inspect.signature(fn).parameters.items() if n != "self"},
+        typing.get_type_hints(fn),
+    )
 
 
-@pytest.mark.parametrize("component,module,cls,method", [
-    ("Input", "predict", "Predictor", "run"), ("TrainingInput", "cog_train", "Trainer", "train")])
+@pytest.mark.parametrize(
+    "component,module,cls,method",
+    [("Input", "predict", "Predictor", "run"), ("TrainingInput", "cog_train", "Trainer", "train")],
+)
 def test_the_static_schema_says_what_the_code_says(component, module, cls, method):
     """cog reads the entry files without running them; what it resolves must be what Python sees
     (a computed default, a joined string or an expression bound would differ or vanish)."""
@@ -131,8 +140,11 @@ def test_image_pins_match_the_project_pins():
     """requirements-cog.txt and pyproject.toml's train/gpu extras must not drift apart."""
     image = _pins((ROOT / "requirements-cog.txt").read_text().splitlines())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = _pins(project["dependencies"] + project["optional-dependencies"]["train"]
-                     + project["optional-dependencies"]["gpu"])
+    declared = _pins(
+        project["dependencies"]
+        + project["optional-dependencies"]["train"]
+        + project["optional-dependencies"]["gpu"]
+    )
     assert image == declared
 
 
@@ -140,15 +152,37 @@ def test_image_requirements_resolve_for_the_images_python():
     """A resolver dry run (wheel metadata only) for cog.yaml's Python on manylinux x86_64."""
     config = yaml.safe_load((ROOT / "cog.yaml").read_text())
     python = str(config["build"]["python_version"])
-    platforms = [f"--platform=manylinux_2_{v}_x86_64" for v in range(17, 29)] + ["--platform=manylinux2014_x86_64"]
+    platforms = [f"--platform=manylinux_2_{v}_x86_64" for v in range(17, 29)] + [
+        "--platform=manylinux2014_x86_64"
+    ]
     # --isolated and no config file: resolve against PyPI as the image build does, not this machine's wheel cache
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--quiet",
-                           "--ignore-installed", "--only-binary=:all:", f"--python-version={python}",
-                           "--implementation=cp", *platforms, "-r", str(ROOT / config["build"]["python_requirements"])],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0 and ("Network is unreachable" in proc.stderr or "NewConnectionError" in proc.stderr):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--isolated",
+            "--dry-run",
+            "--quiet",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            f"--python-version={python}",
+            "--implementation=cp",
+            *platforms,
+            "-r",
+            str(ROOT / config["build"]["python_requirements"]),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if proc.returncode != 0 and (
+        "Network is unreachable" in proc.stderr or "NewConnectionError" in proc.stderr
+    ):
         pytest.fail(f"PyPI unreachable for the resolver dry run: {proc.stderr[-500:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 

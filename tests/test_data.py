@@ -36,8 +36,9 @@ from train.data import (
 # fixture builders
 
 
-def img_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 32), mode: str = "RGB", color=(200, 30, 30),
-              **save) -> bytes:
+def img_bytes(
+    fmt: str = "PNG", size: tuple[int, int] = (32, 32), mode: str = "RGB", color=(200, 30, 30), **save
+) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, fmt, **save)
     return buf.getvalue()
@@ -52,14 +53,20 @@ def png(size=(32, 32), color=(30, 200, 30)) -> bytes:
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def raw_png(width: int, height: int, bit_depth: int, colour_type: int, raw_rows: bytes) -> bytes:
     """A PNG written by hand (IHDR / IDAT / IEND), for what Pillow cannot save itself."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw_rows))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw_rows))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def png_rgb16(width: int, height: int, rgb16: tuple[int, int, int]) -> bytes:
@@ -82,8 +89,9 @@ def make_zip(path: Path, entries: dict[str, bytes] | list, compression=zipfile.Z
     return path
 
 
-def tar_member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, linkname: str = "") \
-        -> tuple[tarfile.TarInfo, bytes]:
+def tar_member(
+    name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, linkname: str = ""
+) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = linkname
@@ -101,8 +109,14 @@ def make_tar(path: Path, entries: dict[str, bytes] | list, mode: Literal["w", "w
     return path
 
 
-def stage(source: Path, tmp_path: Path, limits: DataLimits = DataLimits(), trigger_word: str = "",
-          default_caption: str = "", job: str = "job"):
+def stage(
+    source: Path,
+    tmp_path: Path,
+    limits: DataLimits = DataLimits(),
+    trigger_word: str = "",
+    default_caption: str = "",
+    job: str = "job",
+):
     job_dir = tmp_path / job
     job_dir.mkdir(exist_ok=True)
     return stage_dataset(source, job_dir, limits, trigger_word=trigger_word, default_caption=default_caption)
@@ -117,17 +131,20 @@ def by_name(ds) -> dict:
 
 
 def test_nested_top_folder_and_mac_junk_are_handled(tmp_path):
-    archive = make_zip(tmp_path / "upload.zip", {
-        "my photos/": b"",
-        "my photos/a.jpg": jpg(),
-        "my photos/b.png": png(),
-        "my photos/a.txt": b"a red square",
-        "my photos/._b.png": b"\x00\x05\x16\x07AppleDouble junk",
-        "my photos/.DS_Store": b"\x00\x00\x00\x01Bud1 junk",
-        "__MACOSX/": b"",
-        "__MACOSX/my photos/._a.jpg": b"\x00\x05\x16\x07AppleDouble junk",
-        "__MACOSX/._my photos": b"\x00\x05\x16\x07AppleDouble junk",
-    })
+    archive = make_zip(
+        tmp_path / "upload.zip",
+        {
+            "my photos/": b"",
+            "my photos/a.jpg": jpg(),
+            "my photos/b.png": png(),
+            "my photos/a.txt": b"a red square",
+            "my photos/._b.png": b"\x00\x05\x16\x07AppleDouble junk",
+            "my photos/.DS_Store": b"\x00\x00\x00\x01Bud1 junk",
+            "__MACOSX/": b"",
+            "__MACOSX/my photos/._a.jpg": b"\x00\x05\x16\x07AppleDouble junk",
+            "__MACOSX/._my photos": b"\x00\x05\x16\x07AppleDouble junk",
+        },
+    )
     ds = stage(archive, tmp_path, trigger_word="sks")
 
     assert sorted(by_name(ds)) == ["a.jpg", "b.png"]  # names relative to the nested folder
@@ -203,13 +220,13 @@ def test_image_modes_all_become_8bit_rgb(tmp_path):
     assert r > 200 and g < 60 and b < 60  # still red, not inverted
 
     g16 = rgb["gray16.png"]
-    assert (g16[:, :8] == 255).all()                    # 65535 -> 255
-    assert (abs(g16[:, 8:16] - 128) <= 1).all()         # mid value -> ~128
+    assert (g16[:, :8] == 255).all()  # 65535 -> 255
+    assert (abs(g16[:, 8:16] - 128) <= 1).all()  # mid value -> ~128
     assert g16[:, 16].max() == 0 and g16[:, 31].min() == 255  # the full 16-bit range maps to 0..255
-    assert (np.diff(g16[0, 16:, 0]) >= 0).all()         # and stays ordered
+    assert (np.diff(g16[0, 16:, 0]) >= 0).all()  # and stays ordered
 
     assert (rgb["rgba.png"][:, :16] == (255, 0, 0)).all()
-    assert (rgb["rgba.png"][:, 16:] == 255).all()       # transparent comes out white, not black
+    assert (rgb["rgba.png"][:, 16:] == 255).all()  # transparent comes out white, not black
     assert (rgb["palette.png"][:, :16] == (0, 0, 255)).all()
     assert (rgb["palette.png"][:, 16:] == 255).all()
     assert (rgb["colorkey.png"][:, :16] == (0, 200, 0)).all()
@@ -238,30 +255,43 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_caption_sources_precedence_and_trigger_word(tmp_path):
-    metadata = "\n".join([
-        '{"file_name": "a.jpg", "text": "from jsonl a"}',
-        '{"file_name": "b.jpg", "text": "from  jsonl\\tb"}',
-        "",
-        "not json",
-    ]) + "\n"
-    captions_csv = "file_name,text\r\na.jpg,from csv a\r\nb.jpg,from csv b\r\nc.jpg,\"from csv, c\"\r\n"
-    archive = make_zip(tmp_path / "upload.zip", {
-        "a.jpg": jpg(), "b.jpg": jpg(), "c.jpg": jpg(), "d.jpg": jpg(), "e.jpg": jpg(), "f.jpg": jpg(),
-        "a.txt": b"\xef\xbb\xbfa photo of\r\na dog \r\n",  # UTF-8 BOM and CRLF
-        "e.txt": b"SKS dog",
-        "f.txt": b"",
-        "metadata.jsonl": metadata.encode(),
-        "captions.csv": captions_csv.encode(),
-    })
+    metadata = (
+        "\n".join(
+            [
+                '{"file_name": "a.jpg", "text": "from jsonl a"}',
+                '{"file_name": "b.jpg", "text": "from  jsonl\\tb"}',
+                "",
+                "not json",
+            ]
+        )
+        + "\n"
+    )
+    captions_csv = 'file_name,text\r\na.jpg,from csv a\r\nb.jpg,from csv b\r\nc.jpg,"from csv, c"\r\n'
+    archive = make_zip(
+        tmp_path / "upload.zip",
+        {
+            "a.jpg": jpg(),
+            "b.jpg": jpg(),
+            "c.jpg": jpg(),
+            "d.jpg": jpg(),
+            "e.jpg": jpg(),
+            "f.jpg": jpg(),
+            "a.txt": b"\xef\xbb\xbfa photo of\r\na dog \r\n",  # UTF-8 BOM and CRLF
+            "e.txt": b"SKS dog",
+            "f.txt": b"",
+            "metadata.jsonl": metadata.encode(),
+            "captions.csv": captions_csv.encode(),
+        },
+    )
     ds = stage(archive, tmp_path, trigger_word="sks", default_caption="a photo")
     got = {n: (r.caption, r.caption_source) for n, r in by_name(ds).items()}
     assert got == {
-        "a.jpg": ("sks, a photo of a dog", "txt"),        # .txt beats metadata.jsonl and captions.csv
+        "a.jpg": ("sks, a photo of a dog", "txt"),  # .txt beats metadata.jsonl and captions.csv
         "b.jpg": ("sks, from jsonl b", "metadata.jsonl"),  # metadata.jsonl beats captions.csv
         "c.jpg": ("sks, from csv, c", "captions.csv"),
         "d.jpg": ("sks, a photo", "default"),
-        "e.jpg": ("SKS dog", "txt"),                       # trigger already there: not duplicated
-        "f.jpg": ("sks", "txt"),                           # empty caption: the trigger word alone
+        "e.jpg": ("SKS dog", "txt"),  # trigger already there: not duplicated
+        "f.jpg": ("sks", "txt"),  # empty caption: the trigger word alone
     }
     for caption, _ in got.values():
         assert "\ufeff" not in caption and "\r" not in caption and "\n" not in caption
@@ -278,11 +308,14 @@ def test_default_caption_empty_gives_trigger_word_alone(tmp_path):
 
 def test_captions_in_nested_folder_with_jsonl_paths(tmp_path):
     """metadata.jsonl file names are relative to the jsonl's own folder."""
-    archive = make_zip(tmp_path / "upload.zip", {
-        "set/sub/x.png": png(),
-        "set/sub/metadata.jsonl": b'{"file_name": "x.png", "text": "nested x"}\n',
-        "set/y.png": png(),
-    })
+    archive = make_zip(
+        tmp_path / "upload.zip",
+        {
+            "set/sub/x.png": png(),
+            "set/sub/metadata.jsonl": b'{"file_name": "x.png", "text": "nested x"}\n',
+            "set/y.png": png(),
+        },
+    )
     ds = stage(archive, tmp_path)
     assert by_name(ds)["sub/x.png"].caption == "nested x"
     assert by_name(ds)["y.png"].caption_source == "default"
@@ -307,22 +340,33 @@ def test_read_caption_file_tidies_text(tmp_path):
 
 def test_unusable_files_are_skipped_with_reasons(tmp_path):
     rng = np.random.default_rng(0)
-    archive = make_zip(tmp_path / "upload.zip", {
-        "good.jpg": jpg(),
-        "x.png": rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(),  # corrupt image
-        "truncated.png": png((64, 64))[:60],
-        "orphan.txt": b"a caption without an image",
-        "y.gif": img_bytes("GIF", (32, 32), "P", 1),
-        "z.heic": b"\x00\x00\x00\x18ftypheic",
-        "notes.md": b"# notes",
-        "tiny.png": png((8, 8)),
-        "good.png": png(),  # same name as good.jpg: only one is used
-    })
+    archive = make_zip(
+        tmp_path / "upload.zip",
+        {
+            "good.jpg": jpg(),
+            "x.png": rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(),  # corrupt image
+            "truncated.png": png((64, 64))[:60],
+            "orphan.txt": b"a caption without an image",
+            "y.gif": img_bytes("GIF", (32, 32), "P", 1),
+            "z.heic": b"\x00\x00\x00\x18ftypheic",
+            "notes.md": b"# notes",
+            "tiny.png": png((8, 8)),
+            "good.png": png(),  # same name as good.jpg: only one is used
+        },
+    )
     ds = stage(archive, tmp_path)
     assert [r.name for r in ds.images] == ["good.jpg"]
     reasons = dict(ds.skipped)
-    assert set(reasons) == {"x.png", "truncated.png", "orphan.txt", "y.gif", "z.heic", "notes.md", "tiny.png",
-                            "good.png"}
+    assert set(reasons) == {
+        "x.png",
+        "truncated.png",
+        "orphan.txt",
+        "y.gif",
+        "z.heic",
+        "notes.md",
+        "tiny.png",
+        "good.png",
+    }
     assert "cannot be decoded" in reasons["x.png"]
     assert "cannot be decoded" in reasons["truncated.png"]
     assert "no image" in reasons["orphan.txt"]
@@ -349,12 +393,15 @@ def test_empty_archive_fails(tmp_path):
         stage(archive, tmp_path)
 
 
-@pytest.mark.parametrize("name, build", [
-    ("data.zip", lambda p, e: make_tar(p, e, "w:gz")),   # a tar.gz called .zip
-    ("data.bin", lambda p, e: make_tar(p, e, "w")),      # a plain tar with no telling extension
-    ("data.tar", lambda p, e: make_zip(p, e)),           # a zip called .tar
-    ("data", lambda p, e: make_zip(p, e, zipfile.ZIP_STORED)),
-])
+@pytest.mark.parametrize(
+    "name, build",
+    [
+        ("data.zip", lambda p, e: make_tar(p, e, "w:gz")),  # a tar.gz called .zip
+        ("data.bin", lambda p, e: make_tar(p, e, "w")),  # a plain tar with no telling extension
+        ("data.tar", lambda p, e: make_zip(p, e)),  # a zip called .tar
+        ("data", lambda p, e: make_zip(p, e, zipfile.ZIP_STORED)),
+    ],
+)
 def test_archive_kind_is_detected_by_magic_bytes(tmp_path, name, build):
     archive = build(tmp_path / name, {"pics/a.png": png(), "pics/b.jpg": jpg(), "pics/b.txt": b"bee"})
     ds = stage(archive, tmp_path)
@@ -402,7 +449,7 @@ def test_unsupported_zip_compression_is_a_dataset_error(tmp_path):
     assert data[:4] == b"PK\x03\x04"
     data[8:10] = struct.pack("<H", 9)  # local header: method 9 (Deflate64)
     central = data.index(b"PK\x01\x02")
-    data[central + 10:central + 12] = struct.pack("<H", 9)
+    data[central + 10 : central + 12] = struct.pack("<H", 9)
     (tmp_path / "d64.zip").write_bytes(bytes(data))
     with pytest.raises(DatasetError, match="cannot be unpacked"):
         stage(tmp_path / "d64.zip", tmp_path)
@@ -471,18 +518,25 @@ def test_dataset_hash_is_stable_and_tracks_content(tmp_path):
 
     changed_caption = stage(make_zip(tmp_path / "3.zip", {**entries, "b.txt": b"a bee"}), tmp_path, job="j3")
     assert changed_caption.dataset_hash != h1
-    changed_image = stage(make_zip(tmp_path / "4.zip", {**entries, "a.png": png(color=(1, 2, 3))}), tmp_path,
-                          job="j4")
+    changed_image = stage(
+        make_zip(tmp_path / "4.zip", {**entries, "a.png": png(color=(1, 2, 3))}), tmp_path, job="j4"
+    )
     assert changed_image.dataset_hash != h1
     with_trigger = stage(make_zip(tmp_path / "5.zip", entries), tmp_path, trigger_word="sks", job="j5")
     assert with_trigger.dataset_hash != h1  # the captions trained on changed
 
 
 def test_report_lines_and_report_mention_skipped_files(tmp_path):
-    archive = make_zip(tmp_path / "upload.zip", {
-        "a.png": png(), "a.txt": b"hello", "b.png": png(), "y.gif": img_bytes("GIF", (32, 32), "P", 1),
-        "notes.md": b"# notes",
-    })
+    archive = make_zip(
+        tmp_path / "upload.zip",
+        {
+            "a.png": png(),
+            "a.txt": b"hello",
+            "b.png": png(),
+            "y.gif": img_bytes("GIF", (32, 32), "P", 1),
+            "notes.md": b"# notes",
+        },
+    )
     ds = stage(archive, tmp_path)
     lines = dataset_report_lines(ds, {"64px 64x64": 2})
     text = "\n".join(lines)
@@ -495,7 +549,9 @@ def test_report_lines_and_report_mention_skipped_files(tmp_path):
     report = ds.report()
     assert report["images_used"] == 2 and report["dataset_hash"] == ds.dataset_hash
     assert {"name": "y.gif", "reason": dict(ds.skipped)["y.gif"]} in report["skipped"]
-    assert {"name": "a.png", "size": [32, 32], "caption": "hello", "caption_source": "txt"} in report["images"]
+    assert {"name": "a.png", "size": [32, 32], "caption": "hello", "caption_source": "txt"} in report[
+        "images"
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,16 +574,19 @@ def assert_refused(archive: Path, tmp_path: Path, needle: str, limits: DataLimit
     return msg
 
 
-@pytest.mark.parametrize("entry", [
-    "../evil.txt",
-    "a/../../evil.txt",
-    "..\\evil.txt",
-    "ok/..\\..\\evil.txt",
-    "/tmp/evil.txt",
-    "C:/evil.txt",
-    "C:\\evil.txt",
-    "\\\\server\\share\\evil.txt",
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "../evil.txt",
+        "a/../../evil.txt",
+        "..\\evil.txt",
+        "ok/..\\..\\evil.txt",
+        "/tmp/evil.txt",
+        "C:/evil.txt",
+        "C:\\evil.txt",
+        "\\\\server\\share\\evil.txt",
+    ],
+)
 def test_zip_path_escapes_are_refused(tmp_path, entry):
     archive = make_zip(tmp_path / "data.zip", [("a.png", png()), (entry, b"pwned")])
     assert_refused(archive, tmp_path, repr(entry))
@@ -557,14 +616,17 @@ def test_zip_special_file_is_refused(tmp_path):
     assert_refused(archive, tmp_path, "pipe")
 
 
-@pytest.mark.parametrize("member, needle", [
-    (tar_member("evil_link.png", kind=tarfile.SYMTYPE, linkname="../evil.txt"), "evil_link.png"),
-    (tar_member("abs_link.png", kind=tarfile.SYMTYPE, linkname="/etc/passwd"), "abs_link.png"),
-    (tar_member("hard.png", kind=tarfile.LNKTYPE, linkname="a.png"), "hard.png"),
-    (tar_member("dev", kind=tarfile.CHRTYPE), "dev"),
-    (tar_member("blk", kind=tarfile.BLKTYPE), "blk"),
-    (tar_member("fifo", kind=tarfile.FIFOTYPE), "fifo"),
-])
+@pytest.mark.parametrize(
+    "member, needle",
+    [
+        (tar_member("evil_link.png", kind=tarfile.SYMTYPE, linkname="../evil.txt"), "evil_link.png"),
+        (tar_member("abs_link.png", kind=tarfile.SYMTYPE, linkname="/etc/passwd"), "abs_link.png"),
+        (tar_member("hard.png", kind=tarfile.LNKTYPE, linkname="a.png"), "hard.png"),
+        (tar_member("dev", kind=tarfile.CHRTYPE), "dev"),
+        (tar_member("blk", kind=tarfile.BLKTYPE), "blk"),
+        (tar_member("fifo", kind=tarfile.FIFOTYPE), "fifo"),
+    ],
+)
 @pytest.mark.parametrize("mode", ["w", "w:gz"])
 def test_tar_links_and_special_files_are_refused(tmp_path, member, needle, mode):
     archive = make_tar(tmp_path / "data.tar", [tar_member("a.png", png()), member], mode)
@@ -773,7 +835,7 @@ def test_tar_gz_bomb_under_the_header_bound_is_stopped_while_streaming(tmp_path,
     msg = assert_refused(archive, tmp_path, "'x.png'")
     assert "ratio" in msg
     assert disk_writes[0] <= 2 * MiB + 24 * MiB  # the noise, then x.png until its measured ratio passes 200x
-    assert folder_bytes(tmp_path / "job") == 0    # the partial file went with the rest
+    assert folder_bytes(tmp_path / "job") == 0  # the partial file went with the rest
 
 
 @pytest.mark.parametrize("container", ["zip", "tar.gz"])
@@ -782,8 +844,9 @@ def test_compressible_but_honest_entries_are_extracted(tmp_path, container):
     rng = random.Random(5)
     flat = b"".join(rng.randbytes(4) + bytes(1020) for _ in range(8 * 1024))
     entries = {"a.png": png(), "flat.png": flat}
-    archive = (make_zip(tmp_path / "d.zip", entries) if container == "zip"
-               else make_tar(tmp_path / "d.tgz", entries))
+    archive = (
+        make_zip(tmp_path / "d.zip", entries) if container == "zip" else make_tar(tmp_path / "d.tgz", entries)
+    )
     assert 100 * archive.stat().st_size < len(flat) < 200 * archive.stat().st_size
     ds = stage(archive, tmp_path)
     assert [r.name for r in ds.images] == ["a.png"]
@@ -832,14 +895,23 @@ def test_oversize_caption_in_a_folder_is_refused(tmp_path):
 
 def test_files_that_are_not_images_or_captions_are_never_extracted(tmp_path):
     video = np.random.default_rng(4).integers(0, 256, 3 * MiB, dtype=np.uint8).tobytes()
-    archive = make_zip(tmp_path / "upload.zip", {
-        "set/a.png": png(), "set/a.txt": b"a cat", "set/video.mp4": video, "set/notes.md": b"# notes",
-        "set/__MACOSX/._a.png": b"\x00\x05\x16\x07junk",
-    }, zipfile.ZIP_STORED)
+    archive = make_zip(
+        tmp_path / "upload.zip",
+        {
+            "set/a.png": png(),
+            "set/a.txt": b"a cat",
+            "set/video.mp4": video,
+            "set/notes.md": b"# notes",
+            "set/__MACOSX/._a.png": b"\x00\x05\x16\x07junk",
+        },
+        zipfile.ZIP_STORED,
+    )
     ds = stage(archive, tmp_path)
     assert [(r.name, r.caption) for r in ds.images] == [("a.png", "a cat")]
-    assert dict(ds.skipped) == {"video.mp4": "not an image or a caption file",
-                                "notes.md": "not an image or a caption file"}  # junk is silent
+    assert dict(ds.skipped) == {
+        "video.mp4": "not an image or a caption file",
+        "notes.md": "not an image or a caption file",
+    }  # junk is silent
     on_disk = {f for _, _, files in os.walk(tmp_path / "job") for f in files}
     assert on_disk == {"a.png", "a.txt"}
     assert folder_bytes(tmp_path / "job") < 10_000
@@ -882,12 +954,12 @@ def test_shared_rules_classify_entries():
 def test_shared_rules_size_bounds():
     from train import dataset_rules as rules
 
-    assert rules.ratio_reason(MiB, 1) is None                      # small entries: any ratio
-    assert rules.ratio_reason(10_000_000, 50_000) is None           # at the bound
+    assert rules.ratio_reason(MiB, 1) is None  # small entries: any ratio
+    assert rules.ratio_reason(10_000_000, 50_000) is None  # at the bound
     assert "ratio" in (rules.ratio_reason(10_000_001, 50_000) or "")
     assert rules.oversize_reason(rules.CAPTION, MiB) is None
     assert rules.oversize_reason(rules.CAPTION, MiB + 1)
-    assert rules.oversize_reason(rules.IMAGE, 10**12) is None       # images have the pixel cap instead
+    assert rules.oversize_reason(rules.IMAGE, 10**12) is None  # images have the pixel cap instead
     assert rules.caption_size_cap(rules.TABLE, 20_000) == 20_000 * 4096
     assert rules.caption_size_cap(rules.TABLE, 1) == MiB
 

@@ -21,22 +21,40 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_weights, sample
     one = quick_spec(tiny_weights, "flux-dev", batch_size=2, **fields)  # 1 process x 2 images
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "train", "--num-processes", "2", "--spec", two.to_json(),
-                           "--data", str(sample_dataset), "--out", str(tmp_path / "ddp")],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--num-processes",
+            "2",
+            "--spec",
+            two.to_json(),
+            "--data",
+            str(sample_dataset),
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sums = dict(re.findall(r"data parallel: process (\d) final weights sha256 (\w+)", proc.stdout))
     assert set(sums) == {"0", "1"}, proc.stdout[-2000:]
     assert sums["0"] == sums["1"], "the two processes ended with different weights"
 
     single, _ = train_quietly(one, sample_dataset, tmp_path / "single")
-    ddp_losses = [r["loss"] for r in map(parse_progress_line, proc.stdout.splitlines()) if r and r["phase"] == "train"]
+    ddp_losses = [
+        r["loss"] for r in map(parse_progress_line, proc.stdout.splitlines()) if r and r["phase"] == "train"
+    ]
     single_losses = [v for _, v in single.losses]
     assert len(ddp_losses) == len(single_losses) == 8
     # Same global batches and the same random draws, so only float summation order differs
     # (DDP averages two per-process means; one process averages two items): the curves agree
     # to float32 rounding, far below the loss's step-to-step noise (~0.1).
-    for a, b in zip(ddp_losses, single_losses):
+    for a, b in zip(ddp_losses, single_losses, strict=True):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (ddp_losses, single_losses)
     wa = load_file(str(tmp_path / "ddp" / "pytorch_lora_weights.safetensors"))
     wb = load_file(str(single.lora_file))

@@ -21,9 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 import replicate
-from fake_replicate import TRAINER_MODEL, FakeReplicate, SyntheticRun
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.webhook import InvalidSignatureError, WebhookSigningSecret
+
+from fake_replicate import TRAINER_MODEL, FakeReplicate, SyntheticRun
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = "https://example.com/dataset.zip"  # synthetic jobs never download it
@@ -31,6 +32,7 @@ RUN = {"prompt": "a photo of sks"}  # a prediction's input: the run entry render
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
 
 class Hooks:
     """A webhook receiver: keeps every attempt (headers, raw body, time); answers ``fail_status``
@@ -48,8 +50,16 @@ class Hooks:
                 with outer.lock:
                     n = len(outer.attempts)
                     code = outer.fail_status if n < outer.fail_first else 200
-                    outer.attempts.append({"headers": dict(self.headers), "body": body, "json": json.loads(body),
-                                           "code": code, "at": time.monotonic(), "path": self.path})
+                    outer.attempts.append(
+                        {
+                            "headers": dict(self.headers),
+                            "body": body,
+                            "json": json.loads(body),
+                            "code": code,
+                            "at": time.monotonic(),
+                            "path": self.path,
+                        }
+                    )
                     outer.lock.notify_all()
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
@@ -60,7 +70,9 @@ class Hooks:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?src=test"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     @property
     def received(self) -> list[dict]:
@@ -74,8 +86,9 @@ class Hooks:
             return self.received
 
     def wait_terminal(self, timeout: float = 10) -> list[dict]:
-        return self.wait(lambda got: any(a["json"]["status"] in ("succeeded", "failed", "canceled") for a in got),
-                         timeout)
+        return self.wait(
+            lambda got: any(a["json"]["status"] in ("succeeded", "failed", "canceled") for a in got), timeout
+        )
 
     def close(self) -> None:
         self.server.shutdown()
@@ -84,8 +97,14 @@ class Hooks:
 
 @pytest.fixture
 def fake():
-    with FakeReplicate(None, None, models=["acme/my-lora"], webhook_throttle_s=0.1,
-                       webhook_retry_delays=(0.05, 0.1, 0.2), synthetic=SyntheticRun(duration_s=0.2)) as f:
+    with FakeReplicate(
+        None,
+        None,
+        models=["acme/my-lora"],
+        webhook_throttle_s=0.1,
+        webhook_retry_delays=(0.05, 0.1, 0.2),
+        synthetic=SyntheticRun(duration_s=0.2),
+    ) as f:
         yield f
 
 
@@ -108,34 +127,51 @@ def zip_names(data: bytes) -> list[str]:
 
 # -- account, auth, hardware -----------------------------------------------------------------------
 
+
 def test_account_and_both_auth_schemes(fake, client):
     acct = client.accounts.current()
     assert (acct.type, acct.username, acct.name, acct.github_url) == (
-        "organization", "acme", "Acme Corp, Inc.", "https://github.com/acme")
+        "organization",
+        "acme",
+        "Acme Corp, Inc.",
+        "https://github.com/acme",
+    )
     legacy = replicate.Client(base_url=fake.url, headers={"Authorization": f"Token {fake.token}"})
     assert legacy.accounts.current().username == "acme"
 
     with pytest.raises(ReplicateError) as e:
         replicate.Client(api_token="r8_wrong", base_url=fake.url).accounts.current()
     assert (e.value.status, e.value.title, e.value.detail) == (
-        401, "Unauthenticated", "You did not pass a valid authentication token")
+        401,
+        "Unauthenticated",
+        "You did not pass a valid authentication token",
+    )
     r = httpx.get(f"{fake.url}/v1/account")  # no header at all
     assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
-    assert r.json() == {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token",
-                        "status": 401}
+    assert r.json() == {
+        "title": "Unauthenticated",
+        "detail": "You did not pass a valid authentication token",
+        "status": 401,
+    }
     assert [(x.auth, x.status) for x in fake.requests if x.path == "/v1/account"] == [
-        (True, 200), (True, 200), (True, 401), (False, 401)]
+        (True, 200),
+        (True, 200),
+        (True, 401),
+        (False, 401),
+    ]
 
 
 def test_hardware_is_a_bare_array(fake, client):
     skus = {h.sku: h.name for h in client.hardware.list()}
     assert {"cpu", "gpu-t4", "gpu-l40s", "gpu-a100-large", "gpu-h100"} <= set(skus)
     assert all(skus.values())
-    assert isinstance(httpx.get(f"{fake.url}/v1/hardware", headers={"Authorization": f"Bearer {fake.token}"}).json(),
-                      list)
+    assert isinstance(
+        httpx.get(f"{fake.url}/v1/hardware", headers={"Authorization": f"Bearer {fake.token}"}).json(), list
+    )
 
 
 # -- files -----------------------------------------------------------------------------------------
+
 
 def test_files_create_and_get(fake, client, tmp_path):
     path = tmp_path / "data set.zip"
@@ -167,6 +203,7 @@ def test_files_over_the_limit_get_413(fake, client):
 
 # -- models and versions ---------------------------------------------------------------------------
 
+
 def test_models_and_versions(fake, client):
     schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
     trainer = client.models.get(TRAINER_MODEL)
@@ -181,7 +218,12 @@ def test_models_and_versions(fake, client):
 
     made = client.models.create("acme", "fresh", visibility="private", hardware="gpu-l40s", description="d")
     assert (made.owner, made.name, made.run_count, made.latest_version, made.description) == (
-        "acme", "fresh", 0, None, "d")
+        "acme",
+        "fresh",
+        0,
+        None,
+        "d",
+    )
     assert fake.requests[-1].status == 201
     with pytest.raises(ReplicateError) as e:  # duplicate name: 409 (the real answer is unconfirmed)
         client.models.create("acme", "fresh", visibility="private", hardware="cpu")
@@ -199,19 +241,27 @@ def test_models_and_versions(fake, client):
 
 # -- predictions ---------------------------------------------------------------------------------------
 
+
 def test_prediction_by_version_runs_and_serves_its_output(fake, client):
     from train.progress import parse_progress_line
 
     p = client.predictions.create(version=fake.trainer_version, input={**RUN, "num_outputs": 1})
-    assert (p.status, p.model, p.version, p.logs, p.output) == ("starting", TRAINER_MODEL, fake.trainer_version, "",
-                                                                None)
+    assert (p.status, p.model, p.version, p.logs, p.output) == (
+        "starting",
+        TRAINER_MODEL,
+        fake.trainer_version,
+        "",
+        None,
+    )
     assert len(p.id) == 26 and p.urls["get"] == f"{fake.url}/v1/predictions/{p.id}"
     assert fake.count("POST", "/v1/predictions") == 1 and fake.requests[-1].status == 201
     p.wait()
     assert p.status == "succeeded" and p.error is None
     assert p.started_at and p.completed_at and p.metrics["predict_time"] > 0
     steps = [rec for rec in map(parse_progress_line, p.logs.splitlines()) if rec and rec["phase"] == "train"]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and {"loss", "lr", "s_per_step", "eta_s"} <= set(steps[0])
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and {"loss", "lr", "s_per_step", "eta_s"} <= set(
+        steps[0]
+    )
     assert len(p.output) == 1 and p.output[0].startswith(f"{fake.url}/_fake/outputs/{p.id}/")
     r = httpx.get(p.output[0])
     assert r.headers["content-length"] == str(len(r.content)) and r.headers["etag"]
@@ -230,8 +280,11 @@ def test_prediction_version_forms_and_errors(fake, client):
     with pytest.raises(ReplicateError) as e:
         client.models.predictions.create("acme/nope", input={})
     assert e.value.status == 404
-    r = httpx.post(f"{fake.url}/v1/predictions", headers={"Authorization": f"Bearer {fake.token}"},
-                   json={"version": fake.trainer_version, "input": {"num_outputs": 9}})
+    r = httpx.post(
+        f"{fake.url}/v1/predictions",
+        headers={"Authorization": f"Bearer {fake.token}"},
+        json={"version": fake.trainer_version, "input": {"num_outputs": 9}},
+    )
     assert r.status_code == 422 and r.json()["title"] == "Input validation failed"
     fields = {f["field"]: f for f in r.json()["invalid_fields"]}
     assert fields["input"]["description"] == "prompt is required" and fields["input"]["type"] == "required"
@@ -245,12 +298,17 @@ def test_prefer_wait_and_run(fake, client):
     assert p.status == "succeeded" and time.monotonic() - t < 3
     assert fake.count("GET", "/v1/predictions/*") == 0 and fake.requests[-1].status == 201
     out = client.run(TRAINER_MODEL, input=RUN)
-    assert isinstance(out, list) and out[0].startswith(fake.url)  # http://127.0.0.1 outputs stay plain strings
+    assert isinstance(out, list) and out[0].startswith(
+        fake.url
+    )  # http://127.0.0.1 outputs stay plain strings
 
     fake.synthetic = SyntheticRun(duration_s=5)
-    r = httpx.post(f"{fake.url}/v1/models/{TRAINER_MODEL}/predictions", timeout=10,
-                   headers={"Authorization": f"Bearer {fake.token}", "Prefer": "wait=1"},
-                   json={"input": RUN})
+    r = httpx.post(
+        f"{fake.url}/v1/models/{TRAINER_MODEL}/predictions",
+        timeout=10,
+        headers={"Authorization": f"Bearer {fake.token}", "Prefer": "wait=1"},
+        json={"input": RUN},
+    )
     assert (r.status_code, r.headers["preference-applied"], r.json()["status"]) == (202, "wait=1", "starting")
     assert r.headers["ratelimit-remaining"] == "599"
     client.predictions.cancel(r.json()["id"])
@@ -287,13 +345,19 @@ def test_lists_serve_the_newest_first_page(fake, client):
 
 # -- trainings ---------------------------------------------------------------------------------------
 
+
 def test_training_into_a_destination(fake, client):
-    t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version,
-                                input={"dataset": DATASET, "steps": 3}, destination="acme/my-lora")
+    t = client.trainings.create(
+        model=TRAINER_MODEL,
+        version=fake.trainer_version,
+        input={"dataset": DATASET, "steps": 3},
+        destination="acme/my-lora",
+    )
     assert (t.status, t.model, t.version) == ("starting", TRAINER_MODEL, fake.trainer_version)
     assert t.urls["get"].endswith(f"/v1/predictions/{t.id}")  # the recorded create-response quirk
     assert fake.requests[-1].status == 201 and fake.requests[-1].path.endswith(
-        f"/versions/{fake.trainer_version}/trainings")
+        f"/versions/{fake.trainer_version}/trainings"
+    )
     fake.wait_for(t.id)
     done = client.trainings.get(t.id)
     assert done.status == "succeeded" and done.urls["get"].endswith(f"/v1/trainings/{t.id}")
@@ -305,8 +369,11 @@ def test_training_into_a_destination(fake, client):
     assert [x.id for x in client.trainings.list()] == [t.id]
 
     # the shorthand, and a prediction on the new version
-    t2 = client.trainings.create(version=f"{TRAINER_MODEL}:{fake.trainer_version}", input={"dataset": DATASET},
-                                 destination="acme/my-lora")
+    t2 = client.trainings.create(
+        version=f"{TRAINER_MODEL}:{fake.trainer_version}",
+        input={"dataset": DATASET},
+        destination="acme/my-lora",
+    )
     assert client.trainings.cancel(t2.id).status == "canceled"
     assert client.predictions.create(version=done.output["version"], input=RUN).version == vid
 
@@ -315,13 +382,18 @@ def test_training_destination_must_exist_and_be_ours(fake, client):
     fake.add_model("someone/theirs")
     for dest in ("acme/does-not-exist", "someone/theirs"):
         with pytest.raises(ReplicateError) as e:
-            client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, input={"dataset": DATASET},
-                                    destination=dest)
+            client.trainings.create(
+                model=TRAINER_MODEL,
+                version=fake.trainer_version,
+                input={"dataset": DATASET},
+                destination=dest,
+            )
         assert (e.value.status, e.value.detail) == (404, "The specified training destination does not exist")
     assert client.trainings.list().results == []
 
 
 # -- webhooks ------------------------------------------------------------------------------------------
+
 
 def _secret(client) -> WebhookSigningSecret:
     secret = client.webhooks.default.secret()
@@ -335,56 +407,72 @@ def test_signed_webhooks_all_events_throttled(fake, client, hooks):
     p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url)
     got = hooks.wait_terminal()
     for a in got:
-        assert replicate.webhooks.validate(headers=a["headers"], body=a["body"], secret=secret, tolerance=300) is None
+        assert (
+            replicate.webhooks.validate(headers=a["headers"], body=a["body"], secret=secret, tolerance=300)
+            is None
+        )
         assert a["path"] == "/hook?src=test"  # query parameters are kept
     statuses = [a["json"]["status"] for a in got]
     assert statuses[0] == "starting" and statuses[-1] == "succeeded" and "processing" in statuses
     assert len({a["headers"]["webhook-id"] for a in got}) == len(got)
-    assert got[-1]["json"] == httpx.get(f"{fake.url}/v1/predictions/{p.id}",
-                                        headers={"Authorization": f"Bearer {fake.token}"}).json()  # same as GET
+    assert (
+        got[-1]["json"]
+        == httpx.get(
+            f"{fake.url}/v1/predictions/{p.id}", headers={"Authorization": f"Bearer {fake.token}"}
+        ).json()
+    )  # same as GET
     # logs are throttled: 33 log lines, but intermediate hooks at least 0.1 s apart
     sent = [w for w in fake.webhooks_for(p.id) if w.event == "logs"]
     assert 3 <= len(sent) < 20
     assert all(b.at - a.at >= 0.095 for a, b in zip(sent, sent[1:], strict=False))
-    assert [w.event for w in fake.webhooks_for(p.id)][::len(got) - 1] == ["start", "completed"]
+    assert [w.event for w in fake.webhooks_for(p.id)][:: len(got) - 1] == ["start", "completed"]
 
     tampered = dict(got[-1]["headers"])
     with pytest.raises(InvalidSignatureError):
-        replicate.webhooks.validate(headers=tampered, body=got[-1]["body"].replace("succeeded", "failed"),
-                                    secret=secret)
+        replicate.webhooks.validate(
+            headers=tampered, body=got[-1]["body"].replace("succeeded", "failed"), secret=secret
+        )
 
 
 def test_webhook_events_filter(fake, client, hooks):
-    p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
-                                         webhook_events_filter=["completed"])
+    p = client.models.predictions.create(
+        TRAINER_MODEL, input=RUN, webhook=hooks.url, webhook_events_filter=["completed"]
+    )
     fake.settled(p.id)  # every webhook it will send has been sent
     assert [a["json"]["status"] for a in hooks.wait_terminal()] == ["succeeded"]
     with pytest.raises(ReplicateError) as e:
-        client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
-                                         webhook_events_filter=["bogus"])
+        client.models.predictions.create(
+            TRAINER_MODEL, input=RUN, webhook=hooks.url, webhook_events_filter=["bogus"]
+        )
     assert e.value.status == 422
 
 
 def test_completed_webhook_is_retried_with_the_same_id(fake, client):
     hooks = Hooks(fail_first=3, fail_status=503)  # start fails once (never retried), completed twice
     try:
-        p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
-                                             webhook_events_filter=["start", "completed"])
+        p = client.models.predictions.create(
+            TRAINER_MODEL, input=RUN, webhook=hooks.url, webhook_events_filter=["start", "completed"]
+        )
         got = hooks.wait_terminal()
     finally:
         hooks.close()
     assert [a["json"]["status"] for a in got] == ["succeeded"]  # the failed start is never retried
     sent = fake.webhooks_for(p.id)
     assert [(w.event, w.attempt, w.delivered) for w in sent] == [
-        ("start", 1, False), ("completed", 1, False), ("completed", 2, False), ("completed", 3, True)]
+        ("start", 1, False),
+        ("completed", 1, False),
+        ("completed", 2, False),
+        ("completed", 3, True),
+    ]
     assert len({w.webhook_id for w in sent if w.event == "completed"}) == 1
     assert [a["headers"]["webhook-id"] for a in hooks.attempts[1:]] == [sent[1].webhook_id] * 3
 
     # an unreachable receiver: every attempt fails, then the fake gives up
     dead = Hooks()
     dead.close()
-    p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=dead.url,
-                                         webhook_events_filter=["completed"])
+    p = client.models.predictions.create(
+        TRAINER_MODEL, input=RUN, webhook=dead.url, webhook_events_filter=["completed"]
+    )
     fake.settled(p.id)  # the fake has given up retrying
     attempts = fake.webhooks_for(p.id)
     assert [w.attempt for w in attempts] == [1, 2, 3, 4] and not any(w.delivered for w in attempts)
@@ -397,8 +485,9 @@ def test_webhook_faults(fake, client, hooks):
 
     def run() -> tuple[str, int]:
         n = len(hooks.received)
-        p = client.models.predictions.create(TRAINER_MODEL, input=RUN, webhook=hooks.url,
-                                             webhook_events_filter=events)
+        p = client.models.predictions.create(
+            TRAINER_MODEL, input=RUN, webhook=hooks.url, webhook_events_filter=events
+        )
         fake.wait_for(p.id)
         return p.id, n
 
@@ -436,6 +525,7 @@ def test_webhook_faults(fake, client, hooks):
 
 
 # -- API faults ----------------------------------------------------------------------------------------
+
 
 def test_429_then_success_on_a_get_is_retried_by_the_client(fake, client):
     p = client.models.predictions.create(TRAINER_MODEL, input=RUN)
@@ -486,8 +576,12 @@ def test_dropped_and_slow_responses(fake, client):
 
 def test_output_downloads_resume_with_range(fake, client):
     """How the client's delivery resumes an interrupted download: ``Range: bytes=N-``."""
-    t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, input={"dataset": DATASET},
-                                destination="acme/my-lora")
+    t = client.trainings.create(
+        model=TRAINER_MODEL,
+        version=fake.trainer_version,
+        input={"dataset": DATASET},
+        destination="acme/my-lora",
+    )
     weights = fake.wait_for(t.id)["output"]["weights"]
     full = httpx.get(weights)
     size = len(full.content)
@@ -514,6 +608,7 @@ def test_output_downloads_resume_with_range(fake, client):
 
 # -- forwarding to a Cog-like server (a stub that behaves like coglet, scrambled) ----------------------
 
+
 class StubCog:
     """Answers like coglet with ``Prefer: respond-async`` (409 once: slot busy), downloads the
     dataset URL it is given, then sends its webhooks out of order: completed first, then a stale
@@ -539,7 +634,9 @@ class StubCog:
                     return self._reply(200, {})
                 if outer.busy_once:
                     outer.busy_once = False
-                    return self._reply(409, {"error": "At capacity - all prediction slots busy", "status": "failed"})
+                    return self._reply(
+                        409, {"error": "At capacity - all prediction slots busy", "status": "failed"}
+                    )
                 assert self.headers.get("prefer") == "respond-async"
                 body["path"] = self.path
                 outer.jobs.append(body)
@@ -559,7 +656,9 @@ class StubCog:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def _hook(self, job: dict, payload: dict) -> None:
         httpx.post(job["webhook"], json={"id": job["id"], **payload})
@@ -576,11 +675,17 @@ class StubCog:
         self._hook(job, {"status": "processing", "logs": "line 1\nline 2\n", "metrics": {}})
         if self.hold:
             return
-        final = {"status": self.status, "logs": "line 1\nline 2\nline 3\n", "metrics": {"predict_time": 1.25},
-                 "output": self.output if self.status == "succeeded" else None,
-                 "error": "Prediction failed: ValueError: bad" if self.status == "failed" else None}
+        final = {
+            "status": self.status,
+            "logs": "line 1\nline 2\nline 3\n",
+            "metrics": {"predict_time": 1.25},
+            "output": self.output if self.status == "succeeded" else None,
+            "error": "Prediction failed: ValueError: bad" if self.status == "failed" else None,
+        }
         self._hook(job, final)
-        self._hook(job, {"status": "processing", "logs": "line 1\n", "output": ["data:,stale"], "metrics": {}})
+        self._hook(
+            job, {"status": "processing", "logs": "line 1\n", "output": ["data:,stale"], "metrics": {}}
+        )
         self.hooks_sent.set()
 
     def close(self) -> None:
@@ -601,8 +706,13 @@ def test_forwarding_to_cog_survives_scrambled_webhooks(tmp_path):
             client = fake.client()
             ds = tmp_path / "ds.zip"
             ds.write_bytes(b"dataset bytes")
-            p = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, destination="acme/my-lora",
-                                        input={"dataset": ds, "steps": 3}, webhook=hooks.url)
+            p = client.trainings.create(
+                model=TRAINER_MODEL,
+                version=fake.trainer_version,
+                destination="acme/my-lora",
+                input={"dataset": ds, "steps": 3},
+                webhook=hooks.url,
+            )
             assert p.input["dataset"].startswith(f"{fake.url}/v1/files/")  # the client uploaded the Path
             fake.wait_for(p.id)
             assert cog.hooks_sent.wait(10)  # the stale hook has landed, after completion
@@ -615,7 +725,10 @@ def test_forwarding_to_cog_survives_scrambled_webhooks(tmp_path):
             assert sent["input"] == {"dataset": fake.download_url(file_id), "steps": 3}
             assert cog.downloads[sent["input"]["dataset"]] == b"dataset bytes"
             assert (done.status, done.logs, fake.job(p.id)["metrics"]["predict_time"]) == (
-                "succeeded", "line 1\nline 2\nline 3\n", 1.25)  # 1.0.7's Training drops metrics
+                "succeeded",
+                "line 1\nline 2\nline 3\n",
+                1.25,
+            )  # 1.0.7's Training drops metrics
             assert done.output["weights"] == f"{fake.url}/_fake/outputs/{p.id}/output.zip"
             assert httpx.get(done.output["weights"]).content == out_zip
             assert [c["status"] for c in fake.cog_requests] == [409, 202]  # queued while the slot was busy
@@ -633,20 +746,31 @@ def test_trainings_and_cancel_are_forwarded_to_cog():
     try:
         with FakeReplicate(None, cog.url, models=["acme/my-lora"]) as fake:
             client = fake.client()
-            t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version,
-                                        input={"dataset": "https://example.com/x.zip"}, destination="acme/my-lora")
+            t = client.trainings.create(
+                model=TRAINER_MODEL,
+                version=fake.trainer_version,
+                input={"dataset": "https://example.com/x.zip"},
+                destination="acme/my-lora",
+            )
             fake.wait_for(t.id)
             done = client.trainings.get(t.id)
             assert cog.jobs[0]["path"] == "/trainings" and done.status == "succeeded"
-            assert done.output["version"] == f"acme/my-lora:{client.models.get('acme/my-lora').latest_version.id}"
+            assert (
+                done.output["version"]
+                == f"acme/my-lora:{client.models.get('acme/my-lora').latest_version.id}"
+            )
             assert httpx.get(done.output["weights"]).content == weights
             assert done.output["weights"].endswith("/output.zip")
             assert cog.hooks_sent.wait(10)
             cog.hooks_sent.clear()
 
             cog.hold = True  # the next job keeps running until canceled
-            t2 = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version,
-                                         input={"dataset": "https://example.com/x.zip"}, destination="acme/my-lora")
+            t2 = client.trainings.create(
+                model=TRAINER_MODEL,
+                version=fake.trainer_version,
+                input={"dataset": "https://example.com/x.zip"},
+                destination="acme/my-lora",
+            )
             fake.wait_for(t2.id, ("processing",))
             assert client.trainings.cancel(t2.id).status == "canceled"
             assert cog.cancels == [t2.id]  # forwarded before the cancel was answered
@@ -659,8 +783,10 @@ def test_trainings_and_cancel_are_forwarded_to_cog():
 
 # -- end to end: the real Cog servers with the tiny Flux model --------------------------------------
 
-def test_a_training_makes_a_version_that_renders_with_its_weights(train_server, run_servers, upload_sink,
-                                                                  sample_zip):
+
+def test_a_training_makes_a_version_that_renders_with_its_weights(
+    train_server, run_servers, upload_sink, sample_zip
+):
     """The dataset Path is uploaded by the client, rewritten to the fake's loopback URL and downloaded
     by Cog; the weights are uploaded by Cog to the file store (--upload-url); the destination's new
     version runs on a run-mode server whose COG_WEIGHTS is those weights."""
@@ -668,13 +794,19 @@ def test_a_training_makes_a_version_that_renders_with_its_weights(train_server, 
 
     hooks = Hooks()
     try:
-        with FakeReplicate(None, train_server.url, cog_run_for=run_servers.url_for, models=["acme/my-lora"]) as fake:
+        with FakeReplicate(
+            None, train_server.url, cog_run_for=run_servers.url_for, models=["acme/my-lora"]
+        ) as fake:
             client = fake.client()
             secret = client.webhooks.default.secret()
-            t = client.trainings.create(model=TRAINER_MODEL, version=fake.trainer_version, destination="acme/my-lora",
-                                        webhook=hooks.url, webhook_events_filter=["completed"],
-                                        input={"dataset": sample_zip, "spec": tiny_spec(), "steps": 4,
-                                               "trigger_word": "sks"})
+            t = client.trainings.create(
+                model=TRAINER_MODEL,
+                version=fake.trainer_version,
+                destination="acme/my-lora",
+                webhook=hooks.url,
+                webhook_events_filter=["completed"],
+                input={"dataset": sample_zip, "spec": tiny_spec(), "steps": 4, "trigger_word": "sks"},
+            )
             fake.wait_for(t.id, timeout=300)
             done = client.trainings.get(t.id)
             assert done.status == "succeeded", (done.error, done.logs[-2000:])
@@ -682,7 +814,8 @@ def test_a_training_makes_a_version_that_renders_with_its_weights(train_server, 
             assert done.started_at and done.completed_at
             weights = done.output["weights"]
             assert weights.startswith(upload_sink.url) and "pytorch_lora_weights.safetensors" in zip_names(
-                httpx.get(weights, timeout=60).content)
+                httpx.get(weights, timeout=60).content
+            )
             # submitted once, the dataset went up once and Cog fetched it from the loopback URL
             assert fake.count("POST", "/v1/models/*/versions/*/trainings") == 1
             assert fake.count("POST", "/v1/files") == 1 and fake.count("GET", "/_fake/files/*") >= 1
@@ -693,8 +826,15 @@ def test_a_training_makes_a_version_that_renders_with_its_weights(train_server, 
             version = client.models.get("acme/my-lora").latest_version
             assert f"acme/my-lora:{version.id}" == done.output["version"]
             assert version.openapi_schema["components"]["schemas"]["Input"]["required"] == ["prompt"]
-            inputs = {"prompt": "sks, a red circle", "aspect_ratio": "custom", "width": 64, "height": 64,
-                      "num_inference_steps": 2, "seed": 5, "output_format": "png"}
+            inputs = {
+                "prompt": "sks, a red circle",
+                "aspect_ratio": "custom",
+                "width": 64,
+                "height": 64,
+                "num_inference_steps": 2,
+                "seed": 5,
+                "output_format": "png",
+            }
             trained = client.run("acme/my-lora", input=inputs)
             plain = client.run(TRAINER_MODEL, input=inputs)  # the trainer's own version: the base model
             assert len(trained) == 1 and len(plain) == 1

@@ -74,8 +74,11 @@ def _cosine_of_updates(a: dict, b: dict) -> float:
     return dot / (na * nb)
 
 
-@pytest.mark.parametrize("model,extra", [("flux-dev", {}), ("sdxl", {}), ("flux-dev", {"speed.fuse_qkv": "on"})],
-                         ids=["flux", "sdxl", "flux-fused-qkv"])
+@pytest.mark.parametrize(
+    "model,extra",
+    [("flux-dev", {}), ("sdxl", {}), ("flux-dev", {"speed.fuse_qkv": "on"})],
+    ids=["flux", "sdxl", "flux-fused-qkv"],
+)
 def test_fp8_base_trains_like_the_plain_base(tiny_weights, sample_dataset, tmp_path, model, extra):
     plain = _train(tiny_weights, sample_dataset, tmp_path / "plain", model)
     fp8 = _train(tiny_weights, sample_dataset, tmp_path / "fp8", model, **{"speed.fp8_base": "on", **extra})
@@ -91,9 +94,17 @@ def test_fp8_base_compiles(tiny_weights, sample_dataset, tmp_path, monkeypatch):
     """fp8 is meant to run under regional compilation (the quantisation fuses); same numbers."""
     monkeypatch.setenv("ADVANCED_TRAINER_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
-    eager = _train(tiny_weights, sample_dataset, tmp_path / "eager", "flux-dev", steps=4, **{"speed.fp8_base": "on"})
-    compiled = _train(tiny_weights, sample_dataset, tmp_path / "compiled", "flux-dev", steps=4,
-                      **{"speed.fp8_base": "on", "speed.compile": "blocks"})
+    eager = _train(
+        tiny_weights, sample_dataset, tmp_path / "eager", "flux-dev", steps=4, **{"speed.fp8_base": "on"}
+    )
+    compiled = _train(
+        tiny_weights,
+        sample_dataset,
+        tmp_path / "compiled",
+        "flux-dev",
+        steps=4,
+        **{"speed.fp8_base": "on", "speed.compile": "blocks"},
+    )
     assert "compile: repeated blocks" in compiled[1]
     assert [v for _, v in compiled[0].losses] == pytest.approx([v for _, v in eager[0].losses], rel=1e-5)
 

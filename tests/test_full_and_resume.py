@@ -20,12 +20,25 @@ def _render(folder, family):
     pipe = (FluxPipeline if family == "flux" else StableDiffusionXLPipeline).from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     kw = {"max_sequence_length": 32} if family == "flux" else {}
-    return np.asarray(pipe("a red circle", num_inference_steps=3, height=64, width=64, output_type="np",
-                           generator=torch.Generator().manual_seed(0), **kw).images[0])
+    return np.asarray(
+        pipe(
+            "a red circle",
+            num_inference_steps=3,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        ).images[0]
+    )
 
 
-@pytest.mark.parametrize("model,base,family", [("flux-dev", "tiny-flux-dev", "flux"), ("sdxl", "tiny-sdxl", "sdxl")])
-def test_full_fine_tune_exports_a_loadable_pipeline(tiny_weights, sample_dataset, tmp_path, model, base, family):
+@pytest.mark.parametrize(
+    "model,base,family", [("flux-dev", "tiny-flux-dev", "flux"), ("sdxl", "tiny-sdxl", "sdxl")]
+)
+def test_full_fine_tune_exports_a_loadable_pipeline(
+    tiny_weights, sample_dataset, tmp_path, model, base, family
+):
     spec = quick_spec(tiny_weights, model, mode="full", steps=6, learning_rate=1e-3)
     result, log = train_quietly(spec, sample_dataset, tmp_path / "out")
     folder = result.weights[0]
@@ -48,19 +61,34 @@ def _final_trainable(result, mode, out):
     return load_file(str(next((out / "model" / name).glob("*.safetensors"))))
 
 
-@pytest.mark.parametrize("mode,extra", [
-    ("lora", {"lora.dropout": 0.1}),   # dropout draws from the global RNG: it must be restored too
-    ("full", {}),
-])
+@pytest.mark.parametrize(
+    "mode,extra",
+    [
+        ("lora", {"lora.dropout": 0.1}),  # dropout draws from the global RNG: it must be restored too
+        ("full", {}),
+    ],
+)
 def test_resume_matches_an_uninterrupted_run(tiny_weights, sample_dataset, tmp_path, mode, extra):
-    spec = quick_spec(tiny_weights, "flux-dev", mode=mode, steps=6, checkpoint_interval=3, caption_dropout=0.25,
-                      batch_size=2, lr_scheduler="cosine", lr_warmup_steps=2, **extra)
+    spec = quick_spec(
+        tiny_weights,
+        "flux-dev",
+        mode=mode,
+        steps=6,
+        checkpoint_interval=3,
+        caption_dropout=0.25,
+        batch_size=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        **extra,
+    )
     straight, _ = train_quietly(spec, sample_dataset, tmp_path / "straight")
     ckpt = tmp_path / "straight" / "checkpoints" / "step-000003"
     assert (ckpt / "trainer_state.json").is_file()
 
+    import contextlib
+    import io
+
     from train.loop import run_training
-    import contextlib, io
 
     with contextlib.redirect_stdout(io.StringIO()) as buf:
         resumed = run_training(spec, sample_dataset, tmp_path / "resumed", resume_from=ckpt)
@@ -82,8 +110,10 @@ def test_resume_from_an_archive_handed_in_from_outside(tiny_weights, sample_data
     archive = tmp_path / "ckpt.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(tmp_path / "straight" / "checkpoints", arcname="checkpoints")
+    import contextlib
+    import io
+
     from train.loop import run_training
-    import contextlib, io
 
     with contextlib.redirect_stdout(io.StringIO()):
         resumed = run_training(spec, sample_dataset, tmp_path / "resumed", resume_from=archive)
@@ -99,10 +129,16 @@ def test_incompatible_checkpoints_are_refused(tiny_weights, sample_dataset, tmp_
     train_quietly(spec, sample_dataset, tmp_path / "a")
     ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
     with pytest.raises(CheckpointError, match="lora: checkpoint"):
-        run_training(quick_spec(tiny_weights, "flux-dev", steps=4, **{"lora.rank": 4}), sample_dataset,
-                     tmp_path / "b", resume_from=ckpt)
+        run_training(
+            quick_spec(tiny_weights, "flux-dev", steps=4, **{"lora.rank": 4}),
+            sample_dataset,
+            tmp_path / "b",
+            resume_from=ckpt,
+        )
     with pytest.raises(CheckpointError, match="checkpoint is at step 2, and steps is 2"):
-        run_training(quick_spec(tiny_weights, "flux-dev", steps=2), sample_dataset, tmp_path / "c", resume_from=ckpt)
+        run_training(
+            quick_spec(tiny_weights, "flux-dev", steps=2), sample_dataset, tmp_path / "c", resume_from=ckpt
+        )
     (ckpt / "training_state.pt").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         run_training(spec, sample_dataset, tmp_path / "d", resume_from=ckpt)

@@ -92,8 +92,12 @@ def retry(waits) -> RetryPolicy:
 
 def test_a_file_arrives_whole_with_progress(server, tmp_path, retry, waits):
     seen: list[tuple[int, int | None]] = []
-    dest = download(f"{server.url}/file", tmp_path / "out" / "f.bin", progress=lambda d, t: seen.append((d, t)),
-                    retry=retry)
+    dest = download(
+        f"{server.url}/file",
+        tmp_path / "out" / "f.bin",
+        progress=lambda d, t: seen.append((d, t)),
+        retry=retry,
+    )
     assert dest.read_bytes() == BODY and not list(dest.parent.glob("*.part"))
     assert seen[0] == (0, len(BODY)) and seen[-1] == (len(BODY), len(BODY)) and waits == []
 
@@ -201,7 +205,9 @@ def test_the_hub_clients_own_httpx_fork_is_recognised_by_name():
 
 
 def test_safe_url_drops_credentials_and_query():
-    assert safe_url("https://user:pw@example.com:8443/a/b.zip?sig=1#f") == "https://example.com:8443/a/b.zip?…"
+    assert (
+        safe_url("https://user:pw@example.com:8443/a/b.zip?sig=1#f") == "https://example.com:8443/a/b.zip?…"
+    )
     assert safe_url("/local/path.tar") == "/local/path.tar"
 
 

@@ -24,8 +24,15 @@ def session_env(monkeypatch, cog_weights, tmp_path):
 
 
 def _req(**kw) -> RenderRequest:
-    base = dict(prompt="sks, a red circle", aspect_ratio="custom", width=64, height=64, num_inference_steps=2,
-                seed=3, output_format="png")
+    base = dict(
+        prompt="sks, a red circle",
+        aspect_ratio="custom",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        seed=3,
+        output_format="png",
+    )
     return RenderRequest(**{**base, **kw})
 
 
@@ -44,8 +51,15 @@ def test_a_full_fine_tune_renders_as_its_own_pipeline(session_env, cog_weights, 
     ours = _img(session.predict(_req(), tmp_path / "r")[0])
     pipe = FluxPipeline.from_pretrained(tmp_path / "out" / "model")
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("sks, a red circle", num_inference_steps=2, height=64, width=64, guidance_scale=3.5,
-               max_sequence_length=512, generator=torch.Generator().manual_seed(3))
+    out = pipe(
+        "sks, a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=3.5,
+        max_sequence_length=512,
+        generator=torch.Generator().manual_seed(3),
+    )
     # return_dict=True: an output object, not the tuple diffusers' return type also allows
     stock = np.asarray(out.images[0]).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
     assert np.abs(ours - stock).max() <= 2
@@ -53,8 +67,9 @@ def test_a_full_fine_tune_renders_as_its_own_pipeline(session_env, cog_weights, 
     assert any("the trigger word 'sks' is not in the prompt" in line for line in logs)
 
 
-def test_sdxl_negative_prompt_sizes_and_bounded_adapters(session_env, cog_weights, sample_dataset, tmp_path,
-                                                        monkeypatch):
+def test_sdxl_negative_prompt_sizes_and_bounded_adapters(
+    session_env, cog_weights, sample_dataset, tmp_path, monkeypatch
+):
     monkeypatch.setenv("ADVANCED_TRAINER_RUN_MODEL", "sdxl")
     monkeypatch.setenv("ADVANCED_TRAINER_RUN_BASE", "tiny-sdxl")
     session = InferenceSession(None, log=lambda _: None, cache_dir=tmp_path / "cache")
@@ -71,6 +86,8 @@ def test_sdxl_negative_prompt_sizes_and_bounded_adapters(session_env, cog_weight
     train_quietly(spec, sample_dataset, tmp_path / "lora")
     payload = base64.b64encode((tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes()).decode()
     for i in range(MAX_EXTRA_ADAPTERS + 2):  # as many distinct LoRA sources (data URIs that differ)
-        session.predict(_req(lora_weights=f"data:application/octet-stream;v={i};base64,{payload}"), tmp_path / f"l{i}")
+        session.predict(
+            _req(lora_weights=f"data:application/octet-stream;v={i};base64,{payload}"), tmp_path / f"l{i}"
+        )
     assert len(session.renderer.adapters) == MAX_EXTRA_ADAPTERS
     assert len(session.renderer.pipe.get_list_adapters().get("unet", [])) == MAX_EXTRA_ADAPTERS

@@ -67,8 +67,11 @@ def tree_hashes(folder: Path) -> dict[str, tuple[str, float]]:
 
 def zip_images(archive: Path) -> dict[str, Image.Image]:
     with zipfile.ZipFile(archive) as zf:
-        return {n: Image.open(io.BytesIO(zf.read(n))) for n in zf.namelist()
-                if Path(n).suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}}
+        return {
+            n: Image.open(io.BytesIO(zf.read(n)))
+            for n in zf.namelist()
+            if Path(n).suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+        }
 
 
 @pytest.fixture()
@@ -83,7 +86,7 @@ def messy(tmp_path: Path) -> Path:
     write(d / "sub" / "b.txt", "b caption")
     write_img(d / "sub" / "e.bmp", noise((20, 20), seed=4))
     write(d / "sub" / "captions.csv", "file_name,text\ne.bmp,e from csv\n")
-    write_img(d / "f.tiff", noise((24, 24), seed=5))                   # no caption at all
+    write_img(d / "f.tiff", noise((24, 24), seed=5))  # no caption at all
     # junk, unrelated, unusable
     write(d / "__MACOSX" / "._a.png", b"\0\5\26\7 resource fork")
     write(d / "._a.png", b"\0\5\26\7 resource fork")
@@ -94,7 +97,7 @@ def messy(tmp_path: Path) -> Path:
     write(d / "notes.pdf", b"%PDF-1.4 not an image")
     write(d / "orphan.txt", "a caption without an image")
     write_img(d / "anim.gif", noise((20, 20), seed=7).convert("P"), "GIF")
-    write_img(d / "a.jpg", noise((40, 30), seed=8))                     # same stem as a.png: not used
+    write_img(d / "a.jpg", noise((40, 30), seed=8))  # same stem as a.png: not used
     write(d / "broken.png", b"\x89PNG\r\n\x1a\n not really")
     write_img(d / "tiny.png", noise((8, 8), seed=9))
     os.symlink(d / "a.png", d / "link.png")
@@ -116,8 +119,17 @@ def big_set(folder: Path, n: int = 4, size=(600, 400)) -> Path:
 # layout and content
 
 
-EXPECTED_ENTRIES = ["a.jpg", "a.txt", "c.webp", "f.tiff", "metadata.jsonl",
-                    "sub/b.jpg", "sub/b.txt", "sub/captions.csv", "sub/e.bmp"]
+EXPECTED_ENTRIES = [
+    "a.jpg",
+    "a.txt",
+    "c.webp",
+    "f.tiff",
+    "metadata.jsonl",
+    "sub/b.jpg",
+    "sub/b.txt",
+    "sub/captions.csv",
+    "sub/e.bmp",
+]
 
 
 def test_canonical_layout_and_content(messy: Path, tmp_path: Path):
@@ -231,8 +243,9 @@ def test_over_the_limit_is_refused_before_writing(tmp_path: Path):
     msg = str(exc)
     assert exc.limit == 200_000 and exc.size > 200_000
     assert f"{exc.size:,} bytes" in msg and "200,000 bytes" in msg and "100 MiB" in msg and "--fit" in msg
-    sizes = sorted(((f"img{i}.png", (folder / f"img{i}.png").stat().st_size) for i in range(6)),
-                   key=lambda t: -t[1])
+    sizes = sorted(
+        ((f"img{i}.png", (folder / f"img{i}.png").stat().st_size) for i in range(6)), key=lambda t: -t[1]
+    )
     assert [n for n, _ in exc.largest] == [n for n, _ in sizes[:5]]
     for name, _ in sizes[:5]:
         assert name in msg
@@ -244,23 +257,30 @@ def test_over_the_limit_is_refused_before_writing(tmp_path: Path):
 
 
 def test_fit_reduces_under_the_limit_without_going_below_min_side(tmp_path: Path):
-    folder = big_set(tmp_path / "big", n=3)                                 # img0..2.png, 600x400
+    folder = big_set(tmp_path / "big", n=3)  # img0..2.png, 600x400
     # RGBA, left half transparent: must come out white
     rgba = noise((600, 400), "RGBA", seed=20)
     alpha = Image.new("L", (600, 400), 255)
     alpha.paste(0, (0, 0, 300, 400))
     rgba.putalpha(alpha)
     write_img(folder / "alpha.png", rgba, compress_level=1)
-    write(folder / "metadata.jsonl", "\n".join([
-        json.dumps({"file_name": "alpha.png", "text": "alpha from jsonl"}),
-        json.dumps({"file_name": "rot.jpg", "text": "rot from jsonl"})]) + "\n")
+    write(
+        folder / "metadata.jsonl",
+        "\n".join(
+            [
+                json.dumps({"file_name": "alpha.png", "text": "alpha from jsonl"}),
+                json.dumps({"file_name": "rot.jpg", "text": "rot from jsonl"}),
+            ]
+        )
+        + "\n",
+    )
     # EXIF orientation 6: stored 600x400, shown 400x600
     exif = Image.Exif()
     exif[0x0112] = 6
     write_img(folder / "rot.jpg", noise((600, 400), seed=21), quality=100, exif=exif.tobytes())
     write_img(folder / "sub" / "wide.tif", noise((500, 200), seed=22))
     write(folder / "sub" / "captions.csv", "image,caption\nwide.tif,wide from csv\n")
-    write_img(folder / "small.png", noise((64, 64), seed=23))                # under min_side: untouched
+    write_img(folder / "small.png", noise((64, 64), seed=23))  # under min_side: untouched
     write(folder / "small.txt", "small caption")
     before = tree_hashes(folder)
 
@@ -273,12 +293,19 @@ def test_fit_reduces_under_the_limit_without_going_below_min_side(tmp_path: Path
     assert result.images == 7 and result.captions == 7
 
     images = zip_images(out)
-    assert set(images) == {"img0.jpg", "img1.jpg", "img2.jpg", "alpha.jpg", "rot.jpg", "sub/wide.jpg",
-                           "small.png"}
+    assert set(images) == {
+        "img0.jpg",
+        "img1.jpg",
+        "img2.jpg",
+        "alpha.jpg",
+        "rot.jpg",
+        "sub/wide.jpg",
+        "small.png",
+    }
     for name, img in images.items():
         assert min(img.size) >= min_side or name == "small.png", (name, img.size)
-        assert img.getexif().get(0x0112) in (None, 1), name     # rotation applied, not tagged
-    assert images["rot.jpg"].size == (128, 192)               # portrait, as shown
+        assert img.getexif().get(0x0112) in (None, 1), name  # rotation applied, not tagged
+    assert images["rot.jpg"].size == (128, 192)  # portrait, as shown
     assert images["sub/wide.jpg"].size == (320, 128)
     pixel = images["alpha.jpg"].convert("RGB").getpixel((40, 64))
     assert isinstance(pixel, tuple) and all(c >= 245 for c in pixel)  # flattened on white
@@ -289,33 +316,48 @@ def test_fit_reduces_under_the_limit_without_going_below_min_side(tmp_path: Path
         for i in range(3):
             assert zf.read(f"img{i}.txt") == f"caption {i}".encode()  # the caption follows its image
         rows = [json.loads(line) for line in zf.read("metadata.jsonl").decode().splitlines()]
-        assert rows == [{"file_name": "alpha.jpg", "text": "alpha from jsonl"},
-                        {"file_name": "rot.jpg", "text": "rot from jsonl"}]
+        assert rows == [
+            {"file_name": "alpha.jpg", "text": "alpha from jsonl"},
+            {"file_name": "rot.jpg", "text": "rot from jsonl"},
+        ]
         assert zf.read("sub/captions.csv").decode() == "image,caption\nwide.jpg,wide from csv\n"
         assert not any(n.endswith(".png") and n != "small.png" for n in names)
 
     changed = {c.path: c for c in result.changed}
     assert "small.png" not in changed
     assert changed["img0.png"].new_path == "img0.jpg"
-    assert changed["img0.png"].old_dimensions == (600, 400) and changed["img0.png"].new_dimensions == (192, 128)
+    assert changed["img0.png"].old_dimensions == (600, 400) and changed["img0.png"].new_dimensions == (
+        192,
+        128,
+    )
     assert changed["rot.jpg"].old_dimensions == (400, 600) and changed["rot.jpg"].new_dimensions == (128, 192)
     assert changed["img0.png"].old_bytes == (folder / "img0.png").stat().st_size
     assert all(c.new_bytes < c.old_bytes for c in result.changed)
     assert "re-encoded" in result.summary() and "img0.png -> img0.jpg" in result.summary()
     as_json = json.loads(json.dumps(result.to_dict()))
-    assert {"path": "img0.png", "new_path": "img0.jpg", "old_bytes": changed["img0.png"].old_bytes,
-            "new_bytes": changed["img0.png"].new_bytes, "old_dimensions": [600, 400],
-            "new_dimensions": [192, 128]} in as_json["changed"]
+    assert {
+        "path": "img0.png",
+        "new_path": "img0.jpg",
+        "old_bytes": changed["img0.png"].old_bytes,
+        "new_bytes": changed["img0.png"].new_bytes,
+        "old_dimensions": [600, 400],
+        "new_dimensions": [192, 128],
+    } in as_json["changed"]
 
     # the container reads it: every image, with its caption
     from train.data import stage_dataset
 
     staged = stage_dataset(out, tmp_path / "job")
     got = {r.name: (r.caption, r.caption_source) for r in staged.images}
-    assert got == {"img0.jpg": ("caption 0", "txt"), "img1.jpg": ("caption 1", "txt"),
-                   "img2.jpg": ("caption 2", "txt"), "alpha.jpg": ("alpha from jsonl", "metadata.jsonl"),
-                   "rot.jpg": ("rot from jsonl", "metadata.jsonl"), "sub/wide.jpg": ("wide from csv", "captions.csv"),
-                   "small.png": ("small caption", "txt")}
+    assert got == {
+        "img0.jpg": ("caption 0", "txt"),
+        "img1.jpg": ("caption 1", "txt"),
+        "img2.jpg": ("caption 2", "txt"),
+        "alpha.jpg": ("alpha from jsonl", "metadata.jsonl"),
+        "rot.jpg": ("rot from jsonl", "metadata.jsonl"),
+        "sub/wide.jpg": ("wide from csv", "captions.csv"),
+        "small.png": ("small caption", "txt"),
+    }
 
     again = pack_dataset(folder, tmp_path / "fit2.zip", limit_bytes=200_000, fit=True, min_side=min_side)
     assert again.sha256 == result.sha256  # fit is deterministic too
@@ -325,7 +367,7 @@ def test_fit_reduces_largest_first_and_stops_when_it_fits(tmp_path: Path):
     folder = big_set(tmp_path / "big", n=3)
     write_img(folder / "huge.png", noise((900, 600), seed=30), compress_level=1)
     total = sum(p.stat().st_size for p in folder.iterdir())
-    limit = total - (folder / "huge.png").stat().st_size + 100_000   # reducing huge.png alone is enough
+    limit = total - (folder / "huge.png").stat().st_size + 100_000  # reducing huge.png alone is enough
     result = pack_dataset(folder, tmp_path / "d.zip", limit_bytes=limit, fit=True, min_side=256)
     assert [c.path for c in result.changed] == ["huge.png"]
     assert result.changed[0].new_dimensions == (384, 256)
@@ -355,7 +397,7 @@ def test_fit_never_upscales_and_reports_when_it_cannot_fit(tmp_path: Path):
 def test_fit_names_an_unreadable_image(tmp_path: Path):
     folder = big_set(tmp_path / "big", n=2)
     data = (folder / "img0.png").read_bytes()
-    (folder / "img0.png").write_bytes(data[: len(data) // 2])   # header fine, pixels cut off
+    (folder / "img0.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
     with pytest.raises(PackError, match=r"img0\.png: cannot be read as an image"):
         pack_dataset(folder, tmp_path / "d.zip", limit_bytes=100_000, fit=True, min_side=128)
     assert not (tmp_path / "d.zip").exists()
@@ -398,24 +440,25 @@ def test_largest_training_side():
 
 def test_refuses_the_caption_files_the_container_refuses(tmp_path: Path):
     folder = big_set(tmp_path / "set", n=2, size=(32, 32))
-    write(folder / "img0.txt", "a very long caption " * 60_000)   # 1.2 MiB, over the 1 MiB cap
-    write(folder / "orphan.txt", "x" * (2 * 2**20))               # over the cap too, but never packed
+    write(folder / "img0.txt", "a very long caption " * 60_000)  # 1.2 MiB, over the 1 MiB cap
+    write(folder / "orphan.txt", "x" * (2 * 2**20))  # over the cap too, but never packed
     with pytest.raises(PackError, match=r"img0\.txt: .*over the cap of 1048576 bytes for a caption file"):
         pack_dataset(folder, tmp_path / "d.zip")
     assert not (tmp_path / "d.zip").exists()
 
     write(folder / "img0.txt", "caption 0")
-    rows = "".join(json.dumps({"file_name": f"img{i % 2}.png", "text": f"row {i}"}) + "\n"
-                   for i in range(40_000))
-    write(folder / "metadata.jsonl", rows)                        # ~1.6 MiB
+    rows = "".join(
+        json.dumps({"file_name": f"img{i % 2}.png", "text": f"row {i}"}) + "\n" for i in range(40_000)
+    )
+    write(folder / "metadata.jsonl", rows)  # ~1.6 MiB
     with pytest.raises(PackError, match=r"metadata\.jsonl: .*caption table"):
         pack_dataset(folder, tmp_path / "d.zip", max_files=10)
-    result = pack_dataset(folder, tmp_path / "d.zip")             # the table cap grows with max_files
+    result = pack_dataset(folder, tmp_path / "d.zip")  # the table cap grows with max_files
     assert dict(result.skipped)["orphan.txt"] == "caption has no image with the same name"
 
 
 def test_refuses_more_files_than_the_container_accepts(tmp_path: Path):
-    folder = big_set(tmp_path / "set", n=3, size=(32, 32))        # 3 images + 3 captions
+    folder = big_set(tmp_path / "set", n=3, size=(32, 32))  # 3 images + 3 captions
     with pytest.raises(PackError, match=r"6 files, more than the trainer's limit of 5"):
         pack_dataset(folder, tmp_path / "d.zip", max_files=5)
     assert pack_dataset(folder, tmp_path / "d.zip", max_files=6).images == 3
@@ -456,15 +499,19 @@ def test_size_is_exact_with_non_ascii_names(tmp_path: Path):
         assert zf.namelist() == ["bild-ü/größe.png", "bild-ü/größe.txt"]
 
 
-@pytest.mark.parametrize("make", [
-    lambda: noise((24, 16), "RGBA", seed=60),
-    lambda: noise((24, 16), "LA", seed=61),
-    lambda: noise((24, 16), "CMYK", seed=62),
-    lambda: noise((24, 16), "L", seed=63),
-    lambda: Image.frombytes("I;16", (24, 16), random.Random(64).randbytes(24 * 16 * 2)),
-    lambda: noise((24, 16), "L", seed=65).convert("I"),
-    lambda: noise((24, 16), "L", seed=66).convert("F"),
-], ids=["RGBA", "LA", "CMYK", "L", "I;16", "I", "F"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: noise((24, 16), "RGBA", seed=60),
+        lambda: noise((24, 16), "LA", seed=61),
+        lambda: noise((24, 16), "CMYK", seed=62),
+        lambda: noise((24, 16), "L", seed=63),
+        lambda: Image.frombytes("I;16", (24, 16), random.Random(64).randbytes(24 * 16 * 2)),
+        lambda: noise((24, 16), "L", seed=65).convert("I"),
+        lambda: noise((24, 16), "L", seed=66).convert("F"),
+    ],
+    ids=["RGBA", "LA", "CMYK", "L", "I;16", "I", "F"],
+)
 def test_colour_conversion_matches_the_container(make):
     from client.pack import _to_rgb
     from train.data import to_rgb
@@ -477,6 +524,8 @@ def test_colour_conversion_matches_the_container(make):
 
 
 def test_client_pack_is_torch_free():
-    code = ("import sys, client.pack; bad = [m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, client.pack; bad = [m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

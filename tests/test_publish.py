@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's own httpx fork: its errors are built here as the Hub raises them
 import pytest
-import s3server
 from botocore.exceptions import ClientError
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
+import s3server
 from train import publish as pub
 from train.publish import PublishError, publish, publish_hub, publish_s3
 from train.spec import PublishSpec
@@ -95,8 +95,13 @@ def _stored(server, prefix: str) -> dict[str, tuple[bytes, str]]:
 
 
 def _upload(server, folder, prefix, **kw):
-    args = dict(endpoint_url=server.endpoint_url, region=server.region, public_base_url=None,
-                access_key_id=server.access_key_id, secret_access_key=server.secret_access_key)
+    args = dict(
+        endpoint_url=server.endpoint_url,
+        region=server.region,
+        public_base_url=None,
+        access_key_id=server.access_key_id,
+        secret_access_key=server.secret_access_key,
+    )
     args.update(kw)
     return publish_s3(folder, server.bucket, prefix, **args)
 
@@ -106,9 +111,11 @@ def _upload(server, folder, prefix, **kw):
 
 def test_server_enforces_authentication(s3):
     """The server is not a pushover: made-up keys, a wrong secret and a key without a policy are refused."""
-    cases = [("AKIAMADEUPMADEUP0000", "y" * 40, "InvalidAccessKeyId"),
-             (s3.access_key_id, "wrong-secret-" * 3, "SignatureDoesNotMatch"),
-             (s3.denied_access_key_id, s3.denied_secret_access_key, "AccessDenied")]
+    cases = [
+        ("AKIAMADEUPMADEUP0000", "y" * 40, "InvalidAccessKeyId"),
+        (s3.access_key_id, "wrong-secret-" * 3, "SignatureDoesNotMatch"),
+        (s3.denied_access_key_id, s3.denied_secret_access_key, "AccessDenied"),
+    ]
     for ak, sk, code in cases:
         with pytest.raises(ClientError) as info:
             s3.client(ak, sk).put_object(Bucket=s3.bucket, Key="probe", Body=b"x")
@@ -213,8 +220,13 @@ def test_s3_bad_credentials(s3, out_dir, which):
 
 def test_s3_key_without_permission(s3, out_dir):
     with pytest.raises(PublishError) as info:
-        _upload(s3, out_dir, _prefix(), access_key_id=s3.denied_access_key_id,
-                secret_access_key=s3.denied_secret_access_key)
+        _upload(
+            s3,
+            out_dir,
+            _prefix(),
+            access_key_id=s3.denied_access_key_id,
+            secret_access_key=s3.denied_secret_access_key,
+        )
     msg = str(info.value)
     assert "AccessDenied" in msg and "s3:PutObject" in msg
     assert s3.denied_secret_access_key not in msg
@@ -227,8 +239,16 @@ def test_s3_only_one_credential(s3, out_dir):
 
 def test_s3_missing_bucket(s3, out_dir):
     with pytest.raises(PublishError) as info:
-        publish_s3(out_dir, "no-such-bucket-here", "p", endpoint_url=s3.endpoint_url, region=s3.region,
-                   public_base_url=None, access_key_id=s3.access_key_id, secret_access_key=s3.secret_access_key)
+        publish_s3(
+            out_dir,
+            "no-such-bucket-here",
+            "p",
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            public_base_url=None,
+            access_key_id=s3.access_key_id,
+            secret_access_key=s3.secret_access_key,
+        )
     msg = str(info.value)
     assert "NoSuchBucket" in msg and "'no-such-bucket-here' does not exist" in msg
     assert msg.startswith("S3 upload to s3://no-such-bucket-here/p/")
@@ -239,8 +259,16 @@ def test_s3_unreachable_endpoint(out_dir):
     endpoint = f"http://127.0.0.1:{s3server.free_port()}"  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(PublishError) as info:
-        publish_s3(out_dir, "bucket", "p", endpoint_url=endpoint, region="auto", public_base_url=None,
-                   access_key_id="AKIAEXAMPLE", secret_access_key="secret-value-xyz")
+        publish_s3(
+            out_dir,
+            "bucket",
+            "p",
+            endpoint_url=endpoint,
+            region="auto",
+            public_base_url=None,
+            access_key_id="AKIAEXAMPLE",
+            secret_access_key="secret-value-xyz",
+        )
     msg = str(info.value)
     assert "EndpointConnectionError" in msg and "could not reach" in msg and endpoint in msg
     assert "secret-value-xyz" not in msg
@@ -250,8 +278,16 @@ def test_s3_unreachable_endpoint(out_dir):
 def test_s3_no_credentials_anywhere(out_dir, monkeypatch):
     monkeypatch.setattr(pub, "S3_MAX_ATTEMPTS", 1)
     with pytest.raises(PublishError, match="no usable S3 credentials"):
-        publish_s3(out_dir, "bucket", "p", endpoint_url=f"http://127.0.0.1:{s3server.free_port()}",
-                   region=None, public_base_url=None, access_key_id=None, secret_access_key=None)
+        publish_s3(
+            out_dir,
+            "bucket",
+            "p",
+            endpoint_url=f"http://127.0.0.1:{s3server.free_port()}",
+            region=None,
+            public_base_url=None,
+            access_key_id=None,
+            secret_access_key=None,
+        )
 
 
 def test_content_types():
@@ -295,8 +331,11 @@ class _HubRecorder:
 
 def _http_error(status: int, server_message: str | None = None) -> HfHubHTTPError:
     request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
-    return HfHubHTTPError(f"{status} Client Error for url: {request.url}",
-                          response=httpx2.Response(status, request=request), server_message=server_message)
+    return HfHubHTTPError(
+        f"{status} Client Error for url: {request.url}",
+        response=httpx2.Response(status, request=request),
+        server_message=server_message,
+    )
 
 
 def test_hub_upload_calls(monkeypatch, out_dir):
@@ -337,12 +376,15 @@ def test_hub_injected_api(out_dir):
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
 
 
-@pytest.mark.parametrize("status,where,expect", [
-    (401, "create", "set hf_token"),
-    (403, "upload", "write access"),
-    (404, "create", "check publish.hub_model_id"),
-    (503, "upload", "try again later"),
-])
+@pytest.mark.parametrize(
+    "status,where,expect",
+    [
+        (401, "create", "set hf_token"),
+        (403, "upload", "write access"),
+        (404, "create", "check publish.hub_model_id"),
+        (503, "upload", "try again later"),
+    ],
+)
 def test_hub_http_errors(monkeypatch, out_dir, status, where, expect):
     err = _http_error(status, server_message=f"Invalid token {HF_TOKEN}")  # even if the server echoes it
     _HubRecorder(monkeypatch, **{f"{where}_error": err})
@@ -369,19 +411,32 @@ def test_hub_missing_token_and_network(monkeypatch, out_dir):
 def test_publish_both_targets(s3, out_dir, monkeypatch):
     rec = _HubRecorder(monkeypatch)
     prefix = _prefix()
-    spec = PublishSpec(hub_model_id="someone/my-lora", s3_bucket=s3.bucket, s3_prefix=prefix,
-                       s3_endpoint_url=s3.endpoint_url, s3_region=s3.region,
-                       s3_public_base_url="https://cdn.example.com")
+    spec = PublishSpec(
+        hub_model_id="someone/my-lora",
+        s3_bucket=s3.bucket,
+        s3_prefix=prefix,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_region=s3.region,
+        s3_public_base_url="https://cdn.example.com",
+    )
     lines = []
-    result = publish(out_dir, spec, hf_token=HF_TOKEN, s3_access_key_id=s3.access_key_id,
-                     s3_secret_access_key=s3.secret_access_key, log=lines.append)
+    result = publish(
+        out_dir,
+        spec,
+        hf_token=HF_TOKEN,
+        s3_access_key_id=s3.access_key_id,
+        s3_secret_access_key=s3.secret_access_key,
+        log=lines.append,
+    )
     assert result["hub"] == "https://huggingface.co/someone/my-lora"
     assert result["s3"] == [f"https://cdn.example.com/{prefix}/{rel}" for rel in sorted(EXPECTED)]
     assert [c[0] for c in rec.calls] == ["create_repo", "upload_folder"]
     assert rec.calls[0][3]["private"] is True
     assert len(_stored(s3, prefix)) == len(EXPECTED)
-    assert lines == [f"publish: {len(EXPECTED)} files to https://huggingface.co/someone/my-lora",
-                     f"publish: {len(EXPECTED)} files to s3://{s3.bucket}/{prefix}"]
+    assert lines == [
+        f"publish: {len(EXPECTED)} files to https://huggingface.co/someone/my-lora",
+        f"publish: {len(EXPECTED)} files to s3://{s3.bucket}/{prefix}",
+    ]
     assert not any(HF_TOKEN in line or s3.secret_access_key in line for line in lines)
 
 
@@ -396,13 +451,28 @@ def test_publish_nothing_configured(out_dir, monkeypatch):
 def test_publish_failing_target_raises(s3, out_dir, monkeypatch):
     # S3 fails after the Hub succeeded: raised, and the message says what already went out
     _HubRecorder(monkeypatch)
-    spec = PublishSpec(hub_model_id="someone/my-lora", s3_bucket=s3.bucket, s3_prefix=_prefix(),
-                       s3_endpoint_url=s3.endpoint_url, s3_region=s3.region)
+    spec = PublishSpec(
+        hub_model_id="someone/my-lora",
+        s3_bucket=s3.bucket,
+        s3_prefix=_prefix(),
+        s3_endpoint_url=s3.endpoint_url,
+        s3_region=s3.region,
+    )
     with pytest.raises(PublishError) as info:
-        publish(out_dir, spec, hf_token=HF_TOKEN, s3_access_key_id=s3.access_key_id,
-                s3_secret_access_key="not-the-secret-0123456789", log=lambda _: None)
+        publish(
+            out_dir,
+            spec,
+            hf_token=HF_TOKEN,
+            s3_access_key_id=s3.access_key_id,
+            s3_secret_access_key="not-the-secret-0123456789",
+            log=lambda _: None,
+        )
     msg = str(info.value)
-    assert "credentials were refused" in msg and "already published" in msg and "huggingface.co/someone/my-lora" in msg
+    assert (
+        "credentials were refused" in msg
+        and "already published" in msg
+        and "huggingface.co/someone/my-lora" in msg
+    )
     assert "not-the-secret-0123456789" not in msg
 
     # the Hub fails first: raised before S3 is tried
@@ -410,6 +480,12 @@ def test_publish_failing_target_raises(s3, out_dir, monkeypatch):
     prefix = _prefix()
     spec = spec.model_copy(update={"s3_prefix": prefix})
     with pytest.raises(PublishError, match="Hub repo creation for someone/my-lora failed"):
-        publish(out_dir, spec, hf_token=HF_TOKEN, s3_access_key_id=s3.access_key_id,
-                s3_secret_access_key=s3.secret_access_key, log=lambda _: None)
+        publish(
+            out_dir,
+            spec,
+            hf_token=HF_TOKEN,
+            s3_access_key_id=s3.access_key_id,
+            s3_secret_access_key=s3.secret_access_key,
+            log=lambda _: None,
+        )
     assert _stored(s3, prefix) == {}

@@ -38,4 +38,6 @@ def test_ordinary_text_is_left_alone():
 
 
 def test_one_marker_everywhere():
-    assert redact("hf_abcdefghijklmnopqrstu") == redact("given-secret-value", ["given-secret-value"]) == REDACTED
+    assert (
+        redact("hf_abcdefghijklmnopqrstu") == redact("given-secret-value", ["given-secret-value"]) == REDACTED
+    )

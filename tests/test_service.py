@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-from conftest import SAMPLE_DATASET
 
+from conftest import SAMPLE_DATASET
 from train.service import JobError, JobRequest, build_spec, pack_outputs, run_job
 
 
@@ -24,8 +24,13 @@ def _raise_in(thread: threading.Thread, exc: type[BaseException]) -> None:
 
 
 def test_typed_inputs_override_the_spec_and_bad_fields_are_named():
-    spec = build_spec(JobRequest(SAMPLE_DATASET, json.dumps({"steps": 10, "lora": {"rank": 4}}),
-                                 {"steps": 20, "lora.rank": None, "validation.prompts": ["a"], "trigger_word": ""}))
+    spec = build_spec(
+        JobRequest(
+            SAMPLE_DATASET,
+            json.dumps({"steps": 10, "lora": {"rank": 4}}),
+            {"steps": 20, "lora.rank": None, "validation.prompts": ["a"], "trigger_word": ""},
+        )
+    )
     assert spec.steps == 20 and spec.lora.rank == 4 and spec.validation.prompts == ["a"]
     with pytest.raises(JobError, match=r"model: .*\n.*steps: "):
         build_spec(JobRequest(SAMPLE_DATASET, "{}", {"steps": 0, "model": "sd3"}))
@@ -33,11 +38,26 @@ def test_typed_inputs_override_the_spec_and_bad_fields_are_named():
 
 def test_cancel_delivers_the_last_checkpoint_to_s3(tiny_weights, tmp_path, s3, monkeypatch):
     monkeypatch.setenv("ADVANCED_TRAINER_WEIGHTS", str(tiny_weights))
-    spec = json.dumps({"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 100000, "checkpoint_interval": 2,
-                       "publish": {"s3_bucket": s3.bucket, "s3_prefix": "jobs/9", "s3_endpoint_url": s3.endpoint_url,
-                                   "s3_region": s3.region}})
-    req = JobRequest(SAMPLE_DATASET, spec, return_checkpoint=True,
-                     secrets={"AWS_ACCESS_KEY_ID": s3.access_key_id, "AWS_SECRET_ACCESS_KEY": s3.secret_access_key})
+    spec = json.dumps(
+        {
+            "base_weights": "tiny-flux-dev",
+            "resolutions": "64",
+            "steps": 100000,
+            "checkpoint_interval": 2,
+            "publish": {
+                "s3_bucket": s3.bucket,
+                "s3_prefix": "jobs/9",
+                "s3_endpoint_url": s3.endpoint_url,
+                "s3_region": s3.region,
+            },
+        }
+    )
+    req = JobRequest(
+        SAMPLE_DATASET,
+        spec,
+        return_checkpoint=True,
+        secrets={"AWS_ACCESS_KEY_ID": s3.access_key_id, "AWS_SECRET_ACCESS_KEY": s3.secret_access_key},
+    )
     lines: list[str] = []
     outcome: dict = {}
 
@@ -57,8 +77,13 @@ def test_cancel_delivers_the_last_checkpoint_to_s3(tiny_weights, tmp_path, s3, m
     t.join(60)
     assert not t.is_alive()
     assert isinstance(outcome.get("exc"), Canceled)  # the cancel propagates to Cog
-    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="jobs/9/checkpoints/")["Contents"]}
-    assert {"trainer_state.json", "trainable.safetensors", "training_state.pt"} <= {k.rsplit("/", 1)[-1] for k in keys}
+    keys = {
+        o["Key"]
+        for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="jobs/9/checkpoints/")["Contents"]
+    }
+    assert {"trainer_state.json", "trainable.safetensors", "training_state.pt"} <= {
+        k.rsplit("/", 1)[-1] for k in keys
+    }
     assert all(k.startswith("jobs/9/checkpoints/step-") for k in keys)
     assert s3.secret_access_key not in "\n".join(lines)
 

@@ -40,12 +40,30 @@ def test_resolved_spec_round_trips():
 
 def test_every_bad_field_is_named_at_once():
     with pytest.raises(SpecError) as err:
-        parse_spec({"model": "sd3", "steps": 0, "lora": {"rank": 0, "targetz": ["x"]}, "resolutions": "512,abc",
-                    "caption_dropout": 1.5, "optimizer": "sgd", "lr_warmup_steps": 10, "learning_rate": -1})
+        parse_spec(
+            {
+                "model": "sd3",
+                "steps": 0,
+                "lora": {"rank": 0, "targetz": ["x"]},
+                "resolutions": "512,abc",
+                "caption_dropout": 1.5,
+                "optimizer": "sgd",
+                "lr_warmup_steps": 10,
+                "learning_rate": -1,
+            }
+        )
     problems = err.value.problems
     named = {p.split(":")[0] for p in problems}
-    assert named == {"model", "steps", "lora.rank", "lora.targetz", "resolutions", "caption_dropout", "optimizer",
-                     "learning_rate"}
+    assert named == {
+        "model",
+        "steps",
+        "lora.rank",
+        "lora.targetz",
+        "resolutions",
+        "caption_dropout",
+        "optimizer",
+        "learning_rate",
+    }
     text = str(err.value)
     assert "'flux-dev', 'flux-schnell' or 'sdxl'" in text  # accepted values are listed
     assert "unknown field" in text
@@ -61,17 +79,20 @@ def test_cross_field_rules_report_with_field_errors():
         parse_spec({"model": "flux-schnell", "flux": {"max_sequence_length": 300}})
 
 
-@pytest.mark.parametrize("raw,needle", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ({"spec_version": 2}, "spec_version: this trainer reads version 1"),
-    ({"lora": {"targets": "everything"}}, 'lora.targets: unknown preset'),
-    ({"lora": {"targets": []}}, "lora.targets: the list of target modules is empty"),
-    ({"trigger_word": "two\nlines"}, "trigger_word: must be a single line"),
-    ({"validation": {"prompts": ["ok", "  "]}}, "validation.prompts: prompt 1 is empty"),
-    ({"publish": {"hub_model_id": "no-slash"}}, "publish.hub_model_id"),
-    ({"resolutions": [64, 8192]}, "bad: [8192]"),
-])
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ({"spec_version": 2}, "spec_version: this trainer reads version 1"),
+        ({"lora": {"targets": "everything"}}, "lora.targets: unknown preset"),
+        ({"lora": {"targets": []}}, "lora.targets: the list of target modules is empty"),
+        ({"trigger_word": "two\nlines"}, "trigger_word: must be a single line"),
+        ({"validation": {"prompts": ["ok", "  "]}}, "validation.prompts: prompt 1 is empty"),
+        ({"publish": {"hub_model_id": "no-slash"}}, "publish.hub_model_id"),
+        ({"resolutions": [64, 8192]}, "bad: [8192]"),
+    ],
+)
 def test_bad_values_get_clear_messages(raw, needle):
     with pytest.raises(SpecError) as err:
         parse_spec(json.dumps(raw) if isinstance(raw, dict) else raw)
@@ -102,9 +123,11 @@ def test_json_schema_is_available():
 
 def test_spec_and_progress_import_without_torch():
     """The submit client validates specs on a laptop without torch."""
-    code = ("import sys; import train.spec, train.progress; "
-            "bad = [m for m in ('torch', 'diffusers', 'PIL', 'numpy') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; import train.spec, train.progress; "
+        "bad = [m for m in ('torch', 'diffusers', 'PIL', 'numpy') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -130,9 +153,16 @@ def test_reference_documents_every_field():
 def test_set_items_read_json_values_and_keep_text():
     from train.spec import parse_set_items
 
-    items = parse_set_items(["steps=50", "lora.rank=8", "model=flux-dev", "resolutions=[512, 768]",
-                             "trigger_word="])
-    assert items == {"steps": 50, "lora.rank": 8, "model": "flux-dev", "resolutions": [512, 768], "trigger_word": ""}
+    items = parse_set_items(
+        ["steps=50", "lora.rank=8", "model=flux-dev", "resolutions=[512, 768]", "trigger_word="]
+    )
+    assert items == {
+        "steps": 50,
+        "lora.rank": 8,
+        "model": "flux-dev",
+        "resolutions": [512, 768],
+        "trigger_word": "",
+    }
     assert parse_spec(None, **items).lora.rank == 8
     with pytest.raises(ValueError, match=r"--input 'seed': expected FIELD=VALUE"):
         parse_set_items(["width=64", "seed"], flag="--input")

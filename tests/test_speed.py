@@ -63,8 +63,12 @@ def test_cache_on_device_gives_identical_batches(tiny_weights, sample_dataset, t
     from train.speed import cache_fits_on_device
 
     assert not cache_fits_on_device("auto", 10, None)  # CPU: never
-    assert cache_fits_on_device("auto", 10 * 2**20, 80 * 2**30) and not cache_fits_on_device("auto", 8 * 2**30, 80 * 2**30)
-    assert cache_fits_on_device("on", 8 * 2**30, 80 * 2**30) and not cache_fits_on_device("off", 1, 80 * 2**30)
+    assert cache_fits_on_device("auto", 10 * 2**20, 80 * 2**30) and not cache_fits_on_device(
+        "auto", 8 * 2**30, 80 * 2**30
+    )
+    assert cache_fits_on_device("on", 8 * 2**30, 80 * 2**30) and not cache_fits_on_device(
+        "off", 1, 80 * 2**30
+    )
 
     from train.cache import build_cache
     from train.data import stage_dataset
@@ -101,8 +105,12 @@ def test_attention_backend_switches(monkeypatch):
         monkeypatch.setattr(torch.backends.cuda, name, lambda on, _n=name: calls.__setitem__(_n, on))
     assert "CPU" in apply_attention_backend("auto", cuda=False) and not calls
     apply_attention_backend("auto", cuda=True)
-    assert calls == {"enable_flash_sdp": True, "enable_mem_efficient_sdp": True, "enable_math_sdp": True,
-                     "enable_cudnn_sdp": False}  # cuDNN's backward crashed on the H200
+    assert calls == {
+        "enable_flash_sdp": True,
+        "enable_mem_efficient_sdp": True,
+        "enable_math_sdp": True,
+        "enable_cudnn_sdp": False,
+    }  # cuDNN's backward crashed on the H200
     apply_attention_backend("cudnn", cuda=True)
     assert calls["enable_cudnn_sdp"] is True and calls["enable_flash_sdp"] is False
 
@@ -117,8 +125,13 @@ def test_fused_qkv_matches_and_keeps_the_lora_layout(tiny_weights, sample_datase
     # under regional compilation too
     monkeypatch.setenv("ADVANCED_TRAINER_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
-    compiled = _run(tiny_weights, sample_dataset, tmp_path / "compiled", "flux-dev",
-                    **{"speed.fuse_qkv": "on", "speed.compile": "blocks"})
+    compiled = _run(
+        tiny_weights,
+        sample_dataset,
+        tmp_path / "compiled",
+        "flux-dev",
+        **{"speed.fuse_qkv": "on", "speed.compile": "blocks"},
+    )
     _assert_same(plain, compiled)
 
 
@@ -133,7 +146,9 @@ def test_fused_projection_shares_the_weights_and_skips_what_it_cannot_fuse(tiny_
         family = family_for(spec, tiny_weights / "tiny-flux-dev")
         family.load(torch.float32)
         model = family.denoiser
-        model.add_adapter(LoraConfig(r=4, lora_alpha=4, lora_dropout=dropout, target_modules=spec.lora_target_modules()))
+        model.add_adapter(
+            LoraConfig(r=4, lora_alpha=4, lora_dropout=dropout, target_modules=spec.lora_target_modules())
+        )
         return model
 
     model = model_with(0.0)
@@ -179,8 +194,13 @@ def test_every_exact_lever_together_under_compile(tiny_weights, sample_dataset, 
     monkeypatch.setenv("ADVANCED_TRAINER_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     plain = _run(tiny_weights, sample_dataset, tmp_path / "plain", "flux-dev")
-    fast = _run(tiny_weights, sample_dataset, tmp_path / "fast", "flux-dev",
-                **{"speed.fuse_qkv": "on", "speed.fuse_lora": "on", "speed.compile": "blocks"})
+    fast = _run(
+        tiny_weights,
+        sample_dataset,
+        tmp_path / "fast",
+        "flux-dev",
+        **{"speed.fuse_qkv": "on", "speed.fuse_lora": "on", "speed.compile": "blocks"},
+    )
     assert "fuse_qkv: 3" in fast[1] and "fuse_lora: 8" in fast[1]  # q/k/v groups take 9 of the 17
     _assert_same(plain, fast)
 

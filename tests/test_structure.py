@@ -86,8 +86,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     modules = _modules()
     # a package's __init__ importing its own submodules is how packages expose names, not a cycle
-    graph = {name: {m for m in _imports(name, path, modules) if not name.startswith(m + ".")}
-             for name, path in modules.items()}
+    graph = {
+        name: {m for m in _imports(name, path, modules) if not name.startswith(m + ".")}
+        for name, path in modules.items()
+    }
     assert _cycles(graph) == []
 
 
@@ -102,14 +104,26 @@ def test_no_long_functions():
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines: split them into named steps"
 
 
-@pytest.mark.parametrize("module", ["client.cli", "client.server", "client.pack", "client.jobs", "train.spec",
-                                    "train.dataset_rules", "train.http"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "client.cli",
+        "client.server",
+        "client.pack",
+        "client.jobs",
+        "train.spec",
+        "train.dataset_rules",
+        "train.http",
+    ],
+)
 def test_client_side_modules_never_import_torch(module):
     """The submit client runs on laptops without torch (DESIGN.md): importing it must not load it."""
     if module.startswith("train.") and not (ROOT / (module.replace(".", "/") + ".py")).exists():
         pytest.fail(f"{module} is expected to exist (the torch-free rules both sides share)")
     # (numpy is not checked: the replicate client imports it when it happens to be installed)
-    code = f"import sys, {module}; heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; " \
-           "print(','.join(heavy)); raise SystemExit(1 if heavy else 0)"
+    code = (
+        f"import sys, {module}; heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+        "print(','.join(heavy)); raise SystemExit(1 if heavy else 0)"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"importing {module} loaded {run.stdout.strip() or run.stderr[-400:]}"

@@ -24,8 +24,14 @@ def test_stock_pipeline_loads_and_renders(tiny_weights, name):
     pipe = cls.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     kw: dict[str, Any] = {} if "sdxl" in name else {"max_sequence_length": 32}
-    out = pipe("a red circle", num_inference_steps=2, height=64, width=96,
-               generator=torch.Generator().manual_seed(0), **kw)
+    out = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=96,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     # return_dict=True: an output object, not the tuple diffusers' return type also allows
     image = out.images[0]  # pyright: ignore[reportAttributeAccessIssue]
     assert image.size == (96, 64)
@@ -41,4 +47,7 @@ def test_committed_sample_dataset_matches_its_generator(sample_dataset, tmp_path
     for path in written:
         with Image.open(path) as fresh, Image.open(sample_dataset / path.name) as committed:
             assert np.array_equal(np.asarray(fresh), np.asarray(committed)), path.name
-        assert path.with_suffix(".txt").read_text() == (sample_dataset / path.name).with_suffix(".txt").read_text()
+        assert (
+            path.with_suffix(".txt").read_text()
+            == (sample_dataset / path.name).with_suffix(".txt").read_text()
+        )

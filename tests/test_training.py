@@ -19,21 +19,46 @@ from train.progress import parse_progress_line
 # SDXL's tiny UNet learns little through attention alone in a few dozen steps; these targets
 # (attention, feed-forward, resnet convs, the output conv) let the loss test see learning,
 # and exercise conv LoRA in both export formats.
-SDXL_WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                     "conv1", "conv2", "conv_out", "time_emb_proj"]
+SDXL_WIDE_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_out",
+    "time_emb_proj",
+]
 # Flux targets the diffusers kohya loader can read back on a tiny model: it hard-codes the
 # full-size widths of the fused single-block linear1 (q/k/v/mlp), so those stay out here;
 # tests/test_kohya.py checks that fusion numerically instead.
-FLUX_KOHYA_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
-                      "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.to_out.0",
-                      "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
-                      "transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.attn.to_add_out",
-                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
-                      "norm1_context.linear", "single_transformer_blocks.0.proj_out",
-                      "single_transformer_blocks.0.norm.linear"]
+FLUX_KOHYA_TARGETS = [
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_k",
+    "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.0.attn.to_out.0",
+    "transformer_blocks.0.attn.add_q_proj",
+    "transformer_blocks.0.attn.add_k_proj",
+    "transformer_blocks.0.attn.add_v_proj",
+    "transformer_blocks.0.attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "norm1.linear",
+    "norm1_context.linear",
+    "single_transformer_blocks.0.proj_out",
+    "single_transformer_blocks.0.norm.linear",
+]
 
 
-def _render(base: Path, family: str, lora_dir: Path | None = None, weight_name: str | None = None) -> np.ndarray:
+def _render(
+    base: Path, family: str, lora_dir: Path | None = None, weight_name: str | None = None
+) -> np.ndarray:
     from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
     cls = FluxPipeline if family == "flux" else StableDiffusionXLPipeline
@@ -42,8 +67,15 @@ def _render(base: Path, family: str, lora_dir: Path | None = None, weight_name: 
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir, **({"weight_name": weight_name} if weight_name else {}))
     kw = {"max_sequence_length": 32} if family == "flux" else {}
-    out = pipe("sks, a red circle on a blue background", num_inference_steps=3, height=64, width=64,
-               generator=torch.Generator().manual_seed(0), output_type="np", **kw)
+    out = pipe(
+        "sks, a red circle on a blue background",
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kw,
+    )
     return np.asarray(out.images[0])
 
 
@@ -67,13 +99,20 @@ def test_loss_falls_on_a_small_repeated_set(tiny_weights, sample_dataset, tmp_pa
     assert {"loss", "lr", "s_per_step", "eta_s", "total"} <= set(train_lines[-1])
 
 
-@pytest.mark.parametrize("model,targets,weights_name", [
-    ("flux-dev", FLUX_KOHYA_TARGETS, "tiny-flux-dev"),
-    ("sdxl", SDXL_WIDE_TARGETS, "tiny-sdxl"),
-])
-def test_exports_load_into_the_stock_pipeline(tiny_weights, sample_dataset, tmp_path, model, targets, weights_name):
+@pytest.mark.parametrize(
+    "model,targets,weights_name",
+    [
+        ("flux-dev", FLUX_KOHYA_TARGETS, "tiny-flux-dev"),
+        ("sdxl", SDXL_WIDE_TARGETS, "tiny-sdxl"),
+    ],
+)
+def test_exports_load_into_the_stock_pipeline(
+    tiny_weights, sample_dataset, tmp_path, model, targets, weights_name
+):
     # alpha != rank: both formats must carry the scale, not just the matrices
-    spec = quick_spec(tiny_weights, model, steps=20, learning_rate=5e-3, **{"lora.targets": targets, "lora.alpha": 8})
+    spec = quick_spec(
+        tiny_weights, model, steps=20, learning_rate=5e-3, **{"lora.targets": targets, "lora.alpha": 8}
+    )
     out = tmp_path / "out"
     result, _ = train_quietly(spec, sample_dataset, out)
     base = tiny_weights / weights_name
@@ -83,7 +122,9 @@ def test_exports_load_into_the_stock_pipeline(tiny_weights, sample_dataset, tmp_
     with_lora = _render(base, family, out)
     with_kohya = _render(base, family, out, weight_name="lora_kohya.safetensors")
     assert np.abs(with_lora - plain).max() > 0.02, "the LoRA does not change the image"
-    np.testing.assert_allclose(with_kohya, with_lora, atol=1e-4, err_msg="kohya export differs from diffusers export")
+    np.testing.assert_allclose(
+        with_kohya, with_lora, atol=1e-4, err_msg="kohya export differs from diffusers export"
+    )
 
     with safe_open(str(result.kohya_file), "pt") as f:
         keys = list(f.keys())
@@ -102,14 +143,27 @@ def test_default_flux_lora_changes_the_image(tiny_weights, sample_dataset, tmp_p
 
 
 def test_output_folder_contract(tiny_weights, sample_dataset, tmp_path):
-    spec = quick_spec(tiny_weights, "flux-dev", steps=4, trigger_word="sks", **{
-        "validation.prompts": ["a green square"], "validation.interval": 2})
+    spec = quick_spec(
+        tiny_weights,
+        "flux-dev",
+        steps=4,
+        trigger_word="sks",
+        **{"validation.prompts": ["a green square"], "validation.interval": 2},
+    )
     out = tmp_path / "job"
     result, log = train_quietly(spec, sample_dataset, out)
 
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == ["README.md", "config.json", "dataset_report.json", "lora_kohya.safetensors", "loss.png",
-                     "pytorch_lora_weights.safetensors", "samples/step-000002-0.png", "samples/step-000004-0.png"]
+    assert names == [
+        "README.md",
+        "config.json",
+        "dataset_report.json",
+        "lora_kohya.safetensors",
+        "loss.png",
+        "pytorch_lora_weights.safetensors",
+        "samples/step-000002-0.png",
+        "samples/step-000004-0.png",
+    ]
     assert not (out / ".work").exists(), "the staged dataset is scratch and must be cleaned up"
     with Image.open(out / "samples" / "step-000004-0.png") as img:
         assert img.size == (64, 64)
@@ -142,18 +196,31 @@ def test_same_seed_same_weights_on_cpu(tiny_weights, sample_dataset, tmp_path):
     wa, wb = load_file(str(a.lora_file)), load_file(str(b.lora_file))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    other, _ = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=5, caption_dropout=0.3, batch_size=2, seed=8),
-                             sample_dataset, tmp_path / "c")
+    other, _ = train_quietly(
+        quick_spec(tiny_weights, "flux-dev", steps=5, caption_dropout=0.3, batch_size=2, seed=8),
+        sample_dataset,
+        tmp_path / "c",
+    )
     wc = load_file(str(other.lora_file))
     assert any(not torch.equal(wa[k], wc[k]) for k in wa), "a different seed should train differently"
 
 
 def test_accumulation_batches_and_multiple_resolutions(tiny_weights, sample_dataset, tmp_path):
-    spec = quick_spec(tiny_weights, "sdxl", steps=3, batch_size=2, gradient_accumulation_steps=2,
-                      resolutions="64,128", lr_scheduler="cosine", lr_warmup_steps=1)
+    spec = quick_spec(
+        tiny_weights,
+        "sdxl",
+        steps=3,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        resolutions="64,128",
+        lr_scheduler="cosine",
+        lr_warmup_steps=1,
+    )
     result, log = train_quietly(spec, sample_dataset, tmp_path / "out")
     report = json.loads((result.out_dir / "dataset_report.json").read_text())
-    assert any(k.startswith("128px") for k in report["buckets"]) and any(k.startswith("64px") for k in report["buckets"])
+    assert any(k.startswith("128px") for k in report["buckets"]) and any(
+        k.startswith("64px") for k in report["buckets"]
+    )
     lrs = [r["lr"] for r in map(parse_progress_line, log.splitlines()) if r and r["phase"] == "train"]
     assert lrs[0] < lrs[1], "warmup should raise the learning rate"
 
@@ -190,8 +257,11 @@ def test_nan_loss_stops_the_run_with_a_clear_error(tiny_weights, sample_dataset,
 
     monkeypatch.setattr(FluxFamily, "loss", exploding)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*learning_rate"):
-        train_quietly(quick_spec(tiny_weights, "flux-dev", steps=6, checkpoint_interval=3), sample_dataset,
-                      tmp_path / "out")
+        train_quietly(
+            quick_spec(tiny_weights, "flux-dev", steps=6, checkpoint_interval=3),
+            sample_dataset,
+            tmp_path / "out",
+        )
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
     assert not (tmp_path / "out" / "checkpoints").exists()  # the diverged state is never checkpointed
 
@@ -199,13 +269,16 @@ def test_nan_loss_stops_the_run_with_a_clear_error(tiny_weights, sample_dataset,
 def test_progress_lines_every_log_every_steps_carry_the_mean_loss(tiny_weights, sample_dataset, tmp_path):
     """log_every=3: lines at 3, 6 and the last step, each the mean of the steps since the line before
     (the loss is read back from the accelerator only for these lines)."""
-    every, _ = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=7), sample_dataset, tmp_path / "every")
-    sparse, log = train_quietly(quick_spec(tiny_weights, "flux-dev", steps=7, log_every=3), sample_dataset,
-                                tmp_path / "sparse")
+    every, _ = train_quietly(
+        quick_spec(tiny_weights, "flux-dev", steps=7), sample_dataset, tmp_path / "every"
+    )
+    sparse, log = train_quietly(
+        quick_spec(tiny_weights, "flux-dev", steps=7, log_every=3), sample_dataset, tmp_path / "sparse"
+    )
     per_step = dict(every.losses)
     assert sorted(per_step) == list(range(1, 8))
     assert [s for s, _ in sparse.losses] == [3, 6, 7]
-    for (step, value), since in zip(sparse.losses, ([1, 2, 3], [4, 5, 6], [7])):
+    for (step, value), since in zip(sparse.losses, ([1, 2, 3], [4, 5, 6], [7]), strict=True):
         assert value == pytest.approx(statistics.mean(per_step[k] for k in since), rel=1e-5), step
     lines = [parse_progress_line(ln) for ln in log.splitlines()]
     assert [p["step"] for p in lines if p and p.get("phase") == "train"] == [3, 6, 7]
@@ -217,14 +290,23 @@ def test_machine_checks_fail_before_loading(tiny_weights, sample_dataset, tmp_pa
     with pytest.raises(TrainingError, match="adamw8bit.*CUDA"):
         train_quietly(quick_spec(tiny_weights, optimizer="adamw8bit"), sample_dataset, tmp_path / "a")
     with pytest.raises(TrainingError, match="lora.targets"):
-        train_quietly(quick_spec(tiny_weights, **{"lora.targets": ["no_such_module"]}), sample_dataset, tmp_path / "b")
+        train_quietly(
+            quick_spec(tiny_weights, **{"lora.targets": ["no_such_module"]}), sample_dataset, tmp_path / "b"
+        )
 
 
 def test_prodigy_optimizer_trains(tiny_weights, sample_dataset, tmp_path):
     from train.spec import parse_spec
 
-    spec = parse_spec({"base_weights": str(tiny_weights / "tiny-flux-dev"), "steps": 4, "resolutions": 64,
-                       "optimizer": "prodigy", "validation": {"num_inference_steps": 2}})
+    spec = parse_spec(
+        {
+            "base_weights": str(tiny_weights / "tiny-flux-dev"),
+            "steps": 4,
+            "resolutions": 64,
+            "optimizer": "prodigy",
+            "validation": {"num_inference_steps": 2},
+        }
+    )
     assert spec.learning_rate == 1.0  # Prodigy's own default
     result, _ = train_quietly(spec, sample_dataset, tmp_path / "out")
     assert result.lora_file.is_file()

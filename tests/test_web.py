@@ -11,7 +11,6 @@ import os
 import re
 
 import pytest
-
 from playwright.sync_api import expect  # noqa: E402
 
 from fake_replicate import FakeReplicate  # noqa: E402
@@ -21,8 +20,15 @@ if not os.path.exists(CHROMIUM):  # `make test` installs it; a silent skip would
     raise RuntimeError(f"no Chromium at {CHROMIUM}: run `make test` (it installs Debian's chromium)")
 
 TOKEN = "r8_" + "W3bPageT0k" * 4
-TINY_SPEC = {"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 8, "learning_rate": 0.01,
-             "caption_dropout": 0, "trigger_word": "sks", "validation": {"num_inference_steps": 2}}
+TINY_SPEC = {
+    "base_weights": "tiny-flux-dev",
+    "resolutions": "64",
+    "steps": 8,
+    "learning_rate": 0.01,
+    "caption_dropout": 0,
+    "trigger_word": "sks",
+    "validation": {"num_inference_steps": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,9 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fake(home, train_server, run_servers):
-    with FakeReplicate(cog_train_url=train_server.url, cog_run_for=run_servers.url_for, token=TOKEN,
-                       webhook_throttle_s=0.2) as f:
+    with FakeReplicate(
+        cog_train_url=train_server.url, cog_run_for=run_servers.url_for, token=TOKEN, webhook_throttle_s=0.2
+    ) as f:
         yield f
 
 
@@ -90,6 +97,7 @@ def submitted_id(page) -> str:
 
 # -- errors in words, beside their controls -------------------------------------------------------------
 
+
 def test_bad_spec_fields_and_settings_are_explained_beside_their_controls(page, local):
     # a bad field typed in the form: its message appears beside it, and the field is marked invalid
     page.locator("#spec-steps").fill("0")
@@ -133,7 +141,9 @@ def test_bad_spec_fields_and_settings_are_explained_beside_their_controls(page, 
     page.locator("#allowed-ips").fill("127.0.0.1/32\n999.1.1.1")
     page.locator("#public-url").fill("ftp://example.com")
     page.locator("#webhook-form button[type=submit]").click()
-    expect(page.locator("#err-webhook_allowed_ips")).to_contain_text("'999.1.1.1' is not an IP address or range")
+    expect(page.locator("#err-webhook_allowed_ips")).to_contain_text(
+        "'999.1.1.1' is not an IP address or range"
+    )
     expect(page.locator("#err-public_url")).to_contain_text("expected an http(s) URL")
     expect(page.locator("#webhook-msg")).to_contain_text("Not saved")
     expect(page.locator("#allowed-ips")).to_have_attribute("aria-invalid", "true")
@@ -145,8 +155,11 @@ def test_bad_spec_fields_and_settings_are_explained_beside_their_controls(page, 
     page.locator("#spend-form button[type=submit]").click()
     expect(page.locator("#spend-msg")).to_have_text("Spend limit saved.")
     expect(page.locator("#spend-current")).to_contain_text("$25.00 per week")
-    assert local.http.get("/api/cloud/spend-limit").json()["spend_limit"] == \
-        {"amount_usd": 25.0, "period": "weekly", "action": "warn"}
+    assert local.http.get("/api/cloud/spend-limit").json()["spend_limit"] == {
+        "amount_usd": 25.0,
+        "period": "weekly",
+        "action": "warn",
+    }
     shot(page.locator("#settings"), "settings-with-errors")
     page.locator("#spend-clear").click()
     expect(page.locator("#spend-msg")).to_have_text("Spend limit removed.")
@@ -172,7 +185,9 @@ def test_token_form_and_version_pin(page, local, fake):
     expect(first).to_contain_text(fake.trainer_version[:12])
     first.get_by_role("button", name=re.compile("^Pin version")).click()
     expect(page.locator("#versions-msg")).to_contain_text("Pinned")
-    assert local.http.get("/api/cloud/providers/replicate").json()["settings"]["version"] == fake.trainer_version
+    assert (
+        local.http.get("/api/cloud/providers/replicate").json()["settings"]["version"] == fake.trainer_version
+    )
     expect(page.locator("#versions-list li.is-pinned")).to_have_count(1)
     page.locator("#versions-list li.is-pinned").get_by_role("button", name=re.compile("^Unpin")).click()
     expect(page.locator("#versions-msg")).to_contain_text("Unpinned")
@@ -192,6 +207,7 @@ def test_upload_a_zip(page, local, sample_zip):
 
 
 # -- the whole flow on the real Cog server -------------------------------------------------------------
+
 
 def test_validate_submit_follow_open_try_and_cancel(page, local, fake, sample_dataset, train_server, browser):
     # provider panel: the account, the token's source, Replicate's status (offline: unknown)
@@ -361,7 +377,10 @@ def test_pages_from_another_origin_cannot_change_anything(browser, local):
     spend = local.http.get("/api/cloud/spend-limit").json()
     jobs = [j["id"] for j in local.http.get("/api/cloud/jobs").json()["jobs"]]
     other = OtherOrigin("<!doctype html><title>other</title><script src='/attack.js'></script>", ATTACK_JS)
-    origins = [other.url.rstrip("/"), other.url.rstrip("/").replace("127.0.0.1", "localhost")]  # same-site, cross-site
+    origins = [
+        other.url.rstrip("/"),
+        other.url.rstrip("/").replace("127.0.0.1", "localhost"),
+    ]  # same-site, cross-site
     first = len(local.seen)
     try:
         page = browser.page()
@@ -380,9 +399,12 @@ def test_pages_from_another_origin_cannot_change_anything(browser, local):
     seen = [r for r in local.seen[first:] if r["origin"] in origins]
     writes = [r for r in seen if r["method"] in ("POST", "PUT", "PATCH", "DELETE")]
     assert {(r["origin"], r["path"]) for r in writes} == {
-        (o, p) for o in origins for p in ("/api/cloud/jobs/submit", "/api/cloud/jobs/JOB/cancel")}, seen
+        (o, p) for o in origins for p in ("/api/cloud/jobs/submit", "/api/cloud/jobs/JOB/cancel")
+    }, seen
     assert all(r["status"] == 403 for r in writes), writes
-    assert all(r["method"] in ("POST", "PUT", "OPTIONS") for r in seen), seen  # preflights, never answered with CORS
+    assert all(r["method"] in ("POST", "PUT", "OPTIONS") for r in seen), (
+        seen
+    )  # preflights, never answered with CORS
     assert local.http.get("/api/cloud/providers/replicate").json() == before
     assert local.http.get("/api/cloud/spend-limit").json() == spend
     assert [j["id"] for j in local.http.get("/api/cloud/jobs").json()["jobs"]] == jobs

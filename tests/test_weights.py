@@ -17,8 +17,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from train import weights as W
 from train.weights import (
     WeightsError,
@@ -71,7 +71,9 @@ def archives(hashed, tmp_path_factory) -> dict[str, Path]:
     with zipfile.ZipFile(zp, "w") as zf:
         for p in sorted((hashed / "tiny-flux-schnell").rglob("*")):
             if p.is_file():
-                zf.write(p, "export/tiny-flux-schnell/" + p.relative_to(hashed / "tiny-flux-schnell").as_posix())
+                zf.write(
+                    p, "export/tiny-flux-schnell/" + p.relative_to(hashed / "tiny-flux-schnell").as_posix()
+                )
     junk = d / "not-an-archive.tar.gz"
     junk.write_text("<html>this is an error page, not weights</html>\n" * 20)
     evil = d / "evil.tar"
@@ -79,6 +81,7 @@ def archives(hashed, tmp_path_factory) -> dict[str, Path]:
         info = tarfile.TarInfo("../escaped.txt")
         info.size = 1
         import io
+
         tf.addfile(info, io.BytesIO(b"x"))
     return {"tgz": tgz, "zip": zp, "junk": junk, "evil": evil}
 
@@ -104,7 +107,9 @@ def http_server(archives):
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _no_temp_left(weights_dir: Path) -> bool:
@@ -120,7 +125,9 @@ def test_manifest_round_trip(hashed, tiny_weights, tmp_path):
     assert data["version"] == 1 and sorted(data["models"]) == NAMES
     for name in NAMES:
         files = data["models"][name]["files"]
-        on_disk = sorted(p.relative_to(hashed / name).as_posix() for p in (hashed / name).rglob("*") if p.is_file())
+        on_disk = sorted(
+            p.relative_to(hashed / name).as_posix() for p in (hashed / name).rglob("*") if p.is_file()
+        )
         assert sorted(files) == on_disk and "model_index.json" in files
         for rel, info in files.items():
             assert info["size"] == (hashed / name / rel).stat().st_size
@@ -173,16 +180,18 @@ def test_flipped_byte_is_caught_only_with_full_hash(cache):
 
 def test_verify_without_manifest_and_with_a_bad_one(tmp_path):
     assert "manifest.json is missing" in verify_weights(tmp_path)[0]
-    (tmp_path / "manifest.json").write_text('{"version": 1, "models": {"x": {"files": {"../../etc/passwd": '
-                                            '{"size": 1, "sha256": null}}}}}')
+    (tmp_path / "manifest.json").write_text(
+        '{"version": 1, "models": {"x": {"files": {"../../etc/passwd": {"size": 1, "sha256": null}}}}}'
+    )
     with pytest.raises(WeightsError, match="not a plain relative path"):
         verify_weights(tmp_path)
 
 
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "train.weights", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "train.weights", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_cli_exit_codes(tiny_weights, tmp_path):
@@ -217,11 +226,15 @@ def test_fetch_local_tar_gz_and_nested_zip(archives, hashed, tmp_path):
     for name in ("tiny-flux-dev", "tiny-sdxl"):
         assert _tree(d / name) == _tree(hashed / name)
     m = load_manifest(d)
-    assert m["models"]["tiny-sdxl"] == load_manifest(hashed)["models"]["tiny-sdxl"]  # the archive's own manifest
+    assert (
+        m["models"]["tiny-sdxl"] == load_manifest(hashed)["models"]["tiny-sdxl"]
+    )  # the archive's own manifest
     assert verify_weights(d, full_hash=True) == []
     assert _no_temp_left(d)
 
-    assert fetch_weights_archive(str(archives["zip"]), d) == ["tiny-flux-schnell"]  # export/tiny-flux-schnell/
+    assert fetch_weights_archive(str(archives["zip"]), d) == [
+        "tiny-flux-schnell"
+    ]  # export/tiny-flux-schnell/
     assert _tree(d / "tiny-flux-schnell") == _tree(hashed / "tiny-flux-schnell")
     m = load_manifest(d)
     assert sorted(m["models"]) == NAMES  # added to, not replaced
@@ -249,7 +262,9 @@ def test_fetch_never_overwrites_or_deletes_an_existing_model(archives, tiny_weig
     assert fetch_weights_archive(str(archives["tgz"]), d) == ["tiny-flux-dev", "tiny-sdxl"]
     assert _tree(d / "tiny-flux-dev") == before
     assert "already exists; left as it is (not overwritten)" in capsys.readouterr().out
-    assert "tiny-flux-dev" not in load_manifest(d)["models"]  # the archive's entry would not match this folder
+    assert (
+        "tiny-flux-dev" not in load_manifest(d)["models"]
+    )  # the archive's entry would not match this folder
     assert (d / "tiny-sdxl" / "model_index.json").is_file() and _no_temp_left(d)
     # a second fetch of the same archive changes nothing
     sdxl = _tree(d / "tiny-sdxl")
@@ -313,7 +328,11 @@ def test_prepare_required_missing_says_what_to_provide(cache):
     msg = str(e.value)
     assert f"base weights missing: {cache / 'FLUX.1-dev'}" in msg
     assert f"put the diffusers folder at {cache / 'FLUX.1-dev'}" in msg
-    assert "python -m train.weights manifest" in msg and "ADVANCED_TRAINER_BASE_WEIGHTS" in msg and "hf_token" in msg
+    assert (
+        "python -m train.weights manifest" in msg
+        and "ADVANCED_TRAINER_BASE_WEIGHTS" in msg
+        and "hf_token" in msg
+    )
     assert sorted(p.name for p in cache.iterdir()) == sorted(NAMES + ["manifest.json"])  # nothing deleted
 
 
@@ -326,7 +345,9 @@ def test_prepare_listed_model_missing_or_damaged(cache):
     assert "tiny-sdxl (not required)" in status.warnings[0]
     p = cache / "tiny-flux-dev" / "vae" / "diffusion_pytorch_model.safetensors"
     p.write_bytes(p.read_bytes()[:-1])
-    with pytest.raises(WeightsError, match="base weights damaged: .*diffusion_pytorch_model.safetensors") as e:
+    with pytest.raises(
+        WeightsError, match="base weights damaged: .*diffusion_pytorch_model.safetensors"
+    ) as e:
         prepare_weights(cache, required=["tiny-flux-dev"])
     assert p.exists()  # never deleted
 

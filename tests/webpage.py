@@ -17,8 +17,15 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = os.environ.get("ADVANCED_TRAINER_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -34,8 +41,14 @@ class LocalServer:
     the webhook allow-list is loopback. ``state_host`` is the address the app believes it is bound to
     ("0.0.0.0" turns on its API-key login) while uvicorn itself stays on loopback."""
 
-    def __init__(self, root: Path, fake_url: str, public: bool = True, allowed=("127.0.0.1/32",),
-                 state_host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        root: Path,
+        fake_url: str,
+        public: bool = True,
+        allowed=("127.0.0.1/32",),
+        state_host: str = "127.0.0.1",
+    ):
         import uvicorn
 
         from client import server as srv
@@ -43,13 +56,15 @@ class LocalServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        Settings(public_url=self.url if public else None, webhook_allowed_ips=list(allowed),
-                 hardware="gpu-l40s").save(root)
+        Settings(
+            public_url=self.url if public else None, webhook_allowed_ips=list(allowed), hardware="gpu-l40s"
+        ).save(root)
         self.state = srv.State(root=root, base_url=fake_url, host=state_host, port=self.port)
         self.app = srv.create_app(self.state)
         self.seen: list[dict] = []  # every request the app answered: method, path, origin, status
-        self.server = uvicorn.Server(srv.uvicorn_config(Recorder(self.app, self.seen), "127.0.0.1", self.port,
-                                                        log_level="error"))
+        self.server = uvicorn.Server(
+            srv.uvicorn_config(Recorder(self.app, self.seen), "127.0.0.1", self.port, log_level="error")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         self.poller = threading.Thread(target=srv._poller, args=(self.state,), daemon=True)
@@ -80,8 +95,13 @@ class Recorder:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        entry = {"method": scope["method"], "path": scope["path"], "origin": headers.get("origin"),
-                 "site": headers.get("sec-fetch-site"), "status": None}
+        entry = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "origin": headers.get("origin"),
+            "site": headers.get("sec-fetch-site"),
+            "status": None,
+        }
         self.seen.append(entry)
 
         async def send_noting(message):
@@ -101,8 +121,13 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="at-chromium-")
         self._pw = sync_playwright().start()
         self.context = self._pw.chromium.launch_persistent_context(
-            self.profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": viewport[0], "height": viewport[1]}, service_workers="block")
+            self.profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": viewport[0], "height": viewport[1]},
+            service_workers="block",
+        )
         self.problems: list[str] = []  # page errors and CSP refusals, from every page
 
     def page(self, viewport=None):
@@ -110,8 +135,14 @@ class Browser:
         if viewport:
             page.set_viewport_size({"width": viewport[0], "height": viewport[1]})
         page.on("pageerror", lambda exc: self.problems.append(f"pageerror: {exc}"))
-        page.on("console", lambda msg: self.problems.append(f"console: {msg.text}")
-                if msg.type == "error" and ("Content Security Policy" in msg.text or "Refused to" in msg.text) else None)
+        page.on(
+            "console",
+            lambda msg: (
+                self.problems.append(f"console: {msg.text}")
+                if msg.type == "error" and ("Content Security Policy" in msg.text or "Refused to" in msg.text)
+                else None
+            ),
+        )
         return page
 
     def close(self) -> None:

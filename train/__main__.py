@@ -12,16 +12,37 @@ from .spec import SpecError, parse_set_items, parse_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description="Train a LoRA or fine-tune on a dataset.")
-    parser.add_argument("--spec", default=None, help="training spec: a JSON file or a JSON string (default: all defaults)")
-    parser.add_argument("--data", required=True, type=Path, help="dataset: a zip / tar / tar.gz archive or a folder")
-    parser.add_argument("--out", required=True, type=Path, help="job folder: outputs are written here, nowhere else")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help='override a spec field, e.g. --set steps=50 --set lora.rank=8 (JSON values)')
-    parser.add_argument("--resume-from", type=Path, default=None,
-                        help="a checkpoint folder (OUT/checkpoints/step-N) or an archive of one")
-    parser.add_argument("--num-processes", type=int, default=1,
-                        help="data-parallel processes (one per GPU; on a CPU, gloo processes)")
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="Train a LoRA or fine-tune on a dataset."
+    )
+    parser.add_argument(
+        "--spec", default=None, help="training spec: a JSON file or a JSON string (default: all defaults)"
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset: a zip / tar / tar.gz archive or a folder"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="job folder: outputs are written here, nowhere else"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a spec field, e.g. --set steps=50 --set lora.rank=8 (JSON values)",
+    )
+    parser.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="a checkpoint folder (OUT/checkpoints/step-N) or an archive of one",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="data-parallel processes (one per GPU; on a CPU, gloo processes)",
+    )
     parser.add_argument("--keep-work", action="store_true", help="keep the staged dataset in OUT/.work")
     return parser
 
@@ -39,8 +60,16 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         if a.startswith("--num-processes="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
-           "-m", "train", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.num_processes}",
+        "-m",
+        "train",
+        *rest,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(cmd, env=env).returncode
 
@@ -70,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     from .weights import WeightsError
 
     try:
-        result = run_training(spec, args.data, args.out, keep_work=args.keep_work, resume_from=args.resume_from)
+        result = run_training(
+            spec, args.data, args.out, keep_work=args.keep_work, resume_from=args.resume_from
+        )
     except (DatasetError, UnsafeArchiveError, WeightsError, TrainingError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

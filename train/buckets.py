@@ -55,7 +55,7 @@ class Placement:
     """Where one image lands at one resolution (and what SDXL's add_time_ids need)."""
 
     resolution: int
-    bucket: tuple[int, int]        # (width, height) after crop
+    bucket: tuple[int, int]  # (width, height) after crop
     original_size: tuple[int, int]  # (height, width) of the source
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
 

@@ -26,7 +26,7 @@ class CachedItem:
     placement: Placement
     mean: torch.Tensor  # (C, h, w) fp32, CPU
     std: torch.Tensor
-    caption: int        # index into LatentCache.texts
+    caption: int  # index into LatentCache.texts
     device_time_ids: torch.Tensor | None = None  # set when the cache moves to the accelerator
 
     @property
@@ -34,7 +34,9 @@ class CachedItem:
         if self.device_time_ids is not None:
             return self.device_time_ids
         p = self.placement
-        return torch.tensor([*p.original_size, *p.crop_top_left, p.bucket[1], p.bucket[0]], dtype=torch.float32)
+        return torch.tensor(
+            [*p.original_size, *p.crop_top_left, p.bucket[1], p.bucket[0]], dtype=torch.float32
+        )
 
 
 @dataclass
@@ -72,8 +74,15 @@ def _to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def build_cache(family: Family, dataset: StagedDataset, resolutions: list[int], validation_prompts: list[str],
-                device: torch.device, max_pixels: int, on_item: Callable[[int, int], None] | None = None) -> LatentCache:
+def build_cache(
+    family: Family,
+    dataset: StagedDataset,
+    resolutions: list[int],
+    validation_prompts: list[str],
+    device: torch.device,
+    max_pixels: int,
+    on_item: Callable[[int, int], None] | None = None,
+) -> LatentCache:
     multiple = family.pixel_multiple()
 
     captions = sorted({r.caption for r in dataset.images})
@@ -81,8 +90,8 @@ def build_cache(family: Family, dataset: StagedDataset, resolutions: list[int], 
     prompts = captions + [""] + validation_prompts
     encoded: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(prompts), 16):
-        encoded += family.encode_prompts(prompts[start:start + 16], device)
-    texts, empty, val = encoded[:len(captions)], encoded[len(captions)], encoded[len(captions) + 1:]
+        encoded += family.encode_prompts(prompts[start : start + 16], device)
+    texts, empty, val = encoded[: len(captions)], encoded[len(captions)], encoded[len(captions) + 1 :]
 
     plan = [(rec, p) for rec in dataset.images for p in place(rec.width, rec.height, resolutions, multiple)]
     items: list[CachedItem] = []
@@ -119,7 +128,7 @@ class BatchSampler:
             idx = groups[key]
             rng.shuffle(idx)
             for j in range(0, len(idx), self.batch_size):
-                batch = idx[j:j + self.batch_size]
+                batch = idx[j : j + self.batch_size]
                 fill = 0
                 while len(batch) < self.batch_size:  # top up from the same bucket, cycling
                     batch.append(idx[fill % len(idx)])
@@ -147,8 +156,14 @@ class BatchSampler:
         return batch
 
 
-def collate(cache: LatentCache, indices: list[int], drop: list[bool], device: torch.device,
-            text_dtype: torch.dtype, rng: BatchRandom) -> Batch:
+def collate(
+    cache: LatentCache,
+    indices: list[int],
+    drop: list[bool],
+    device: torch.device,
+    text_dtype: torch.dtype,
+    rng: BatchRandom,
+) -> Batch:
     """Stack cached items into a Batch; ``drop[i]`` swaps item i's caption for the empty one."""
     items = [cache.items[i] for i in indices]
     texts = [cache.empty_text if d else cache.texts[it.caption] for it, d in zip(items, drop, strict=True)]

@@ -30,8 +30,18 @@ STATE = "training_state.pt"
 META = "trainer_state.json"
 # Fields a resumed run must share with the run that made the checkpoint: they decide what
 # the weights mean, which order the data comes in, and what the random draws are.
-MUST_MATCH = ("model", "mode", "lora", "batch_size", "gradient_accumulation_steps", "resolutions", "seed",
-              "caption_dropout", "trigger_word", "optimizer")
+MUST_MATCH = (
+    "model",
+    "mode",
+    "lora",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "resolutions",
+    "seed",
+    "caption_dropout",
+    "trigger_word",
+    "optimizer",
+)
 
 
 class CheckpointError(ValueError):
@@ -47,15 +57,32 @@ class Checkpoint:
     spec: dict[str, Any]
 
 
-def save_checkpoint(folder: Path, spec: TrainingSpec, trainable: dict[str, torch.Tensor], optimizer: Any,
-                    lr_scheduler: Any, train_state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    folder: Path,
+    spec: TrainingSpec,
+    trainable: dict[str, torch.Tensor],
+    optimizer: Any,
+    lr_scheduler: Any,
+    train_state: dict[str, Any],
+) -> Path:
     """``train_state`` is ``TrainState.state_dict()`` (train/trainer.py): step, sampler, history, generators."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(folder / TRAINABLE))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "generators": train_state["generators"], "torch_rng": torch.get_rng_state()}, folder / STATE)
-    meta = {"step": train_state["step"], "sampler": train_state["sampler"], "history": train_state["history"],
-            "spec": json.loads(spec.to_json())}
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "generators": train_state["generators"],
+            "torch_rng": torch.get_rng_state(),
+        },
+        folder / STATE,
+    )
+    meta = {
+        "step": train_state["step"],
+        "sampler": train_state["sampler"],
+        "history": train_state["history"],
+        "spec": json.loads(spec.to_json()),
+    }
     (folder / META).write_text(json.dumps(meta, indent=1) + "\n")
     return folder
 
@@ -73,27 +100,41 @@ def open_checkpoint(source: Path, work: Path) -> Checkpoint:
         extract_archive(source, folder, DataLimits(max_files=100, max_bytes=200 * 2**30))
     found = sorted(p.parent for p in folder.rglob(META))
     if not found:
-        raise CheckpointError(f"resume_from: {source} holds no {META}; pass a checkpoint folder or its archive")
+        raise CheckpointError(
+            f"resume_from: {source} holds no {META}; pass a checkpoint folder or its archive"
+        )
     folder = found[-1]  # an archive of the whole checkpoints/ folder: the newest step sorts last
     for name in (TRAINABLE, STATE):
         if not (folder / name).is_file():
             raise CheckpointError(f"resume_from: {folder} lacks {name}; the checkpoint is incomplete")
     meta = json.loads((folder / META).read_text())
-    return Checkpoint(folder, int(meta["step"]), meta["sampler"], [tuple(x) for x in meta.get("history", [])],
-                      meta.get("spec", {}))
+    return Checkpoint(
+        folder,
+        int(meta["step"]),
+        meta["sampler"],
+        [tuple(x) for x in meta.get("history", [])],
+        meta.get("spec", {}),
+    )
 
 
 def check_compatible(ckpt: Checkpoint, spec: TrainingSpec) -> None:
     now = json.loads(spec.to_json())
-    diffs = [f"{k}: checkpoint {ckpt.spec.get(k)!r}, spec {now.get(k)!r}" for k in MUST_MATCH
-             if k in ckpt.spec and ckpt.spec.get(k) != now.get(k)]
+    diffs = [
+        f"{k}: checkpoint {ckpt.spec.get(k)!r}, spec {now.get(k)!r}"
+        for k in MUST_MATCH
+        if k in ckpt.spec and ckpt.spec.get(k) != now.get(k)
+    ]
     if spec.mode == "full":
         diffs = [d for d in diffs if not d.startswith("lora:")]
     if diffs:
-        raise CheckpointError("resume_from: the checkpoint was made with different settings — " + "; ".join(diffs))
+        raise CheckpointError(
+            "resume_from: the checkpoint was made with different settings — " + "; ".join(diffs)
+        )
     if ckpt.step >= spec.steps:
-        raise CheckpointError(f"resume_from: the checkpoint is at step {ckpt.step}, and steps is {spec.steps}; "
-                              f"raise steps to train further")
+        raise CheckpointError(
+            f"resume_from: the checkpoint is at step {ckpt.step}, and steps is {spec.steps}; "
+            f"raise steps to train further"
+        )
 
 
 def load_trainable(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -106,4 +147,9 @@ def restore_training_state(ckpt: Checkpoint, optimizer: Any, lr_scheduler: Any) 
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    return {"step": ckpt.step, "sampler": ckpt.sampler, "history": ckpt.history, "generators": state["generators"]}
+    return {
+        "step": ckpt.step,
+        "sampler": ckpt.sampler,
+        "history": ckpt.history,
+        "generators": state["generators"],
+    }

@@ -73,11 +73,11 @@ class DataLimits:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    path: Path          # the staged file
-    name: str           # its path inside the dataset, for messages
+    path: Path  # the staged file
+    name: str  # its path inside the dataset, for messages
     caption: str
     caption_source: str  # txt | metadata.jsonl | captions.csv | default
-    width: int          # after EXIF rotation
+    width: int  # after EXIF rotation
     height: int
 
 
@@ -92,8 +92,15 @@ class StagedDataset:
         return {
             "images_used": len(self.images),
             "dataset_hash": self.dataset_hash,
-            "images": [{"name": r.name, "size": [r.width, r.height], "caption": r.caption,
-                        "caption_source": r.caption_source} for r in self.images],
+            "images": [
+                {
+                    "name": r.name,
+                    "size": [r.width, r.height],
+                    "caption": r.caption,
+                    "caption_source": r.caption_source,
+                }
+                for r in self.images
+            ],
             "skipped": [{"name": n, "reason": why} for n, why in self.skipped],
         }
 
@@ -145,7 +152,8 @@ class _Budget:
     def check(self, n: int, entry: str) -> None:
         if n > self.left:
             raise UnsafeArchiveError(
-                f"archive entry {entry!r}: the archive unpacks to more than {self.limit} bytes (limit)")
+                f"archive entry {entry!r}: the archive unpacks to more than {self.limit} bytes (limit)"
+            )
 
     def spend(self, n: int, entry: str) -> None:
         self.check(n, entry)
@@ -157,8 +165,8 @@ class _Source:
     """One archive entry to copy out: its stream, what it declares, and how to see its compressed bytes."""
 
     stream: IO[bytes]
-    name: str                                     # as written in the archive, for messages
-    declared: int                                 # the uncompressed size the archive declares
+    name: str  # as written in the archive, for messages
+    declared: int  # the uncompressed size the archive declares
     compressed_pos: Callable[[], int] | None = None  # the compressed stream's position (tar.gz only)
 
 
@@ -177,7 +185,8 @@ def _copy_entry(src: _Source, dst_path: Path, budget: _Budget) -> None:
                 written += len(chunk)
                 if written > src.declared:
                     raise UnsafeArchiveError(
-                        f"archive entry {src.name!r}: holds more than the {src.declared} bytes it declares")
+                        f"archive entry {src.name!r}: holds more than the {src.declared} bytes it declares"
+                    )
                 if src.compressed_pos:
                     why = rules.ratio_reason(written, src.compressed_pos() - start + _RATIO_SLACK)
                     if why:
@@ -189,8 +198,9 @@ def _copy_entry(src: _Source, dst_path: Path, budget: _Budget) -> None:
         raise
 
 
-def _screen(name: str, rel: PurePosixPath, size: int, compressed: int | None,
-            limits: DataLimits) -> str | None:
+def _screen(
+    name: str, rel: PurePosixPath, size: int, compressed: int | None, limits: DataLimits
+) -> str | None:
     """A dataset entry's fate from its declared sizes, before any byte is extracted.
 
     Returns None to extract it, "" to leave junk out silently, or the reason a file that is
@@ -208,8 +218,9 @@ def _screen(name: str, rel: PurePosixPath, size: int, compressed: int | None,
     return reason if kind == rules.OTHER else None
 
 
-def extract_archive(archive: Path, dest: Path, limits: DataLimits, *,
-                    dataset_only: bool = False) -> list[tuple[str, str]]:
+def extract_archive(
+    archive: Path, dest: Path, limits: DataLimits, *, dataset_only: bool = False
+) -> list[tuple[str, str]]:
     """Extract ``archive`` into ``dest`` (which must not exist yet) after checking every entry.
 
     ``dataset_only``: extract images and caption files only, refusing caption files over their
@@ -229,8 +240,15 @@ def extract_archive(archive: Path, dest: Path, limits: DataLimits, *,
         raise
     # NotImplementedError: a compression method Python cannot read (Deflate64 from Windows Explorer,
     # AES); ValueError: e.g. a name flagged UTF-8 that is not. Both are unusable uploads, not crashes.
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, NotImplementedError,
-            ValueError) as exc:
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        EOFError,
+        zlib.error,
+        OSError,
+        NotImplementedError,
+        ValueError,
+    ) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise DatasetError(f"{archive.name}: the {kind} archive cannot be unpacked ({exc})") from None
     except BaseException:
@@ -238,18 +256,26 @@ def extract_archive(archive: Path, dest: Path, limits: DataLimits, *,
         raise
 
 
-def _zip_plan(archive: Path, infos: list[zipfile.ZipInfo], limits: DataLimits, dataset_only: bool,
-              skipped: list[tuple[str, str]]) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+def _zip_plan(
+    archive: Path,
+    infos: list[zipfile.ZipInfo],
+    limits: DataLimits,
+    dataset_only: bool,
+    skipped: list[tuple[str, str]],
+) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
     """The entries to extract; every entry is checked (and the archive refused) before any is."""
     if len(infos) > limits.max_files:
         raise UnsafeArchiveError(
-            f"{archive.name}: {len(infos)} entries, more than the limit of {limits.max_files}")
+            f"{archive.name}: {len(infos)} entries, more than the limit of {limits.max_files}"
+        )
     declared = 0
     for info in infos:  # name the entry that crosses the limit, as the tar path does
         declared += info.file_size
         if declared > limits.max_bytes:
-            raise UnsafeArchiveError(f"archive entry {info.filename!r}: the archive unpacks to more than "
-                                     f"{limits.max_bytes} bytes (limit)")
+            raise UnsafeArchiveError(
+                f"archive entry {info.filename!r}: the archive unpacks to more than "
+                f"{limits.max_bytes} bytes (limit)"
+            )
     plan = []
     for info in infos:
         rel = _safe_member_path(info.filename)
@@ -272,8 +298,9 @@ def _zip_plan(archive: Path, infos: list[zipfile.ZipInfo], limits: DataLimits, d
     return plan
 
 
-def _extract_zip(archive: Path, dest: Path, limits: DataLimits, budget: _Budget,
-                 dataset_only: bool) -> list[tuple[str, str]]:
+def _extract_zip(
+    archive: Path, dest: Path, limits: DataLimits, budget: _Budget, dataset_only: bool
+) -> list[tuple[str, str]]:
     skipped: list[tuple[str, str]] = []
     with zipfile.ZipFile(archive) as zf:
         for info, rel in _zip_plan(archive, zf.infolist(), limits, dataset_only, skipped):
@@ -284,15 +311,19 @@ def _extract_zip(archive: Path, dest: Path, limits: DataLimits, budget: _Budget,
     return skipped
 
 
-def _extract_tar(archive: Path, dest: Path, limits: DataLimits, budget: _Budget, dataset_only: bool,
-                 gz: bool) -> list[tuple[str, str]]:
+def _extract_tar(
+    archive: Path, dest: Path, limits: DataLimits, budget: _Budget, dataset_only: bool, gz: bool
+) -> list[tuple[str, str]]:
     skipped: list[tuple[str, str]] = []
     count = 0
     # The gzip layer is opened here, not by tarfile, so the compressed file's position can be read:
     # it is what an entry's compression ratio is measured against while it streams.
     compressed_total = archive.stat().st_size if gz else None
-    with (open(archive, "rb") as raw, _gunzip(raw, gz) as stream,
-          tarfile.open(fileobj=stream, mode="r:") as tf):
+    with (
+        open(archive, "rb") as raw,
+        _gunzip(raw, gz) as stream,
+        tarfile.open(fileobj=stream, mode="r:") as tf,
+    ):
         for member in tf:  # streaming: a tar.gz is checked as it decompresses
             count += 1
             if count > limits.max_files:
@@ -342,11 +373,14 @@ def load_rgb(path: Path, max_pixels: int) -> Image.Image:
         except Image.DecompressionBombError as exc:
             # Pillow refuses headers over 2x its own MAX_IMAGE_PIXELS inside open(), before our check
             # runs; without this a real bomb escaped as a bare PIL error instead of a refusal.
-            raise UnsafeArchiveError(f"image {path.name!r}: over the cap of {max_pixels} pixels ({exc})") from None
+            raise UnsafeArchiveError(
+                f"image {path.name!r}: over the cap of {max_pixels} pixels ({exc})"
+            ) from None
     with img:  # close the file on every path (a refused or undecodable image too)
         if img.width * img.height > max_pixels:
             raise UnsafeArchiveError(
-                f"image {path.name!r}: {img.width}x{img.height} pixels is over the cap of {max_pixels} pixels")
+                f"image {path.name!r}: {img.width}x{img.height} pixels is over the cap of {max_pixels} pixels"
+            )
         img.load()
         # exif_transpose returns a new image (a copy when there is nothing to do), so the result
         # outlives the closed original.
@@ -417,8 +451,14 @@ def _walk(root: Path) -> Iterator[tuple[Path, PurePosixPath]]:
             yield path, rel
 
 
-def stage_dataset(source: Path, job_dir: Path, limits: DataLimits = DataLimits(), trigger_word: str = "",
-                  default_caption: str = "", trigger_position: str = "prepend") -> StagedDataset:
+def stage_dataset(
+    source: Path,
+    job_dir: Path,
+    limits: DataLimits = DataLimits(),
+    trigger_word: str = "",
+    default_caption: str = "",
+    trigger_position: str = "prepend",
+) -> StagedDataset:
     """Stage ``source`` (an archive or a folder) for training and describe what was found.
 
     Archives are extracted under ``job_dir/dataset`` (images and caption files only); folders
@@ -460,16 +500,18 @@ class _Found:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _stage_folder(folder: Path, limits: DataLimits, captions: _CaptionRules,
-                  left_out: Sequence[tuple[str, str]] = ()) -> StagedDataset:
+def _stage_folder(
+    folder: Path, limits: DataLimits, captions: _CaptionRules, left_out: Sequence[tuple[str, str]] = ()
+) -> StagedDataset:
     root = _dataset_root(folder)
     found = _find_files(root, limits)
     # entries left out of the archive are named as the rest are: relative to the dataset root
     prefix = root.relative_to(folder).as_posix() + "/" if root != folder else ""
     found.skipped[:0] = [(n.removeprefix(prefix), why) for n, why in left_out]
     for key in sorted(set(found.txt_captions) - set(found.images)):
-        found.skipped.append((found.txt_captions[key].relative_to(root).as_posix(),
-                              "caption has no image with the same name"))
+        found.skipped.append(
+            (found.txt_captions[key].relative_to(root).as_posix(), "caption has no image with the same name")
+        )
     tables = _caption_tables(root, found.tables, found.skipped)
     records, digest = _image_records(root, found, tables, limits, captions)
     if not records:
@@ -499,8 +541,9 @@ def _find_files(root: Path, limits: DataLimits) -> _Found:
         key = rules.image_key(rel)
         if kind == rules.IMAGE:
             if key in found.images:
-                found.skipped.append((str(rel), f"another image has the same name ({found.images[key].name}) "
-                                                f"and was used"))
+                found.skipped.append(
+                    (str(rel), f"another image has the same name ({found.images[key].name}) and was used")
+                )
                 continue
             found.images[key] = path
         elif kind == rules.CAPTION:
@@ -510,8 +553,9 @@ def _find_files(root: Path, limits: DataLimits) -> _Found:
     return found
 
 
-def _caption_tables(root: Path, tables: list[Path],
-                    skipped: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+def _caption_tables(
+    root: Path, tables: list[Path], skipped: list[tuple[str, str]]
+) -> dict[str, dict[str, str]]:
     """Captions from metadata.jsonl and captions.csv files, by kind, keyed by the image's relative path."""
     merged: dict[str, dict[str, str]] = {kind: {} for kind in rules.CAPTION_FILES}
     for path in tables:  # sorted: a later table of the same kind wins for an image both name
@@ -522,8 +566,9 @@ def _caption_tables(root: Path, tables: list[Path],
     return merged
 
 
-def _image_records(root: Path, found: _Found, tables: dict[str, dict[str, str]], limits: DataLimits,
-                   captions: _CaptionRules) -> tuple[list[ImageRecord], str]:
+def _image_records(
+    root: Path, found: _Found, tables: dict[str, dict[str, str]], limits: DataLimits, captions: _CaptionRules
+) -> tuple[list[ImageRecord], str]:
     """The usable images with their final captions, and the dataset hash over them."""
     records: list[ImageRecord] = []
     digest = rules.DatasetHash()
@@ -539,7 +584,8 @@ def _image_records(root: Path, found: _Found, tables: dict[str, dict[str, str]],
             continue
         if min(img.size) < MIN_IMAGE_SIDE:
             found.skipped.append(
-                (name, f"too small ({img.width}x{img.height}; at least {MIN_IMAGE_SIDE} px a side)"))
+                (name, f"too small ({img.width}x{img.height}; at least {MIN_IMAGE_SIDE} px a side)")
+            )
             continue
         origin = rules.caption_source(key in found.txt_captions, name, tables)
         if origin == "txt":
@@ -565,4 +611,3 @@ def dataset_report_lines(ds: StagedDataset, buckets: dict[str, int] | None = Non
     if buckets:
         lines.append("dataset: buckets " + ", ".join(f"{k}: {v}" for k, v in buckets.items()))
     return lines
-

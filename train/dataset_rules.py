@@ -26,9 +26,23 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-UNSUPPORTED_IMAGE_EXTENSIONS = {".gif", ".heic", ".heif", ".avif", ".svg", ".psd", ".jxl", ".raw", ".cr2",
-                                ".nef", ".dng", ".arw", ".ico", ".exr"}
-CAPTION_EXTENSION = ".txt"                      # a same-stem caption: a.jpg + a.txt
+UNSUPPORTED_IMAGE_EXTENSIONS = {
+    ".gif",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".svg",
+    ".psd",
+    ".jxl",
+    ".raw",
+    ".cr2",
+    ".nef",
+    ".dng",
+    ".arw",
+    ".ico",
+    ".exr",
+}
+CAPTION_EXTENSION = ".txt"  # a same-stem caption: a.jpg + a.txt
 CAPTION_FILES = {"metadata.jsonl", "captions.csv"}  # caption tables, read by these exact names
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 MIN_IMAGE_SIDE = 16
@@ -136,8 +150,10 @@ def ratio_reason(size: int, compressed: int) -> str | None:
     """
     if size <= RATIO_FLOOR_BYTES or size <= MAX_COMPRESSION_RATIO * max(compressed, 1):
         return None
-    return (f"unpacks to {size} bytes from {compressed} compressed bytes, a ratio over the limit of "
-            f"{MAX_COMPRESSION_RATIO}x (a decompression bomb); no real image or caption compresses that well")
+    return (
+        f"unpacks to {size} bytes from {compressed} compressed bytes, a ratio over the limit of "
+        f"{MAX_COMPRESSION_RATIO}x (a decompression bomb); no real image or caption compresses that well"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,8 +190,9 @@ def csv_columns(header: list[str]) -> tuple[int | None, int | None]:
     return name_col, text_col
 
 
-def parse_caption_table(kind: str, raw: bytes, base: PurePosixPath
-                        ) -> tuple[dict[str, str], list[tuple[int | None, str]]]:
+def parse_caption_table(
+    kind: str, raw: bytes, base: PurePosixPath
+) -> tuple[dict[str, str], list[tuple[int | None, str]]]:
     """Captions keyed by image path (see ``table_key``) from a metadata.jsonl or captions.csv.
 
     Returns (captions, problems); a problem is (line number or None for the whole file, reason).

@@ -1,12 +1,12 @@
 """Export: the output folder that becomes the output archive (the table in README.md).
 
-    pytorch_lora_weights.safetensors   LoRA, diffusers/peft format: pipe.load_lora_weights(folder)
-    lora_kohya.safetensors             the same LoRA in kohya / ComfyUI naming
-    config.json                        resolved spec, library versions, dataset hash, timings, device
-    dataset_report.json                images used, skipped files with reasons, buckets
-    samples/step-NNNNNN-K.png          validation images
-    loss.png                           the loss curve
-    README.md                          model card
+pytorch_lora_weights.safetensors   LoRA, diffusers/peft format: pipe.load_lora_weights(folder)
+lora_kohya.safetensors             the same LoRA in kohya / ComfyUI naming
+config.json                        resolved spec, library versions, dataset hash, timings, device
+dataset_report.json                images used, skipped files with reasons, buckets
+samples/step-NNNNNN-K.png          validation images
+loss.png                           the loss curve
+README.md                          model card
 """
 
 from __future__ import annotations
@@ -30,8 +30,17 @@ from .spec import TrainingSpec
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
-_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "pillow", "bitsandbytes",
-              "prodigyopt")
+_LIBRARIES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "pillow",
+    "bitsandbytes",
+    "prodigyopt",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -47,30 +56,57 @@ def library_versions() -> dict[str, str]:
 def device_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {"type": "cuda", "name": props.name, "count": torch.cuda.device_count(),
-                "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "count": torch.cuda.device_count(),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": 1}
 
 
-def export_lora(family: Family, state_dict: dict[str, torch.Tensor], lora_config: dict[str, Any], out_dir: Path,
-                alpha: float, rank: int) -> dict[str, Path]:
+def export_lora(
+    family: Family,
+    state_dict: dict[str, torch.Tensor],
+    lora_config: dict[str, Any],
+    out_dir: Path,
+    alpha: float,
+    rank: int,
+) -> dict[str, Path]:
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     diffusers_file = family.save_lora(out_dir, sd, lora_config)
     kohya = family.kohya_state_dict(sd, alpha)
-    arch = "flux-1-dev/lora" if family.spec.model == "flux-dev" else (
-        "flux-1-schnell/lora" if family.spec.model == "flux-schnell" else "stable-diffusion-xl-v1-base/lora")
-    save_file(kohya, str(out_dir / KOHYA_FILE), metadata={
-        "ss_network_module": "networks.lora_flux" if family.spec.family == "flux" else "networks.lora",
-        "ss_network_dim": str(rank), "ss_network_alpha": str(alpha), "modelspec.architecture": arch,
-        "modelspec.sai_model_spec": "1.0.0", "trained_with": "advanced-trainer",
-    })
+    arch = (
+        "flux-1-dev/lora"
+        if family.spec.model == "flux-dev"
+        else (
+            "flux-1-schnell/lora"
+            if family.spec.model == "flux-schnell"
+            else "stable-diffusion-xl-v1-base/lora"
+        )
+    )
+    save_file(
+        kohya,
+        str(out_dir / KOHYA_FILE),
+        metadata={
+            "ss_network_module": "networks.lora_flux" if family.spec.family == "flux" else "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(alpha),
+            "modelspec.architecture": arch,
+            "modelspec.sai_model_spec": "1.0.0",
+            "trained_with": "advanced-trainer",
+        },
+    )
     return {"diffusers": diffusers_file, "kohya": out_dir / KOHYA_FILE}
 
 
 def export_full_model(family: Family, model: torch.nn.Module, folder: Path) -> Path:
     """A full fine-tune as a complete diffusers pipeline folder: the trained denoiser, and the base
     model's other components linked (or copied) unchanged, so ``Pipeline.from_pretrained(folder)`` works."""
-    assert isinstance(model, ModelMixin), f"a full fine-tune saves a diffusers model, not {type(model).__name__}"
+    assert isinstance(model, ModelMixin), (
+        f"a full fine-tune saves a diffusers model, not {type(model).__name__}"
+    )
     base = family.base_dir
     if folder.exists():
         shutil.rmtree(folder)
@@ -81,7 +117,9 @@ def export_full_model(family: Family, model: torch.nn.Module, folder: Path) -> P
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(base, folder, copy_function=link_or_copy, ignore=shutil.ignore_patterns(family.denoiser_name))
+    shutil.copytree(
+        base, folder, copy_function=link_or_copy, ignore=shutil.ignore_patterns(family.denoiser_name)
+    )
     model.save_pretrained(folder / family.denoiser_name, safe_serialization=True)
     return folder
 
@@ -112,8 +150,9 @@ def write_loss_plot(history: list[tuple[int, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_config(path: Path, spec: TrainingSpec, dataset_hash: str, timings: dict[str, float],
-                 extra: dict[str, Any]) -> None:
+def write_config(
+    path: Path, spec: TrainingSpec, dataset_hash: str, timings: dict[str, float], extra: dict[str, Any]
+) -> None:
     doc = {
         "trainer": "advanced-trainer",
         "spec": json.loads(spec.to_json()),
@@ -127,11 +166,16 @@ def write_config(path: Path, spec: TrainingSpec, dataset_hash: str, timings: dic
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def write_model_card(path: Path, spec: TrainingSpec, samples: list[tuple[str, str]], final_loss: float | None,
-                     n_images: int) -> None:
+def write_model_card(
+    path: Path, spec: TrainingSpec, samples: list[tuple[str, str]], final_loss: float | None, n_images: int
+) -> None:
     """A Hugging Face style model card (YAML front matter + usage); ``samples`` are (prompt, file)."""
-    lines = [*_card_front_matter(spec, samples), *_card_summary(spec, final_loss, n_images),
-             *_card_usage(spec, samples), *_card_files(spec, samples)]
+    lines = [
+        *_card_front_matter(spec, samples),
+        *_card_summary(spec, final_loss, n_images),
+        *_card_usage(spec, samples),
+        *_card_files(spec, samples),
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -195,12 +239,16 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
     pipeline = _pipeline_name(spec)
     example_prompt = samples[0][0] if samples else (spec.trigger_word or "a photo")
     if spec.mode == "full":
-        load = [f'pipe = {pipeline}.from_pretrained("path/to/this/folder/model", torch_dtype=torch.bfloat16)'
-                '.to("cuda")']
+        load = [
+            f'pipe = {pipeline}.from_pretrained("path/to/this/folder/model", torch_dtype=torch.bfloat16)'
+            '.to("cuda")'
+        ]
     else:
-        load = [f'pipe = {pipeline}.from_pretrained("{_base_weights(spec)}", torch_dtype=torch.bfloat16)'
-                '.to("cuda")',
-                'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors']
+        load = [
+            f'pipe = {pipeline}.from_pretrained("{_base_weights(spec)}", torch_dtype=torch.bfloat16)'
+            '.to("cuda")',
+            'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors',
+        ]
     lines = [
         "",
         "## Use with diffusers",
@@ -215,14 +263,19 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
         "",
     ]
     if spec.mode != "full":
-        lines += [f"`{KOHYA_FILE}` holds the same LoRA in kohya naming for ComfyUI, Forge and sd-scripts.", ""]
+        lines += [
+            f"`{KOHYA_FILE}` holds the same LoRA in kohya naming for ComfyUI, Forge and sd-scripts.",
+            "",
+        ]
     return lines
 
 
 def _card_files(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]:
     if spec.mode == "full":
-        files = ["- `model/`: the whole pipeline in diffusers layout, with the fine-tuned "
-                 f"{'transformer' if spec.family == 'flux' else 'UNet'}"]
+        files = [
+            "- `model/`: the whole pipeline in diffusers layout, with the fine-tuned "
+            f"{'transformer' if spec.family == 'flux' else 'UNet'}"
+        ]
     else:
         files = [f"- `{LORA_FILE}`: diffusers / peft format", f"- `{KOHYA_FILE}`: kohya / ComfyUI format"]
     lines = [

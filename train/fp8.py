@@ -139,7 +139,11 @@ def convertible(name: str, module: torch.nn.Module) -> bool:
     gain, and the modulation they produce is the most sensitive); dims must be multiples of 16
     (the fp8 kernels' rule).
     """
-    if type(module) is not torch.nn.Linear or module.weight.requires_grad or getattr(module, "fused_into", None):
+    if (
+        type(module) is not torch.nn.Linear
+        or module.weight.requires_grad
+        or getattr(module, "fused_into", None)
+    ):
         return False
     if ".lora_" in name or "norm" in name:
         return False

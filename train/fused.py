@@ -59,8 +59,11 @@ def can_fuse(parts: list[torch.nn.Module]) -> str | None:
     for p, lo in zip(parts, loras, strict=True):
         if lo is not None and not isinstance(cast(Any, p).lora_dropout[ADAPTER], torch.nn.Identity):
             return "LoRA dropout is on"
-        if lo is not None and (getattr(p, "merged", False) or getattr(p, "disable_adapters", False)
-                               or ADAPTER in getattr(p, "lora_variant", {})):
+        if lo is not None and (
+            getattr(p, "merged", False)
+            or getattr(p, "disable_adapters", False)
+            or ADAPTER in getattr(p, "lora_variant", {})
+        ):
             return "the LoRA is merged, disabled or not a plain LoRA"
     return None
 
@@ -79,15 +82,21 @@ class FusedProjection(torch.nn.Module):
         weight = torch.cat([b.weight.detach() for b in bases])
         bias = None
         if any(b.bias is not None for b in bases):
-            bias = torch.cat([b.bias.detach() if b.bias is not None else
-                              torch.zeros(b.out_features, dtype=weight.dtype, device=weight.device) for b in bases])
+            bias = torch.cat(
+                [
+                    b.bias.detach()
+                    if b.bias is not None
+                    else torch.zeros(b.out_features, dtype=weight.dtype, device=weight.device)
+                    for b in bases
+                ]
+            )
         row = 0
         for b in bases:  # each projection now reads its rows of the stacked weight: no second copy
             _mark_fused(b, self.__class__.__name__)  # unused by the forward now (fp8 skips it)
-            b.weight.data = weight[row:row + b.out_features]
+            b.weight.data = weight[row : row + b.out_features]
             if b.bias is not None:
                 assert bias is not None
-                b.bias.data = bias[row:row + b.out_features]
+                b.bias.data = bias[row : row + b.out_features]
             row += b.out_features
         self.weight, self.bias = weight, bias  # plain attributes: frozen, never broadcast or saved
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -122,8 +131,11 @@ class FusedProjection(torch.nn.Module):
         a = torch.cat([lo[0].weight for lo in loras if lo is not None])
         blocks = []
         for p, lo in zip(self._parts, loras, strict=True):  # zero blocks for projections without a LoRA
-            blocks.append(lo[1].weight if lo is not None else
-                          torch.zeros(_base(p).out_features, 0, dtype=a.dtype, device=a.device))
+            blocks.append(
+                lo[1].weight
+                if lo is not None
+                else torch.zeros(_base(p).out_features, 0, dtype=a.dtype, device=a.device)
+            )
         b = torch.block_diag(*blocks)
         result_dtype = y.dtype
         h = F.linear(x.to(a.dtype), a)  # peft casts the input to the LoRA's dtype the same way
@@ -181,7 +193,7 @@ class _StackedMatmul(torch.autograd.Function):
     def backward(ctx, grad_z):  # type: ignore[override]
         x, stacked = ctx.saved_tensors
         grad_x = grad_z @ stacked
-        grad_h = grad_z[..., ctx.rows:]
+        grad_h = grad_z[..., ctx.rows :]
         grad_a = grad_h.reshape(-1, grad_h.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         return grad_x, None, grad_a.to(ctx.a_dtype)
 
@@ -195,7 +207,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     with torch.autocast(kind, enabled=False):
         stacked = self._stacked if self._stacked.dtype == dtype else self._stacked.to(dtype)
         z = _StackedMatmul.apply(x.to(dtype), stacked, a)
-        y, h = z[..., :base.out_features], z[..., base.out_features:]
+        y, h = z[..., : base.out_features], z[..., base.out_features :]
         if base.bias is not None:
             y = y + base.bias.to(dtype)
         return y + F.linear(h, b.to(dtype)) * self.scaling[ADAPTER]
@@ -217,7 +229,7 @@ def fuse_lora_layers(model: torch.nn.Module) -> tuple[int, list[str]]:
         peft_layer: Any = layer
         base, a = peft_layer.base_layer, peft_layer.lora_A[ADAPTER].weight
         stacked = torch.cat([base.weight.detach(), a.detach().to(base.weight.dtype)])
-        base.weight.data = stacked[:base.out_features]  # the base reads its rows: no second copy
+        base.weight.data = stacked[: base.out_features]  # the base reads its rows: no second copy
         _mark_fused(base, "stacked LoRA")
         layer._stacked = stacked  # a plain attribute: frozen (its A rows are rewritten each step)
         layer.forward = _fused_lora_forward.__get__(layer)

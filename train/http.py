@@ -26,8 +26,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-__all__ = ["DownloadError", "RetryPolicy", "download", "is_retryable", "is_transport_error",
-           "retry_after", "retryable_status", "safe_url"]
+__all__ = [
+    "DownloadError",
+    "RetryPolicy",
+    "download",
+    "is_retryable",
+    "is_transport_error",
+    "retry_after",
+    "retryable_status",
+    "safe_url",
+]
 
 T = TypeVar("T")
 USER_AGENT = "advanced-trainer/1"
@@ -50,8 +58,15 @@ def safe_url(url: str) -> str:
 class DownloadError(Exception):
     """A download failed. ``url`` is the safe form, ``status`` the HTTP status when there was one."""
 
-    def __init__(self, url: str, detail: str, *, status: int | None = None, retryable: bool = False,
-                 retry_after_s: float | None = None):
+    def __init__(
+        self,
+        url: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+    ):
         self.url = safe_url(url)
         self.detail = detail.replace(url, self.url)  # an exception text may quote the signed URL
         self.status = status
@@ -151,8 +166,9 @@ class RetryPolicy:
         cap = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
         return cap / 2 + self.rng.uniform(0, cap / 2)
 
-    def call(self, fn: Callable[[], T],
-             on_retry: Callable[[int, BaseException, float], Any] | None = None) -> T:
+    def call(
+        self, fn: Callable[[], T], on_retry: Callable[[int, BaseException, float], Any] | None = None
+    ) -> T:
         """``fn()``, tried again after a retryable failure; the last failure propagates unchanged.
 
         ``on_retry(attempt, exc, wait_s)`` is called before each wait (e.g. to log it)."""
@@ -171,9 +187,11 @@ class RetryPolicy:
 
     def __call__(self, fn: Callable[..., T]) -> Callable[..., T]:
         """As a decorator: every call of ``fn`` is retried under this policy."""
+
         @functools.wraps(fn)
         def retried(*args: Any, **kwargs: Any) -> T:
             return self.call(lambda: fn(*args, **kwargs))
+
         return retried
 
 
@@ -185,9 +203,13 @@ DEFAULT_RETRY = RetryPolicy()
 
 def _status_error(url: str, response: httpx.Response) -> DownloadError:
     status = response.status_code
-    return DownloadError(url, f"HTTP {status} {response.reason_phrase}".rstrip(), status=status,
-                         retryable=retryable_status(status),
-                         retry_after_s=_parse_retry_after(response.headers.get("retry-after")))
+    return DownloadError(
+        url,
+        f"HTTP {status} {response.reason_phrase}".rstrip(),
+        status=status,
+        retryable=retryable_status(status),
+        retry_after_s=_parse_retry_after(response.headers.get("retry-after")),
+    )
 
 
 @dataclass
@@ -212,8 +234,9 @@ class _Transfer:
 
     def attempt(self) -> None:
         have = self.part.stat().st_size if self.part.exists() else 0
-        with httpx.stream("GET", self.url, headers=self.request_headers(have), timeout=self.timeout,
-                          follow_redirects=True) as r:
+        with httpx.stream(
+            "GET", self.url, headers=self.request_headers(have), timeout=self.timeout, follow_redirects=True
+        ) as r:
             if r.status_code == 416 and have:
                 self._check_complete(r, have)
                 return
@@ -232,8 +255,12 @@ class _Transfer:
         size = r.headers.get("content-range", "").rpartition("/")[2]
         if size.isdigit() and int(size) != have:
             self.part.unlink()
-            raise DownloadError(self.url, f"the partial file ({have} bytes) does not match the remote one "
-                                          f"({size} bytes); starting over", retryable=True)
+            raise DownloadError(
+                self.url,
+                f"the partial file ({have} bytes) does not match the remote one "
+                f"({size} bytes); starting over",
+                retryable=True,
+            )
 
     def _check_size(self, total: int | None) -> None:
         if self.max_bytes is not None and total is not None and total > self.max_bytes:
@@ -251,13 +278,21 @@ class _Transfer:
                 if self.progress:
                     self.progress(have, total)
         if total is not None and have < total:
-            raise DownloadError(self.url, f"the connection ended after {have} of {total} bytes",
-                                retryable=True)
+            raise DownloadError(
+                self.url, f"the connection ended after {have} of {total} bytes", retryable=True
+            )
 
 
-def download(url: str, dest: Path, *, progress: Callable[[int, int | None], Any] | None = None,
-             headers: Mapping[str, str] | None = None, timeout: float = 60.0, max_bytes: int | None = None,
-             retry: RetryPolicy = DEFAULT_RETRY) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    *,
+    progress: Callable[[int, int | None], Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+    max_bytes: int | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> Path:
     """Stream the http(s) ``url`` into ``dest`` and return ``dest``; retried under ``retry``.
 
     Bytes go to ``dest.part`` first and are renamed to ``dest`` once complete. A failed download
@@ -271,14 +306,16 @@ def download(url: str, dest: Path, *, progress: Callable[[int, int | None], Any]
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    transfer = _Transfer(url, dest.with_name(dest.name + ".part"), dict(headers or {}), timeout, max_bytes,
-                         progress)
+    transfer = _Transfer(
+        url, dest.with_name(dest.name + ".part"), dict(headers or {}), timeout, max_bytes, progress
+    )
     try:
         retry.call(transfer.attempt)
     except DownloadError as exc:
         if exc.retryable and retry.attempts > 1:
-            raise DownloadError(url, f"{exc.detail} (gave up after {retry.attempts} attempts)",
-                                status=exc.status) from None
+            raise DownloadError(
+                url, f"{exc.detail} (gave up after {retry.attempts} attempts)", status=exc.status
+            ) from None
         raise
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # the network (refused, reset, timeout...), a bad URL
         why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -36,8 +36,16 @@ from .weights import WeightsError, prepare_weights_from_env
 
 # Sizes near one megapixel per aspect ratio, sides multiples of 64 (what Flux and SDXL were trained on).
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),
-    "4:5": (896, 1088), "5:4": (1088, 896), "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344),
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
     "9:21": (640, 1536),
 }
 OUTPUT_FORMATS = ("webp", "jpg", "png")
@@ -113,7 +121,9 @@ class Renderer:
         self.pipe = pipe.to(self.device)
         self.model, self.base_key = model, key
         self.loads["base"] += 1
-        self.log(f"render: loaded {model} from {folder} in {time.monotonic() - started:.1f}s on {self.device}")
+        self.log(
+            f"render: loaded {model} from {folder} in {time.monotonic() - started:.1f}s on {self.device}"
+        )
 
     def _adapter(self, lora_file: Path, pin: bool) -> str:
         path = str(Path(lora_file).resolve())
@@ -123,11 +133,14 @@ class Renderer:
         self._named += 1
         name = f"lora_{self._named}"
         try:
-            self.pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
+            self.pipe.load_lora_weights(
+                str(Path(path).parent), weight_name=Path(path).name, adapter_name=name
+            )
         except Exception as exc:  # wrong family, damaged file, incompatible targets
             why = " ".join(str(exc).split())[:400]
-            raise InputError(f"the LoRA {Path(path).name} does not fit {self.model}: {type(exc).__name__}: {why}") \
-                from None
+            raise InputError(
+                f"the LoRA {Path(path).name} does not fit {self.model}: {type(exc).__name__}: {why}"
+            ) from None
         self.adapters[path] = name
         self.log(f"render: loaded LoRA {Path(path).name} as adapter {name}")
         if pin:
@@ -156,13 +169,29 @@ class Renderer:
             return self.pipe.vae_scale_factor * 2
         return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
 
-    def render(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, guidance: float,
-               seeds: list[int], max_sequence_length: int | None) -> list[Any]:
+    def render(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        seeds: list[int],
+        max_sequence_length: int | None,
+    ) -> list[Any]:
         import torch
 
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        kw: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-                                  guidance_scale=guidance, num_images_per_prompt=len(seeds), generator=generators)
+        kw: dict[str, Any] = dict(
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=len(seeds),
+            generator=generators,
+        )
         if family_of(self.model or "flux-dev") == "flux":
             if max_sequence_length:
                 kw["max_sequence_length"] = max_sequence_length
@@ -193,10 +222,15 @@ def locate_base(ref: str | Path) -> Path:
 class InferenceSession:
     """The run entry's state: trained weights (COG_WEIGHTS), the renderer and the LoRA cache."""
 
-    def __init__(self, weights: str | None, *, log: Callable[[str], None] = print, cache_dir: Path | None = None):
+    def __init__(
+        self, weights: str | None, *, log: Callable[[str], None] = print, cache_dir: Path | None = None
+    ):
         self.log = log
-        self.cache_dir = Path(cache_dir or os.environ.get("ADVANCED_TRAINER_LORA_CACHE")
-                              or Path(tempfile.gettempdir()) / "advanced-trainer-loras")
+        self.cache_dir = Path(
+            cache_dir
+            or os.environ.get("ADVANCED_TRAINER_LORA_CACHE")
+            or Path(tempfile.gettempdir()) / "advanced-trainer-loras"
+        )
         self.default_model, self.default_base = _env_model()
         self.renderer = Renderer(log=log)
         self.sources: dict[str, Trained] = {}
@@ -204,20 +238,31 @@ class InferenceSession:
         self.trained: Trained | None = None
         if weights:
             try:
-                self.trained = fetch_trained(str(weights), self.cache_dir, field="COG_WEIGHTS", allow_local=True,
-                                             default_model=self.default_model)
+                self.trained = fetch_trained(
+                    str(weights),
+                    self.cache_dir,
+                    field="COG_WEIGHTS",
+                    allow_local=True,
+                    default_model=self.default_model,
+                )
             except TrainedWeightsError as exc:
-                raise TrainedWeightsError(f"{exc} (COG_WEIGHTS must be a training's output: the URL or path of "
-                                          f"its output.zip, or a .safetensors LoRA)") from None
-            log(f"setup: trained weights: {self.trained.describe()}"
-                + (f"; trigger word: {self.trained.trigger_word!r}" if self.trained.trigger_word else ""))
+                raise TrainedWeightsError(
+                    f"{exc} (COG_WEIGHTS must be a training's output: the URL or path of "
+                    f"its output.zip, or a .safetensors LoRA)"
+                ) from None
+            log(
+                f"setup: trained weights: {self.trained.describe()}"
+                + (f"; trigger word: {self.trained.trigger_word!r}" if self.trained.trigger_word else "")
+            )
             model, base = self._base_for(self.trained)
             self.renderer.ensure_base(model, self._locate(base))  # a missing base fails setup, naming it
             if self.trained.lora_file:
                 self.renderer.use_loras([(self.trained.lora_file, 1.0, True)])
         else:
-            log(f"setup: no trained weights (the trainer's own version): renders {self.default_model} "
-                f"({self.default_base}) or the LoRA passed as lora_weights")
+            log(
+                f"setup: no trained weights (the trainer's own version): renders {self.default_model} "
+                f"({self.default_base}) or the LoRA passed as lora_weights"
+            )
             try:
                 self.renderer.ensure_base(self.default_model, self._locate(self.default_base))
             except InputError as exc:  # it may still render another family's lora_weights
@@ -233,8 +278,9 @@ class InferenceSession:
     def _source(self, value: str, field: str, hf_token: str | None) -> Trained:
         if value not in self.sources:
             try:
-                self.sources[value] = fetch_trained(value, self.cache_dir, field=field, hf_token=hf_token,
-                                                    default_model=self.default_model)
+                self.sources[value] = fetch_trained(
+                    value, self.cache_dir, field=field, hf_token=hf_token, default_model=self.default_model
+                )
             except TrainedWeightsError as exc:
                 raise InputError(str(exc)) from None
         return self.sources[value]
@@ -242,8 +288,11 @@ class InferenceSession:
     def _base_for(self, primary: Trained | None) -> tuple[str, str | Path]:
         """(model, base) for a render whose main weights are ``primary`` (None: the plain base)."""
         trained = self.trained
-        model = (primary.model if primary and primary.model else None) or (trained.model if trained else None) \
+        model = (
+            (primary.model if primary and primary.model else None)
+            or (trained.model if trained else None)
             or self.default_model
+        )
         fam = family_of(model)
         if trained and trained.family == fam:
             if trained.model_dir:
@@ -258,8 +307,12 @@ class InferenceSession:
             return self.default_model, self.default_base
         return model, DEFAULT_BASE_WEIGHTS[model]
 
-    def _plan(self, req: RenderRequest) -> tuple[str, str | Path, list[tuple[Path, float, bool]], Trained | None]:
-        primary = self._source(req.lora_weights, "lora_weights", req.hf_token) if req.lora_weights else self.trained
+    def _plan(
+        self, req: RenderRequest
+    ) -> tuple[str, str | Path, list[tuple[Path, float, bool]], Trained | None]:
+        primary = (
+            self._source(req.lora_weights, "lora_weights", req.hf_token) if req.lora_weights else self.trained
+        )
         model, base = self._base_for(primary)
         loras: list[tuple[Path, float, bool]] = []
         if primary and primary.lora_file:
@@ -269,8 +322,9 @@ class InferenceSession:
             if extra.lora_file is None:
                 raise InputError(f"extra_lora: {shown(req.extra_lora)} is a full fine-tune, not a LoRA")
             if extra.family and extra.family != family_of(model):
-                raise InputError(f"extra_lora: {shown(req.extra_lora)} is for {extra.model}, but this render uses "
-                                 f"{model}")
+                raise InputError(
+                    f"extra_lora: {shown(req.extra_lora)} is for {extra.model}, but this render uses {model}"
+                )
             loras.append((extra.lora_file, req.extra_lora_scale, False))
         return model, base, loras, primary
 
@@ -281,8 +335,9 @@ class InferenceSession:
         elif req.aspect_ratio in ASPECT_RATIOS:
             w, h = ASPECT_RATIOS[req.aspect_ratio]
         else:
-            raise InputError(f"aspect_ratio: {req.aspect_ratio!r} is not one of "
-                             f"{', '.join([*ASPECT_RATIOS, 'custom'])}")
+            raise InputError(
+                f"aspect_ratio: {req.aspect_ratio!r} is not one of {', '.join([*ASPECT_RATIOS, 'custom'])}"
+            )
         m = self.renderer.pixel_multiple()
         fw, fh = max(m, w // m * m), max(m, h // m * m)
         if (fw, fh) != (w, h):
@@ -293,7 +348,9 @@ class InferenceSession:
         if not req.prompt.strip():
             raise InputError("prompt: empty")
         if req.output_format not in OUTPUT_FORMATS:
-            raise InputError(f"output_format: {req.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+            raise InputError(
+                f"output_format: {req.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
+            )
         if not 1 <= req.num_outputs <= 4:
             raise InputError(f"num_outputs: must be 1 to 4, got {req.num_outputs}")
         model, base, loras, primary = self._plan(req)
@@ -315,10 +372,14 @@ class InferenceSession:
         if trigger and trigger.lower() not in req.prompt.lower():
             self.log(f"render: note: the trigger word {trigger!r} is not in the prompt")
         what = " + ".join(f"{Path(p).name}×{s:g}" for p, s, _ in loras) or "no LoRA"
-        self.log(f"render: {model}, {what}, {width}x{height}, {steps} steps, guidance {guidance:g}, "
-                 f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+        self.log(
+            f"render: {model}, {what}, {width}x{height}, {steps} steps, guidance {guidance:g}, "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+        )
         started = time.monotonic()
-        images = self.renderer.render(req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl)
+        images = self.renderer.render(
+            req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl
+        )
         self.log(f"render: {len(images)} image(s) in {time.monotonic() - started:.1f}s")
         return save_images(images, out_dir, req.output_format, req.output_quality)
 

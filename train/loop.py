@@ -63,13 +63,13 @@ __all__ = ["TrainResult", "TrainingError", "check_machine", "describe", "micro_s
 @dataclass
 class TrainResult:
     out_dir: Path
-    weights: list[Path]          # the LoRA files, or the model folder of a full fine-tune
+    weights: list[Path]  # the LoRA files, or the model folder of a full fine-tune
     samples: list[Path]
     loss_plot: Path
     config: Path
     losses: list[tuple[int, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    checksum: str = ""           # sha256 of the trained weights (identical on every rank)
+    checksum: str = ""  # sha256 of the trained weights (identical on every rank)
 
     @property
     def lora_file(self) -> Path:
@@ -100,8 +100,10 @@ def check_machine(spec: TrainingSpec, cuda: bool) -> None:
         if why:
             problems.append(f"speed.fp8_base: {why}; set it to off")
         elif _precision(spec, cuda)[1] != torch.bfloat16:  # the row-scaled fp8 kernels write bf16 only
-            problems.append(f"speed.fp8_base: needs bf16 precision on a GPU (precision is {spec.precision}); "
-                            "use precision auto or bf16")
+            problems.append(
+                f"speed.fp8_base: needs bf16 precision on a GPU (precision is {spec.precision}); "
+                "use precision auto or bf16"
+            )
     if problems:
         raise TrainingError("; ".join(problems))
 
@@ -111,23 +113,34 @@ def _precision(spec: TrainingSpec, cuda: bool) -> tuple[str, torch.dtype]:
     choice = spec.precision
     if choice == "auto":
         choice = "bf16" if cuda and torch.cuda.is_bf16_supported() else ("fp16" if cuda else "fp32")
-    return {"bf16": ("bf16", torch.bfloat16), "fp16": ("fp16", torch.float16), "fp32": ("no", torch.float32)}[choice]
+    return {"bf16": ("bf16", torch.bfloat16), "fp16": ("fp16", torch.float16), "fp32": ("no", torch.float32)}[
+        choice
+    ]
 
 
-def build_optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter], cuda: bool) -> torch.optim.Optimizer:
+def build_optimizer(
+    spec: TrainingSpec, params: list[torch.nn.Parameter], cuda: bool
+) -> torch.optim.Optimizer:
     lr = spec.learning_rate
     assert lr is not None, "the spec resolves the learning rate's default"
     if spec.optimizer == "adamw8bit":
         try:  # the GPU extra; absent on a CPU machine, where check_machine refuses adamw8bit anyway
             import bitsandbytes as bnb  # pyright: ignore[reportMissingImports]
         except ImportError:
-            raise TrainingError("optimizer: adamw8bit needs bitsandbytes (pip install 'advanced-trainer[gpu]')") from None
+            raise TrainingError(
+                "optimizer: adamw8bit needs bitsandbytes (pip install 'advanced-trainer[gpu]')"
+            ) from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=spec.weight_decay)
     if spec.optimizer == "prodigy":
         from prodigyopt import Prodigy  # imported only when chosen
 
-        return Prodigy(params, lr=lr, weight_decay=spec.weight_decay, safeguard_warmup=True,  # pyright: ignore[reportArgumentType]  # typed int, takes a float
-                       use_bias_correction=True)
+        return Prodigy(
+            params,
+            lr=lr,
+            weight_decay=spec.weight_decay,  # pyright: ignore[reportArgumentType]  # typed int, takes a float
+            safeguard_warmup=True,
+            use_bias_correction=True,
+        )
     return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay, fused=cuda)
 
 
@@ -136,8 +149,13 @@ def make_trainable(spec: TrainingSpec, model: torch.nn.Module) -> list[torch.nn.
     if spec.mode == "lora":
         alpha = spec.lora.alpha
         assert alpha is not None, "the spec resolves lora.alpha's default"
-        config = LoraConfig(r=spec.lora.rank, lora_alpha=alpha, lora_dropout=spec.lora.dropout,  # pyright: ignore[reportArgumentType]  # peft types it int; a float alpha is valid
-                            init_lora_weights="gaussian", target_modules=spec.lora_target_modules())
+        config = LoraConfig(
+            r=spec.lora.rank,
+            lora_alpha=alpha,  # pyright: ignore[reportArgumentType]  # peft types it int; a float alpha is valid
+            lora_dropout=spec.lora.dropout,
+            init_lora_weights="gaussian",
+            target_modules=spec.lora_target_modules(),
+        )
         try:
             cast(Any, model).add_adapter(config)  # diffusers' PeftAdapterMixin
         except ValueError as exc:  # peft: none of the target modules exist in this model
@@ -159,7 +177,9 @@ def _load_trainable(spec: TrainingSpec, model: torch.nn.Module, state: dict[str,
         result = set_peft_model_state_dict(model, state)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise TrainingError(f"resume_from: the checkpoint's LoRA does not fit this model ({unexpected[:3]})")
+            raise TrainingError(
+                f"resume_from: the checkpoint's LoRA does not fit this model ({unexpected[:3]})"
+            )
     else:
         model.load_state_dict(state)
 
@@ -171,8 +191,9 @@ def weights_checksum(params: list[torch.nn.Parameter]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool = False,
-                 resume_from: Path | None = None) -> TrainResult | None:
+def run_training(
+    spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool = False, resume_from: Path | None = None
+) -> TrainResult | None:
     """Train ``spec`` on ``data`` (archive or folder) and write the output folder ``out_dir``.
 
     Returns the result on the main process (None on the other data-parallel processes).
@@ -185,7 +206,9 @@ def run_training(spec: TrainingSpec, data: Path, out_dir: Path, keep_work: bool 
     prompts = validation_prompts(spec, dataset)
     cache = cache_dataset(ctx, family, dataset, prompts)
     renders = RenderSamples(spec.validation.interval, spec.steps)
-    trainer = build_trainer(ctx, family, cache, [renders, SaveCheckpoint(spec.checkpoint_interval, spec.steps)])
+    trainer = build_trainer(
+        ctx, family, cache, [renders, SaveCheckpoint(spec.checkpoint_interval, spec.steps)]
+    )
     if ckpt is not None:
         resume(trainer, ckpt)
 
@@ -207,8 +230,9 @@ def open_run(spec: TrainingSpec, out_dir: Path) -> RunContext:
     check_machine(spec, cuda)
     mixed, weight_dtype = _precision(spec, cuda)
     attention_note = apply_attention_backend(spec.speed.attention, cuda)
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps,
-                              cpu=not cuda)
+    accelerator = Accelerator(
+        mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps, cpu=not cuda
+    )
     ctx = RunContext(spec, accelerator, out_dir, cuda, weight_dtype, attention_note)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,8 +278,10 @@ def load_family(ctx: RunContext) -> Family:
 
 
 def validation_prompts(spec: TrainingSpec, dataset: StagedDataset) -> list[str]:
-    prompts = [add_trigger_word(p, spec.trigger_word, spec.dataset.trigger_word_position)
-               for p in spec.validation.prompts]
+    prompts = [
+        add_trigger_word(p, spec.trigger_word, spec.dataset.trigger_word_position)
+        for p in spec.validation.prompts
+    ]
     return prompts or [dataset.images[0].caption or spec.trigger_word or "a picture"]
 
 
@@ -264,15 +290,17 @@ def cache_dataset(ctx: RunContext, family: Family, dataset: StagedDataset, promp
     spec, device, cuda = ctx.spec, ctx.device, ctx.cuda
     with ctx.phase("cache"):
         on_item = (lambda i, n: progress.emit(progress.format_progress("cache", i, n))) if ctx.main else None
-        cache = build_cache(family, dataset, spec.resolutions, prompts, device, spec.dataset.max_image_pixels,
-                            on_item)
+        cache = build_cache(
+            family, dataset, spec.resolutions, prompts, device, spec.dataset.max_image_pixels, on_item
+        )
         for enc in family.text_encoders():
             enc.to("cpu")  # not needed again: every prompt is cached
         family.pipe.vae.to("cpu")  # back only for validation renders
         if cuda:
             torch.cuda.empty_cache()
-    if cache_fits_on_device(spec.speed.cache_on_device, cache.nbytes(),
-                            torch.cuda.mem_get_info(device)[0] if cuda else None):
+    if cache_fits_on_device(
+        spec.speed.cache_on_device, cache.nbytes(), torch.cuda.mem_get_info(device)[0] if cuda else None
+    ):
         cache.to(device, ctx.weight_dtype)
         log(f"cache: {cache.nbytes() / 2**20:.1f} MiB of latents and text embeddings kept on {device}")
     buckets = cache.bucket_counts()
@@ -298,8 +326,12 @@ def build_trainer(ctx: RunContext, family: Family, cache: LatentCache, hooks: li
     model.train()
     _log_trainable(spec, params)
     optimizer = build_optimizer(spec, params, cuda)
-    lr_scheduler = get_scheduler(spec.lr_scheduler, optimizer=optimizer, num_warmup_steps=spec.lr_warmup_steps,
-                                 num_training_steps=spec.steps)
+    lr_scheduler = get_scheduler(
+        spec.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=spec.lr_warmup_steps,
+        num_training_steps=spec.steps,
+    )
     model, optimizer = ctx.accelerator.prepare(model, optimizer)
     state = TrainState.fresh(cache, spec.batch_size * ctx.world, spec.seed, ctx.device)
     return Trainer(ctx, family, cache, model, params, optimizer, lr_scheduler, plan, state, hooks)
@@ -310,10 +342,17 @@ def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int) -> M
     if ctx.cuda:
         torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.cuda else None
-    plan = choose_memory_plan(spec.memory_policy, free, family=spec.family, weight_bytes=resident_weight_bytes(model),
-                              trainable_params=n_trainable, optimizer=spec.optimizer,
-                              resolution=max(spec.resolutions), batch_size=spec.batch_size,
-                              text_tokens=spec.flux.max_sequence_length or 0)
+    plan = choose_memory_plan(
+        spec.memory_policy,
+        free,
+        family=spec.family,
+        weight_bytes=resident_weight_bytes(model),
+        trainable_params=n_trainable,
+        optimizer=spec.optimizer,
+        resolution=max(spec.resolutions),
+        batch_size=spec.batch_size,
+        text_tokens=spec.flux.max_sequence_length or 0,
+    )
     log(plan.reason)
     if plan.gradient_checkpointing:
         log(enable_checkpointing(model, plan.checkpoint_fraction))
@@ -361,9 +400,14 @@ class SaveCheckpoint:
     def __call__(self, trainer: Trainer, step: int) -> None:
         ctx, spec = trainer.ctx, trainer.spec
         if ctx.main:  # DDP keeps every process's state identical: one copy is enough
-            folder = save_checkpoint(ctx.out_dir / "checkpoints" / f"step-{step:06d}", spec,
-                                     trainable_state(spec, trainer.unwrapped), trainer.optimizer,
-                                     trainer.lr_scheduler, trainer.state.state_dict())
+            folder = save_checkpoint(
+                ctx.out_dir / "checkpoints" / f"step-{step:06d}",
+                spec,
+                trainable_state(spec, trainer.unwrapped),
+                trainer.optimizer,
+                trainer.lr_scheduler,
+                trainer.state.state_dict(),
+            )
             log(f"checkpoint: step {step} saved to {folder}")
         ctx.accelerator.wait_for_everyone()
 
@@ -374,8 +418,9 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
     paths: list[Path] = []
     if ctx.main:
         v = ctx.spec.validation
-        assert v.resolution and v.num_inference_steps and v.guidance_scale is not None and v.seed is not None, \
-            "the spec resolves the validation defaults"
+        assert (
+            v.resolution and v.num_inference_steps and v.guidance_scale is not None and v.seed is not None
+        ), "the spec resolves the validation defaults"
         progress.emit(progress.format_progress("validate", step, ctx.spec.steps))
         model = trainer.unwrapped
         was_training = model.training
@@ -386,8 +431,9 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
         try:
             for k, (_, text) in enumerate(trainer.cache.validation):
                 with ctx.accelerator.autocast():
-                    img = family.render(text, v.resolution, v.num_inference_steps, v.guidance_scale, v.seed + k,
-                                        ctx.device)
+                    img = family.render(
+                        text, v.resolution, v.num_inference_steps, v.guidance_scale, v.seed + k, ctx.device
+                    )
                 path = out / f"step-{step:06d}-{k}.png"
                 img.save(path)
                 paths.append(path)
@@ -399,8 +445,16 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
     return paths
 
 
-def finish(ctx: RunContext, trainer: Trainer, dataset: StagedDataset, prompts: list[str], samples: list[Path],
-           checksum: str, ckpt: Checkpoint | None, keep_work: bool) -> TrainResult:
+def finish(
+    ctx: RunContext,
+    trainer: Trainer,
+    dataset: StagedDataset,
+    prompts: list[str],
+    samples: list[Path],
+    checksum: str,
+    ckpt: Checkpoint | None,
+    keep_work: bool,
+) -> TrainResult:
     """Export the weights, the reports and config.json (main process only)."""
     spec, out_dir, history = ctx.spec, ctx.out_dir, trainer.state.history
     progress.emit(progress.format_progress("export", 0, 1))
@@ -410,45 +464,85 @@ def finish(ctx: RunContext, trainer: Trainer, dataset: StagedDataset, prompts: l
     if not keep_work:
         shutil.rmtree(ctx.work, ignore_errors=True)
     timings = ctx.timings
-    timings["total"] = sum(v for k, v in timings.items() if k not in ("total", "first_step"))  # first_step: in train
-    write_config(out_dir / "config.json", spec, dataset.dataset_hash, timings, {
-        "steps_done": spec.steps, "resumed_from_step": ckpt.step if ckpt else None,
-        "final_loss": history[-1][1] if history else None, "images_used": len(dataset.images),
-        "processes": ctx.world, "memory_plan": _plan_facts(ctx, trainer.plan),
-        "weights_sha256_16": checksum, "files": [str(p.relative_to(out_dir)) for p in weights]})
+    timings["total"] = sum(
+        v for k, v in timings.items() if k not in ("total", "first_step")
+    )  # first_step: in train
+    write_config(
+        out_dir / "config.json",
+        spec,
+        dataset.dataset_hash,
+        timings,
+        {
+            "steps_done": spec.steps,
+            "resumed_from_step": ckpt.step if ckpt else None,
+            "final_loss": history[-1][1] if history else None,
+            "images_used": len(dataset.images),
+            "processes": ctx.world,
+            "memory_plan": _plan_facts(ctx, trainer.plan),
+            "weights_sha256_16": checksum,
+            "files": [str(p.relative_to(out_dir)) for p in weights],
+        },
+    )
     progress.emit(progress.format_progress("done", spec.steps, spec.steps))
-    return TrainResult(out_dir, weights, samples, out_dir / "loss.png", out_dir / "config.json", list(history),
-                       timings, checksum)
+    return TrainResult(
+        out_dir,
+        weights,
+        samples,
+        out_dir / "loss.png",
+        out_dir / "config.json",
+        list(history),
+        timings,
+        checksum,
+    )
 
 
 def _plan_facts(ctx: RunContext, plan: MemoryPlan) -> dict[str, Any]:
     peak = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 2) if ctx.cuda else None
     estimate = None if plan.estimate_bytes is None else round(plan.estimate_bytes / 2**30, 2)
-    return {"gradient_checkpointing": plan.gradient_checkpointing, "checkpoint_fraction": plan.checkpoint_fraction,
-            "reason": plan.reason, "estimate_gib": estimate, "peak_allocated_gib": peak}
+    return {
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "checkpoint_fraction": plan.checkpoint_fraction,
+        "reason": plan.reason,
+        "estimate_gib": estimate,
+        "peak_allocated_gib": peak,
+    }
 
 
 def _export(spec: TrainingSpec, family: Family, model: torch.nn.Module, out_dir: Path) -> list[Path]:
     if spec.mode == "full":
         return [export_full_model(family, model, out_dir / "model")]
-    meta = _collate_lora_metadata({family.denoiser_name: model})[f"{family.denoiser_name}_lora_adapter_metadata"]
+    meta = _collate_lora_metadata({family.denoiser_name: model})[
+        f"{family.denoiser_name}_lora_adapter_metadata"
+    ]
     alpha = spec.lora.alpha
     assert alpha is not None, "the spec resolves lora.alpha's default"
     files = export_lora(family, trainable_state(spec, model), meta, out_dir, alpha, spec.lora.rank)
     return [files["diffusers"], files["kohya"]]
 
 
-def _write_reports(spec: TrainingSpec, dataset: StagedDataset, history: list[tuple[int, float]],
-                   samples: list[Path], prompts: list[str], out_dir: Path) -> None:
+def _write_reports(
+    spec: TrainingSpec,
+    dataset: StagedDataset,
+    history: list[tuple[int, float]],
+    samples: list[Path],
+    prompts: list[str],
+    out_dir: Path,
+) -> None:
     write_loss_plot(history, out_dir / "loss.png")
     ema = None
     for _, v in history:
         ema = v if ema is None else 0.9 * ema + 0.1 * v
-    final = [(p, str(s.relative_to(out_dir))) for p, s in zip(prompts, samples[-len(prompts):], strict=False)]
+    final = [
+        (p, str(s.relative_to(out_dir))) for p, s in zip(prompts, samples[-len(prompts) :], strict=False)
+    ]
     write_model_card(out_dir / "README.md", spec, final, ema, len(dataset.images))
 
 
 def describe(result: TrainResult) -> dict[str, Any]:
-    return {"out_dir": str(result.out_dir), "weights": [str(p) for p in result.weights],
-            "samples": [str(p) for p in result.samples], "loss_plot": str(result.loss_plot),
-            "config": str(result.config)}
+    return {
+        "out_dir": str(result.out_dir),
+        "weights": [str(p) for p in result.weights],
+        "samples": [str(p) for p in result.samples],
+        "loss_plot": str(result.loss_plot),
+        "config": str(result.config),
+    }

@@ -38,7 +38,11 @@ ACTIVATION_BYTES = {"flux": 7.3 * 2**20, "sdxl": 0.46 * 2**20}  # per token / la
 CHECKPOINTED_FRACTION = 0.25
 HEADROOM = 0.9
 CHECKPOINT_LADDER = (0.25, 0.5, 0.75, 1.0)  # shares of the blocks, in the order auto tries them
-OPTIMIZER_BYTES = {"adamw": 16, "adamw8bit": 6, "prodigy": 24}  # per trained parameter, incl. fp32 weight + grad
+OPTIMIZER_BYTES = {
+    "adamw": 16,
+    "adamw8bit": 6,
+    "prodigy": 24,
+}  # per trained parameter, incl. fp32 weight + grad
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,16 @@ def tokens_per_sample(family: str, resolution: int, text_tokens: int = 512) -> i
     return (latent // 2) ** 2 + text_tokens if family == "flux" else latent * latent
 
 
-def estimate_peak_bytes(family: str, weight_bytes: int, trainable_params: int, optimizer: str, resolution: int,
-                        batch_size: int, text_tokens: int = 512, checkpointing: bool | float = False) -> int:
+def estimate_peak_bytes(
+    family: str,
+    weight_bytes: int,
+    trainable_params: int,
+    optimizer: str,
+    resolution: int,
+    batch_size: int,
+    text_tokens: int = 512,
+    checkpointing: bool | float = False,
+) -> int:
     """``checkpointing``: False, True, or the fraction of blocks checkpointed (selective)."""
     acts = ACTIVATION_BYTES[family] * tokens_per_sample(family, resolution, text_tokens) * batch_size
     fraction = float(checkpointing)
@@ -64,36 +76,78 @@ def estimate_peak_bytes(family: str, weight_bytes: int, trainable_params: int, o
     return int(weight_bytes + trainable_params * OPTIMIZER_BYTES[optimizer] + acts)
 
 
-def choose_memory_plan(policy: str, free_bytes: int | None, *, family: str, weight_bytes: int,
-                       trainable_params: int, optimizer: str, resolution: int, batch_size: int,
-                       text_tokens: int = 512) -> MemoryPlan:
+def choose_memory_plan(
+    policy: str,
+    free_bytes: int | None,
+    *,
+    family: str,
+    weight_bytes: int,
+    trainable_params: int,
+    optimizer: str,
+    resolution: int,
+    batch_size: int,
+    text_tokens: int = 512,
+) -> MemoryPlan:
     """Decide the savings. ``free_bytes`` None means a CPU run."""
     if policy == "gradient_checkpointing":
-        return MemoryPlan(True, None, "memory policy gradient_checkpointing (from the spec): checkpointing on")
+        return MemoryPlan(
+            True, None, "memory policy gradient_checkpointing (from the spec): checkpointing on"
+        )
     if policy == "off":
         return MemoryPlan(False, None, "memory policy off (from the spec): no savings")
     assert policy == "auto", policy
     if free_bytes is None:
         return MemoryPlan(False, None, "memory policy auto on a CPU: no savings")
-    need = estimate_peak_bytes(family, weight_bytes, trainable_params, optimizer, resolution, batch_size, text_tokens)
+    need = estimate_peak_bytes(
+        family, weight_bytes, trainable_params, optimizer, resolution, batch_size, text_tokens
+    )
     if need <= HEADROOM * free_bytes:
-        return MemoryPlan(False, need, f"memory policy auto: estimated peak {need / GIB:.1f} GiB fits in "
-                                       f"{free_bytes / GIB:.1f} GiB free: no savings")
+        return MemoryPlan(
+            False,
+            need,
+            f"memory policy auto: estimated peak {need / GIB:.1f} GiB fits in "
+            f"{free_bytes / GIB:.1f} GiB free: no savings",
+        )
     # Selective checkpointing: the smallest share of blocks (in quarters) that brings the estimate
     # under budget, since every checkpointed block costs a recomputed forward.
     fraction = 1.0
     for quarter in CHECKPOINT_LADDER[:-1]:
-        if estimate_peak_bytes(family, weight_bytes, trainable_params, optimizer, resolution, batch_size,
-                               text_tokens, checkpointing=quarter) <= HEADROOM * free_bytes:
+        if (
+            estimate_peak_bytes(
+                family,
+                weight_bytes,
+                trainable_params,
+                optimizer,
+                resolution,
+                batch_size,
+                text_tokens,
+                checkpointing=quarter,
+            )
+            <= HEADROOM * free_bytes
+        ):
             fraction = quarter
             break
-    saved = estimate_peak_bytes(family, weight_bytes, trainable_params, optimizer, resolution, batch_size,
-                                text_tokens, checkpointing=fraction)
-    verdict = "fits" if saved <= HEADROOM * free_bytes else "may still not fit; lower batch_size or resolution"
-    return MemoryPlan(True, saved, f"memory policy auto: estimated peak {need / GIB:.1f} GiB > "
-                                   f"{HEADROOM:.0%} of {free_bytes / GIB:.1f} GiB free: gradient checkpointing on "
-                                   f"{fraction:.0%} of the blocks (estimate {saved / GIB:.1f} GiB, {verdict})",
-                      checkpoint_fraction=fraction)
+    saved = estimate_peak_bytes(
+        family,
+        weight_bytes,
+        trainable_params,
+        optimizer,
+        resolution,
+        batch_size,
+        text_tokens,
+        checkpointing=fraction,
+    )
+    verdict = (
+        "fits" if saved <= HEADROOM * free_bytes else "may still not fit; lower batch_size or resolution"
+    )
+    return MemoryPlan(
+        True,
+        saved,
+        f"memory policy auto: estimated peak {need / GIB:.1f} GiB > "
+        f"{HEADROOM:.0%} of {free_bytes / GIB:.1f} GiB free: gradient checkpointing on "
+        f"{fraction:.0%} of the blocks (estimate {saved / GIB:.1f} GiB, {verdict})",
+        checkpoint_fraction=fraction,
+    )
 
 
 def enable_checkpointing(model, fraction: float) -> str:

@@ -19,8 +19,15 @@ PHASES = ("stage", "load", "cache", "train", "validate", "export", "publish", "d
 FIELDS = ("phase", "step", "total", "loss", "lr", "s_per_step", "eta_s")
 
 
-def format_progress(phase: str, step: int, total: int, loss: float | None = None, lr: float | None = None,
-                    s_per_step: float | None = None, eta_s: float | None = None) -> str:
+def format_progress(
+    phase: str,
+    step: int,
+    total: int,
+    loss: float | None = None,
+    lr: float | None = None,
+    s_per_step: float | None = None,
+    eta_s: float | None = None,
+) -> str:
     assert phase in PHASES, phase
     rec: dict[str, Any] = {"phase": phase, "step": step, "total": total}
     if loss is not None:
@@ -41,7 +48,7 @@ def parse_progress_line(line: str) -> dict[str, Any] | None:
     if idx < 0:
         return None
     try:
-        rec = json.loads(line[idx + len(PREFIX):])
+        rec = json.loads(line[idx + len(PREFIX) :])
     except json.JSONDecodeError:
         return None
     if not isinstance(rec, dict) or rec.get("phase") not in PHASES:

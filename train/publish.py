@@ -110,12 +110,12 @@ _S3_HINTS = {
     "InvalidToken": _S3_REFUSED,
     "ExpiredToken": "the credentials have expired; supply fresh s3_access_key_id / s3_secret_access_key",
     "TokenRefreshRequired": "the credentials have expired; supply fresh s3_access_key_id / "
-                            "s3_secret_access_key",
+    "s3_secret_access_key",
     "InvalidSecurity": _S3_REFUSED,
     "Unauthorized": _S3_REFUSED,
     "401": _S3_REFUSED,
     "AuthorizationHeaderMalformed": "the request was signed for the wrong region; set s3_region to the "
-                                    "bucket's region",
+    "bucket's region",
     "InvalidRegionName": "the region is not valid for this endpoint; check s3_region",
     "PermanentRedirect": "the bucket lives in another region or endpoint; set s3_region (or s3_endpoint_url)",
     "301": "the bucket lives in another region or endpoint; set s3_region (or s3_endpoint_url)",
@@ -155,9 +155,11 @@ def _s3_error_message(exc: BaseException, uri: str, bucket: str, endpoint_url: s
         if code == "NoSuchBucket" or (code == "404" and "bucket" in server_msg.lower()):
             hint = f"bucket '{bucket}' does not exist at {where}; create it or fix s3_bucket"
         elif code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"):
-            hint = (f"access to bucket '{bucket}' was denied: the credentials were refused or lack write "
-                    f"permission (s3:PutObject); check s3_access_key_id / s3_secret_access_key and the "
-                    f"bucket policy")
+            hint = (
+                f"access to bucket '{bucket}' was denied: the credentials were refused or lack write "
+                f"permission (s3:PutObject); check s3_access_key_id / s3_secret_access_key and the "
+                f"bucket policy"
+            )
         else:
             hint = _S3_HINTS.get(code, "")
         detail = f"{code} ({server_msg})" if server_msg and server_msg != code else code
@@ -165,23 +167,30 @@ def _s3_error_message(exc: BaseException, uri: str, bucket: str, endpoint_url: s
 
     no_credentials = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
     if _find_in_chain(exc, no_credentials) is not None:
-        return (f"S3 upload to {uri} failed: {type(exc).__name__} — no usable S3 credentials: set "
-                f"s3_access_key_id / s3_secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        return (
+            f"S3 upload to {uri} failed: {type(exc).__name__} — no usable S3 credentials: set "
+            f"s3_access_key_id / s3_secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        )
     if _find_in_chain(exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError)) is not None:
-        return (f"S3 upload to {uri} failed: {type(exc).__name__} — could not reach {where}; "
-                f"check s3_endpoint_url and the network")
+        return (
+            f"S3 upload to {uri} failed: {type(exc).__name__} — could not reach {where}; "
+            f"check s3_endpoint_url and the network"
+        )
     if _find_in_chain(exc, (ReadTimeoutError,)) is not None:
         return f"S3 upload to {uri} failed: ReadTimeoutError — {where} stopped answering; try again"
     if _find_in_chain(exc, (SSLError,)) is not None:
-        return (f"S3 upload to {uri} failed: SSLError — TLS to {where} failed; check s3_endpoint_url "
-                f"(http vs https)")
+        return (
+            f"S3 upload to {uri} failed: SSLError — TLS to {where} failed; check s3_endpoint_url "
+            f"(http vs https)"
+        )
     if _find_in_chain(exc, (NoRegionError,)) is not None:
         return f"S3 upload to {uri} failed: NoRegionError — set s3_region"
     return f"S3 upload to {uri} failed: {type(exc).__name__}: {exc}"
 
 
-def _s3_client(endpoint_url: str | None, region: str | None, access_key_id: str | None,
-               secret_access_key: str | None):
+def _s3_client(
+    endpoint_url: str | None, region: str | None, access_key_id: str | None, secret_access_key: str | None
+):
     from boto3.session import Session
     from botocore.config import Config
 
@@ -197,14 +206,25 @@ def _s3_client(endpoint_url: str | None, region: str | None, access_key_id: str 
         options["s3"] = {"addressing_style": "path"}
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
-    session = Session(aws_access_key_id=access_key_id or None,
-                      aws_secret_access_key=secret_access_key or None, region_name=region or None)
+    session = Session(
+        aws_access_key_id=access_key_id or None,
+        aws_secret_access_key=secret_access_key or None,
+        region_name=region or None,
+    )
     return session.client("s3", endpoint_url=endpoint_url or None, config=Config(**options))
 
 
-def publish_s3(folder: Path, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-               region: str | None = None, public_base_url: str | None = None,
-               access_key_id: str | None = None, secret_access_key: str | None = None) -> list[str]:
+def publish_s3(
+    folder: Path,
+    bucket: str,
+    prefix: str = "",
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    public_base_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+) -> list[str]:
     """Upload every file under ``folder`` (sorted, ``.work/`` skipped) to ``s3://bucket/prefix/<path>``.
 
     Returns ``public_base_url/prefix/path`` for each file when ``public_base_url`` is set, else
@@ -221,29 +241,36 @@ def publish_s3(folder: Path, bucket: str, prefix: str = "", *, endpoint_url: str
     if not folder.is_dir():
         raise PublishError(f"S3 upload to {root_uri} failed: {folder} is not a folder")
     if bool(access_key_id) != bool(secret_access_key):
-        raise PublishError(f"S3 upload to {root_uri} failed: only one of s3_access_key_id / "
-                           f"s3_secret_access_key "
-                           f"was given — set both, or neither to use the default AWS credential chain")
+        raise PublishError(
+            f"S3 upload to {root_uri} failed: only one of s3_access_key_id / "
+            f"s3_secret_access_key "
+            f"was given — set both, or neither to use the default AWS credential chain"
+        )
 
     try:
         client = _s3_client(endpoint_url, region, access_key_id, secret_access_key)
     except (BotoCoreError, ClientError, ValueError) as e:
         raise PublishError(redact(_s3_error_message(e, root_uri, bucket, endpoint_url), secrets)) from e
-    transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
-                              multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=MAX_CONCURRENCY)
+    transfer = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNKSIZE,
+        max_concurrency=MAX_CONCURRENCY,
+    )
     base = public_base_url.rstrip("/") if public_base_url else None
     urls: list[str] = []
     for rel in list_files(folder):
         key = f"{prefix}/{rel}" if prefix else rel
         uri = f"s3://{bucket}/{key}"
         try:
-            client.upload_file(str(folder / rel), bucket, key, ExtraArgs={"ContentType": content_type(rel)},
-                               Config=transfer)
+            client.upload_file(
+                str(folder / rel), bucket, key, ExtraArgs={"ContentType": content_type(rel)}, Config=transfer
+            )
         except (BotoCoreError, ClientError, Boto3Error) as e:
             raise PublishError(redact(_s3_error_message(e, uri, bucket, endpoint_url), secrets)) from e
         except OSError as e:
-            raise PublishError(f"S3 upload to {uri} failed: cannot read {folder / rel}: "
-                               f"{e.strerror or e}") from e
+            raise PublishError(
+                f"S3 upload to {uri} failed: cannot read {folder / rel}: {e.strerror or e}"
+            ) from e
         urls.append(f"{base}/{quote(key)}" if base else uri)
     return urls
 
@@ -274,8 +301,10 @@ def _hub_error_message(exc: BaseException, repo_id: str, step: str) -> str:
         if status == 401:
             hint = "the Hub refused the token; set hf_token to a valid token with write access"
         elif status == 403:
-            hint = (f"the token may not write to {repo_id}; use a token with write access to that user or "
-                    f"organisation (hf_token)")
+            hint = (
+                f"the token may not write to {repo_id}; use a token with write access to that user or "
+                f"organisation (hf_token)"
+            )
         elif status == 404:
             hint = f"the namespace of {repo_id} was not found; check publish.hub_model_id and hf_token"
         elif status == 400 and "readme" in server.lower():
@@ -290,13 +319,13 @@ def _hub_error_message(exc: BaseException, repo_id: str, step: str) -> str:
             hint = ""
         return f"{what}: {detail}" + (f" — {hint}" if hint else "")
     if is_transport_error(exc):  # the Hub client's own httpx fork (httpx2) included, by class name
-        return (f"{what}: {type(exc).__name__} — could not reach the Hub; check the network "
-                f"(and HF_ENDPOINT)")
+        return f"{what}: {type(exc).__name__} — could not reach the Hub; check the network (and HF_ENDPOINT)"
     return f"{what}: {type(exc).__name__}: {exc}"
 
 
-def publish_hub(folder: Path, repo_id: str, *, private: bool = True, token: str | None = None,
-                api: Any = None) -> str:
+def publish_hub(
+    folder: Path, repo_id: str, *, private: bool = True, token: str | None = None, api: Any = None
+) -> str:
     """Create (or reuse) the model repo ``repo_id`` and upload ``folder`` to it in one commit.
 
     The folder's README.md is the model card and goes up as is. ``private`` applies when the
@@ -312,8 +341,14 @@ def publish_hub(folder: Path, repo_id: str, *, private: bool = True, token: str 
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
         step = "upload"
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", token=token,
-                          commit_message=COMMIT_MESSAGE, ignore_patterns=list(HUB_IGNORE_PATTERNS))
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            token=token,
+            commit_message=COMMIT_MESSAGE,
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),
+        )
     except Exception as e:  # noqa: BLE001 - the boundary: every failure becomes a PublishError
         raise PublishError(redact(_hub_error_message(e, repo_id, step), [token])) from e
     url = str(repo_url) if repo_url else ""
@@ -323,9 +358,15 @@ def publish_hub(folder: Path, repo_id: str, *, private: bool = True, token: str 
 # ----------------------------------------------------------------------------- both
 
 
-def publish(folder: Path, publish_spec, *, hf_token: str | None = None, s3_access_key_id: str | None = None,
-            s3_secret_access_key: str | None = None,
-            log: Callable[[str], Any] = print) -> dict[str, list[str] | str]:
+def publish(
+    folder: Path,
+    publish_spec,
+    *,
+    hf_token: str | None = None,
+    s3_access_key_id: str | None = None,
+    s3_secret_access_key: str | None = None,
+    log: Callable[[str], Any] = print,
+) -> dict[str, list[str] | str]:
     """Run every target ``publish_spec`` (a :class:`train.spec.PublishSpec`) configures: the Hub, then S3.
 
     Returns ``{"hub": repo_url, "s3": [urls]}`` with only the targets that ran. The first failure
@@ -348,10 +389,16 @@ def publish(folder: Path, publish_spec, *, hf_token: str | None = None, s3_acces
         log(f"publish: {n_files} files to {url}")
     if publish_spec.s3_bucket:
         try:
-            urls = publish_s3(folder, publish_spec.s3_bucket, publish_spec.s3_prefix,
-                              endpoint_url=publish_spec.s3_endpoint_url, region=publish_spec.s3_region,
-                              public_base_url=publish_spec.s3_public_base_url,
-                              access_key_id=s3_access_key_id, secret_access_key=s3_secret_access_key)
+            urls = publish_s3(
+                folder,
+                publish_spec.s3_bucket,
+                publish_spec.s3_prefix,
+                endpoint_url=publish_spec.s3_endpoint_url,
+                region=publish_spec.s3_region,
+                public_base_url=publish_spec.s3_public_base_url,
+                access_key_id=s3_access_key_id,
+                secret_access_key=s3_secret_access_key,
+            )
         except PublishError as e:
             if not results:
                 raise

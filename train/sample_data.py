@@ -14,8 +14,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 70), "yellow": (235, 200, 40),
-           "purple": (140, 60, 190), "orange": (240, 130, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "blue": (40, 80, 220),
+    "green": (40, 170, 70),
+    "yellow": (235, 200, 40),
+    "purple": (140, 60, 190),
+    "orange": (240, 130, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 SIZES = ((64, 64), (64, 64), (80, 48), (48, 80), (96, 96), (64, 64), (96, 64), (64, 64))
 
@@ -58,8 +64,9 @@ def write_sample_dataset(out: Path, count: int = 8, size: tuple[int, int] | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.sample_data",
-                                     description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.sample_data", description=(__doc__ or "").split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("examples/sample-dataset"))
     parser.add_argument("--count", type=int, default=8)
     args = parser.parse_args(argv)

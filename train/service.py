@@ -39,8 +39,8 @@ class JobError(RuntimeError):
 class JobRequest:
     dataset: Path
     spec_json: str = "{}"
-    overrides: dict[str, Any] = field(default_factory=dict)   # typed inputs; None = not given
-    secrets: dict[str, str] = field(default_factory=dict)     # env name -> value, e.g. HF_TOKEN
+    overrides: dict[str, Any] = field(default_factory=dict)  # typed inputs; None = not given
+    secrets: dict[str, str] = field(default_factory=dict)  # env name -> value, e.g. HF_TOKEN
     resume_from: Path | None = None
     return_checkpoint: bool = False
     num_processes: int = 1
@@ -73,9 +73,13 @@ def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait()
 
 
-def run_trainer(args: list[str], env: dict[str, str], log: Callable[[str], None],
-                redact: Callable[[str], str],
-                num_processes: int = 1) -> tuple[int, list[str]]:
+def run_trainer(
+    args: list[str],
+    env: dict[str, str],
+    log: Callable[[str], None],
+    redact: Callable[[str], str],
+    num_processes: int = 1,
+) -> tuple[int, list[str]]:
     """Run ``python -m train ARGS`` in its own process group, relaying its output line by line.
 
     Returns (exit code, the last lines). Reading polls every 0.1 s so that a cancel raised in
@@ -84,8 +88,14 @@ def run_trainer(args: list[str], env: dict[str, str], log: Callable[[str], None]
     cmd = [sys.executable, "-m", "train", *args]
     if num_processes > 1:
         cmd += ["--num-processes", str(num_processes)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     tail: list[str] = []
     buf = b""
     try:
@@ -136,9 +146,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def _error_reason(tail: list[str], rc: int) -> str:
     for line in reversed(tail):
         if line.startswith("error: "):
-            return line[len("error: "):]
+            return line[len("error: ") :]
         if line.startswith("invalid training spec"):
-            return "\n".join(tail[tail.index(line):])
+            return "\n".join(tail[tail.index(line) :])
     last = next((ln for ln in reversed(tail) if ln.strip()), "")
     return f"the trainer exited with code {rc}" + (f": {last}" if last else "")
 
@@ -157,11 +167,15 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     args = ["--spec", str(spec_file), "--data", str(req.dataset), "--out", str(out_dir)]
     if req.resume_from is not None:
         args += ["--resume-from", str(req.resume_from)]
-    log(f"job: {spec.model} {spec.mode}, {spec.steps} steps at {','.join(map(str, spec.resolutions))} px, "
-        f"{req.num_processes} process(es)")
-    secrets_for_publish = {"hf_token": req.secrets.get("HF_TOKEN"),
-                           "s3_access_key_id": req.secrets.get("AWS_ACCESS_KEY_ID"),
-                           "s3_secret_access_key": req.secrets.get("AWS_SECRET_ACCESS_KEY")}
+    log(
+        f"job: {spec.model} {spec.mode}, {spec.steps} steps at {','.join(map(str, spec.resolutions))} px, "
+        f"{req.num_processes} process(es)"
+    )
+    secrets_for_publish = {
+        "hf_token": req.secrets.get("HF_TOKEN"),
+        "s3_access_key_id": req.secrets.get("AWS_ACCESS_KEY_ID"),
+        "s3_secret_access_key": req.secrets.get("AWS_SECRET_ACCESS_KEY"),
+    }
     completed = False
     try:
         rc, tail = run_trainer(args, env, log, redact, req.num_processes)
@@ -180,16 +194,19 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     return archive
 
 
-def _deliver_checkpoint_elsewhere(spec: TrainingSpec, out_dir: Path, secrets: dict,
-                                  log: Callable[[str], None]) -> None:
+def _deliver_checkpoint_elsewhere(
+    spec: TrainingSpec, out_dir: Path, secrets: dict, log: Callable[[str], None]
+) -> None:
     """On failure or cancel Cog discards outputs; a configured Hub/S3 target still gets the checkpoint."""
     ckpt = latest_checkpoint(out_dir) if out_dir.exists() else None
     if ckpt is None:
         log("return_checkpoint: no checkpoint was written before the job stopped")
         return
     if not (spec.publish.s3_bucket or spec.publish.hub_model_id):
-        log(f"return_checkpoint: {ckpt.name} exists, but Cog delivers no output for a failed or canceled "
-            f"job; set an S3 bucket or hub_model_id to receive it")
+        log(
+            f"return_checkpoint: {ckpt.name} exists, but Cog delivers no output for a failed or canceled "
+            f"job; set an S3 bucket or hub_model_id to receive it"
+        )
         return
     from .publish import PublishError, publish
 
@@ -247,8 +264,11 @@ def detect_gpus() -> list[dict[str, Any]]:
 
 def describe_request(req: JobRequest) -> str:
     """A log-safe summary of a request (no secret values)."""
-    d = {"dataset": str(req.dataset), "overrides": {k: v for k, v in req.overrides.items() if v is not None},
-         "secrets": sorted(k for k, v in req.secrets.items() if v), "resume_from": str(req.resume_from or ""),
-         "return_checkpoint": req.return_checkpoint}
+    d = {
+        "dataset": str(req.dataset),
+        "overrides": {k: v for k, v in req.overrides.items() if v is not None},
+        "secrets": sorted(k for k, v in req.secrets.items() if v),
+        "resume_from": str(req.resume_from or ""),
+        "return_checkpoint": req.return_checkpoint,
+    }
     return json.dumps(d)
-

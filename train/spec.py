@@ -37,8 +37,10 @@ _FLUX_SINGLE_ATTN = r"attn\.(to_q|to_k|to_v)"
 TARGET_PRESETS: dict[str, dict[str, str]] = {
     "flux": {
         "attention": rf"(transformer_blocks\.\d+\.{_FLUX_DOUBLE_ATTN}|single_transformer_blocks\.\d+\.{_FLUX_SINGLE_ATTN})",
-        "attention+mlp": (rf"(transformer_blocks\.\d+\.({_FLUX_DOUBLE_ATTN}|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
-                          rf"|single_transformer_blocks\.\d+\.({_FLUX_SINGLE_ATTN}|proj_mlp|proj_out))"),
+        "attention+mlp": (
+            rf"(transformer_blocks\.\d+\.({_FLUX_DOUBLE_ATTN}|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
+            rf"|single_transformer_blocks\.\d+\.({_FLUX_SINGLE_ATTN}|proj_mlp|proj_out))"
+        ),
     },
     "sdxl": {
         "attention": r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
@@ -70,9 +72,13 @@ class _Section(BaseModel):
 
 class LoraSpec(_Section):
     rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r")
-    alpha: float | None = Field(default=None, gt=0, le=4096, description="LoRA alpha; default: equal to the rank")
+    alpha: float | None = Field(
+        default=None, gt=0, le=4096, description="LoRA alpha; default: equal to the rank"
+    )
     targets: str | list[str] = Field(
-        default="default", description='target modules: a preset ("default", "attention", "attention+mlp") or module names')
+        default="default",
+        description='target modules: a preset ("default", "attention", "attention+mlp") or module names',
+    )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
     @field_validator("targets")
@@ -80,7 +86,9 @@ class LoraSpec(_Section):
     def _targets(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, str):
             if v not in ("default", "attention", "attention+mlp"):
-                raise ValueError(f'unknown preset {v!r}; use "default", "attention", "attention+mlp" or a list of module names')
+                raise ValueError(
+                    f'unknown preset {v!r}; use "default", "attention", "attention+mlp" or a list of module names'
+                )
             return v
         if not v:
             raise ValueError("the list of target modules is empty")
@@ -91,12 +99,23 @@ class LoraSpec(_Section):
 
 
 class ValidationSpec(_Section):
-    prompts: list[str] = Field(default_factory=list, max_length=16,
-                               description="prompts rendered at the interval and at the end (the trigger word is added)")
-    interval: int = Field(default=0, ge=0, description="steps between validation renders; 0 = only at the end")
-    num_inference_steps: int | None = Field(default=None, ge=1, le=200, description="default: 28 (dev), 4 (schnell), 30 (sdxl)")
-    guidance_scale: float | None = Field(default=None, ge=0, le=30, description="default: 3.5 (dev), 0 (schnell), 5 (sdxl)")
-    resolution: int | None = Field(default=None, ge=64, le=4096, description="square render size; default: the first training resolution")
+    prompts: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="prompts rendered at the interval and at the end (the trigger word is added)",
+    )
+    interval: int = Field(
+        default=0, ge=0, description="steps between validation renders; 0 = only at the end"
+    )
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, le=200, description="default: 28 (dev), 4 (schnell), 30 (sdxl)"
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=30, description="default: 3.5 (dev), 0 (schnell), 5 (sdxl)"
+    )
+    resolution: int | None = Field(
+        default=None, ge=64, le=4096, description="square render size; default: the first training resolution"
+    )
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="default: the training seed")
 
     @field_validator("prompts")
@@ -114,26 +133,39 @@ class DatasetSpec(_Section):
     """Limits applied while staging an uploaded archive (the defaults suit 100 MiB uploads)."""
 
     max_files: int = Field(default=20_000, ge=1, le=1_000_000, description="most archive entries accepted")
-    max_bytes: int = Field(default=8 * 2**30, ge=1, le=256 * 2**30, description="most uncompressed bytes accepted")
-    max_image_pixels: int = Field(default=80_000_000, ge=4096, le=1_000_000_000, description="largest image (w*h) accepted")
+    max_bytes: int = Field(
+        default=8 * 2**30, ge=1, le=256 * 2**30, description="most uncompressed bytes accepted"
+    )
+    max_image_pixels: int = Field(
+        default=80_000_000, ge=4096, le=1_000_000_000, description="largest image (w*h) accepted"
+    )
     default_caption: str = Field(default="", max_length=2000, description="caption for images that have none")
     trigger_word_position: Literal["prepend", "append"] = "prepend"
 
 
 class FluxOptions(_Section):
-    guidance: float = Field(default=1.0, ge=0, le=30, description="value fed to the guidance embedding while training (dev)")
+    guidance: float = Field(
+        default=1.0, ge=0, le=30, description="value fed to the guidance embedding while training (dev)"
+    )
     timestep_sampling: Literal["flux_shift", "logit_normal", "shift", "uniform"] = Field(
-        default="flux_shift", description="flux_shift: logit-normal sigmas with the resolution-dependent shift the pipeline uses")
+        default="flux_shift",
+        description="flux_shift: logit-normal sigmas with the resolution-dependent shift the pipeline uses",
+    )
     shift: float = Field(default=3.0, gt=0, le=20, description="constant shift for timestep_sampling=shift")
     logit_mean: float = Field(default=0.0, ge=-5, le=5)
     logit_std: float = Field(default=1.0, gt=0, le=5)
-    max_sequence_length: int | None = Field(default=None, ge=1, le=512, description="T5 tokens; default 512 (dev), 256 (schnell)")
+    max_sequence_length: int | None = Field(
+        default=None, ge=1, le=512, description="T5 tokens; default 512 (dev), 256 (schnell)"
+    )
 
 
 class SdxlOptions(_Section):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
-        default="auto", description="auto: what the base model's scheduler config says")
-    snr_gamma: float | None = Field(default=None, gt=0, le=100, description="min-SNR loss weighting; None disables it")
+        default="auto", description="auto: what the base model's scheduler config says"
+    )
+    snr_gamma: float | None = Field(
+        default=None, gt=0, le=100, description="min-SNR loss weighting; None disables it"
+    )
     noise_offset: float = Field(default=0.0, ge=0, le=1)
 
 
@@ -141,21 +173,34 @@ class SpeedOptions(_Section):
     """Step-speed levers (train/speed.py). All but fp8_base are numerically equivalent to the plain path."""
 
     attention: Literal["auto", "flash", "efficient", "math", "cudnn"] = Field(
-        default="auto", description="SDPA backend on CUDA; auto = flash / memory-efficient, never cuDNN")
+        default="auto", description="SDPA backend on CUDA; auto = flash / memory-efficient, never cuDNN"
+    )
     compile: Literal["auto", "off", "blocks"] = Field(
-        default="auto", description="blocks: torch.compile the repeated blocks; auto: blocks on a GPU for runs of "
-                            "200+ steps (the warm-up pays for itself), falling back to eager where it cannot compile")
-    channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="NHWC UNet (SDXL); auto: on CUDA")
+        default="auto",
+        description="blocks: torch.compile the repeated blocks; auto: blocks on a GPU for runs of "
+        "200+ steps (the warm-up pays for itself), falling back to eager where it cannot compile",
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        default="auto", description="NHWC UNet (SDXL); auto: on CUDA"
+    )
     cache_on_device: Literal["auto", "on", "off"] = Field(
-        default="auto", description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory")
+        default="auto",
+        description="keep cached latents/text on the accelerator; auto: when they fit in 5% of free memory",
+    )
     fuse_qkv: Literal["off", "on"] = Field(
-        default="off", description="LoRA on Flux: q/k/v projections and their LoRA as one matmul each (same numbers)")
+        default="off",
+        description="LoRA on Flux: q/k/v projections and their LoRA as one matmul each (same numbers)",
+    )
     fuse_lora: Literal["off", "on"] = Field(
-        default="off", description="LoRA: each other LoRA linear computes its base and LoRA down projection as one matmul "
-                           "(same numbers); layers that run fp8 keep their own path")
+        default="off",
+        description="LoRA: each other LoRA linear computes its base and LoRA down projection as one matmul "
+        "(same numbers); layers that run fp8 keep their own path",
+    )
     fp8_base: Literal["off", "on"] = Field(
-        default="off", description="LoRA only: the frozen base's linears in the repeated blocks run fp8 matmuls "
-                           "(e4m3, per-row scales; Ada/Hopper GPUs); not bit-equal to bf16")
+        default="off",
+        description="LoRA only: the frozen base's linears in the repeated blocks run fp8 matmuls "
+        "(e4m3, per-row scales; Ada/Hopper GPUs); not bit-equal to bf16",
+    )
 
 
 class PublishSpec(_Section):
@@ -173,11 +218,17 @@ class PublishSpec(_Section):
 class TrainingSpec(_Section):
     spec_version: Literal[1] = SPEC_VERSION
     model: ModelFamily = Field(default="flux-dev", description="model family")
-    base_weights: str | None = Field(default=None, min_length=1, description="a diffusers folder or a Hub id; default: the family's official repo")
+    base_weights: str | None = Field(
+        default=None,
+        min_length=1,
+        description="a diffusers folder or a Hub id; default: the family's official repo",
+    )
     mode: Literal["lora", "full"] = "lora"
     lora: LoraSpec = LoraSpec()
     steps: int = Field(default=1000, ge=1, le=1_000_000, description="optimizer steps")
-    learning_rate: float | None = Field(default=None, gt=0, le=10, description="default: 1e-4 (lora), 1e-5 (full), 1.0 (prodigy)")
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=10, description="default: 1e-4 (lora), 1e-5 (full), 1.0 (prodigy)"
+    )
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
     lr_warmup_steps: int = Field(default=0, ge=0)
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
@@ -185,14 +236,24 @@ class TrainingSpec(_Section):
     batch_size: int = Field(default=1, ge=1, le=64)
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
     max_grad_norm: float = Field(default=1.0, ge=0, le=1e6, description="gradient clipping; 0 disables it")
-    resolutions: list[int] = Field(default_factory=lambda: [1024], min_length=1, max_length=8,
-                                   description='target sizes, e.g. "512,768,1024"')
+    resolutions: list[int] = Field(
+        default_factory=lambda: [1024],
+        min_length=1,
+        max_length=8,
+        description='target sizes, e.g. "512,768,1024"',
+    )
     trigger_word: str = Field(default="", max_length=100)
-    caption_dropout: float = Field(default=0.05, ge=0, le=1, description="probability of training a step with an empty caption")
+    caption_dropout: float = Field(
+        default=0.05, ge=0, le=1, description="probability of training a step with an empty caption"
+    )
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     validation: ValidationSpec = ValidationSpec()
-    checkpoint_interval: int = Field(default=0, ge=0, description="steps between resumable checkpoints; 0 = none")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(default="auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    checkpoint_interval: int = Field(
+        default=0, ge=0, description="steps between resumable checkpoints; 0 = none"
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 on a GPU, fp32 on a CPU"
+    )
     memory_policy: Literal["auto", "off", "gradient_checkpointing"] = "auto"
     log_every: int = Field(default=1, ge=1, le=10_000, description="steps between progress lines")
     dataset: DatasetSpec = DatasetSpec()
@@ -249,11 +310,17 @@ class TrainingSpec(_Section):
         if self.base_weights is None:
             updates["base_weights"] = DEFAULT_BASE_WEIGHTS[self.model]
         if self.learning_rate is None:
-            updates["learning_rate"] = 1.0 if self.optimizer == "prodigy" else (1e-4 if self.mode == "lora" else 1e-5)
+            updates["learning_rate"] = (
+                1.0 if self.optimizer == "prodigy" else (1e-4 if self.mode == "lora" else 1e-5)
+            )
         lora = self.lora
         if lora.alpha is None or lora.targets == "default":
             targets = DEFAULT_TARGET_PRESET[fam] if lora.targets == "default" else lora.targets
-            updates["lora"] = {**lora.model_dump(), "alpha": lora.alpha or float(lora.rank), "targets": targets}
+            updates["lora"] = {
+                **lora.model_dump(),
+                "alpha": lora.alpha or float(lora.rank),
+                "targets": targets,
+            }
         v = self.validation
         if None in (v.num_inference_steps, v.guidance_scale, v.resolution, v.seed):
             steps, guidance = {"flux-dev": (28, 3.5), "flux-schnell": (4, 0.0), "sdxl": (30, 5.0)}[self.model]
@@ -265,7 +332,10 @@ class TrainingSpec(_Section):
                 "seed": self.seed if v.seed is None else v.seed,
             }
         if fam == "flux" and self.flux.max_sequence_length is None:
-            updates["flux"] = {**self.flux.model_dump(), "max_sequence_length": 512 if self.model == "flux-dev" else 256}
+            updates["flux"] = {
+                **self.flux.model_dump(),
+                "max_sequence_length": 512 if self.model == "flux-dev" else 256,
+            }
         return updates
 
     # -- convenience -------------------------------------------------------------------------
@@ -290,17 +360,28 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     problems: list[tuple[set[str], str]] = []
     steps, warmup = d.get("steps", 1000), d.get("lr_warmup_steps", 0)
     if isinstance(steps, int) and isinstance(warmup, int) and warmup >= steps:
-        problems.append(({"steps", "lr_warmup_steps"},
-                         f"lr_warmup_steps: must be smaller than steps ({steps}), got {warmup}"))
+        problems.append(
+            (
+                {"steps", "lr_warmup_steps"},
+                f"lr_warmup_steps: must be smaller than steps ({steps}), got {warmup}",
+            )
+        )
     flux = d.get("flux")
     if d.get("model") == "flux-schnell" and isinstance(flux, dict):
         msl = flux.get("max_sequence_length")
         if isinstance(msl, int) and msl > 256:
-            problems.append(({"model", "flux"},
-                             f"flux.max_sequence_length: FLUX.1-schnell accepts at most 256 tokens, got {msl}"))
+            problems.append(
+                (
+                    {"model", "flux"},
+                    f"flux.max_sequence_length: FLUX.1-schnell accepts at most 256 tokens, got {msl}",
+                )
+            )
     speed, mode = d.get("speed"), d.get("mode", "lora")
-    lora_only = {"fp8_base": "a full fine-tune trains the weights fp8 would freeze",
-                 "fuse_qkv": "it fuses frozen weights", "fuse_lora": "it fuses frozen weights"}
+    lora_only = {
+        "fp8_base": "a full fine-tune trains the weights fp8 would freeze",
+        "fuse_qkv": "it fuses frozen weights",
+        "fuse_lora": "it fuses frozen weights",
+    }
     for lever, why in lora_only.items():
         if isinstance(speed, dict) and speed.get(lever) == "on" and mode == "full":
             problems.append(({"speed", "mode"}, f"speed.{lever}: on needs mode lora ({why})"))
@@ -355,17 +436,21 @@ def _load_raw(raw: dict[str, Any] | str | Path | None) -> dict[str, Any]:
         return {}
     if isinstance(raw, dict):
         return json.loads(json.dumps(raw))  # deep copy, and rejects non-JSON values early
-    if isinstance(raw, Path) or (isinstance(raw, str) and raw.strip() and raw.lstrip()[0] not in "{[\""):
+    if isinstance(raw, Path) or (isinstance(raw, str) and raw.strip() and raw.lstrip()[0] not in '{["'):
         path = Path(raw)
         if not path.is_file():
-            raise SpecError([f"spec: no such file {str(path)!r} (pass a JSON object or a path to a .json file)"])
+            raise SpecError(
+                [f"spec: no such file {str(path)!r} (pass a JSON object or a path to a .json file)"]
+            )
         text = path.read_text(encoding="utf-8-sig")
     else:
         text = raw or "{}"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SpecError([f"spec: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"]) from None
+        raise SpecError(
+            [f"spec: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"]
+        ) from None
     if not isinstance(data, dict):
         raise SpecError([f"spec: expected a JSON object, got {type(data).__name__}"])
     return data

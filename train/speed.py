@@ -45,8 +45,13 @@ def apply_attention_backend(choice: str, cuda: bool) -> str:
     if not cuda:
         return "attention: CPU (backend switches do not apply)"
     b = torch.backends.cuda
-    wanted = {"auto": {"flash", "efficient", "math"}, "flash": {"flash"}, "efficient": {"efficient"},
-              "math": {"math"}, "cudnn": {"cudnn", "math"}}[choice]
+    wanted = {
+        "auto": {"flash", "efficient", "math"},
+        "flash": {"flash"},
+        "efficient": {"efficient"},
+        "math": {"math"},
+        "cudnn": {"cudnn", "math"},
+    }[choice]
     b.enable_flash_sdp("flash" in wanted)
     b.enable_mem_efficient_sdp("efficient" in wanted)
     b.enable_math_sdp("math" in wanted)
@@ -122,8 +127,10 @@ class FuseQkv:
         if spec.family != "flux":
             return ["fuse_qkv: Flux attention only; nothing fused in this SDXL UNet"]
         n, skipped = fuse_flux_attention(model)
-        return [f"fuse_qkv: {n} q/k/v projections fused with their LoRA" +
-                (f"; left unfused: {'; '.join(skipped[:3])}" if skipped else "")]
+        return [
+            f"fuse_qkv: {n} q/k/v projections fused with their LoRA"
+            + (f"; left unfused: {'; '.join(skipped[:3])}" if skipped else "")
+        ]
 
 
 class Fp8Base:
@@ -134,7 +141,9 @@ class Fp8Base:
         n, n_params = convert_frozen_linears(model)
         lines = [f"fp8_base: {n} frozen linears ({n_params / 1e6:.1f} M parameters) run fp8 e4m3 matmuls"]
         if not use_compile(spec, cuda) and cuda:
-            lines.append("fp8_base: without speed.compile=blocks the per-token quantisation runs unfused (slower)")
+            lines.append(
+                "fp8_base: without speed.compile=blocks the per-token quantisation runs unfused (slower)"
+            )
         return lines
 
 
@@ -144,8 +153,10 @@ class FuseLora:
 
     def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]:
         n, skipped = fuse_lora_layers(model)
-        return [f"fuse_lora: {n} LoRA linears compute base and LoRA down projection as one matmul" +
-                (f"; left as they were: {'; '.join(skipped[:3])}" if skipped else "")]
+        return [
+            f"fuse_lora: {n} LoRA linears compute base and LoRA down projection as one matmul"
+            + (f"; left as they were: {'; '.join(skipped[:3])}" if skipped else "")
+        ]
 
 
 # The order matters: q/k/v fuse before fp8 (the stacked weight goes fp8 as one matmul), and LoRA
@@ -153,8 +164,12 @@ class FuseLora:
 STRUCTURE_CONVERTERS: tuple[ModelConverter, ...] = (ChannelsLast(), FuseQkv(), Fp8Base(), FuseLora())
 
 
-def apply_structure_levers(spec: Any, model: torch.nn.Module, cuda: bool,
-                           converters: tuple[ModelConverter, ...] = STRUCTURE_CONVERTERS) -> list[str]:
+def apply_structure_levers(
+    spec: Any,
+    model: torch.nn.Module,
+    cuda: bool,
+    converters: tuple[ModelConverter, ...] = STRUCTURE_CONVERTERS,
+) -> list[str]:
     """Levers that change the modules (and fp8: the weights' memory): before the memory plan."""
     lines: list[str] = []
     for converter in converters:

@@ -76,8 +76,14 @@ def write_t5_tokenizer(folder: Path) -> int:
     backend = Tokenizer(models.Unigram(pieces, unk_id=2))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    tok = T5Tokenizer(tokenizer_object=backend, extra_ids=0, pad_token="<pad>", eos_token="</s>",
-                          unk_token="<unk>", model_max_length=512)
+    tok = T5Tokenizer(
+        tokenizer_object=backend,
+        extra_ids=0,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
     tok.save_pretrained(folder)
     return len(pieces)
 
@@ -85,18 +91,33 @@ def write_t5_tokenizer(folder: Path) -> int:
 def _vae(latent_channels: int, **extra: Any) -> AutoencoderKL:
     # A config mapping: diffusers annotates the per-block tuples as tuple[str] / tuple[int] (one item).
     config: dict[str, Any] = dict(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64, **extra,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+        **extra,
     )
     return AutoencoderKL(**config)
 
 
 def _clip_config(vocab_size: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=_CLIP_HIDDEN, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                          projection_dim=_CLIP_HIDDEN, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                          pad_token_id=vocab_size - 1)
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=_CLIP_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=_CLIP_HIDDEN,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
 
 
 def write_tiny_flux(folder: Path, variant: str = "dev", num_single_layers: int = 1) -> Path:
@@ -107,25 +128,52 @@ def write_tiny_flux(folder: Path, variant: str = "dev", num_single_layers: int =
     tok_dir, tok2_dir = folder / "tokenizer", folder / "tokenizer_2"
     clip_vocab = write_clip_tokenizer(tok_dir)
     t5_vocab = write_t5_tokenizer(tok2_dir)
-    t5_config = T5Config(vocab_size=t5_vocab, d_model=_T5_DMODEL, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
-                         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    t5_config = T5Config(
+        vocab_size=t5_vocab,
+        d_model=_T5_DMODEL,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     t5_config.decoder_start_token_id = 0  # unused by an encoder; kept so the written config stays as it was
     t5 = T5EncoderModel(t5_config)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=num_single_layers, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=_T5_DMODEL, pooled_projection_dim=_CLIP_HIDDEN,
-        guidance_embeds=(variant == "dev"), axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_T5_DMODEL,
+        pooled_projection_dim=_CLIP_HIDDEN,
+        guidance_embeds=(variant == "dev"),
+        axes_dims_rope=(4, 6, 6),
     )
     if variant == "dev":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=_vae(4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                                      use_post_quant_conv=False),
-        text_encoder=CLIPTextModel(_clip_config(clip_vocab)), tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
-        text_encoder_2=t5, tokenizer_2=T5Tokenizer.from_pretrained(tok2_dir), transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae(
+            4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+        ),
+        text_encoder=CLIPTextModel(_clip_config(clip_vocab)),
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        text_encoder_2=t5,
+        tokenizer_2=T5Tokenizer.from_pretrained(tok2_dir),
+        transformer=transformer,
     )
     pipe.save_pretrained(folder)
     return folder
@@ -140,22 +188,39 @@ def write_tiny_sdxl(folder: Path, prediction_type: str = "epsilon") -> Path:
     time_dim = 8
     # A config mapping: diffusers annotates the per-block tuples as one-item tuples.
     unet_config: dict[str, Any] = dict(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * _CLIP_HIDDEN, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1),
-        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + _CLIP_HIDDEN, use_linear_projection=True,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * _CLIP_HIDDEN,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + _CLIP_HIDDEN,
+        use_linear_projection=True,
         norm_num_groups=32,
     )
     unet = UNet2DConditionModel(**unet_config)
-    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", prediction_type=prediction_type,
-                                       timestep_spacing="leading", steps_offset=1)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(4, scaling_factor=0.13025), text_encoder=CLIPTextModel(_clip_config(vocab)),
+        vae=_vae(4, scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(_clip_config(vocab)),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(vocab)),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), unet=unet,
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        unet=unet,
         # diffusers types this as the enum of Karras schedulers' names, not a scheduler instance
         scheduler=scheduler,  # pyright: ignore[reportArgumentType]
         add_watermarker=False,
@@ -167,9 +232,11 @@ def write_tiny_sdxl(folder: Path, prediction_type: str = "epsilon") -> Path:
 def write_all(out: Path, force: bool = False) -> list[Path]:
     """Write every tiny pipeline under ``out`` (skipping complete ones unless ``force``)."""
     out = Path(out)
-    writers = {"tiny-flux-dev": lambda d: write_tiny_flux(d, "dev"),
-               "tiny-flux-schnell": lambda d: write_tiny_flux(d, "schnell"),
-               "tiny-sdxl": write_tiny_sdxl}
+    writers = {
+        "tiny-flux-dev": lambda d: write_tiny_flux(d, "dev"),
+        "tiny-flux-schnell": lambda d: write_tiny_flux(d, "schnell"),
+        "tiny-sdxl": write_tiny_sdxl,
+    }
     written = []
     for name in TINY_NAMES:
         folder = out / name
@@ -182,7 +249,9 @@ def write_all(out: Path, force: bool = False) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     summary = (__doc__ or "").split("\n\n")[0]
     parser = argparse.ArgumentParser(prog="python -m train.tiny", description=summary)
-    parser.add_argument("--out", type=Path, default=Path("weights"), help="folder to write into (default: weights)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("weights"), help="folder to write into (default: weights)"
+    )
     parser.add_argument("--force", action="store_true", help="rewrite folders that already exist")
     args = parser.parse_args(argv)
     for folder in write_all(args.out, force=args.force):

@@ -34,11 +34,13 @@ from .http import safe_url
 from .spec import MODEL_FAMILIES, family_of
 from .weights import WeightsError, download_url
 
-LORA_FILE = "pytorch_lora_weights.safetensors"   # what train/export.py writes (diffusers/peft naming)
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what train/export.py writes (diffusers/peft naming)
 KOHYA_FILE = "lora_kohya.safetensors"
 _HF_REPO = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+\.safetensors))?$")
-_HF_URL = re.compile(r"^https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)"
-                     r"(?:/(?:blob|resolve)/[^/]+/(.+))?/?$")
+_HF_URL = re.compile(
+    r"^https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)"
+    r"(?:/(?:blob|resolve)/[^/]+/(.+))?/?$"
+)
 
 
 class TrainedWeightsError(ValueError):
@@ -49,11 +51,11 @@ class TrainedWeightsError(ValueError):
 class Trained:
     """What one source holds, on this machine."""
 
-    source: str                # as given, for messages (shown redacted)
-    model: str | None          # model family id (flux-dev, ...); None when it cannot be told
-    base_weights: str | None   # the base the training used (spec.base_weights); None for foreign LoRAs
-    lora_file: Path | None     # diffusers/peft (or kohya) LoRA file
-    model_dir: Path | None     # a full fine-tune's pipeline folder (replaces the base)
+    source: str  # as given, for messages (shown redacted)
+    model: str | None  # model family id (flux-dev, ...); None when it cannot be told
+    base_weights: str | None  # the base the training used (spec.base_weights); None for foreign LoRAs
+    lora_file: Path | None  # diffusers/peft (or kohya) LoRA file
+    model_dir: Path | None  # a full fine-tune's pipeline folder (replaces the base)
     trigger_word: str = ""
     config: dict | None = None  # our config.json, when the source is our output
 
@@ -79,6 +81,7 @@ def _key(source: str) -> str:
 
 # -- fetching ------------------------------------------------------------------------------------
 
+
 def _hf_ref(source: str) -> tuple[str, str | None] | None:
     m = _HF_URL.match(source)
     if m:
@@ -102,15 +105,18 @@ def _fetch_hf(repo: str, filename: str | None, dest: Path, field: str, hf_token:
                 if len(found) != 1:
                     raise TrainedWeightsError(
                         f"{field}: the Hugging Face repo {repo} holds {len(found)} .safetensors files "
-                        f"({', '.join(found[:6]) or 'none'}); name one: {repo}/<file>.safetensors")
+                        f"({', '.join(found[:6]) or 'none'}); name one: {repo}/<file>.safetensors"
+                    )
                 filename = found[0]
         return Path(hf_hub_download(repo, filename, token=hf_token, local_dir=dest))
     except TrainedWeightsError:
         raise
     except Exception as exc:  # offline, private repo without a token, no such repo or file
         why = " ".join(str(exc).split())[:300]
-        raise TrainedWeightsError(f"{field}: cannot get {repo} from the Hugging Face Hub "
-                                  f"({type(exc).__name__}: {why}); a private repo needs hf_token") from None
+        raise TrainedWeightsError(
+            f"{field}: cannot get {repo} from the Hugging Face Hub "
+            f"({type(exc).__name__}: {why}); a private repo needs hf_token"
+        ) from None
 
 
 def _fetch_file(source: str, dest_dir: Path, field: str, allow_local: bool, hf_token: str | None) -> Path:
@@ -137,18 +143,21 @@ def _fetch_file(source: str, dest_dir: Path, field: str, allow_local: bool, hf_t
             raise TrainedWeightsError(f"{field}: {exc}") from None
         return path
     hf = _hf_ref(source)
-    local = Path(source[len("file://"):] if scheme == "file" else source).expanduser()
+    local = Path(source[len("file://") :] if scheme == "file" else source).expanduser()
     if allow_local and (scheme in ("", "file")) and local.exists():
         return local
     if hf is not None:  # owner/name[/file], hf://..., or a huggingface.co URL
         return _fetch_hf(hf[0], hf[1], dest_dir, field, hf_token)
     if allow_local and scheme in ("", "file"):
         raise TrainedWeightsError(f"{field}: {source} does not exist")
-    raise TrainedWeightsError(f"{field}: {shown(source)!r} is not an http(s) URL, a data URI or a Hugging "
-                              f"Face repo (owner/name or owner/name/file.safetensors)")
+    raise TrainedWeightsError(
+        f"{field}: {shown(source)!r} is not an http(s) URL, a data URI or a Hugging "
+        f"Face repo (owner/name or owner/name/file.safetensors)"
+    )
 
 
 # -- reading ---------------------------------------------------------------------------------------
+
 
 def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
@@ -174,16 +183,21 @@ def lora_family(path: Path) -> str | None:
 
 def _our_config(folder: Path) -> tuple[dict, Path] | None:
     """Our ``config.json`` below ``folder`` (not a pipeline component's) and the folder holding it."""
-    configs = [p for p in sorted(folder.rglob("config.json"))
-               if "model" not in p.relative_to(folder).parts[:-1]
-               and p.parent.name not in ("transformer", "unet")]
+    configs = [
+        p
+        for p in sorted(folder.rglob("config.json"))
+        if "model" not in p.relative_to(folder).parts[:-1] and p.parent.name not in ("transformer", "unet")
+    ]
     for path in configs:
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if (isinstance(doc, dict) and doc.get("trainer") == "advanced-trainer"
-                and isinstance(doc.get("spec"), dict)):
+        if (
+            isinstance(doc, dict)
+            and doc.get("trainer") == "advanced-trainer"
+            and isinstance(doc.get("spec"), dict)
+        ):
             return doc, path.parent
     return None
 
@@ -192,20 +206,30 @@ def _read_our_output(config: dict, root: Path, source: str, field: str) -> Train
     spec = config["spec"]
     model = spec.get("model")
     if model not in MODEL_FAMILIES:
-        raise TrainedWeightsError(f"{field}: {shown(source)} was trained for {model!r}, which this version "
-                                  f"cannot render (it renders {', '.join(MODEL_FAMILIES)})")
+        raise TrainedWeightsError(
+            f"{field}: {shown(source)} was trained for {model!r}, which this version "
+            f"cannot render (it renders {', '.join(MODEL_FAMILIES)})"
+        )
     lora_file, model_dir = None, None
     if spec.get("mode") == "full":
         model_dir = root / "model"
         if not (model_dir / "model_index.json").is_file():
-            raise TrainedWeightsError(f"{field}: {shown(source)} is a full fine-tune without "
-                                      f"model/model_index.json")
+            raise TrainedWeightsError(
+                f"{field}: {shown(source)} is a full fine-tune without model/model_index.json"
+            )
     else:
         lora_file = root / LORA_FILE if (root / LORA_FILE).is_file() else root / KOHYA_FILE
         if not lora_file.is_file():
             raise TrainedWeightsError(f"{field}: {shown(source)} has a config.json but no {LORA_FILE}")
-    return Trained(source=source, model=model, base_weights=spec.get("base_weights"), lora_file=lora_file,
-                   model_dir=model_dir, trigger_word=spec.get("trigger_word") or "", config=config)
+    return Trained(
+        source=source,
+        model=model,
+        base_weights=spec.get("base_weights"),
+        lora_file=lora_file,
+        model_dir=model_dir,
+        trigger_word=spec.get("trigger_word") or "",
+        config=config,
+    )
 
 
 def _read_folder(folder: Path, source: str, field: str, default_model: str) -> Trained:
@@ -216,8 +240,10 @@ def _read_folder(folder: Path, source: str, field: str, default_model: str) -> T
     preferred = [p for p in files if p.name == LORA_FILE] or files
     if len(preferred) != 1:
         names = ", ".join(str(p.relative_to(folder)) for p in files[:6]) or "none"
-        raise TrainedWeightsError(f"{field}: {shown(source)} holds {len(files)} .safetensors files "
-                                  f"({names}); expected one LoRA or an advanced-trainer output")
+        raise TrainedWeightsError(
+            f"{field}: {shown(source)} holds {len(files)} .safetensors files "
+            f"({names}); expected one LoRA or an advanced-trainer output"
+        )
     return _read_lora_file(preferred[0], source, field, default_model)
 
 
@@ -225,8 +251,9 @@ def _read_lora_file(path: Path, source: str, field: str, default_model: str) -> 
     try:
         family = lora_family(path)
     except Exception as exc:  # a truncated or damaged file
-        raise TrainedWeightsError(f"{field}: {shown(source)} is not a readable .safetensors file "
-                                  f"({type(exc).__name__}: {exc})") from None
+        raise TrainedWeightsError(
+            f"{field}: {shown(source)} is not a readable .safetensors file ({type(exc).__name__}: {exc})"
+        ) from None
     if family is None:
         model = None
     else:
@@ -235,8 +262,15 @@ def _read_lora_file(path: Path, source: str, field: str, default_model: str) -> 
     return Trained(source=source, model=model, base_weights=None, lora_file=path, model_dir=None)
 
 
-def fetch_trained(source: str, cache_dir: Path, *, field: str, default_model: str = "flux-dev",
-                  allow_local: bool = False, hf_token: str | None = None) -> Trained:
+def fetch_trained(
+    source: str,
+    cache_dir: Path,
+    *,
+    field: str,
+    default_model: str = "flux-dev",
+    allow_local: bool = False,
+    hf_token: str | None = None,
+) -> Trained:
     """Fetch ``source`` into ``cache_dir`` (once) and read what it holds; see the module docstring."""
     from .data import DataLimits, DatasetError, UnsafeArchiveError, archive_kind, extract_archive
 
@@ -267,8 +301,9 @@ def fetch_trained(source: str, cache_dir: Path, *, field: str, default_model: st
         try:
             archive_kind(path)
         except DatasetError:
-            raise TrainedWeightsError(f"{field}: {shown(source)} is neither a .safetensors LoRA nor a "
-                                      f"zip/tar archive of one") from None
+            raise TrainedWeightsError(
+                f"{field}: {shown(source)} is neither a .safetensors LoRA nor a zip/tar archive of one"
+            ) from None
         tmp = slot / ".unpacking"
         shutil.rmtree(tmp, ignore_errors=True)
         slot.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ class RunContext:
     out_dir: Path
     cuda: bool
     weight_dtype: torch.dtype  # of the frozen base weights
-    attention_note: str = ""   # what the attention backend switch did (logged with the other levers)
+    attention_note: str = ""  # what the attention backend switch did (logged with the other levers)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -101,14 +101,20 @@ class TrainState:
 
     @classmethod
     def fresh(cls, cache: LatentCache, global_batch: int, seed: int, device: torch.device) -> TrainState:
-        generators = {"noise": torch.Generator(device=device).manual_seed(seed),
-                      "caption_dropout": torch.Generator().manual_seed(seed + 1)}
+        generators = {
+            "noise": torch.Generator(device=device).manual_seed(seed),
+            "caption_dropout": torch.Generator().manual_seed(seed + 1),
+        }
         return cls(BatchSampler(cache, global_batch, seed), generators)
 
     def state_dict(self) -> dict[str, Any]:
         """Host-side copies (a few hundred bytes): cheap enough to take before every step."""
-        return {"step": self.step, "sampler": self.sampler.state(), "history": list(self.history),
-                "generators": {name: g.get_state() for name, g in self.generators.items()}}
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state(),
+            "history": list(self.history),
+            "generators": {name: g.get_state() for name, g in self.generators.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -121,7 +127,7 @@ class TrainState:
 @dataclass
 class StepResult:
     losses: list[torch.Tensor]  # this process's micro-batch losses, still on the device
-    lr: float                   # the learning rate the step used
+    lr: float  # the learning rate the step used
 
 
 class StepHook(Protocol):
@@ -141,9 +147,19 @@ def every(interval: int, step: int, last: int) -> bool:
 class Trainer:
     """Runs optimizer steps from ``state.step + 1`` to ``spec.steps`` and calls the hooks."""
 
-    def __init__(self, ctx: RunContext, family: Family, cache: LatentCache, model: torch.nn.Module,
-                 params: list[torch.nn.Parameter], optimizer: Any, lr_scheduler: Any, plan: MemoryPlan,
-                 state: TrainState, hooks: list[StepHook]):
+    def __init__(
+        self,
+        ctx: RunContext,
+        family: Family,
+        cache: LatentCache,
+        model: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        optimizer: Any,
+        lr_scheduler: Any,
+        plan: MemoryPlan,
+        state: TrainState,
+        hooks: list[StepHook],
+    ):
         self.ctx, self.spec, self.family, self.cache = ctx, ctx.spec, family, cache
         self.model, self.params, self.optimizer, self.lr_scheduler = model, params, optimizer, lr_scheduler
         self.plan, self.state, self.hooks = plan, state, hooks
@@ -208,11 +224,14 @@ class Trainer:
         spec, ctx, state = self.spec, self.ctx, self.state
         lo, hi = self.slice
         indices = next(state.sampler)
-        drop = (torch.rand(len(indices), generator=state.generators["caption_dropout"]) < spec.caption_dropout).tolist()
+        drop = (
+            torch.rand(len(indices), generator=state.generators["caption_dropout"]) < spec.caption_dropout
+        ).tolist()
         rng = BatchRandom(state.generators["noise"], len(indices), lo, hi, ctx.device)
         batch = collate(self.cache, indices[lo:hi], drop[lo:hi], ctx.device, ctx.weight_dtype, rng)
-        return micro_step(self.family, self.model, batch, ctx.accelerator, self.optimizer, self.params,
-                          spec.max_grad_norm)
+        return micro_step(
+            self.family, self.model, batch, ctx.accelerator, self.optimizer, self.params, spec.max_grad_norm
+        )
 
     def _snapshot(self) -> tuple[dict[str, Any], int]:
         """What a step draws from, plus accelerate's accumulation counter."""
@@ -225,8 +244,15 @@ class Trainer:
         self.ctx.accelerator.step = snapshot[1]
 
 
-def micro_step(family: Family, model: torch.nn.Module, batch, accelerator, optimizer,
-               params: list[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+def micro_step(
+    family: Family,
+    model: torch.nn.Module,
+    batch,
+    accelerator,
+    optimizer,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> torch.Tensor:
     """One micro-batch: forward, backward, and — on the last micro-batch of a step — clip and update.
 
     Returns the loss without reading it back to the host. ``bench/`` times exactly this.
@@ -242,8 +268,10 @@ def micro_step(family: Family, model: torch.nn.Module, batch, accelerator, optim
         except torch.cuda.OutOfMemoryError as exc:
             # not retried: a half-initialised optimizer state or an unscaled fp16 gradient cannot be
             # replayed, and more checkpointing would not shrink the optimizer's memory anyway
-            raise TrainingError("out of GPU memory in the optimizer step (its state is allocated on the first "
-                                "step): use optimizer adamw8bit, fewer LoRA targets or a lower lora.rank") from exc
+            raise TrainingError(
+                "out of GPU memory in the optimizer step (its state is allocated on the first "
+                "step): use optimizer adamw8bit, fewer LoRA targets or a lower lora.rank"
+            ) from exc
         optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
@@ -253,13 +281,19 @@ def more_checkpointing(plan: MemoryPlan, model: torch.nn.Module, step: int) -> M
     current = plan.checkpoint_fraction if plan.gradient_checkpointing else 0.0
     higher = [f for f in CHECKPOINT_LADDER if f > current]
     if not higher:
-        raise TrainingError(f"out of GPU memory at step {step} with gradient checkpointing on every block: lower "
-                            "batch_size or the largest resolution, or use optimizer adamw8bit")
+        raise TrainingError(
+            f"out of GPU memory at step {step} with gradient checkpointing on every block: lower "
+            "batch_size or the largest resolution, or use optimizer adamw8bit"
+        )
     fraction = higher[0]
     note = enable_checkpointing(model, fraction)
     log(f"memory: out of GPU memory at step {step}; the step is redone with {note} (nothing is lost)")
-    return replace(plan, gradient_checkpointing=True, checkpoint_fraction=fraction,
-                   reason=f"{plan.reason}; raised to {fraction:.0%} after running out of memory at step {step}")
+    return replace(
+        plan,
+        gradient_checkpointing=True,
+        checkpoint_fraction=fraction,
+        reason=f"{plan.reason}; raised to {fraction:.0%} after running out of memory at step {step}",
+    )
 
 
 class LossReporter:
@@ -297,15 +331,20 @@ class LossReporter:
         loss = float(value)
         spec = self.ctx.spec
         if not math.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at step {step}: training diverged. Lower "
-                                f"learning_rate (now {spec.learning_rate:g}) or use precision fp32/bf16.")
+            raise TrainingError(
+                f"the loss became {loss} at step {step}: training diverged. Lower "
+                f"learning_rate (now {spec.learning_rate:g}) or use precision fp32/bf16."
+            )
         now = time.perf_counter()
         s_per_step = (now - self.last_time) / (step - self.last_step)
         self.last_time, self.last_step = now, step
         self.state.history.append((step, loss))
         if self.ctx.main:
-            progress.emit(progress.format_progress("train", step, spec.steps, loss, lr, s_per_step,
-                                                   s_per_step * (spec.steps - step)))
+            progress.emit(
+                progress.format_progress(
+                    "train", step, spec.steps, loss, lr, s_per_step, s_per_step * (spec.steps - step)
+                )
+            )
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}")
 
@@ -317,4 +356,3 @@ def progress_bar(total: int, done: int) -> Any:
     from tqdm.auto import tqdm  # only for a terminal: keeps tqdm's import off the Cog path
 
     return tqdm(total=total, initial=done, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-

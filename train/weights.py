@@ -46,8 +46,9 @@ from urllib.parse import urlsplit
 
 from .http import DownloadError, RetryPolicy, download, safe_url
 
-WEIGHTS_DIR = Path(os.environ.get("ADVANCED_TRAINER_WEIGHTS",
-                                  Path(__file__).resolve().parent.parent / "weights"))
+WEIGHTS_DIR = Path(
+    os.environ.get("ADVANCED_TRAINER_WEIGHTS", Path(__file__).resolve().parent.parent / "weights")
+)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -79,12 +80,15 @@ def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
             return folder
     for folder in candidates:
         if folder.is_dir():
-            raise WeightsError(f"base_weights: {folder} has no model_index.json; "
-                               f"it must be a diffusers pipeline folder")
+            raise WeightsError(
+                f"base_weights: {folder} has no model_index.json; it must be a diffusers pipeline folder"
+            )
     if not _HUB_ID.match(ref):
-        raise WeightsError(f"base_weights: {ref!r} is neither a diffusers pipeline folder "
-                           f"nor a Hub id (owner/name); "
-                           f"looked in {', '.join(str(c) for c in candidates)}")
+        raise WeightsError(
+            f"base_weights: {ref!r} is neither a diffusers pipeline folder "
+            f"nor a Hub id (owner/name); "
+            f"looked in {', '.join(str(c) for c in candidates)}"
+        )
     try:
         return _snapshot_download(ref, os.environ.get("HF_TOKEN") or None)
     except Exception as exc:  # network down, gated repo without a token, no such repo
@@ -92,7 +96,8 @@ def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
             f"base_weights: cannot get {ref!r} from the Hugging Face Hub "
             f"({type(exc).__name__}: {str(exc)[:300]}). "
             f"Put the pipeline folder in {weights_dir / ref.split('/')[-1]}, pass a local folder, "
-            f"or set HF_TOKEN for a gated repo.") from None
+            f"or set HF_TOKEN for a gated repo."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,8 +118,9 @@ def pipeline_folders(weights_dir: Path | None = None) -> list[str]:
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
     if not weights_dir.is_dir():
         return []
-    return sorted(p.name for p in weights_dir.iterdir()
-                  if not p.name.startswith(".") and p.is_dir() and _is_pipeline(p))
+    return sorted(
+        p.name for p in weights_dir.iterdir() if not p.name.startswith(".") and p.is_dir() and _is_pipeline(p)
+    )
 
 
 def _model_files(folder: Path) -> list[str]:
@@ -146,8 +152,13 @@ def _model_entry(folder: Path, sha256: bool) -> dict:
 
 
 def _safe_name(name: object) -> bool:
-    return (isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name
-            and not name.startswith("."))
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
+    )
 
 
 def _safe_rel(rel: object) -> bool:
@@ -159,9 +170,12 @@ def _safe_rel(rel: object) -> bool:
 
 def _check_manifest(data: object, where: str) -> dict:
     """``data`` if it is a valid version-1 manifest, else WeightsError naming what is wrong."""
+
     def bad(why: str) -> WeightsError:
-        return WeightsError(f"{where}: not a valid weights manifest ({why}); "
-                            f"rewrite it with `python -m train.weights manifest`")
+        return WeightsError(
+            f"{where}: not a valid weights manifest ({why}); "
+            f"rewrite it with `python -m train.weights manifest`"
+        )
 
     if not isinstance(data, dict):
         raise bad("not a JSON object")
@@ -178,8 +192,12 @@ def _check_manifest(data: object, where: str) -> dict:
         for rel, info in entry["files"].items():
             if not _safe_rel(rel):
                 raise bad(f"models.{name}: file path {rel!r} is not a plain relative path")
-            if (not isinstance(info, dict) or not isinstance(info.get("size"), int)
-                    or isinstance(info["size"], bool) or info["size"] < 0):
+            if (
+                not isinstance(info, dict)
+                or not isinstance(info.get("size"), int)
+                or isinstance(info["size"], bool)
+                or info["size"] < 0
+            ):
                 raise bad(f"models.{name}.files[{rel!r}]: size must be a non-negative integer")
             sha = info.get("sha256")
             if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
@@ -195,8 +213,10 @@ def load_manifest(weights_dir: Path | None = None, path: Path | None = None) -> 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{_show(path)}: cannot read the weights manifest ({exc}); "
-                           f"rewrite it with `python -m train.weights manifest`") from None
+        raise WeightsError(
+            f"{_show(path)}: cannot read the weights manifest ({exc}); "
+            f"rewrite it with `python -m train.weights manifest`"
+        ) from None
     return _check_manifest(data, _show(path))
 
 
@@ -209,8 +229,9 @@ def _save_manifest(weights_dir: Path, data: dict) -> Path:
     return path
 
 
-def write_manifest(weights_dir: Path | None = None, names: list[str] | None = None,
-                   sha256: bool = True) -> Path:
+def write_manifest(
+    weights_dir: Path | None = None, names: list[str] | None = None, sha256: bool = True
+) -> Path:
     """Record every file of the pipeline folders in ``weights_dir/manifest.json``; returns its path.
 
     Without ``names`` the manifest is rewritten from every pipeline folder present. With
@@ -227,8 +248,10 @@ def write_manifest(weights_dir: Path | None = None, names: list[str] | None = No
         data = load_manifest(weights_dir) or {"version": MANIFEST_VERSION, "models": {}}
         for name in names:
             if not _safe_name(name) or not _is_pipeline(weights_dir / name):
-                raise WeightsError(f"{_show(weights_dir / str(name))} is not a diffusers pipeline folder "
-                                   f"(no model_index.json); nothing recorded")
+                raise WeightsError(
+                    f"{_show(weights_dir / str(name))} is not a diffusers pipeline folder "
+                    f"(no model_index.json); nothing recorded"
+                )
     for name in names:
         if sha256:
             print(f"hashing {_show(weights_dir / name)} ...", flush=True)
@@ -248,8 +271,9 @@ def _check_folder(folder: Path, entry: dict, full_hash: bool) -> list[str]:
             continue
         size = p.stat().st_size
         if size != info["size"]:
-            problems.append(f"{_show(p)}: {size} bytes, the manifest says {info['size']} "
-                            f"(truncated or replaced)")
+            problems.append(
+                f"{_show(p)}: {size} bytes, the manifest says {info['size']} (truncated or replaced)"
+            )
         elif full_hash and info.get("sha256") and file_sha256(p) != info["sha256"]:
             problems.append(f"{_show(p)}: sha256 differs from the manifest's (corrupted or replaced)")
     return problems
@@ -257,12 +281,15 @@ def _check_folder(folder: Path, entry: dict, full_hash: bool) -> list[str]:
 
 def _verify_models(weights_dir: Path, manifest: dict, full_hash: bool) -> dict[str, list[str]]:
     """Problems per model listed in ``manifest`` (an empty list when the model checks out)."""
-    return {name: _check_folder(weights_dir / name, entry, full_hash)
-            for name, entry in manifest["models"].items()}
+    return {
+        name: _check_folder(weights_dir / name, entry, full_hash)
+        for name, entry in manifest["models"].items()
+    }
 
 
-def verify_weights(weights_dir: Path | None = None, manifest: dict | Path | None = None,
-                   full_hash: bool = False) -> list[str]:
+def verify_weights(
+    weights_dir: Path | None = None, manifest: dict | Path | None = None, full_hash: bool = False
+) -> list[str]:
     """Problems with the weights against the manifest: missing folders or files, wrong sizes, and with
     ``full_hash`` sha256 mismatches (files without a recorded sha256 are checked by size only).
 
@@ -320,11 +347,15 @@ class _DownloadReport:
         if total is not None:
             free = shutil.disk_usage(self.dest.parent).free
             if total > free:
-                raise WeightsError(f"cannot download weights from {self.shown}: it is {_gb(total)}, only "
-                                   f"{_gb(free)} free in {_show(self.dest.parent.parent)}")
+                raise WeightsError(
+                    f"cannot download weights from {self.shown}: it is {_gb(total)}, only "
+                    f"{_gb(free)} free in {_show(self.dest.parent.parent)}"
+                )
             if 2 * total > free:
-                print(f"weights: warning: {_gb(free)} free; unpacking {_gb(total)} needs about twice that",
-                      flush=True)
+                print(
+                    f"weights: warning: {_gb(free)} free; unpacking {_gb(total)} needs about twice that",
+                    flush=True,
+                )
         print(f"weights: downloading {self.shown}" + (f" ({_gb(total)})" if total else ""), flush=True)
 
 
@@ -332,8 +363,14 @@ def download_url(url: str, dest: Path) -> None:
     """Stream the http(s) ``url`` into ``dest`` (retried, resumed), printing progress for large files."""
     shown = safe_url(url)
     try:
-        download(url, dest, progress=_DownloadReport(shown, dest), timeout=60, retry=DOWNLOAD_RETRY,
-                 headers={"User-Agent": "advanced-trainer-weights/1"})
+        download(
+            url,
+            dest,
+            progress=_DownloadReport(shown, dest),
+            timeout=60,
+            retry=DOWNLOAD_RETRY,
+            headers={"User-Agent": "advanced-trainer-weights/1"},
+        )
     except WeightsError:
         raise
     except DownloadError as exc:
@@ -357,23 +394,28 @@ def _find_pipelines(root: Path, source: str, depth: int = 3) -> dict[str, Path]:
     if _is_pipeline(root):
         name = _archive_stem(source)
         if not _safe_name(name):
-            raise WeightsError(f"{_describe_source(source)}: the archive holds one pipeline at its top "
-                               f"level, but no folder name can be taken from the source name")
+            raise WeightsError(
+                f"{_describe_source(source)}: the archive holds one pipeline at its top "
+                f"level, but no folder name can be taken from the source name"
+            )
         return {name: root}
     found: dict[str, Path] = {}
     _collect_pipelines(root, root, depth, found, source)
     return found
 
 
-def _collect_pipelines(folder: Path, root: Path, levels_left: int, found: dict[str, Path],
-                       source: str) -> None:
+def _collect_pipelines(
+    folder: Path, root: Path, levels_left: int, found: dict[str, Path], source: str
+) -> None:
     for child in sorted(folder.iterdir()):
         if not child.is_dir() or child.name.startswith(".") or child.name == "__MACOSX":
             continue
         if _is_pipeline(child):
             if child.name in found:
-                raise WeightsError(f"{_describe_source(source)}: two pipeline folders named {child.name!r} "
-                                   f"({found[child.name].relative_to(root)} and {child.relative_to(root)})")
+                raise WeightsError(
+                    f"{_describe_source(source)}: two pipeline folders named {child.name!r} "
+                    f"({found[child.name].relative_to(root)} and {child.relative_to(root)})"
+                )
             found[child.name] = child
         elif levels_left > 1:
             _collect_pipelines(child, root, levels_left - 1, found, source)
@@ -392,8 +434,10 @@ def _source_scheme(source: str) -> str:
     """``http`` / ``https`` / ``file``, or "" for a plain path; WeightsError for anything else."""
     scheme = urlsplit(source).scheme.lower() if "://" in source else ""
     if scheme not in ("", "http", "https", "file"):
-        raise WeightsError(f"cannot fetch weights from {_describe_source(source)}: only http(s) URLs "
-                           f"and local paths are supported")
+        raise WeightsError(
+            f"cannot fetch weights from {_describe_source(source)}: only http(s) URLs "
+            f"and local paths are supported"
+        )
     return scheme
 
 
@@ -419,8 +463,10 @@ def _unpack(archive: Path, into: Path, shown: str) -> Path:
     try:
         extract_archive(archive, into, limits)
     except DatasetError as exc:
-        raise WeightsError(f"cannot use weights from {shown}: {exc} (expected a .tar, .tar.gz or .zip "
-                           f"of diffusers pipeline folders)") from None
+        raise WeightsError(
+            f"cannot use weights from {shown}: {exc} (expected a .tar, .tar.gz or .zip "
+            f"of diffusers pipeline folders)"
+        ) from None
     except UnsafeArchiveError as exc:
         raise WeightsError(f"cannot use weights from {shown}: unsafe archive refused: {exc}") from None
     return into
@@ -433,16 +479,19 @@ def _entries_for(pipelines: dict[str, Path], shipped: dict | None, shown: str) -
         if shipped and name in shipped["models"]:
             problems = _check_folder(folder, shipped["models"][name], False)
             if problems:
-                raise WeightsError(f"cannot use weights from {shown}: {name} does not match the archive's "
-                                   f"manifest.json: " + "; ".join(problems[:5]))
+                raise WeightsError(
+                    f"cannot use weights from {shown}: {name} does not match the archive's "
+                    f"manifest.json: " + "; ".join(problems[:5])
+                )
             entries[name] = shipped["models"][name]
         else:
             entries[name] = _model_entry(folder, sha256=False)
     return entries
 
 
-def _install(pipelines: dict[str, Path], entries: dict[str, dict], weights_dir: Path,
-             manifest: dict | None) -> tuple[list[str], list[str]]:
+def _install(
+    pipelines: dict[str, Path], entries: dict[str, dict], weights_dir: Path, manifest: dict | None
+) -> tuple[list[str], list[str]]:
     """Move each pipeline into ``weights_dir`` (a rename) unless its folder exists; add it to the manifest."""
     manifest = manifest or {"version": MANIFEST_VERSION, "models": {}}
     installed: list[str] = []
@@ -476,8 +525,10 @@ def _fetch(source: str, weights_dir: Path) -> tuple[list[str], list[str]]:
             archive.unlink()  # free the space before moving things around
         pipelines = _find_pipelines(unpacked, source)
         if not pipelines:
-            raise WeightsError(f"cannot use weights from {shown}: the archive holds no diffusers pipeline "
-                               f"folder (a folder with model_index.json)")
+            raise WeightsError(
+                f"cannot use weights from {shown}: the archive holds no diffusers pipeline "
+                f"folder (a folder with model_index.json)"
+            )
         entries = _entries_for(pipelines, _archive_manifest(unpacked, pipelines), shown)
         return _install(pipelines, entries, weights_dir, existing_manifest)
     finally:
@@ -506,8 +557,8 @@ class WeightsStatus:
     """What ``prepare_weights`` found: model -> folder, where each came from, warnings."""
 
     weights_dir: Path
-    models: dict[str, Path] = field(default_factory=dict)    # name or Hub id -> pipeline folder
-    origins: dict[str, str] = field(default_factory=dict)    # name or Hub id -> cache | tarball | hub
+    models: dict[str, Path] = field(default_factory=dict)  # name or Hub id -> pipeline folder
+    origins: dict[str, str] = field(default_factory=dict)  # name or Hub id -> cache | tarball | hub
     warnings: list[str] = field(default_factory=list)
     manifest: Path | None = None
 
@@ -554,20 +605,25 @@ def _wanted(required: list[str] | None, scan: _Scan) -> list[str]:
 
 def _how_to_provide(folders: list[Path]) -> str:
     where = " and ".join(_show(f) for f in folders) if folders else "weights/<name>"
-    return (f"Provide them one of these ways: put the diffusers folder at {where} "
-            f"(then `python -m train.weights manifest`), set {BASE_WEIGHTS_ENV} to a .tar/.tar.gz/.zip URL "
-            f"of it, or allow Hub downloads with an hf_token for gated repos.")
+    return (
+        f"Provide them one of these ways: put the diffusers folder at {where} "
+        f"(then `python -m train.weights manifest`), set {BASE_WEIGHTS_ENV} to a .tar/.tar.gz/.zip URL "
+        f"of it, or allow Hub downloads with an hf_token for gated repos."
+    )
 
 
-def _fetch_source(source: str, weights_dir: Path, required: list[str] | None, scan: _Scan,
-                  status: WeightsStatus) -> tuple[_Scan, set[str]]:
+def _fetch_source(
+    source: str, weights_dir: Path, required: list[str] | None, scan: _Scan, status: WeightsStatus
+) -> tuple[_Scan, set[str]]:
     """Fetch the archive ``source`` unless every wanted model is already usable; returns the new scan and
     the names it installed."""
     names = [r.split("/")[-1] for r in _wanted(required, scan)]
     if names and all(scan.usable(n) for n in names):
         # it would only skip folders that exist: do not download gigabytes for nothing
-        status.warnings.append(f"{BASE_WEIGHTS_ENV} {_describe_source(source)} not fetched: "
-                               f"{', '.join(names)} already in {_show(weights_dir)}")
+        status.warnings.append(
+            f"{BASE_WEIGHTS_ENV} {_describe_source(source)} not fetched: "
+            f"{', '.join(names)} already in {_show(weights_dir)}"
+        )
         return scan, set()
     installed, _ = _fetch(source, weights_dir)
     return _scan(weights_dir), set(installed)
@@ -578,20 +634,26 @@ def _record_cache(status: WeightsStatus, scan: _Scan, fetched: set[str]) -> None
     weights_dir, manifest_path = status.weights_dir, status.weights_dir / MANIFEST_NAME
     status.manifest = manifest_path if scan.manifest is not None else None
     if scan.manifest is None and scan.present:
-        status.warnings.append(f"{_show(manifest_path)} is missing, so file sizes were not checked; "
-                               f"write it with `python -m train.weights manifest`")
+        status.warnings.append(
+            f"{_show(manifest_path)} is missing, so file sizes were not checked; "
+            f"write it with `python -m train.weights manifest`"
+        )
     leftovers = sorted(p.name for p in weights_dir.glob(_FETCH_PREFIX + "*")) if weights_dir.is_dir() else []
     if leftovers:
-        status.warnings.append(f"leftover temporary folders from an interrupted fetch in "
-                               f"{_show(weights_dir)}: "
-                               f"{', '.join(leftovers)} (safe to delete)")
+        status.warnings.append(
+            f"leftover temporary folders from an interrupted fetch in "
+            f"{_show(weights_dir)}: "
+            f"{', '.join(leftovers)} (safe to delete)"
+        )
     for name in scan.present:
         if not scan.usable(name):
             continue
         status.record(name, weights_dir / name, "tarball" if name in fetched else "cache")
         if scan.manifest is not None and name not in scan.manifest["models"]:
-            status.warnings.append(f"{_show(weights_dir / name)} is not in {_show(manifest_path)}, so its "
-                                   f"files were not checked; run `python -m train.weights manifest`")
+            status.warnings.append(
+                f"{_show(weights_dir / name)} is not in {_show(manifest_path)}, so its "
+                f"files were not checked; run `python -m train.weights manifest`"
+            )
 
 
 def _local_problem(ref: str, scan: _Scan, weights_dir: Path) -> str | None:
@@ -631,8 +693,10 @@ def _from_hub(ref: str, local: str, hf_token: str | None, status: WeightsStatus)
     except Exception as exc:  # offline, gated repo without a token, no such repo
         why = " ".join(str(exc).split())[:300]
         tok = "an hf_token was given" if token else "no hf_token was given"
-        return (f"{local}; the Hugging Face Hub download of {ref} failed ({type(exc).__name__}: {why}; {tok} "
-                f"— a gated repo needs an hf_token with access to it)")
+        return (
+            f"{local}; the Hugging Face Hub download of {ref} failed ({type(exc).__name__}: {why}; {tok} "
+            f"— a gated repo needs an hf_token with access to it)"
+        )
     if not _is_pipeline(path):
         return f"{local}; the Hub repo {ref} has no model_index.json (not a diffusers pipeline)"
     if local.startswith("base weights damaged"):
@@ -641,8 +705,16 @@ def _from_hub(ref: str, local: str, hf_token: str | None, status: WeightsStatus)
     return None
 
 
-def _provide(ref: str, status: WeightsStatus, scan: _Scan, *, source: str | None, fetched: set[str],
-             allow_hub: bool, hf_token: str | None) -> str | None:
+def _provide(
+    ref: str,
+    status: WeightsStatus,
+    scan: _Scan,
+    *,
+    source: str | None,
+    fetched: set[str],
+    allow_hub: bool,
+    hf_token: str | None,
+) -> str | None:
     """Make ``ref`` usable (the cache, else the Hub when allowed); the reason it is not, else None."""
     local = _local_problem(ref, scan, status.weights_dir)
     if local is None:
@@ -652,9 +724,14 @@ def _provide(ref: str, status: WeightsStatus, scan: _Scan, *, source: str | None
     return _from_hub(ref, local, hf_token, status) if allow_hub else local
 
 
-def prepare_weights(weights_dir: Path | None = None, *, source: str | None = None,
-                    required: list[str] | None = None, allow_hub: bool = False,
-                    hf_token: str | None = None) -> WeightsStatus:
+def prepare_weights(
+    weights_dir: Path | None = None,
+    *,
+    source: str | None = None,
+    required: list[str] | None = None,
+    allow_hub: bool = False,
+    hf_token: str | None = None,
+) -> WeightsStatus:
     """Make the base weights usable for ``setup()``, or raise WeightsError saying what to provide.
 
     1. ``source`` (ADVANCED_TRAINER_BASE_WEIGHTS: an archive URL or path) is fetched into ``weights_dir``
@@ -674,26 +751,34 @@ def prepare_weights(weights_dir: Path | None = None, *, source: str | None = Non
     failures: list[str] = []
     folders: list[Path] = []
     for ref in _wanted(required, scan):
-        why = _provide(ref, status, scan, source=source, fetched=fetched, allow_hub=allow_hub,
-                       hf_token=hf_token)
+        why = _provide(
+            ref, status, scan, source=source, fetched=fetched, allow_hub=allow_hub, hf_token=hf_token
+        )
         if why:
             failures.append(why)
             folders.append(weights_dir / ref.split("/")[-1])
     if required is not None:  # models nobody asked for may be broken: say so, do not fail
         asked = {r.split("/")[-1] for r in required}
-        status.warnings += [f"{name} (not required) does not match the manifest: {'; '.join(probs[:3])}"
-                            for name, probs in scan.problems.items() if probs and name not in asked]
+        status.warnings += [
+            f"{name} (not required) does not match the manifest: {'; '.join(probs[:3])}"
+            for name, probs in scan.problems.items()
+            if probs and name not in asked
+        ]
     if failures:
         raise WeightsError("; ".join(failures) + ". " + _how_to_provide(folders))
     if not status.models:
-        what = ("no manifest.json and no diffusers pipeline folder" if scan.manifest is None
-                else "a manifest listing no models and no diffusers pipeline folder")
+        what = (
+            "no manifest.json and no diffusers pipeline folder"
+            if scan.manifest is None
+            else "a manifest listing no models and no diffusers pipeline folder"
+        )
         raise WeightsError(f"no base weights: {_show(weights_dir)} has {what}. " + _how_to_provide([]))
     return status
 
 
-def prepare_weights_from_env(required: list[str] | None = None,
-                             weights_dir: Path | None = None) -> WeightsStatus:
+def prepare_weights_from_env(
+    required: list[str] | None = None, weights_dir: Path | None = None
+) -> WeightsStatus:
     """``prepare_weights`` as the container's environment says (both Cog entries' setup()).
 
     ADVANCED_TRAINER_BASE_WEIGHTS: an archive (URL or path) of pipeline folders to fetch first;
@@ -703,9 +788,13 @@ def prepare_weights_from_env(required: list[str] | None = None,
     """
     env = [n.strip() for n in os.environ.get("ADVANCED_TRAINER_REQUIRED_WEIGHTS", "").split(",") if n.strip()]
     wanted = list(dict.fromkeys(env + list(required or []))) or None
-    return prepare_weights(weights_dir or WEIGHTS_DIR, source=os.environ.get(BASE_WEIGHTS_ENV) or None,
-                           required=wanted, allow_hub=os.environ.get("ADVANCED_TRAINER_ALLOW_HUB", "") == "1",
-                           hf_token=os.environ.get("HF_TOKEN") or None)
+    return prepare_weights(
+        weights_dir or WEIGHTS_DIR,
+        source=os.environ.get(BASE_WEIGHTS_ENV) or None,
+        required=wanted,
+        allow_hub=os.environ.get("ADVANCED_TRAINER_ALLOW_HUB", "") == "1",
+        hf_token=os.environ.get("HF_TOKEN") or None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,8 +802,9 @@ def prepare_weights_from_env(required: list[str] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.weights",
-                                     description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.weights", description=(__doc__ or "").split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("manifest", help="record every file of the pipeline folders in manifest.json")
     p.add_argument("names", nargs="*", help="only these model folders (the rest of the manifest is kept)")

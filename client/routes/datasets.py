@@ -38,8 +38,14 @@ def estimate(body: EstimateRequest) -> dict:
             est = pricing.estimate(spec, sku, body.images or 20)
         except pricing.UnknownHardware as exc:
             raise UserError(str(exc), 422) from None
-        out.append({"hardware": sku, "seconds": round(est.seconds), "usd": round(est.usd, 4),
-                    "description": est.describe()})
+        out.append(
+            {
+                "hardware": sku,
+                "seconds": round(est.seconds),
+                "usd": round(est.usd, 4),
+                "description": est.describe(),
+            }
+        )
     return {"estimates": out}
 
 
@@ -60,8 +66,12 @@ async def upload_dataset(state: StateDep, request: Request) -> dict:
         while chunk := await upload.read(1 << 20):
             f.write(chunk)
             size += len(chunk)
-    return {"path": str(target), "bytes": size, "limit_bytes": UPLOAD_LIMIT,
-            "over_limit": size > UPLOAD_LIMIT}
+    return {
+        "path": str(target),
+        "bytes": size,
+        "limit_bytes": UPLOAD_LIMIT,
+        "over_limit": size > UPLOAD_LIMIT,
+    }
 
 
 @router.post("/datasets/inspect")
@@ -71,8 +81,14 @@ def inspect_dataset(body: InspectRequest) -> dict:
         raise UserError(f"path: {path} does not exist on this machine", 422)
     if path.is_file():
         size = path.stat().st_size
-        return {"kind": "zip", "bytes": size, "images": None, "limit_bytes": UPLOAD_LIMIT,
-                "over_limit": size > UPLOAD_LIMIT, "largest": []}
+        return {
+            "kind": "zip",
+            "bytes": size,
+            "images": None,
+            "limit_bytes": UPLOAD_LIMIT,
+            "over_limit": size > UPLOAD_LIMIT,
+            "largest": [],
+        }
     try:
         info = inspect_folder(path)
     except PackError as exc:

@@ -33,10 +33,23 @@ def submit_job(state: StateDep, body: SubmitRequest) -> dict:
     else:
         provider = state.replicate()
         webhook = s.webhook_url()
-    sub = submit(state.store, provider, s, spec, Path(body.dataset), hardware=body.hardware,
-                 destination=body.destination, webhook=webhook, fit=body.fit, log=lambda m: None)
-    return {"job": public_record(sub.record), "estimate_usd": round(sub.estimate.usd, 4),
-            "warnings": sub.warnings}
+    sub = submit(
+        state.store,
+        provider,
+        s,
+        spec,
+        Path(body.dataset),
+        hardware=body.hardware,
+        destination=body.destination,
+        webhook=webhook,
+        fit=body.fit,
+        log=lambda m: None,
+    )
+    return {
+        "job": public_record(sub.record),
+        "estimate_usd": round(sub.estimate.usd, 4),
+        "warnings": sub.warnings,
+    }
 
 
 @router.get("")
@@ -62,8 +75,10 @@ def _run_provider(state: State, target_provider: str) -> Provider:
         return state.replicate()
     url = state.settings().cog_run_url
     if not url:
-        raise UserError("trying a Cog job needs cog_run_url: a Cog server in run mode "
-                        "(PUT /api/cloud/providers/replicate {\"cog_run_url\": ...})")
+        raise UserError(
+            "trying a Cog job needs cog_run_url: a Cog server in run mode "
+            '(PUT /api/cloud/providers/replicate {"cog_run_url": ...})'
+        )
     return state.cog_provider(url)
 
 
@@ -74,15 +89,22 @@ def try_job(state: StateDep, job_id: str, body: RunRequest) -> dict:
     rec = job_or_404(state, job_id)
     folder = outputs_dir(state.root) / job_id
     target = resolve_target(state.store, job_id)
-    result = run(_run_provider(state, target.provider), target, body.model_dump(exclude_none=True),
-                 lambda pred_id: folder / "tries" / pred_id)
+    result = run(
+        _run_provider(state, target.provider),
+        target,
+        body.model_dump(exclude_none=True),
+        lambda pred_id: folder / "tries" / pred_id,
+    )
     if not rec.get("local_dir"):
         state.store.update(job_id, local_dir=str(folder))
     base = Path(rec.get("local_dir") or folder)
     images = [p.relative_to(base).as_posix() for p in result.images]
-    return {"id": result.prediction.get("id"), "status": result.prediction.get("status"),
-            "predict_time": (result.prediction.get("metrics") or {}).get("predict_time"),
-            "images": [{"path": p, "url": f"/api/cloud/jobs/{job_id}/files/{p}"} for p in images]}
+    return {
+        "id": result.prediction.get("id"),
+        "status": result.prediction.get("status"),
+        "predict_time": (result.prediction.get("metrics") or {}).get("predict_time"),
+        "images": [{"path": p, "url": f"/api/cloud/jobs/{job_id}/files/{p}"} for p in images],
+    }
 
 
 @router.get("/{job_id}/files")
@@ -92,9 +114,17 @@ def job_files(state: StateDep, job_id: str) -> dict:
     if folder is None or not folder.is_dir():
         return {"files": [], "delivered": False}
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {"delivered": True, "files": [
-        {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size,
-         "url": f"/api/cloud/jobs/{job_id}/files/{p.relative_to(folder).as_posix()}"} for p in files]}
+    return {
+        "delivered": True,
+        "files": [
+            {
+                "path": p.relative_to(folder).as_posix(),
+                "bytes": p.stat().st_size,
+                "url": f"/api/cloud/jobs/{job_id}/files/{p.relative_to(folder).as_posix()}",
+            }
+            for p in files
+        ],
+    }
 
 
 @router.get("/{job_id}/files/{name:path}")

@@ -66,13 +66,15 @@ class TokenBody(_Body):
 class SubmitRequest(_Body):
     spec: SpecBody = Field(default_factory=dict, description=SPEC_DOC)
     overrides: dict[str, Any] | None = Field(
-        None, description='spec fields to replace, e.g. {"lora.rank": 8}')
+        None, description='spec fields to replace, e.g. {"lora.rank": 8}'
+    )
     dataset: str = Field(description="a path on this machine: a dataset folder (packed for you) or a zip")
     provider: Literal["replicate", "cog"] = "replicate"
     cog_url: str | None = Field(None, description="provider cog: the Cog server (default: settings)")
     hardware: str | None = None
     destination: str | None = Field(
-        None, description="owner/name of the model the training writes a version of")
+        None, description="owner/name of the model the training writes a version of"
+    )
     fit: bool = Field(False, description="downsize images when the dataset is over the upload limit")
 
 
@@ -103,10 +105,27 @@ class RunRequest(_Body):
 
 # Routes that take a raw body (signature checks need the exact bytes; uploads are streamed)
 # describe it in the OpenAPI document themselves.
-_RAW_JOB = {"type": "object", "description": "a Replicate prediction or training object, as sent by the API "
-                                           "(read raw: the signature covers the exact bytes)"}
-RAW_JSON_BODY: dict[str, Any] = {"requestBody": {"required": True,
-                                                 "content": {"application/json": {"schema": _RAW_JOB}}}}
-UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {
-    "schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary", "description": "the dataset zip"}}}}}}}
+_RAW_JOB = {
+    "type": "object",
+    "description": "a Replicate prediction or training object, as sent by the API "
+    "(read raw: the signature covers the exact bytes)",
+}
+RAW_JSON_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _RAW_JOB}}}
+}
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "the dataset zip"}
+                    },
+                }
+            }
+        },
+    }
+}

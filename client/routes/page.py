@@ -36,5 +36,6 @@ def login(state: StateDep, response: Response, body: Login) -> None:
     policy = state.policy()
     if not policy.api_key_hash or not secrets.compare_digest(hash_key(body.api_key), policy.api_key_hash):
         raise HTTPException(401, "wrong API key")
-    response.set_cookie(SESSION_COOKIE, state.sessions.new(), httponly=True, samesite="strict",
-                        secure=False, path="/")
+    response.set_cookie(
+        SESSION_COOKIE, state.sessions.new(), httponly=True, samesite="strict", secure=False, path="/"
+    )

@@ -65,10 +65,14 @@ def hardware() -> list[dict]:
 @router.get(REPLICATE + "/billing")
 def billing(state: StateDep) -> dict:
     s = state.settings()
-    return {"balance": None, "balance_available": False,
-            "balance_note": "Replicate has no public balance endpoint",
-            "prices_usd_per_hour": {k: v[1] for k, v in pricing.HARDWARE.items()},
-            "local_spend_usd": spend_summary(state.store), "spend_limit": s.spend_limit}
+    return {
+        "balance": None,
+        "balance_available": False,
+        "balance_note": "Replicate has no public balance endpoint",
+        "prices_usd_per_hour": {k: v[1] for k, v in pricing.HARDWARE.items()},
+        "local_spend_usd": spend_summary(state.store),
+        "spend_limit": s.spend_limit,
+    }
 
 
 @router.put(REPLICATE + "/token")

@@ -27,8 +27,9 @@ API_KEY_SECRET = "server_api_key_sha256"
 class State:
     """One server's state; settings are re-read on every use, so a PUT takes effect at once."""
 
-    def __init__(self, root: Path | None = None, base_url: str | None = None, host: str = "127.0.0.1",
-                 port: int = 8080):
+    def __init__(
+        self, root: Path | None = None, base_url: str | None = None, host: str = "127.0.0.1", port: int = 8080
+    ):
         self.root = root or home()
         self.store = JobStore(store_path(self.root))
         self.base_url = base_url or os.environ.get("REPLICATE_BASE_URL") or None
@@ -51,8 +52,9 @@ class State:
 
     def policy(self) -> Policy:
         s = self.settings()
-        return Policy(self.host, self.port, s.public_url, s.allowed_hosts,
-                      load_secrets(self.root).get(API_KEY_SECRET))
+        return Policy(
+            self.host, self.port, s.public_url, s.allowed_hosts, load_secrets(self.root).get(API_KEY_SECRET)
+        )
 
     def replicate(self) -> ReplicateProvider:
         tok = tokens.resolve(self.root)  # a TokenError is a UserError: 401 when none is set

@@ -25,9 +25,14 @@ async def replicate_webhook(state: StateDep, request: Request):
     try:
         check_content_length(request.headers)
         body = await request.body()
-        webhook_id = authenticate(request.client.host if request.client else "", request.headers, body,
-                                  verifier=state.verifier, allowed=s.webhook_allowed_ips,
-                                  trusted_proxies=s.trusted_proxies)
+        webhook_id = authenticate(
+            request.client.host if request.client else "",
+            request.headers,
+            body,
+            verifier=state.verifier,
+            allowed=s.webhook_allowed_ips,
+            trusted_proxies=s.trusted_proxies,
+        )
         payload = parse_payload(body)
     except WebhookRejected as exc:
         return JSONResponse({"detail": exc.reason}, status_code=exc.status)

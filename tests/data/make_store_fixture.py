@@ -56,8 +56,9 @@ class _Clock:
 
 
 def _load_v1_store(tmp: Path) -> types.ModuleType:
-    source = subprocess.run(["git", "show", f"{V1_COMMIT}:client/store.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{V1_COMMIT}:client/store.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     path = tmp / "store_v1.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("store_v1", path)
@@ -70,9 +71,20 @@ def _load_v1_store(tmp: Path) -> types.ModuleType:
 
 
 def _remote(id: str, status: str, **extra) -> dict:
-    obj = {"id": id, "model": "acme/trainer", "version": "v" * 64, "status": status, "logs": "",
-           "input": {}, "output": None, "error": None, "created_at": "2024-05-01T10:00:00Z",
-           "started_at": None, "completed_at": None, "metrics": {}}
+    obj = {
+        "id": id,
+        "model": "acme/trainer",
+        "version": "v" * 64,
+        "status": status,
+        "logs": "",
+        "input": {},
+        "output": None,
+        "error": None,
+        "created_at": "2024-05-01T10:00:00Z",
+        "started_at": None,
+        "completed_at": None,
+        "metrics": {},
+    }
     obj.update(extra)
     return obj
 
@@ -82,26 +94,57 @@ def _progress(step: int, loss: float) -> str:
 
 
 def _fill(store) -> None:
-    job = {"provider": "replicate", "kind": "training", "model": "acme/trainer", "version": "v" * 64,
-           "destination": "acme/out", "hardware": "gpu-h100", "estimate_usd": 1.0, "price_per_s": PRICE,
-           "webhook": True, "input_json": {"steps": 100, "hf_token": "hf_" + "x" * 34}}
-    for key, rid in (("req-proc", "proc-id"), ("req-ok", "ok-id"), ("req-fail", "fail-id"),
-                     ("req-cancel", "cancel-id")):
+    job = {
+        "provider": "replicate",
+        "kind": "training",
+        "model": "acme/trainer",
+        "version": "v" * 64,
+        "destination": "acme/out",
+        "hardware": "gpu-h100",
+        "estimate_usd": 1.0,
+        "price_per_s": PRICE,
+        "webhook": True,
+        "input_json": {"steps": 100, "hf_token": "hf_" + "x" * 34},
+    }
+    for key, rid in (
+        ("req-proc", "proc-id"),
+        ("req-ok", "ok-id"),
+        ("req-fail", "fail-id"),
+        ("req-cancel", "cancel-id"),
+    ):
         store.reserve(key, job)
         store.bind(key, rid, _remote(rid, "starting"))
     store.reserve("req-submitting", {**job, "estimate_usd": 1.5})
 
     logs = "booting\n" + _progress(20, 0.5) + "\n" + _progress(40, 0.125) + "\n"
-    store.apply_remote("proc-id", _remote("proc-id", "processing", logs=logs,
-                                          started_at="2024-05-01T10:01:00Z"), "webhook")
-    store.apply_remote("ok-id", _remote("ok-id", "succeeded", logs=logs, output={"weights": "https://x/w.tar"},
-                                        started_at="2024-05-01T10:01:00Z",
-                                        completed_at="2024-05-01T10:03:00Z",
-                                        metrics={"predict_time": 118.5}), "webhook")
+    store.apply_remote(
+        "proc-id", _remote("proc-id", "processing", logs=logs, started_at="2024-05-01T10:01:00Z"), "webhook"
+    )
+    store.apply_remote(
+        "ok-id",
+        _remote(
+            "ok-id",
+            "succeeded",
+            logs=logs,
+            output={"weights": "https://x/w.tar"},
+            started_at="2024-05-01T10:01:00Z",
+            completed_at="2024-05-01T10:03:00Z",
+            metrics={"predict_time": 118.5},
+        ),
+        "webhook",
+    )
     store.update("ok-id", local_dir="/tmp/out/ok-id", delivered=True)
-    store.apply_remote("fail-id", _remote("fail-id", "failed", error="CUDA out of memory",
-                                          started_at="2024-05-01T10:01:00Z",
-                                          completed_at="2024-05-01T10:02:00Z"), "poll")
+    store.apply_remote(
+        "fail-id",
+        _remote(
+            "fail-id",
+            "failed",
+            error="CUDA out of memory",
+            started_at="2024-05-01T10:01:00Z",
+            completed_at="2024-05-01T10:02:00Z",
+        ),
+        "poll",
+    )
     store.apply_remote("cancel-id", _remote("cancel-id", "canceled"), "poll")
     early = _remote("orphan-id", "processing", logs=_progress(5, 1.0) + "\n")
     store.apply_remote("orphan-id", early, "webhook")  # before any bind: kept as an orphan

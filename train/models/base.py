@@ -25,21 +25,33 @@ class BatchRandom:
     one process with the global batch would, and their generators stay in step.
     """
 
-    def __init__(self, generator: torch.Generator, global_size: int, start: int, stop: int, device: torch.device):
-        self.generator, self.global_size, self.start, self.stop, self.device = generator, global_size, start, stop, device
+    def __init__(
+        self, generator: torch.Generator, global_size: int, start: int, stop: int, device: torch.device
+    ):
+        self.generator, self.global_size, self.start, self.stop, self.device = (
+            generator,
+            global_size,
+            start,
+            stop,
+            device,
+        )
 
     def randn(self, *item_shape: int) -> torch.Tensor:
         g = self.generator
         t = torch.randn((self.global_size, *item_shape), generator=g, device=g.device)
-        return t[self.start:self.stop].to(self.device)
+        return t[self.start : self.stop].to(self.device)
 
     def rand(self) -> torch.Tensor:
         g = self.generator
-        return torch.rand(self.global_size, generator=g, device=g.device)[self.start:self.stop].to(self.device)
+        return torch.rand(self.global_size, generator=g, device=g.device)[self.start : self.stop].to(
+            self.device
+        )
 
     def randint(self, high: int) -> torch.Tensor:
         g = self.generator
-        return torch.randint(0, high, (self.global_size,), generator=g, device=g.device)[self.start:self.stop].to(self.device)
+        return torch.randint(0, high, (self.global_size,), generator=g, device=g.device)[
+            self.start : self.stop
+        ].to(self.device)
 
 
 @dataclass
@@ -47,10 +59,10 @@ class Batch:
     """One training batch from the cache; every tensor is on the training device."""
 
     latent_mean: torch.Tensor  # (B, C, h, w) VAE posterior mean
-    latent_std: torch.Tensor   # (B, C, h, w) VAE posterior std
+    latent_std: torch.Tensor  # (B, C, h, w) VAE posterior std
     text: dict[str, torch.Tensor]  # family-specific cached text embeddings, batched
-    time_ids: torch.Tensor     # (B, 6) original size, crop top-left, target size (SDXL uses it)
-    rng: BatchRandom           # this batch's share of the global batch's random draws
+    time_ids: torch.Tensor  # (B, 6) original size, crop top-left, target size (SDXL uses it)
+    rng: BatchRandom  # this batch's share of the global batch's random draws
 
 
 class Family(ABC):
@@ -81,10 +93,16 @@ class Family(ABC):
         return getattr(self.pipe, self.denoiser_name).dtype
 
     def frozen_names(self) -> list[str]:
-        return [n for n in ("vae", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
+        return [
+            n for n in ("vae", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None
+        ]
 
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        return [
+            m
+            for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+            if m is not None
+        ]
 
     # -- caching ---------------------------------------------------------------------------------
     @abstractmethod
@@ -106,19 +124,36 @@ class Family(ABC):
 
     # -- validation and export -----------------------------------------------------------------
     @torch.no_grad()
-    def render(self, text: dict[str, torch.Tensor], size: int, steps: int, guidance: float,
-               seed: int, device: torch.device) -> Any:
+    def render(
+        self,
+        text: dict[str, torch.Tensor],
+        size: int,
+        steps: int,
+        guidance: float,
+        seed: int,
+        device: torch.device,
+    ) -> Any:
         """A PIL image from cached prompt embeddings with the current denoiser."""
         # The prompts come as cached embeddings, so the pipeline is built without text encoders
         # (they may have left the device by now).
-        pipe = self.pipeline_cls(**self.render_components(), text_encoder=None, tokenizer=None,
-                                 text_encoder_2=None, tokenizer_2=None)
+        pipe = self.pipeline_cls(
+            **self.render_components(),
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+        )
         pipe.set_progress_bar_config(disable=True)
         dtype = self.denoiser_dtype
-        return pipe(prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
-                    pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
-                    height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+        return pipe(
+            prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
+            pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+        ).images[0]
 
     def render_components(self) -> dict[str, Any]:
         """The pipeline parts a validation render needs, the text encoders aside."""

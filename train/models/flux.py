@@ -27,10 +27,15 @@ class FluxFamily(Family):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
         embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=prompts, device=device,
-            max_sequence_length=self.spec.flux.max_sequence_length)
-        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
-                for e, p in zip(embeds, pooled, strict=True)]
+            prompt=prompts,
+            prompt_2=prompts,
+            device=device,
+            max_sequence_length=self.spec.flux.max_sequence_length,
+        )
+        return [
+            {"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
+            for e, p in zip(embeds, pooled, strict=True)
+        ]
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +57,13 @@ class FluxFamily(Family):
         # flux_shift: the resolution-dependent exponential shift the dev pipeline samples with
         cfg = self.pipe.scheduler.config
         if cfg.get("use_dynamic_shifting", False):
-            mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                 cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+            mu = calculate_shift(
+                image_seq_len,
+                cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096),
+                cfg.get("base_shift", 0.5),
+                cfg.get("max_shift", 1.15),
+            )
             return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
         shift = cfg.get("shift", 1.0)
         return shift * u / (1 + (shift - 1) * u)
@@ -74,7 +84,7 @@ class FluxFamily(Family):
         sigmas = self.sample_sigmas(batch.rng, (h // 2) * (w // 2))
         s = sigmas.view(b, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise  # straight path from data (s=0) to noise (s=1)
-        target = noise - x0                 # its velocity
+        target = noise - x0  # its velocity
 
         dtype = batch.text["prompt_embeds"].dtype
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype)  # (B, h/2*w/2, 4C)
@@ -83,17 +93,27 @@ class FluxFamily(Family):
         guidance = None
         if self.pipe.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.spec.flux.guidance, device=x0.device, dtype=torch.float32)
-        pred = model(hidden_states=packed, timestep=sigmas.to(dtype), guidance=guidance,
-                     pooled_projections=batch.text["pooled_prompt_embeds"],
-                     encoder_hidden_states=batch.text["prompt_embeds"], txt_ids=txt_ids, img_ids=img_ids,
-                     return_dict=False)[0]
+        pred = model(
+            hidden_states=packed,
+            timestep=sigmas.to(dtype),
+            guidance=guidance,
+            pooled_projections=batch.text["pooled_prompt_embeds"],
+            encoder_hidden_states=batch.text["prompt_embeds"],
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
         return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
 
     # -- validation and export -----------------------------------------------------------------
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
         layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=layers, safe_serialization=True,
-                                       transformer_lora_adapter_metadata=metadata)
+        FluxPipeline.save_lora_weights(
+            out_dir,
+            transformer_lora_layers=layers,
+            safe_serialization=True,
+            transformer_lora_adapter_metadata=metadata,
+        )
         return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

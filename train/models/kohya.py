@@ -22,23 +22,32 @@ import re
 import torch
 
 _DOUBLE = {
-    "attn.to_out.0": "img_attn_proj", "ff.net.0.proj": "img_mlp_0", "ff.net.2": "img_mlp_2",
-    "norm1.linear": "img_mod_lin", "attn.to_add_out": "txt_attn_proj", "ff_context.net.0.proj": "txt_mlp_0",
-    "ff_context.net.2": "txt_mlp_2", "norm1_context.linear": "txt_mod_lin",
+    "attn.to_out.0": "img_attn_proj",
+    "ff.net.0.proj": "img_mlp_0",
+    "ff.net.2": "img_mlp_2",
+    "norm1.linear": "img_mod_lin",
+    "attn.to_add_out": "txt_attn_proj",
+    "ff_context.net.0.proj": "txt_mlp_0",
+    "ff_context.net.2": "txt_mlp_2",
+    "norm1_context.linear": "txt_mod_lin",
 }
-_DOUBLE_FUSED = {"img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-                 "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]}
+_DOUBLE_FUSED = {
+    "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+}
 _SINGLE = {"proj_out": "linear2", "norm.linear": "modulation_lin"}
 _SINGLE_FUSED = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
 _GLOBAL = {
-    "x_embedder": "img_in", "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
     "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
     "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
     "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
     "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
     "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
     "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
-    "proj_out": "final_layer_linear", "norm_out.linear": "final_layer_adaLN_modulation_1",
+    "proj_out": "final_layer_linear",
+    "norm_out.linear": "final_layer_adaLN_modulation_1",
 }
 
 
@@ -55,9 +64,11 @@ def _pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor,
 
 
 def _entry(name: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
-    return {f"{name}.lora_down.weight": down.contiguous(),
-            f"{name}.lora_up.weight": (up * scale).contiguous(),
-            f"{name}.alpha": torch.tensor(float(down.shape[0]))}
+    return {
+        f"{name}.lora_down.weight": down.contiguous(),
+        f"{name}.lora_up.weight": (up * scale).contiguous(),
+        f"{name}.alpha": torch.tensor(float(down.shape[0])),
+    }
 
 
 def sdxl_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -67,8 +78,9 @@ def sdxl_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str
     return out
 
 
-def fuse(parts: list[tuple[torch.Tensor, torch.Tensor] | None], out_dims: list[int], in_dim: int,
-         rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse(
+    parts: list[tuple[torch.Tensor, torch.Tensor] | None], out_dims: list[int], in_dim: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One LoRA for a fused projection from its parts' LoRAs (None = part without LoRA)."""
     n = len(parts)
     ref = next(p for p in parts if p is not None)[0]
@@ -79,13 +91,15 @@ def fuse(parts: list[tuple[torch.Tensor, torch.Tensor] | None], out_dims: list[i
         if part is not None:
             a, b = part
             assert a.shape == (rank, in_dim) and b.shape == (dim, rank), (a.shape, b.shape, rank, dim)
-            down[j * rank:(j + 1) * rank] = a
-            up[row:row + dim, j * rank:(j + 1) * rank] = b
+            down[j * rank : (j + 1) * rank] = a
+            up[row : row + dim, j * rank : (j + 1) * rank] = b
         row += dim
     return down, up
 
 
-def flux_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+def flux_to_kohya(
+    state_dict: dict[str, torch.Tensor], alpha: float, transformer: torch.nn.Module
+) -> dict[str, torch.Tensor]:
     pairs = _pairs(state_dict)
     modules = dict(transformer.named_modules())
     out: dict[str, torch.Tensor] = {}

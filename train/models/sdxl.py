@@ -34,10 +34,13 @@ class SdxlFamily(Family):
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False)
-        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
-                for e, p in zip(embeds, pooled, strict=True)]
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return [
+            {"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
+            for e, p in zip(embeds, pooled, strict=True)
+        ]
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,10 +61,16 @@ class SdxlFamily(Family):
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
 
         dtype = batch.text["prompt_embeds"].dtype
-        pred = model(noisy.to(dtype), t, encoder_hidden_states=batch.text["prompt_embeds"],
-                     added_cond_kwargs={"text_embeds": batch.text["pooled_prompt_embeds"],
-                                        "time_ids": batch.time_ids.to(dtype)},
-                     return_dict=False)[0]
+        pred = model(
+            noisy.to(dtype),
+            t,
+            encoder_hidden_states=batch.text["prompt_embeds"],
+            added_cond_kwargs={
+                "text_embeds": batch.text["pooled_prompt_embeds"],
+                "time_ids": batch.time_ids.to(dtype),
+            },
+            return_dict=False,
+        )[0]
         if self.spec.sdxl.snr_gamma is None:
             return F.mse_loss(pred.float(), target.float())
         # min-SNR-gamma weighting (Hang et al. 2023): caps the weight of low-noise steps
@@ -78,8 +87,9 @@ class SdxlFamily(Family):
 
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
         layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
-                                                    unet_lora_adapter_metadata=metadata)
+        StableDiffusionXLPipeline.save_lora_weights(
+            out_dir, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        )
         return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

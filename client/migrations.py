@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 __all__ = ["Migration", "MIGRATIONS", "StoreVersionError", "migrate", "schema_version"]
 
 
@@ -45,8 +47,9 @@ class Migration:
     apply: Callable[[sqlite3.Connection], None]
 
 
-class StoreVersionError(RuntimeError):
-    """The store file was written by a newer client than this one."""
+class StoreVersionError(UserError):
+    """The store file was written by a newer client than this one (the user upgrades, or points
+    ADVANCED_TRAINER_HOME elsewhere: CLI exit 2, not a traceback)."""
 
     def __init__(self, path: Path | str, found: int, known: int):
         self.path, self.found, self.known = Path(path), found, known

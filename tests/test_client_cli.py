@@ -632,3 +632,13 @@ def test_one_table_decides_the_exit_code_and_the_http_status(status, exit_code, 
     exc = errors.remote_error("x", status)
     assert errors.exit_code(exc) == exit_code and errors.http_status(exc) == http
     assert errors.is_retryable(status) == (exit_code == 3)
+
+
+def test_a_store_from_a_newer_client_is_a_clear_error_not_a_traceback(capsys, client_home):
+    import sqlite3
+
+    client_home.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(client_home / "jobs.sqlite3") as con:
+        con.execute("PRAGMA user_version = 99")
+    code, _, err = run(capsys, "jobs")
+    assert code == EXIT_USER and "schema version 99" in err and "upgrade advanced-trainer" in err

@@ -29,6 +29,7 @@ from .errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_USER, ClientErro
 from .jobs import deliver_job, follow, load_spec, reconcile_stale, refresh, submit
 from .pack import PackError, pack_dataset
 from .providers import CogProvider, Provider, ReplicateProvider
+from .records import Job
 from .run import resolve_target, run
 from .settings_api import apply_settings
 from .spend import spend_summary
@@ -206,7 +207,7 @@ def _bar(label: str):
     return update
 
 
-def _print_update(rec: dict) -> None:
+def _print_update(rec: Job) -> None:
     parts = [f"{rec['id']}: {rec['status']}"]
     phase = rec.get("phase")
     if phase == "train" and rec.get("total"):
@@ -217,8 +218,9 @@ def _print_update(rec: dict) -> None:
         parts.append(phase)
     if rec.get("loss") is not None:
         parts.append(f"loss {rec['loss']:.4f}")
-    if rec.get("eta_s") is not None and rec["status"] == "processing":
-        parts.append(f"ETA {int(rec['eta_s'] // 60)}m{int(rec['eta_s'] % 60):02d}s")
+    eta = rec["eta_s"]
+    if eta is not None and rec["status"] == "processing":
+        parts.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
     print("  ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -275,8 +277,9 @@ def _wait_and_deliver(args, store: JobStore, provider: Provider, job_id: str) ->
     return EXIT_OK if rec["status"] == "succeeded" else EXIT_JOB_FAILED
 
 
-def _try_hint(rec: dict) -> str:
-    output = json.loads(rec["output_json"]) if rec.get("output_json") else {}
+def _try_hint(rec: Job) -> str:
+    output_json = rec["output_json"]
+    output = json.loads(output_json) if output_json else {}
     version = output.get("version") if isinstance(output, dict) else None
     if rec["provider"] == "replicate" and version:
         return (
@@ -289,7 +292,7 @@ def _try_hint(rec: dict) -> str:
     )
 
 
-def _trigger(rec: dict) -> str:
+def _trigger(rec: Job) -> str:
     try:
         return json.loads(rec.get("spec_json") or "{}").get("trigger_word") or ""
     except ValueError:
@@ -362,14 +365,14 @@ def _describe_outputs(o: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _job(store: JobStore, job_id: str) -> dict:
+def _job(store: JobStore, job_id: str) -> Job:
     rec = store.get(job_id)
     if rec is None:
         raise UserError(f"no job {job_id} in the job store ({store_path()})")
     return rec
 
 
-def _provider_for(rec: dict, args, settings: Settings) -> Provider:
+def _provider_for(rec: Job, args, settings: Settings) -> Provider:
     args.provider = rec["provider"]
     return make_provider(args, settings)
 

@@ -33,6 +33,7 @@ from .delivery import deliver, output_url
 from .errors import ProviderError, RemoteUserError, UserError, is_retryable
 from .pack import UPLOAD_LIMIT, PackError, pack_dataset
 from .providers import Provider, plain_dict
+from .records import Job
 from .spend import SpendLimit
 from .store import TERMINAL, JobStore, SpendLimitExceeded
 
@@ -41,7 +42,7 @@ EVENTS = ["start", "output", "logs", "completed"]
 
 @dataclass
 class Submission:
-    record: dict
+    record: Job
     estimate: pricing.Estimate
     warnings: list[str]
 
@@ -146,7 +147,7 @@ def stale_hint(store: JobStore) -> str:
 
 
 def reconcile_stale(
-    store: JobStore, provider_for: Callable[[dict], Provider], older_than_s: float = STALE_AFTER_S
+    store: JobStore, provider_for: Callable[[Job], Provider], older_than_s: float = STALE_AFTER_S
 ) -> list[str]:
     """Settle reservations left "submitting" by a process that stopped between reserving and
     binding: a job the provider has for the recorded dataset upload is bound (it counts, and is
@@ -155,7 +156,8 @@ def reconcile_stale(
     notes = []
     for rec in store.stale_reservations(older_than_s):
         key = rec["request_key"]
-        dataset = json.loads(rec["input_json"]).get("dataset") if rec.get("input_json") else None
+        inputs = rec["input_json"]
+        dataset = json.loads(inputs).get("dataset") if inputs else None
         if not dataset:
             store.release(key, "abandoned: the submitting process stopped before the job was sent")
             notes.append(f"{key}: released (the job was never sent)")
@@ -297,7 +299,7 @@ def _create(
         return lost
 
 
-def refresh(store: JobStore, provider: Provider, job_id: str) -> dict:
+def refresh(store: JobStore, provider: Provider, job_id: str) -> Job:
     rec = store.get(job_id)
     if rec is None:
         raise UserError(f"no job {job_id} in the job store")
@@ -310,12 +312,12 @@ def follow(
     store: JobStore,
     provider: Provider,
     job_id: str,
-    on_update: Callable[[dict], None] | None = None,
+    on_update: Callable[[Job], None] | None = None,
     poll_min: float = 0.5,
     poll_max: float = 15.0,
     timeout: float | None = None,
     webhook_quiet_s: float = 60.0,
-) -> dict:
+) -> Job:
     """Wait for a job to end. Polls with backoff; when webhooks are flowing into the store
     (``serve``), polling only resumes after ``webhook_quiet_s`` seconds without one."""
     delay = poll_min
@@ -325,10 +327,9 @@ def follow(
         rec = store.get(job_id)
         if rec is None:
             raise UserError(f"no job {job_id} in the job store")
+        last_event = rec["last_event_at"]
         webhooks_flowing = (
-            rec.get("webhook")
-            and rec.get("last_event_at")
-            and time.time() - epoch_seconds(rec["last_event_at"]) < webhook_quiet_s
+            rec["webhook"] and last_event and time.time() - epoch_seconds(last_event) < webhook_quiet_s
         )
         if rec["status"] not in TERMINAL and not webhooks_flowing:
             try:
@@ -359,11 +360,12 @@ def epoch_seconds(value: str | float) -> float:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 
-def deliver_job(store: JobStore, rec: dict, root: Path | None = None, progress=None) -> dict:
+def deliver_job(store: JobStore, rec: Job, root: Path | None = None, progress=None) -> dict:
     """Download a succeeded job's archive to cloud_outputs/<id>/ (resuming), verify and unpack it."""
     if rec["status"] != "succeeded":
         raise UserError(f"job {rec['id']} is {rec['status']}; only succeeded jobs have outputs")
-    output = json.loads(rec["output_json"]) if rec.get("output_json") else None
+    output_json = rec["output_json"]
+    output = json.loads(output_json) if output_json else None
     url = output_url(rec["kind"], output)
     if not url:
         raise UserError(f"job {rec['id']} has no output archive")

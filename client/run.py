@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from .delivery import DeliveryError, download, output_url
 from .errors import ProviderError, UserError
 from .providers import Provider
+from .records import Job
 from .store import JobStore
 
 _REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[0-9a-f]{64})?$")
@@ -31,7 +32,7 @@ class Target:
 
     provider: str  # replicate | cog
     ref: str  # owner/name[:version] (replicate) or the job id (cog)
-    job: dict | None = None
+    job: Job | None = None
     weights: str | None = None  # cog: sent as lora_weights
 
 
@@ -41,7 +42,8 @@ def resolve_target(store: JobStore, target: str) -> Target:
     if rec is not None:
         if rec["status"] != "succeeded":
             raise UserError(f"job {target} is {rec['status']}; only a succeeded training can be run")
-        output = json.loads(rec["output_json"]) if rec.get("output_json") else None
+        output_json = rec["output_json"]
+        output = json.loads(output_json) if output_json else None
         if rec["provider"] == "cog":
             weights = output_url(rec["kind"], output)
             if not weights:

@@ -27,6 +27,7 @@ from train.spec import SpecError
 from .config import load_secrets, save_secret
 from .errors import ClientError, http_status
 from .jobs import epoch_seconds
+from .records import Job
 from .routes import ROUTERS
 from .routes.state import API_KEY_SECRET, State
 from .security import SecurityMiddleware, hash_key, is_loopback
@@ -97,7 +98,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 # -- the poller ------------------------------------------------------------------------------------
 
 
-def _poll_job(state: State, rec: dict, now: float) -> bool:
+def _poll_job(state: State, rec: Job, now: float) -> bool:
     """Poll one job when it is due; True when it was polled."""
     last = rec.get("last_event_at")
     if rec.get("webhook") and last and now - epoch_seconds(last) < POLL_QUIET_S:

@@ -320,16 +320,16 @@ class JobStore:
         )
 
     @staticmethod
-    def _record(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
+    def _record(row: sqlite3.Row | Mapping[str, Any]) -> Job:
         rec = {name: row[name] for name in FIELDS}
         for name in _BOOL:
             rec[name] = bool(rec[name])
-        return rec
+        return cast(Job, rec)
 
-    def _maybe_record(self, row: sqlite3.Row | None) -> dict[str, Any] | None:
+    def _maybe_record(self, row: sqlite3.Row | None) -> Job | None:
         return None if row is None else self._record(row)
 
-    def _fetch(self, con: sqlite3.Connection, column: str, value: Any) -> dict[str, Any]:
+    def _fetch(self, con: sqlite3.Connection, column: str, value: Any) -> Job:
         row = self._row(con, column, value)
         assert row is not None, f"job {column}={value!r} vanished inside its own transaction"
         return self._record(row)
@@ -418,7 +418,7 @@ class JobStore:
         limit_usd: float | None = None,
         period_start: Any = None,
         action: str = "block",
-    ) -> tuple[dict[str, Any], SpendDecision]:
+    ) -> tuple[Job, SpendDecision]:
         """Check the spend limit and insert the job as "submitting" (id = ``request_key``), in one
         transaction. Raises ``SpendLimitExceeded`` when ``action == "block"`` and spend in the
         period plus this job's ``estimate_usd`` would exceed ``limit_usd``. Reserving a key
@@ -466,9 +466,7 @@ class JobStore:
             rec = self._fetch(con, "id", request_key)
         return rec, decision
 
-    def bind(
-        self, request_key: str, remote_id: str, remote_object: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+    def bind(self, request_key: str, remote_id: str, remote_object: Mapping[str, Any] | None = None) -> Job:
         """The reservation becomes the provider's job ``remote_id``; ``remote_object`` (the create
         response) and any webhook that arrived before this call are merged in."""
         if not isinstance(remote_id, str) or not remote_id:
@@ -496,7 +494,7 @@ class JobStore:
                 con.execute("DELETE FROM orphan_events WHERE id = ?", (remote_id,))
             return self._fetch(con, "id", remote_id)
 
-    def release(self, request_key: str, error: str) -> dict[str, Any]:
+    def release(self, request_key: str, error: str) -> Job:
         """The submission failed: mark a still-"submitting" reservation failed at zero cost so it
         stops counting. A job that was already bound is returned unchanged."""
         now = self._now()
@@ -514,9 +512,7 @@ class JobStore:
             return self._record(row)
 
     # -- remote updates
-    def apply_remote(
-        self, id: str, obj: Mapping[str, Any], source: str
-    ) -> tuple[dict[str, Any] | None, bool]:
+    def apply_remote(self, id: str, obj: Mapping[str, Any], source: str) -> tuple[Job | None, bool]:
         """Merge a Replicate prediction/training object (from a webhook or a poll).
 
         Order- and duplicate-proof (the rules are ``client.records.merge``): the status only
@@ -533,7 +529,7 @@ class JobStore:
 
     def _apply(
         self, con: sqlite3.Connection, id: str, obj: Mapping[str, Any], source: str
-    ) -> tuple[dict[str, Any] | None, bool]:
+    ) -> tuple[Job | None, bool]:
         now = time.time()
         row = self._row(con, "id", id)
         if row is None:
@@ -583,15 +579,15 @@ class JobStore:
             con.execute("DELETE FROM webhook_ids WHERE id = ?", (webhook_id,))
 
     # -- queries and edits
-    def get(self, id: str) -> dict[str, Any] | None:
+    def get(self, id: str) -> Job | None:
         with self._tx(write=False) as con:
             return self._maybe_record(self._row(con, "id", id))
 
-    def get_by_request_key(self, request_key: str) -> dict[str, Any] | None:
+    def get_by_request_key(self, request_key: str) -> Job | None:
         with self._tx(write=False) as con:
             return self._maybe_record(self._row(con, "request_key", request_key))
 
-    def list(self, limit: int = 50, status: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def list(self, limit: int = 50, status: str | Iterable[str] | None = None) -> list[Job]:
         """Newest first; ``status`` is one status or several."""
         sql, args = _SELECT_JOB, []
         if status is not None:
@@ -603,7 +599,7 @@ class JobStore:
         with self._tx(write=False) as con:
             return [self._record(r) for r in con.execute(sql, args).fetchall()]
 
-    def update(self, id: str, /, **fields: Any) -> dict[str, Any]:
+    def update(self, id: str, /, **fields: Any) -> Job:
         """Set fields directly (local bookkeeping: ``local_dir``, ``delivered``, ``webhook``...).
         ``id`` and ``request_key`` cannot change here; ``input_json``/``spec_json`` are scrubbed."""
         if "id" in fields or "request_key" in fields:
@@ -618,7 +614,7 @@ class JobStore:
             self._set(con, id, clean)
             return self._fetch(con, "id", id)
 
-    def stale_reservations(self, older_than_s: float) -> list[dict[str, Any]]:
+    def stale_reservations(self, older_than_s: float) -> list[Job]:
         """Reservations still "submitting" after ``older_than_s`` seconds, oldest first: their
         submitting process stopped between reserving and binding (a submit takes seconds)."""
         cutoff = iso_utc(time.time() - older_than_s)
@@ -629,7 +625,7 @@ class JobStore:
             ).fetchall()
             return [self._record(r) for r in rows]
 
-    def unfinished(self) -> list[dict[str, Any]]:
+    def unfinished(self) -> list[Job]:
         """Jobs a poller should follow: bound and not terminal ("starting"/"processing"), oldest
         first. Reservations still "submitting" have no provider id to poll."""
         with self._tx(write=False) as con:

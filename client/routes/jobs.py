@@ -110,7 +110,8 @@ def try_job(state: StateDep, job_id: str, body: RunRequest) -> dict:
 @router.get("/{job_id}/files")
 def job_files(state: StateDep, job_id: str) -> dict:
     rec = job_or_404(state, job_id)
-    folder = Path(rec["local_dir"]) if rec.get("local_dir") else None
+    local_dir = rec["local_dir"]
+    folder = Path(local_dir) if local_dir else None
     if folder is None or not folder.is_dir():
         return {"files": [], "delivered": False}
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -130,9 +131,10 @@ def job_files(state: StateDep, job_id: str) -> dict:
 @router.get("/{job_id}/files/{name:path}")
 def job_file(state: StateDep, job_id: str, name: str) -> FileResponse:
     rec = state.store.get(job_id)
-    if rec is None or not rec.get("local_dir"):
+    local_dir = rec["local_dir"] if rec is not None else None
+    if not local_dir:
         raise HTTPException(404, f"no delivered outputs for {job_id}")
-    folder = Path(rec["local_dir"]).resolve()
+    folder = Path(local_dir).resolve()
     path = (folder / name).resolve()
     if not path.is_relative_to(folder) or not path.is_file():
         raise HTTPException(404, f"no file {name}")

@@ -17,6 +17,7 @@ from ..config import Settings, home, load_secrets, store_path
 from ..errors import UserError
 from ..jobs import deliver_job
 from ..providers import CogProvider, Provider, ReplicateProvider
+from ..records import Job
 from ..security import Policy, Sessions
 from ..store import JobStore
 from ..webhooks import WebhookVerifier
@@ -70,7 +71,7 @@ class State:
                 self.cog[url] = CogProvider(url)
             return self.cog[url]
 
-    def provider_for(self, rec: dict) -> Provider:
+    def provider_for(self, rec: Job) -> Provider:
         if rec["provider"] == "cog":
             for p in self.cog.values():
                 if rec["id"] in p.jobs:
@@ -88,7 +89,7 @@ class State:
         """A new token may belong to another account: fetch its signing secret next time."""
         self._secret = None
 
-    def apply(self, job_id: str, obj: dict, source: str) -> tuple[dict, bool]:
+    def apply(self, job_id: str, obj: dict, source: str) -> tuple[Job, bool]:
         """Merge a job object (webhook or poll) into the store; a success starts its delivery."""
         rec, changed = self.store.apply_remote(job_id, obj, source)
         assert rec is not None, f"{job_id} is in the store"  # callers check before applying
@@ -123,11 +124,11 @@ def current_state(request: Request) -> State:
 StateDep = Annotated[State, Depends(current_state)]
 
 
-def public_record(rec: dict | None) -> dict | None:
+def public_record(rec: Job | None) -> dict | None:
     """A job record for API responses: no internal columns, JSON columns decoded."""
     if rec is None:
         return None
-    out = dict(rec)
+    out: dict[str, Any] = dict(rec)
     out.pop("input_json", None)
     for key in ("output_json", "spec_json"):
         if out.get(key):
@@ -138,7 +139,7 @@ def public_record(rec: dict | None) -> dict | None:
     return out
 
 
-def job_or_404(state: State, job_id: str) -> dict[str, Any]:
+def job_or_404(state: State, job_id: str) -> Job:
     rec = state.store.get(job_id)
     if rec is None:
         raise UserError(f"no job {job_id}", 404)

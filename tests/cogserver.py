@@ -118,9 +118,14 @@ class CogServer:
 
         return wait_until(accepted, 30, f"a free slot on the cog server for POST {path}")
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask the server to exit without waiting (``stop`` then waits): a pool shuts down at once."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:

@@ -157,6 +157,8 @@ class RunServers:
         return self.get(weights).url
 
     def close(self) -> None:
+        for _, server in self.servers.values():  # all exit together, not one graceful shutdown after another
+            server.terminate()
         for gen, _ in self.servers.values():
             gen.close()
 

@@ -29,12 +29,12 @@ from .errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_USER, ClientErro
 from .jobs import deliver_job, follow, load_spec, reconcile_stale, refresh, submit
 from .pack import PackError, pack_dataset
 from .providers import CogProvider, Provider, ReplicateProvider
-from .records import Job
+from .records import TERMINAL, Job
 from .run import resolve_target, run
 from .settings_api import apply_settings
 from .spend import spend_summary
 from .statuspage import replicate_status
-from .store import TERMINAL, JobStore
+from .store import JobStore
 
 __all__ = ["EXIT_OK", "EXIT_JOB_FAILED", "EXIT_USER", "EXIT_REMOTE", "build_parser", "main"]
 

@@ -33,9 +33,9 @@ from .delivery import deliver, output_url
 from .errors import ProviderError, RemoteUserError, UserError, is_retryable
 from .pack import UPLOAD_LIMIT, PackError, pack_dataset
 from .providers import Provider, plain_dict
-from .records import Job
+from .records import TERMINAL, Job
 from .spend import SpendLimit
-from .store import TERMINAL, JobStore, SpendLimitExceeded
+from .store import JobStore, SpendLimitExceeded
 
 EVENTS = ["start", "output", "logs", "completed"]
 

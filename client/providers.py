@@ -25,7 +25,7 @@ from replicate.exceptions import ReplicateError
 from train.http import RetryPolicy
 
 from .errors import ProviderError, RemoteUserError, remote_error
-from .store import TERMINAL
+from .records import TERMINAL
 
 _HINTS = {
     401: " — the API token was refused: check it with `advanced-trainer validate`",

@@ -46,16 +46,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from train.redaction import REDACTED, TOKEN_RE
 
-from .migrations import MIGRATIONS, Migration, StoreVersionError, migrate
+from .migrations import MIGRATIONS, Migration, migrate
 from .records import (
     FIELDS,
     KINDS,
-    LOGS_TAIL_CHARS,
     PROVIDERS,
     SOURCES,
     STATUSES,
     TERMINAL,
-    UNFINISHED,
     Job,
     StoredJob,
     finite,
@@ -67,22 +65,11 @@ from .records import (
 )
 
 __all__ = [
-    "FIELDS",
-    "STATUSES",
-    "TERMINAL",
-    "UNFINISHED",
-    "PROVIDERS",
-    "KINDS",
-    "SOURCES",
-    "LOGS_TAIL_CHARS",
     "WEBHOOK_ID_RETENTION_S",
-    "Job",
     "JobStore",
     "SpendDecision",
     "SpendLimitExceeded",
-    "StoreVersionError",
     "scrub_secrets",
-    "iso_utc",
 ]
 
 WEBHOOK_ID_RETENTION_S = 3 * 24 * 3600  # Replicate's retries end about a minute after completion

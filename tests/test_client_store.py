@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from client.records import iso_utc
 from client.spend import SpendLimit
-from client.store import (
-    JobStore,
-    SpendLimitExceeded,
-    iso_utc,
-    scrub_secrets,
-)
+from client.store import JobStore, SpendLimitExceeded, scrub_secrets
 from train.progress import format_progress
 from train.redaction import REDACTED
 

@@ -198,7 +198,8 @@ def test_statuses_and_errors_worth_another_try():
 
 
 def test_the_hub_clients_own_httpx_fork_is_recognised_by_name():
-    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub 2.x raises from it; we never import it
+    import httpx2  # huggingface_hub 2.x (pinned) depends on it and raises from it; our code never imports it
+
     assert is_transport_error(httpx2.ConnectError("Name or service not known"))
     assert is_retryable(httpx2.ReadTimeout("slow"))
     assert not is_transport_error(httpx2.HTTPError("not the network"))

@@ -118,8 +118,6 @@ def test_no_long_functions():
 )
 def test_client_side_modules_never_import_torch(module):
     """The submit client runs on laptops without torch (DESIGN.md): importing it must not load it."""
-    if module.startswith("train.") and not (ROOT / (module.replace(".", "/") + ".py")).exists():
-        pytest.fail(f"{module} is expected to exist (the torch-free rules both sides share)")
     # (numpy is not checked: the replicate client imports it when it happens to be installed)
     code = (
         f"import sys, {module}; heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "

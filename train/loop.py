@@ -54,7 +54,7 @@ from .speed import (
     cache_fits_on_device,
     resident_weight_bytes,
 )
-from .trainer import RunContext, Trainer, TrainingError, TrainState, every, log, micro_step
+from .trainer import Periodic, RunContext, Trainer, TrainingError, TrainState, log, micro_step
 from .weights import resolve_base_weights
 
 __all__ = ["TrainResult", "TrainingError", "check_machine", "describe", "micro_step", "run_training"]
@@ -373,29 +373,20 @@ def resume(trainer: Trainer, ckpt: Checkpoint) -> None:
     trainer.state.load_state_dict(restore_training_state(ckpt, trainer.optimizer, trainer.lr_scheduler))
 
 
-class RenderSamples:
+class RenderSamples(Periodic):
     """Step hook: validation images every ``validation.interval`` steps (and at the end)."""
 
     def __init__(self, interval: int, last: int):
-        self.interval, self.last = interval, last
+        super().__init__(interval, last)
         self.paths: list[Path] = []
-
-    def due(self, step: int) -> bool:
-        return every(self.interval, step, self.last)
 
     def __call__(self, trainer: Trainer, step: int) -> None:
         with trainer.ctx.phase("validate"):
             self.paths += render_samples(trainer, step)
 
 
-class SaveCheckpoint:
+class SaveCheckpoint(Periodic):
     """Step hook: a resumable checkpoint every ``checkpoint_interval`` steps."""
-
-    def __init__(self, interval: int, last: int):
-        self.interval, self.last = interval, last
-
-    def due(self, step: int) -> bool:
-        return every(self.interval, step, self.last)
 
     def __call__(self, trainer: Trainer, step: int) -> None:
         ctx, spec = trainer.ctx, trainer.spec

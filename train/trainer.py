@@ -139,9 +139,15 @@ class StepHook(Protocol):
     def __call__(self, trainer: Trainer, step: int) -> None: ...
 
 
-def every(interval: int, step: int, last: int) -> bool:
-    """Every ``interval`` steps, not on the last one (the end of the run has its own final work)."""
-    return bool(interval) and step % interval == 0 and step != last
+class Periodic:
+    """Base of a step hook due every ``interval`` steps (0: never), not on the last step: the end
+    of the run has its own final work."""
+
+    def __init__(self, interval: int, last: int):
+        self.interval, self.last = interval, last
+
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and step % self.interval == 0 and step != self.last
 
 
 class Trainer:

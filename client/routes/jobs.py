@@ -13,8 +13,8 @@ from ..config import outputs_dir
 from ..errors import ClientError, UserError
 from ..jobs import submit
 from ..providers import Provider
+from ..records import TERMINAL
 from ..run import resolve_target, run
-from ..store import TERMINAL
 from .models import RunRequest, SubmitRequest
 from .state import State, StateDep, job_or_404, public_record
 

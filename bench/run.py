@@ -173,7 +173,7 @@ def project_step(case: Case, model: Model, device: torch.device, dtype: torch.dt
     plan = choose_memory_plan(
         spec.memory_policy,
         cap_memory(case, device),
-        family=case.family,
+        model=spec.model,
         weight_bytes=resident_weight_bytes(model),
         trainable_params=sum(p.numel() for p in params),
         optimizer=spec.optimizer,

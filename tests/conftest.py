@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """tiny-flux-dev, tiny-flux-schnell and tiny-sdxl, written by the project's generator."""
+    """Every registered model's tiny pipeline (tiny-flux-dev, tiny-sdxl, ...), by the project's generator."""
     from train.tiny import write_all
 
     out = tmp_path_factory.mktemp("weights")
@@ -33,9 +33,10 @@ def sample_dataset() -> Path:
 
 def quick_spec(tiny_weights: Path, model: str = "flux-dev", **fields):
     """A spec for a few-second CPU run on a tiny model; ``fields`` override (dotted keys allowed)."""
+    from train.families import model_info
     from train.spec import parse_spec
 
-    base = {"flux-dev": "tiny-flux-dev", "flux-schnell": "tiny-flux-schnell", "sdxl": "tiny-sdxl"}[model]
+    base = model_info(model).tiny_name
     raw = {
         "model": model,
         "base_weights": str(tiny_weights / base),
@@ -174,7 +175,7 @@ def tiny_spec(model: str = "flux-dev", **extra) -> str:
     """A spec JSON for a few-second training of a tiny model through the Cog train entry."""
     import json
 
-    base = {"flux-dev": "tiny-flux-dev", "sdxl": "tiny-sdxl"}[model]
+    base = f"tiny-{model}"
     if model == "sdxl":
         extra.setdefault("lora", {"targets": ["to_q", "to_k", "to_v", "to_out.0", "conv_out"]})
     return json.dumps(

@@ -8,8 +8,8 @@ from diffusers.models.transformers.transformer_flux import FluxTransformer2DMode
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from train.families import FLUX_PRESETS
 from train.models.kohya import KOHYA_NAME, flux_to_kohya, fuse, kohya_delta, sdxl_to_kohya
-from train.spec import TARGET_PRESETS
 
 
 def _delta(sd, module, alpha):
@@ -64,7 +64,7 @@ def test_fuse_is_the_block_diagonal_of_the_parts():
 
 def test_flux_export_matches_every_trained_update(flux_transformer):
     alpha = 2.0
-    sd = _trained_lora(flux_transformer, TARGET_PRESETS["flux"]["attention+mlp"], alpha=alpha)
+    sd = _trained_lora(flux_transformer, FLUX_PRESETS["attention+mlp"], alpha=alpha)
     kohya = flux_to_kohya(sd, alpha, flux_transformer)
     assert all(KOHYA_NAME.match(k) for k in kohya)
 

@@ -11,14 +11,14 @@ from conftest import quick_spec, train_quietly
 from train.memory import GIB, choose_memory_plan, estimate_peak_bytes
 
 FLUX_DEV = dict(
-    family="flux",
+    model="flux-dev",
     weight_bytes=int(11.9e9 * 2),
     trainable_params=int(65e6),
     optimizer="adamw",
     text_tokens=512,
 )
 SDXL = dict(
-    family="sdxl", weight_bytes=int(2.6e9 * 2), trainable_params=int(23e6), optimizer="adamw", text_tokens=0
+    model="sdxl", weight_bytes=int(2.6e9 * 2), trainable_params=int(23e6), optimizer="adamw", text_tokens=0
 )
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from train.spec import SPEC_VERSION, TARGET_PRESETS, SpecError, parse_spec, spec_json_schema
+from train.families import SDXL_PRESETS
+from train.spec import SPEC_VERSION, SpecError, parse_spec, spec_json_schema
 
 
 def test_defaults_are_resolved_per_family():
@@ -26,7 +27,7 @@ def test_defaults_are_resolved_per_family():
     assert sdxl.base_weights == "stabilityai/stable-diffusion-xl-base-1.0"
     assert sdxl.lora.alpha == 8.0 and sdxl.lora.targets == "attention"
     assert sdxl.resolutions == [512, 1024] and sdxl.validation.resolution == 512
-    assert sdxl.lora_target_modules() == TARGET_PRESETS["sdxl"]["attention"]
+    assert sdxl.lora_target_modules() == SDXL_PRESETS["attention"]
 
     assert parse_spec({"optimizer": "prodigy"}).learning_rate == 1.0
     assert parse_spec({"mode": "full"}).learning_rate == 1e-5

@@ -25,6 +25,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import save_file
 
+from .families import model_info
 from .models.base import Family
 from .spec import TrainingSpec
 
@@ -76,29 +77,24 @@ def export_lora(
 ) -> dict[str, Path]:
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     diffusers_file = family.save_lora(out_dir, sd, lora_config)
+    files = {"diffusers": diffusers_file}
+    info = model_info(family.spec.model)
     kohya = family.kohya_state_dict(sd, alpha)
-    arch = (
-        "flux-1-dev/lora"
-        if family.spec.model == "flux-dev"
-        else (
-            "flux-1-schnell/lora"
-            if family.spec.model == "flux-schnell"
-            else "stable-diffusion-xl-v1-base/lora"
-        )
-    )
+    if kohya is None:  # the family has no kohya / ComfyUI convention (docs/families.md)
+        return files
     save_file(
         kohya,
         str(out_dir / KOHYA_FILE),
         metadata={
-            "ss_network_module": "networks.lora_flux" if family.spec.family == "flux" else "networks.lora",
+            "ss_network_module": info.kohya_network_module,
             "ss_network_dim": str(rank),
             "ss_network_alpha": str(alpha),
-            "modelspec.architecture": arch,
+            "modelspec.architecture": info.kohya_architecture,
             "modelspec.sai_model_spec": "1.0.0",
             "trained_with": "advanced-trainer",
         },
     )
-    return {"diffusers": diffusers_file, "kohya": out_dir / KOHYA_FILE}
+    return {**files, "kohya": out_dir / KOHYA_FILE}
 
 
 def export_full_model(family: Family, model: torch.nn.Module, folder: Path) -> Path:
@@ -180,7 +176,7 @@ def write_model_card(
 
 
 def _pipeline_name(spec: TrainingSpec) -> str:
-    return "FluxPipeline" if spec.family == "flux" else "StableDiffusionXLPipeline"
+    return model_info(spec.model).pipeline
 
 
 def _base_weights(spec: TrainingSpec) -> str:
@@ -201,7 +197,7 @@ def _card_front_matter(spec: TrainingSpec, samples: list[tuple[str, str]]) -> li
         "- text-to-image",
         "- lora",
         "- diffusers",
-        f"- {'flux' if spec.family == 'flux' else 'stable-diffusion-xl'}",
+        f"- {model_info(spec.model).hub_tag}",
         "- advanced-trainer",
     ]
     if spec.trigger_word:
@@ -262,7 +258,7 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
         "```",
         "",
     ]
-    if spec.mode != "full":
+    if spec.mode != "full" and model_info(spec.model).comfy_naming:
         lines += [
             f"`{KOHYA_FILE}` holds the same LoRA in kohya naming for ComfyUI, Forge and sd-scripts.",
             "",
@@ -274,10 +270,12 @@ def _card_files(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
     if spec.mode == "full":
         files = [
             "- `model/`: the whole pipeline in diffusers layout, with the fine-tuned "
-            f"{'transformer' if spec.family == 'flux' else 'UNet'}"
+            f"{'UNet' if model_info(spec.model).denoiser == 'unet' else 'transformer'}"
         ]
     else:
-        files = [f"- `{LORA_FILE}`: diffusers / peft format", f"- `{KOHYA_FILE}`: kohya / ComfyUI format"]
+        files = [f"- `{LORA_FILE}`: diffusers / peft format"]
+        if model_info(spec.model).comfy_naming:
+            files.append(f"- `{KOHYA_FILE}`: kohya / ComfyUI format")
     lines = [
         "## Files",
         "",

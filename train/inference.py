@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .families import model_info
 from .spec import DEFAULT_BASE_WEIGHTS, MODEL_FAMILIES, family_of
 from .trained import Trained, TrainedWeightsError, fetch_trained, shown
 from .weights import WeightsError, prepare_weights_from_env
@@ -49,7 +50,6 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 OUTPUT_FORMATS = ("webp", "jpg", "png")
-RENDER_DEFAULTS = {"flux-dev": (28, 3.5), "flux-schnell": (4, 0.0), "sdxl": (30, 5.0)}  # (steps, guidance)
 MAX_EXTRA_ADAPTERS = 4  # LoRAs other than the trained one kept loaded (least recently used go first)
 
 
@@ -165,9 +165,11 @@ class Renderer:
         self.pipe.set_adapters(names, adapter_weights=[scale for _, scale, _ in loras])
 
     def pixel_multiple(self) -> int:
-        if family_of(self.model or "flux-dev") == "flux":
-            return self.pipe.vae_scale_factor * 2
-        return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        from .models import family_class
+
+        cls = family_class(self.model or "flux-dev")
+        denoiser = getattr(self.pipe, cls.denoiser_name)
+        return cls.pixel_multiple_of(self.pipe.vae_scale_factor, dict(denoiser.config))
 
     def render(
         self,
@@ -192,10 +194,10 @@ class Renderer:
             num_images_per_prompt=len(seeds),
             generator=generators,
         )
-        if family_of(self.model or "flux-dev") == "flux":
-            if max_sequence_length:
-                kw["max_sequence_length"] = max_sequence_length
-        elif negative_prompt:
+        info = model_info(self.model or "flux-dev")
+        if max_sequence_length and info.max_text_tokens:
+            kw["max_sequence_length"] = max_sequence_length
+        if negative_prompt and info.negative_prompt:
             kw["negative_prompt"] = negative_prompt
         with torch.inference_mode():
             return list(self.pipe(**kw).images)
@@ -356,18 +358,18 @@ class InferenceSession:
         model, base, loras, primary = self._plan(req)
         self.renderer.ensure_base(model, self._locate(base))
         self.renderer.use_loras(loras)
-        default_steps, default_guidance = RENDER_DEFAULTS[model]
-        steps = req.num_inference_steps or default_steps
-        guidance = default_guidance if req.guidance_scale is None else req.guidance_scale
+        info = model_info(model)
+        steps = req.num_inference_steps or info.render_steps
+        guidance = info.render_guidance if req.guidance_scale is None else req.guidance_scale
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**32 - 4)
         seeds = [seed + i for i in range(req.num_outputs)]
         width, height = self.size(req)
         msl = None
-        if family_of(model) == "flux":
+        if info.max_text_tokens:  # the prompt length the weights were trained with
             spec = (primary.config or {}).get("spec", {}) if primary else {}
-            msl = (spec.get("flux") or {}).get("max_sequence_length") or (512 if model == "flux-dev" else 256)
-        if req.negative_prompt and family_of(model) == "flux":
-            self.log("render: note: Flux does not use negative_prompt; it was ignored")
+            msl = (spec.get(info.options) or {}).get("max_sequence_length") or info.text_tokens
+        if req.negative_prompt and not info.negative_prompt:
+            self.log(f"render: note: {info.title} does not use negative_prompt; it was ignored")
         trigger = primary.trigger_word if primary else ""
         if trigger and trigger.lower() not in req.prompt.lower():
             self.log(f"render: note: the trigger word {trigger!r} is not in the prompt")

@@ -13,6 +13,7 @@ global batch would (up to float summation order). Only the main process writes o
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -76,8 +77,9 @@ class TrainResult:
         return self.weights[0]
 
     @property
-    def kohya_file(self) -> Path:
-        return self.weights[1]
+    def kohya_file(self) -> Path | None:
+        """The kohya / ComfyUI-named copy; None where the family has no such convention."""
+        return self.weights[1] if len(self.weights) > 1 else None
 
 
 def _quiet_libraries() -> None:
@@ -205,6 +207,7 @@ def run_training(
     family = load_family(ctx)
     prompts = validation_prompts(spec, dataset)
     cache = cache_dataset(ctx, family, dataset, prompts)
+    load_denoiser(ctx, family)
     renders = RenderSamples(spec.validation.interval, spec.steps)
     trainer = build_trainer(
         ctx, family, cache, [renders, SaveCheckpoint(spec.checkpoint_interval, spec.steps)]
@@ -265,16 +268,24 @@ def stage(ctx: RunContext, data: Path) -> StagedDataset:
 
 
 def load_family(ctx: RunContext) -> Family:
-    """The family's pipeline in the base dtype, its frozen parts on the device."""
+    """The family's text encoders and VAE in the base dtype, on the device; the denoiser loads
+    after caching (``load_denoiser``), so the two are never on the device together."""
     ctx.announce("load")
     with ctx.phase("load"):
         base = ctx.spec.base_weights
         assert base is not None, "the spec resolves base_weights' default"
         family = family_for(ctx.spec, resolve_base_weights(base))
-        family.load(ctx.weight_dtype)
+        family.load_encoders(ctx.weight_dtype)
         for name in family.frozen_names():
             getattr(family.pipe, name).to(ctx.device)
     return family
+
+
+def load_denoiser(ctx: RunContext, family: Family) -> None:
+    """The denoiser, once the text encoders are gone (its weights stay on the CPU until the
+    trainer is built: the speed levers convert it there)."""
+    with ctx.phase("load"):
+        family.load_denoiser(ctx.weight_dtype)
 
 
 def validation_prompts(spec: TrainingSpec, dataset: StagedDataset) -> list[str]:
@@ -293,9 +304,9 @@ def cache_dataset(ctx: RunContext, family: Family, dataset: StagedDataset, promp
         cache = build_cache(
             family, dataset, spec.resolutions, prompts, device, spec.dataset.max_image_pixels, on_item
         )
-        for enc in family.text_encoders():
-            enc.to("cpu")  # not needed again: every prompt is cached
+        family.release_text_encoders()  # not needed again: every prompt is cached
         family.pipe.vae.to("cpu")  # back only for validation renders
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     if cache_fits_on_device(
@@ -345,13 +356,13 @@ def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int) -> M
     plan = choose_memory_plan(
         spec.memory_policy,
         free,
-        family=spec.family,
+        model=spec.model,
         weight_bytes=resident_weight_bytes(model),
         trainable_params=n_trainable,
         optimizer=spec.optimizer,
         resolution=max(spec.resolutions),
         batch_size=spec.batch_size,
-        text_tokens=spec.flux.max_sequence_length or 0,
+        text_tokens=getattr(spec.model_options, "max_sequence_length", None),
     )
     log(plan.reason)
     if plan.gradient_checkpointing:
@@ -508,7 +519,7 @@ def _export(spec: TrainingSpec, family: Family, model: torch.nn.Module, out_dir:
     alpha = spec.lora.alpha
     assert alpha is not None, "the spec resolves lora.alpha's default"
     files = export_lora(family, trainable_state(spec, model), meta, out_dir, alpha, spec.lora.rank)
-    return [files["diffusers"], files["kohya"]]
+    return [files["diffusers"], *([files["kohya"]] if "kohya" in files else [])]
 
 
 def _write_reports(

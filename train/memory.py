@@ -9,10 +9,11 @@ cards. The estimate of a step's peak is
   accelerator while training, always);
 - trainable state: the trained parameters in fp32 plus their gradients and AdamW moments
   (16 bytes each; 8-bit AdamW: 6; Prodigy: 24);
-- activations: bytes per token of the denoiser, per sample, measured with the stock
-  diffusers + peft step on an H200 (shared/reference/gpu-baseline.md): Flux-dev keeps about
-  7.3 MiB of activations per sequence token (image + text) without checkpointing, SDXL about
-  0.46 MiB per latent pixel. Gradient checkpointing keeps only block inputs; we count it as
+- activations: bytes per token of the denoiser, per sample (``ModelInfo.activation_bytes`` in
+  the family registry): measured with the stock diffusers + peft step on an H200
+  (shared/reference/gpu-baseline.md) for Flux-dev (about 7.3 MiB per sequence token, image +
+  text, without checkpointing) and SDXL (about 0.46 MiB per latent pixel); estimated from the
+  width and depth for the newer families until measured (docs/memory.md says which). Gradient checkpointing keeps only block inputs; we count it as
   cutting activations to a quarter (an upper bound that errs towards turning it on).
 
 Rule for ``auto``: no savings on a CPU (host memory is not the constraint there). On a GPU,
@@ -33,8 +34,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .families import model_info
+
 GIB = 2**30
-ACTIVATION_BYTES = {"flux": 7.3 * 2**20, "sdxl": 0.46 * 2**20}  # per token / latent pixel, per sample
 CHECKPOINTED_FRACTION = 0.25
 HEADROOM = 0.9
 CHECKPOINT_LADDER = (0.25, 0.5, 0.75, 1.0)  # shares of the blocks, in the order auto tries them
@@ -53,24 +55,28 @@ class MemoryPlan:
     checkpoint_fraction: float = 1.0  # share of the checkpointable blocks to checkpoint (selective)
 
 
-def tokens_per_sample(family: str, resolution: int, text_tokens: int = 512) -> int:
-    """Sequence tokens (Flux) or latent pixels (SDXL) of one sample at ``resolution``²."""
-    latent = resolution // 8
-    return (latent // 2) ** 2 + text_tokens if family == "flux" else latent * latent
+def tokens_per_sample(model: str, resolution: int, text_tokens: int | None = None) -> int:
+    """Sequence tokens (a transformer: image + text) or latent pixels (a UNet) of one sample at
+    ``resolution``²; ``text_tokens`` defaults to the model's prompt length."""
+    info = model_info(model)
+    side = resolution // info.latent_factor // info.patch
+    text = info.text_tokens if text_tokens is None else text_tokens
+    return side * side + (text if info.denoiser == "transformer" else 0)
 
 
 def estimate_peak_bytes(
-    family: str,
+    model: str,
     weight_bytes: int,
     trainable_params: int,
     optimizer: str,
     resolution: int,
     batch_size: int,
-    text_tokens: int = 512,
+    text_tokens: int | None = None,
     checkpointing: bool | float = False,
 ) -> int:
     """``checkpointing``: False, True, or the fraction of blocks checkpointed (selective)."""
-    acts = ACTIVATION_BYTES[family] * tokens_per_sample(family, resolution, text_tokens) * batch_size
+    per_token = model_info(model).activation_bytes
+    acts = per_token * tokens_per_sample(model, resolution, text_tokens) * batch_size
     fraction = float(checkpointing)
     acts *= 1 - fraction * (1 - CHECKPOINTED_FRACTION)
     return int(weight_bytes + trainable_params * OPTIMIZER_BYTES[optimizer] + acts)
@@ -80,13 +86,13 @@ def choose_memory_plan(
     policy: str,
     free_bytes: int | None,
     *,
-    family: str,
+    model: str,
     weight_bytes: int,
     trainable_params: int,
     optimizer: str,
     resolution: int,
     batch_size: int,
-    text_tokens: int = 512,
+    text_tokens: int | None = None,
 ) -> MemoryPlan:
     """Decide the savings. ``free_bytes`` None means a CPU run."""
     if policy == "gradient_checkpointing":
@@ -99,7 +105,7 @@ def choose_memory_plan(
     if free_bytes is None:
         return MemoryPlan(False, None, "memory policy auto on a CPU: no savings")
     need = estimate_peak_bytes(
-        family, weight_bytes, trainable_params, optimizer, resolution, batch_size, text_tokens
+        model, weight_bytes, trainable_params, optimizer, resolution, batch_size, text_tokens
     )
     if need <= HEADROOM * free_bytes:
         return MemoryPlan(
@@ -114,7 +120,7 @@ def choose_memory_plan(
     for quarter in CHECKPOINT_LADDER[:-1]:
         if (
             estimate_peak_bytes(
-                family,
+                model,
                 weight_bytes,
                 trainable_params,
                 optimizer,
@@ -128,7 +134,7 @@ def choose_memory_plan(
             fraction = quarter
             break
     saved = estimate_peak_bytes(
-        family,
+        model,
         weight_bytes,
         trainable_params,
         optimizer,
@@ -177,3 +183,75 @@ def enable_checkpointing(model, fraction: float) -> str:
     model.enable_gradient_checkpointing(gradient_checkpointing_func=maybe_checkpoint)
     model._checkpoint_order = order  # for tests and logs: which blocks were seen
     return f"gradient checkpointing: {fraction:.0%} of the blocks (selective)"
+
+
+# -- the per-(model, card) table in docs/memory.md ----------------------------------------------
+CARDS_GIB = {"L40S 48 GB": 48, "A100 80 GB": 80, "H100 80 GB": 80}  # the cards Replicate rents
+LORA_PARAM_SHARE = 0.0055  # rank-16 LoRA on attention+MLP of Flux.1-dev: 65 M of 11.9 B parameters
+
+
+def card_plan(model: str, card_gib: float, resolution: int = 1024, batch_size: int = 1) -> dict[str, object]:
+    """What a rank-16 LoRA job of ``model`` needs on a card: each loading phase's weights, the
+    training phase's estimate, and the cheapest plan that fits (bf16, gradient checkpointing,
+    then the frozen base in fp8). The same estimate the run's memory policy uses."""
+    from .families import model_info
+
+    info = model_info(model)
+    free = int(card_gib * GIB * 0.95)  # the CUDA context and allocator keep some
+    weights = info.weight_bytes(2.0)
+    encode_peak = weights["text_encoders"] + weights["vae"]
+    trainable = int(info.denoiser_params_b * 1e9 * LORA_PARAM_SHARE)
+    row: dict[str, object] = {"model": model, "encode_gib": round(encode_peak / GIB, 1)}
+    for label, bytes_per_param in (("bf16", 2.0), ("fp8_base", 1.0)):
+        plan = choose_memory_plan(
+            "auto",
+            free,
+            model=model,
+            weight_bytes=int(info.weight_bytes(bytes_per_param)["denoiser"]),
+            trainable_params=trainable,
+            optimizer="adamw",
+            resolution=resolution,
+            batch_size=batch_size,
+        )
+        assert plan.estimate_bytes is not None
+        train_peak = plan.estimate_bytes
+        if max(train_peak, encode_peak) <= HEADROOM * free:
+            ckpt = f", checkpointing {plan.checkpoint_fraction:.0%}" if plan.gradient_checkpointing else ""
+            return {**row, "train_gib": round(train_peak / GIB, 1), "plan": f"{label}{ckpt}"}
+    fits_encoders = encode_peak <= HEADROOM * free
+    why = "the denoiser does not fit even in fp8" if fits_encoders else "the text encoders do not fit in bf16"
+    return {**row, "train_gib": round(train_peak / GIB, 1), "plan": f"does not fit ({why})"}
+
+
+def memory_table_lines(models: list[str]) -> list[str]:
+    """The markdown table docs/memory.md holds (a test keeps the two the same)."""
+    from .families import model_info
+
+    lines = [
+        "| model | denoiser / text encoders (B params) | " + " | ".join(CARDS_GIB) + " |",
+        "|---|---|" + "---|" * len(CARDS_GIB),
+    ]
+    for model in models:
+        info = model_info(model)
+        cells = []
+        for gib in CARDS_GIB.values():
+            p = card_plan(model, gib)
+            cells.append(f"{p['plan']}: encode {p['encode_gib']} GiB, train {p['train_gib']} GiB")
+        status = "measured" if info.memory_measured else "estimated"
+        lines.append(
+            f"| `{model}` ({status}) | {info.denoiser_params_b:g} / {info.text_encoder_params_b:g} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
+def main() -> None:
+    """``python -m train.memory``: print the table docs/memory.md holds."""
+    from .families import MODEL_IDS
+
+    print("\n".join(memory_table_lines(list(MODEL_IDS))))
+
+
+if __name__ == "__main__":
+    main()

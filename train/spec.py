@@ -18,44 +18,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from .families import MODEL_IDS, family_of, model_info
+
 SPEC_VERSION = 1
 
-ModelFamily = Literal["flux-dev", "flux-schnell", "sdxl"]
-MODEL_FAMILIES: tuple[str, ...] = ("flux-dev", "flux-schnell", "sdxl")
-
-DEFAULT_BASE_WEIGHTS: dict[str, str] = {
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
-
-# LoRA target presets, as regular expressions over full module names (peft matches a string
-# target with re.fullmatch). They reach only the repeated blocks: LoRA on the Flux embedders
-# and final layer is legal (list them by name) but the kohya loaders disagree on it.
-_FLUX_DOUBLE_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_FLUX_SINGLE_ATTN = r"attn\.(to_q|to_k|to_v)"
-TARGET_PRESETS: dict[str, dict[str, str]] = {
-    "flux": {
-        "attention": rf"(transformer_blocks\.\d+\.{_FLUX_DOUBLE_ATTN}|single_transformer_blocks\.\d+\.{_FLUX_SINGLE_ATTN})",
-        "attention+mlp": (
-            rf"(transformer_blocks\.\d+\.({_FLUX_DOUBLE_ATTN}|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
-            rf"|single_transformer_blocks\.\d+\.({_FLUX_SINGLE_ATTN}|proj_mlp|proj_out))"
-        ),
-    },
-    "sdxl": {
-        "attention": r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
-        "attention+mlp": r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))",
-    },
-}
-DEFAULT_TARGET_PRESET = {"flux": "attention+mlp", "sdxl": "attention"}
+# The model ids come from the family registry (train/families.py, torch-free like this module).
+ModelFamily = Literal[MODEL_IDS]  # type: ignore[valid-type]
+MODEL_FAMILIES: tuple[str, ...] = MODEL_IDS
+DEFAULT_BASE_WEIGHTS: dict[str, str] = {m: model_info(m).base_weights for m in MODEL_IDS}
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-
-
-def family_of(model: str) -> str:
-    """``flux-dev``/``flux-schnell`` -> ``flux``; ``sdxl`` -> ``sdxl``."""
-    return "flux" if model.startswith("flux") else "sdxl"
 
 
 class SpecError(ValueError):
@@ -108,10 +81,16 @@ class ValidationSpec(_Section):
         default=0, ge=0, description="steps between validation renders; 0 = only at the end"
     )
     num_inference_steps: int | None = Field(
-        default=None, ge=1, le=200, description="default: 28 (dev), 4 (schnell), 30 (sdxl)"
+        default=None,
+        ge=1,
+        le=200,
+        description="default: the model's (28 flux-dev, 4 flux-schnell, 30 sdxl, ...)",
     )
     guidance_scale: float | None = Field(
-        default=None, ge=0, le=30, description="default: 3.5 (dev), 0 (schnell), 5 (sdxl)"
+        default=None,
+        ge=0,
+        le=30,
+        description="default: the model's (3.5 flux-dev, 0 flux-schnell, 5 sdxl, ...)",
     )
     resolution: int | None = Field(
         default=None, ge=64, le=4096, description="square render size; default: the first training resolution"
@@ -169,6 +148,30 @@ class SdxlOptions(_Section):
     noise_offset: float = Field(default=0.0, ge=0, le=1)
 
 
+class FlowOptions(_Section):
+    """Flow-matching families other than Flux.1 (their ``flux`` section): Flux.2, SD3.5, Chroma, ...."""
+
+    timestep_sampling: Literal["auto", "logit_normal", "shift", "uniform"] = Field(
+        default="auto",
+        description="auto: as the family was trained (its module says how; usually logit-normal "
+        "sigmas with the base model's scheduler shift)",
+    )
+    shift: float | None = Field(
+        default=None, gt=0, le=20, description="timestep shift; default: the base model's scheduler config"
+    )
+    logit_mean: float = Field(default=0.0, ge=-5, le=5)
+    logit_std: float = Field(default=1.0, gt=0, le=5)
+    guidance: float = Field(
+        default=1.0,
+        ge=0,
+        le=30,
+        description="value fed to a guidance embedding while training, where the model has one",
+    )
+    max_sequence_length: int | None = Field(
+        default=None, ge=1, le=4096, description="prompt tokens; default: the model's"
+    )
+
+
 class SpeedOptions(_Section):
     """Step-speed levers (train/speed.py). All but fp8_base are numerically equivalent to the plain path."""
 
@@ -217,7 +220,9 @@ class PublishSpec(_Section):
 
 class TrainingSpec(_Section):
     spec_version: Literal[1] = SPEC_VERSION
-    model: ModelFamily = Field(default="flux-dev", description="model family")
+    model: ModelFamily = Field(  # pyright: ignore[reportInvalidTypeForm]  (a Literal built from the registry)
+        default="flux-dev", description="model id (docs/families.md)"
+    )
     base_weights: str | None = Field(
         default=None,
         min_length=1,
@@ -259,6 +264,7 @@ class TrainingSpec(_Section):
     dataset: DatasetSpec = DatasetSpec()
     flux: FluxOptions = FluxOptions()
     sdxl: SdxlOptions = SdxlOptions()
+    flow: FlowOptions = FlowOptions()
     speed: SpeedOptions = SpeedOptions()
     publish: PublishSpec = PublishSpec()
 
@@ -305,17 +311,17 @@ class TrainingSpec(_Section):
         return handler({**spec.model_dump(), **updates}) if updates else spec
 
     def _default_updates(self) -> dict[str, Any]:
-        fam = family_of(self.model)
+        info = model_info(self.model)
         updates: dict[str, Any] = {}
         if self.base_weights is None:
-            updates["base_weights"] = DEFAULT_BASE_WEIGHTS[self.model]
+            updates["base_weights"] = info.base_weights
         if self.learning_rate is None:
             updates["learning_rate"] = (
                 1.0 if self.optimizer == "prodigy" else (1e-4 if self.mode == "lora" else 1e-5)
             )
         lora = self.lora
         if lora.alpha is None or lora.targets == "default":
-            targets = DEFAULT_TARGET_PRESET[fam] if lora.targets == "default" else lora.targets
+            targets = info.default_targets if lora.targets == "default" else lora.targets
             updates["lora"] = {
                 **lora.model_dump(),
                 "alpha": lora.alpha or float(lora.rank),
@@ -323,19 +329,16 @@ class TrainingSpec(_Section):
             }
         v = self.validation
         if None in (v.num_inference_steps, v.guidance_scale, v.resolution, v.seed):
-            steps, guidance = {"flux-dev": (28, 3.5), "flux-schnell": (4, 0.0), "sdxl": (30, 5.0)}[self.model]
             updates["validation"] = {
                 **v.model_dump(),
-                "num_inference_steps": v.num_inference_steps or steps,
-                "guidance_scale": guidance if v.guidance_scale is None else v.guidance_scale,
+                "num_inference_steps": v.num_inference_steps or info.render_steps,
+                "guidance_scale": info.render_guidance if v.guidance_scale is None else v.guidance_scale,
                 "resolution": v.resolution or self.resolutions[0],
                 "seed": self.seed if v.seed is None else v.seed,
             }
-        if fam == "flux" and self.flux.max_sequence_length is None:
-            updates["flux"] = {
-                **self.flux.model_dump(),
-                "max_sequence_length": 512 if self.model == "flux-dev" else 256,
-            }
+        section = getattr(self, info.options, None)
+        if info.text_tokens and section is not None and getattr(section, "max_sequence_length", 0) is None:
+            updates[info.options] = {**section.model_dump(), "max_sequence_length": info.text_tokens}
         return updates
 
     # -- convenience -------------------------------------------------------------------------
@@ -349,7 +352,12 @@ class TrainingSpec(_Section):
     def lora_target_modules(self) -> str | list[str]:
         """What peft's ``target_modules`` gets: a preset's regex or the listed module names."""
         t = self.lora.targets
-        return TARGET_PRESETS[self.family][t] if isinstance(t, str) else list(t)
+        return model_info(self.model).target_presets[t] if isinstance(t, str) else list(t)
+
+    @property
+    def model_options(self) -> Any:
+        """This model's options section (``flux``, ``sdxl`` or ``flow``), as the registry names it."""
+        return getattr(self, model_info(self.model).options)
 
 
 def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
@@ -366,16 +374,7 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
                 f"lr_warmup_steps: must be smaller than steps ({steps}), got {warmup}",
             )
         )
-    flux = d.get("flux")
-    if d.get("model") == "flux-schnell" and isinstance(flux, dict):
-        msl = flux.get("max_sequence_length")
-        if isinstance(msl, int) and msl > 256:
-            problems.append(
-                (
-                    {"model", "flux"},
-                    f"flux.max_sequence_length: FLUX.1-schnell accepts at most 256 tokens, got {msl}",
-                )
-            )
+    problems += _model_problems(d)
     speed, mode = d.get("speed"), d.get("mode", "lora")
     lora_only = {
         "fp8_base": "a full fine-tune trains the weights fp8 would freeze",
@@ -385,6 +384,30 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     for lever, why in lora_only.items():
         if isinstance(speed, dict) and speed.get(lever) == "on" and mode == "full":
             problems.append(({"speed", "mode"}, f"speed.{lever}: on needs mode lora ({why})"))
+    return problems
+
+
+def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
+    """What the chosen model refuses: prompt lengths over its encoder's limit, a full fine-tune
+    that does not fit the largest card."""
+    model = d.get("model", "flux-dev")
+    if model not in MODEL_IDS:
+        return []  # the field's own check names it
+    info, problems = model_info(model), []
+    section = d.get(info.options)
+    msl = section.get("max_sequence_length") if isinstance(section, dict) else None
+    if info.max_text_tokens and isinstance(msl, int) and msl > info.max_text_tokens:
+        problems.append(
+            (
+                {"model", info.options},
+                f"{info.options}.max_sequence_length: {info.short_name} accepts at most "
+                f"{info.max_text_tokens} tokens, got {msl}",
+            )
+        )
+    if d.get("mode") == "full" and info.full_finetune:
+        problems.append(
+            ({"model", "mode"}, f"mode: full fine-tune of {model} is refused: {info.full_finetune}")
+        )
     return problems
 
 

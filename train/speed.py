@@ -33,6 +33,7 @@ from typing import Any, Protocol, cast
 import torch
 import torch._dynamo as dynamo
 
+from .families import model_info
 from .fp8 import Fp8FrozenLinear, convert_frozen_linears
 from .fused import fuse_flux_attention, fuse_lora_layers
 
@@ -77,10 +78,10 @@ def use_compile(spec, cuda: bool) -> bool:
     return spec.speed.compile == "blocks"
 
 
-def use_channels_last(choice: str, family: str, cuda: bool) -> bool:
+def use_channels_last(choice: str, model: str, cuda: bool) -> bool:
     if choice == "on":
-        return family == "sdxl"  # the Flux transformer has no convolutions to speed up
-    return choice == "auto" and cuda and family == "sdxl"
+        return model_info(model).channels_last  # a transformer has no convolutions to speed up
+    return choice == "auto" and cuda and model_info(model).channels_last
 
 
 def cache_fits_on_device(choice: str, cache_bytes: int, free_bytes: int | None) -> bool:
@@ -112,7 +113,7 @@ class ModelConverter(Protocol):
 
 class ChannelsLast:
     def wanted(self, spec: Any, cuda: bool) -> bool:
-        return use_channels_last(spec.speed.channels_last, spec.family, cuda)
+        return use_channels_last(spec.speed.channels_last, spec.model, cuda)
 
     def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # nn.Module.to takes it
@@ -124,8 +125,10 @@ class FuseQkv:
         return spec.speed.fuse_qkv == "on"
 
     def convert(self, spec: Any, model: torch.nn.Module, cuda: bool) -> list[str]:
-        if spec.family != "flux":
-            return ["fuse_qkv: Flux attention only; nothing fused in this SDXL UNet"]
+        if not model_info(spec.model).fuse_qkv:
+            return [
+                f"fuse_qkv: Flux.1 attention only; nothing fused in this {model_info(spec.model).title} model"
+            ]
         n, skipped = fuse_flux_attention(model)
         return [
             f"fuse_qkv: {n} q/k/v projections fused with their LoRA"

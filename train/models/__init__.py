@@ -1,10 +1,16 @@
-"""Model families behind one interface (``Family``); ``family_for`` picks one for a spec."""
+"""Model families behind one interface (``Family``); ``family_for`` picks one for a spec.
+
+Which module implements a model id is the registry's word (``train/families.py``): the module
+``train/models/<family>.py`` exports its ``Family`` subclass as ``FAMILY``.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from ..spec import TrainingSpec, family_of
+from ..families import model_info
+from ..spec import TrainingSpec
 from .base import Batch, Family
 
 
@@ -12,13 +18,8 @@ def family_class(model: str) -> type[Family]:
     """The ``Family`` subclass for a model id (``flux-dev``, ``sdxl``, ...)."""
     # Imported on demand: each family module loads its diffusers pipeline code (seconds), and a
     # process needs only one of them.
-    if family_of(model) == "flux":
-        from .flux import FluxFamily
-
-        return FluxFamily
-    from .sdxl import SdxlFamily
-
-    return SdxlFamily
+    module = importlib.import_module(f"{__name__}.{model_info(model).family}")
+    return module.FAMILY
 
 
 def family_for(spec: TrainingSpec, base_dir: Path) -> Family:

@@ -7,6 +7,7 @@ or convert its LoRA. The loop never looks inside; Flux and SDXL override only wh
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,37 @@ class Family(ABC):
         self.pipe: Any = None
 
     # -- loading -------------------------------------------------------------------------------
+    # Loading is staged so the peak is the larger phase, not the sum: the text encoders and the
+    # VAE load first (``load_encoders``), the dataset is cached, the text encoders are dropped
+    # (``release_text_encoders``), and only then the denoiser loads (``load_denoiser``).
     def load(self, dtype: torch.dtype) -> None:
-        """Load the whole pipeline on the CPU in ``dtype`` (the VAE stays fp32 where it needs to)."""
-        self.pipe = self.pipeline_cls.from_pretrained(self.base_dir, dtype=dtype)
+        """The whole pipeline at once (tests, benchmarks): both stages, encoders kept."""
+        self.load_encoders(dtype)
+        self.load_denoiser(dtype)
+
+    def load_encoders(self, dtype: torch.dtype) -> None:
+        """The pipeline without its denoiser, on the CPU in ``dtype``, frozen."""
+        self.pipe = self.pipeline_cls.from_pretrained(
+            self.base_dir, dtype=dtype, **{self.denoiser_name: None}
+        )
         self.pipe.set_progress_bar_config(disable=True)
         for name in self.frozen_names():
             getattr(self.pipe, name).requires_grad_(False).eval()
+        self.after_load()
+
+    def after_load(self) -> None:  # noqa: B027  (a hook: most families need nothing here)
+        """Family set-up once the pipeline's frozen parts are loaded (dtype fixes, schedulers)."""
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders (every prompt is cached by now); their memory can be reused."""
+        for name in self.text_encoder_names():
+            setattr(self.pipe, name, None)
+
+    def load_denoiser(self, dtype: torch.dtype) -> None:
+        """Add the denoiser to the loaded pipeline (on the CPU, frozen); the other parts are reused."""
+        parts = {k: v for k, v in self.pipe.components.items() if k != self.denoiser_name}
+        self.pipe = self.pipeline_cls.from_pretrained(self.base_dir, dtype=dtype, **parts)
+        self.pipe.set_progress_bar_config(disable=True)
         self.denoiser.requires_grad_(False)
 
     @property
@@ -93,16 +119,18 @@ class Family(ABC):
         return getattr(self.pipe, self.denoiser_name).dtype
 
     def frozen_names(self) -> list[str]:
-        return [
-            n for n in ("vae", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None
-        ]
+        """The loaded parts that never train: the VAE and the text encoders."""
+        return [n for n in ("vae", *self.text_encoder_names()) if getattr(self.pipe, n, None) is not None]
+
+    def text_encoder_names(self) -> list[str]:
+        """The pipeline's text encoder components (``text_encoder``, ``text_encoder_2``, ...)."""
+        names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0] + list(
+            getattr(self.pipeline_cls, "_optional_components", [])
+        )
+        return sorted({n for n in names if n.startswith("text_encoder")})
 
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [
-            m
-            for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
-            if m is not None
-        ]
+        return [m for n in self.text_encoder_names() if (m := getattr(self.pipe, n, None)) is not None]
 
     # -- caching ---------------------------------------------------------------------------------
     @abstractmethod
@@ -135,25 +163,24 @@ class Family(ABC):
     ) -> Any:
         """A PIL image from cached prompt embeddings with the current denoiser."""
         # The prompts come as cached embeddings, so the pipeline is built without text encoders
-        # (they may have left the device by now).
-        pipe = self.pipeline_cls(
-            **self.render_components(),
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-        )
+        # (they left the device, and the process, after caching).
+        names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
+        absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer"))}
+        pipe = self.pipeline_cls(**{**absent, **self.render_components()})
         pipe.set_progress_bar_config(disable=True)
-        dtype = self.denoiser_dtype
         return pipe(
-            prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
-            pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
+            **self.render_inputs(text, device),
             height=size,
             width=size,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=torch.Generator(device="cpu").manual_seed(seed),
         ).images[0]
+
+    def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        """The pipeline's prompt-embedding arguments for one cached prompt (batch of one)."""
+        dtype = self.denoiser_dtype
+        return {k: v[None].to(device, dtype) for k, v in text.items()}
 
     def render_components(self) -> dict[str, Any]:
         """The pipeline parts a validation render needs, the text encoders aside."""
@@ -163,10 +190,23 @@ class Family(ABC):
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
         """Write the diffusers/peft-format LoRA; returns the file."""
 
-    @abstractmethod
-    def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """The LoRA in kohya/ComfyUI naming (``lora_down`` / ``lora_up`` / ``alpha``)."""
+    def kohya_state_dict(
+        self, state_dict: dict[str, torch.Tensor], alpha: float
+    ) -> dict[str, torch.Tensor] | None:
+        """The LoRA in kohya/ComfyUI naming (``lora_down`` / ``lora_up`` / ``alpha``); None where the
+        family has no such convention (its ``ModelInfo.comfy_naming`` is empty)."""
+        return None
 
     def pixel_multiple(self) -> int:
-        """Image sides must be multiples of this (VAE factor x latent grid needs)."""
-        return 16
+        """Image sides must be multiples of this (VAE factor x latent grid needs); known before the
+        denoiser loads, from its config file."""
+        return self.pixel_multiple_of(self.pipe.vae_scale_factor, self.denoiser_config())
+
+    def denoiser_config(self) -> dict[str, Any]:
+        """The denoiser's ``config.json`` in the base folder (diffusers layout), read without loading it."""
+        return json.loads((self.base_dir / self.denoiser_name / "config.json").read_text())
+
+    @classmethod
+    def pixel_multiple_of(cls, vae_scale_factor: int, denoiser_config: dict[str, Any]) -> int:
+        """The multiple for this family (transformers: VAE factor x 2x2 patches)."""
+        return vae_scale_factor * 2

@@ -118,3 +118,6 @@ class FluxFamily(Family):
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         return flux_to_kohya(state_dict, alpha, self.denoiser)
+
+
+FAMILY = FluxFamily

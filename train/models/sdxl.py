@@ -19,17 +19,17 @@ class SdxlFamily(Family):
     pipeline_cls = StableDiffusionXLPipeline
     denoiser_name = "unet"
 
-    def load(self, dtype: torch.dtype) -> None:
-        super().load(dtype)
+    def after_load(self) -> None:
         self.pipe.vae.to(torch.float32)  # the SDXL VAE overflows in half precision
         # from_config returns (scheduler, unused kwargs) only when asked to
         self.noise_scheduler = cast(DDPMScheduler, DDPMScheduler.from_config(self.pipe.scheduler.config))
         wanted = self.spec.sdxl.prediction_type
         self.prediction_type = self.noise_scheduler.config["prediction_type"] if wanted == "auto" else wanted
 
-    def pixel_multiple(self) -> int:
-        levels = len(self.pipe.unet.config.block_out_channels)
-        return 8 * 2 ** (levels - 1)
+    @classmethod
+    def pixel_multiple_of(cls, vae_scale_factor: int, denoiser_config: dict[str, Any]) -> int:
+        # the UNet halves the latent once per level after the first
+        return vae_scale_factor * 2 ** (len(denoiser_config["block_out_channels"]) - 1)
 
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -94,3 +94,6 @@ class SdxlFamily(Family):
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         return sdxl_to_kohya(state_dict, alpha)
+
+
+FAMILY = SdxlFamily

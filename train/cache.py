@@ -57,8 +57,8 @@ class LatentCache:
         for it in self.items:
             it.mean, it.std = it.mean.to(device), it.std.to(device)
             it.device_time_ids = it.time_ids.to(device)
-        self.texts = [{k: v.to(device, text_dtype) for k, v in d.items()} for d in self.texts]
-        self.empty_text = {k: v.to(device, text_dtype) for k, v in self.empty_text.items()}
+        self.texts = [{k: _to_device(v, device, text_dtype) for k, v in d.items()} for d in self.texts]
+        self.empty_text = {k: _to_device(v, device, text_dtype) for k, v in self.empty_text.items()}
         return self
 
     def bucket_counts(self) -> dict[str, int]:
@@ -180,6 +180,8 @@ def collate(
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host -> GPU through pinned memory, asynchronously: a plain copy from pageable memory would
     make the host wait for every GPU kernel queued before it (a sync per step)."""
+    if dtype is not None and not t.is_floating_point():
+        dtype = None  # attention masks and token ids keep their own dtype
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, dtype, non_blocking=True)
     return t.to(device, dtype)

@@ -165,8 +165,16 @@ SDXL = ModelInfo(
     step_s={"t4": 3.0, "l40s": 0.55, "a100": 0.4, "h100": 0.28, "cpu": 120.0},
 )
 
-# The order is the order users see (Cog choices, docs).
-MODELS: dict[str, ModelInfo] = {m.id: m for m in (FLUX_DEV, FLUX_SCHNELL, SDXL)}
+_REGISTERED: list[ModelInfo] = [FLUX_DEV, FLUX_SCHNELL, SDXL]
+
+# -- Flux.2 ---------------------------------------------------------------------------------------
+
+# -- SD3.5 and Chroma -----------------------------------------------------------------------------
+
+# -- Qwen-Image and Z-Image -----------------------------------------------------------------------
+
+# The order is the order users see (Cog choices, docs): the order of registration above.
+MODELS: dict[str, ModelInfo] = {m.id: m for m in _REGISTERED}
 MODEL_IDS: tuple[str, ...] = tuple(MODELS)
 
 

@@ -180,7 +180,7 @@ class Family(ABC):
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
         """The pipeline's prompt-embedding arguments for one cached prompt (batch of one)."""
         dtype = self.denoiser_dtype
-        return {k: v[None].to(device, dtype) for k, v in text.items()}
+        return {k: v[None].to(device, dtype if v.is_floating_point() else None) for k, v in text.items()}
 
     def render_components(self) -> dict[str, Any]:
         """The pipeline parts a validation render needs, the text encoders aside."""

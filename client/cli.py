@@ -23,11 +23,14 @@ from train.spec import parse_set_items
 
 from . import pricing
 from . import token as tokens
+from .calibration import Calibration
 from .cog_receiver import CogHookReceiver
 from .config import Settings, outputs_dir, store_path
 from .errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_USER, ClientError, UserError, exit_code
+from .estimates import DEFAULT_SKUS, cheapest, estimate_row, parse_duration
 from .jobs import deliver_job, follow, load_spec, reconcile_stale, refresh, submit
 from .pack import PackError, pack_dataset
+from .profiles import hardware_rows
 from .providers import CogProvider, Provider, ReplicateProvider
 from .records import TERMINAL, Job
 from .run import resolve_target, run
@@ -114,18 +117,17 @@ def cmd_hardware(args, settings):
                 f"note: could not list hardware from the API ({exc}); showing the price table",
                 file=sys.stderr,
             )
-    names = {h.get("sku"): h.get("name") for h in listed}
-    rows = [
-        {
-            "sku": sku,
-            "name": names.get(sku, name),
-            "usd_per_hour": price,
-            "gpus": gpus,
-            "listed_by_api": sku in names,
-        }
-        for sku, (name, price, gpus) in pricing.HARDWARE.items()
-    ]
-    _out(args, rows, "\n".join(f"{r['sku']:<20} {r['name']:<28} ${r['usd_per_hour']:>6.2f}/h" for r in rows))
+    rows = hardware_rows(settings, listed)
+    _out(
+        args,
+        rows,
+        "\n".join(
+            f"{r['sku']:<20} {r['name']:<28} "
+            + (f"${r['usd_per_hour']:>6.2f}/h" if r["usd_per_hour"] is not None else "  no list price")
+            + (f"  trains with {r['trainer_model']}" if r["trainer_model"] else "")
+            for r in rows
+        ),
+    )
 
 
 def cmd_billing(args, settings):
@@ -157,17 +159,41 @@ def cmd_billing(args, settings):
 def cmd_estimate(args, settings):
     spec = load_spec(args.spec, _items(args.set))
     n = args.images or 20
-    rows = []
-    for sku in [args.hardware] if args.hardware else ["gpu-l40s", "gpu-a100-large", "gpu-h100"]:
-        try:
-            est = pricing.estimate(spec, sku, n)
-        except pricing.UnknownHardware as exc:
-            raise UserError(str(exc)) from None
-        rows.append({"hardware": sku, "seconds": round(est.seconds), "usd": round(est.usd, 2)})
-        if not args.json:
-            print(f"{sku:<16} {est.describe()}")
-    if args.json:
-        _out(args, rows)
+    calibration = Calibration.from_store(_store())
+    if args.cheapest or args.deadline:
+        deadline = parse_duration("--deadline", args.deadline) if args.deadline else None
+        rows = cheapest(spec, n, calibration, settings, deadline, args.scale_steps_to_gpus)
+        _out(args, rows, _ranking(rows, deadline, args.scale_steps_to_gpus))
+        return
+    skus = [args.hardware] if args.hardware else list(DEFAULT_SKUS)
+    rows = [estimate_row(spec, sku, n, calibration, settings, args.scale_steps_to_gpus) for sku in skus]
+    _out(args, rows, "\n".join(_estimate_lines(r) for r in rows))
+
+
+def _estimate_lines(row: dict) -> str:
+    lines = [f"{row['hardware']:<18} {row['description']}", f"{'':<18} trains with {row['trainer_model']}"]
+    alt = row["same_images_fewer_steps"]
+    if alt:
+        lines.append(
+            f"{'':<18} same images in fewer steps ({alt['flag']}): {alt['steps']} steps, "
+            f"~{alt['seconds'] / 60:.0f} min ≈ ${alt['usd']:.2f}"
+        )
+    lines += [f"{'':<18} note: {n}" for n in row["notes"]]
+    return "\n".join(lines)
+
+
+def _ranking(rows: list[dict], deadline: float | None, scaled: bool) -> str:
+    lines = [
+        f"{i:>2}. {r['hardware']:<18} ~{r['seconds'] / 60:>5.0f} min  ${r['usd']:>7.2f}  {r['steps']} steps"
+        f"  ({r['source']}, ±{r['expected_error']:.0%})"
+        + ("" if r["within_deadline"] else "  over the deadline")
+        for i, r in enumerate(rows, 1)
+    ]
+    if deadline is not None and not rows[0]["within_deadline"]:
+        lines.append(f"nothing finishes within {deadline / 60:.0f} min")
+        if not scaled:
+            lines.append("the same images in fewer steps on more GPUs may: add --scale-steps-to-gpus")
+    return "\n".join(lines)
 
 
 def cmd_pack(args, settings):
@@ -246,6 +272,7 @@ def cmd_submit(args, settings):
             destination=args.destination,
             webhook=webhook,
             fit=args.fit,
+            scale_steps=args.scale_steps_to_gpus,
             log=(lambda m: print(m, file=sys.stderr)),
         )
         rec = sub.record
@@ -531,6 +558,15 @@ def _spec_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a spec field")
 
 
+def _scale_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--scale-steps-to-gpus",
+        action="store_true",
+        help="divide steps (and step intervals) by the machine's GPU count: the same images in "
+        "fewer steps (batch_size is per GPU, so N GPUs see N times the images per step)",
+    )
+
+
 def _account_commands(sub) -> None:
     _provider_args(
         _command(
@@ -557,8 +593,13 @@ def _settings_commands(sub) -> None:
 def _dataset_commands(sub) -> None:
     sp = _command(sub, "estimate", cmd_estimate, "estimated time and cost of a spec")
     _spec_args(sp)
-    sp.add_argument("--hardware")
+    sp.add_argument("--hardware", help="one SKU (default: gpu-l40s, gpu-a100-large, gpu-h100)")
     sp.add_argument("--images", type=int, help="images in the dataset (default 20)")
+    sp.add_argument("--cheapest", action="store_true", help="rank every L40S / A100 / H100 machine by cost")
+    sp.add_argument(
+        "--deadline", metavar="DURATION", help="with --cheapest: only what finishes within it (30m, 2h)"
+    )
+    _scale_arg(sp)
     sp = _command(sub, "pack", cmd_pack, "pack a dataset folder into an upload-ready zip (<= 100 MiB)")
     sp.add_argument("folder")
     sp.add_argument("--out", help="the zip to write (default: FOLDER.zip)")
@@ -581,7 +622,12 @@ def _submit_command(sub) -> None:
         "(default: <your account>/<trigger word or dataset>-<model>; created "
         "private if missing)",
     )
-    sp.add_argument("--hardware", help="for the estimate and a created destination (default: settings)")
+    sp.add_argument(
+        "--hardware",
+        help="the machine, a Replicate SKU such as gpu-h100-8x; the training goes to its profile's "
+        "trainer model (default: settings)",
+    )
+    _scale_arg(sp)
     sp.add_argument("--fit", action="store_true", help="downsize images if the dataset is over 100 MiB")
     sp.add_argument("--wait", action="store_true", help="follow the job to the end and download its outputs")
 

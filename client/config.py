@@ -48,8 +48,11 @@ class Settings:
     """User settings (settings.json). Every field has a safe default."""
 
     model: str = DEFAULT_MODEL  # the trainer model on Replicate (or your own owner/model)
-    version: str | None = None  # a pinned version id; None = the latest
-    hardware: str = DEFAULT_HARDWARE  # for estimates, and for destination models created on submit
+    version: str | None = None  # a pinned version id of ``model``; None = the latest
+    hardware: str = DEFAULT_HARDWARE  # ``model``'s hardware: the default for estimates and jobs
+    # SKU -> "owner/name[:version]": the trainer model for other hardware (default
+    # ``<model>-<profile>``, e.g. simpletuner/advanced-trainer-h100-8x; see client.profiles)
+    profiles: dict[str, str] = field(default_factory=dict)
     public_url: str | None = None  # public base URL that reaches `serve` (webhooks); None = poll
     webhook_allowed_ips: list[str] = field(default_factory=lambda: list(REPLICATE_WEBHOOK_CIDRS))
     trusted_proxies: list[str] = field(default_factory=list)

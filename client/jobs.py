@@ -28,11 +28,14 @@ from typing import Any
 from train.spec import SpecError, TrainingSpec, parse_spec
 
 from . import pricing
+from .calibration import Calibration
 from .config import Settings, outputs_dir
 from .delivery import deliver, output_url
 from .errors import ProviderError, RemoteUserError, UserError, is_retryable
+from .estimates import checked_hardware, hardware_estimate
 from .pack import UPLOAD_LIMIT, PackError, pack_dataset
-from .providers import Provider, plain_dict
+from .profiles import profile_for
+from .providers import Provider, ReplicateProvider, plain_dict
 from .records import TERMINAL, Job
 from .spend import SpendLimit
 from .store import JobStore, SpendLimitExceeded
@@ -196,6 +199,48 @@ def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> di
     return out
 
 
+def scale_steps_to_gpus(
+    spec: TrainingSpec, hardware: str, log: Callable[[str], None] = print
+) -> TrainingSpec:
+    """The spec with its step-counted fields divided by the SKU's GPU count, so the job sees the
+    same images in fewer steps (``--scale-steps-to-gpus``); said out loud, never done silently."""
+    gpus = max(1, pricing.check_sku(hardware).gpus)
+    if gpus == 1:
+        log(f"--scale-steps-to-gpus: {hardware} has one GPU; steps stay {spec.steps}")
+        return spec
+    changes: dict[str, Any] = {"steps": pricing.scaled_steps(spec, gpus)}
+    if spec.lr_warmup_steps:
+        changes["lr_warmup_steps"] = spec.lr_warmup_steps // gpus
+    if spec.checkpoint_interval:
+        changes["checkpoint_interval"] = max(1, spec.checkpoint_interval // gpus)
+    if spec.validation.interval:
+        changes["validation.interval"] = max(1, spec.validation.interval // gpus)
+    try:
+        scaled = parse_spec(spec.to_json(), **changes)
+    except SpecError as exc:
+        raise UserError(f"--scale-steps-to-gpus: {exc}") from None
+    images = spec.batch_size * spec.gradient_accumulation_steps
+    log(
+        f"--scale-steps-to-gpus: steps {spec.steps} -> {scaled.steps} on {gpus} GPUs "
+        f"({images * gpus} images per step instead of {images}: the same images in all)"
+    )
+    return scaled
+
+
+def target_profile(provider: Provider, settings: Settings, hardware: str, log: Callable[[str], None]) -> None:
+    """Point a Replicate provider at the trainer model of ``hardware``'s profile (a model runs on
+    one hardware setting). A trainer model named explicitly (``--model``) is kept as it is."""
+    if not isinstance(provider, ReplicateProvider) or provider.model != settings.model:
+        return
+    profile = profile_for(settings, hardware)
+    if profile.model != provider.model or profile.version != provider.pinned_version:
+        provider.model, provider.pinned_version = profile.model, profile.version
+    log(
+        f"{hardware}: trainer model {profile.model}"
+        + (f" (version {profile.version[:12]})" if profile.version else "")
+    )
+
+
 def submit(
     store: JobStore,
     provider: Provider,
@@ -207,19 +252,20 @@ def submit(
     destination: str | None = None,
     webhook: str | None = None,
     fit: bool = False,
+    scale_steps: bool = False,
     extra_inputs: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Submission:
-    hardware = hardware or settings.hardware
+    hardware = checked_hardware(hardware or settings.hardware, from_settings=not hardware)
+    if scale_steps:
+        spec = scale_steps_to_gpus(spec, hardware, log)
+    target_profile(provider, settings, hardware, log)
     if destination and provider.name != "replicate":
         log(f"note: a Cog server has no destination models; {destination} is not used")
     destination = resolve_destination(provider, spec, dataset, destination)
     with tempfile.TemporaryDirectory(prefix="advanced-trainer-") as tmp:
         archive, n_images = prepare_archive(dataset, spec, Path(tmp), fit=fit, log=log)
-        try:
-            est = pricing.estimate(spec, hardware, n_images)
-        except pricing.UnknownHardware as exc:
-            raise UserError(str(exc)) from None
+        est = hardware_estimate(spec, hardware, n_images, Calibration.from_store(store))
         request_key = uuid.uuid4().hex
         record = {
             "provider": provider.name,
@@ -234,9 +280,10 @@ def submit(
         }
         warnings = _reserve(store, request_key, record, settings, log)
         try:
-            version = provider.resolve_version()
+            version = _trainer_version(provider, settings, hardware)
             if destination:  # before the upload: a destination we cannot create stops the job early
-                created = provider.ensure_destination(destination, hardware)
+                # the destination renders (one image at a time): one GPU of the same card
+                created = provider.ensure_destination(destination, pricing.single_gpu_sku(hardware))
                 log(f"training into {destination}" + (" (created it, private)" if created else ""))
             dataset_url = provider.upload(archive)
             inputs = {
@@ -254,6 +301,22 @@ def submit(
             raise
         rec = store.bind(request_key, obj["id"], {**obj, "version": version})
     return Submission(rec, est, warnings)
+
+
+def _trainer_version(provider: Provider, settings: Settings, hardware: str) -> str:
+    """The trainer version to train with; a missing profile model says how to make it."""
+    try:
+        return provider.resolve_version()
+    except RemoteUserError as exc:
+        model = getattr(provider, "model", None)
+        if exc.status != 404 or model is None or model == settings.model:
+            raise
+        raise RemoteUserError(
+            f"{exc}; {model} is the trainer model of the {hardware} profile: create it and push the "
+            f"image with `python scripts/push_profiles.py --only {hardware}`, or name another model "
+            f'with `advanced-trainer config set profiles \'{{"{hardware}": "owner/name"}}\'`',
+            exc.status,
+        ) from None
 
 
 def _reserve(

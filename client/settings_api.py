@@ -9,6 +9,7 @@ from typing import Any
 
 from . import pricing
 from .config import Settings
+from .profiles import parse_model_ref
 from .spend import SpendLimit
 
 _MODEL = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -35,6 +36,25 @@ def _url(name: str, value: Any) -> str | None:
     return value.rstrip("/")
 
 
+def _profiles(value: Any) -> dict[str, str]:
+    """``{"gpu-h100-8x": "owner/name[:version]"}``; every bad SKU or model named at once."""
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError('profiles: expected {"<sku>": "owner/name[:version]", ...}')
+    problems, out = [], {}
+    for sku, ref in value.items():
+        try:
+            pricing.check_sku(sku)
+            model, version = parse_model_ref(f"profiles.{sku}", ref)
+            out[sku] = f"{model}:{version}" if version else model
+        except ValueError as exc:
+            problems.append(str(exc) if str(exc).startswith("profiles.") else f"profiles.{sku}: {exc}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
 def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
     """A new Settings with ``changes`` applied; ValueError naming every bad key at once."""
     problems, clean = [], {}
@@ -49,11 +69,11 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
                     raise ValueError(f"version: expected a 64-character version id or null, got {value!r}")
                 clean[key] = value or None
             elif key == "hardware":
-                if value not in pricing.HARDWARE:
-                    raise ValueError(
-                        f"hardware: unknown {value!r}; choose from {', '.join(pricing.HARDWARE)}"
-                    )
-                clean[key] = value
+                if not isinstance(value, str):
+                    raise ValueError(f"hardware: expected a SKU such as gpu-h100, got {value!r}")
+                clean[key] = pricing.check_sku(value).sku
+            elif key == "profiles":
+                clean[key] = _profiles(value)
             elif key in ("public_url", "cog_url", "cog_run_url"):
                 clean[key] = _url(key, value)
             elif key in ("webhook_allowed_ips", "trusted_proxies"):
@@ -75,7 +95,7 @@ def apply_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
                 clean[key] = None if value in (None, "", {}) else SpendLimit.from_dict(value).to_dict()
             else:
                 raise ValueError(
-                    f"{key}: unknown setting; known: model, version, hardware, public_url, cog_url, "
+                    f"{key}: unknown setting; known: model, version, hardware, profiles, public_url, cog_url, "
                     f"cog_run_url, webhook_allowed_ips, trusted_proxies, allowed_hosts, spend_limit"
                 )
         except (ValueError, TypeError) as exc:

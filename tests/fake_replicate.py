@@ -725,6 +725,12 @@ class FakeReplicate:
             self.add_version(ref)
         return model
 
+    def model_hardware(self, ref: str) -> str | None:
+        """The hardware a model was created with (Replicate's model object does not report it)."""
+        with self._lock:
+            m = self._models.get(ref)
+            return m.hardware if m else None
+
     def add_version(
         self,
         ref: str,

@@ -123,7 +123,7 @@ FLUX_DEV = ModelInfo(
     kohya_network_module="networks.lora_flux",
     fuse_qkv=True,
     guidance_embed=True,
-    step_s={"t4": 20.0, "l40s": 2.4, "a100": 1.6, "h100": 1.0, "cpu": 600.0},
+    step_s={"t4": 20.0, "a40": 4.0, "l40s": 2.4, "a100": 1.6, "h100": 1.0, "cpu": 600.0},
     tiny={"variant": "dev"},
 )
 FLUX_SCHNELL = replace(
@@ -162,7 +162,7 @@ SDXL = ModelInfo(
     comfy_naming="kohya",
     kohya_architecture="stable-diffusion-xl-v1-base/lora",
     channels_last=True,
-    step_s={"t4": 3.0, "l40s": 0.55, "a100": 0.4, "h100": 0.28, "cpu": 120.0},
+    step_s={"t4": 3.0, "a40": 0.9, "l40s": 0.55, "a100": 0.4, "h100": 0.28, "cpu": 120.0},
 )
 
 _REGISTERED: list[ModelInfo] = [FLUX_DEV, FLUX_SCHNELL, SDXL]

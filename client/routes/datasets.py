@@ -12,13 +12,12 @@ from starlette.datastructures import UploadFile
 
 from train.spec import parse_spec
 
-from .. import pricing
+from ..calibration import Calibration
 from ..errors import UserError
+from ..estimates import DEFAULT_SKUS, estimate_row
 from ..pack import UPLOAD_LIMIT, PackError, inspect_folder
 from .models import UPLOAD_BODY, EstimateRequest, InspectRequest, SpecRequest
 from .state import StateDep
-
-DEFAULT_SKUS = ("gpu-l40s", "gpu-a100-large", "gpu-h100")
 
 router = APIRouter(prefix="/api/cloud", tags=["datasets"])
 
@@ -30,23 +29,20 @@ def validate_spec(body: SpecRequest) -> dict:
 
 
 @router.post("/estimate")
-def estimate(body: EstimateRequest) -> dict:
+def estimate(state: StateDep, body: EstimateRequest) -> dict:
+    """Time and cost per SKU, calibrated from this store's finished jobs where it has such jobs;
+    each row names the trainer model of the SKU's profile."""
     spec = parse_spec(body.spec)
-    out = []
-    for sku in [body.hardware] if body.hardware else DEFAULT_SKUS:
-        try:
-            est = pricing.estimate(spec, sku, body.images or 20)
-        except pricing.UnknownHardware as exc:
-            raise UserError(str(exc), 422) from None
-        out.append(
-            {
-                "hardware": sku,
-                "seconds": round(est.seconds),
-                "usd": round(est.usd, 4),
-                "description": est.describe(),
-            }
-        )
-    return {"estimates": out}
+    calibration = Calibration.from_store(state.store)
+    settings = state.settings()
+    try:
+        rows = [
+            estimate_row(spec, sku, body.images or 20, calibration, settings, body.scale_steps_to_gpus)
+            for sku in ([body.hardware] if body.hardware else DEFAULT_SKUS)
+        ]
+    except UserError as exc:
+        raise UserError(f"hardware: {exc}", 422) from None
+    return {"estimates": rows}
 
 
 @router.post("/datasets", status_code=201, openapi_extra=UPLOAD_BODY)

@@ -43,6 +43,7 @@ def submit_job(state: StateDep, body: SubmitRequest) -> dict:
         destination=body.destination,
         webhook=webhook,
         fit=body.fit,
+        scale_steps=body.scale_steps_to_gpus,
         log=lambda m: None,
     )
     return {

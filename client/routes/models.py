@@ -28,9 +28,16 @@ class SpecRequest(_Body):
     spec: SpecBody = Field(default_factory=dict, description=SPEC_DOC)
 
 
+SCALE_DOC = (
+    "divide steps (and step intervals) by the machine's GPU count: the same images in fewer steps "
+    "(batch_size is per GPU); never applied unless asked"
+)
+
+
 class EstimateRequest(SpecRequest):
     hardware: str | None = Field(None, description="one SKU (default: L40S, A100 and H100)")
     images: int | None = Field(None, ge=1, description="images in the dataset (default 20)")
+    scale_steps_to_gpus: bool = Field(False, description=SCALE_DOC)
 
 
 class InspectRequest(_Body):
@@ -49,7 +56,10 @@ class SettingsChanges(_Body):
 
     model: str | None = Field(None, description="owner/name of the trainer model")
     version: str | None = Field(None, description="a pinned 64-character version id; null = the latest")
-    hardware: str | None = None
+    hardware: str | None = Field(None, description="a Replicate SKU: the trainer model's hardware")
+    profiles: dict[str, str] | None = Field(
+        None, description='SKU -> trainer model, e.g. {"gpu-h100-8x": "me/trainer-8x"}'
+    )
     public_url: str | None = Field(None, description="the public base URL that reaches `serve` (webhooks)")
     cog_url: str | None = Field(None, description="a Cog server in train mode (provider cog)")
     cog_run_url: str | None = Field(None, description="a Cog server in run mode (trying a Cog job)")
@@ -71,7 +81,10 @@ class SubmitRequest(_Body):
     dataset: str = Field(description="a path on this machine: a dataset folder (packed for you) or a zip")
     provider: Literal["replicate", "cog"] = "replicate"
     cog_url: str | None = Field(None, description="provider cog: the Cog server (default: settings)")
-    hardware: str | None = None
+    hardware: str | None = Field(
+        None, description="a Replicate SKU; the training goes to its profile's trainer model"
+    )
+    scale_steps_to_gpus: bool = Field(False, description=SCALE_DOC)
     destination: str | None = Field(
         None, description="owner/name of the model the training writes a version of"
     )

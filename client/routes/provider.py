@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body
 from .. import pricing
 from .. import token as tokens
 from ..errors import ClientError, UserError
+from ..profiles import hardware_rows
 from ..settings_api import apply_settings
 from ..spend import spend_summary
 from ..statuspage import replicate_status
@@ -58,8 +59,9 @@ def versions(state: StateDep) -> dict:
 
 
 @router.get(REPLICATE + "/hardware")
-def hardware() -> list[dict]:
-    return [{"sku": k, "name": v[0], "usd_per_hour": v[1], "gpus": v[2]} for k, v in pricing.HARDWARE.items()]
+def hardware(state: StateDep) -> list[dict]:
+    """Prices, and the trainer model each SKU's jobs go to (its profile)."""
+    return hardware_rows(state.settings())
 
 
 @router.get(REPLICATE + "/billing")

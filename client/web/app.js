@@ -452,12 +452,21 @@
         sel.append(el("option", { value: h.sku, text: `${h.name || h.sku}${price}` }));
       }
       if (defaultSku && items.some((h) => h.sku === defaultSku)) sel.value = defaultSku;
+      showTrainerModel();
       say("hardware-error", "");
     } catch (e) {
       say("hardware-error", e.message, "error");
     }
   }
-  byId("hardware").addEventListener("change", () => updateEstimate());
+  // a Replicate model has one hardware setting: each SKU trains through its profile's model
+  function showTrainerModel() {
+    const h = state.hardware.find((x) => x.sku === byId("hardware").value);
+    setText(byId("hardware-model"), h && h.trainer_model ? `Trains with ${h.trainer_model}` : "");
+  }
+  byId("hardware").addEventListener("change", () => {
+    showTrainerModel();
+    updateEstimate();
+  });
 
   async function updateEstimate() {
     const out = byId("estimate-out");
@@ -475,7 +484,12 @@
       if (!e) return;
       const basis = state.images ? `for ${images} images` : "assuming 20 images";
       const hw = (state.hardware.find((h) => h.sku === sku) || {}).name || sku;
-      say(out, `Estimated ${fmtDuration(e.seconds)} on ${hw}, about ${fmtUSD(e.usd)} (${basis}).`, "info");
+      const source = e.source ? `; ${e.source}, ±${Math.round((e.expected_error || 0) * 100)}%` : "";
+      const alt = e.same_images_fewer_steps;
+      const fewer = alt
+        ? ` The same images in ${alt.steps} steps on these ${e.gpus} GPUs: ${fmtDuration(alt.seconds)}, about ${fmtUSD(alt.usd)}.`
+        : "";
+      say(out, `Estimated ${fmtDuration(e.seconds)} on ${hw}, about ${fmtUSD(e.usd)} (${e.steps} steps, ${basis}${source}).${fewer}`, "info");
       setText(near, `Estimated ${fmtDuration(e.seconds)} · ${fmtUSD(e.usd)}`);
     } catch (e) {
       say(out, e.message, "error");

@@ -1,0 +1,108 @@
+"""The run entry renders every registered model through the real Cog server, with and without
+a LoRA trained for it, exactly as the model's stock diffusers pipeline does.
+
+One run-mode server per model (``ADVANCED_TRAINER_RUN_MODEL``: what the trainer's own version
+renders with no weights given) renders the plain base, then ``lora_weights`` = a LoRA trained
+here on that model's tiny pipeline, uploaded to the file store as an output archive.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cog_server_fixture, quick_spec, train_quietly
+from train.families import MODEL_IDS, model_info
+
+PROMPT = "sks, a red circle"
+TOLERANCE = 2  # 8-bit levels: our renderer and the stock pipeline run the same fp32 ops (tests/test_cog.py)
+
+
+def _image(value: str) -> np.ndarray:
+    data = base64.b64decode(value.split(",", 1)[1]) if value.startswith("data:") else Path(value).read_bytes()
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def _stock(model: str, base: Path, lora_dir: Path | None = None) -> np.ndarray:
+    """What a user gets from the model's stock diffusers pipeline (and ``load_lora_weights``)."""
+    from diffusers import DiffusionPipeline
+
+    info = model_info(model)
+    pipe = DiffusionPipeline.from_pretrained(base)
+    assert type(pipe).__name__ == info.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    kw = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
+    img = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=info.render_guidance,
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    ).images[0]
+    return np.asarray(img.convert("RGB")).astype(int)
+
+
+def _render(server, **inputs) -> np.ndarray:
+    body = {
+        "prompt": PROMPT,
+        "aspect_ratio": "custom",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "seed": 3,
+        "output_format": "png",
+        **inputs,
+    }
+    r = server.post("/predictions", {"input": body})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["status"] == "succeeded", out.get("error") or out.get("logs", "")[-2000:]
+    return _image(out["output"][0])
+
+
+@pytest.mark.parametrize("model", MODEL_IDS)
+def test_the_run_entry_renders_each_model_with_and_without_its_lora(
+    model, tmp_path_factory, tmp_path, cog_weights, jobs_dir, sample_dataset, upload_sink
+):
+    base = cog_weights / model_info(model).tiny_name
+    spec = quick_spec(cog_weights, model, steps=6, learning_rate=1e-2, trigger_word="sks")
+    result, _ = train_quietly(spec, sample_dataset, tmp_path / "out")
+    assert result is not None
+    archive = shutil.make_archive(str(tmp_path / "weights"), "zip", tmp_path / "out")
+    url = upload_sink.put("weights.zip", Path(archive).read_bytes(), "application/zip")
+    lora_dir = tmp_path / "lora"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(lora_dir)
+
+    gen = cog_server_fixture(
+        "run",
+        tmp_path_factory,
+        cog_weights,
+        jobs_dir,
+        ADVANCED_TRAINER_RUN_MODEL=model,
+        ADVANCED_TRAINER_RUN_BASE=model_info(model).tiny_name,
+    )
+    server = next(gen)
+    try:
+        plain = _render(server)
+        with_lora = _render(server, lora_weights=url)
+    finally:
+        gen.close()
+    stock_plain, stock_lora = _stock(model, base), _stock(model, base, lora_dir)
+    assert np.abs(plain - stock_plain).max() <= TOLERANCE, "the base render differs from the stock pipeline's"
+    assert np.abs(with_lora - stock_lora).max() <= TOLERANCE, (
+        "the LoRA render differs from the stock pipeline's"
+    )
+    assert np.abs(stock_lora - stock_plain).max() > 2, "the trained LoRA does not change the image"

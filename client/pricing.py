@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from train.families import FLUX_DEV, model_info
+from train.memory import card_plan
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,21 @@ class Estimate:
         return out
 
 
+CARD_GIB = {"t4": 16, "a40": 48, "l40s": 48, "a100": 80, "h100": 80}  # memory of one card
+
+
+def memory_notes(spec, hw: Sku) -> list[str]:
+    """What the memory policy's plan for this model on this card asks of the spec (docs/memory.md)."""
+    if hw.card not in CARD_GIB:
+        return []
+    plan = str(card_plan(spec.model, CARD_GIB[hw.card], max(spec.resolutions), spec.batch_size)["plan"])
+    if plan.startswith("does not fit"):
+        return [f"{spec.model} on {hw.name}: {plan}; choose a larger card"]
+    if plan.startswith("fp8_base") and spec.speed.fp8_base != "on":
+        return [f"{spec.model} on {hw.name} fits only with speed.fp8_base: on (the frozen base in fp8)"]
+    return []
+
+
 def scaled_steps(spec, gpus: int) -> int:
     """The "same images, fewer steps" step count on ``gpus`` GPUs: steps / N, rounded up."""
     return max(1, math.ceil(spec.steps / max(1, gpus)))
@@ -229,6 +245,7 @@ def estimate(
         step = one * work_units(spec) * sync_factor(spec.mode, hw.card, gpus)
         startup = STARTUP_S + n_images * len(spec.resolutions) * PER_IMAGE_CACHE_S
         source, error = "table", TABLE_ERROR
+    notes += memory_notes(spec, hw)
     seconds = startup + step * steps
     return Estimate(
         sku,

@@ -221,3 +221,22 @@ def test_every_model_is_priced_from_the_registry_and_a_missing_card_is_scaled_an
     ratio = families.FLUX_DEV.step_s["l40s"] / families.FLUX_DEV.step_s["h100"]
     assert scaled.step_s == pytest.approx(h100 * ratio)
     assert any("scaled from its H100 figure" in n for n in scaled.notes)
+
+
+def test_an_estimate_says_when_the_card_needs_fp8_or_is_too_small(monkeypatch):
+    from dataclasses import replace
+
+    from train import families
+
+    spec = parse_spec({"model": "flux-dev", "resolutions": 1024})
+    assert not pricing.estimate(spec, "gpu-h100").notes  # fits in bf16
+    # a model twice Flux.1's size: bf16 does not fit 48 GB, fp8 does -> the note says what to set
+    big = replace(families.FLUX_DEV, denoiser_params_b=20.0)
+    monkeypatch.setitem(families.MODELS, "flux-dev", big)
+    note = " ".join(pricing.estimate(spec, "gpu-l40s").notes)
+    assert "speed.fp8_base: on" in note, note
+    assert not pricing.estimate(
+        parse_spec({"model": "flux-dev", "speed": {"fp8_base": "on"}}), "gpu-l40s"
+    ).notes
+    monkeypatch.setitem(families.MODELS, "flux-dev", replace(big, denoiser_params_b=60.0))
+    assert "does not fit" in " ".join(pricing.estimate(spec, "gpu-l40s").notes)

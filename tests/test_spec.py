@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from train.families import SDXL_PRESETS
+from train.families import MODEL_IDS, SDXL_PRESETS
 from train.spec import SPEC_VERSION, SpecError, parse_spec, spec_json_schema
 
 
@@ -66,7 +66,7 @@ def test_every_bad_field_is_named_at_once():
         "learning_rate",
     }
     text = str(err.value)
-    assert "'flux-dev', 'flux-schnell' or 'sdxl'" in text  # accepted values are listed
+    assert all(f"'{m}'" in text for m in MODEL_IDS)  # accepted values are listed
     assert "unknown field" in text
     # the warmup rule involves steps, which is itself bad: no confusing second-hand message
     assert not any(p.startswith("lr_warmup_steps") for p in problems)
@@ -118,7 +118,7 @@ def test_spec_is_frozen():
 
 def test_json_schema_is_available():
     schema = spec_json_schema()
-    assert schema["properties"]["model"]["enum"] == ["flux-dev", "flux-schnell", "sdxl"]
+    assert schema["properties"]["model"]["enum"] == list(MODEL_IDS)
     assert SPEC_VERSION == 1
 
 

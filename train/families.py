@@ -32,6 +32,7 @@ class ModelInfo:
     # text
     text_tokens: int = 0  # prompt tokens the encoder gets by default (0: the tokenizer's own length)
     max_text_tokens: int = 0  # most the model accepts (0: fixed by the tokenizer)
+    fixed_text_tokens: int = 0  # text tokens in every sequence besides the prompt's (SD3: 77 CLIP tokens)
     negative_prompt: bool = False  # the pipeline uses a negative prompt at inference
     # memory (docs/memory.md); figures in parameters (billions) and bytes
     denoiser_params_b: float = 0.0
@@ -66,10 +67,13 @@ class ModelInfo:
         """The folder ``python -m train.tiny`` writes this model's tiny pipeline to."""
         return f"tiny-{self.id}"
 
-    def tokens_per_sample(self, resolution: int) -> int:
-        """Sequence tokens of one square sample (image + text), or latent pixels for a UNet."""
+    def tokens_per_sample(self, resolution: int, text_tokens: int | None = None) -> int:
+        """Sequence tokens of one square sample (image + prompt, ``text_tokens`` defaulting to the
+        model's prompt length, + any fixed text tokens), or latent pixels for a UNet."""
         side = resolution // self.latent_factor // self.patch
-        return side * side + (self.text_tokens if self.denoiser == "transformer" else 0)
+        if self.denoiser != "transformer":
+            return side * side
+        return side * side + (self.text_tokens if text_tokens is None else text_tokens) + self.fixed_text_tokens
 
     def weight_bytes(self, bytes_per_param: float = 2.0) -> dict[str, int]:
         """Bytes of each phase's weights at ``bytes_per_param`` (bf16: 2, fp8: 1)."""
@@ -169,9 +173,349 @@ _REGISTERED: list[ModelInfo] = [FLUX_DEV, FLUX_SCHNELL, SDXL]
 
 # -- Flux.2 ---------------------------------------------------------------------------------------
 
+_FLUX2_DOUBLE_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+# Flux.2's single blocks have no attention-only linears: to_qkv_mlp_proj (q, k, v and the MLP's
+# input) and to_out (attention and MLP outputs) are fused, so "attention" takes them whole.
+_FLUX2_SINGLE = r"attn\.(to_qkv_mlp_proj|to_out)"
+FLUX2_PRESETS = {
+    "attention": rf"(transformer_blocks\.\d+\.{_FLUX2_DOUBLE_ATTN}|single_transformer_blocks\.\d+\.{_FLUX2_SINGLE})",
+    "attention+mlp": (
+        rf"(transformer_blocks\.\d+\.({_FLUX2_DOUBLE_ATTN}|ff\.(linear_in|linear_out)|ff_context\.(linear_in|linear_out))"
+        rf"|single_transformer_blocks\.\d+\.{_FLUX2_SINGLE})"
+    ),
+}
+
+
+def _flux2_figures(params_b: float, width: int, blocks: int) -> dict[str, Any]:
+    """Estimates from FLUX.1-dev's measured figures until a GPU run measures them: activations per
+    token scaled by hidden width x blocks (FLUX.1-dev: 3072 x 57); step seconds by parameters x
+    tokens, where Flux.2 at 1024 px has FLUX.1's 4096 image + 512 text tokens (16 px per token)."""
+    return {
+        "activation_bytes": FLUX_DEV.activation_bytes * width * blocks / (3072 * 57),
+        "memory_measured": False,
+        "step_s": {
+            card: round(s * params_b / FLUX_DEV.denoiser_params_b, 2) for card, s in FLUX_DEV.step_s.items()
+        },
+    }
+
+
+# FLUX.2 [dev] (black-forest-labs/FLUX.2-dev; diffusers' convert_flux2_to_diffusers config): 8 double +
+# 48 single blocks, 48 heads x 128 = 6144 wide, 128 latent channels (the 32-channel VAE, 2x2
+# patchified), guidance embedding; 32.2 B parameters (counted from that config). Text encoder
+# Mistral-Small-3.2-24B (24 B, hidden states of layers 10/20/30 stacked: 15360 wide), prompts padded
+# to 512 tokens (the pipeline's default and BFL's). Model card: 50 steps, guidance 4.
+FLUX2_DEV = ModelInfo(
+    id="flux2-dev",
+    family="flux2",
+    title="FLUX.2 [dev]",
+    short_name="FLUX.2-dev",
+    base_weights="black-forest-labs/FLUX.2-dev",
+    pipeline="Flux2Pipeline",
+    denoiser="transformer",
+    hub_tag="flux2",
+    render_steps=50,
+    render_guidance=4.0,
+    target_presets=FLUX2_PRESETS,
+    default_targets="attention+mlp",
+    text_tokens=512,
+    max_text_tokens=512,
+    denoiser_params_b=32.2,
+    text_encoder_params_b=24.0,
+    full_finetune="FLUX.2 [dev]'s 32.2 B-parameter transformer needs ~322 GB for bf16 weights, gradients "
+    "and 8-bit AdamW states, far more than an 80 GB card holds",
+    comfy_naming="kohya",
+    kohya_architecture="Flux.2-dev/lora",
+    kohya_network_module="networks.lora_flux_2",
+    guidance_embed=True,
+    tiny={"variant": "dev"},
+    **_flux2_figures(32.2, 6144, 8 + 48),
+)
+_REGISTERED.append(FLUX2_DEV)
+# FLUX.2 [klein] 4B (black-forest-labs/FLUX.2-klein-4B, step-distilled): 5 double + 20 single blocks,
+# 24 heads x 128 = 3072 wide, no guidance embedding; 3.9 B parameters (counted from the config).
+# Text encoder Qwen3-4B (4.0 B; layers 9/18/27 stacked: 7680 wide), 512 prompt tokens. Model card:
+# 4 steps, guidance 1 (distilled: no CFG). Klein 4B is Apache-2.0.
+FLUX2_KLEIN_4B = ModelInfo(
+    id="flux2-klein-4b",
+    family="flux2_klein",
+    title="FLUX.2 [klein] 4B",
+    short_name="FLUX.2-klein-4B",
+    base_weights="black-forest-labs/FLUX.2-klein-4B",
+    pipeline="Flux2KleinPipeline",
+    denoiser="transformer",
+    hub_tag="flux2",
+    render_steps=4,
+    render_guidance=1.0,
+    target_presets=FLUX2_PRESETS,
+    default_targets="attention+mlp",
+    text_tokens=512,
+    max_text_tokens=512,
+    denoiser_params_b=3.9,
+    text_encoder_params_b=4.0,
+    comfy_naming="kohya",
+    kohya_architecture="Flux.2-klein-4b/lora",
+    kohya_network_module="networks.lora_flux_2",
+    tiny={"distilled": True},
+    **_flux2_figures(3.9, 3072, 5 + 20),
+)
+_REGISTERED.append(FLUX2_KLEIN_4B)
+# FLUX.2 [klein] 9B (black-forest-labs/FLUX.2-klein-9B, step-distilled): 8 double + 24 single blocks,
+# 32 heads x 128 = 4096 wide; 9.1 B parameters. Text encoder Qwen3-8B (8.2 B; 12288 wide stacked).
+FLUX2_KLEIN_9B = replace(
+    FLUX2_KLEIN_4B,
+    id="flux2-klein-9b",
+    title="FLUX.2 [klein] 9B",
+    short_name="FLUX.2-klein-9B",
+    base_weights="black-forest-labs/FLUX.2-klein-9B",
+    denoiser_params_b=9.1,
+    text_encoder_params_b=8.2,
+    full_finetune="FLUX.2 [klein] 9B's 9.1 B-parameter transformer needs ~91 GB for bf16 weights, "
+    "gradients and 8-bit AdamW states, more than an 80 GB card holds",
+    kohya_architecture="Flux.2-klein-9b/lora",
+    tiny={"distilled": True, "double": 2, "single": 2},
+    **_flux2_figures(9.1, 4096, 8 + 24),
+)
+_REGISTERED.append(FLUX2_KLEIN_9B)
+# The [klein] base models (undistilled, what BFL recommends for fine-tuning): the same transformers
+# and text encoders; model cards: 50 steps, CFG 4 (against the empty prompt).
+FLUX2_KLEIN_BASE_4B = replace(
+    FLUX2_KLEIN_4B,
+    id="flux2-klein-base-4b",
+    title="FLUX.2 [klein] Base 4B",
+    short_name="FLUX.2-klein-base-4B",
+    base_weights="black-forest-labs/FLUX.2-klein-base-4B",
+    render_steps=50,
+    render_guidance=4.0,
+    tiny={"distilled": False},
+)
+_REGISTERED.append(FLUX2_KLEIN_BASE_4B)
+FLUX2_KLEIN_BASE_9B = replace(
+    FLUX2_KLEIN_9B,
+    id="flux2-klein-base-9b",
+    title="FLUX.2 [klein] Base 9B",
+    short_name="FLUX.2-klein-base-9B",
+    base_weights="black-forest-labs/FLUX.2-klein-base-9B",
+    render_steps=50,
+    render_guidance=4.0,
+    tiny={"distilled": False, "double": 2, "single": 2},
+)
+_REGISTERED.append(FLUX2_KLEIN_BASE_9B)
+
 # -- SD3.5 and Chroma -----------------------------------------------------------------------------
 
+_SD3_ATTN = r"(attn|attn2)\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+# MMDiT blocks: the joint attention (image and text projections), SD3.5 Medium's second image
+# self-attention (attn2), and both streams' feed-forwards; the last block has no text outputs.
+SD3_PRESETS = {
+    "attention": rf"transformer_blocks\.\d+\.{_SD3_ATTN}",
+    "attention+mlp": rf"transformer_blocks\.\d+\.({_SD3_ATTN}|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))",
+}
+
+
+def _step_s_from_flux_dev(params_b: float, tokens: int) -> dict[str, float]:
+    """Per-card step seconds scaled from FLUX.1-dev's measured ones by parameters x sequence tokens
+    (FLUX.1-dev: 11.9 B, 4096 image + 512 text tokens at 1024 px); estimates until measured."""
+    factor = params_b / FLUX_DEV.denoiser_params_b * tokens / (4096 + FLUX_DEV.text_tokens)
+    return {card: round(s * factor, 2) for card, s in FLUX_DEV.step_s.items()}
+
+
+def _activation_bytes_from_flux_dev(width: int, blocks: int) -> float:
+    """FLUX.1-dev's measured 7.3 MiB per token scaled by hidden width x blocks (3072 x 57)."""
+    return FLUX_DEV.activation_bytes * width * blocks / (3072 * (19 + 38))
+
+
+# SD3.5 Large (stabilityai/stable-diffusion-3.5-large, transformer/config.json): 38 MMDiT blocks,
+# 38 heads x 64 = 2432 wide, 2x2 patches of a 16-channel VAE; 8.06 B parameters (counted from that
+# config). Text: CLIP-L (0.12 B) + CLIP-G (0.69 B) + T5-XXL encoder (4.76 B). The sequence is
+# 77 CLIP + 256 T5 (default; 512 at most) text tokens + the image tokens; text_tokens counts the
+# T5 part (what max_sequence_length sets). Model card: 28 steps, CFG 3.5.
+SD35_LARGE = ModelInfo(
+    id="sd3.5-large",
+    family="sd3",
+    title="Stable Diffusion 3.5 Large",
+    short_name="SD3.5-Large",
+    base_weights="stabilityai/stable-diffusion-3.5-large",
+    pipeline="StableDiffusion3Pipeline",
+    denoiser="transformer",
+    hub_tag="sd3",
+    render_steps=28,
+    render_guidance=3.5,
+    target_presets=SD3_PRESETS,
+    default_targets="attention+mlp",
+    text_tokens=256,
+    max_text_tokens=512,
+    fixed_text_tokens=77,  # the CLIP-L/G embeddings joined to the T5 ones
+    negative_prompt=True,
+    denoiser_params_b=8.06,
+    text_encoder_params_b=5.57,
+    activation_bytes=_activation_bytes_from_flux_dev(2432, 38),
+    memory_measured=False,
+    full_finetune="SD3.5 Large's 8.1 B-parameter transformer needs ~81 GB for bf16 weights, gradients "
+    "and 8-bit AdamW states, more than an 80 GB card holds",
+    step_s=_step_s_from_flux_dev(8.06, 4096 + 77 + 256),
+    tiny={"variant": "large"},
+)
+_REGISTERED.append(SD35_LARGE)
+# SD3.5 Medium (stabilityai/stable-diffusion-3.5-medium): MMDiT-X, 24 blocks, 24 heads x 64 = 1536
+# wide, blocks 0-12 with a second image self-attention (dual_attention_layers), qk RMS norm;
+# 2.24 B parameters counted from its config (the card's "2.5 B" counts more than the transformer).
+# Same text encoders and sequence as Large. Model card: 40 steps, CFG 4.5.
+SD35_MEDIUM = replace(
+    SD35_LARGE,
+    id="sd3.5-medium",
+    title="Stable Diffusion 3.5 Medium",
+    short_name="SD3.5-Medium",
+    base_weights="stabilityai/stable-diffusion-3.5-medium",
+    render_steps=40,
+    render_guidance=4.5,
+    denoiser_params_b=2.24,
+    activation_bytes=_activation_bytes_from_flux_dev(1536, 24),
+    full_finetune="",
+    step_s=_step_s_from_flux_dev(2.24, 4096 + 77 + 256),
+    tiny={"variant": "medium"},
+)
+_REGISTERED.append(SD35_MEDIUM)
+# Chroma1-HD (lodestones/Chroma1-HD, the repo diffusers' ChromaPipeline names): FLUX.1-schnell's
+# layout (19 double + 38 single blocks, 3072 wide) with the per-block modulation replaced by one
+# approximator network; 8.90 B parameters counted from its config. T5-XXL only (4.76 B), masked,
+# 512 tokens. Undistilled: real CFG with a negative prompt, no guidance embedding. Model card:
+# 40 steps, CFG 3.0. Activations as FLUX.1-dev's (the same blocks and widths).
+CHROMA = ModelInfo(
+    id="chroma",
+    family="chroma",
+    title="Chroma1-HD",
+    short_name="Chroma1-HD",
+    base_weights="lodestones/Chroma1-HD",
+    pipeline="ChromaPipeline",
+    denoiser="transformer",
+    hub_tag="chroma",
+    render_steps=40,
+    render_guidance=3.0,
+    target_presets=FLUX_PRESETS,  # the same block and module names as Flux.1
+    default_targets="attention+mlp",
+    text_tokens=512,
+    max_text_tokens=512,
+    negative_prompt=True,
+    denoiser_params_b=8.90,
+    text_encoder_params_b=4.76,
+    activation_bytes=_activation_bytes_from_flux_dev(3072, 19 + 38),
+    memory_measured=False,
+    full_finetune="Chroma's 8.9 B-parameter transformer needs ~89 GB for bf16 weights, gradients and "
+    "8-bit AdamW states, more than an 80 GB card holds",
+    comfy_naming="kohya",
+    kohya_architecture="chroma/lora",
+    kohya_network_module="networks.lora_flux",
+    step_s=_step_s_from_flux_dev(8.90, 4096 + 512),
+)
+_REGISTERED.append(CHROMA)
+
 # -- Qwen-Image and Z-Image -----------------------------------------------------------------------
+
+# Estimates from Flux.1-dev's measured figures (memory_measured=False until a GPU measures them):
+# activations per token scale with hidden width x depth (Flux.1: 3072 x (19 + 38) blocks), step
+# times with parameters x tokens at 1024 px (Flux.1: 11.9 B x (4096 + 512) tokens).
+_FLUX_WIDTH_DEPTH = 3072 * (19 + 38)
+_FLUX_PARAMS_TOKENS = 11.9 * (4096 + 512)
+
+
+def _scaled_step_s(params_b: float, text_tokens: int) -> dict[str, float]:
+    factor = params_b * (4096 + text_tokens) / _FLUX_PARAMS_TOKENS
+    return {card: round(s * factor, 2) for card, s in FLUX_DEV.step_s.items()}
+
+
+_QWEN_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+QWEN_IMAGE_PRESETS = {
+    "attention": rf"transformer_blocks\.\d+\.{_QWEN_ATTN}",
+    "attention+mlp": rf"transformer_blocks\.\d+\.({_QWEN_ATTN}|(img_mlp|txt_mlp)\.net\.(0\.proj|2))",
+}
+# Qwen/Qwen-Image: a 20.4 B MMDiT (60 dual-stream blocks, 24 heads x 128 = 3072 wide, text width
+# 3584), Qwen2.5-VL-7B-Instruct as text encoder (8.3 B with its vision tower, which the pipeline
+# loads), the Wan-2.1-style 3D VAE (0.13 B, 8x spatial, 16 channels). Prompts: the pipeline's
+# default max_sequence_length is 512, its limit 1024. The model card renders 50 steps with
+# true_cfg_scale 4.0 and negative_prompt " ".
+QWEN_IMAGE = ModelInfo(
+    id="qwen-image",
+    family="qwen_image",
+    title="Qwen-Image",
+    base_weights="Qwen/Qwen-Image",
+    pipeline="QwenImagePipeline",
+    denoiser="transformer",
+    hub_tag="qwen-image",
+    render_steps=50,
+    render_guidance=4.0,
+    target_presets=QWEN_IMAGE_PRESETS,
+    default_targets="attention+mlp",
+    text_tokens=512,
+    max_text_tokens=1024,
+    negative_prompt=True,
+    denoiser_params_b=20.4,
+    text_encoder_params_b=8.3,
+    vae_params_b=0.13,
+    activation_bytes=7.3 * 2**20 * (3072 * 60) / _FLUX_WIDTH_DEPTH,
+    memory_measured=False,
+    full_finetune="the 20.4 B-parameter transformer needs ~204 GB for bf16 weights, gradients and "
+    "8-bit AdamW states, more than the largest card's 80 GB",
+    comfy_naming="kohya",
+    kohya_architecture="qwen-image/lora",
+    kohya_network_module="networks.lora_qwen_image",
+    step_s=_scaled_step_s(20.4, 512),
+)
+_REGISTERED.append(QWEN_IMAGE)
+
+_Z_ATTN = r"attention\.(to_q|to_k|to_v|to_out\.0)"
+_Z_BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"
+Z_IMAGE_PRESETS = {
+    "attention": rf"{_Z_BLOCKS}\.{_Z_ATTN}",
+    "attention+mlp": rf"{_Z_BLOCKS}\.({_Z_ATTN}|feed_forward\.(w1|w2|w3))",
+}
+# Tongyi-MAI/Z-Image-Turbo: a 6.15 B single-stream DiT (3840 wide, 30 blocks + 2 noise-refiner
+# blocks over the image tokens + 2 context-refiner blocks over the text), Qwen3-4B as text
+# encoder (4.0 B), the Flux.1 VAE (0.08 B, 8x, 16 channels). Prompts: the pipeline's default is
+# 512 tokens; the transformer's text RoPE axis has 1024 positions and the image starts after the
+# caption padded to a multiple of 32, so at most 992. Turbo: guidance 0 (distilled, no CFG) and
+# 8 steps (the card's "9 steps = 8 forwards" predates diffusers' default sigmas, which make N
+# steps N forwards). The full fine-tune fits: 6.15 B x 10 bytes = 62 GB.
+Z_IMAGE_TURBO = ModelInfo(
+    id="z-image-turbo",
+    family="z_image",
+    title="Z-Image-Turbo",
+    base_weights="Tongyi-MAI/Z-Image-Turbo",
+    pipeline="ZImagePipeline",
+    denoiser="transformer",
+    hub_tag="z-image",
+    render_steps=8,
+    render_guidance=0.0,
+    target_presets=Z_IMAGE_PRESETS,
+    default_targets="attention+mlp",
+    text_tokens=512,
+    max_text_tokens=992,
+    negative_prompt=False,
+    denoiser_params_b=6.15,
+    text_encoder_params_b=4.0,
+    vae_params_b=0.08,
+    activation_bytes=7.3 * 2**20 * (3840 * (30 + 2)) / _FLUX_WIDTH_DEPTH,
+    memory_measured=False,
+    comfy_naming="kohya",
+    kohya_architecture="z-image-turbo/lora",
+    kohya_network_module="networks.lora_zimage",
+    step_s=_scaled_step_s(6.15, 512),
+    tiny={"shift": 3.0},  # the repo's scheduler: fixed shift 3, no dynamic shifting
+)
+_REGISTERED.append(Z_IMAGE_TURBO)
+# Tongyi-MAI/Z-Image: the undistilled base of the same architecture; the card renders 50 steps
+# with CFG 4 and a negative prompt; its scheduler has a fixed shift of 6.
+Z_IMAGE = replace(
+    Z_IMAGE_TURBO,
+    id="z-image",
+    title="Z-Image",
+    base_weights="Tongyi-MAI/Z-Image",
+    render_steps=50,
+    render_guidance=4.0,
+    negative_prompt=True,
+    kohya_architecture="z-image/lora",
+    tiny={"shift": 6.0},
+)
+_REGISTERED.append(Z_IMAGE)
 
 # The order is the order users see (Cog choices, docs): the order of registration above.
 MODELS: dict[str, ModelInfo] = {m.id: m for m in _REGISTERED}

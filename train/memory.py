@@ -58,10 +58,7 @@ class MemoryPlan:
 def tokens_per_sample(model: str, resolution: int, text_tokens: int | None = None) -> int:
     """Sequence tokens (a transformer: image + text) or latent pixels (a UNet) of one sample at
     ``resolution``²; ``text_tokens`` defaults to the model's prompt length."""
-    info = model_info(model)
-    side = resolution // info.latent_factor // info.patch
-    text = info.text_tokens if text_tokens is None else text_tokens
-    return side * side + (text if info.denoiser == "transformer" else 0)
+    return model_info(model).tokens_per_sample(resolution, text_tokens)
 
 
 def estimate_peak_bytes(

@@ -1,0 +1,214 @@
+"""Qwen-Image: rectified-flow matching on 2x2-packed latents of a video-style VAE, Qwen2.5-VL text.
+
+As ``QwenImagePipeline.__call__`` does it:
+
+- text: the pipeline's ``encode_prompt`` (its system-prompt template, the last hidden state of
+  Qwen2.5-VL, the 34 template tokens dropped). The pipeline pads a batch to its longest prompt
+  with a mask; the cache pads every prompt to ``flow.max_sequence_length`` and keeps that mask,
+  and each step trims the batch back to its longest prompt (no mask when none is padded), so the
+  transformer sees exactly what the pipeline gives it;
+- latents: the VAE posterior of one frame, normalised per channel with the VAE config's
+  ``latents_mean`` / ``latents_std`` (the pipeline undoes exactly that before decoding), packed
+  2x2 (``_pack_latents``), RoPE from ``img_shapes`` = (1, h/2, w/2);
+- noise and target: ``x_s = (1 - s) x0 + s noise``, the transformer predicts ``noise - x0``, its
+  ``timestep`` is the sigma itself (the pipeline feeds ``t / 1000``); no guidance embedding.
+
+``timestep_sampling: auto`` is logit-normal sigmas moved by the resolution-dependent exponential
+shift of the base model's scheduler (``use_dynamic_shifting``: ``mu`` from the image's token
+count between ``base_image_seq_len`` and ``max_image_seq_len``): the noise levels the pipeline
+denoises at for that size, as musubi-tuner's ``qwen_shift`` samples them. The diffusers example
+(train_dreambooth_lora_qwen_image.py) samples unshifted sigmas; ``uniform`` / ``logit_normal``
+give that.
+
+Classifier-free guidance is the pipeline's ``true_cfg_scale`` with a negative prompt (the model
+card's ``" "``); validation renders use it with the spec's guidance scale.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline, calculate_shift
+
+from ..spec import FlowOptions, TrainingSpec
+from .base import Batch, BatchRandom, Family
+from .kohya import sdxl_to_kohya
+
+NEGATIVE_PROMPT = " "  # the model card's "no negative prompt" (an empty one still enables CFG)
+
+
+def flow_sigmas(
+    opts: FlowOptions, rng: BatchRandom, scheduler_config: Any, image_seq_len: int
+) -> torch.Tensor:
+    """Noise levels in (0, 1) as ``flow.timestep_sampling`` says; ``auto`` follows the scheduler:
+    its resolution-dependent exponential shift where it shifts dynamically, else its fixed shift."""
+    if opts.timestep_sampling == "uniform":
+        return rng.rand()
+    u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
+    if opts.timestep_sampling == "logit_normal":
+        return u
+    cfg = scheduler_config
+    if opts.timestep_sampling == "auto" and opts.shift is None and cfg.get("use_dynamic_shifting", False):
+        mu = calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    shift = opts.shift if opts.shift is not None else cfg.get("shift", 1.0)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (L, ...) cut or zero-padded to ``length`` rows."""
+    t = t[:length]
+    return torch.cat([t, t.new_zeros(length - t.shape[0], *t.shape[1:])]) if t.shape[0] < length else t
+
+
+class QwenImageFamily(Family):
+    pipeline_cls = QwenImagePipeline
+    denoiser_name = "transformer"
+
+    def __init__(self, spec: TrainingSpec, base_dir: Path):
+        super().__init__(spec, base_dir)
+        self.negative: dict[str, torch.Tensor] | None = None  # NEGATIVE_PROMPT, cached with the rest
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def text_length(self) -> int:
+        length = self.spec.flow.max_sequence_length
+        assert length is not None, "the spec resolves flow.max_sequence_length from the registry"
+        return length
+
+    # -- caching ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        batch = list(prompts) + ([NEGATIVE_PROMPT] if self.negative is None else [])
+        length = self.text_length
+        embeds, mask = self.pipe.encode_prompt(prompt=batch, device=device, max_sequence_length=length)
+        if mask is None:  # the pipeline drops an all-ones mask
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        out = [
+            {"prompt_embeds": pad_to(e, length).cpu(), "prompt_embeds_mask": pad_to(m, length).cpu()}
+            for e, m in zip(embeds, mask, strict=True)
+        ]
+        if self.negative is None:
+            self.negative = out.pop()
+        return out
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipe.vae
+        # the VAE takes video (B, C, frames, H, W): an image is one frame, dropped again here
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)[:, :, None]).latent_dist
+        return dist.mean[:, :, 0].float(), dist.std[:, :, 0].float()
+
+    # -- training --------------------------------------------------------------------------------
+    def latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE config's per-channel mean and std, shaped (1, C, 1, 1), kept per device."""
+        if device not in self._stats:
+            cfg = self.pipe.vae.config
+            self._stats[device] = (
+                torch.tensor(cfg.latents_mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(cfg.latents_std, device=device).view(1, -1, 1, 1),
+            )
+        return self._stats[device]
+
+    @staticmethod
+    def trimmed(text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's embeddings cut to its longest prompt, and the mask (None when nothing is
+        padded), as the pipeline's ``encode_prompt`` returns them for these prompts."""
+        embeds, mask = text["prompt_embeds"], text["prompt_embeds_mask"]
+        lengths = mask.sum(dim=1)
+        longest, shortest = torch.stack([lengths.max(), lengths.min()]).tolist()  # one host sync
+        mask = mask[:, :longest]
+        return embeds[:, :longest], (None if shortest == longest else mask)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        mean, std = self.latent_stats(batch.latent_mean.device)
+        x0 = (self.sample_latents(batch) - mean) / std  # (B, C, h, w)
+        b, c, h, w = x0.shape
+        noise = batch.rng.randn(c, h, w)
+        sigmas = flow_sigmas(self.spec.flow, batch.rng, self.pipe.scheduler.config, (h // 2) * (w // 2))
+        s = sigmas.view(b, 1, 1, 1)
+        noisy = (1.0 - s) * x0 + s * noise
+        target = noise - x0
+
+        embeds, mask = self.trimmed(batch.text)
+        dtype = embeds.dtype
+        pred = model(
+            hidden_states=QwenImagePipeline._pack_latents(noisy, b, c, h, w).to(dtype),
+            timestep=sigmas.to(dtype),
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=mask,
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+        return F.mse_loss(pred.float(), QwenImagePipeline._pack_latents(target, b, c, h, w).float())
+
+    # -- validation and export -----------------------------------------------------------------
+    def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        embeds, mask = self.trimmed({k: v[None] for k, v in text.items()})
+        out: dict[str, Any] = {"prompt_embeds": embeds.to(device, self.denoiser_dtype)}
+        if mask is not None:
+            out["prompt_embeds_mask"] = mask.to(device)
+        return out
+
+    @torch.no_grad()
+    def render(
+        self,
+        text: dict[str, torch.Tensor],
+        size: int,
+        steps: int,
+        guidance: float,
+        seed: int,
+        device: torch.device,
+    ) -> Any:
+        """As the base class renders, with the guidance scale as the pipeline's ``true_cfg_scale``
+        against the cached negative prompt (Qwen-Image has no guidance embedding)."""
+        pipe = self.pipeline_cls(**{"text_encoder": None, "tokenizer": None, **self.render_components()})
+        pipe.set_progress_bar_config(disable=True)
+        kw = self.render_inputs(text, device)
+        if guidance > 1 and self.negative is not None:
+            negative = self.render_inputs(self.negative, device)
+            kw.update({f"negative_{k}": v for k, v in negative.items()})
+        return pipe(
+            **kw,
+            true_cfg_scale=guidance,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+        ).images[0]
+
+    @classmethod
+    def guidance_kwargs(cls, guidance: float, negative_prompt: str) -> dict[str, Any]:
+        """The pipeline arguments for a guidance scale and a negative prompt from a text prompt
+        (a hook for the run entry, which passes ``guidance_scale``, ignored by this pipeline):
+        CFG is ``true_cfg_scale`` and runs only with a negative prompt, the card's " " if none."""
+        return {"true_cfg_scale": guidance, "negative_prompt": negative_prompt or NEGATIVE_PROMPT}
+
+    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
+        QwenImagePipeline.save_lora_weights(
+            out_dir,
+            transformer_lora_layers=layers,
+            safe_serialization=True,
+            transformer_lora_adapter_metadata=metadata,
+        )
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+    def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        # musubi-tuner's networks.lora_qwen_image names: ``lora_unet_`` + the diffusers module path
+        # with ``_`` for ``.`` (ComfyUI loads these; diffusers reads them back with
+        # _convert_non_diffusers_qwen_lora_to_diffusers). The SDXL writer makes exactly that name.
+        return sdxl_to_kohya(state_dict, alpha)
+
+
+FAMILY = QwenImageFamily

@@ -1,0 +1,128 @@
+"""Z-Image (turbo and base): flow matching in the single-stream S3-DiT, Qwen3 text.
+
+As ``ZImagePipeline.__call__`` does it:
+
+- text: the pipeline's ``encode_prompt`` (Qwen3's chat template, the second-to-last hidden state,
+  only the tokens the attention mask keeps: one variable-length tensor per prompt). The cache pads
+  each to ``flow.max_sequence_length`` and keeps the mask; the loss hands the transformer the
+  unpadded tensors, as the pipeline does (it pads them to multiples of 32 itself);
+- latents: the KL VAE's posterior, ``(z - shift_factor) * scaling_factor``, one frame each
+  (``(C, 1, h, w)``, a list per batch) — the transformer patchifies 2x2 itself;
+- the convention is flipped: the transformer's time is ``1 - sigma`` (the pipeline feeds
+  ``(1000 - t) / 1000``) and its output is the negated velocity, ``x0 - noise`` (the pipeline
+  steps with ``-output``). With ``x_s = (1 - s) x0 + s noise`` the loss is that output against
+  ``x0 - noise``.
+
+``timestep_sampling: auto`` is logit-normal sigmas moved by the base model's scheduler shift
+(fixed: ``use_dynamic_shifting`` is off in both repos, so the pipeline's resolution ``mu`` has no
+effect and every size denoises with ``shift``), the noise levels the pipeline renders at.
+
+Classifier-free guidance (base) is the pipeline's ``guidance_scale`` against the empty negative
+prompt it defaults to; turbo renders with guidance 0 (distilled, no CFG).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
+
+from ..spec import TrainingSpec
+from .base import Batch, Family
+from .kohya import sdxl_to_kohya
+from .qwen_image import flow_sigmas, pad_to
+
+NEGATIVE_PROMPT = ""  # what the pipeline encodes when CFG is on and no negative prompt is given
+
+
+class ZImageFamily(Family):
+    pipeline_cls = ZImagePipeline
+    denoiser_name = "transformer"
+
+    def __init__(self, spec: TrainingSpec, base_dir: Path):
+        super().__init__(spec, base_dir)
+        self.negative: dict[str, torch.Tensor] | None = None  # NEGATIVE_PROMPT, cached with the rest
+
+    # -- caching ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        batch = list(prompts) + ([NEGATIVE_PROMPT] if self.negative is None else [])
+        length = self.spec.flow.max_sequence_length
+        assert length is not None, "the spec resolves flow.max_sequence_length from the registry"
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=batch, device=device, do_classifier_free_guidance=False, max_sequence_length=length
+        )
+        out = []
+        for e in embeds:  # (tokens kept by the mask, D)
+            mask = torch.arange(length) < e.shape[0]
+            out.append({"prompt_embeds": pad_to(e, length).cpu(), "prompt_mask": mask})
+        if self.negative is None:
+            self.negative = out.pop()
+        return out
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    # -- training --------------------------------------------------------------------------------
+    @staticmethod
+    def caption_list(text: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The cached prompts as the pipeline's ``encode_prompt`` returns them: unpadded, one each."""
+        return [e[m] for e, m in zip(text["prompt_embeds"], text["prompt_mask"], strict=True)]
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        x0 = (self.sample_latents(batch) - cfg.shift_factor) * cfg.scaling_factor  # (B, C, h, w)
+        b, c, h, w = x0.shape
+        noise = batch.rng.randn(c, h, w)
+        sigmas = flow_sigmas(self.spec.flow, batch.rng, self.pipe.scheduler.config, (h // 2) * (w // 2))
+        s = sigmas.view(b, 1, 1, 1)
+        noisy = (1.0 - s) * x0 + s * noise
+
+        dtype = batch.text["prompt_embeds"].dtype
+        out = model(
+            list(noisy.to(dtype).unsqueeze(2).unbind(dim=0)),  # (C, 1 frame, h, w) each
+            1.0 - sigmas.float(),  # the transformer's time runs from noise (0) to data (1)
+            self.caption_list(batch.text),
+            return_dict=False,
+        )[0]
+        pred = torch.stack(out).squeeze(2)  # the negated velocity: x0 - noise
+        return F.mse_loss(pred.float(), (x0 - noise).float())
+
+    # -- validation and export -----------------------------------------------------------------
+    def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        # the negative prompt goes along always: the pipeline uses it only when guidance_scale > 0
+        dtype = self.denoiser_dtype
+        out = {
+            "prompt_embeds": [
+                e.to(device, dtype) for e in self.caption_list({k: v[None] for k, v in text.items()})
+            ]
+        }
+        if self.negative is not None:
+            negative = {k: v[None] for k, v in self.negative.items()}
+            out["negative_prompt_embeds"] = [e.to(device, dtype) for e in self.caption_list(negative)]
+        return out
+
+    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
+        ZImagePipeline.save_lora_weights(
+            out_dir,
+            transformer_lora_layers=layers,
+            safe_serialization=True,
+            transformer_lora_adapter_metadata=metadata,
+        )
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+    def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        # musubi-tuner's Z-Image LoRA names: ``lora_unet_`` + the diffusers module path with ``_``
+        # for ``.`` (``lora_unet_layers_0_attention_to_q``); diffusers reads them back with
+        # _convert_non_diffusers_z_image_lora_to_diffusers. The SDXL writer makes exactly that name.
+        return sdxl_to_kohya(state_dict, alpha)
+
+
+FAMILY = ZImageFamily

@@ -1,5 +1,5 @@
-"""The run entry renders every registered model through the real Cog server, with and without
-a LoRA trained for it, exactly as the model's stock diffusers pipeline does.
+"""The run entry renders every model family through the real Cog server, with and without a
+LoRA trained for it, exactly as the model's stock diffusers pipeline does.
 
 One run-mode server per model (``ADVANCED_TRAINER_RUN_MODEL``: what the trainer's own version
 renders with no weights given) renders the plain base, then ``lora_weights`` = a LoRA trained
@@ -23,6 +23,7 @@ from conftest import cog_server_fixture, quick_spec, train_quietly
 from train.families import MODEL_IDS, model_info
 
 PROMPT = "sks, a red circle"
+LEARNING_RATE = {"flux2-klein-4b": 5e-2}  # its tiny LoRA needs a harder push to show in 6 steps
 TOLERANCE = 2  # 8-bit levels: our renderer and the stock pipeline run the same fp32 ops (tests/test_cog.py)
 
 
@@ -43,7 +44,7 @@ def _stock(model: str, base: Path, lora_dir: Path | None = None) -> np.ndarray:
         pipe.load_lora_weights(lora_dir)
     kw = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
     img = pipe(
-        PROMPT,
+        prompt=PROMPT,
         num_inference_steps=2,
         height=64,
         width=64,
@@ -72,12 +73,18 @@ def _render(server, **inputs) -> np.ndarray:
     return _image(out["output"][0])
 
 
-@pytest.mark.parametrize("model", MODEL_IDS)
+# one model per family module (the maths are the family's; its models differ in sizes and defaults)
+FIRST_OF_EACH_FAMILY = list({model_info(m).family: m for m in reversed(MODEL_IDS)}.values())[::-1]
+
+
+@pytest.mark.parametrize("model", FIRST_OF_EACH_FAMILY)
 def test_the_run_entry_renders_each_model_with_and_without_its_lora(
     model, tmp_path_factory, tmp_path, cog_weights, jobs_dir, sample_dataset, upload_sink
 ):
     base = cog_weights / model_info(model).tiny_name
-    spec = quick_spec(cog_weights, model, steps=6, learning_rate=1e-2, trigger_word="sks")
+    spec = quick_spec(
+        cog_weights, model, steps=6, learning_rate=LEARNING_RATE.get(model, 1e-2), trigger_word="sks"
+    )
     result, _ = train_quietly(spec, sample_dataset, tmp_path / "out")
     assert result is not None
     archive = shutil.make_archive(str(tmp_path / "weights"), "zip", tmp_path / "out")

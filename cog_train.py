@@ -24,6 +24,18 @@ def _secret(value) -> str | None:
     return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
 
 
+def _fetch_checkpoint(req, uri: str, dest) -> Path:
+    """The checkpoint a failed job delivered (S3 / Hub), fetched with this job's credentials."""
+    from train.checkpoint import CheckpointError, fetch_checkpoint
+    from train.service import JobError, build_spec
+
+    print(f"resume: fetching the checkpoint from {uri}")
+    try:
+        return Path(fetch_checkpoint(uri, dest, build_spec(req).publish, req.secrets))
+    except CheckpointError as exc:
+        raise JobError(str(exc)) from None
+
+
 class Trainer(BaseRunner):
     def setup(self) -> None:
         # the trainer's modules load with the runner, not when Cog reads this file for its inputs
@@ -114,7 +126,15 @@ class Trainer(BaseRunner):
         ),
         s3_access_key_id: Secret | None = Input(description="S3 access key id", default=None),
         s3_secret_access_key: Secret | None = Input(description="S3 secret access key", default=None),
-        resume_from: Path | None = Input(description="A checkpoint archive to continue from", default=None),
+        resume_from: Path | None = Input(
+            description="A checkpoint archive to continue from: a checkpoint, or a finished resumable job's output.zip",
+            default=None,
+        ),
+        resume_checkpoint: str | None = Input(
+            description="Where a failed or canceled job delivered its checkpoint: s3://bucket/prefix (read with the s3_* inputs) or hf://owner/name (with hf_token)",
+            regex=r"^(s3|hf)://\S+$",
+            default=None,
+        ),
         return_checkpoint: bool = Input(
             description="Include resumable checkpoints in the output archive", default=False
         ),
@@ -159,7 +179,10 @@ class Trainer(BaseRunner):
             num_processes=self.processes,
         )
         try:
-            return Path(run_job(req, self.jobs.new()))
+            workdir = self.jobs.new()
+            if resume_checkpoint:
+                req.resume_from = _fetch_checkpoint(req, resume_checkpoint, workdir / "resume-checkpoint")
+            return Path(run_job(req, workdir))
         except JobError as exc:
             raise RuntimeError(str(exc)) from None
 

@@ -111,6 +111,11 @@ class Predictor(BaseRunner):
         hf_token: Secret | None = Input(
             description="Hugging Face token for LoRAs in private repos", default=None
         ),
+        step: int | None = Input(
+            description="A kept validation step of the trained LoRA to render with (see its contact_sheet.png); empty: the chosen step",
+            ge=0,
+            default=None,
+        ),
     ) -> list[Path]:
         """Render the prompt; returns the images."""
         from train.inference import InputError, RenderRequest
@@ -135,6 +140,7 @@ class Predictor(BaseRunner):
             output_format=output_format,
             output_quality=output_quality,
             hf_token=_secret(hf_token),
+            step=step,
         )
         try:
             paths = self.session.predict(req, self.out_root / f"p{self.count}")

@@ -26,6 +26,7 @@ from . import token as tokens
 from .calibration import Calibration
 from .cog_receiver import CogHookReceiver
 from .config import Settings, outputs_dir, store_path
+from .delivery import pick_step
 from .errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_USER, ClientError, UserError, exit_code
 from .estimates import DEFAULT_SKUS, cheapest, estimate_row, parse_duration
 from .jobs import deliver_job, follow, load_spec, reconcile_stale, refresh, submit
@@ -33,6 +34,7 @@ from .pack import PackError, pack_dataset
 from .profiles import hardware_rows
 from .providers import CogProvider, Provider, ReplicateProvider
 from .records import TERMINAL, Job
+from .resume import continue_job, resume_job
 from .run import resolve_target, run
 from .settings_api import apply_settings
 from .spend import spend_summary
@@ -273,6 +275,7 @@ def cmd_submit(args, settings):
             webhook=webhook,
             fit=args.fit,
             scale_steps=args.scale_steps_to_gpus,
+            extra_inputs={"return_checkpoint": True} if args.keep_checkpoint else None,
             log=(lambda m: print(m, file=sys.stderr)),
         )
         rec = sub.record
@@ -350,6 +353,7 @@ def cmd_run(args, settings):
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
         "output_format": args.output_format,
+        "step": args.lora_step,
         **_items(args.input, "--input"),
     }
     if not args.json:
@@ -389,6 +393,18 @@ def _describe_outputs(o: dict | None) -> str:
         lines.append(f"validation images:  {', '.join(o['samples'])}")
     if o.get("loss_plot"):
         lines.append(f"loss plot:          {o['loss_plot']}")
+    if o.get("contact_sheet"):
+        lines.append(f"contact sheet:      {o['contact_sheet']}")
+    if o.get("chosen_step") is not None:
+        lines.append(f"chosen step:        {o['chosen_step']} ({o.get('selection_reason') or ''})")
+    if o.get("picked_step") is not None:
+        lines.append(f"picked step:        {o['picked_step']} (the LoRA above is that step's)")
+    kept = o.get("kept_steps") or {}
+    if len(kept) > 1:
+        lines.append(
+            f"kept steps:         {', '.join(kept)} (files under steps/step-N/; "
+            "`download --step N` or `run --step N` for another)"
+        )
     return "\n".join(lines)
 
 
@@ -465,7 +481,57 @@ def cmd_download(args, settings):
     if rec["status"] not in TERMINAL:
         rec = refresh(store, _provider_for(rec, args, settings), args.id)
     info = deliver_job(store, rec, progress=_bar("download"))
+    if args.step is not None:
+        info = pick_step(info, args.step)
     _out(args, info, _describe_outputs(info))
+
+
+def _carry_on(args, settings, start) -> int:
+    """Submit the job that resumes or continues ``args.id``, then report or follow it like submit."""
+    store = _store()
+    parent = _job(store, args.id)
+    provider = _provider_for(parent, args, settings)
+    receiver = None
+    webhook = settings.webhook_url() if provider.name == "replicate" else None
+    if args.wait and isinstance(provider, CogProvider):
+        receiver = CogHookReceiver(store, provider)
+        webhook = receiver.url
+    try:
+        dataset = Path(args.dataset) if args.dataset else None
+        sub = start(store, provider, settings, parent, dataset, webhook, lambda m: print(m, file=sys.stderr))
+        rec = sub.record
+        if not args.json:
+            print(
+                f"submitted {rec['relation']} of {parent['id']}: {rec['id']} — estimate {sub.estimate.describe()}",
+                file=sys.stderr,
+            )
+        if not args.wait:
+            _out(args, {"job": rec, "estimate_usd": round(sub.estimate.usd, 2)}, rec["id"])
+            return EXIT_OK
+        return _wait_and_deliver(args, store, provider, rec["id"])
+    finally:
+        if receiver:
+            receiver.close()
+
+
+def cmd_resume(args, settings):
+    return _carry_on(
+        args,
+        settings,
+        lambda store, provider, settings, parent, dataset, webhook, log: resume_job(
+            store, provider, settings, parent, dataset=dataset, webhook=webhook, log=log
+        ),
+    )
+
+
+def cmd_continue(args, settings):
+    return _carry_on(
+        args,
+        settings,
+        lambda store, provider, settings, parent, dataset, webhook, log: continue_job(
+            store, provider, settings, parent, args.steps, dataset=dataset, webhook=webhook, log=log
+        ),
+    )
 
 
 def cmd_jobs(args, settings):
@@ -630,6 +696,12 @@ def _submit_command(sub) -> None:
     _scale_arg(sp)
     sp.add_argument("--fit", action="store_true", help="downsize images if the dataset is over 100 MiB")
     sp.add_argument("--wait", action="store_true", help="follow the job to the end and download its outputs")
+    sp.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="return_checkpoint: if the job fails or is canceled, its last checkpoint goes to the spec's "
+        "publish target, so `advanced-trainer resume` can carry it on",
+    )
 
 
 def _run_command(sub) -> None:
@@ -647,6 +719,12 @@ def _run_command(sub) -> None:
     sp.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
     sp.add_argument("--guidance", type=float, help="guidance_scale (default: the model's)")
     sp.add_argument("--output-format", choices=["webp", "jpg", "png"])
+    sp.add_argument(
+        "--lora-step",
+        type=int,
+        help="render with this kept validation step of the job's LoRA (see its contact sheet; "
+        "default: the chosen step)",
+    )
     sp.add_argument(
         "--input",
         "-i",
@@ -674,6 +752,27 @@ def _job_commands(sub) -> None:
         sp.add_argument("--cog-url")
         if name == "status":
             sp.add_argument("--offline", action="store_true", help="only the job store")
+        if name == "download":
+            sp.add_argument(
+                "--step",
+                type=int,
+                help="a kept validation step to use instead of the chosen one (steps/step-N/)",
+            )
+    for name, fn, hlp in (
+        ("resume", cmd_resume, "carry a failed or canceled training on from its last checkpoint"),
+        ("continue", cmd_continue, "train a succeeded resumable training further (--steps N more)"),
+    ):
+        sp = _command(sub, name, fn, hlp)
+        sp.add_argument("id", help="the job to carry on")
+        if name == "continue":
+            sp.add_argument(
+                "--steps", type=int, required=True, help="optimizer steps to train beyond the job's"
+            )
+        sp.add_argument("--dataset", help="upload this dataset again (default: reuse the job's upload)")
+        sp.add_argument("--cog-url")
+        sp.add_argument(
+            "--wait", action="store_true", help="follow the new job to the end and download its outputs"
+        )
     sp = _command(sub, "logs", cmd_logs, "a job's logs")
     sp.add_argument("id")
     sp.add_argument("--follow", "-f", action="store_true")

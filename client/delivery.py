@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -10,6 +11,10 @@ from pathlib import Path, PurePosixPath
 
 from train.http import DownloadError, RetryPolicy, retryable_status
 from train.http import download as http_download
+
+from .errors import UserError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 class DeliveryError(Exception):
@@ -100,4 +105,44 @@ def deliver(url: str, folder: Path, progress=None) -> dict:
         "samples": sorted(str(folder / n) for n in found if n.startswith("samples/")),
         "loss_plot": str(folder / "loss.png") if "loss.png" in found else None,
         "config": str(folder / "config.json") if "config.json" in found else None,
+        **step_choice(folder, found),
+    }
+
+
+def step_choice(folder: Path, found: set[str]) -> dict:
+    """What the trainer chose among its validation steps (scores.json) and where each kept step is."""
+    kept = {}
+    for name in found:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "steps" and parts[2] == LORA_FILE and parts[1].startswith("step-"):
+            tail = parts[1].removeprefix("step-")
+            if tail.isdigit():
+                kept[int(tail)] = str(folder / name)
+    chosen, reason = None, None
+    if "scores.json" in found:
+        try:
+            doc = json.loads((folder / "scores.json").read_text())
+            chosen, reason = doc.get("chosen_step"), doc.get("reason")
+        except (OSError, ValueError):
+            pass
+    return {
+        "contact_sheet": str(folder / "contact_sheet.png") if "contact_sheet.png" in found else None,
+        "scores": str(folder / "scores.json") if "scores.json" in found else None,
+        "chosen_step": chosen,
+        "selection_reason": reason,
+        "kept_steps": {str(k): kept[k] for k in sorted(kept)},
+    }
+
+
+def pick_step(info: dict, step: int) -> dict:
+    """The delivery with ``step``'s LoRA as the one to use (``download --step N``)."""
+    kept = info.get("kept_steps") or {}
+    if str(step) not in kept:
+        raise UserError(f"--step: the job kept no step {step}; kept steps: {', '.join(kept) or 'none'}")
+    kohya = Path(kept[str(step)]).with_name("lora_kohya.safetensors")
+    return {
+        **info,
+        "lora": kept[str(step)],
+        "kohya": str(kohya) if kohya.is_file() else None,
+        "picked_step": step,
     }

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from train.spec import SpecError, TrainingSpec, parse_spec
 
@@ -241,12 +241,24 @@ def target_profile(provider: Provider, settings: Settings, hardware: str, log: C
     )
 
 
+@dataclass(frozen=True)
+class CarryOn:
+    """A job that carries on another (client/resume.py): its uploaded dataset is reused (unless a
+    dataset is given again), the store links the two, and the estimate counts only the new steps."""
+
+    parent_id: str
+    relation: str  # "resume" | "continue" (client.records.RELATIONS)
+    dataset_url: str | None
+    steps: int  # optimizer steps this job trains
+    images: int = 20  # for the estimate when the dataset is not packed again
+
+
 def submit(
     store: JobStore,
     provider: Provider,
     settings: Settings,
     spec: TrainingSpec,
-    dataset: Path,
+    dataset: Path | None,
     *,
     hardware: str | None = None,
     destination: str | None = None,
@@ -254,6 +266,7 @@ def submit(
     fit: bool = False,
     scale_steps: bool = False,
     extra_inputs: dict[str, Any] | None = None,
+    carry_on: CarryOn | None = None,
     log: Callable[[str], None] = print,
 ) -> Submission:
     hardware = checked_hardware(hardware or settings.hardware, from_settings=not hardware)
@@ -262,10 +275,16 @@ def submit(
     target_profile(provider, settings, hardware, log)
     if destination and provider.name != "replicate":
         log(f"note: a Cog server has no destination models; {destination} is not used")
-    destination = resolve_destination(provider, spec, dataset, destination)
+    destination = resolve_destination(provider, spec, dataset or Path("dataset"), destination)
+    reuse = carry_on.dataset_url if carry_on and dataset is None else None
     with tempfile.TemporaryDirectory(prefix="advanced-trainer-") as tmp:
-        archive, n_images = prepare_archive(dataset, spec, Path(tmp), fit=fit, log=log)
-        est = hardware_estimate(spec, hardware, n_images, Calibration.from_store(store))
+        if reuse:
+            archive, n_images = None, carry_on.images if carry_on else 20
+        else:
+            assert dataset is not None, "a new job needs its dataset"
+            archive, n_images = prepare_archive(dataset, spec, Path(tmp), fit=fit, log=log)
+        steps = carry_on.steps if carry_on else None
+        est = hardware_estimate(spec, hardware, n_images, Calibration.from_store(store), steps)
         request_key = uuid.uuid4().hex
         record = {
             "provider": provider.name,
@@ -277,6 +296,7 @@ def submit(
             "estimate_usd": round(est.usd, 4),
             "price_per_s": pricing.price_per_second(hardware),
             "webhook": bool(webhook),
+            **({"parent_id": carry_on.parent_id, "relation": carry_on.relation} if carry_on else {}),
         }
         warnings = _reserve(store, request_key, record, settings, log)
         try:
@@ -285,7 +305,7 @@ def submit(
                 # the destination renders (one image at a time): one GPU of the same card
                 created = provider.ensure_destination(destination, pricing.single_gpu_sku(hardware))
                 log(f"training into {destination}" + (" (created it, private)" if created else ""))
-            dataset_url = provider.upload(archive)
+            dataset_url = reuse or provider.upload(cast(Path, archive))
             inputs = {
                 "dataset": dataset_url,
                 "spec": spec.to_json(),

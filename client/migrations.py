@@ -113,7 +113,17 @@ def _v1_initial_schema(con: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "jobs, webhook ids and orphan events", _v1_initial_schema),)
+def _v2_job_links(con: sqlite3.Connection) -> None:
+    # a resumed or continued job names the job it carries on (client/resume.py)
+    con.execute("ALTER TABLE jobs ADD COLUMN parent_id TEXT")
+    con.execute("ALTER TABLE jobs ADD COLUMN relation TEXT")
+    con.execute("CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent_id)")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "jobs, webhook ids and orphan events", _v1_initial_schema),
+    Migration(2, "jobs.parent_id and jobs.relation: resumed and continued jobs", _v2_job_links),
+)
 
 
 def schema_version(con: sqlite3.Connection) -> int:

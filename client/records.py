@@ -39,6 +39,7 @@ __all__ = [
     "PROVIDERS",
     "KINDS",
     "SOURCES",
+    "RELATIONS",
     "RANK",
     "LOGS_TAIL_CHARS",
     "Job",
@@ -60,6 +61,7 @@ UNFINISHED = ("submitting", "starting", "processing")
 PROVIDERS = ("replicate", "cog")
 KINDS = ("prediction", "training")
 SOURCES = ("webhook", "poll", "create")
+RELATIONS = ("resume", "continue")  # how a job carries on its parent_id
 RANK = {"submitting": 0, "starting": 1, "processing": 2, "succeeded": 3, "failed": 3, "canceled": 3}
 # the sources that are news from the provider (a create response is our own call's answer)
 EVENT_SOURCES = ("webhook", "poll")
@@ -101,6 +103,8 @@ class Job(TypedDict):
     local_dir: str | None
     delivered: bool
     request_key: str
+    parent_id: str | None  # the job this one resumes or continues (migration 2)
+    relation: str | None  # one of RELATIONS
 
 
 FIELDS: tuple[str, ...] = tuple(Job.__annotations__)

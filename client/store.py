@@ -51,6 +51,7 @@ from .records import (
     FIELDS,
     KINDS,
     PROVIDERS,
+    RELATIONS,
     SOURCES,
     STATUSES,
     TERMINAL,
@@ -333,6 +334,8 @@ class JobStore:
             raise ValueError(f"bad provider {value!r} (one of {PROVIDERS})")
         if name == "kind" and value not in KINDS:
             raise ValueError(f"bad kind {value!r} (one of {KINDS})")
+        if name == "relation" and value is not None and value not in RELATIONS:
+            raise ValueError(f"bad relation {value!r} (one of {RELATIONS})")
 
     @staticmethod
     def _json_text(name: str, value: Any) -> str:

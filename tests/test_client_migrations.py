@@ -59,7 +59,9 @@ def _add_notes(con: sqlite3.Connection) -> None:
     con.execute("ALTER TABLE jobs ADD COLUMN notes TEXT NOT NULL DEFAULT 'none'")
 
 
-V2 = (*MIGRATIONS, Migration(2, "jobs.notes (test only)", _add_notes))
+LATEST = len(MIGRATIONS)
+NEXT = LATEST + 1  # a migration the code does not have yet (test only)
+V2 = (*MIGRATIONS, Migration(NEXT, "jobs.notes (test only)", _add_notes))
 
 
 # --------------------------------------------------------------------------- the v1 fixture
@@ -67,8 +69,9 @@ V2 = (*MIGRATIONS, Migration(2, "jobs.notes (test only)", _add_notes))
 
 def test_v1_store_opens_with_every_job_intact(v1_path):
     store = JobStore(v1_path)
-    assert _version(v1_path) == 1 and store.schema_version == 1
+    assert _version(v1_path) == LATEST and store.schema_version == LATEST
     jobs = {j["id"]: j for j in store.list(limit=100)}
+    assert all(j["parent_id"] is None and j["relation"] is None for j in jobs.values())  # migration 2
     assert set(jobs) == V1_IDS
     proc, ok, fail, cancel, pending = (
         jobs[i] for i in ("proc-id", "ok-id", "fail-id", "cancel-id", "req-submitting")
@@ -127,7 +130,7 @@ def test_v1_store_accepts_updates_events_and_its_waiting_orphan(v1_path):
 
 def test_migration_1_is_the_schema_the_v1_code_wrote(v1_path, tmp_path):
     fresh = tmp_path / "fresh.db"
-    JobStore(fresh)
+    JobStore(fresh, migrations=MIGRATIONS[:1])
     assert _schema(fresh) == _schema(v1_path)
     assert _version(fresh) == 1
 
@@ -138,10 +141,10 @@ def test_migration_1_is_the_schema_the_v1_code_wrote(v1_path, tmp_path):
 def test_a_migration_adds_a_column_to_a_populated_store(v1_path):
     before = _sql(v1_path, "SELECT * FROM jobs ORDER BY id")
     store = JobStore(v1_path, migrations=V2)
-    assert _version(v1_path) == 2 and store.schema_version == 2
+    assert _version(v1_path) == NEXT and store.schema_version == NEXT
     assert _columns(v1_path)[-1] == "notes"
     after = _sql(v1_path, "SELECT * FROM jobs ORDER BY id")
-    assert [row[:-1] for row in after] == before  # every old value kept
+    assert [row[: len(before[0])] for row in after] == before  # every old value kept
     assert {row[-1] for row in after} == {"none"}  # the default filled the existing rows
     # the code reads its own columns by name: an unknown column neither breaks nor leaks into records
     assert {j["id"] for j in store.list(limit=100)} == V1_IDS
@@ -149,18 +152,18 @@ def test_a_migration_adds_a_column_to_a_populated_store(v1_path):
     store.reserve("req-new", {"kind": "prediction", "estimate_usd": 0.5})
     assert _sql(v1_path, "SELECT notes FROM jobs WHERE id = 'req-new'") == [("none",)]
     JobStore(v1_path, migrations=V2)  # reopening runs nothing twice
-    assert _version(v1_path) == 2
+    assert _version(v1_path) == NEXT
 
 
 def test_a_failing_migration_changes_nothing(v1_path):
     def broken(con: sqlite3.Connection) -> None:
         con.execute("UPDATE jobs SET status = 'failed'")
-        raise RuntimeError("migration 3 broke")
+        raise RuntimeError("the next migration broke")
 
     schema, rows = _schema(v1_path), _sql(v1_path, "SELECT * FROM jobs ORDER BY id")
-    with pytest.raises(RuntimeError, match="migration 3 broke"):
-        JobStore(v1_path, migrations=(*V2, Migration(3, "broken", broken)))
-    # migration 2 had succeeded inside the same transaction: it is rolled back as well
+    with pytest.raises(RuntimeError, match="the next migration broke"):
+        JobStore(v1_path, migrations=(*V2, Migration(NEXT + 1, "broken", broken)))
+    # the migrations before had succeeded inside the same transaction: they are rolled back as well
     assert _version(v1_path) == 1 and _schema(v1_path) == schema
     assert _sql(v1_path, "SELECT * FROM jobs ORDER BY id") == rows
     assert {j["id"] for j in JobStore(v1_path).list(limit=100)} == V1_IDS
@@ -182,7 +185,7 @@ def test_stores_opened_at_once_migrate_once(v1_path):
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and _version(v1_path) == 2 and _columns(v1_path).count("notes") == 1
+    assert errors == [] and _version(v1_path) == NEXT and _columns(v1_path).count("notes") == 1
 
 
 def test_a_store_from_a_newer_client_is_refused(v1_path):
@@ -190,12 +193,12 @@ def test_a_store_from_a_newer_client_is_refused(v1_path):
     with pytest.raises(StoreVersionError) as info:
         JobStore(v1_path)
     message = str(info.value)
-    assert str(v1_path) in message and "version 2" in message and "up to 1" in message
+    assert str(v1_path) in message and f"version {NEXT}" in message and f"up to {LATEST}" in message
     assert "upgrade advanced-trainer" in message
-    assert (info.value.found, info.value.known) == (2, 1)
-    assert _version(v1_path) == 2 and "notes" in _columns(v1_path)  # left as it was
+    assert (info.value.found, info.value.known) == (NEXT, LATEST)
+    assert _version(v1_path) == NEXT and "notes" in _columns(v1_path)  # left as it was
 
 
 def test_numbering_is_checked(tmp_path):
     with pytest.raises(AssertionError, match="numbered"):
-        JobStore(tmp_path / "gap.db", migrations=(MIGRATIONS[0], Migration(3, "gap", _add_notes)))
+        JobStore(tmp_path / "gap.db", migrations=(MIGRATIONS[0], Migration(NEXT + 1, "gap", _add_notes)))

@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import cog_server_fixture, quick_spec, train_quietly
 from train.families import MODEL_IDS, model_info
+from train.models import family_class
 
 PROMPT = "sks, a red circle"
 LEARNING_RATE = {"flux2-klein-4b": 5e-2}  # its tiny LoRA needs a harder push to show in 6 steps
@@ -43,12 +44,12 @@ def _stock(model: str, base: Path, lora_dir: Path | None = None) -> np.ndarray:
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
     kw = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
+    kw.update(family_class(model).guidance_kwargs(info.render_guidance, ""))  # as the model card renders
     img = pipe(
         prompt=PROMPT,
         num_inference_steps=2,
         height=64,
         width=64,
-        guidance_scale=info.render_guidance,
         generator=torch.Generator().manual_seed(3),
         **kw,
     ).images[0]

@@ -157,12 +157,19 @@ def test_output_folder_contract(tiny_weights, sample_dataset, tmp_path):
     assert names == [
         "README.md",
         "config.json",
+        "contact_sheet.png",
         "dataset_report.json",
         "lora_kohya.safetensors",
         "loss.png",
         "pytorch_lora_weights.safetensors",
         "samples/step-000002-0.png",
         "samples/step-000004-0.png",
+        "scores.json",
+        "scores.png",
+        "steps/step-2/lora_kohya.safetensors",
+        "steps/step-2/pytorch_lora_weights.safetensors",
+        "steps/step-4/lora_kohya.safetensors",
+        "steps/step-4/pytorch_lora_weights.safetensors",
     ]
     assert not (out / ".work").exists(), "the staged dataset is scratch and must be cleaned up"
     with Image.open(out / "samples" / "step-000004-0.png") as img:

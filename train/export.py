@@ -6,6 +6,9 @@ config.json                        resolved spec, library versions, dataset hash
 dataset_report.json                images used, skipped files with reasons, buckets
 samples/step-NNNNNN-K.png          validation images
 loss.png                           the loss curve
+steps/step-N/                      the LoRA of every validation step (the top-level files: the chosen one's)
+scores.json, scores.png            each validation step's scores, the chosen step and why
+contact_sheet.png                  prompts x steps, the chosen step marked, scores under each column
 README.md                          model card
 """
 
@@ -23,12 +26,19 @@ from typing import Any
 
 import torch
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.training_utils import _collate_lora_metadata
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .families import model_info
 from .models.base import Family
+from .selection import LABELS, METRICS, Choice, StepScores
 from .spec import TrainingSpec
 
+CONTACT_SHEET = "contact_sheet.png"
+SCORE_PLOT = "scores.png"
+CHOSEN_COLOR = (230, 40, 40)  # the chosen step's frame on the contact sheet
+SHEET_CELL, SHEET_PAD, SHEET_LABEL_W, SHEET_HEAD_H = 192, 4, 180, 24  # its layout, in pixels
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 _LIBRARIES = (
@@ -97,6 +107,26 @@ def export_lora(
     return {**files, "kohya": out_dir / KOHYA_FILE}
 
 
+def trainable_state(spec: TrainingSpec, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that train: the LoRA (peft naming), or the whole denoiser of a full fine-tune."""
+    return get_peft_model_state_dict(model) if spec.mode == "lora" else model.state_dict()
+
+
+def export_weights(spec: TrainingSpec, family: Family, model: torch.nn.Module, out_dir: Path) -> list[Path]:
+    """The trained weights into ``out_dir``: the LoRA files (diffusers, then kohya where the family has
+    that convention), or a full fine-tune's pipeline folder ``model/``."""
+    if spec.mode == "full":
+        return [export_full_model(family, model, out_dir / "model")]
+    meta = _collate_lora_metadata({family.denoiser_name: model})[
+        f"{family.denoiser_name}_lora_adapter_metadata"
+    ]
+    alpha = spec.lora.alpha
+    assert alpha is not None, "the spec resolves lora.alpha's default"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = export_lora(family, trainable_state(spec, model), meta, out_dir, alpha, spec.lora.rank)
+    return [files["diffusers"], *([files["kohya"]] if "kohya" in files else [])]
+
+
 def export_full_model(family: Family, model: torch.nn.Module, folder: Path) -> Path:
     """A full fine-tune as a complete diffusers pipeline folder: the trained denoiser, and the base
     model's other components linked (or copied) unchanged, so ``Pipeline.from_pretrained(folder)`` works."""
@@ -146,6 +176,79 @@ def write_loss_plot(history: list[tuple[int, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_score_plot(records: list[StepScores], chosen: int, path: Path) -> None:
+    """One panel per score that was measured, by step; the chosen step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if any(r.mean(m) is not None for r in records)]
+    fig, axes = plt.subplots(max(1, len(metrics)), 1, figsize=(7, 2.4 * max(1, len(metrics))), dpi=100)
+    axes = list(axes) if len(metrics) > 1 else [axes]
+    for ax, m in zip(axes, metrics or [None], strict=True):
+        ax.axvline(chosen, color="tab:red", ls="--", lw=1.2, label=f"chosen: step {chosen}")
+        if m is not None:
+            pts = [(r.step, v) for r in records if (v := r.mean(m)) is not None]
+            ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", lw=1.4)
+            ax.set_ylabel(LABELS[m] + (" (lower is better)" if METRICS[m] < 0 else ""))
+        else:
+            ax.set_ylabel("nothing scored")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_contact_sheet(
+    records: list[StepScores], prompts: list[str], chosen: int, out_dir: Path, path: Path
+) -> None:
+    """Prompts (rows) x validation steps (columns), the chosen column framed, scores under each."""
+    from PIL import Image, ImageDraw
+
+    cell, pad, label_w, head_h = SHEET_CELL, SHEET_PAD, SHEET_LABEL_W, SHEET_HEAD_H
+    foot_h = 14 * (1 + len(METRICS))
+    cols = [r for r in records if r.renders]
+    rows = max(len(r.renders) for r in cols)
+    sheet = Image.new(
+        "RGB", (label_w + len(cols) * (cell + pad), head_h + rows * (cell + pad) + foot_h), "white"
+    )
+    draw = ImageDraw.Draw(sheet)
+    for k in range(rows):
+        text = prompts[k] if k < len(prompts) else f"prompt {k}"
+        draw.text((4, head_h + k * (cell + pad) + 4), _wrap(text, 28), fill="black")
+    for c, rec in enumerate(cols):
+        x = label_w + c * (cell + pad)
+        mark = rec.step == chosen
+        draw.text(
+            (x + 2, 6),
+            f"step {rec.step}" + ("  (chosen)" if mark else ""),
+            fill=CHOSEN_COLOR if mark else "black",
+        )
+        for k, rel in enumerate(rec.renders):
+            with Image.open(out_dir / rel) as img:
+                sheet.paste(img.convert("RGB").resize((cell, cell)), (x, head_h + k * (cell + pad)))
+        lines = [f"{LABELS[m]}: {v:.4f}" for m in METRICS if (v := rec.mean(m)) is not None] or ["not scored"]
+        draw.text((x + 2, head_h + rows * (cell + pad) + 2), "\n".join(lines), fill="black")
+        if mark:
+            bottom = head_h + rows * (cell + pad) - pad
+            draw.rectangle((x - 2, head_h - 2, x + cell + 1, bottom + 1), outline=CHOSEN_COLOR, width=3)
+    sheet.save(path)
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join([*lines, line][:8])
+
+
 def write_config(
     path: Path, spec: TrainingSpec, dataset_hash: str, timings: dict[str, float], extra: dict[str, Any]
 ) -> None:
@@ -163,16 +266,35 @@ def write_config(
 
 
 def write_model_card(
-    path: Path, spec: TrainingSpec, samples: list[tuple[str, str]], final_loss: float | None, n_images: int
+    path: Path,
+    spec: TrainingSpec,
+    samples: list[tuple[str, str]],
+    final_loss: float | None,
+    n_images: int,
+    choice: Choice | None = None,
 ) -> None:
     """A Hugging Face style model card (YAML front matter + usage); ``samples`` are (prompt, file)."""
     lines = [
         *_card_front_matter(spec, samples),
         *_card_summary(spec, final_loss, n_images),
+        *_card_choice(choice),
         *_card_usage(spec, samples),
         *_card_files(spec, samples),
     ]
     path.write_text("\n".join(lines))
+
+
+def _card_choice(choice: Choice | None) -> list[str]:
+    if choice is None:
+        return []
+    return [
+        "",
+        "## Which step",
+        "",
+        f"These weights are step {choice.step} (selection rule `{choice.rule}`): {choice.reason}.",
+        f"Every validation step's LoRA is kept under `steps/step-N/`; `{CONTACT_SHEET}` shows the "
+        f"renders of each, and `scores.json` / `{SCORE_PLOT}` their scores.",
+    ]
 
 
 def _pipeline_name(spec: TrainingSpec) -> str:
@@ -282,6 +404,8 @@ def _card_files(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
         *files,
         "- `config.json`: the resolved training spec, library versions, dataset hash, timings and device",
         "- `samples/`: validation images; `loss.png`: the loss curve",
+        "- `steps/step-N/`: the LoRA of each validation step; `scores.json`, `scores.png`, "
+        f"`{CONTACT_SHEET}`: how each step scored",
         "",
     ]
     if samples:

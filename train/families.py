@@ -73,7 +73,9 @@ class ModelInfo:
         side = resolution // self.latent_factor // self.patch
         if self.denoiser != "transformer":
             return side * side
-        return side * side + (self.text_tokens if text_tokens is None else text_tokens) + self.fixed_text_tokens
+        return (
+            side * side + (self.text_tokens if text_tokens is None else text_tokens) + self.fixed_text_tokens
+        )
 
     def weight_bytes(self, bytes_per_param: float = 2.0) -> dict[str, int]:
         """Bytes of each phase's weights at ``bytes_per_param`` (bf16: 2, fp8: 1)."""

@@ -75,6 +75,7 @@ class RenderRequest:
     output_format: str = "webp"
     output_quality: int = 90
     hf_token: str | None = None
+    step: int | None = None  # a kept validation step of the trained weights (None: the chosen one)
 
 
 def _device_and_dtype():
@@ -185,20 +186,23 @@ class Renderer:
         import torch
 
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        from .models import family_class
+
+        info = model_info(self.model or "flux-dev")
         kw: dict[str, Any] = dict(
             prompt=prompt,
             height=height,
             width=width,
             num_inference_steps=steps,
-            guidance_scale=guidance,
             num_images_per_prompt=len(seeds),
             generator=generators,
+            # how the family's pipeline takes guidance (Qwen-Image: true_cfg_scale, not guidance_scale)
+            **family_class(info.id).guidance_kwargs(
+                guidance, negative_prompt if info.negative_prompt else ""
+            ),
         )
-        info = model_info(self.model or "flux-dev")
         if max_sequence_length and info.max_text_tokens:
             kw["max_sequence_length"] = max_sequence_length
-        if negative_prompt and info.negative_prompt:
-            kw["negative_prompt"] = negative_prompt
         with torch.inference_mode():
             return list(self.pipe(**kw).images)
 
@@ -317,8 +321,16 @@ class InferenceSession:
         )
         model, base = self._base_for(primary)
         loras: list[tuple[Path, float, bool]] = []
+        if req.step is not None and not (primary and primary.lora_file):
+            raise InputError("step: there are no trained LoRA weights to pick a step of")
         if primary and primary.lora_file:
-            loras.append((primary.lora_file, req.lora_scale, primary is self.trained))
+            try:
+                lora = primary.lora_for_step(req.step)
+            except TrainedWeightsError as exc:
+                raise InputError(str(exc)) from None
+            assert lora is not None
+            # the delivered LoRA stays loaded; other steps are evicted like any other LoRA
+            loras.append((lora, req.lora_scale, primary is self.trained and lora == primary.lora_file))
         if req.extra_lora:
             extra = self._source(req.extra_lora, "extra_lora", req.hf_token)
             if extra.lora_file is None:

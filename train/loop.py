@@ -17,7 +17,7 @@ import gc
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,10 +25,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import _collate_lora_metadata, cast_training_params
+from diffusers.training_utils import cast_training_params
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from transformers.utils import logging as transformers_logging
 
 from . import progress
@@ -42,11 +42,22 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import DataLimits, StagedDataset, add_trigger_word, dataset_report_lines, stage_dataset
-from .export import export_full_model, export_lora, write_config, write_loss_plot, write_model_card
+from .export import (
+    CONTACT_SHEET,
+    SCORE_PLOT,
+    export_weights,
+    trainable_state,
+    write_config,
+    write_contact_sheet,
+    write_loss_plot,
+    write_model_card,
+    write_score_plot,
+)
 from .fp8 import fp8_supported
 from .memory import MemoryPlan, choose_memory_plan, enable_checkpointing
 from .models import family_for
 from .models.base import Family
+from .selection import Choice, SelectionError, split_holdout
 from .spec import TrainingSpec
 from .speed import (
     apply_attention_backend,
@@ -55,8 +66,11 @@ from .speed import (
     cache_fits_on_device,
     resident_weight_bytes,
 )
+from .steps import SCORES_FILE, KeepSteps, isolated_rng
 from .trainer import Periodic, RunContext, Trainer, TrainingError, TrainState, log, micro_step
 from .weights import resolve_base_weights
+
+RESUME_DIR = "resume"  # the final resumable checkpoint (spec.resumable), inside the output
 
 __all__ = ["TrainResult", "TrainingError", "check_machine", "describe", "micro_step", "run_training"]
 
@@ -71,6 +85,8 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     checksum: str = ""  # sha256 of the trained weights (identical on every rank)
+    chosen_step: int = 0  # the step whose weights were delivered (train/selection.py)
+    scores: Path | None = None  # scores.json
 
     @property
     def lora_file(self) -> Path:
@@ -170,10 +186,6 @@ def make_trainable(spec: TrainingSpec, model: torch.nn.Module) -> list[torch.nn.
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def trainable_state(spec: TrainingSpec, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return get_peft_model_state_dict(model) if spec.mode == "lora" else model.state_dict()
-
-
 def _load_trainable(spec: TrainingSpec, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     if spec.mode == "lora":
         result = set_peft_model_state_dict(model, state)
@@ -203,17 +215,19 @@ def run_training(
     _quiet_libraries()
     ctx = open_run(spec, Path(out_dir))
     ckpt = open_resume(ctx, resume_from)
-    dataset = stage(ctx, Path(data))
+    dataset, held = split_holdout_images(ctx, stage(ctx, Path(data)))
     family = load_family(ctx)
     prompts = validation_prompts(spec, dataset)
-    cache = cache_dataset(ctx, family, dataset, prompts)
+    cache, holdout = cache_dataset(ctx, family, dataset, prompts, held)
     load_denoiser(ctx, family)
     renders = RenderSamples(spec.validation.interval, spec.steps)
-    trainer = build_trainer(
-        ctx, family, cache, [renders, SaveCheckpoint(spec.checkpoint_interval, spec.steps)]
-    )
+    keeper = KeepSteps(ctx, prompts, dataset, holdout)
+    hooks: list = [renders, keeper, SaveCheckpoint(spec.checkpoint_interval, spec.steps, keeper)]
+    trainer = build_trainer(ctx, family, cache, hooks)
     if ckpt is not None:
         resume(trainer, ckpt)
+        if ctx.main:
+            renders.paths = keeper.restore(ckpt.folder, ckpt.step)
 
     trainer.fit()
 
@@ -221,10 +235,32 @@ def run_training(
     if ctx.world > 1:
         log(f"data parallel: process {ctx.rank} final weights sha256 {checksum}")
     renders(trainer, spec.steps)  # the final samples, on every run
+    keeper(trainer, spec.steps)  # the final step is always kept and scored
+    if spec.resumable:  # a checkpoint of the final step, in the output: the job can be continued
+        save_resumable(trainer, ctx.out_dir / RESUME_DIR, None)
     ctx.accelerator.wait_for_everyone()
     if not ctx.main:
         return None
-    return finish(ctx, trainer, dataset, prompts, renders.paths, checksum, ckpt, keep_work)
+    return finish(ctx, trainer, dataset, prompts, renders.paths, checksum, ckpt, keep_work, keeper)
+
+
+def split_holdout_images(
+    ctx: RunContext, dataset: StagedDataset
+) -> tuple[StagedDataset, StagedDataset | None]:
+    """(training images, held-out images or None): ``validation.holdout`` images never train."""
+    spec = ctx.spec
+    try:
+        train_names, held_names = split_holdout(
+            [r.name for r in dataset.images], spec.validation.holdout, spec.seed
+        )
+    except SelectionError as exc:
+        raise TrainingError(str(exc)) from None
+    if not held_names:
+        return dataset, None
+    held = set(held_names)
+    log(f"selection: {len(held)} image(s) held out for the validation loss: {', '.join(held_names)}")
+    train = replace(dataset, images=[r for r in dataset.images if r.name not in held])
+    return train, replace(dataset, images=[r for r in dataset.images if r.name in held], skipped=[])
 
 
 def open_run(spec: TrainingSpec, out_dir: Path) -> RunContext:
@@ -296,14 +332,17 @@ def validation_prompts(spec: TrainingSpec, dataset: StagedDataset) -> list[str]:
     return prompts or [dataset.images[0].caption or spec.trigger_word or "a picture"]
 
 
-def cache_dataset(ctx: RunContext, family: Family, dataset: StagedDataset, prompts: list[str]) -> LatentCache:
-    """Latents and text embeddings, once; the encoders leave the device afterwards."""
+def cache_dataset(
+    ctx: RunContext, family: Family, dataset: StagedDataset, prompts: list[str], held: StagedDataset | None
+) -> tuple[LatentCache, LatentCache | None]:
+    """Latents and text embeddings, once (and of the held-out images, apart); the encoders leave the
+    device afterwards."""
     spec, device, cuda = ctx.spec, ctx.device, ctx.cuda
     with ctx.phase("cache"):
         on_item = (lambda i, n: progress.emit(progress.format_progress("cache", i, n))) if ctx.main else None
-        cache = build_cache(
-            family, dataset, spec.resolutions, prompts, device, spec.dataset.max_image_pixels, on_item
-        )
+        args = (spec.resolutions, prompts, device, spec.dataset.max_image_pixels)
+        cache = build_cache(family, dataset, *args, on_item)
+        holdout = build_cache(family, held, *args) if held is not None else None
         family.release_text_encoders()  # not needed again: every prompt is cached
         family.pipe.vae.to("cpu")  # back only for validation renders
         gc.collect()
@@ -319,8 +358,10 @@ def cache_dataset(ctx: RunContext, family: Family, dataset: StagedDataset, promp
         for line in dataset_report_lines(dataset, buckets):
             log(line)
         report = {**dataset.report(), "buckets": buckets}
+        if held is not None:
+            report["held_out"] = [r.name for r in held.images]
         (ctx.out_dir / "dataset_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return cache
+    return cache, holdout
 
 
 def build_trainer(ctx: RunContext, family: Family, cache: LatentCache, hooks: list) -> Trainer:
@@ -392,26 +433,37 @@ class RenderSamples(Periodic):
         self.paths: list[Path] = []
 
     def __call__(self, trainer: Trainer, step: int) -> None:
-        with trainer.ctx.phase("validate"):
+        with trainer.ctx.phase("validate"), isolated_rng(trainer.ctx):
+            self.paths = [p for p in self.paths if not p.name.startswith(f"step-{step:06d}-")]
             self.paths += render_samples(trainer, step)
 
 
 class SaveCheckpoint(Periodic):
-    """Step hook: a resumable checkpoint every ``checkpoint_interval`` steps."""
+    """Step hook: a resumable checkpoint every ``checkpoint_interval`` steps, carrying the kept steps."""
+
+    def __init__(self, interval: int, last: int, keeper: KeepSteps):
+        super().__init__(interval, last)
+        self.keeper = keeper
 
     def __call__(self, trainer: Trainer, step: int) -> None:
-        ctx, spec = trainer.ctx, trainer.spec
-        if ctx.main:  # DDP keeps every process's state identical: one copy is enough
-            folder = save_checkpoint(
-                ctx.out_dir / "checkpoints" / f"step-{step:06d}",
-                spec,
-                trainable_state(spec, trainer.unwrapped),
-                trainer.optimizer,
-                trainer.lr_scheduler,
-                trainer.state.state_dict(),
-            )
-            log(f"checkpoint: step {step} saved to {folder}")
-        ctx.accelerator.wait_for_everyone()
+        save_resumable(trainer, trainer.ctx.out_dir / "checkpoints" / f"step-{step:06d}", self.keeper)
+
+
+def save_resumable(trainer: Trainer, folder: Path, keeper: KeepSteps | None) -> None:
+    """A checkpoint of the current step into ``folder`` (main process; the others wait)."""
+    ctx, spec = trainer.ctx, trainer.spec
+    if ctx.main:  # DDP keeps every process's state identical: one copy is enough
+        save_checkpoint(
+            folder,
+            spec,
+            trainable_state(spec, trainer.unwrapped),
+            trainer.optimizer,
+            trainer.lr_scheduler,
+            trainer.state.state_dict(),
+            keeper.write_carry if keeper is not None else None,
+        )
+        log(f"checkpoint: step {trainer.state.step} saved to {folder}")
+    ctx.accelerator.wait_for_everyone()
 
 
 def render_samples(trainer: Trainer, step: int) -> list[Path]:
@@ -456,13 +508,19 @@ def finish(
     checksum: str,
     ckpt: Checkpoint | None,
     keep_work: bool,
+    keeper: KeepSteps,
 ) -> TrainResult:
-    """Export the weights, the reports and config.json (main process only)."""
+    """Choose the step, export its weights, the reports and config.json (main process only)."""
     spec, out_dir, history = ctx.spec, ctx.out_dir, trainer.state.history
     progress.emit(progress.format_progress("export", 0, 1))
     with ctx.phase("export"):
-        weights = _export(spec, trainer.family, trainer.unwrapped, out_dir)
-        _write_reports(spec, dataset, history, samples, prompts, out_dir)
+        choice = keeper.choose()
+        log(f"selection: step {choice.step} delivered: {choice.reason}")
+        if spec.mode == "full":
+            weights = export_weights(spec, trainer.family, trainer.unwrapped, out_dir)
+        else:
+            weights = keeper.deliver(choice)
+        _write_reports(spec, dataset, history, prompts, out_dir, keeper, choice)
     if not keep_work:
         shutil.rmtree(ctx.work, ignore_errors=True)
     timings = ctx.timings
@@ -483,6 +541,10 @@ def finish(
             "memory_plan": _plan_facts(ctx, trainer.plan),
             "weights_sha256_16": checksum,
             "files": [str(p.relative_to(out_dir)) for p in weights],
+            "chosen_step": choice.step,
+            "selection": choice.to_json(),
+            "kept_steps": sorted(r.step for r in keeper.records if r.lora),
+            "resumable": RESUME_DIR if spec.resumable else None,
         },
     )
     progress.emit(progress.format_progress("done", spec.steps, spec.steps))
@@ -495,6 +557,8 @@ def finish(
         list(history),
         timings,
         checksum,
+        choice.step,
+        out_dir / SCORES_FILE,
     )
 
 
@@ -510,34 +574,27 @@ def _plan_facts(ctx: RunContext, plan: MemoryPlan) -> dict[str, Any]:
     }
 
 
-def _export(spec: TrainingSpec, family: Family, model: torch.nn.Module, out_dir: Path) -> list[Path]:
-    if spec.mode == "full":
-        return [export_full_model(family, model, out_dir / "model")]
-    meta = _collate_lora_metadata({family.denoiser_name: model})[
-        f"{family.denoiser_name}_lora_adapter_metadata"
-    ]
-    alpha = spec.lora.alpha
-    assert alpha is not None, "the spec resolves lora.alpha's default"
-    files = export_lora(family, trainable_state(spec, model), meta, out_dir, alpha, spec.lora.rank)
-    return [files["diffusers"], *([files["kohya"]] if "kohya" in files else [])]
-
-
 def _write_reports(
     spec: TrainingSpec,
     dataset: StagedDataset,
     history: list[tuple[int, float]],
-    samples: list[Path],
     prompts: list[str],
     out_dir: Path,
+    keeper: KeepSteps,
+    choice: Choice,
 ) -> None:
     write_loss_plot(history, out_dir / "loss.png")
+    (out_dir / SCORES_FILE).write_text(json.dumps(keeper.scores_json(choice), indent=1) + "\n")
+    records = sorted(keeper.records, key=lambda r: r.step)
+    write_score_plot(records, choice.step, out_dir / SCORE_PLOT)
+    if any(r.renders for r in records):
+        write_contact_sheet(records, prompts, choice.step, out_dir, out_dir / CONTACT_SHEET)
     ema = None
     for _, v in history:
         ema = v if ema is None else 0.9 * ema + 0.1 * v
-    final = [
-        (p, str(s.relative_to(out_dir))) for p, s in zip(prompts, samples[-len(prompts) :], strict=False)
-    ]
-    write_model_card(out_dir / "README.md", spec, final, ema, len(dataset.images))
+    chosen = next(r for r in records if r.step == choice.step)
+    shown = list(zip(prompts, chosen.renders, strict=False))
+    write_model_card(out_dir / "README.md", spec, shown, ema, len(dataset.images), choice)
 
 
 def describe(result: TrainResult) -> dict[str, Any]:
@@ -547,4 +604,5 @@ def describe(result: TrainResult) -> dict[str, Any]:
         "samples": [str(p) for p in result.samples],
         "loss_plot": str(result.loss_plot),
         "config": str(result.config),
+        "chosen_step": result.chosen_step,
     }

@@ -96,6 +96,26 @@ class ValidationSpec(_Section):
         default=None, ge=64, le=4096, description="square render size; default: the first training resolution"
     )
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="default: the training seed")
+    holdout: int | float = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="images kept out of training for the held-out loss: a count (1, 2, ...) or a "
+        "fraction of the dataset (below 1); 0 = none",
+    )
+    scorer: str | None = Field(
+        default=None,
+        min_length=1,
+        description="a CLIP model (folder, name under weights/, or Hub id) that scores each validation "
+        "step's renders: likeness to the training images and agreement with each prompt",
+    )
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout(cls, v: int | float) -> int | float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"a count of images (1, 2, ...) or a fraction below 1, got {v}")
+        return v
 
     @field_validator("prompts")
     @classmethod
@@ -255,6 +275,16 @@ class TrainingSpec(_Section):
     validation: ValidationSpec = ValidationSpec()
     checkpoint_interval: int = Field(
         default=0, ge=0, description="steps between resumable checkpoints; 0 = none"
+    )
+    resumable: bool = Field(
+        default=False,
+        description="keep a resumable checkpoint of the last step in the output (resume/), so the job "
+        "can be continued with more steps",
+    )
+    selection: Literal["balanced", "val_loss", "fidelity", "last"] = Field(
+        default="balanced",
+        description="how the delivered step is chosen among the validation steps (docs/selection.md); "
+        "balanced: every available score, a step only when it beats the last one beyond noise",
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto", description="auto: bf16 on a GPU, fp32 on a CPU"

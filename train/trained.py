@@ -36,6 +36,7 @@ from .weights import WeightsError, download_url
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train/export.py writes (diffusers/peft naming)
 KOHYA_FILE = "lora_kohya.safetensors"
+STEPS_DIR = "steps"  # steps/step-N/: the LoRA of each validation step (train/steps.py)
 _HF_REPO = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+\.safetensors))?$")
 _HF_URL = re.compile(
     r"^https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)"
@@ -58,6 +59,8 @@ class Trained:
     model_dir: Path | None  # a full fine-tune's pipeline folder (replaces the base)
     trigger_word: str = ""
     config: dict | None = None  # our config.json, when the source is our output
+    kept_steps: tuple[int, ...] = ()  # the validation steps kept under steps/step-N/ (our output)
+    chosen_step: int | None = None  # the step whose files are the top-level ones
 
     @property
     def family(self) -> str | None:
@@ -65,7 +68,22 @@ class Trained:
 
     def describe(self) -> str:
         what = "full fine-tune" if self.model_dir else "LoRA"
-        return f"{what} for {self.model or 'an unknown family'} from {shown(self.source)}"
+        steps = f" (step {self.chosen_step}; kept steps {_steps(self.kept_steps)})" if self.kept_steps else ""
+        return f"{what} for {self.model or 'an unknown family'} from {shown(self.source)}{steps}"
+
+    def lora_for_step(self, step: int | None) -> Path | None:
+        """The LoRA file of a kept ``step`` (None or the chosen step: the top-level file)."""
+        if step is None or step == self.chosen_step:
+            return self.lora_file
+        if step not in self.kept_steps or self.lora_file is None:
+            kept = f"its kept steps are {_steps(self.kept_steps)}" if self.kept_steps else "it keeps no steps"
+            raise TrainedWeightsError(f"step: {shown(self.source)} has no step {step}; {kept}")
+        folder = self.lora_file.parent / STEPS_DIR / f"step-{step}"
+        return folder / LORA_FILE if (folder / LORA_FILE).is_file() else folder / KOHYA_FILE
+
+
+def _steps(steps: tuple[int, ...]) -> str:
+    return ", ".join(map(str, steps)) or "none"
 
 
 def shown(source: str) -> str:
@@ -229,7 +247,18 @@ def _read_our_output(config: dict, root: Path, source: str, field: str) -> Train
         model_dir=model_dir,
         trigger_word=spec.get("trigger_word") or "",
         config=config,
+        kept_steps=_kept_steps(root) if lora_file else (),
+        chosen_step=config.get("chosen_step") if isinstance(config.get("chosen_step"), int) else None,
     )
+
+
+def _kept_steps(root: Path) -> tuple[int, ...]:
+    found = []
+    for folder in (root / STEPS_DIR).glob("step-*"):
+        tail = folder.name.removeprefix("step-")
+        if tail.isdigit() and any((folder / name).is_file() for name in (LORA_FILE, KOHYA_FILE)):
+            found.append(int(tail))
+    return tuple(sorted(found))
 
 
 def _read_folder(folder: Path, source: str, field: str, default_model: str) -> Trained:

@@ -1,4 +1,5 @@
-"""Jobs: submit, list, follow, cancel, try the trained weights, and the delivered files."""
+"""Jobs: submit, list, follow, cancel, resume or continue, try the trained weights, and the
+delivered files (with the step selection: contact sheet, scores, kept steps)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from fastapi.responses import FileResponse
 from train.spec import parse_spec
 
 from ..config import outputs_dir
+from ..delivery import step_choice
 from ..errors import ClientError, UserError
 from ..jobs import submit
 from ..providers import Provider
 from ..records import TERMINAL
+from ..resume import continue_job, resume_job
 from ..run import resolve_target, run
-from .models import RunRequest, SubmitRequest
+from .models import CarryOnRequest, RunRequest, SubmitRequest
 from .state import State, StateDep, job_or_404, public_record
 
 router = APIRouter(prefix="/api/cloud/jobs", tags=["jobs"])
@@ -44,6 +47,7 @@ def submit_job(state: StateDep, body: SubmitRequest) -> dict:
         webhook=webhook,
         fit=body.fit,
         scale_steps=body.scale_steps_to_gpus,
+        extra_inputs={"return_checkpoint": True} if body.keep_checkpoint else None,
         log=lambda m: None,
     )
     return {
@@ -51,6 +55,47 @@ def submit_job(state: StateDep, body: SubmitRequest) -> dict:
         "estimate_usd": round(sub.estimate.usd, 4),
         "warnings": sub.warnings,
     }
+
+
+def _carry_webhook(state: State, provider: Provider) -> str | None:
+    if provider.name == "cog":
+        return f"{state.local_url}/api/webhooks/cog/{state.cog_hook_key}"
+    return state.settings().webhook_url()
+
+
+@router.post("/{job_id}/resume", status_code=201)
+def resume(state: StateDep, job_id: str, body: CarryOnRequest) -> dict:
+    """A training that carries a failed or canceled job on from its last delivered checkpoint."""
+    rec = job_or_404(state, job_id)
+    provider = state.provider_for(rec)
+    dataset = Path(body.dataset) if body.dataset else None
+    webhook = _carry_webhook(state, provider)
+    sub = resume_job(
+        state.store, provider, state.settings(), rec, dataset=dataset, webhook=webhook, log=lambda m: None
+    )
+    return {"job": public_record(sub.record), "estimate_usd": round(sub.estimate.usd, 4)}
+
+
+@router.post("/{job_id}/continue", status_code=201)
+def continue_(state: StateDep, job_id: str, body: CarryOnRequest) -> dict:
+    """A training that trains a succeeded resumable job ``steps`` steps further."""
+    rec = job_or_404(state, job_id)
+    if body.steps is None:
+        raise UserError("steps: how many steps to train beyond the job's is required")
+    provider = state.provider_for(rec)
+    dataset = Path(body.dataset) if body.dataset else None
+    webhook = _carry_webhook(state, provider)
+    sub = continue_job(
+        state.store,
+        provider,
+        state.settings(),
+        rec,
+        body.steps,
+        dataset=dataset,
+        webhook=webhook,
+        log=lambda m: None,
+    )
+    return {"job": public_record(sub.record), "estimate_usd": round(sub.estimate.usd, 4)}
 
 
 @router.get("")
@@ -116,8 +161,10 @@ def job_files(state: StateDep, job_id: str) -> dict:
     if folder is None or not folder.is_dir():
         return {"files": [], "delivered": False}
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    found = {p.relative_to(folder).as_posix() for p in files}
     return {
         "delivered": True,
+        "selection": _selection(job_id, folder, found),
         "files": [
             {
                 "path": p.relative_to(folder).as_posix(),
@@ -126,6 +173,21 @@ def job_files(state: StateDep, job_id: str) -> dict:
             }
             for p in files
         ],
+    }
+
+
+def _selection(job_id: str, folder: Path, found: set[str]) -> dict:
+    """The step choice with links: the contact sheet, and each kept step's LoRA."""
+    choice = step_choice(folder, found)
+
+    def url(path: str | None) -> str | None:
+        return f"/api/cloud/jobs/{job_id}/files/{Path(path).relative_to(folder).as_posix()}" if path else None
+
+    return {
+        **choice,
+        "contact_sheet": url(choice["contact_sheet"]),
+        "scores": url(choice["scores"]),
+        "kept_steps": {step: url(path) for step, path in choice["kept_steps"].items()},
     }
 
 

@@ -89,6 +89,20 @@ class SubmitRequest(_Body):
         None, description="owner/name of the model the training writes a version of"
     )
     fit: bool = Field(False, description="downsize images when the dataset is over the upload limit")
+    keep_checkpoint: bool = Field(
+        False,
+        description="return_checkpoint: a failed or canceled job's last checkpoint goes to the spec's "
+        "publish target, so the job can be resumed",
+    )
+
+
+class CarryOnRequest(_Body):
+    """Resume (failed / canceled) or continue (succeeded, resumable) a training."""
+
+    steps: int | None = Field(None, ge=1, description="continue: optimizer steps beyond the job's")
+    dataset: str | None = Field(
+        None, description="upload this dataset again (default: reuse the job's upload)"
+    )
 
 
 class RunRequest(_Body):
@@ -107,6 +121,7 @@ class RunRequest(_Body):
     seed: int | None = None
     lora_scale: float | None = None
     output_format: str | None = None
+    step: int | None = Field(None, description="a kept validation step (default: the chosen one)")
 
     @field_validator("prompt")
     @classmethod

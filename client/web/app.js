@@ -903,6 +903,12 @@
     byId("job-details").replaceChildren();
     byId("job-error").hidden = true;
     byId("job-cancel").hidden = true; // shown once the job is known to be unfinished
+    byId("job-resume").hidden = true; // failed or canceled jobs
+    byId("job-continue").hidden = true; // succeeded resumable jobs
+    byId("job-selection").hidden = true;
+    byId("job-sheet").replaceChildren();
+    byId("try-step-field").hidden = true;
+    byId("try-step").replaceChildren();
     byId("job-outputs").hidden = true;
     byId("job-loss").replaceChildren();
     byId("job-samples").replaceChildren();
@@ -960,6 +966,8 @@
     const cancel = byId("job-cancel");
     cancel.disabled = finished;
     cancel.hidden = finished;
+    byId("job-resume").hidden = !(j.status === "failed" || j.status === "canceled");
+    byId("job-continue").hidden = !(j.status === "succeeded" && j.spec && j.spec.resumable);
 
     // the log: every ~3 s while the job runs, once more when it ends
     const now = Date.now();
@@ -992,6 +1000,7 @@
     detailRow(dl, "ETA", etaText(j));
     detailRow(dl, TERMINAL.has(j.status) && j.cost_usd != null ? "Cost" : "Cost (estimate)", costCell(j));
     detailRow(dl, "Hardware", j.hardware || "—");
+    if (j.parent_id) detailRow(dl, j.relation === "continue" ? "Continues" : "Resumes", j.parent_id);
     detailRow(dl, "Created", fmtTime(j.created_at));
     if (j.completed_at) detailRow(dl, "Finished", fmtTime(j.completed_at));
     const err = byId("job-error");
@@ -1027,6 +1036,7 @@
       }
       state.filesShown = id;
       renderFiles(files);
+      renderSelection(r.selection);
       say("job-outputs-msg", "");
     } catch (e) {
       say("job-outputs-msg", e.message, "error");
@@ -1061,7 +1071,8 @@
         el("figcaption", { text: caption })));
     }
     if (!samples.length) gallery.append(el("p", { class: "help", text: "No validation images in the outputs." }));
-    const rest = files.filter((f) => f !== lossFile && !samples.includes(f) && !f.path.startsWith("tries/"));
+    // tries/ are renders of "try it"; steps/ are listed by step under "Which step"
+    const rest = files.filter((f) => f !== lossFile && !samples.includes(f) && !/^(tries|steps)\//.test(f.path));
     for (const f of rest) {
       const base = f.path.split("/").pop();
       list.append(el("li", {},
@@ -1070,6 +1081,70 @@
     }
     byId("job-outputs").hidden = false;
   }
+
+  function renderSelection(sel) {
+    const box = byId("job-selection");
+    const sheet = byId("job-sheet");
+    const pick = byId("try-step");
+    sheet.replaceChildren();
+    pick.replaceChildren();
+    const steps = Object.keys((sel && sel.kept_steps) || {});
+    box.hidden = !(sel && (sel.contact_sheet || sel.chosen_step != null));
+    if (box.hidden) return;
+    setText(byId("job-choice"), sel.chosen_step != null
+      ? `These weights are step ${sel.chosen_step}: ${sel.selection_reason || ""}`
+      : "No step was chosen.");
+    if (sel.contact_sheet) {
+      sheet.append(el("figure", {},
+        el("a", { href: sel.contact_sheet, target: "_blank", rel: "noopener" },
+          el("img", { src: sel.contact_sheet, id: "job-sheet-img", class: "sheet-img",
+            alt: `Contact sheet: each validation prompt at each kept step; step ${sel.chosen_step} is framed` })),
+        el("figcaption", { text: "Prompts × steps; the chosen step is framed, its scores under each column" })));
+    }
+    if (steps.length) {
+      const list = el("ul", { class: "files", id: "job-steps" });
+      for (const step of steps) {
+        const mark = String(sel.chosen_step) === step ? " (chosen: the top-level files)" : "";
+        list.append(el("li", {}, el("a", { href: sel.kept_steps[step], download: `step-${step}.safetensors`,
+          text: `Step ${step}: pytorch_lora_weights.safetensors` }), el("span", { class: "help", text: mark })));
+      }
+      sheet.append(list);
+    }
+    byId("try-step-field").hidden = steps.length < 2;
+    for (const step of steps) {
+      const chosen = String(sel.chosen_step) === step;
+      pick.append(el("option", { value: chosen ? "" : step, text: chosen ? `${step} (chosen)` : step }));
+      if (chosen) pick.lastChild.selected = true;
+    }
+  }
+
+  async function carryOn(action, body, btn) {
+    const id = state.openJob;
+    if (!id) return;
+    btn.disabled = true;
+    say("job-msg", action === "resume" ? "Submitting the resumed job…" : "Submitting the continued job…", "info");
+    try {
+      const r = await api("POST", `/api/cloud/jobs/${encodeURIComponent(id)}/${action}`, body);
+      state.jobs.set(r.job.id, r.job);
+      renderJobs([...state.jobs.values()]);
+      openJob(r.job.id, false); // the new job's view, which says where it came from
+      say("job-msg", `Submitted ${r.job.id}, which ${action}s ${id} (estimate ${fmtUSD(r.estimate_usd)}).`, "ok");
+    } catch (e) {
+      say("job-msg", `Could not ${action}: ${e.message}`, "error");
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  byId("job-resume").addEventListener("click", () => carryOn("resume", {}, byId("job-resume")));
+
+  byId("job-continue").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const steps = Number(byId("continue-steps").value);
+    const bad = !(Number.isInteger(steps) && steps >= 1);
+    setFieldError("continue-steps", "continue-steps", bad ? "A whole number of steps, 1 or more." : "");
+    if (!bad) carryOn("continue", { steps }, byId("continue-btn"));
+  });
 
   /* ------------------------------------------------------------------ try it -- */
 
@@ -1094,6 +1169,8 @@
     if (!prompt || badSeed) return;
     const body = { prompt, num_outputs: Number(byId("try-count").value) };
     if (seed !== null) body.seed = seed;
+    const step = byId("try-step").value;
+    if (!byId("try-step-field").hidden && step !== "") body.step = Number(step);
     const btn = byId("try-btn");
     btn.disabled = true;
     say("try-msg", "Rendering… (a model that has not run for a while takes a minute to start)", "info");

@@ -177,6 +177,15 @@ class Family(ABC):
             generator=torch.Generator(device="cpu").manual_seed(seed),
         ).images[0]
 
+    @classmethod
+    def guidance_kwargs(cls, guidance: float, negative_prompt: str) -> dict[str, Any]:
+        """The pipeline arguments of a run-entry render for a guidance scale and a negative prompt
+        (the run entry passes a negative prompt only to models whose registry entry uses one)."""
+        return {
+            "guidance_scale": guidance,
+            **({"negative_prompt": negative_prompt} if negative_prompt else {}),
+        }
+
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
         """The pipeline's prompt-embedding arguments for one cached prompt (batch of one)."""
         dtype = self.denoiser_dtype

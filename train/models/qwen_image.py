@@ -189,9 +189,8 @@ class QwenImageFamily(Family):
 
     @classmethod
     def guidance_kwargs(cls, guidance: float, negative_prompt: str) -> dict[str, Any]:
-        """The pipeline arguments for a guidance scale and a negative prompt from a text prompt
-        (a hook for the run entry, which passes ``guidance_scale``, ignored by this pipeline):
-        CFG is ``true_cfg_scale`` and runs only with a negative prompt, the card's " " if none."""
+        """This pipeline ignores ``guidance_scale``: its CFG is ``true_cfg_scale`` and runs only with
+        a negative prompt, the model card's " " if none is given."""
         return {"true_cfg_scale": guidance, "negative_prompt": negative_prompt or NEGATIVE_PROMPT}
 
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

@@ -180,6 +180,10 @@ def _estimate_lines(row: dict) -> str:
             f"{'':<18} same images in fewer steps ({alt['flag']}): {alt['steps']} steps, "
             f"~{alt['seconds'] / 60:.0f} min ≈ ${alt['usd']:.2f}"
         )
+    sizes = f"output ~{row['weights_mb'] + row['kept_steps_mb']:.0f} MiB"
+    if row.get("resumable_checkpoint_mb") is not None:
+        sizes += f" + a resumable checkpoint of ~{row['resumable_checkpoint_mb']:.0f} MiB"
+    lines.append(f"{'':<18} {sizes}")
     lines += [f"{'':<18} note: {n}" for n in row["notes"]]
     return "\n".join(lines)
 

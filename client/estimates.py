@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from train.families import model_info
+from train.memory import LORA_PARAM_SHARE
 from train.spec import TrainingSpec
 
 from . import pricing
@@ -39,6 +41,33 @@ def checked_hardware(hardware: str, from_settings: bool = False) -> str:
         raise UserError(f"{exc}{where if from_settings else ''}") from None
 
 
+MB = 2**20
+
+
+def output_sizes(spec: TrainingSpec) -> dict[str, float | None]:
+    """Rough sizes of what the job delivers (MiB): the trained weights, every kept validation step's
+    LoRA (``steps/step-N/``), and the final resumable checkpoint when ``resumable`` (the trainable
+    weights in fp32 and their two AdamW moments: about 3x a LoRA file). A LoRA's parameters are
+    estimated as a share of the denoiser's, scaled by rank (the memory table's share)."""
+    info = model_info(spec.model)
+    if spec.mode == "full":
+        params = info.denoiser_params_b * 1e9
+        weights = params * 2  # the fine-tuned denoiser in bf16
+        kept = 0.0
+    else:
+        params = info.denoiser_params_b * 1e9 * LORA_PARAM_SHARE * spec.lora.rank / 16
+        weights = params * 4 * (2 if info.comfy_naming else 1)  # fp32, diffusers (+ kohya) files
+        interval = spec.validation.interval
+        kept_steps = set(range(interval, spec.steps + 1, interval)) if interval else set()
+        kept = weights * len(kept_steps | {spec.steps})  # each validation step's, and the last's
+    checkpoint = params * 12 if spec.resumable else None  # fp32 weights + AdamW's two moments
+    return {
+        "weights_mb": round(weights / MB, 1),
+        "kept_steps_mb": round(kept / MB, 1),
+        "resumable_checkpoint_mb": None if checkpoint is None else round(checkpoint / MB, 1),
+    }
+
+
 def hardware_estimate(
     spec: TrainingSpec,
     hardware: str,
@@ -66,6 +95,7 @@ def estimate_row(
     row = est.to_dict()
     row.update(
         description=est.describe(),
+        **output_sizes(spec),
         trainer_model=profile_for(settings, sku).model,
         steps_scaled_to_gpus=scale_steps and gpus > 1,
         same_images_fewer_steps=None,

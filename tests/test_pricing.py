@@ -241,3 +241,18 @@ def test_an_estimate_says_when_the_card_needs_fp8_or_is_too_small(monkeypatch):
     ).notes
     monkeypatch.setitem(families.MODELS, "flux-dev", replace(big, denoiser_params_b=60.0))
     assert "does not fit" in " ".join(pricing.estimate(spec, "gpu-l40s").notes)
+
+
+def test_the_estimate_sizes_the_output_and_the_resumable_checkpoint():
+    from client.estimates import output_sizes
+
+    plain = output_sizes(parse_spec({"model": "flux-dev"}))
+    assert plain["resumable_checkpoint_mb"] is None
+    # rank 16 on Flux.1-dev: ~65 M parameters -> ~250 MiB per fp32 file, two files (diffusers + kohya)
+    assert 400 < plain["weights_mb"] < 600, plain
+    kept = output_sizes(parse_spec({"model": "flux-dev", "validation": {"interval": 250}, "steps": 1000}))
+    assert kept["kept_steps_mb"] == pytest.approx(4 * plain["weights_mb"], rel=1e-3)  # steps 250, 500, 750, 1000
+    resumable = output_sizes(parse_spec({"model": "flux-dev", "resumable": True}))
+    assert resumable["resumable_checkpoint_mb"] == pytest.approx(
+        1.5 * plain["weights_mb"], rel=0.01
+    )  # 3x one file

@@ -251,7 +251,9 @@ def test_the_estimate_sizes_the_output_and_the_resumable_checkpoint():
     # rank 16 on Flux.1-dev: ~65 M parameters -> ~250 MiB per fp32 file, two files (diffusers + kohya)
     assert 400 < plain["weights_mb"] < 600, plain
     kept = output_sizes(parse_spec({"model": "flux-dev", "validation": {"interval": 250}, "steps": 1000}))
-    assert kept["kept_steps_mb"] == pytest.approx(4 * plain["weights_mb"], rel=1e-3)  # steps 250, 500, 750, 1000
+    assert kept["kept_steps_mb"] == pytest.approx(
+        4 * plain["weights_mb"], rel=1e-3
+    )  # steps 250, 500, 750, 1000
     resumable = output_sizes(parse_spec({"model": "flux-dev", "resumable": True}))
     assert resumable["resumable_checkpoint_mb"] == pytest.approx(
         1.5 * plain["weights_mb"], rel=0.01

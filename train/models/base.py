@@ -195,9 +195,19 @@ class Family(ABC):
         """The pipeline parts a validation render needs, the text encoders aside."""
         return {"scheduler": self.pipe.scheduler, "vae": self.pipe.vae, self.denoiser_name: self.denoiser}
 
-    @abstractmethod
     def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        """Write the diffusers/peft-format LoRA; returns the file."""
+        """Write the diffusers/peft-format LoRA with the pipeline's own ``save_lora_weights`` (what
+        its ``load_lora_weights`` reads back); returns the file."""
+        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
+        self.pipeline_cls.save_lora_weights(
+            out_dir,
+            safe_serialization=True,
+            **{
+                f"{self.denoiser_name}_lora_layers": layers,
+                f"{self.denoiser_name}_lora_adapter_metadata": metadata,
+            },
+        )
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(
         self, state_dict: dict[str, torch.Tensor], alpha: float

@@ -160,16 +160,6 @@ class ChromaFamily(Family):
         inputs["negative_prompt_attention_mask"] = neg["prompt_attention_mask"]
         return inputs
 
-    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        ChromaPipeline.save_lora_weights(
-            out_dir,
-            transformer_lora_layers=layers,
-            safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        )
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
-
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         # Chroma keeps Flux's block layout and names (BFL double_blocks / single_blocks with fused
         # qkv and linear1), which sd-scripts and ComfyUI use for Chroma LoRAs too; diffusers reads

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,15 +105,6 @@ class FluxFamily(Family):
         return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
 
     # -- validation and export -----------------------------------------------------------------
-    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        FluxPipeline.save_lora_weights(
-            out_dir,
-            transformer_lora_layers=layers,
-            safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        )
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         return flux_to_kohya(state_dict, alpha, self.denoiser)

@@ -156,15 +156,6 @@ class Flux2Family(Family):
         return self._denoiser_config
 
     # -- validation and export -----------------------------------------------------------------
-    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        self.pipeline_cls.save_lora_weights(
-            out_dir,
-            transformer_lora_layers=layers,
-            safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        )
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         return flux2_to_kohya(state_dict, alpha)

@@ -193,16 +193,6 @@ class QwenImageFamily(Family):
         a negative prompt, the model card's " " if none is given."""
         return {"true_cfg_scale": guidance, "negative_prompt": negative_prompt or NEGATIVE_PROMPT}
 
-    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        QwenImagePipeline.save_lora_weights(
-            out_dir,
-            transformer_lora_layers=layers,
-            safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        )
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
-
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         # musubi-tuner's networks.lora_qwen_image names: ``lora_unet_`` + the diffusers module path
         # with ``_`` for ``.`` (ComfyUI loads these; diffusers reads them back with

@@ -142,15 +142,5 @@ class Sd3Family(Family):
         inputs["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"]
         return inputs
 
-    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        StableDiffusion3Pipeline.save_lora_weights(
-            out_dir,
-            transformer_lora_layers=layers,
-            safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        )
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
-
 
 FAMILY = Sd3Family

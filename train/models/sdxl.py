@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -84,13 +83,6 @@ class SdxlFamily(Family):
     # -- validation and export -----------------------------------------------------------------
     def render_components(self) -> dict[str, Any]:
         return {**super().render_components(), "add_watermarker": False}
-
-    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        StableDiffusionXLPipeline.save_lora_weights(
-            out_dir, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
-        )
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         return sdxl_to_kohya(state_dict, alpha)

@@ -108,16 +108,6 @@ class ZImageFamily(Family):
             out["negative_prompt_embeds"] = [e.to(device, dtype) for e in self.caption_list(negative)]
         return out
 
-    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        layers: dict[str, torch.nn.Module | torch.Tensor] = dict(state_dict)  # the type diffusers declares
-        ZImagePipeline.save_lora_weights(
-            out_dir,
-            transformer_lora_layers=layers,
-            safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        )
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
-
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         # musubi-tuner's Z-Image LoRA names: ``lora_unet_`` + the diffusers module path with ``_``
         # for ``.`` (``lora_unet_layers_0_attention_to_q``); diffusers reads them back with

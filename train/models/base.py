@@ -137,9 +137,12 @@ class Family(ABC):
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
         """One dict of text tensors per prompt (batch dim removed), on the CPU."""
 
-    @abstractmethod
+    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE posterior (mean, std) of ``pixels`` (B, 3, H, W) in [-1, 1]."""
+        """VAE posterior (mean, std) of ``pixels`` (B, 3, H, W) in [-1, 1], in fp32."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
 
     # -- training --------------------------------------------------------------------------------
     @abstractmethod

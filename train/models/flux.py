@@ -36,12 +36,6 @@ class FluxFamily(Family):
             for e, p in zip(embeds, pooled, strict=True)
         ]
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
     # -- training --------------------------------------------------------------------------------
     def sample_sigmas(self, rng: BatchRandom, image_seq_len: int) -> torch.Tensor:
         """Noise levels in (0, 1) as the spec's timestep sampling says."""

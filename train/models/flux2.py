@@ -66,12 +66,6 @@ class Flux2Family(Family):
         )
         return [{"prompt_embeds": e.cpu()} for e in embeds]
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
     # -- training --------------------------------------------------------------------------------
     def _bn_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's batch-norm mean and std per patchified channel, kept on the training device

@@ -41,12 +41,6 @@ class SdxlFamily(Family):
             for e, p in zip(embeds, pooled, strict=True)
         ]
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
     # -- training --------------------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         sched = self.noise_scheduler

@@ -63,12 +63,6 @@ class ZImageFamily(Family):
             self.negative = out.pop()
         return out
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
     # -- training --------------------------------------------------------------------------------
     @staticmethod
     def caption_list(text: dict[str, torch.Tensor]) -> list[torch.Tensor]:

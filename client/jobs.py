@@ -75,6 +75,7 @@ def prepare_archive(
                 min_side=max(spec.resolutions),
                 max_files=spec.dataset.max_files,
                 max_image_pixels=spec.dataset.max_image_pixels,
+                model=spec.model,  # pairs for an edit model, none for the others: refused before uploading
             )
         except PackError as exc:
             raise UserError(str(exc)) from None

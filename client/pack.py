@@ -9,7 +9,14 @@ holding what the container's staging (``train/data.py``) uses and nothing else:
   at level 9;
 - junk (``__MACOSX/``, ``._*``, ``.DS_Store``, ``Thumbs.db``, hidden files), unrelated files,
   symbolic links (never followed), unreadable and too-small images are left out, each
-  listed in the result with the reason.
+  listed in the result with the reason;
+- before/after pairs for edit models (``NAME_control.ext``, ``control/NAME.ext``,
+  ``NAME_control_1.ext``..., metadata.jsonl ``control_file_name``; docs/edit.md) are packed
+  whole: when a target is left out its controls are too (and the reverse), each named; in a
+  paired set a target without a control is left out, as the trainer would skip it; controls
+  without a target are packed (validation renders on them) and named. Given the ``model``, a
+  pair set for a text-to-image model or a set without pairs for an edit model is refused, and a
+  pair with more controls than the model takes is left out.
 
 What the container would refuse is refused here first, naming the file: a caption file or
 caption table over its size cap, more files than the trainer accepts, an image over the pixel
@@ -22,8 +29,9 @@ computed before anything is written (exactly: headers plus stored or deflated da
 set over ``limit_bytes`` (Replicate's upload limit, 100 MiB) is refused with the largest
 files named, or, with ``fit=True``, reduced: images are re-encoded as JPEG (quality 90),
 largest first, downscaled to a shorter side of ``min_side`` (the largest training
-resolution) and never below it or upscaled, until the archive fits. Re-encoded images live
-in a temporary folder; the input folder is never modified.
+resolution) and never below it or upscaled, until the archive fits (control images as
+targets; a caption table's ``file_name`` and ``control_file_name`` follow the new names).
+Re-encoded images live in a temporary folder; the input folder is never modified.
 
 Torch-free and numpy-free: this runs on laptops.
 """
@@ -100,7 +108,7 @@ class PackResult:
     archive: Path
     size_bytes: int
     sha256: str
-    images: int  # images in the archive
+    images: int  # images in the archive that are trained on (a pair's target; not its controls)
     captions: int  # of those, how many have a caption (txt, metadata.jsonl or captions.csv)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     changed: list[PackChange] = field(default_factory=list)
@@ -109,6 +117,9 @@ class PackResult:
     )  # txt / metadata.jsonl / captions.csv / none
     warnings: list[str] = field(default_factory=list)  # packed, but probably not what was meant
     limit_bytes: int = UPLOAD_LIMIT
+    pairs: int = 0  # targets packed with their control images
+    controls: int = 0  # control images in the archive (of pairs, and without a target)
+    loose_controls: int = 0  # of those, how many have no target (validation renders on them)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for ``--json`` output)."""
@@ -133,6 +144,9 @@ class PackResult:
             ],
             "warnings": list(self.warnings),
             "limit_bytes": self.limit_bytes,
+            "pairs": self.pairs,
+            "controls": self.controls,
+            "loose_controls": self.loose_controls,
         }
 
     def summary(self) -> str:
@@ -141,6 +155,17 @@ class PackResult:
             f"({self.captions} with captions) into {self.archive.name}: "
             f"{_human(self.size_bytes)} of the {_human(self.limit_bytes)} limit, sha256 {self.sha256[:16]}"
         ]
+        if self.controls:
+            loose = self.loose_controls
+            lines.append(
+                f"pairs: {self.pairs} (with {self.controls - loose} control images)"
+                + (
+                    f"; {loose} control image{'s' if loose != 1 else ''} without a target, packed for "
+                    f"validation renders, never trained on"
+                    if loose
+                    else ""
+                )
+            )
         sources = ", ".join(f"{k} {v}" for k, v in sorted(self.caption_sources.items()) if v and k != "none")
         if sources:
             lines.append(f"captions from: {sources}")
@@ -287,6 +312,7 @@ class _Table:
     path: Path
     kind: str  # metadata.jsonl | captions.csv
     names: dict[str, str] = field(default_factory=dict)  # image key (relative path) -> caption text
+    controls: dict[str, list[str]] = field(default_factory=dict)  # image key -> its control images
 
     @property
     def base(self) -> PurePosixPath:
@@ -294,8 +320,9 @@ class _Table:
 
 
 def _parse_table(table: _Table, problems: list[str]) -> None:
-    table.names, found = rules.parse_caption_table(table.kind, table.path.read_bytes(), table.base)
-    for lineno, why in found:
+    parsed = rules.parse_table(table.kind, table.path.read_bytes(), table.base)
+    table.names, table.controls = parsed.captions, parsed.controls
+    for lineno, why in parsed.problems:
         where, what = (f"{table.rel}:{lineno}", "row") if lineno else (str(table.rel), "file")
         problems.append(f"{where}: {why}; the trainer ignores this {what}")
 
@@ -309,11 +336,9 @@ def _rewrite_table(table: _Table, renames: dict[str, str], dest: Path) -> bool:
         for i, line in enumerate(lines):
             try:
                 row = json.loads(line)
-                name = row["file_name"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except json.JSONDecodeError:
                 continue
-            if isinstance(name, str) and rules.table_key(table.base, name) in renames:
-                row["file_name"] = _renamed_field(name, table.base, renames)
+            if isinstance(row, dict) and "file_name" in row and _rename_row(row, table.base, renames):
                 lines[i] = json.dumps(row, ensure_ascii=False)
                 changed = True
         out = "\n".join(lines)
@@ -334,6 +359,26 @@ def _rewrite_table(table: _Table, renames: dict[str, str], dest: Path) -> bool:
     if changed:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(out, encoding="utf-8", newline="")
+    return changed
+
+
+def _rename_row(row: dict, base: PurePosixPath, renames: dict[str, str]) -> bool:
+    """A metadata.jsonl row's ``file_name`` and ``control_file_name`` renamed in place; False: unchanged."""
+    changed = False
+
+    def renamed(name: Any) -> Any:
+        nonlocal changed
+        if isinstance(name, str) and rules.table_key(base, name) in renames:
+            changed = True
+            return _renamed_field(name, base, renames)
+        return name
+
+    row["file_name"] = renamed(row["file_name"])
+    controls = row.get("control_file_name")
+    if isinstance(controls, list):
+        row["control_file_name"] = [renamed(c) for c in controls]
+    elif controls is not None:
+        row["control_file_name"] = renamed(controls)
     return changed
 
 
@@ -522,6 +567,7 @@ def pack_dataset(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     max_files: int = DEFAULT_MAX_FILES,
     inspect_only: dict | None = None,
+    model: str | None = None,
 ) -> PackResult:
     """Pack ``folder`` into the zip ``out``; see the module docstring.
 
@@ -529,12 +575,18 @@ def pack_dataset(
     default 1024, the spec's default resolution). ``progress(done, total)``: bytes of file data
     written so far and in all. ``max_image_pixels`` and ``max_files``: the trainer's limits (the
     spec's ``dataset.max_image_pixels`` and ``dataset.max_files``); an image over the pixel cap is
-    refused, or downscaled under ``fit``. Raises ``PackTooLarge`` (before writing anything) or ``PackError``.
+    refused, or downscaled under ``fit``. ``model``: the spec's model id; with it the packer refuses
+    what that model cannot train on (pairs for a text-to-image model, none for an edit model) and
+    leaves out pairs with more control images than it takes. Raises ``PackTooLarge`` (before
+    writing anything) or ``PackError``.
     """
     folder, out = Path(folder), Path(out)
     min_side = _check_arguments(folder, out, min_side)
+    rule = _pair_rule(model)
     scan = _scan(folder)
     _probe_images(scan, max_image_pixels)
+    _parse_tables(scan)
+    _pair_up(scan, rule)
     _leave_out_orphan_captions(scan)
     _refuse_what_the_trainer_refuses(folder, scan, fit, max_image_pixels, max_files)
     caption_sources, problems = _caption_summary(scan)
@@ -547,7 +599,8 @@ def pack_dataset(
             largest = sorted(((e.arcname, e.footprint) for e in layout.entries()), key=lambda t: -t[1])[:5]
             inspect_only.update(
                 bytes=size,
-                images=len(scan.images),
+                images=len(scan.trained()),
+                pairs=scan.pairs,
                 skipped=len(scan.skipped),
                 largest=[{"path": n, "bytes": b} for n, b in largest],
             )
@@ -566,14 +619,30 @@ def pack_dataset(
         archive=out,
         size_bytes=written,
         sha256=digest,
-        images=len(scan.images),
-        captions=len(scan.images) - caption_sources["none"],
+        images=len(scan.trained()),
+        captions=len(scan.trained()) - caption_sources["none"],
         skipped=scan.skipped,
         changed=changed,
         caption_sources=caption_sources,
         warnings=problems,
         limit_bytes=limit_bytes,
+        pairs=scan.pairs,
+        controls=len(scan.controls),
+        loose_controls=len(scan.loose),
     )
+
+
+def _pair_rule(model: str | None) -> rules.PairRule | None:
+    """What ``model`` takes (``train/families.py``, torch-free), or None when the model is not known."""
+    if not model:
+        return None
+    from train.families import model_info
+
+    try:
+        info = model_info(model)
+    except KeyError as exc:
+        raise PackError(str(exc.args[0])) from None
+    return rules.PairRule(model=model, max_controls=info.max_controls, required=info.controls_required)
 
 
 def inspect_folder(folder: Path) -> dict:
@@ -614,6 +683,15 @@ class _Scan:
     tables: list[_Table] = field(default_factory=list)
     images: dict[str, _Image] = field(default_factory=dict)  # the candidates that can be used
     over_cap: list[str] = field(default_factory=list)  # images over the trainer's pixel cap
+    unusable: set[str] = field(default_factory=set)  # images that cannot be read, or are too small
+    problems: list[str] = field(default_factory=list)  # caption table rows the trainer ignores
+    controls: set[str] = field(default_factory=set)  # keys of the images that are control images
+    loose: set[str] = field(default_factory=set)  # of those, the controls without a target
+    pairs: int = 0  # targets packed with their controls
+
+    def trained(self) -> dict[str, _Image]:
+        """The images the trainer trains on: every image but the control images."""
+        return {k: img for k, img in self.images.items() if k not in self.controls}
 
 
 def _scan(folder: Path) -> _Scan:
@@ -648,16 +726,86 @@ def _probe_images(scan: _Scan, max_image_pixels: int) -> None:
             width, height = _probe(path)
         except Image.DecompressionBombError:
             scan.skipped.append((shown, "too large for Pillow to open safely; the trainer refuses it too"))
+            scan.unusable.add(shown)
             continue
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             scan.skipped.append((shown, f"cannot be read as an image ({type(exc).__name__}: {exc})"[:300]))
+            scan.unusable.add(shown)
             continue
         if min(width, height) < MIN_IMAGE_SIDE:
             scan.skipped.append((shown, f"too small ({width}x{height}; at least {MIN_IMAGE_SIDE} px a side)"))
+            scan.unusable.add(shown)
             continue
         scan.images[key] = _Image(rel, path, path.stat().st_size, width, height)
         if width * height > max_image_pixels:
             scan.over_cap.append(key)
+
+
+def _parse_tables(scan: _Scan) -> None:
+    for table in scan.tables:
+        _parse_table(table, scan.problems)
+
+
+def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
+    """Pairs kept whole, as the trainer pairs them (``dataset_rules.find_pairs``): what it would skip
+    of a paired set is left out, named; a pair with a file left out is left out whole."""
+    table_controls: dict[str, list[str]] = {}
+    for t in scan.tables:  # in the trainer's order: a later table wins
+        table_controls.update(t.controls)
+    by_name = {img.rel.as_posix(): key for key, img in scan.images.items()}
+    pairing = rules.find_pairs([*by_name, *scan.unusable], table_controls)
+    problem = rules.check_pairs(rule, pairing) if rule is not None else None
+    if problem:
+        raise PackError(problem)
+    controls = pairing.control_names()
+
+    def leave_out(name: str, why: str) -> None:
+        key = by_name.get(name)
+        if key in scan.images:
+            del scan.images[key]
+            scan.skipped.append((name, why))
+
+    for name, why in pairing.unused:
+        leave_out(name, why)
+    if not pairing.paired:
+        return
+    targets = [n for n in [*by_name, *scan.unusable] if n not in controls]
+    failed = {n: why for n in targets if (why := _pair_problem(n, pairing, rule, scan.unusable))}
+    kept = {c for n in targets if n not in failed for c in pairing.controls.get(n, [])}
+    for name, why in failed.items():
+        leave_out(name, why)
+        for c in pairing.controls.get(name, []):
+            if c not in kept:
+                leave_out(c, f"control image of {name}: its pair was left out ({name} {why})")
+    for name, why in pairing.loose:
+        if name in by_name:
+            scan.problems.append(f"{name}: {why}; packed for validation renders")
+    scan.controls = {by_name[c] for c in controls if by_name.get(c) in scan.images}
+    scan.loose = {by_name[n] for n, _ in pairing.loose if by_name.get(n) in scan.images}
+    scan.pairs = sum(1 for n in targets if n not in failed and n in by_name)
+    for key in sorted(scan.controls & set(scan.txts)):
+        rel, _ = scan.txts.pop(key)
+        why = "caption of a control image: control images have no captions of their own (the pair's is its target's)"
+        scan.skipped.append((rel.as_posix(), why))
+    scan.over_cap = [k for k in scan.over_cap if k in scan.images]
+
+
+def _pair_problem(
+    target: str, pairing: rules.Pairing, rule: rules.PairRule | None, unusable: set[str]
+) -> str | None:
+    """Why the trainer would skip ``target``'s pair (the same reasons, in the same order), or None."""
+    if target in unusable:
+        return "cannot be used (see its entry)"
+    if target in pairing.missing:
+        return rules.missing_control_reason(pairing.missing[target])
+    controls = pairing.controls.get(target, [])
+    if not controls:
+        return rules.no_control_reason(target)
+    too_many = rules.too_many_controls_reason(rule, len(controls)) if rule is not None else None
+    if too_many:
+        return too_many
+    bad = [c for c in controls if c in unusable]
+    return f"pair left out: its control image {bad[0]} cannot be used" if bad else None
 
 
 def _leave_out_orphan_captions(scan: _Scan) -> None:
@@ -677,7 +825,7 @@ def _refuse_what_the_trainer_refuses(
     folder: Path, scan: _Scan, fit: bool, max_image_pixels: int, max_files: int
 ) -> None:
     """PackError, naming the file, for a set the container would refuse (or find empty)."""
-    if not scan.images:
+    if not scan.trained():
         reasons = "; ".join(f"{n}: {r}" for n, r in scan.skipped[:10]) or "the folder holds no files"
         raise PackError(f"no usable image in {str(folder)!r} ({reasons})")
     if scan.over_cap and not fit:
@@ -705,21 +853,19 @@ def _refuse_what_the_trainer_refuses(
 
 def _caption_summary(scan: _Scan) -> tuple[dict[str, int], list[str]]:
     """How many images get each caption source (in the trainer's order), and table problems to warn about."""
-    problems: list[str] = []
-    for table in scan.tables:
-        _parse_table(table, problems)
+    problems = list(scan.problems)
     merged = {
         kind: {n: text for t in scan.tables if t.kind == kind for n, text in t.names.items()}
         for kind in rules.CAPTION_FILES
     }
     sources = {"txt": 0, "metadata.jsonl": 0, "captions.csv": 0, "none": 0}
-    for key, img in scan.images.items():
+    for key, img in scan.trained().items():
         name = img.rel.as_posix()
         source = rules.caption_source(key in scan.txts, name, merged)
         if source == "default" or (source in merged and not merged[source][name]):
             source = "none"  # no caption, or an empty one in a table: the default caption and trigger word
         sources[source] += 1
-    known = {img.rel.as_posix() for img in scan.images.values()}
+    known = {rel.as_posix() for rel, _ in scan.candidates}  # images left out are named already
     for table in scan.tables:
         orphans = sorted(n for n in table.names if n not in known)
         if orphans:

@@ -31,6 +31,17 @@ def sample_dataset() -> Path:
     return SAMPLE_DATASET
 
 
+@pytest.fixture(scope="session")
+def pair_dataset(tmp_path_factory) -> Path:
+    """Six before/after pairs for edit models: grey square (pair_NN_control.png) -> red square
+    (pair_NN.png), instruction "make the square red" (train/sample_data.py)."""
+    from train.sample_data import write_pair_dataset
+
+    out = tmp_path_factory.mktemp("pairs")
+    write_pair_dataset(out)
+    return out
+
+
 def quick_spec(tiny_weights: Path, model: str = "flux-dev", **fields):
     """A spec for a few-second CPU run on a tiny model; ``fields`` override (dotted keys allowed)."""
     from train.families import model_info

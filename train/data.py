@@ -14,6 +14,12 @@ What people upload is messy, and what an attacker uploads is hostile. This modul
 - pairs captions: same-stem ``.txt`` > ``metadata.jsonl`` (``file_name``, ``text``) >
   ``captions.csv`` > the default caption / trigger word, and puts the trigger word into
   captions that lack it;
+- pairs targets with their control images for edit models (``NAME_control.ext``,
+  ``control/NAME.ext``, ``NAME_control_1.ext``..., or ``metadata.jsonl``'s ``control_file_name``;
+  docs/edit.md): control images are never trained as targets and have no captions of their own;
+  in a paired set a target without its control, or with more than the model takes, is skipped,
+  and a control without a target is kept apart (``loose_controls``); a pair set for a
+  text-to-image model, or a set without pairs for an edit model, is refused (``PairRule``);
 - skips files it cannot use, naming each with the reason, and fails only when no usable
   image is left.
 
@@ -47,6 +53,7 @@ from .dataset_rules import (  # noqa: F401 - re-exported: the names other module
     IMAGE_EXTENSIONS,
     MIN_IMAGE_SIDE,
     UNSUPPORTED_IMAGE_EXTENSIONS,
+    PairRule,
 )
 
 _COPY_CHUNK = 1 << 20
@@ -72,6 +79,16 @@ class DataLimits:
 
 
 @dataclass(frozen=True)
+class ControlRecord:
+    """A control ("before") or reference image of a pair, or one without a target."""
+
+    path: Path  # the staged file
+    name: str  # its path inside the dataset, for messages
+    width: int  # after EXIF rotation (may differ from its target's)
+    height: int
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     path: Path  # the staged file
     name: str  # its path inside the dataset, for messages
@@ -79,6 +96,7 @@ class ImageRecord:
     caption_source: str  # txt | metadata.jsonl | captions.csv | default
     width: int  # after EXIF rotation
     height: int
+    controls: tuple[ControlRecord, ...] = ()  # in reference order; () for a plain image
 
 
 @dataclass
@@ -87,22 +105,32 @@ class StagedDataset:
     images: list[ImageRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     dataset_hash: str = ""
+    loose_controls: list[ControlRecord] = field(default_factory=list)  # controls without a target
+
+    @property
+    def paired(self) -> bool:
+        """Any image has control images (an edit model's before/after pairs)."""
+        return any(r.controls for r in self.images)
 
     def report(self) -> dict:
-        return {
-            "images_used": len(self.images),
-            "dataset_hash": self.dataset_hash,
-            "images": [
-                {
-                    "name": r.name,
-                    "size": [r.width, r.height],
-                    "caption": r.caption,
-                    "caption_source": r.caption_source,
-                }
-                for r in self.images
-            ],
-            "skipped": [{"name": n, "reason": why} for n, why in self.skipped],
-        }
+        paired = self.paired
+        images = []
+        for r in self.images:
+            entry: dict = {
+                "name": r.name,
+                "size": [r.width, r.height],
+                "caption": r.caption,
+                "caption_source": r.caption_source,
+            }
+            if paired:
+                entry["controls"] = [c.name for c in r.controls]
+            images.append(entry)
+        report: dict = {"images_used": len(self.images), "dataset_hash": self.dataset_hash, "images": images}
+        if paired:
+            report["pairs"] = sum(1 for r in self.images if r.controls)
+            report["loose_controls"] = [c.name for c in self.loose_controls]
+        report["skipped"] = [{"name": n, "reason": why} for n, why in self.skipped]
+        return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,16 +486,18 @@ def stage_dataset(
     trigger_word: str = "",
     default_caption: str = "",
     trigger_position: str = "prepend",
+    pairs: PairRule = PairRule(),
 ) -> StagedDataset:
     """Stage ``source`` (an archive or a folder) for training and describe what was found.
 
     Archives are extracted under ``job_dir/dataset`` (images and caption files only); folders
-    are read in place.
+    are read in place. ``pairs``: what the model takes (``dataset_rules.PairRule``); the default,
+    a text-to-image model, stages a set without pairs exactly as before and refuses one with pairs.
     """
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"dataset {str(source)!r} does not exist")
-    captions = _CaptionRules(trigger_word, default_caption, trigger_position)
+    captions = _CaptionRules(trigger_word, default_caption, trigger_position, pairs)
     if source.is_dir():
         return _stage_folder(source, limits, captions)
     folder = Path(job_dir) / "dataset"
@@ -488,6 +518,7 @@ class _CaptionRules:
     trigger_word: str
     default_caption: str
     trigger_position: str
+    pairs: PairRule = PairRule()
 
 
 @dataclass
@@ -512,12 +543,36 @@ def _stage_folder(
         found.skipped.append(
             (found.txt_captions[key].relative_to(root).as_posix(), "caption has no image with the same name")
         )
-    tables = _caption_tables(root, found.tables, found.skipped)
-    records, digest = _image_records(root, found, tables, limits, captions)
+    tables, table_controls = _caption_tables(root, found.tables, found.skipped)
+    pairing = rules.find_pairs(
+        [p.relative_to(root).as_posix() for p in found.images.values()], table_controls
+    )
+    problem = rules.check_pairs(captions.pairs, pairing)
+    if problem:
+        raise DatasetError(problem)
+    _leave_out_control_captions(root, found, pairing)
+    found.skipped += pairing.unused
+    records, digest = _image_records(root, found, tables, limits, captions, pairing)
     if not records:
         reasons = "; ".join(f"{n}: {r}" for n, r in found.skipped[:10]) or "the dataset holds no files"
         raise DatasetError(f"no usable image in the dataset ({reasons})")
-    return StagedDataset(root=root, images=records, skipped=found.skipped, dataset_hash=digest)
+    loose = _loose_controls(root, pairing, limits, found.skipped)
+    return StagedDataset(
+        root=root, images=records, skipped=found.skipped, dataset_hash=digest, loose_controls=loose
+    )
+
+
+def _leave_out_control_captions(root: Path, found: _Found, pairing: rules.Pairing) -> None:
+    """A control image's same-stem .txt is named and not used: a pair's caption is its target's."""
+    controls = {rules.image_key(PurePosixPath(n)) for n in pairing.control_names()}
+    for key in sorted(controls & set(found.txt_captions)):
+        found.skipped.append(
+            (
+                found.txt_captions.pop(key).relative_to(root).as_posix(),
+                "caption of a control image: control images have no captions of their own "
+                "(the pair's instruction is its target's caption)",
+            )
+        )
 
 
 def _find_files(root: Path, limits: DataLimits) -> _Found:
@@ -555,38 +610,52 @@ def _find_files(root: Path, limits: DataLimits) -> _Found:
 
 def _caption_tables(
     root: Path, tables: list[Path], skipped: list[tuple[str, str]]
-) -> dict[str, dict[str, str]]:
-    """Captions from metadata.jsonl and captions.csv files, by kind, keyed by the image's relative path."""
+) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
+    """Captions from metadata.jsonl and captions.csv files, by kind, keyed by the image's relative
+    path; and the control images metadata.jsonl rows name (target -> controls)."""
     merged: dict[str, dict[str, str]] = {kind: {} for kind in rules.CAPTION_FILES}
+    controls: dict[str, list[str]] = {}
     for path in tables:  # sorted: a later table of the same kind wins for an image both name
         rel = PurePosixPath(path.relative_to(root).as_posix())
-        captions, problems = rules.parse_caption_table(path.name, path.read_bytes(), rel.parent)
-        merged[path.name].update(captions)
-        skipped += [(f"{rel}:{lineno}" if lineno else str(rel), why) for lineno, why in problems]
-    return merged
+        table = rules.parse_table(path.name, path.read_bytes(), rel.parent)
+        merged[path.name].update(table.captions)
+        controls.update(table.controls)
+        skipped += [(f"{rel}:{lineno}" if lineno else str(rel), why) for lineno, why in table.problems]
+    return merged, controls
 
 
 def _image_records(
-    root: Path, found: _Found, tables: dict[str, dict[str, str]], limits: DataLimits, captions: _CaptionRules
+    root: Path,
+    found: _Found,
+    tables: dict[str, dict[str, str]],
+    limits: DataLimits,
+    captions: _CaptionRules,
+    pairing: rules.Pairing,
 ) -> tuple[list[ImageRecord], str]:
-    """The usable images with their final captions, and the dataset hash over them."""
+    """The usable images (with their controls in a paired set) with their final captions, and the
+    dataset hash over them."""
     records: list[ImageRecord] = []
     digest = rules.DatasetHash()
+    is_control = pairing.control_names()
+    paths = {p.relative_to(root).as_posix(): p for p in found.images.values()}
     for key in sorted(found.images):
         path = found.images[key]
         name = path.relative_to(root).as_posix()
-        try:
-            img = load_rgb(path, limits.max_image_pixels)
-        except UnsafeArchiveError:
-            raise
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            found.skipped.append((name, f"cannot be decoded as an image ({type(exc).__name__}: {exc})"[:300]))
+        if name in is_control:
             continue
-        if min(img.size) < MIN_IMAGE_SIDE:
-            found.skipped.append(
-                (name, f"too small ({img.width}x{img.height}; at least {MIN_IMAGE_SIDE} px a side)")
+        img, why = _usable(path, limits)
+        if img is None:
+            found.skipped.append((name, why))
+            _skip_controls(
+                name, pairing.controls.get(name, []), "its target image was skipped", found.skipped
             )
             continue
+        controls: tuple[ControlRecord, ...] = ()
+        if pairing.paired:
+            controls, why = _pair_controls(name, paths, pairing, captions.pairs, limits, found.skipped)
+            if why:
+                found.skipped.append((name, why))
+                continue
         origin = rules.caption_source(key in found.txt_captions, name, tables)
         if origin == "txt":
             caption = read_caption_file(found.txt_captions[key])
@@ -595,14 +664,87 @@ def _image_records(
         else:
             caption = tables[origin][name]
         caption = add_trigger_word(caption, captions.trigger_word, captions.trigger_position)
-        records.append(ImageRecord(path, name, caption, origin, img.width, img.height))
+        records.append(ImageRecord(path, name, caption, origin, img.width, img.height, controls))
         digest.add(name, path, caption)
+        for c in controls:
+            digest.add_control(c.name, c.path)
     return records, digest.hexdigest()
+
+
+def _usable(path: Path, limits: DataLimits) -> tuple[Image.Image | None, str]:
+    """(the image, "") or (None, why it cannot be used); UnsafeArchiveError over the pixel cap."""
+    try:
+        img = load_rgb(path, limits.max_image_pixels)
+    except UnsafeArchiveError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        return None, f"cannot be decoded as an image ({type(exc).__name__}: {exc})"[:300]
+    if min(img.size) < MIN_IMAGE_SIDE:
+        return None, f"too small ({img.width}x{img.height}; at least {MIN_IMAGE_SIDE} px a side)"
+    return img, ""
+
+
+def _pair_controls(
+    target: str,
+    paths: dict[str, Path],
+    pairing: rules.Pairing,
+    rule: PairRule,
+    limits: DataLimits,
+    skipped: list[tuple[str, str]],
+) -> tuple[tuple[ControlRecord, ...], str]:
+    """A target's control records, or ((), why the pair is skipped); the pair's control files that
+    are left out are named in ``skipped``."""
+    names = pairing.controls.get(target, [])
+    why = ""
+    if target in pairing.missing:
+        why = rules.missing_control_reason(pairing.missing[target])
+    elif not names:
+        why = rules.no_control_reason(target)
+    else:
+        why = rules.too_many_controls_reason(rule, len(names)) or ""
+    if why:
+        _skip_controls(target, names, f"its pair was skipped ({target} {why})", skipped)
+        return (), why
+    records = []
+    for i, name in enumerate(names):
+        img, bad = _usable(paths[name], limits)
+        if img is None:
+            skipped.append((name, bad))
+            _skip_controls(
+                target, names[:i] + names[i + 1 :], f"its pair was skipped ({name}: {bad})", skipped
+            )
+            return (), f"pair skipped: its control image {name} {bad}"
+        records.append(ControlRecord(paths[name], name, img.width, img.height))
+    return tuple(records), ""
+
+
+def _skip_controls(target: str, controls: Sequence[str], why: str, skipped: list[tuple[str, str]]) -> None:
+    skipped += [(c, f"control image of {target}: {why}") for c in controls]
+
+
+def _loose_controls(
+    root: Path, pairing: rules.Pairing, limits: DataLimits, skipped: list[tuple[str, str]]
+) -> list[ControlRecord]:
+    """The controls without a target (a paired set only): named in ``skipped``, never trained on."""
+    loose = []
+    for name, why in pairing.loose:
+        path = root / name
+        img, bad = _usable(path, limits)
+        skipped.append((name, why if img is not None else f"{why}; {bad}"))
+        if img is not None:
+            loose.append(ControlRecord(path, name, img.width, img.height))
+    return loose
 
 
 def dataset_report_lines(ds: StagedDataset, buckets: dict[str, int] | None = None) -> list[str]:
     """Human lines for the log: images used, skipped files with reasons, buckets and counts."""
     lines = [f"dataset: {len(ds.images)} images used, {len(ds.skipped)} files skipped"]
+    if ds.paired:
+        pairs = [r for r in ds.images if r.controls]
+        lines.append(
+            f"dataset: {len(pairs)} pairs ({sum(len(r.controls) for r in pairs)} control images), "
+            f"{len(ds.loose_controls)} control images without a target (not trained on)"
+        )
     sources: dict[str, int] = {}
     for r in ds.images:
         sources[r.caption_source] = sources.get(r.caption_source, 0) + 1

@@ -12,6 +12,8 @@ What is here:
   compression-ratio bound that refuses decompression bombs from the sizes an archive declares;
 - caption tables (``metadata.jsonl``, ``captions.csv``) parsed the same way on both sides, and
   the precedence between caption sources;
+- before/after pairs for edit models (docs/edit.md): which image is a control of which target
+  (``control_target``, ``find_pairs``), and what a model accepts (``PairRule``, ``check_pairs``);
 - the dataset hash written into the output's ``config.json``.
 """
 
@@ -22,7 +24,8 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -190,6 +193,16 @@ def csv_columns(header: list[str]) -> tuple[int | None, int | None]:
     return name_col, text_col
 
 
+@dataclass
+class CaptionTable:
+    """What one caption table says: captions and (metadata.jsonl only) control images, keyed by the
+    target's path (``table_key``), and the rows that could not be read as (line or None, reason)."""
+
+    captions: dict[str, str] = field(default_factory=dict)
+    controls: dict[str, list[str]] = field(default_factory=dict)  # target -> control paths, as listed
+    problems: list[tuple[int | None, str]] = field(default_factory=list)
+
+
 def parse_caption_table(
     kind: str, raw: bytes, base: PurePosixPath
 ) -> tuple[dict[str, str], list[tuple[int | None, str]]]:
@@ -197,32 +210,81 @@ def parse_caption_table(
 
     Returns (captions, problems); a problem is (line number or None for the whole file, reason).
     Rows that cannot be read are reported, never fatal: the other rows still count.
+    ``parse_table`` also returns the control images a metadata.jsonl names.
+    """
+    table = parse_table(kind, raw, base)
+    return table.captions, table.problems
+
+
+def parse_table(kind: str, raw: bytes, base: PurePosixPath) -> CaptionTable:
+    """A metadata.jsonl or captions.csv read by both sides' rules; later rows win for the same image.
+
+    A metadata.jsonl row holds ``file_name`` and ``text``, or ``file_name`` and ``control_file_name``
+    (a file name or a list of them, relative to the table's folder), or all three: a pair's row
+    needs no ``text`` when its caption comes from a ``.txt`` (or the default caption). A row
+    with a malformed ``control_file_name`` is a problem like any unreadable row: none of it counts.
     """
     text = raw.decode("utf-8-sig", errors="replace")
-    captions: dict[str, str] = {}
-    problems: list[tuple[int | None, str]] = []
+    table = CaptionTable()
     if kind == "metadata.jsonl":
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                name, caption = row["file_name"], row["text"]
-                assert isinstance(name, str) and isinstance(caption, str)
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                problems.append((lineno, 'not a JSON object with "file_name" and "text"'))
+                name, caption, controls = _jsonl_row(line)
+            except ValueError as exc:
+                table.problems.append((lineno, str(exc)))
                 continue
-            captions[table_key(base, name)] = tidy(caption)
-        return captions, problems
+            key = table_key(base, name)
+            if caption is not None:
+                table.captions[key] = tidy(caption)
+            if controls is not None:
+                table.controls[key] = [table_key(base, c) for c in controls]
+        return table
     reader = csv.reader(io.StringIO(text.replace("\r\n", "\n")))
     name_col, text_col = csv_columns(next(reader, None) or [])
     if name_col is None or text_col is None:
-        return {}, [(None, "needs a header with file_name (or image) and text (or caption) columns")]
+        table.problems.append(
+            (None, "needs a header with file_name (or image) and text (or caption) columns")
+        )
+        return table
     for row in reader:
         name = row[name_col].strip() if name_col < len(row) else ""
         if name:
-            captions[table_key(base, name)] = tidy(row[text_col] if text_col < len(row) else "")
-    return captions, problems
+            table.captions[table_key(base, name)] = tidy(row[text_col] if text_col < len(row) else "")
+    return table
+
+
+def _jsonl_row(line: str) -> tuple[str, str | None, list[str] | None]:
+    """(file_name, text or None, control file names or None) of one metadata.jsonl line; ValueError
+    with the reason for a row that cannot be read."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    name = row.get("file_name") if isinstance(row, dict) else None
+    caption = row.get("text") if isinstance(row, dict) else None
+    has_controls = isinstance(row, dict) and "control_file_name" in row
+    if not isinstance(name, str) or not (isinstance(caption, str) or (caption is None and has_controls)):
+        raise ValueError('not a JSON object with "file_name" and "text"')
+    if not has_controls:
+        return name, caption, None
+    assert isinstance(row, dict)
+    controls = row["control_file_name"]
+    if isinstance(controls, str):
+        controls = [controls]
+    if not isinstance(controls, list) or not all(isinstance(c, str) and c.strip() for c in controls):
+        raise ValueError(
+            f"control_file_name must be a file name or a list of file names, got {json.dumps(controls)[:80]}"
+        )
+    if not controls:
+        raise ValueError("control_file_name is an empty list (name at least one control image)")
+    norm = [c.replace("\\", "/") for c in controls]
+    if name.replace("\\", "/") in norm:
+        raise ValueError(f"control_file_name names the row's own file_name ({name!r})")
+    if len(set(norm)) < len(norm):
+        raise ValueError("control_file_name names the same file twice")
+    return name, caption, controls
 
 
 def caption_source(has_txt: bool, name: str, tables: Mapping[str, Mapping[str, str]]) -> str:
@@ -236,11 +298,229 @@ def caption_source(has_txt: bool, name: str, tables: Mapping[str, Mapping[str, s
 
 
 # --------------------------------------------------------------------------------------------
+# pairs (edit models, docs/edit.md)
+
+CONTROL_FOLDER = "control"  # dir/control/NAME.ext is the control of dir/NAME.ext
+_CONTROL_STEM = re.compile(r"(?P<stem>.+)_control(?:_(?P<n>\d+))?", flags=re.IGNORECASE)
+_FEW = 3  # control files named in a message
+
+
+def control_target(rel: PurePosixPath) -> tuple[str, int] | None:
+    """(target key, order) when ``rel`` is named as a control image, else None.
+
+    ``dir/NAME_control.ext`` and ``dir/control/NAME.ext`` are the first control (order 0) of the
+    target whose ``image_key`` is ``dir/NAME``; ``dir/NAME_control_1.ext``, ``_control_2``... are
+    further references (order 1, 2...), after the first. Whether the target exists is for
+    ``find_pairs`` to say.
+    """
+    if len(rel.parts) > 1 and rel.parent.name.lower() == CONTROL_FOLDER:
+        return str(rel.parent.parent / rel.stem), 0
+    m = _CONTROL_STEM.fullmatch(rel.stem)
+    if m is None:
+        return None
+    return str(rel.parent / m["stem"]), int(m["n"]) if m["n"] else 0
+
+
+@dataclass
+class Pairing:
+    """Which images are targets and which their controls, by name (relative path with extension).
+
+    A set is *paired* when any target has a control. Then every control image is kept apart from
+    the targets: a control without a target is *loose* (never trained on), and a target without a
+    control is skipped by a model that takes pairs. In a set without pairs a file merely named like
+    a control (``remote_control.jpg`` with no ``remote.jpg``) is an ordinary image.
+    """
+
+    controls: dict[str, list[str]] = field(default_factory=dict)  # target -> controls, in reference order
+    missing: dict[str, list[str]] = field(default_factory=dict)  # target -> jsonl-named files not there
+    loose: list[tuple[str, str]] = field(default_factory=list)  # (control without a target, reason)
+    unused: list[tuple[str, str]] = field(default_factory=list)  # (control left out, reason)
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.controls or self.missing)
+
+    @property
+    def pair_count(self) -> int:
+        return len(set(self.controls) | set(self.missing))
+
+    def control_names(self) -> set[str]:
+        """Every image that is a control (of a target, loose or left out): never a target itself."""
+        paired = {c for cs in self.controls.values() for c in cs}
+        return paired | {n for n, _ in self.loose} | {n for n, _ in self.unused}
+
+
+def find_pairs(images: Iterable[str], table_controls: Mapping[str, Sequence[str]] | None = None) -> Pairing:
+    """The pairs among ``images`` (every image file's name) by file name and by ``table_controls``
+    (metadata.jsonl's ``control_file_name``, target -> controls, see ``parse_table``).
+
+    metadata.jsonl wins: a target whose row names its controls takes those, in the row's order,
+    and its file-name controls (``NAME_control.ext``...) are left out. A named control that is not
+    in the dataset goes to ``missing`` (the pair is skipped). Controls by file name come in
+    reference order; two for the same place (``a_control.png`` and ``control/a.png``) keep the first.
+    """
+    table_controls = table_controls or {}
+    present = sorted(images, key=lambda n: PurePosixPath(n).parts)
+    by_key = {image_key(PurePosixPath(n)): n for n in present}
+    declared = {c for cs in table_controls.values() for c in cs}
+    named: dict[str, tuple[str, int]] = {}  # control -> (target key, order), by file name
+    for n in present:
+        found = None if n in declared else control_target(PurePosixPath(n))
+        if found is not None:
+            named[n] = found
+    matched = {n for n, (key, _) in named.items() if by_key.get(key) not in (None, n)}
+    targets = set(present) - declared - matched
+    pairing = Pairing()
+    orphans: list[tuple[str, str]] = []
+    by_target: dict[str, list[tuple[int, str]]] = {}
+    for n, (key, order) in named.items():
+        target = by_key.get(key)
+        if target is None or target not in targets:
+            what = f"{target} is a control image itself" if target else f"no {key}.<ext> in the dataset"
+            orphans.append((n, f"control image has no target image ({what}); it is not trained on"))
+        elif target in table_controls:
+            reason = (
+                f"metadata.jsonl names the control images of {target}; its file-name controls are not used"
+            )
+            pairing.unused.append((n, reason))
+        else:
+            by_target.setdefault(target, []).append((order, n))
+    _order_named(by_target, pairing)
+    _add_declared(table_controls, set(present), targets, pairing, orphans)
+    used = {c for cs in pairing.controls.values() for c in cs}
+    orphans = [(n, why) for n, why in orphans if n not in used]  # a control two rows share
+    if pairing.paired:
+        pairing.loose = sorted(orphans, key=lambda t: PurePosixPath(t[0]).parts)
+    else:  # named-like files are ordinary images; files a table names as controls stay out
+        pairing.unused += [(n, why) for n, why in orphans if n in declared]
+    return pairing
+
+
+def _order_named(by_target: dict[str, list[tuple[int, str]]], pairing: Pairing) -> None:
+    for target, entries in sorted(by_target.items()):
+        entries.sort(key=lambda e: (e[0], PurePosixPath(e[1]).parts))
+        used: dict[int, str] = {}
+        for order, n in entries:
+            if order in used:
+                pairing.unused.append(
+                    (
+                        n,
+                        f"{used[order]} is already {target}'s control image in this place; name "
+                        f"further references NAME_control_1, NAME_control_2, ...",
+                    )
+                )
+            else:
+                used[order] = n
+                pairing.controls.setdefault(target, []).append(n)
+
+
+def _add_declared(
+    table_controls: Mapping[str, Sequence[str]],
+    present: set[str],
+    targets: set[str],
+    pairing: Pairing,
+    orphans: list[tuple[str, str]],
+) -> None:
+    """The pairs metadata.jsonl rows name; controls of a target that is not there are orphans."""
+    for target, controls in sorted(table_controls.items()):
+        there = [c for c in controls if c in present]
+        if target in targets:
+            if there:
+                pairing.controls[target] = list(there)
+            if len(there) < len(controls):
+                pairing.missing[target] = [c for c in controls if c not in present]
+            continue
+        what = "is a control image itself" if target in present else "is not in the dataset"
+        for c in there:
+            if all(c != n for n, _ in orphans):
+                orphans.append(
+                    (
+                        c,
+                        f"control image has no target image (metadata.jsonl names it for {target}, "
+                        f"which {what}); it is not trained on",
+                    )
+                )
+
+
+def no_control_reason(target: str) -> str:
+    """Why a target of a paired set is skipped when it has no control image."""
+    rel = PurePosixPath(target)
+    return (
+        f"has no control image: expected {rel.stem}_control{rel.suffix}, control/{rel.name} or a "
+        f"metadata.jsonl row with control_file_name"
+    )
+
+
+def missing_control_reason(missing: Sequence[str]) -> str:
+    """Why a pair is skipped when its metadata.jsonl row names control images that are not there."""
+    return (
+        f"pair skipped: metadata.jsonl names control image {', '.join(missing)}, which is not in the dataset"
+    )
+
+
+@dataclass(frozen=True)
+class PairRule:
+    """What a model takes: ``max_controls`` control images a sample (0: a text-to-image model, which
+    trains on single images), and whether it trains only on pairs (``required``: an edit model).
+    ``PairRule()`` is a plain model: a dataset without pairs stages exactly as before."""
+
+    model: str = ""  # the model id, for messages
+    max_controls: int = 0
+    required: bool = False
+
+    @property
+    def who(self) -> str:
+        return f"model {self.model!r}" if self.model else "the model"
+
+
+def unexpected_pairs_message(rule: PairRule, pairing: Pairing) -> str | None:
+    """The error for a text-to-image model given a paired set, or None."""
+    if rule.max_controls > 0 or not pairing.paired:
+        return None
+    few = [c for cs in [*pairing.controls.values(), *pairing.missing.values()] for c in cs][:_FEW]
+    n = pairing.pair_count
+    return (
+        f"{rule.who} trains on single images (text-to-image), but the dataset holds {n} before/after "
+        f"pair{'s' if n != 1 else ''} (control images: {', '.join(few)}{', ...' if n > _FEW else ''}). "
+        f"Edit models take pairs (docs/edit.md): choose one (flux1-kontext-dev, qwen-image-edit, ...), "
+        f"or remove the control images and their control_file_name fields"
+    )
+
+
+def missing_pairs_message(rule: PairRule, pairing: Pairing) -> str | None:
+    """The error for an edit model given a set without pairs, or None."""
+    if not rule.required or pairing.paired:
+        return None
+    more = (
+        ", NAME_control_1.ext, NAME_control_2.ext ... for further references" if rule.max_controls > 1 else ""
+    )
+    return (
+        f"{rule.who} is an edit model: it trains on before/after pairs, and the dataset holds none. "
+        f"Name each control (before) image after its target NAME.ext in one of three ways: "
+        f"NAME_control.ext beside it{more}; control/NAME.ext in a folder named control beside it; or "
+        f"a metadata.jsonl row with file_name, control_file_name and text (docs/edit.md)"
+    )
+
+
+def check_pairs(rule: PairRule, pairing: Pairing) -> str | None:
+    """The error for a dataset the model cannot train on (pairs for a plain model, none for an edit model)."""
+    return unexpected_pairs_message(rule, pairing) or missing_pairs_message(rule, pairing)
+
+
+def too_many_controls_reason(rule: PairRule, count: int) -> str | None:
+    """Why a pair with ``count`` control images is skipped for ``rule``'s model, or None."""
+    if count <= rule.max_controls:
+        return None
+    return f"has {count} control images; {rule.who} takes at most {rule.max_controls}"
+
+
+# --------------------------------------------------------------------------------------------
 # the dataset hash
 
 
 class DatasetHash:
-    """SHA-256 over what is trained on: each image's name, its file's bytes and its final caption."""
+    """SHA-256 over what is trained on: each image's name, its file's bytes and its final caption,
+    and its control images' names and bytes."""
 
     def __init__(self) -> None:
         self._digest = hashlib.sha256()
@@ -249,6 +529,12 @@ class DatasetHash:
         with open(path, "rb") as f:
             file_digest = hashlib.file_digest(f, "sha256").digest()  # streamed: images can be large
         self._digest.update(name.encode() + b"\0" + file_digest + caption.encode() + b"\0")
+
+    def add_control(self, name: str, path: Path) -> None:
+        """A control image of the target added last (a plain dataset never calls this: same hash)."""
+        with open(path, "rb") as f:
+            file_digest = hashlib.file_digest(f, "sha256").digest()
+        self._digest.update(b"control\0" + name.encode() + b"\0" + file_digest)
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()

@@ -1,9 +1,12 @@
 """A small synthetic captioned image set, made by code (the demo's and the tests' dataset).
 
     python -m train.sample_data --out examples/sample-dataset
+    python -m train.sample_data --pairs --out examples/sample-pairs
 
 Coloured shapes on plain or gradient backgrounds, each with a same-stem ``.txt`` caption
-naming the style token ``sks``. Deterministic: the same files every time.
+naming the style token ``sks``; or, with ``--pairs``, before/after pairs for edit models: a grey
+square (``NAME_control.png``) that the target ``NAME.png`` shows red, with the instruction
+"make the square red". Deterministic: the same files every time.
 """
 
 from __future__ import annotations
@@ -63,14 +66,55 @@ def write_sample_dataset(out: Path, count: int = 8, size: tuple[int, int] | None
     return written
 
 
+GREY = (128, 128, 128)
+PAIR_INSTRUCTION = "make the square red"
+
+
+def draw_pair(i: int, size: tuple[int, int] = (64, 64)) -> tuple[Image.Image, Image.Image]:
+    """(control, target): the same scene with a grey square, then with it red."""
+    rng = random.Random(2000 + i)
+    w, h = size
+    bg = COLOURS[rng.choice(["blue", "green", "yellow", "purple"])]
+    r = min(w, h) * rng.uniform(0.2, 0.3)
+    cx, cy = w / 2 + rng.uniform(-0.15, 0.15) * w, h / 2 + rng.uniform(-0.15, 0.15) * h
+    box = [cx - r, cy - r, cx + r, cy + r]
+    images = []
+    for fill in (GREY, COLOURS["red"]):
+        img = Image.new("RGB", size, bg)
+        ImageDraw.Draw(img).rectangle(box, fill=fill)
+        images.append(img)
+    return images[0], images[1]
+
+
+def write_pair_dataset(out: Path, count: int = 6, size: tuple[int, int] = (64, 64)) -> list[Path]:
+    """``count`` before/after pairs: ``pair_NN.png`` (target), ``pair_NN_control.png`` and the
+    instruction in ``pair_NN.txt``; returns the target files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(count):
+        control, target = draw_pair(i, size)
+        path = out / f"pair_{i:02d}.png"
+        target.save(path, optimize=True)
+        control.save(out / f"pair_{i:02d}_control.png", optimize=True)
+        path.with_suffix(".txt").write_text(PAIR_INSTRUCTION + "\n")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m train.sample_data", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument("--out", type=Path, default=Path("examples/sample-dataset"))
-    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--count", type=int, default=None, help="how many (default: 8 images or 6 pairs)")
+    parser.add_argument("--pairs", action="store_true", help="before/after pairs for edit models")
     args = parser.parse_args(argv)
-    for p in write_sample_dataset(args.out, args.count):
+    if args.pairs:
+        written = write_pair_dataset(args.out, args.count or 6)
+    else:
+        written = write_sample_dataset(args.out, args.count or 8)
+    for p in written:
         print(p)
 
 

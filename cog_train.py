@@ -61,7 +61,7 @@ class Trainer(BaseRunner):
         self,
         # One string literal per description: the static generator does not join adjacent literals.
         dataset: Path = Input(
-            description="Dataset archive (zip, tar or tar.gz) of images with same-stem .txt captions, a metadata.jsonl or a captions.csv; a URL or a data URI"
+            description="Dataset archive (zip, tar or tar.gz) of images with same-stem .txt captions, a metadata.jsonl or a captions.csv; for edit models before/after pairs (NAME.png + NAME_control.png, see docs/edit.md); a URL or a data URI"
         ),  # noqa: E501
         spec: str = Input(
             description="The whole training spec as JSON (see docs/spec.md); the typed inputs below override its fields",
@@ -73,6 +73,7 @@ class Trainer(BaseRunner):
                 "flux-dev",
                 "flux-schnell",
                 "sdxl",
+                "flux1-kontext-dev",
                 "flux2-dev",
                 "flux2-klein-4b",
                 "flux2-klein-9b",
@@ -82,6 +83,8 @@ class Trainer(BaseRunner):
                 "sd3.5-medium",
                 "chroma",
                 "qwen-image",
+                "qwen-image-edit",
+                "qwen-image-edit-plus",
                 "z-image-turbo",
                 "z-image",
             ],

@@ -39,11 +39,22 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description='What to draw. Put the trigger word in it (e.g. "a photo of TOK").'),
+        prompt: str = Input(
+            description='What to draw, or for an edit model the instruction ("make the square red"). Put the trigger word in it (e.g. "a photo of TOK").'  # noqa: E501
+        ),
+        input_image: Path | None = Input(
+            description="Edit models (flux1-kontext-dev, qwen-image-edit, ...): the image to edit; Flux.2: a reference image",  # noqa: E501
+            default=None,
+        ),
+        input_images: list[Path] | None = Input(
+            description="Models that take several references (qwen-image-edit-plus, Flux.2): further images after input_image",  # noqa: E501
+            default=None,
+        ),
         negative_prompt: str = Input(description="What not to draw (SDXL; Flux ignores it)", default=""),
         aspect_ratio: str = Input(
-            description="Aspect ratio of the images (about one megapixel); custom: width and height below",
+            description="Aspect ratio of the images (about one megapixel); match_input_image: the input image's (1:1 without one); custom: width and height below",  # noqa: E501
             choices=[
+                "match_input_image",
                 "1:1",
                 "16:9",
                 "21:9",
@@ -57,7 +68,7 @@ class Predictor(BaseRunner):
                 "9:21",
                 "custom",
             ],
-            default="1:1",
+            default="match_input_image",
         ),
         width: int | None = Input(
             description="Width with aspect_ratio custom (rounded down to a multiple of 16)",
@@ -125,6 +136,7 @@ class Predictor(BaseRunner):
         self.count += 1
         req = RenderRequest(
             prompt=prompt,
+            input_images=tuple(str(p) for p in [input_image, *(input_images or [])] if p is not None),
             negative_prompt=negative_prompt,
             aspect_ratio=aspect_ratio,
             width=width,

@@ -217,6 +217,7 @@ def cmd_pack(args, settings):
             max_files=spec.dataset.max_files,
             max_image_pixels=spec.dataset.max_image_pixels,
             progress=_bar("pack") if not args.json else None,
+            model=spec.model,  # pairs for an edit model, single images for the others (docs/edit.md)
         )
     except PackError as exc:
         raise UserError(str(exc)) from None
@@ -333,6 +334,17 @@ def _trigger(rec: Job) -> str:
         return ""
 
 
+def _image_inputs(files: list[str] | None) -> dict[str, Any]:
+    """``--image`` files as the run entry's ``input_image`` (the first) and ``input_images``."""
+    paths = [Path(f).expanduser() for f in files or []]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"--image: {p} is not a file")
+    if not paths:
+        return {}
+    return {"input_image": paths[0], "input_images": paths[1:] or None}
+
+
 def cmd_run(args, settings):
     target = resolve_target(_store(), args.target)
     if target.provider == "cog" or args.provider == "cog":
@@ -358,6 +370,7 @@ def cmd_run(args, settings):
         "guidance_scale": args.guidance,
         "output_format": args.output_format,
         "step": args.lora_step,
+        **_image_inputs(args.image),
         **_items(args.input, "--input"),
     }
     if not args.json:
@@ -714,6 +727,12 @@ def _run_command(sub) -> None:
     )
     sp.add_argument("target", help="a succeeded training's job id, or a Replicate model owner/name[:version]")
     sp.add_argument("--prompt", required=True)
+    sp.add_argument(
+        "--image",
+        action="append",
+        metavar="FILE",
+        help="edit models: the image to edit (input_image); again for further references (input_images)",
+    )
     sp.add_argument("--num-outputs", type=int, help="images, 1-4 (default 1)")
     sp.add_argument("--seed", type=int)
     sp.add_argument(

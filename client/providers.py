@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import mimetypes
 import threading
 import time
 import uuid
@@ -76,6 +77,21 @@ def _from_replicate_error(exc: Exception, doing: str) -> ProviderError:
     if isinstance(exc, httpx.HTTPError):
         return ProviderError(f"{doing} failed: cannot reach the API ({type(exc).__name__}: {exc})")
     return ProviderError(f"{doing} failed: {type(exc).__name__}: {exc}")
+
+
+def _files_as_data_uris(inputs: dict[str, Any]) -> dict[str, Any]:
+    """File inputs (a ``Path``, or a list of them) as ``data:`` URIs, which a Cog server reads
+    (the replicate client uploads ``Path`` values itself)."""
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, Path):
+            mime = mimetypes.guess_type(value.name)[0] or "application/octet-stream"
+            return f"data:{mime};base64," + base64.b64encode(value.read_bytes()).decode()
+        if isinstance(value, list):
+            return [encode(v) for v in value]
+        return value
+
+    return {k: encode(v) for k, v in inputs.items()}
 
 
 def plain_dict(obj: Any) -> dict:
@@ -323,7 +339,7 @@ class CogProvider:
     def predict(self, ref: str, inputs: dict, timeout: float | None = None) -> dict:
         """A synchronous prediction on this (run-mode) server; ``ref`` is only named in errors."""
         job_id = "cog-" + uuid.uuid4().hex[:20]
-        r = self._post("/predictions", {"id": job_id, "input": inputs})
+        r = self._post("/predictions", {"id": job_id, "input": _files_as_data_uris(inputs)})
         try:
             result = r.json()
         except ValueError:

@@ -3,7 +3,8 @@ LoRA trained for it, exactly as the model's stock diffusers pipeline does.
 
 One run-mode server per model (``ADVANCED_TRAINER_RUN_MODEL``: what the trainer's own version
 renders with no weights given) renders the plain base, then ``lora_weights`` = a LoRA trained
-here on that model's tiny pipeline, uploaded to the file store as an output archive.
+here on that model's tiny pipeline, uploaded to the file store as an output archive. Edit models
+train on before/after pairs and edit an ``input_image`` (sent as a data URI, as a client would).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from conftest import cog_server_fixture, quick_spec, train_quietly
 from train.families import MODEL_IDS, model_info
 from train.models import family_class
+from train.sample_data import draw_pair
 
 PROMPT = "sks, a red circle"
 LEARNING_RATE = {"flux2-klein-4b": 5e-2}  # its tiny LoRA needs a harder push to show in 6 steps
@@ -31,6 +33,16 @@ TOLERANCE = 2  # 8-bit levels: our renderer and the stock pipeline run the same 
 def _image(value: str) -> np.ndarray:
     data = base64.b64decode(value.split(",", 1)[1]) if value.startswith("data:") else Path(value).read_bytes()
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+# the held-out image an edit model edits (never trained on)
+CONTROL = draw_pair(99)[0]
+
+
+def _data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _stock(model: str, base: Path, lora_dir: Path | None = None) -> np.ndarray:
@@ -45,6 +57,8 @@ def _stock(model: str, base: Path, lora_dir: Path | None = None) -> np.ndarray:
         pipe.load_lora_weights(lora_dir)
     kw = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
     kw.update(family_class(model).guidance_kwargs(info.render_guidance, ""))  # as the model card renders
+    if info.controls_required:  # the image arguments the model's pipeline takes (Kontext: max_area too)
+        kw.update(family_class(model).run_image_inputs([CONTROL], 64, 64, 16))
     img = pipe(
         prompt=PROMPT,
         num_inference_steps=2,
@@ -80,13 +94,15 @@ FIRST_OF_EACH_FAMILY = list({model_info(m).family: m for m in reversed(MODEL_IDS
 
 @pytest.mark.parametrize("model", FIRST_OF_EACH_FAMILY)
 def test_the_run_entry_renders_each_model_with_and_without_its_lora(
-    model, tmp_path_factory, tmp_path, cog_weights, jobs_dir, sample_dataset, upload_sink
+    model, tmp_path_factory, tmp_path, cog_weights, jobs_dir, sample_dataset, pair_dataset, upload_sink
 ):
-    base = cog_weights / model_info(model).tiny_name
+    info = model_info(model)
+    base = cog_weights / info.tiny_name
     spec = quick_spec(
         cog_weights, model, steps=6, learning_rate=LEARNING_RATE.get(model, 1e-2), trigger_word="sks"
     )
-    result, _ = train_quietly(spec, sample_dataset, tmp_path / "out")
+    edit = {"input_image": _data_uri(CONTROL)} if info.controls_required else {}
+    result, _ = train_quietly(spec, pair_dataset if edit else sample_dataset, tmp_path / "out")
     assert result is not None
     archive = shutil.make_archive(str(tmp_path / "weights"), "zip", tmp_path / "out")
     url = upload_sink.put("weights.zip", Path(archive).read_bytes(), "application/zip")
@@ -104,8 +120,8 @@ def test_the_run_entry_renders_each_model_with_and_without_its_lora(
     )
     server = next(gen)
     try:
-        plain = _render(server)
-        with_lora = _render(server, lora_weights=url)
+        plain = _render(server, **edit)
+        with_lora = _render(server, lora_weights=url, **edit)
     finally:
         gen.close()
     stock_plain, stock_lora = _stock(model, base), _stock(model, base, lora_dir)

@@ -53,7 +53,7 @@ def test_the_memory_table_in_the_docs_is_the_policy_s():
 
 @pytest.mark.parametrize("model", MODEL_IDS)
 def test_text_encoders_leave_before_the_denoiser_loads(
-    model, tiny_weights, sample_dataset, tmp_path, monkeypatch
+    model, tiny_weights, sample_dataset, pair_dataset, tmp_path, monkeypatch
 ):
     """Staged loading, instrumented: when the denoiser starts to load, no text encoder is alive
     (so the two are never on the accelerator together), and the run still trains."""
@@ -73,7 +73,8 @@ def test_text_encoders_leave_before_the_denoiser_loads(
 
     monkeypatch.setattr(cls, "load_encoders", encoders)
     monkeypatch.setattr(cls, "load_denoiser", denoiser)
-    result, _ = train_quietly(quick_spec(tiny_weights, model, steps=2), sample_dataset, tmp_path / "out")
+    data = pair_dataset if model_info(model).controls_required else sample_dataset  # edit models: pairs
+    result, _ = train_quietly(quick_spec(tiny_weights, model, steps=2), data, tmp_path / "out")
     assert seen["encoders"], "the pipeline has text encoders to release"
     assert seen["denoiser_at_encode"] is None, "the denoiser was loaded while the prompts were encoded"
     assert seen["alive_at_denoiser"] == [], "a text encoder was still alive when the denoiser loaded"

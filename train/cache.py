@@ -4,6 +4,12 @@ Every (image, resolution) placement is encoded by the VAE once; its posterior me
 are kept so each step samples a fresh latent (as encoding anew would) without the VAE.
 Every distinct caption, the empty caption (for caption dropout) and the validation prompts
 are encoded once. After this the VAE and text encoders can leave the accelerator.
+
+Edit models (docs/edit.md): each item's control images are encoded once too, each resized into
+its own aspect bucket at the item's resolution (as the edit pipelines resize their input image to
+a fixed area at its own aspect ratio), kept as ``Family.encode_controls`` returns them. Where the
+text encoder reads the control images (Qwen-Image-Edit), every item keeps its own caption and
+empty-caption embeddings, and every validation prompt is encoded with each validation control.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .buckets import Placement, bucket_key, place, resize_and_crop
-from .data import StagedDataset, load_rgb
+from .data import ImageRecord, StagedDataset, load_rgb
 from .models.base import Batch, BatchRandom, Family
 
 
@@ -28,6 +35,16 @@ class CachedItem:
     std: torch.Tensor
     caption: int  # index into LatentCache.texts
     device_time_ids: torch.Tensor | None = None  # set when the cache moves to the accelerator
+    controls: list[torch.Tensor] = field(default_factory=list)  # (C, h_k, w_k) per control image
+    # the item's own caption / empty-caption embeddings, where the text encoder reads the controls
+    text: dict[str, torch.Tensor] | None = None
+    empty: dict[str, torch.Tensor] | None = None
+
+    @property
+    def shape_key(self) -> tuple:
+        """What must be equal across a batch: resolution, bucket and the control latents' shapes."""
+        p = self.placement
+        return (p.resolution, p.bucket, tuple(tuple(c.shape) for c in self.controls))
 
     @property
     def time_ids(self) -> torch.Tensor:
@@ -45,20 +62,34 @@ class LatentCache:
     texts: list[dict[str, torch.Tensor]]  # per distinct caption
     captions: list[str]
     empty_text: dict[str, torch.Tensor]
+    # (prompt, its embeddings) per validation render: each prompt, or for an edit model each
+    # prompt on each validation control set (``validation_controls``, in the same order)
     validation: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+    validation_controls: list[ControlSet] = field(default_factory=list)
+
+    def _texts(self) -> list[dict[str, torch.Tensor]]:
+        per_item = [d for it in self.items for d in (it.text, it.empty) if d is not None]
+        return self.texts + [self.empty_text] + per_item
 
     def nbytes(self) -> int:
-        tensors = [t for it in self.items for t in (it.mean, it.std)]
-        tensors += [t for d in self.texts + [self.empty_text] for t in d.values()]
+        tensors = [t for it in self.items for t in (it.mean, it.std, *it.controls)]
+        tensors += [t for d in self._texts() for t in d.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device, text_dtype: torch.dtype) -> LatentCache:
         """Move the cached tensors (text in ``text_dtype``) so steps read them without host copies."""
+
+        def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: _to_device(v, device, text_dtype) for k, v in d.items()}
+
         for it in self.items:
             it.mean, it.std = it.mean.to(device), it.std.to(device)
+            it.controls = [c.to(device) for c in it.controls]
             it.device_time_ids = it.time_ids.to(device)
-        self.texts = [{k: _to_device(v, device, text_dtype) for k, v in d.items()} for d in self.texts]
-        self.empty_text = {k: _to_device(v, device, text_dtype) for k, v in self.empty_text.items()}
+            it.text = move(it.text) if it.text is not None else None
+            it.empty = move(it.empty) if it.empty is not None else None
+        self.texts = [move(d) for d in self.texts]
+        self.empty_text = move(self.empty_text)
         return self
 
     def bucket_counts(self) -> dict[str, int]:
@@ -67,6 +98,14 @@ class LatentCache:
             key = f"{it.placement.resolution}px {bucket_key(it.placement.bucket)}"
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items()))
+
+
+@dataclass(frozen=True)
+class ControlSet:
+    """The control images of one validation render, as the user gave them (PIL RGB)."""
+
+    name: str  # for file names and the log: the target's or the control file's dataset name
+    images: tuple[Image.Image, ...]
 
 
 def _to_tensor(img) -> torch.Tensor:
@@ -82,16 +121,21 @@ def build_cache(
     device: torch.device,
     max_pixels: int,
     on_item: Callable[[int, int], None] | None = None,
+    validation_controls: list[ControlSet] | None = None,
 ) -> LatentCache:
     multiple = family.pixel_multiple()
+    controls = validation_controls or []
 
     captions = sorted({r.caption for r in dataset.images})
     index = {c: i for i, c in enumerate(captions)}
-    prompts = captions + [""] + validation_prompts
+    # A text encoder that reads the controls has no text without its image: every item caches its
+    # own (``_cache_controls``) and the validation prompts are read with each control set.
+    prompts = [] if family.text_reads_controls else captions + [""] + validation_prompts
     encoded: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(prompts), 16):
         encoded += family.encode_prompts(prompts[start : start + 16], device)
-    texts, empty, val = encoded[: len(captions)], encoded[len(captions)], encoded[len(captions) + 1 :]
+    texts, empty = encoded[: len(captions)], (encoded[len(captions)] if encoded else {})
+    validation = _validation_texts(family, validation_prompts, controls, encoded[len(captions) + 1 :], device)
 
     plan = [(rec, p) for rec in dataset.images for p in place(rec.width, rec.height, resolutions, multiple)]
     items: list[CachedItem] = []
@@ -99,10 +143,54 @@ def build_cache(
         assert p.bucket[0] % multiple == 0 and p.bucket[1] % multiple == 0, (p.bucket, multiple)
         img = resize_and_crop(load_rgb(rec.path, max_pixels), p)
         mean, std = family.encode_images(_to_tensor(img)[None].to(device))
-        items.append(CachedItem(rec.name, p, mean[0].cpu(), std[0].cpu(), index[rec.caption]))
+        item = CachedItem(rec.name, p, mean[0].cpu(), std[0].cpu(), index[rec.caption])
+        if rec.controls:
+            _cache_controls(family, item, rec, multiple, max_pixels, device)
+        items.append(item)
         if on_item:
             on_item(i + 1, len(plan))
-    return LatentCache(items, texts, captions, empty, list(zip(validation_prompts, val, strict=True)))
+    return LatentCache(
+        items, texts, captions, empty, validation, [c for c in controls for _ in validation_prompts]
+    )
+
+
+def _validation_texts(
+    family: Family,
+    prompts: list[str],
+    controls: list[ControlSet],
+    encoded: list[dict[str, torch.Tensor]],
+    device: torch.device,
+) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """(prompt, embeddings) per validation render: each prompt, or each prompt on each control set
+    (control-major), read with its control images where the text encoder reads them."""
+    if not controls:  # (none for an edit model's held-out cache, which renders nothing)
+        return list(zip(prompts, encoded, strict=True)) if encoded else []
+    if not family.text_reads_controls:
+        return [pair for _ in controls for pair in zip(prompts, encoded, strict=True)]
+    out = []
+    for c in controls:
+        texts = family.encode_prompts_with_controls(
+            prompts, [list(c.images)] * len(prompts), device, for_render=True
+        )
+        out += list(zip(prompts, texts, strict=True))
+    return out
+
+
+def _cache_controls(
+    family: Family, item: CachedItem, rec: ImageRecord, multiple: int, max_pixels: int, device: torch.device
+) -> None:
+    """The item's control latents, each control in its own aspect bucket at the item's resolution;
+    and its texts read with those images where the text encoder reads them."""
+    resolution = item.placement.resolution
+    images = []
+    for c in rec.controls:
+        cp = place(c.width, c.height, [resolution], multiple)[0]
+        images.append(resize_and_crop(load_rgb(c.path, max_pixels), cp))
+    item.controls = [family.encode_controls(_to_tensor(im)[None].to(device))[0].cpu() for im in images]
+    if family.text_reads_controls:
+        item.text, item.empty = family.encode_prompts_with_controls(
+            [rec.caption, ""], [images, images], device, for_render=False
+        )
 
 
 class BatchSampler:
@@ -122,7 +210,7 @@ class BatchSampler:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(self.cache.items):
-            groups.setdefault((it.placement.resolution, it.placement.bucket), []).append(i)
+            groups.setdefault(it.shape_key, []).append(i)
         batches = []
         for key in sorted(groups):
             idx = groups[key]
@@ -166,7 +254,7 @@ def collate(
 ) -> Batch:
     """Stack cached items into a Batch; ``drop[i]`` swaps item i's caption for the empty one."""
     items = [cache.items[i] for i in indices]
-    texts = [cache.empty_text if d else cache.texts[it.caption] for it, d in zip(items, drop, strict=True)]
+    texts = [_item_text(cache, it, d) for it, d in zip(items, drop, strict=True)]
     text = {k: _to_device(torch.stack([t[k] for t in texts]), device, text_dtype) for k in texts[0]}
     return Batch(
         latent_mean=_to_device(torch.stack([it.mean for it in items]), device),
@@ -174,7 +262,18 @@ def collate(
         text=text,
         time_ids=_to_device(torch.stack([it.time_ids for it in items]), device),
         rng=rng,
+        controls=[
+            _to_device(torch.stack([it.controls[k] for it in items]), device)
+            for k in range(len(items[0].controls))
+        ],
     )
+
+
+def _item_text(cache: LatentCache, item: CachedItem, drop: bool) -> dict[str, torch.Tensor]:
+    """The item's caption embeddings, or the empty caption's when its caption is dropped."""
+    if item.text is not None and item.empty is not None:
+        return item.empty if drop else item.text
+    return cache.empty_text if drop else cache.texts[item.caption]
 
 
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -57,10 +57,18 @@ class ModelInfo:
     tiny: dict[str, Any] = field(default_factory=dict)  # keyword arguments of train/tiny/<family>.py write()
     options: str = "flow"  # the spec section of its training options: "flux", "sdxl" or "flow"
     short_name: str = ""  # the name its makers use in prose ("FLUX.1-schnell"); default: the title
+    # edit models (docs/edit.md): control ("before") / reference images the model is conditioned on
+    max_controls: int = 0  # the most control images one sample takes (0: a text-to-image model)
+    controls_required: bool = False  # trains only on pairs (an edit model); else pairs are optional
 
     def __post_init__(self) -> None:
         if not self.short_name:
             object.__setattr__(self, "short_name", self.title)
+
+    @property
+    def takes_controls(self) -> bool:
+        """The model is conditioned on control / reference images (an edit model, or Flux.2)."""
+        return self.max_controls > 0
 
     @property
     def tiny_name(self) -> str:
@@ -73,9 +81,9 @@ class ModelInfo:
         side = resolution // self.latent_factor // self.patch
         if self.denoiser != "transformer":
             return side * side
-        return (
-            side * side + (self.text_tokens if text_tokens is None else text_tokens) + self.fixed_text_tokens
-        )
+        # an edit model's sequence carries its control image's tokens too (one control, as large)
+        image = side * side * (2 if self.controls_required else 1)
+        return image + (self.text_tokens if text_tokens is None else text_tokens) + self.fixed_text_tokens
 
     def weight_bytes(self, bytes_per_param: float = 2.0) -> dict[str, int]:
         """Bytes of each phase's weights at ``bytes_per_param`` (bf16: 2, fp8: 1)."""
@@ -173,6 +181,27 @@ SDXL = ModelInfo(
 
 _REGISTERED: list[ModelInfo] = [FLUX_DEV, FLUX_SCHNELL, SDXL]
 
+# FLUX.1 Kontext [dev] (black-forest-labs/FLUX.1-Kontext-dev): FLUX.1-dev's 11.9 B transformer and
+# text encoders, trained to edit: the control image's latents join the sequence after the target's
+# (position ids with a first coordinate of 1). Model card: 28 steps, guidance 2.5. Step times: the
+# sequence holds twice the image tokens.
+FLUX_KONTEXT_DEV = replace(
+    FLUX_DEV,
+    id="flux1-kontext-dev",
+    family="flux_kontext",
+    title="FLUX.1 Kontext [dev]",
+    short_name="FLUX.1-Kontext-dev",
+    base_weights="black-forest-labs/FLUX.1-Kontext-dev",
+    pipeline="FluxKontextPipeline",
+    render_guidance=2.5,
+    kohya_architecture="flux-1-kontext-dev/lora",
+    step_s={card: round(s * (2 * 4096 + 512) / (4096 + 512), 2) for card, s in FLUX_DEV.step_s.items()},
+    max_controls=1,
+    controls_required=True,
+    tiny={"variant": "dev"},
+)
+_REGISTERED.append(FLUX_KONTEXT_DEV)
+
 # -- Flux.2 ---------------------------------------------------------------------------------------
 
 _FLUX2_DOUBLE_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
@@ -205,7 +234,9 @@ def _flux2_figures(params_b: float, width: int, blocks: int) -> dict[str, Any]:
 # 48 single blocks, 48 heads x 128 = 6144 wide, 128 latent channels (the 32-channel VAE, 2x2
 # patchified), guidance embedding; 32.2 B parameters (counted from that config). Text encoder
 # Mistral-Small-3.2-24B (24 B, hidden states of layers 10/20/30 stacked: 15360 wide), prompts padded
-# to 512 tokens (the pipeline's default and BFL's). Model card: 50 steps, guidance 4.
+# to 512 tokens (the pipeline's default and BFL's). Model card: 50 steps, guidance 4. Reference
+# images (Flux2Pipeline's image=[...]): optional, BFL's editing guide recommends at most 6 for [dev]
+# (docs.bfl.ai/guides/prompting_editing_overview; the pipeline itself sets no limit).
 FLUX2_DEV = ModelInfo(
     id="flux2-dev",
     family="flux2",
@@ -229,6 +260,8 @@ FLUX2_DEV = ModelInfo(
     kohya_architecture="Flux.2-dev/lora",
     kohya_network_module="networks.lora_flux_2",
     guidance_embed=True,
+    max_controls=6,
+    controls_required=False,
     tiny={"variant": "dev"},
     **_flux2_figures(32.2, 6144, 8 + 48),
 )
@@ -236,7 +269,8 @@ _REGISTERED.append(FLUX2_DEV)
 # FLUX.2 [klein] 4B (black-forest-labs/FLUX.2-klein-4B, step-distilled): 5 double + 20 single blocks,
 # 24 heads x 128 = 3072 wide, no guidance embedding; 3.9 B parameters (counted from the config).
 # Text encoder Qwen3-4B (4.0 B; layers 9/18/27 stacked: 7680 wide), 512 prompt tokens. Model card:
-# 4 steps, guidance 1 (distilled: no CFG). Klein 4B is Apache-2.0.
+# 4 steps, guidance 1 (distilled: no CFG). Klein 4B is Apache-2.0. Reference images: optional, up to 4
+# for [klein] 4B and 9B (BFL's editing guide, docs.bfl.ai/guides/prompting_editing_overview).
 FLUX2_KLEIN_4B = ModelInfo(
     id="flux2-klein-4b",
     family="flux2_klein",
@@ -257,6 +291,8 @@ FLUX2_KLEIN_4B = ModelInfo(
     comfy_naming="kohya",
     kohya_architecture="Flux.2-klein-4b/lora",
     kohya_network_module="networks.lora_flux_2",
+    max_controls=4,
+    controls_required=False,
     tiny={"distilled": True},
     **_flux2_figures(3.9, 3072, 5 + 20),
 )
@@ -463,6 +499,43 @@ QWEN_IMAGE = ModelInfo(
     step_s=_scaled_step_s(20.4, 512),
 )
 _REGISTERED.append(QWEN_IMAGE)
+# Qwen/Qwen-Image-Edit: Qwen-Image's transformer and VAE trained to edit; the control image enters
+# twice: its VAE latents join the sequence after the target's, and Qwen2.5-VL reads it with the
+# instruction (so the text embeddings depend on the control image). Model card: 50 steps,
+# true_cfg_scale 4.0, negative prompt " ". The text stream carries the VL's image tokens too: the
+# pipeline reads its control at ~1 MP (1036 x 1036 for the VL: 37 x 37 = 1369 tokens), plus the
+# vision start / end and the template's 5 tokens after the prompt.
+QWEN_IMAGE_EDIT = replace(
+    QWEN_IMAGE,
+    id="qwen-image-edit",
+    family="qwen_image_edit",
+    title="Qwen-Image-Edit",
+    base_weights="Qwen/Qwen-Image-Edit",
+    pipeline="QwenImageEditPipeline",
+    kohya_architecture="qwen-image-edit/lora",
+    fixed_text_tokens=1369 + 2 + 5,
+    step_s=_scaled_step_s(20.4, 512 + 1376 + 4096),
+    max_controls=1,
+    controls_required=True,
+)
+_REGISTERED.append(QWEN_IMAGE_EDIT)
+# Qwen/Qwen-Image-Edit-2509 ("Edit Plus"): the same architecture, up to three control images (each
+# read by Qwen2.5-VL at ~384x384 and VAE-encoded at ~1 MP), QwenImageEditPlusPipeline. Text tokens
+# besides the prompt, for one control: 14 x 14 = 196 image tokens, "Picture 1: " and the vision
+# start / end (7), the template's 5 after the prompt.
+QWEN_IMAGE_EDIT_PLUS = replace(
+    QWEN_IMAGE_EDIT,
+    id="qwen-image-edit-plus",
+    title="Qwen-Image-Edit-2509",
+    base_weights="Qwen/Qwen-Image-Edit-2509",
+    pipeline="QwenImageEditPlusPipeline",
+    kohya_architecture="qwen-image-edit-plus/lora",
+    fixed_text_tokens=196 + 7 + 5,
+    step_s=_scaled_step_s(20.4, 512 + 208 + 4096),
+    max_controls=3,
+    tiny={"plus": True},
+)
+_REGISTERED.append(QWEN_IMAGE_EDIT_PLUS)
 
 _Z_ATTN = r"attention\.(to_q|to_k|to_v|to_out\.0)"
 _Z_BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+"

@@ -49,6 +49,7 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "9:16": (768, 1344),
     "9:21": (640, 1536),
 }
+MATCH_INPUT = "match_input_image"  # the input image's aspect ratio (1:1 without one)
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_EXTRA_ADAPTERS = 4  # LoRAs other than the trained one kept loaded (least recently used go first)
 
@@ -61,7 +62,8 @@ class InputError(ValueError):
 class RenderRequest:
     prompt: str
     negative_prompt: str = ""
-    aspect_ratio: str = "1:1"
+    aspect_ratio: str = MATCH_INPUT
+    input_images: tuple[str, ...] = ()  # edit models / references: input_image, then input_images
     width: int | None = None
     height: int | None = None
     num_outputs: int = 1
@@ -182,6 +184,7 @@ class Renderer:
         guidance: float,
         seeds: list[int],
         max_sequence_length: int | None,
+        images: list[Any] | None = None,
     ) -> list[Any]:
         import torch
 
@@ -203,6 +206,8 @@ class Renderer:
         )
         if max_sequence_length and info.max_text_tokens:
             kw["max_sequence_length"] = max_sequence_length
+        if images:  # the image to edit, or the references, as the family's pipeline takes them
+            kw.update(family_class(info.id).run_image_inputs(images, width, height, self.pixel_multiple()))
         with torch.inference_mode():
             return list(self.pipe(**kw).images)
 
@@ -343,14 +348,20 @@ class InferenceSession:
         return model, base, loras, primary
 
     # -- one prediction ---------------------------------------------------------------------------
-    def size(self, req: RenderRequest) -> tuple[int, int]:
+    def size(self, req: RenderRequest, first_image: Any = None) -> tuple[int, int]:
         if req.aspect_ratio == "custom":
             w, h = req.width or 1024, req.height or 1024
+        elif req.aspect_ratio == MATCH_INPUT:
+            w, h = ASPECT_RATIOS["1:1"]
+            if first_image is not None:  # about one megapixel at the input image's aspect ratio
+                w = round((w * h * first_image.width / first_image.height) ** 0.5)
+                h = round(w * first_image.height / first_image.width)
         elif req.aspect_ratio in ASPECT_RATIOS:
             w, h = ASPECT_RATIOS[req.aspect_ratio]
         else:
             raise InputError(
-                f"aspect_ratio: {req.aspect_ratio!r} is not one of {', '.join([*ASPECT_RATIOS, 'custom'])}"
+                f"aspect_ratio: {req.aspect_ratio!r} is not one of "
+                f"{', '.join([MATCH_INPUT, *ASPECT_RATIOS, 'custom'])}"
             )
         m = self.renderer.pixel_multiple()
         fw, fh = max(m, w // m * m), max(m, h // m * m)
@@ -375,7 +386,8 @@ class InferenceSession:
         guidance = info.render_guidance if req.guidance_scale is None else req.guidance_scale
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**32 - 4)
         seeds = [seed + i for i in range(req.num_outputs)]
-        width, height = self.size(req)
+        images = input_images(req, info)
+        width, height = self.size(req, images[0] if images else None)
         msl = None
         if info.max_text_tokens:  # the prompt length the weights were trained with
             spec = (primary.config or {}).get("spec", {}) if primary else {}
@@ -392,10 +404,39 @@ class InferenceSession:
         )
         started = time.monotonic()
         images = self.renderer.render(
-            req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl
+            req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl, images
         )
         self.log(f"render: {len(images)} image(s) in {time.monotonic() - started:.1f}s")
         return save_images(images, out_dir, req.output_format, req.output_quality)
+
+
+def input_images(req: RenderRequest, info: Any) -> list[Any]:
+    """The request's input images, checked against what the model takes, as 8-bit RGB (EXIF
+    rotation applied, the dataset's pixel cap); InputError naming the input otherwise."""
+    from .data import UnsafeArchiveError, load_rgb
+    from .dataset_rules import DEFAULT_MAX_IMAGE_PIXELS
+
+    given = list(req.input_images)
+    if info.controls_required and not given:
+        raise InputError(f"input_image: {info.title} edits an image: give the image to edit as input_image")
+    if given and not info.takes_controls:
+        raise InputError(
+            f"input_image: {info.title} draws from the prompt alone and takes no input image "
+            f"(edit models take one: see docs/edit.md)"
+        )
+    if len(given) > info.max_controls:
+        raise InputError(
+            f"input_images: {len(given)} images given, {info.title} takes at most {info.max_controls}"
+        )
+    images = []
+    for i, ref in enumerate(given):
+        name = "input_image" if i == 0 else f"input_images[{i - 1}]"
+        try:
+            images.append(load_rgb(Path(ref), DEFAULT_MAX_IMAGE_PIXELS))
+        except (OSError, ValueError, SyntaxError) as exc:  # UnsafeArchiveError is a ValueError
+            what = "is too large" if isinstance(exc, UnsafeArchiveError) else "cannot be read as an image"
+            raise InputError(f"{name}: {Path(ref).name} {what} ({exc})") from None
+    return images
 
 
 def save_images(images: list[Any], out_dir: Path, fmt: str, quality: int) -> list[Path]:

@@ -41,7 +41,14 @@ from .checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from .data import DataLimits, StagedDataset, add_trigger_word, dataset_report_lines, stage_dataset
+from .data import (
+    DataLimits,
+    StagedDataset,
+    add_trigger_word,
+    dataset_report_lines,
+    stage_dataset,
+)
+from .edit import ValidationControlError, pair_rule, side_by_side, validation_control_sets
 from .export import (
     CONTACT_SHEET,
     SCORE_PLOT,
@@ -296,10 +303,12 @@ def stage(ctx: RunContext, data: Path) -> StagedDataset:
     with ctx.phase("stage"):
         limits = DataLimits(spec.dataset.max_files, spec.dataset.max_bytes, spec.dataset.max_image_pixels)
         args = (limits, spec.trigger_word, spec.dataset.default_caption, spec.dataset.trigger_word_position)
-        dataset = stage_dataset(data, ctx.work, *args) if ctx.main else None
+        pairs = pair_rule(spec)
+        dataset = stage_dataset(data, ctx.work, *args, pairs=pairs) if ctx.main else None
         ctx.accelerator.wait_for_everyone()
         if dataset is None:
-            dataset = stage_dataset(data if data.is_dir() else ctx.work / "dataset", ctx.work, *args)
+            folder = data if data.is_dir() else ctx.work / "dataset"
+            dataset = stage_dataset(folder, ctx.work, *args, pairs=pairs)
     return dataset
 
 
@@ -341,7 +350,11 @@ def cache_dataset(
     with ctx.phase("cache"):
         on_item = (lambda i, n: progress.emit(progress.format_progress("cache", i, n))) if ctx.main else None
         args = (spec.resolutions, prompts, device, spec.dataset.max_image_pixels)
-        cache = build_cache(family, dataset, *args, on_item)
+        try:
+            controls = validation_control_sets(spec, dataset, held)
+        except ValidationControlError as exc:
+            raise TrainingError(str(exc)) from None
+        cache = build_cache(family, dataset, *args, on_item, controls)
         holdout = build_cache(family, held, *args) if held is not None else None
         family.release_text_encoders()  # not needed again: every prompt is cached
         family.pipe.vae.to("cpu")  # back only for validation renders
@@ -483,11 +496,21 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
         out = ctx.out_dir / "samples"
         out.mkdir(exist_ok=True)
         try:
+            sets = trainer.cache.validation_controls
             for k, (_, text) in enumerate(trainer.cache.validation):
+                controls = list(sets[k].images) if sets else None
                 with ctx.accelerator.autocast():
                     img = family.render(
-                        text, v.resolution, v.num_inference_steps, v.guidance_scale, v.seed + k, ctx.device
+                        text,
+                        v.resolution,
+                        v.num_inference_steps,
+                        v.guidance_scale,
+                        v.seed + k,
+                        ctx.device,
+                        controls=controls,
                     )
+                if controls:  # an edit: control(s) | result
+                    img = side_by_side([*controls, img])
                 path = out / f"step-{step:06d}-{k}.png"
                 img.save(path)
                 paths.append(path)

@@ -109,6 +109,14 @@ class ValidationSpec(_Section):
         description="a CLIP model (folder, name under weights/, or Hub id) that scores each validation "
         "step's renders: likeness to the training images and agreement with each prompt",
     )
+    control_images: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="edit models: the control images each validation prompt is rendered on, by their "
+        "names in the dataset (a target's name takes its controls; a control file without a target "
+        "is never trained on); default: the controls without a target, else those of the held-out "
+        "pairs, else the first pair's",
+    )
 
     @field_validator("holdout")
     @classmethod
@@ -437,6 +445,15 @@ def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     if d.get("mode") == "full" and info.full_finetune:
         problems.append(
             ({"model", "mode"}, f"mode: full fine-tune of {model} is refused: {info.full_finetune}")
+        )
+    validation = d.get("validation")
+    if isinstance(validation, dict) and validation.get("control_images") and not info.takes_controls:
+        problems.append(
+            (
+                {"model", "validation"},
+                f"validation.control_images: {model} draws from the prompt alone and takes no control "
+                f"images (edit models do: docs/edit.md)",
+            )
         )
     return problems
 

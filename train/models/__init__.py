@@ -19,7 +19,8 @@ def family_class(model: str) -> type[Family]:
     # Imported on demand: each family module loads its diffusers pipeline code (seconds), and a
     # process needs only one of them.
     module = importlib.import_module(f"{__name__}.{model_info(model).family}")
-    return module.FAMILY
+    # a module serving several models may name a class per model id (``FAMILIES``), else ``FAMILY``
+    return getattr(module, "FAMILIES", {}).get(model, module.FAMILY)
 
 
 def family_for(spec: TrainingSpec, base_dir: Path) -> Family:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +64,27 @@ class Batch:
     text: dict[str, torch.Tensor]  # family-specific cached text embeddings, batched
     time_ids: torch.Tensor  # (B, 6) original size, crop top-left, target size (SDXL uses it)
     rng: BatchRandom  # this batch's share of the global batch's random draws
+    # Edit models: one tensor per control slot k, (B, C, h_k, w_k), the k-th control image's latents
+    # as ``Family.encode_controls`` returned them (the family normalises them itself). Every item of
+    # a batch has as many controls, of the same shapes per slot; empty for text-to-image batches.
+    controls: list[torch.Tensor] = field(default_factory=list)
+
+
+def edit_size(width: int, height: int, size: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of about ``size`` x ``size`` pixels with the aspect ratio of ``width`` x
+    ``height``, each side a multiple of ``multiple`` (at least one multiple)."""
+    aspect = width / height
+    w = max(multiple, round((size * size * aspect) ** 0.5 / multiple) * multiple)
+    h = max(multiple, round((size * size / aspect) ** 0.5 / multiple) * multiple)
+    return w, h
 
 
 class Family(ABC):
     pipeline_cls: Any
     denoiser_name: str  # "transformer" | "unet"
+    # The text encoder reads the control images too (Qwen-Image-Edit's VL encoder): prompts are then
+    # cached per item with ``encode_prompts_with_controls``, not once per distinct caption.
+    text_reads_controls: bool = False
 
     def __init__(self, spec: TrainingSpec, base_dir: Path):
         self.spec = spec
@@ -144,6 +160,20 @@ class Family(ABC):
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
+    @torch.no_grad()
+    def encode_controls(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Control images (B, 3, H, W) in [-1, 1] -> (B, C, h, w) fp32 latents, as the edit pipelines
+        encode their input image: the posterior's mode (``sample_mode="argmax"``), not normalised."""
+        return self.encode_images(pixels)[0]
+
+    def encode_prompts_with_controls(
+        self, prompts: list[str], controls: list[list[Any]], device: torch.device, *, for_render: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """Prompts read together with their control images (``controls[i]``: prompt i's PIL images),
+        for families whose text encoder sees the images. ``for_render``: the images are as the user
+        gave them (resize them as the pipeline does); else they are at their training bucket."""
+        raise NotImplementedError(f"{type(self).__name__}: the text encoder does not read control images")
+
     # -- training --------------------------------------------------------------------------------
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -163,8 +193,10 @@ class Family(ABC):
         guidance: float,
         seed: int,
         device: torch.device,
+        controls: list[Any] | None = None,
     ) -> Any:
-        """A PIL image from cached prompt embeddings with the current denoiser."""
+        """A PIL image from cached prompt embeddings with the current denoiser; ``controls``: the
+        control images (PIL) of an edit render, passed as ``control_inputs`` says."""
         # The prompts come as cached embeddings, so the pipeline is built without text encoders
         # (they left the device, and the process, after caching).
         names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
@@ -173,8 +205,7 @@ class Family(ABC):
         pipe.set_progress_bar_config(disable=True)
         return pipe(
             **self.render_inputs(text, device),
-            height=size,
-            width=size,
+            **self.control_inputs(controls or [], size),
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=torch.Generator(device="cpu").manual_seed(seed),
@@ -193,6 +224,21 @@ class Family(ABC):
         """The pipeline's prompt-embedding arguments for one cached prompt (batch of one)."""
         dtype = self.denoiser_dtype
         return {k: v[None].to(device, dtype if v.is_floating_point() else None) for k, v in text.items()}
+
+    def control_inputs(self, controls: list[Any], size: int) -> dict[str, Any]:
+        """The pipeline's size and image arguments for a validation render of about ``size`` x
+        ``size`` pixels: square without controls; else the control image (a list for several) and
+        an output of the first control's aspect ratio."""
+        if not controls:
+            return {"height": size, "width": size}
+        width, height = edit_size(controls[0].width, controls[0].height, size, self.pixel_multiple())
+        return {"height": height, "width": width, **self.run_image_inputs(controls, width, height, 0)}
+
+    @classmethod
+    def run_image_inputs(cls, images: list[Any], width: int, height: int, multiple: int) -> dict[str, Any]:
+        """The pipeline's image arguments for a render of ``width`` x ``height`` with these input
+        images (the image to edit, or the references): ``image``, one or a list."""
+        return {"image": images[0] if len(images) == 1 else list(images)}
 
     def render_components(self) -> dict[str, Any]:
         """The pipeline parts a validation render needs, the text encoders aside."""

@@ -15,6 +15,18 @@ a training step feeds it:
   training); [klein] has no guidance embedding (the base models use real CFG at inference).
 
 The target is the velocity ``noise - x0`` of the straight path ``x_t = (1 - s) x0 + s noise``.
+
+Reference images (``image=[...]`` in both pipelines' ``__call__``): each reference's VAE latent
+(the posterior's mode, ``sample_mode="argmax"``: the mean, which ``Family.encode_controls`` caches
+raw), patchified and batch-normalised as the target is (``_encode_vae_image``), packed, and its
+tokens joined after the noisy target's (``prepare_image_latents``), with position ids
+``(t=10, 20, ..., h, w, 0)``, one time coordinate per reference (``_prepare_image_ids``). The
+transformer's prediction for the reference tokens is dropped (the pipelines keep
+``noise_pred[:, :latents.size(1)]``), so the loss is on the target tokens only. The text encoders
+never see the references (the prompt embedding is the text-to-image one), and the noise-level shift
+counts the target tokens only (``image_seq_len = latents.shape[1]``). The pipelines resize a
+reference only above 1 MP and crop it to a multiple of 16; training puts each reference into its
+own aspect bucket at the training resolution instead (train/cache.py), as large as the target.
 """
 
 from __future__ import annotations
@@ -119,29 +131,48 @@ class Flux2Family(Family):
             self._ids[key] = ids.to(device)
         return self._ids[key]
 
+    def _reference_tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference images' tokens (B, N_ref, 4C) and position ids (N_ref, 4) as
+        ``prepare_image_latents`` builds them, or None for a text-to-image batch."""
+        if not batch.controls:
+            return None
+        refs = [self.normalise(c) for c in batch.controls]  # (B, 4C, h_k, w_k) each
+        key = ("references", tuple(tuple(r.shape[2:]) for r in refs), refs[0].device)
+        if key not in self._ids:  # t = 10, 20, ... per reference (_prepare_image_ids)
+            self._ids[key] = self.pipeline_cls._prepare_image_ids([r[:1] for r in refs])[0].to(refs[0].device)
+        tokens = torch.cat([self.pipeline_cls._pack_latents(r) for r in refs], dim=1)
+        return tokens, self._ids[key]
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         x0 = self.normalise(self.sample_latents(batch))  # (B, 4C, h, w)
         b, c, h, w = x0.shape
         noise = batch.rng.randn(c, h, w)
-        sigmas = self.sample_sigmas(batch.rng, h * w)
+        sigmas = self.sample_sigmas(batch.rng, h * w)  # the shift counts the target tokens only
         s = sigmas.view(b, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise  # straight path from data (s=0) to noise (s=1)
         target = noise - x0  # its velocity
 
         embeds = batch.text["prompt_embeds"]
         dtype = embeds.dtype
+        tokens = self.pipeline_cls._pack_latents(noisy)  # (B, h*w, 4C)
+        img_ids = self._position_ids("image", (h, w), x0.device)
+        references = self._reference_tokens(batch)
+        if references is not None:  # joined after the target's tokens, as the pipelines do
+            tokens = torch.cat([tokens, references[0]], dim=1)
+            img_ids = torch.cat([img_ids, references[1]], dim=0)
         guidance = None
         if self.denoiser_config().get("guidance_embeds", True):  # the class default
             guidance = torch.full((b,), self.spec.flow.guidance, device=x0.device, dtype=torch.float32)
         pred = model(
-            hidden_states=self.pipeline_cls._pack_latents(noisy).to(dtype),  # (B, h*w, 4C)
+            hidden_states=tokens.to(dtype),
             encoder_hidden_states=embeds,
             timestep=sigmas.to(dtype),
-            img_ids=self._position_ids("image", (h, w), x0.device),
+            img_ids=img_ids,
             txt_ids=self._position_ids("text", (embeds.shape[1],), x0.device),
             guidance=guidance,
             return_dict=False,
         )[0]
+        pred = pred[:, : h * w]  # the target's tokens; the references' predictions are dropped
         return F.mse_loss(pred.float(), self.pipeline_cls._pack_latents(target).float())
 
     def denoiser_config(self) -> dict[str, Any]:

@@ -135,22 +135,30 @@ class QwenImageFamily(Family):
         x0 = (self.sample_latents(batch) - mean) / std  # (B, C, h, w)
         b, c, h, w = x0.shape
         noise = batch.rng.randn(c, h, w)
+        # the pipelines' mu reads the target's token count (latents.shape[1]), never the controls'
         sigmas = flow_sigmas(self.spec.flow, batch.rng, self.pipe.scheduler.config, (h // 2) * (w // 2))
         s = sigmas.view(b, 1, 1, 1)
         noisy = (1.0 - s) * x0 + s * noise
         target = noise - x0
 
+        # Edit models: each control's normalised, packed latents follow the target's tokens, each
+        # image with its own RoPE grid in ``img_shapes`` (QwenImageEditPipeline.__call__)
+        pack = QwenImagePipeline._pack_latents
+        controls = [(k - mean) / std for k in batch.controls]  # each (B, C, h_k, w_k)
+        hidden = torch.cat([pack(noisy, b, c, h, w), *(pack(k, b, c, *k.shape[2:]) for k in controls)], dim=1)
+        shapes = [(1, h // 2, w // 2), *((1, k.shape[2] // 2, k.shape[3] // 2) for k in controls)]
         embeds, mask = self.trimmed(batch.text)
         dtype = embeds.dtype
         pred = model(
-            hidden_states=QwenImagePipeline._pack_latents(noisy, b, c, h, w).to(dtype),
+            hidden_states=hidden.to(dtype),
             timestep=sigmas.to(dtype),
             encoder_hidden_states=embeds,
             encoder_hidden_states_mask=mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            img_shapes=[shapes] * b,
             return_dict=False,
         )[0]
-        return F.mse_loss(pred.float(), QwenImagePipeline._pack_latents(target, b, c, h, w).float())
+        n_target = (h // 2) * (w // 2)  # the loss is on the target's tokens only
+        return F.mse_loss(pred[:, :n_target].float(), pack(target, b, c, h, w).float())
 
     # -- validation and export -----------------------------------------------------------------
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
@@ -159,6 +167,10 @@ class QwenImageFamily(Family):
         if mask is not None:
             out["prompt_embeds_mask"] = mask.to(device)
         return out
+
+    def negative_text(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The negative prompt's cached embeddings for a render of ``text`` (None: no CFG)."""
+        return self.negative
 
     @torch.no_grad()
     def render(
@@ -169,20 +181,22 @@ class QwenImageFamily(Family):
         guidance: float,
         seed: int,
         device: torch.device,
+        controls: list[Any] | None = None,
     ) -> Any:
         """As the base class renders, with the guidance scale as the pipeline's ``true_cfg_scale``
         against the cached negative prompt (Qwen-Image has no guidance embedding)."""
-        pipe = self.pipeline_cls(**{"text_encoder": None, "tokenizer": None, **self.render_components()})
+        names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
+        absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer", "processor"))}
+        pipe = self.pipeline_cls(**{**absent, **self.render_components()})
         pipe.set_progress_bar_config(disable=True)
         kw = self.render_inputs(text, device)
-        if guidance > 1 and self.negative is not None:
-            negative = self.render_inputs(self.negative, device)
-            kw.update({f"negative_{k}": v for k, v in negative.items()})
+        negative = self.negative_text(text)
+        if guidance > 1 and negative is not None:
+            kw.update({f"negative_{k}": v for k, v in self.render_inputs(negative, device).items()})
         return pipe(
             **kw,
+            **self.control_inputs(controls or [], size),
             true_cfg_scale=guidance,
-            height=size,
-            width=size,
             num_inference_steps=steps,
             generator=torch.Generator(device="cpu").manual_seed(seed),
         ).images[0]

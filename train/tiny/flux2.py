@@ -181,6 +181,14 @@ def flux2_vae() -> AutoencoderKLFlux2:
     assert mean is not None and var is not None, "the Flux.2 VAE tracks its latent statistics"
     mean.copy_(0.2 * torch.randn(mean.shape))
     var.copy_(0.5 + torch.rand(var.shape))
+    # a near-deterministic posterior, as a trained VAE's is (std ~0.02, not a random init's ~1):
+    # else a training latent is mostly posterior noise, which no conditioning (a reference image,
+    # a caption) can predict, and the loss hardly falls whatever the model learns
+    assert vae.quant_conv is not None
+    logvar = slice(LATENT_CHANNELS, 2 * LATENT_CHANNELS)
+    vae.quant_conv.weight.data[logvar] = 0.0
+    assert vae.quant_conv.bias is not None
+    vae.quant_conv.bias.data[logvar] = -8.0
     return vae
 
 

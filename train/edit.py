@@ -1,0 +1,97 @@
+"""Edit models around the training loop: which pairs a model takes, the validation control images,
+and the side-by-side samples (docs/edit.md).
+
+An edit model (FLUX.1 Kontext, Qwen-Image-Edit) trains on before/after pairs: a target image, its
+control image(s) and an instruction; Flux.2 may take reference images too. The dataset contract
+(``NAME_control.ext``, ``control/NAME.ext``, ``metadata.jsonl`` ``control_file_name``) is
+``train/dataset_rules.py``'s; the control latents are cached by ``train/cache.py``; the maths is the
+family's. Here: the glue the loop needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from PIL import Image
+
+from .cache import ControlSet
+from .data import ControlRecord, StagedDataset, load_rgb
+from .dataset_rules import PairRule
+from .families import model_info
+from .spec import TrainingSpec
+
+DEFAULT_CONTROL_SETS = 2  # validation renders each prompt on this many control sets by default
+GAP = 4  # pixels of white between the panels of a side-by-side sample
+
+
+class ValidationControlError(ValueError):
+    """A ``validation.control_images`` name the dataset does not hold."""
+
+
+def pair_rule(spec: TrainingSpec) -> PairRule:
+    """What the staging expects of the dataset for ``spec.model`` (pairs, how many controls)."""
+    info = model_info(spec.model)
+    return PairRule(model=spec.model, max_controls=info.max_controls, required=info.controls_required)
+
+
+def validation_control_sets(
+    spec: TrainingSpec, train: StagedDataset, held: StagedDataset | None
+) -> list[ControlSet]:
+    """The control images each validation prompt is rendered on ([] for an unpaired set).
+
+    Named by ``validation.control_images`` (a target's name takes its controls, a control file's
+    name that image alone), else: the controls without a target (never trained on), else the
+    held-out pairs' controls, else the first pair's; at most ``DEFAULT_CONTROL_SETS`` by default.
+    """
+    pairs = [r for ds in (held, train) if ds is not None for r in ds.images if r.controls]
+    if not pairs and not train.loose_controls:
+        return []
+    max_pixels = spec.dataset.max_image_pixels
+    names = spec.validation.control_images
+    if names:
+        return [_named_set(name, pairs, train.loose_controls, max_pixels) for name in names]
+    loose = [ControlSet(c.name, (load_rgb(c.path, max_pixels),)) for c in train.loose_controls]
+    held_pairs = [r for r in held.images if r.controls] if held is not None else []
+    chosen = held_pairs or [r for r in train.images if r.controls][:1]
+    sets = loose + [_record_set(r.name, r.controls, max_pixels) for r in chosen]
+    return sets[:DEFAULT_CONTROL_SETS]
+
+
+def _record_set(name: str, controls: tuple[ControlRecord, ...], max_pixels: int) -> ControlSet:
+    return ControlSet(name, tuple(load_rgb(c.path, max_pixels) for c in controls))
+
+
+def _named_set(name: str, pairs: list, loose: list[ControlRecord], max_pixels: int) -> ControlSet:
+    """The control set a ``validation.control_images`` entry names (with or without extension)."""
+    want = name.replace("\\", "/").strip("/")
+
+    def same(dataset_name: str) -> bool:
+        return want in (dataset_name, str(PurePosixPath(dataset_name).with_suffix("")))
+
+    for r in pairs:
+        if same(r.name):
+            return _record_set(r.name, r.controls, max_pixels)
+    for c in [c for r in pairs for c in r.controls] + list(loose):
+        if same(c.name):
+            return _record_set(c.name, (c,), max_pixels)
+    known = [r.name for r in pairs[:5]] + [c.name for c in loose[:5]]
+    raise ValidationControlError(
+        f"validation.control_images: {name!r} is neither a target nor a control image of the dataset "
+        f"(for example: {', '.join(known) or 'none'})"
+    )
+
+
+def side_by_side(images: list[Image.Image]) -> Image.Image:
+    """The images in a row (controls, then the result), each scaled to the last one's height."""
+    height = images[-1].height
+    scaled = [
+        im if im.height == height else im.resize((max(1, round(im.width * height / im.height)), height))
+        for im in images
+    ]
+    width = sum(im.width for im in scaled) + GAP * (len(scaled) - 1)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    x = 0
+    for im in scaled:
+        sheet.paste(im.convert("RGB"), (x, 0))
+        x += im.width + GAP
+    return sheet

@@ -103,7 +103,7 @@ def test_the_static_schema_says_what_the_code_says(component, module, cls, metho
 
 
 def test_the_cog_choices_and_bounds_are_the_spec_and_renderers_own():
-    from train.inference import ASPECT_RATIOS, OUTPUT_FORMATS
+    from train.inference import ASPECT_RATIOS, MATCH_INPUT, OUTPUT_FORMATS
     from train.spec import MODEL_FAMILIES, TrainingSpec
 
     schema = _schema()["components"]["schemas"]
@@ -114,7 +114,7 @@ def test_the_cog_choices_and_bounds_are_the_spec_and_renderers_own():
 
     assert enum(train["model"]) == list(MODEL_FAMILIES)
     assert enum(train["mode"]) == list(typing.get_args(TrainingSpec.model_fields["mode"].annotation))
-    assert enum(run["aspect_ratio"]) == [*ASPECT_RATIOS, "custom"]
+    assert enum(run["aspect_ratio"]) == [MATCH_INPUT, *ASPECT_RATIOS, "custom"]
     assert enum(run["output_format"]) == list(OUTPUT_FORMATS)
     # nothing Cog lets through may be refused by the spec: each Cog bound lies inside the spec's
     for cog_name, spec_field in (("steps", "steps"), ("batch_size", "batch_size"), ("seed", "seed")):

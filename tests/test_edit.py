@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import quick_spec, train_quietly
-from train.edit import GAP, side_by_side
+from train.edit import GAP, result_panel, save_sample, side_by_side
 from train.families import model_info
 from train.inference import InputError, RenderRequest, input_images
 from train.loop import TrainingError
@@ -74,10 +74,19 @@ def test_validation_control_images_names_them_and_an_unknown_name_is_refused(
         train_quietly(bad, pairs_with_a_loose_control, tmp_path / "b")
 
 
-def test_side_by_side_scales_every_panel_to_the_result_height():
+def test_side_by_side_scales_every_panel_to_the_result_height_and_the_png_says_where_the_result_is(
+    tmp_path,
+):
     a, b = Image.new("RGB", (40, 20), "red"), Image.new("RGB", (30, 30), "blue")
     sheet = side_by_side([a, b])
     assert sheet.size == (60 + GAP + 30, 30)
+    save_sample(sheet, tmp_path / "s.png")
+    with Image.open(tmp_path / "s.png") as saved:
+        result = result_panel(saved)  # what the CLIP scores read: the result, not the control
+        assert result.size == (30, 30) and set(result.convert("RGB").getdata()) == {(0, 0, 255)}
+    save_sample(b, tmp_path / "plain.png")
+    with Image.open(tmp_path / "plain.png") as plain:
+        assert result_panel(plain).size == (30, 30)
 
 
 def _request(tmp_path: Path, n: int) -> RenderRequest:
@@ -132,3 +141,16 @@ def test_the_spec_refuses_validation_controls_for_a_text_to_image_model():
     assert parse_spec(
         {"model": KONTEXT, "validation": {"control_images": ["a.png"]}}
     ).validation.control_images
+
+
+def test_match_input_image_renders_about_a_megapixel_at_the_input_images_aspect():
+    from types import SimpleNamespace
+
+    from train.inference import InferenceSession
+
+    logs: list[str] = []
+    session = SimpleNamespace(renderer=SimpleNamespace(pixel_multiple=lambda: 16), log=logs.append)
+    req = RenderRequest(prompt="x")  # aspect_ratio defaults to match_input_image
+    w, h = InferenceSession.size(session, req, Image.new("RGB", (300, 200)))  # type: ignore[arg-type]
+    assert (w % 16, h % 16) == (0, 0) and abs(w / h - 1.5) < 0.02 and 0.95e6 < w * h <= 1024 * 1024
+    assert InferenceSession.size(session, req, None) == (1024, 1024)  # type: ignore[arg-type]

@@ -10,9 +10,10 @@ family's. Here: the glue the loop needs.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .cache import ControlSet
 from .data import ControlRecord, StagedDataset, load_rgb
@@ -81,8 +82,12 @@ def _named_set(name: str, pairs: list, loose: list[ControlRecord], max_pixels: i
     )
 
 
+RESULT_BOX = "result_box"  # PNG text chunk of a side-by-side sample: where the result panel is
+
+
 def side_by_side(images: list[Image.Image]) -> Image.Image:
-    """The images in a row (controls, then the result), each scaled to the last one's height."""
+    """The images in a row (controls, then the result), each scaled to the last one's height; the
+    result panel's box is kept in ``info[RESULT_BOX]`` (``save_sample`` writes it into the PNG)."""
     height = images[-1].height
     scaled = [
         im if im.height == height else im.resize((max(1, round(im.width * height / im.height)), height))
@@ -94,4 +99,25 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
     for im in scaled:
         sheet.paste(im.convert("RGB"), (x, 0))
         x += im.width + GAP
+    left = width - scaled[-1].width
+    sheet.info[RESULT_BOX] = f"{left},0,{width},{height}"
     return sheet
+
+
+def save_sample(img: Image.Image, path: Path) -> None:
+    """Write a validation sample as PNG, with its result panel's box when it is a side-by-side one."""
+    info = None
+    if RESULT_BOX in img.info:
+        info = PngInfo()
+        info.add_text(RESULT_BOX, img.info[RESULT_BOX])
+    img.save(path, format="PNG", pnginfo=info)
+
+
+def result_panel(img: Image.Image) -> Image.Image:
+    """The result of a validation sample: the right-hand panel of a side-by-side one, else itself
+    (what the render scores compare with the training images and the prompt)."""
+    box = img.info.get(RESULT_BOX)
+    if not box:
+        return img
+    x0, y0, x1, y1 = (int(v) for v in str(box).split(","))
+    return img.crop((x0, y0, x1, y1))

@@ -48,7 +48,7 @@ from .data import (
     dataset_report_lines,
     stage_dataset,
 )
-from .edit import ValidationControlError, pair_rule, side_by_side, validation_control_sets
+from .edit import ValidationControlError, pair_rule, save_sample, side_by_side, validation_control_sets
 from .export import (
     CONTACT_SHEET,
     SCORE_PLOT,
@@ -228,7 +228,7 @@ def run_training(
     cache, holdout = cache_dataset(ctx, family, dataset, prompts, held)
     load_denoiser(ctx, family)
     renders = RenderSamples(spec.validation.interval, spec.steps)
-    keeper = KeepSteps(ctx, prompts, dataset, holdout)
+    keeper = KeepSteps(ctx, dataset, holdout)
     hooks: list = [renders, keeper, SaveCheckpoint(spec.checkpoint_interval, spec.steps, keeper)]
     trainer = build_trainer(ctx, family, cache, hooks)
     if ckpt is not None:
@@ -512,7 +512,7 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
                 if controls:  # an edit: control(s) | result
                     img = side_by_side([*controls, img])
                 path = out / f"step-{step:06d}-{k}.png"
-                img.save(path)
+                save_sample(img, path)
                 paths.append(path)
         finally:
             family.pipe.vae.to("cpu")

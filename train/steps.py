@@ -47,7 +47,6 @@ class KeepSteps(Periodic):
     def __init__(
         self,
         ctx: RunContext,
-        prompts: list[str],
         dataset: StagedDataset,
         holdout: LatentCache | None,
     ):
@@ -55,7 +54,6 @@ class KeepSteps(Periodic):
         super().__init__(spec.validation.interval, spec.steps)
         self.ctx, self.holdout = ctx, holdout
         self.records: list[StepScores] = []
-        self.alignment_texts = [strip_trigger(p, spec.trigger_word) for p in prompts]
         self.scorer: Any = None
         self.reference: torch.Tensor | None = None
         if spec.validation.scorer and ctx.main:
@@ -115,12 +113,13 @@ class KeepSteps(Periodic):
         if self.scorer is not None and self.reference is not None and renders:
             from PIL import Image
 
+            from .edit import result_panel
             from .scoring import render_scores
 
-            images = [Image.open(p) for p in renders]
-            record.samples.update(
-                render_scores(self.scorer, images, self.alignment_texts[: len(images)], self.reference)
-            )
+            images = [result_panel(Image.open(p)) for p in renders]  # an edit's result, not its control
+            # one text per render: an edit model renders each prompt on each validation control set
+            texts = [strip_trigger(p, spec.trigger_word) for p, _ in trainer.cache.validation]
+            record.samples.update(render_scores(self.scorer, images, texts[: len(images)], self.reference))
             self.scorer.offload()
         log("selection: step " + str(step) + ": " + _summary(record))
         return record

@@ -83,7 +83,7 @@ def test_side_by_side_scales_every_panel_to_the_result_height_and_the_png_says_w
     save_sample(sheet, tmp_path / "s.png")
     with Image.open(tmp_path / "s.png") as saved:
         result = result_panel(saved)  # what the CLIP scores read: the result, not the control
-        assert result.size == (30, 30) and set(result.convert("RGB").getdata()) == {(0, 0, 255)}
+        assert result.size == (30, 30) and result.convert("RGB").getcolors() == [(900, (0, 0, 255))]
     save_sample(b, tmp_path / "plain.png")
     with Image.open(tmp_path / "plain.png") as plain:
         assert result_panel(plain).size == (30, 30)

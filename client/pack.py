@@ -642,7 +642,7 @@ def _pair_rule(model: str | None) -> rules.PairRule | None:
         info = model_info(model)
     except KeyError as exc:
         raise PackError(str(exc.args[0])) from None
-    return rules.PairRule(model=model, max_controls=info.max_controls, required=info.controls_required)
+    return rules.PairRule.of(model, info)
 
 
 def inspect_folder(folder: Path) -> dict:
@@ -770,7 +770,8 @@ def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
     if not pairing.paired:
         return
     targets = [n for n in [*by_name, *scan.unusable] if n not in controls]
-    failed = {n: why for n in targets if (why := _pair_problem(n, pairing, rule, scan.unusable))}
+    sizes = {img.rel.as_posix(): (img.width, img.height) for img in scan.images.values()}
+    failed = {n: why for n in targets if (why := _pair_problem(n, pairing, rule, scan.unusable, sizes))}
     kept = {c for n in targets if n not in failed for c in pairing.controls.get(n, [])}
     for name, why in failed.items():
         leave_out(name, why)
@@ -791,7 +792,11 @@ def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
 
 
 def _pair_problem(
-    target: str, pairing: rules.Pairing, rule: rules.PairRule | None, unusable: set[str]
+    target: str,
+    pairing: rules.Pairing,
+    rule: rules.PairRule | None,
+    unusable: set[str],
+    sizes: dict[str, tuple[int, int]],
 ) -> str | None:
     """Why the trainer would skip ``target``'s pair (the same reasons, in the same order), or None."""
     if target in unusable:
@@ -805,7 +810,13 @@ def _pair_problem(
     if too_many:
         return too_many
     bad = [c for c in controls if c in unusable]
-    return f"pair left out: its control image {bad[0]} cannot be used" if bad else None
+    if bad:
+        return f"pair left out: its control image {bad[0]} cannot be used"
+    for c in controls:  # the model's pipeline's own limits (Flux.2: 64 px a side, 8:1)
+        shape = rules.control_shape_reason(rule, *sizes[c]) if rule is not None and c in sizes else None
+        if shape:
+            return f"pair left out: its control image {c} {shape}"
+    return None
 
 
 def _leave_out_orphan_captions(scan: _Scan) -> None:

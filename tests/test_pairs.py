@@ -472,3 +472,31 @@ def test_a_control_over_the_pixel_cap_refuses_the_archive_as_a_target_would(tmp_
     with pytest.raises(UnsafeArchiveError, match="a_control.png.*over the cap of 2000 pixels"):
         stage(archive, tmp_path, SINGLE, limits=DataLimits(max_image_pixels=2000))
     assert not (tmp_path / "job" / "dataset").exists()
+
+
+def test_flux2_references_its_pipeline_refuses_are_skipped_packed_out_and_refused_at_the_run_entry(tmp_path):
+    """Flux2ImageProcessor refuses references under 64 px a side or over 8:1: such a pair would
+    train and then fail its validation render, so staging and the packer leave it out, named."""
+    from train.data import stage_dataset
+    from train.families import model_info
+    from train.inference import InputError, RenderRequest, input_images
+    from train.sample_data import write_pair_dataset
+
+    folder = tmp_path / "refs"
+    write_pair_dataset(folder, count=3, size=(96, 96))
+    Image.new("RGB", (48, 48), "grey").save(folder / "pair_01_control.png")  # under 64 px
+    Image.new("RGB", (900, 100), "grey").save(folder / "pair_02_control.png")  # 9:1
+    rule = PairRule.of("flux2-klein-4b", model_info("flux2-klein-4b"))
+    ds = stage_dataset(folder, tmp_path / "job", pairs=rule)
+    assert [r.name for r in ds.images] == ["pair_00.png"]
+    reasons = dict(ds.skipped)
+    assert "at least 64 px a side" in reasons["pair_01_control.png"]
+    assert "up to 8:1" in reasons["pair_02_control.png"]
+    assert "pair_01_control.png" in reasons["pair_01.png"]
+    packed = pack_dataset(folder, tmp_path / "refs.zip", model="flux2-klein-4b")
+    assert packed.pairs == 1
+    with pytest.raises(InputError, match="input_image: pair_01_control.png is 48x48; model 'flux2-klein-4b'"):
+        input_images(
+            RenderRequest(prompt="x", input_images=(str(folder / "pair_01_control.png"),)),
+            model_info("flux2-klein-4b"),
+        )

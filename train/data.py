@@ -556,7 +556,7 @@ def _stage_folder(
     if not records:
         reasons = "; ".join(f"{n}: {r}" for n, r in found.skipped[:10]) or "the dataset holds no files"
         raise DatasetError(f"no usable image in the dataset ({reasons})")
-    loose = _loose_controls(root, pairing, limits, found.skipped)
+    loose = _loose_controls(root, pairing, captions.pairs, limits, found.skipped)
     return StagedDataset(
         root=root, images=records, skipped=found.skipped, dataset_hash=digest, loose_controls=loose
     )
@@ -708,6 +708,8 @@ def _pair_controls(
     records = []
     for i, name in enumerate(names):
         img, bad = _usable(paths[name], limits)
+        if img is not None and (bad := rules.control_shape_reason(rule, img.width, img.height) or ""):
+            img = None
         if img is None:
             skipped.append((name, bad))
             _skip_controls(
@@ -723,13 +725,15 @@ def _skip_controls(target: str, controls: Sequence[str], why: str, skipped: list
 
 
 def _loose_controls(
-    root: Path, pairing: rules.Pairing, limits: DataLimits, skipped: list[tuple[str, str]]
+    root: Path, pairing: rules.Pairing, rule: PairRule, limits: DataLimits, skipped: list[tuple[str, str]]
 ) -> list[ControlRecord]:
     """The controls without a target (a paired set only): named in ``skipped``, never trained on."""
     loose = []
     for name, why in pairing.loose:
         path = root / name
         img, bad = _usable(path, limits)
+        if img is not None and (bad := rules.control_shape_reason(rule, img.width, img.height) or ""):
+            img = None
         skipped.append((name, why if img is not None else f"{why}; {bad}"))
         if img is not None:
             loose.append(ControlRecord(path, name, img.width, img.height))

@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 UNSUPPORTED_IMAGE_EXTENSIONS = {
@@ -467,6 +468,19 @@ class PairRule:
     model: str = ""  # the model id, for messages
     max_controls: int = 0
     required: bool = False
+    control_min_side: int = 0  # the model's pipeline refuses control images smaller (0: no limit)
+    control_max_aspect: float = 0.0  # ... or longer than this ratio of their sides (0: no limit)
+
+    @classmethod
+    def of(cls, model: str, info: Any) -> PairRule:
+        """The rule of ``model`` from its registry entry (``train.families.ModelInfo``)."""
+        return cls(
+            model=model,
+            max_controls=info.max_controls,
+            required=info.controls_required,
+            control_min_side=info.control_min_side,
+            control_max_aspect=info.control_max_aspect,
+        )
 
     @property
     def who(self) -> str:
@@ -512,6 +526,16 @@ def too_many_controls_reason(rule: PairRule, count: int) -> str | None:
     if count <= rule.max_controls:
         return None
     return f"has {count} control images; {rule.who} takes at most {rule.max_controls}"
+
+
+def control_shape_reason(rule: PairRule, width: int, height: int) -> str | None:
+    """Why a control image of ``width`` x ``height`` is refused by ``rule``'s model (its pipeline's
+    own limits: a run would fail when it renders with it), or None."""
+    if rule.control_min_side and min(width, height) < rule.control_min_side:
+        return f"is {width}x{height}; {rule.who} takes control images of at least {rule.control_min_side} px a side"
+    if rule.control_max_aspect and max(width, height) > rule.control_max_aspect * min(width, height):
+        return f"is {width}x{height}; {rule.who} takes control images up to {rule.control_max_aspect:g}:1"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

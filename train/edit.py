@@ -31,8 +31,7 @@ class ValidationControlError(ValueError):
 
 def pair_rule(spec: TrainingSpec) -> PairRule:
     """What the staging expects of the dataset for ``spec.model`` (pairs, how many controls)."""
-    info = model_info(spec.model)
-    return PairRule(model=spec.model, max_controls=info.max_controls, required=info.controls_required)
+    return PairRule.of(spec.model, model_info(spec.model))
 
 
 def validation_control_sets(

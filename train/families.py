@@ -60,6 +60,8 @@ class ModelInfo:
     # edit models (docs/edit.md): control ("before") / reference images the model is conditioned on
     max_controls: int = 0  # the most control images one sample takes (0: a text-to-image model)
     controls_required: bool = False  # trains only on pairs (an edit model); else pairs are optional
+    control_min_side: int = 0  # the pipeline refuses smaller control images (0: no limit)
+    control_max_aspect: float = 0.0  # ... or longer ones than this side ratio (0: no limit)
 
     def __post_init__(self) -> None:
         if not self.short_name:
@@ -217,6 +219,10 @@ FLUX2_PRESETS = {
 }
 
 
+# Flux2ImageProcessor.check_image_input refuses references under 64 px a side or over 8:1.
+_FLUX2_REFERENCE_LIMITS: dict[str, Any] = {"control_min_side": 64, "control_max_aspect": 8.0}
+
+
 def _flux2_figures(params_b: float, width: int, blocks: int) -> dict[str, Any]:
     """Estimates from FLUX.1-dev's measured figures until a GPU run measures them: activations per
     token scaled by hidden width x blocks (FLUX.1-dev: 3072 x 57); step seconds by parameters x
@@ -262,6 +268,7 @@ FLUX2_DEV = ModelInfo(
     guidance_embed=True,
     max_controls=6,
     controls_required=False,
+    **_FLUX2_REFERENCE_LIMITS,
     tiny={"variant": "dev"},
     **_flux2_figures(32.2, 6144, 8 + 48),
 )
@@ -293,6 +300,7 @@ FLUX2_KLEIN_4B = ModelInfo(
     kohya_network_module="networks.lora_flux_2",
     max_controls=4,
     controls_required=False,
+    **_FLUX2_REFERENCE_LIMITS,
     tiny={"distilled": True},
     **_flux2_figures(3.9, 3072, 5 + 20),
 )

@@ -414,7 +414,7 @@ def input_images(req: RenderRequest, info: Any) -> list[Any]:
     """The request's input images, checked against what the model takes, as 8-bit RGB (EXIF
     rotation applied, the dataset's pixel cap); InputError naming the input otherwise."""
     from .data import UnsafeArchiveError, load_rgb
-    from .dataset_rules import DEFAULT_MAX_IMAGE_PIXELS
+    from .dataset_rules import DEFAULT_MAX_IMAGE_PIXELS, PairRule, control_shape_reason
 
     given = list(req.input_images)
     if info.controls_required and not given:
@@ -436,6 +436,9 @@ def input_images(req: RenderRequest, info: Any) -> list[Any]:
         except (OSError, ValueError, SyntaxError) as exc:  # UnsafeArchiveError is a ValueError
             what = "is too large" if isinstance(exc, UnsafeArchiveError) else "cannot be read as an image"
             raise InputError(f"{name}: {Path(ref).name} {what} ({exc})") from None
+        why = control_shape_reason(PairRule.of(info.id, info), images[-1].width, images[-1].height)
+        if why:
+            raise InputError(f"{name}: {Path(ref).name} {why}")
     return images
 
 

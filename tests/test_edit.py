@@ -154,3 +154,15 @@ def test_match_input_image_renders_about_a_megapixel_at_the_input_images_aspect(
     w, h = InferenceSession.size(session, req, Image.new("RGB", (300, 200)))  # type: ignore[arg-type]
     assert (w % 16, h % 16) == (0, 0) and abs(w / h - 1.5) < 0.02 and 0.95e6 < w * h <= 1024 * 1024
     assert InferenceSession.size(session, req, None) == (1024, 1024)  # type: ignore[arg-type]
+
+
+def test_memory_estimates_count_the_control_tokens():
+    from train.memory import estimate_peak_bytes
+
+    klein, kontext = model_info("flux2-klein-4b"), model_info(KONTEXT)
+    side = 1024 // 16
+    assert klein.tokens_per_sample(1024, 512) == side * side + 512  # references are optional
+    assert klein.tokens_per_sample(1024, 512, controls=2) == 3 * side * side + 512
+    assert kontext.tokens_per_sample(1024, 512) == 2 * side * side + 512  # an edit model: one control
+    args = ("flux2-klein-4b", 8 * 10**9, 10**7, "adamw8bit", 1024, 1)
+    assert estimate_peak_bytes(*args, controls=2) > estimate_peak_bytes(*args)

@@ -77,14 +77,18 @@ class ModelInfo:
         """The folder ``python -m train.tiny`` writes this model's tiny pipeline to."""
         return f"tiny-{self.id}"
 
-    def tokens_per_sample(self, resolution: int, text_tokens: int | None = None) -> int:
+    def tokens_per_sample(
+        self, resolution: int, text_tokens: int | None = None, controls: int | None = None
+    ) -> int:
         """Sequence tokens of one square sample (image + prompt, ``text_tokens`` defaulting to the
-        model's prompt length, + any fixed text tokens), or latent pixels for a UNet."""
+        model's prompt length, + any fixed text tokens), or latent pixels for a UNet. ``controls``:
+        control / reference images in the sequence, each as large as the target (default: one for
+        an edit model, none for the others)."""
         side = resolution // self.latent_factor // self.patch
         if self.denoiser != "transformer":
             return side * side
-        # an edit model's sequence carries its control image's tokens too (one control, as large)
-        image = side * side * (2 if self.controls_required else 1)
+        n_controls = (1 if self.controls_required else 0) if controls is None else controls
+        image = side * side * (1 + n_controls)
         return image + (self.text_tokens if text_tokens is None else text_tokens) + self.fixed_text_tokens
 
     def weight_bytes(self, bytes_per_param: float = 2.0) -> dict[str, int]:

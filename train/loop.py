@@ -385,7 +385,7 @@ def build_trainer(ctx: RunContext, family: Family, cache: LatentCache, hooks: li
     set_seed(spec.seed)  # LoRA initialisation (and dropout) draw from the global generators
     params = make_trainable(spec, model)
     lever_lines = apply_structure_levers(spec, model, cuda)  # fp8 changes what the weights take
-    plan = _memory_plan(ctx, model, sum(p.numel() for p in params))
+    plan = _memory_plan(ctx, model, sum(p.numel() for p in params), cache)
     for line in [ctx.attention_note, *lever_lines, *apply_compile(spec, model, cuda)]:
         log(line)
     model.train()
@@ -402,7 +402,7 @@ def build_trainer(ctx: RunContext, family: Family, cache: LatentCache, hooks: li
     return Trainer(ctx, family, cache, model, params, optimizer, lr_scheduler, plan, state, hooks)
 
 
-def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int) -> MemoryPlan:
+def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int, cache: LatentCache) -> MemoryPlan:
     spec = ctx.spec
     if ctx.cuda:
         torch.cuda.empty_cache()
@@ -417,6 +417,7 @@ def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int) -> M
         resolution=max(spec.resolutions),
         batch_size=spec.batch_size,
         text_tokens=getattr(spec.model_options, "max_sequence_length", None),
+        controls=max((len(it.controls) for it in cache.items), default=0),  # each as long as the target
     )
     log(plan.reason)
     if plan.gradient_checkpointing:

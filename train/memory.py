@@ -55,10 +55,13 @@ class MemoryPlan:
     checkpoint_fraction: float = 1.0  # share of the checkpointable blocks to checkpoint (selective)
 
 
-def tokens_per_sample(model: str, resolution: int, text_tokens: int | None = None) -> int:
+def tokens_per_sample(
+    model: str, resolution: int, text_tokens: int | None = None, controls: int | None = None
+) -> int:
     """Sequence tokens (a transformer: image + text) or latent pixels (a UNet) of one sample at
-    ``resolution``²; ``text_tokens`` defaults to the model's prompt length."""
-    return model_info(model).tokens_per_sample(resolution, text_tokens)
+    ``resolution``²; ``text_tokens`` defaults to the model's prompt length, ``controls`` (control
+    or reference images in the sequence) to one for an edit model and none for the others."""
+    return model_info(model).tokens_per_sample(resolution, text_tokens, controls)
 
 
 def estimate_peak_bytes(
@@ -70,10 +73,11 @@ def estimate_peak_bytes(
     batch_size: int,
     text_tokens: int | None = None,
     checkpointing: bool | float = False,
+    controls: int | None = None,
 ) -> int:
     """``checkpointing``: False, True, or the fraction of blocks checkpointed (selective)."""
     per_token = model_info(model).activation_bytes
-    acts = per_token * tokens_per_sample(model, resolution, text_tokens) * batch_size
+    acts = per_token * tokens_per_sample(model, resolution, text_tokens, controls) * batch_size
     fraction = float(checkpointing)
     acts *= 1 - fraction * (1 - CHECKPOINTED_FRACTION)
     return int(weight_bytes + trainable_params * OPTIMIZER_BYTES[optimizer] + acts)
@@ -90,8 +94,10 @@ def choose_memory_plan(
     resolution: int,
     batch_size: int,
     text_tokens: int | None = None,
+    controls: int | None = None,
 ) -> MemoryPlan:
-    """Decide the savings. ``free_bytes`` None means a CPU run."""
+    """Decide the savings. ``free_bytes`` None means a CPU run; ``controls``: control / reference
+    images per sample (see ``tokens_per_sample``)."""
     if policy == "gradient_checkpointing":
         return MemoryPlan(
             True, None, "memory policy gradient_checkpointing (from the spec): checkpointing on"
@@ -102,7 +108,14 @@ def choose_memory_plan(
     if free_bytes is None:
         return MemoryPlan(False, None, "memory policy auto on a CPU: no savings")
     need = estimate_peak_bytes(
-        model, weight_bytes, trainable_params, optimizer, resolution, batch_size, text_tokens
+        model,
+        weight_bytes,
+        trainable_params,
+        optimizer,
+        resolution,
+        batch_size,
+        text_tokens,
+        controls=controls,
     )
     if need <= HEADROOM * free_bytes:
         return MemoryPlan(
@@ -125,6 +138,7 @@ def choose_memory_plan(
                 batch_size,
                 text_tokens,
                 checkpointing=quarter,
+                controls=controls,
             )
             <= HEADROOM * free_bytes
         ):
@@ -139,6 +153,7 @@ def choose_memory_plan(
         batch_size,
         text_tokens,
         checkpointing=fraction,
+        controls=controls,
     )
     verdict = (
         "fits" if saved <= HEADROOM * free_bytes else "may still not fit; lower batch_size or resolution"

@@ -314,6 +314,42 @@ def test_validate_submit_follow_open_try_and_cancel(page, local, fake, sample_da
     train_server.wait(timeout=60)  # the Cog server is free again for the other tests
 
 
+def test_an_edit_job_is_tried_on_an_uploaded_image(page, local, fake, pair_dataset, train_server, tmp_path):
+    """An edit model (tiny FLUX.1 Kontext) trained on before/after pairs: its "try it" box asks
+    for the image to edit, refuses to render without one, and edits the uploaded image."""
+    from train.sample_data import draw_pair
+
+    page.get_by_role("button", name="Validate").click()
+    expect(page.locator("#account-out")).to_contain_text("(acme)")
+    page.get_by_label("Folder or .zip on the server's machine").fill(str(pair_dataset))
+    page.get_by_role("button", name="Check size").click()
+    expect(page.locator("#pack-label")).to_contain_text("of the 100 MiB upload limit")
+    spec = {**TINY_SPEC, "model": "flux1-kontext-dev", "base_weights": "tiny-flux1-kontext-dev", "steps": 4}
+    spec_field(page, json.dumps(spec))
+    expect(page.locator("#spec-ok")).to_contain_text("4 steps")
+    page.get_by_role("button", name="Submit job").click()
+    job_id = submitted_id(page)
+    row = job_row(page, job_id)
+    expect(row.locator(".c-status")).to_have_text("succeeded", timeout=120_000)
+    row.get_by_role("button", name=job_id).click()
+    expect(page.locator("#job-samples img").first).to_be_visible(timeout=60_000)  # control | result
+    expect(page.locator("#try-image-field")).to_be_visible()
+    expect(page.locator("#try-image-label")).to_have_text("Image to edit")
+    page.locator("#try-prompt").fill("make the square red")
+    page.get_by_role("button", name="Render").click()
+    expect(page.locator("#err-try-image")).to_contain_text("Choose the image to edit.")
+    before = tmp_path / "before.png"
+    draw_pair(77)[0].save(before)
+    page.get_by_label("Image to edit").set_input_files(str(before))
+    page.get_by_role("button", name="Render").click()
+    expect(page.locator("#try-msg")).to_contain_text("1 image rendered", timeout=120_000)
+    expect(page.locator("#err-try-image")).to_have_text("")
+    page.wait_for_function("""() => [...document.querySelectorAll('#try-images img')]
+        .every(i => i.complete && i.naturalWidth > 0)""")
+    shot(page.locator("#job-try"), "job-view-try-edit")
+    train_server.wait(timeout=60)
+
+
 def test_beyond_loopback_the_page_logs_in_with_the_api_key(browser, fake, tmp_path):
     from client.server import ensure_api_key
 

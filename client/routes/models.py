@@ -122,6 +122,8 @@ class RunRequest(_Body):
     lora_scale: float | None = None
     output_format: str | None = None
     step: int | None = Field(None, description="a kept validation step (default: the chosen one)")
+    input_image: str | None = Field(None, description="edit models: the image to edit, as a data: URI")
+    input_images: list[str] | None = Field(None, description="further reference images (data: URIs)")
 
     @field_validator("prompt")
     @classmethod

@@ -136,7 +136,21 @@ def public_record(rec: Job | None) -> dict | None:
                 out[key.removesuffix("_json")] = json.loads(out.pop(key))
             except (TypeError, ValueError):
                 pass
+    out["input_images"] = _input_images(out.get("spec"))
     return out
+
+
+def _input_images(spec: Any) -> dict[str, Any]:
+    """What the job's model takes as run-entry images (the page's "try it" box offers a file field):
+    ``max`` images (0: none) and whether one is ``required`` (an edit model)."""
+    from train.families import MODELS
+
+    info = MODELS.get(spec.get("model", "")) if isinstance(spec, dict) else None
+    return (
+        {"max": info.max_controls, "required": info.controls_required}
+        if info
+        else {"max": 0, "required": False}
+    )
 
 
 def job_or_404(state: State, job_id: str) -> Job:

@@ -287,6 +287,7 @@
     jobs: new Map(), // id -> record
     rows: new Map(), // id -> <tr>
     openJob: null,
+    openJobImages: null, // what the open job's model takes as input images ({max, required})
     filesShown: null,
     logsAt: 0,
     lastStatus: new Map(),
@@ -915,6 +916,8 @@
     byId("job-files").replaceChildren();
     byId("job-try").hidden = true;
     byId("try-images").replaceChildren();
+    byId("try-image-field").hidden = true;
+    byId("try-image").value = "";
     say("try-msg", "");
     setText(byId("job-logs"), "Loading the log…");
     say("job-msg", "");
@@ -983,6 +986,12 @@
         tryBox.hidden = false;
         const prompt = byId("try-prompt");
         if (!prompt.value) prompt.value = tryPrompt(j);
+        const images = j.input_images || { max: 0, required: false };
+        state.openJobImages = images;
+        const field = byId("try-image-field");
+        field.hidden = !images.max;
+        byId("try-image").multiple = images.max > 1;
+        setText(byId("try-image-label"), images.required ? "Image to edit" : "Reference images (optional)");
       }
     } else {
       byId("job-try").hidden = true;
@@ -1148,6 +1157,15 @@
 
   /* ------------------------------------------------------------------ try it -- */
 
+  function readDataUri(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
   function tryPrompt(j) {
     let trigger = "";
     try {
@@ -1166,8 +1184,17 @@
     const seed = seedText === "" ? null : Number(seedText);
     const badSeed = seed !== null && !(Number.isInteger(seed) && seed >= 0);
     setFieldError("try-seed", "try-seed", badSeed ? "A whole number, 0 or more." : "");
-    if (!prompt || badSeed) return;
+    const files = byId("try-image-field").hidden ? [] : Array.from(byId("try-image").files || []);
+    const wanted = state.openJobImages || { max: 0, required: false };
+    let imageError = "";
+    if (wanted.required && !files.length) imageError = "Choose the image to edit.";
+    else if (files.length > wanted.max) imageError = `At most ${wanted.max} image${wanted.max === 1 ? "" : "s"}.`;
+    setFieldError("try-image", "try-image", imageError);
+    if (!prompt || badSeed || imageError) return;
     const body = { prompt, num_outputs: Number(byId("try-count").value) };
+    const uris = await Promise.all(files.map(readDataUri));
+    if (uris.length) body.input_image = uris[0];
+    if (uris.length > 1) body.input_images = uris.slice(1);
     if (seed !== null) body.seed = seed;
     const step = byId("try-step").value;
     if (!byId("try-step-field").hidden && step !== "") body.step = Number(step);

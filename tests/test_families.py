@@ -35,6 +35,25 @@ def test_cog_train_offers_every_registered_model():
     assert _model_choices(ROOT / "cog_train.py") == list(MODEL_IDS)
 
 
+def test_the_web_page_offers_every_registered_model_edit_models_apart():
+    """client/web/index.html lists the models statically (no build step): the same ids, in
+    registry order, the edit models in their own group."""
+    import re
+
+    html = (ROOT / "client" / "web" / "index.html").read_text()
+    select = html[
+        html.index('<select id="spec-model"') : html.index("</select>", html.index('id="spec-model"'))
+    ]
+    offered = re.findall(r'<option value="([^"]+)">', select)
+    assert offered == [m for m in MODEL_IDS if not model_info(m).controls_required] + [
+        m for m in MODEL_IDS if model_info(m).controls_required
+    ]
+    edit_group = select[select.index('<optgroup label="Edit') :]
+    assert re.findall(r'<option value="([^"]+)">', edit_group) == [
+        m for m in MODEL_IDS if model_info(m).controls_required
+    ]
+
+
 def test_every_model_has_a_family_module_and_tiny_writer():
     for model in MODEL_IDS:
         info = model_info(model)

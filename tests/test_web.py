@@ -324,9 +324,10 @@ def test_an_edit_job_is_tried_on_an_uploaded_image(page, local, fake, pair_datas
     page.get_by_label("Folder or .zip on the server's machine").fill(str(pair_dataset))
     page.get_by_role("button", name="Check size").click()
     expect(page.locator("#pack-label")).to_contain_text("of the 100 MiB upload limit")
-    spec = {**TINY_SPEC, "model": "flux1-kontext-dev", "base_weights": "tiny-flux1-kontext-dev", "steps": 4}
+    page.get_by_label("Model", exact=True).select_option("flux1-kontext-dev")  # listed with the edit models
+    spec = {**TINY_SPEC, "base_weights": "tiny-flux1-kontext-dev", "steps": 4}
     spec_field(page, json.dumps(spec))
-    expect(page.locator("#spec-ok")).to_contain_text("4 steps")
+    expect(page.locator("#spec-ok")).to_contain_text("flux1-kontext-dev · 4 steps")
     page.get_by_role("button", name="Submit job").click()
     job_id = submitted_id(page)
     row = job_row(page, job_id)

@@ -107,16 +107,12 @@ def choose_memory_plan(
     assert policy == "auto", policy
     if free_bytes is None:
         return MemoryPlan(False, None, "memory policy auto on a CPU: no savings")
-    need = estimate_peak_bytes(
-        model,
-        weight_bytes,
-        trainable_params,
-        optimizer,
-        resolution,
-        batch_size,
-        text_tokens,
-        controls=controls,
-    )
+
+    def peak(checkpointing: float = 0.0) -> int:
+        args = (model, weight_bytes, trainable_params, optimizer, resolution, batch_size, text_tokens)
+        return estimate_peak_bytes(*args, checkpointing=checkpointing, controls=controls)
+
+    need = peak()
     if need <= HEADROOM * free_bytes:
         return MemoryPlan(
             False,
@@ -126,35 +122,8 @@ def choose_memory_plan(
         )
     # Selective checkpointing: the smallest share of blocks (in quarters) that brings the estimate
     # under budget, since every checkpointed block costs a recomputed forward.
-    fraction = 1.0
-    for quarter in CHECKPOINT_LADDER[:-1]:
-        if (
-            estimate_peak_bytes(
-                model,
-                weight_bytes,
-                trainable_params,
-                optimizer,
-                resolution,
-                batch_size,
-                text_tokens,
-                checkpointing=quarter,
-                controls=controls,
-            )
-            <= HEADROOM * free_bytes
-        ):
-            fraction = quarter
-            break
-    saved = estimate_peak_bytes(
-        model,
-        weight_bytes,
-        trainable_params,
-        optimizer,
-        resolution,
-        batch_size,
-        text_tokens,
-        checkpointing=fraction,
-        controls=controls,
-    )
+    fraction = next((q for q in CHECKPOINT_LADDER[:-1] if peak(q) <= HEADROOM * free_bytes), 1.0)
+    saved = peak(fraction)
     verdict = (
         "fits" if saved <= HEADROOM * free_bytes else "may still not fit; lower batch_size or resolution"
     )

@@ -12,13 +12,16 @@ from pathlib import Path, PurePosixPath
 from train.http import DownloadError, RetryPolicy, retryable_status
 from train.http import download as http_download
 
-from .errors import UserError
+from .errors import ProviderError, UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+JOB_ID = "<job id>"  # deliver_job puts the job's own id in its place
+RETRY_HINT = f"run `advanced-trainer download {JOB_ID}` again to resume"
 
 
-class DeliveryError(Exception):
-    pass
+class DeliveryError(ProviderError):
+    """The outputs could not be fetched or unpacked. A ``ClientError``: the CLI exits 3 (try again)
+    with the message, or 2 when the remote refusal is one the user must act on (an expired URL)."""
 
 
 def output_url(kind: str, output) -> str | None:
@@ -49,8 +52,9 @@ def download(
         )
     except DownloadError as exc:
         if exc.status is not None and not retryable_status(exc.status):
-            raise DeliveryError(str(exc)) from None  # 403 (an expired URL), 404: trying again will not help
-        raise DeliveryError(f"{exc}; run `advanced-trainer download` again to resume") from None
+            # 403 (an expired URL), 404: trying again will not help
+            raise DeliveryError(str(exc), exc.status) from None
+        raise DeliveryError(f"{exc}; {RETRY_HINT}", exc.status) from None
 
 
 def verify_zip(path: Path) -> list[str]:
@@ -58,10 +62,10 @@ def verify_zip(path: Path) -> list[str]:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
             if bad is not None:
-                raise DeliveryError(f"{path.name}: {bad} is corrupt (CRC mismatch)")
+                raise DeliveryError(f"{path.name}: {bad} is corrupt (CRC mismatch); {RETRY_HINT}")
             return zf.namelist()
     except zipfile.BadZipFile as exc:
-        raise DeliveryError(f"{path.name} is not a complete zip archive ({exc})") from None
+        raise DeliveryError(f"{path.name} is not a complete zip archive ({exc}); {RETRY_HINT}") from None
 
 
 def unpack(path: Path, folder: Path) -> list[Path]:

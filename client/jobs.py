@@ -25,12 +25,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
+from train.dataset_rules import IMAGE_EXTENSIONS, PairRule, check_pairs
+from train.families import model_info
+from train.inventory import scan_archive
 from train.spec import SpecError, TrainingSpec, parse_spec
 
 from . import pricing
 from .calibration import Calibration
 from .config import Settings, outputs_dir
-from .delivery import deliver, output_url
+from .delivery import JOB_ID, DeliveryError, deliver, output_url
 from .errors import ProviderError, RemoteUserError, UserError, is_retryable
 from .estimates import checked_hardware, hardware_estimate
 from .pack import UPLOAD_LIMIT, PackError, pack_dataset
@@ -87,7 +90,26 @@ def prepare_archive(
             f"{dataset.name} is {size / 2**20:.1f} MiB, over Replicate's upload limit of 100 MiB; "
             f"pack the folder with `advanced-trainer pack --fit`"
         )
-    return dataset, 20
+    return dataset, archive_images(dataset, spec)
+
+
+def archive_images(archive: Path, spec: TrainingSpec) -> int:
+    """How many images a ready-made archive trains on, from its listing (nothing extracted); a
+    UserError, before uploading, for an archive the container would refuse as a whole: not an
+    archive, no image, or pairs the model cannot take."""
+    try:
+        inventory = scan_archive(archive, spec.dataset.max_files)
+    except ValueError as exc:
+        raise UserError(f"dataset {exc}") from None
+    problem = check_pairs(PairRule.of(spec.model, model_info(spec.model)), inventory.pairing)
+    if problem:
+        raise UserError(f"dataset {archive.name}: {problem}")
+    targets = inventory.targets()
+    if not targets:
+        raise UserError(
+            f"dataset {archive.name}: the archive holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return len(targets)
 
 
 _MODEL_REF = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
@@ -454,6 +476,12 @@ def deliver_job(store: JobStore, rec: Job, root: Path | None = None, progress=No
     if not url:
         raise UserError(f"job {rec['id']} has no output archive")
     folder = outputs_dir(root) / rec["id"]
-    info = deliver(url, folder, progress)
+    try:
+        info = deliver(url, folder, progress)
+    except DeliveryError as exc:  # the job itself succeeded: say so, and how to fetch it again
+        message = f"job {rec['id']} succeeded; its outputs were not delivered: {exc}".replace(
+            JOB_ID, rec["id"]
+        )
+        raise DeliveryError(message, exc.status) from None
     store.update(rec["id"], local_dir=str(folder), delivered=True)
     return info

@@ -45,15 +45,14 @@ import math
 import os
 import stat
 import tempfile
-import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from train import dataset_rules as rules
 from train.dataset_rules import (  # noqa: F401 - IMAGE_EXTENSIONS is re-exported for callers
@@ -62,6 +61,7 @@ from train.dataset_rules import (  # noqa: F401 - IMAGE_EXTENSIONS is re-exporte
     IMAGE_EXTENSIONS,
     MIN_IMAGE_SIDE,
 )
+from train.inventory import LINK, Inventory, open_rgb, scan_folder, shown_size
 from train.weights import file_sha256  # stdlib-only module: keeps the client torch- and numpy-free
 
 MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the container refuses the whole set over it
@@ -246,62 +246,6 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _walk(folder: Path) -> Iterator[tuple[PurePosixPath, Path, str | None]]:
-    """Every entry below ``folder`` as (relative path, path, reason to leave it out or None).
-
-    Links are reported, never followed; junk folders are reported once, not entered.
-    """
-    stack = [(folder, PurePosixPath())]
-    while stack:
-        directory, rel_dir = stack.pop()
-        try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            yield rel_dir, directory, f"folder cannot be read ({exc.strerror or exc})"
-            continue
-        subdirs = []
-        for e in entries:
-            rel, path = rel_dir / e.name, Path(e.path)
-            try:
-                if e.is_symlink():
-                    yield rel, path, "symbolic link (links are not followed)"
-                    continue
-                is_dir = e.is_dir(follow_symlinks=False)
-                is_file = e.is_file(follow_symlinks=False)
-            except OSError as exc:
-                yield rel, path, f"cannot be read ({exc.strerror or exc})"
-                continue
-            junk = rules.junk_reason(e.name, is_dir)
-            if junk:
-                yield rel, path, junk
-            elif is_dir:
-                subdirs.append((path, rel))
-            elif not is_file:
-                yield rel, path, "not a regular file"
-            else:
-                yield rel, path, None
-        stack.extend(reversed(subdirs))
-
-
-def _probe(path: Path) -> tuple[int, int]:
-    """An image's (width, height) after EXIF rotation, from its header (nothing decoded)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            w, h = img.size
-            if _exif_swaps(img):
-                w, h = h, w
-            return w, h
-
-
-def _exif_swaps(img: Image.Image) -> bool:
-    try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as exif_transpose would
-        return False
-
-
 # --------------------------------------------------------------------------------------------
 # caption tables (parsed by the container's own rules, train/dataset_rules.py)
 
@@ -312,19 +256,10 @@ class _Table:
     path: Path
     kind: str  # metadata.jsonl | captions.csv
     names: dict[str, str] = field(default_factory=dict)  # image key (relative path) -> caption text
-    controls: dict[str, list[str]] = field(default_factory=dict)  # image key -> its control images
 
     @property
     def base(self) -> PurePosixPath:
         return self.rel.parent
-
-
-def _parse_table(table: _Table, problems: list[str]) -> None:
-    parsed = rules.parse_table(table.kind, table.path.read_bytes(), table.base)
-    table.names, table.controls = parsed.captions, parsed.controls
-    for lineno, why in parsed.problems:
-        where, what = (f"{table.rel}:{lineno}", "row") if lineno else (str(table.rel), "file")
-        problems.append(f"{where}: {why}; the trainer ignores this {what}")
 
 
 def _rewrite_table(table: _Table, renames: dict[str, str], dest: Path) -> bool:
@@ -393,26 +328,6 @@ def _renamed_field(name: str, base: PurePosixPath, renames: dict[str, str]) -> s
 # re-encoding (fit)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB as train.data.to_rgb makes it (alpha and colour keys flattened on white), without numpy."""
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        hi = img.convert("F").getextrema()[1]
-        assert isinstance(hi, (int, float))  # one band: (min, max) numbers, not per-band tuples
-        top = 65535.0 if mode.startswith("I;16") or hi > 255 else 255.0
-        if mode == "F" and hi <= 1.0:
-            top = 1.0
-        scaled = img.convert("F").point(lambda v: v * (255.0 / top) + 0.5)
-        return scaled.convert("L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode == "RGB":
-        return img
-    return img.convert("RGB")
-
-
 def _target_size(
     width: int, height: int, min_side: int, max_pixels: int, downscale: bool, name: str
 ) -> tuple[int, int]:
@@ -444,16 +359,11 @@ def _reencode(image: _Image, dest: Path, min_side: int, max_pixels: int, downsca
     name = image.rel.as_posix()
     target = _target_size(image.width, image.height, min_side, max_pixels, downscale, name)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(image.path) as src:
-                icc = src.info.get("icc_profile") if src.mode in ("RGB", "RGBA") else None
-                if target != (image.width, image.height):
-                    # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers the target (less memory)
-                    stored = (target[1], target[0]) if _exif_swaps(src) else target
-                    src.draft(None, stored)
-                src.load()
-                img = _to_rgb(ImageOps.exif_transpose(src))
+        with Image.open(image.path) as src:
+            icc = src.info.get("icc_profile") if src.mode in ("RGB", "RGBA") else None
+        # JPEG: decoded at 1/2, 1/4 or 1/8 scale when that still covers the target (less memory)
+        draft = target if target != (image.width, image.height) else None
+        img = open_rgb(image.path, max(max_pixels, image.width * image.height), draft)
     except Image.DecompressionBombError as exc:
         raise PackError(f"{name}: too large for Pillow to open safely ({exc}); resize it yourself") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
@@ -583,9 +493,8 @@ def pack_dataset(
     folder, out = Path(folder), Path(out)
     min_side = _check_arguments(folder, out, min_side)
     rule = _pair_rule(model)
-    scan = _scan(folder)
+    scan = _scan(folder, max_files)
     _probe_images(scan, max_image_pixels)
-    _parse_tables(scan)
     _pair_up(scan, rule)
     _leave_out_orphan_captions(scan)
     _refuse_what_the_trainer_refuses(folder, scan, fit, max_image_pixels, max_files)
@@ -675,13 +584,14 @@ def _check_arguments(folder: Path, out: Path, min_side: int | None) -> int:
 
 @dataclass
 class _Scan:
-    """A dataset folder sorted by role, as the trainer sorts it; keys are ``dataset_rules.image_key``."""
+    """A dataset folder sorted by role, as the trainer sorts it (``train.inventory``), with what the
+    packer learns from the images' headers; keys are ``dataset_rules.image_key``."""
 
+    inventory: Inventory
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (shown path, reason)
-    candidates: list[tuple[PurePosixPath, Path]] = field(default_factory=list)
     txts: dict[str, tuple[PurePosixPath, Path]] = field(default_factory=dict)
     tables: list[_Table] = field(default_factory=list)
-    images: dict[str, _Image] = field(default_factory=dict)  # the candidates that can be used
+    images: dict[str, _Image] = field(default_factory=dict)  # the images that can be used
     over_cap: list[str] = field(default_factory=list)  # images over the trainer's pixel cap
     unusable: set[str] = field(default_factory=set)  # images that cannot be read, or are too small
     problems: list[str] = field(default_factory=list)  # caption table rows the trainer ignores
@@ -694,36 +604,29 @@ class _Scan:
         return {k: img for k, img in self.images.items() if k not in self.controls}
 
 
-def _scan(folder: Path) -> _Scan:
-    scan = _Scan()
-    for rel, path, reason in sorted(_walk(folder), key=lambda t: t[0].parts):
-        shown = rel.as_posix() + ("/" if reason and path.is_dir() and not path.is_symlink() else "")
-        if reason:
-            scan.skipped.append((shown, reason))
-            continue
-        kind, why = rules.classify(rel)
-        if kind == rules.IMAGE:
-            scan.candidates.append((rel, path))
-        elif kind == rules.CAPTION:
-            scan.txts[rules.image_key(rel)] = (rel, path)
-        elif kind == rules.TABLE:
-            scan.tables.append(_Table(rel, path, rel.name))
-        else:
-            scan.skipped.append((shown, why))
+def _scan(folder: Path, max_files: int) -> _Scan:
+    inv = scan_folder(folder, max_files)
+    scan = _Scan(inv, skipped=[*inv.junk, *((name, LINK) for name in inv.links), *inv.skipped])
+    for key, file in inv.captions.items():
+        assert file.path is not None
+        scan.txts[key] = (PurePosixPath(file.name), file.path)
+    for file, table in inv.tables:
+        assert file.path is not None
+        rel = PurePosixPath(file.name)
+        scan.tables.append(_Table(rel, file.path, rel.name, table.captions))
+    for table, line, why in inv.table_problems:
+        where, what = (f"{table}:{line}", "row") if line else (table, "file")
+        scan.problems.append(f"{where}: {why}; the trainer ignores this {what}")
     return scan
 
 
 def _probe_images(scan: _Scan, max_image_pixels: int) -> None:
-    """Fill ``scan.images`` with the candidates that can be read, leaving the rest out with a reason."""
-    for rel, path in scan.candidates:
-        key, shown = rules.image_key(rel), rel.as_posix()
-        if key in scan.images:
-            scan.skipped.append(
-                (shown, f"another image has the same name ({scan.images[key].rel.name}) and was used")
-            )
-            continue
+    """Fill ``scan.images`` with the images whose headers can be read, leaving the rest out with a reason."""
+    for key, file in scan.inventory.images.items():
+        rel, path, shown = PurePosixPath(file.name), file.path, file.name
+        assert path is not None
         try:
-            width, height = _probe(path)
+            width, height = shown_size(path)
         except Image.DecompressionBombError:
             scan.skipped.append((shown, "too large for Pillow to open safely; the trainer refuses it too"))
             scan.unusable.add(shown)
@@ -736,28 +639,21 @@ def _probe_images(scan: _Scan, max_image_pixels: int) -> None:
             scan.skipped.append((shown, f"too small ({width}x{height}; at least {MIN_IMAGE_SIDE} px a side)"))
             scan.unusable.add(shown)
             continue
-        scan.images[key] = _Image(rel, path, path.stat().st_size, width, height)
+        scan.images[key] = _Image(rel, path, file.size, width, height)
         if width * height > max_image_pixels:
             scan.over_cap.append(key)
 
 
-def _parse_tables(scan: _Scan) -> None:
-    for table in scan.tables:
-        _parse_table(table, scan.problems)
-
-
 def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
-    """Pairs kept whole, as the trainer pairs them (``dataset_rules.find_pairs``): what it would skip
-    of a paired set is left out, named; a pair with a file left out is left out whole."""
-    table_controls: dict[str, list[str]] = {}
-    for t in scan.tables:  # in the trainer's order: a later table wins
-        table_controls.update(t.controls)
-    by_name = {img.rel.as_posix(): key for key, img in scan.images.items()}
-    pairing = rules.find_pairs([*by_name, *scan.unusable], table_controls)
+    """Pairs kept whole, as the trainer pairs them (the inventory's pairing): what it would skip of
+    a paired set is left out, named; a pair with a file left out is left out whole."""
+    pairing = scan.inventory.pairing
     problem = rules.check_pairs(rule, pairing) if rule is not None else None
     if problem:
         raise PackError(problem)
-    controls = pairing.control_names()
+    by_name = {img.rel.as_posix(): key for key, img in scan.images.items()}
+    for name, _ in pairing.unused:  # named in the inventory's skipped already
+        scan.images.pop(by_name.get(name, ""), None)
 
     def leave_out(name: str, why: str) -> None:
         key = by_name.get(name)
@@ -765,11 +661,10 @@ def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
             del scan.images[key]
             scan.skipped.append((name, why))
 
-    for name, why in pairing.unused:
-        leave_out(name, why)
     if not pairing.paired:
         return
-    targets = [n for n in [*by_name, *scan.unusable] if n not in controls]
+    controls = pairing.control_names()
+    targets = [n for n in scan.inventory.names() if n not in controls]
     sizes = {img.rel.as_posix(): (img.width, img.height) for img in scan.images.values()}
     failed = {n: why for n in targets if (why := _pair_problem(n, pairing, rule, scan.unusable, sizes))}
     kept = {c for n in targets if n not in failed for c in pairing.controls.get(n, [])}
@@ -784,10 +679,6 @@ def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
     scan.controls = {by_name[c] for c in controls if by_name.get(c) in scan.images}
     scan.loose = {by_name[n] for n, _ in pairing.loose if by_name.get(n) in scan.images}
     scan.pairs = sum(1 for n in targets if n not in failed and n in by_name)
-    for key in sorted(scan.controls & set(scan.txts)):
-        rel, _ = scan.txts.pop(key)
-        why = "caption of a control image: control images have no captions of their own (the pair's is its target's)"
-        scan.skipped.append((rel.as_posix(), why))
     scan.over_cap = [k for k in scan.over_cap if k in scan.images]
 
 
@@ -820,15 +711,11 @@ def _pair_problem(
 
 
 def _leave_out_orphan_captions(scan: _Scan) -> None:
-    candidate_keys = {rules.image_key(rel) for rel, _ in scan.candidates}
+    """Captions whose image was left out (captions without any image are the inventory's to name)."""
     for key, (rel, _) in sorted(scan.txts.items()):
         if key not in scan.images:
-            why = (
-                "its image was left out"
-                if key in candidate_keys
-                else "caption has no image with the same name"
-            )
-            scan.skipped.append((rel.as_posix(), why))
+            del scan.txts[key]
+            scan.skipped.append((rel.as_posix(), "its image was left out"))
     scan.skipped.sort(key=lambda t: _sort_key(t[0].rstrip("/")))
 
 
@@ -876,7 +763,10 @@ def _caption_summary(scan: _Scan) -> tuple[dict[str, int], list[str]]:
         if source == "default" or (source in merged and not merged[source][name]):
             source = "none"  # no caption, or an empty one in a table: the default caption and trigger word
         sources[source] += 1
-    known = {rel.as_posix() for rel, _ in scan.candidates}  # images left out are named already
+    inv = scan.inventory  # every image file, used or not: those left out are named already
+    known = set(inv.names()) | {
+        n for n, _ in inv.skipped if rules.classify(PurePosixPath(n))[0] == rules.IMAGE
+    }
     for table in scan.tables:
         orphans = sorted(n for n in table.names if n not in known)
         if orphans:

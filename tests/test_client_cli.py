@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.cli import EXIT_OK, EXIT_USER, build_parser, main
+from client.cli import EXIT_OK, EXIT_REMOTE, EXIT_USER, build_parser, main
 
 GOOD = "r8_" + "A1b2C3d4" * 5
 
@@ -354,6 +354,25 @@ def test_submit_status_logs_cancel_and_resumed_download(capsys, fake, sample_dat
     assert code == EXIT_OK and "canceled" in out
     code, out, err = run(capsys, "download", job_id)
     assert code == EXIT_USER and "canceled" in err
+
+
+def test_a_download_that_keeps_failing_exits_3_saying_to_download_again(
+    capsys, fake, sample_dataset, client_home
+):
+    """The job succeeded and was paid for; only the transfer failed: exit 3 (try again), the job's
+    own ``download`` command in the message, no traceback; then ``download`` fetches it."""
+    fake.fail("/_fake/outputs/*", 503, times=None, retry_after="0")
+    code, out, err = run(
+        capsys, "submit", "--spec", json.dumps({"steps": 20}), "--dataset", str(sample_dataset), "--wait"
+    )
+    job_id = next(line.split()[2] for line in err.splitlines() if line.startswith("submitted training"))
+    assert code == EXIT_REMOTE, (code, err)
+    assert f"job {job_id} succeeded; its outputs were not delivered" in err
+    assert f"run `advanced-trainer download {job_id}` again" in err and "Traceback" not in err
+    fake.clear_faults()
+    code, out, err = run(capsys, "download", job_id)
+    assert code == EXIT_OK, err
+    assert (client_home / "cloud_outputs" / job_id / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_submit_trains_into_a_destination_and_run_renders_its_new_version(

@@ -499,28 +499,48 @@ def test_size_is_exact_with_non_ascii_names(tmp_path: Path):
         assert zf.namelist() == ["bild-ü/größe.png", "bild-ü/größe.txt"]
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: noise((24, 16), "RGBA", seed=60),
-        lambda: noise((24, 16), "LA", seed=61),
-        lambda: noise((24, 16), "CMYK", seed=62),
-        lambda: noise((24, 16), "L", seed=63),
-        lambda: Image.frombytes("I;16", (24, 16), random.Random(64).randbytes(24 * 16 * 2)),
-        lambda: noise((24, 16), "L", seed=65).convert("I"),
-        lambda: noise((24, 16), "L", seed=66).convert("F"),
-    ],
-    ids=["RGBA", "LA", "CMYK", "L", "I;16", "I", "F"],
-)
-def test_colour_conversion_matches_the_container(make):
-    from client.pack import _to_rgb
-    from train.data import to_rgb
+def test_a_ready_made_archive_is_estimated_with_its_own_image_count(tmp_path: Path):
+    """An archive given to ``submit`` is not packed, but its listing says what the container will
+    train on: its image count goes into the estimate (not an assumed 20), and what the container
+    would refuse as a whole is refused before uploading."""
+    import tarfile
 
-    img = make()
-    ours, theirs = _to_rgb(img), to_rgb(img)
-    assert ours.mode == theirs.mode == "RGB"
-    diff = max(abs(a - b) for a, b in zip(ours.tobytes(), theirs.tobytes(), strict=True))
-    assert diff <= 1
+    from client.errors import UserError
+    from client.jobs import prepare_archive
+    from train.spec import parse_spec
+
+    archive = tmp_path / "photos.zip"  # one nested top folder and macOS junk, as people zip them
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(7):
+            buf = io.BytesIO()
+            noise((32, 32), seed=i).save(buf, "PNG")
+            zf.writestr(f"photos/img_{i}.PNG", buf.getvalue())
+            zf.writestr(f"photos/img_{i}.txt", "a photo")
+        zf.writestr("photos/notes.md", "not an image")
+        zf.writestr("__MACOSX/photos/._img_0.PNG", b"\0" * 10)
+    flux = parse_spec({"model": "flux-dev"})
+    assert prepare_archive(archive, flux, tmp_path) == (archive, 7)
+
+    pairs = tmp_path / "pairs.tar"  # before/after pairs: 3 targets, their controls not counted
+    with tarfile.open(pairs, "w") as tf:
+        for i in range(3):
+            for name in (f"p{i}.png", f"p{i}_control.png"):
+                buf = io.BytesIO()
+                noise((32, 32), seed=i).save(buf, "PNG")
+                info = tarfile.TarInfo(name)
+                info.size = len(buf.getvalue())
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    assert prepare_archive(pairs, parse_spec({"model": "flux1-kontext-dev"}), tmp_path) == (pairs, 3)
+    with pytest.raises(UserError, match="trains on single images .* 3 before/after pairs"):
+        prepare_archive(pairs, flux, tmp_path)
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("readme.txt", "no images here")
+    with pytest.raises(UserError, match="empty.zip: the archive holds no image"):
+        prepare_archive(empty, flux, tmp_path)
+    not_an_archive = write(tmp_path / "data.zip", b"hello")
+    with pytest.raises(UserError, match="data.zip: not a zip, tar or tar.gz archive"):
+        prepare_archive(not_an_archive, flux, tmp_path)
 
 
 def test_client_pack_is_torch_free():

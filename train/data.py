@@ -35,19 +35,18 @@ import re
 import shutil
 import stat
 import tarfile
-import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from . import dataset_rules as rules
+from . import inventory
 from .dataset_rules import (  # noqa: F401 - re-exported: the names other modules import from here
     CAPTION_FILES,
     IMAGE_EXTENSIONS,
@@ -55,6 +54,7 @@ from .dataset_rules import (  # noqa: F401 - re-exported: the names other module
     UNSUPPORTED_IMAGE_EXTENSIONS,
     PairRule,
 )
+from .inventory import Inventory, OverPixelCap, dataset_root, open_rgb, scan_folder, to_rgb  # noqa: F401
 
 _COPY_CHUNK = 1 << 20
 # tar.gz: the compressed bytes an entry used are measured from the file position, which runs
@@ -139,15 +139,12 @@ class StagedDataset:
 
 def archive_kind(path: Path) -> str:
     """``zip``, ``tar.gz`` or ``tar`` from the file's first bytes; DatasetError otherwise."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
-        return "zip"
-    if head[:2] == b"\x1f\x8b":
-        return "tar.gz"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    raise DatasetError(f"{path.name}: not a zip, tar or tar.gz archive (its first bytes are {head[:8]!r})")
+    kind = inventory.archive_kind(path)
+    if kind is None:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise DatasetError(f"{path.name}: not a zip, tar or tar.gz archive (its first bytes are {head!r})")
+    return kind
 
 
 def _safe_member_path(name: str) -> PurePosixPath:
@@ -389,50 +386,21 @@ def _gunzip(raw: BinaryIO, gz: bool) -> gzip.GzipFile | nullcontext[BinaryIO]:
 
 
 def load_rgb(path: Path, max_pixels: int) -> Image.Image:
-    """Open an image, apply EXIF orientation and convert it to 8-bit RGB.
+    """Open an image, apply EXIF orientation and convert it to 8-bit RGB (``inventory.open_rgb``).
 
     Raises UnsafeArchiveError over the pixel cap (checked from the header, before decoding)
     and OSError / UnidentifiedImageError / ValueError for files that cannot be decoded.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path)
-        except Image.DecompressionBombError as exc:
-            # Pillow refuses headers over 2x its own MAX_IMAGE_PIXELS inside open(), before our check
-            # runs; without this a real bomb escaped as a bare PIL error instead of a refusal.
-            raise UnsafeArchiveError(
-                f"image {path.name!r}: over the cap of {max_pixels} pixels ({exc})"
-            ) from None
-    with img:  # close the file on every path (a refused or undecodable image too)
-        if img.width * img.height > max_pixels:
-            raise UnsafeArchiveError(
-                f"image {path.name!r}: {img.width}x{img.height} pixels is over the cap of {max_pixels} pixels"
-            )
-        img.load()
-        # exif_transpose returns a new image (a copy when there is nothing to do), so the result
-        # outlives the closed original.
-        return to_rgb(ImageOps.exif_transpose(img))
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if mode == "F" and arr.max(initial=0) <= 1.0:
-            top = 1.0
-        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    # "transparency" in info: a P palette entry or an RGB / L colour key (PNG tRNS), which is as
-    # transparent as an alpha channel and must come out white too, not as the key colour.
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode == "RGB":
-        return img
-    return img.convert("RGB")  # CMYK, YCbCr, P, L, 1, LAB, HSV
+    try:
+        return open_rgb(path, max_pixels)
+    except OverPixelCap as exc:
+        raise UnsafeArchiveError(str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses headers over 2x its own MAX_IMAGE_PIXELS inside open(), before our check
+        # runs; without this a real bomb escaped as a bare PIL error instead of a refusal.
+        raise UnsafeArchiveError(
+            f"image {path.name!r}: over the cap of {max_pixels} pixels ({exc})"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,26 +425,6 @@ def add_trigger_word(caption: str, trigger: str, position: str = "prepend") -> s
 
 # --------------------------------------------------------------------------------------------
 # staging
-
-
-def _dataset_root(folder: Path) -> Path:
-    """Descend through single nested top folders (``data.zip`` -> ``data/`` -> images)."""
-    root = folder
-    while True:
-        entries = [p for p in root.iterdir() if not rules.is_junk(PurePosixPath(p.name))]
-        if len(entries) == 1 and entries[0].is_dir():
-            root = entries[0]
-        else:
-            return root
-
-
-def _walk(root: Path) -> Iterator[tuple[Path, PurePosixPath]]:
-    for path in sorted(root.rglob("*")):
-        rel = PurePosixPath(path.relative_to(root).as_posix())
-        if path.is_symlink():
-            yield path, rel  # only reachable for a folder given by a user; refused below
-        elif path.is_file():
-            yield path, rel
 
 
 def stage_dataset(
@@ -521,148 +469,64 @@ class _CaptionRules:
     pairs: PairRule = PairRule()
 
 
-@dataclass
-class _Found:
-    """What a dataset folder holds, sorted by role; keys are relative paths without the extension."""
-
-    images: dict[str, Path] = field(default_factory=dict)
-    txt_captions: dict[str, Path] = field(default_factory=dict)
-    tables: list[Path] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
 def _stage_folder(
     folder: Path, limits: DataLimits, captions: _CaptionRules, left_out: Sequence[tuple[str, str]] = ()
 ) -> StagedDataset:
-    root = _dataset_root(folder)
-    found = _find_files(root, limits)
+    root = dataset_root(folder)
+    inv = scan_folder(root, limits.max_files)
+    # archives were checked while extracting; a folder given in place is checked here
+    if inv.links:
+        raise UnsafeArchiveError(f"dataset entry {inv.links[0]!r}: links are not allowed")
+    if inv.files > limits.max_files:
+        raise UnsafeArchiveError(f"dataset: more than {limits.max_files} files (limit)")
+    if inv.oversize:
+        name, why = inv.oversize[0]
+        raise UnsafeArchiveError(f"dataset entry {name!r}: {why}")
     # entries left out of the archive are named as the rest are: relative to the dataset root
     prefix = root.relative_to(folder).as_posix() + "/" if root != folder else ""
-    found.skipped[:0] = [(n.removeprefix(prefix), why) for n, why in left_out]
-    for key in sorted(set(found.txt_captions) - set(found.images)):
-        found.skipped.append(
-            (found.txt_captions[key].relative_to(root).as_posix(), "caption has no image with the same name")
-        )
-    tables, table_controls = _caption_tables(root, found.tables, found.skipped)
-    pairing = rules.find_pairs(
-        [p.relative_to(root).as_posix() for p in found.images.values()], table_controls
-    )
-    problem = rules.check_pairs(captions.pairs, pairing)
+    rows = [(f"{table}:{line}" if line else table, why) for table, line, why in inv.table_problems]
+    skipped = [(n.removeprefix(prefix), why) for n, why in left_out] + inv.skipped + rows
+    problem = rules.check_pairs(captions.pairs, inv.pairing)
     if problem:
         raise DatasetError(problem)
-    _leave_out_control_captions(root, found, pairing)
-    found.skipped += pairing.unused
-    records, digest = _image_records(root, found, tables, limits, captions, pairing)
+    records, digest = _image_records(inv, limits, captions, skipped)
     if not records:
-        reasons = "; ".join(f"{n}: {r}" for n, r in found.skipped[:10]) or "the dataset holds no files"
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:10]) or "the dataset holds no files"
         raise DatasetError(f"no usable image in the dataset ({reasons})")
-    loose = _loose_controls(root, pairing, captions.pairs, limits, found.skipped)
+    loose = _loose_controls(root, inv.pairing, captions.pairs, limits, skipped)
     return StagedDataset(
-        root=root, images=records, skipped=found.skipped, dataset_hash=digest, loose_controls=loose
+        root=root, images=records, skipped=skipped, dataset_hash=digest, loose_controls=loose
     )
-
-
-def _leave_out_control_captions(root: Path, found: _Found, pairing: rules.Pairing) -> None:
-    """A control image's same-stem .txt is named and not used: a pair's caption is its target's."""
-    controls = {rules.image_key(PurePosixPath(n)) for n in pairing.control_names()}
-    for key in sorted(controls & set(found.txt_captions)):
-        found.skipped.append(
-            (
-                found.txt_captions.pop(key).relative_to(root).as_posix(),
-                "caption of a control image: control images have no captions of their own "
-                "(the pair's instruction is its target's caption)",
-            )
-        )
-
-
-def _find_files(root: Path, limits: DataLimits) -> _Found:
-    """Every file below ``root`` by role (``dataset_rules.classify``); refuses links and oversize captions."""
-    found = _Found()
-    for n_files, (path, rel) in enumerate(_walk(root), 1):
-        if n_files > limits.max_files:
-            raise UnsafeArchiveError(f"dataset: more than {limits.max_files} files (limit)")
-        if path.is_symlink():
-            raise UnsafeArchiveError(f"dataset entry {str(rel)!r}: links are not allowed")
-        kind, reason = rules.classify(rel)
-        if kind == rules.JUNK:
-            continue
-        if kind == rules.OTHER:
-            found.skipped.append((str(rel), reason))
-            continue
-        # archives were checked while extracting; a folder given in place is checked here
-        why = rules.oversize_reason(kind, path.stat().st_size, limits.max_files)
-        if why:
-            raise UnsafeArchiveError(f"dataset entry {str(rel)!r}: {why}")
-        key = rules.image_key(rel)
-        if kind == rules.IMAGE:
-            if key in found.images:
-                found.skipped.append(
-                    (str(rel), f"another image has the same name ({found.images[key].name}) and was used")
-                )
-                continue
-            found.images[key] = path
-        elif kind == rules.CAPTION:
-            found.txt_captions[key] = path
-        else:
-            found.tables.append(path)
-    return found
-
-
-def _caption_tables(
-    root: Path, tables: list[Path], skipped: list[tuple[str, str]]
-) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
-    """Captions from metadata.jsonl and captions.csv files, by kind, keyed by the image's relative
-    path; and the control images metadata.jsonl rows name (target -> controls)."""
-    merged: dict[str, dict[str, str]] = {kind: {} for kind in rules.CAPTION_FILES}
-    controls: dict[str, list[str]] = {}
-    for path in tables:  # sorted: a later table of the same kind wins for an image both name
-        rel = PurePosixPath(path.relative_to(root).as_posix())
-        table = rules.parse_table(path.name, path.read_bytes(), rel.parent)
-        merged[path.name].update(table.captions)
-        controls.update(table.controls)
-        skipped += [(f"{rel}:{lineno}" if lineno else str(rel), why) for lineno, why in table.problems]
-    return merged, controls
 
 
 def _image_records(
-    root: Path,
-    found: _Found,
-    tables: dict[str, dict[str, str]],
-    limits: DataLimits,
-    captions: _CaptionRules,
-    pairing: rules.Pairing,
+    inv: Inventory, limits: DataLimits, captions: _CaptionRules, skipped: list[tuple[str, str]]
 ) -> tuple[list[ImageRecord], str]:
     """The usable images (with their controls in a paired set) with their final captions, and the
     dataset hash over them."""
     records: list[ImageRecord] = []
     digest = rules.DatasetHash()
+    pairing = inv.pairing
     is_control = pairing.control_names()
-    paths = {p.relative_to(root).as_posix(): p for p in found.images.values()}
-    for key in sorted(found.images):
-        path = found.images[key]
-        name = path.relative_to(root).as_posix()
+    paths = {f.name: f.path for f in inv.images.values() if f.path is not None}
+    tables = inv.table_captions()
+    for key in sorted(inv.images):
+        name = inv.images[key].name
         if name in is_control:
             continue
+        path = paths[name]
         img, why = _usable(path, limits)
         if img is None:
-            found.skipped.append((name, why))
-            _skip_controls(
-                name, pairing.controls.get(name, []), "its target image was skipped", found.skipped
-            )
+            skipped.append((name, why))
+            _skip_controls(name, pairing.controls.get(name, []), "its target image was skipped", skipped)
             continue
         controls: tuple[ControlRecord, ...] = ()
         if pairing.paired:
-            controls, why = _pair_controls(name, paths, pairing, captions.pairs, limits, found.skipped)
+            controls, why = _pair_controls(name, paths, pairing, captions.pairs, limits, skipped)
             if why:
-                found.skipped.append((name, why))
+                skipped.append((name, why))
                 continue
-        origin = rules.caption_source(key in found.txt_captions, name, tables)
-        if origin == "txt":
-            caption = read_caption_file(found.txt_captions[key])
-        elif origin == "default":
-            caption = captions.default_caption.strip()
-        else:
-            caption = tables[origin][name]
+        caption, origin = inv.caption(name, captions.default_caption, tables)
         caption = add_trigger_word(caption, captions.trigger_word, captions.trigger_position)
         records.append(ImageRecord(path, name, caption, origin, img.width, img.height, controls))
         digest.add(name, path, caption)

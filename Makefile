@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Tiny random Flux/SDXL pipelines for the demo and the tests (seconds, no download).
-weights/.written: $(STAMP) $(wildcard train/tiny/*.py) train/families.py
+weights/.written: $(STAMP) $(wildcard train/tiny/*.py train/models/*/tiny.py train/models/*/__init__.py) train/models/tiny_common.py
 	$(BIN)/python -m train.tiny --out weights
 	touch $@
 
@@ -46,8 +46,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/pyright
 
+# Two workers (pytest-xdist, one per core, one torch thread each: tests/conftest.py), files kept whole
+# so a file's shared fixtures are built once; TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: lint browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The Cog schema as cog itself generates it (cog 0.23.1's static generator, offline): what
 # `cog build` bakes into the image and the Cog server validates inputs against.

@@ -93,7 +93,7 @@ class Trainer(BaseRunner):
         mode: str | None = Input(
             description="lora or full fine-tune (overrides spec.mode)", choices=["lora", "full"], default=None
         ),
-        steps: int | None = Input(description="Optimizer steps", ge=1, le=100000, default=None),
+        steps: int | None = Input(description="Optimizer steps", ge=1, le=1000000, default=None),
         learning_rate: float | None = Input(description="Peak learning rate", ge=1e-7, le=10, default=None),
         lora_rank: int | None = Input(description="LoRA rank", ge=1, le=1024, default=None),
         resolutions: str | None = Input(
@@ -117,15 +117,19 @@ class Trainer(BaseRunner):
         ),
         hub_private: bool = Input(description="Make the Hub repo private", default=True),
         s3_bucket: str | None = Input(
-            description="Publish the output files to this S3-compatible bucket", default=None
+            description="Publish the output files to this S3-compatible bucket",
+            regex=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+            default=None,
         ),
-        s3_prefix: str = Input(description="Key prefix inside the bucket", default=""),
+        s3_prefix: str = Input(description="Key prefix inside the bucket", max_length=900, default=""),
         s3_endpoint_url: str | None = Input(
-            description="Endpoint of a non-AWS store (MinIO, B2, R2)", default=None
+            description="Endpoint of a non-AWS store (MinIO, B2, R2)", regex=r"^https?://", default=None
         ),
-        s3_region: str | None = Input(description="Bucket region", default=None),
+        s3_region: str | None = Input(description="Bucket region", max_length=64, default=None),
         s3_public_base_url: str | None = Input(
-            description="Public URL of the bucket, for the links in the log", default=None
+            description="Public URL of the bucket, for the links in the log",
+            regex=r"^https?://",
+            default=None,
         ),
         s3_access_key_id: Secret | None = Input(description="S3 access key id", default=None),
         s3_secret_access_key: Secret | None = Input(description="S3 secret access key", default=None),

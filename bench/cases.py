@@ -9,63 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-FLUX_DEV: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-FLUX_TINY: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
-SDXL_UNET: dict[str, Any] = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=2048,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True,
-)
-SDXL_TINY: dict[str, Any] = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=64,
-    attention_head_dim=(2, 4),
-    transformer_layers_per_block=(1, 1),
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=6 * 8 + 32,
-    use_linear_projection=True,
-    norm_num_groups=32,
-)
+from train.models.flux import configs as flux_configs
+from train.models.sdxl import configs as sdxl_configs
+
+# The architectures live with their families (train/models/<family>/configs.py, torch-free): the
+# tiny writers build the same tiny configs, the benchmark the published full-size ones.
+FLUX_DEV = flux_configs.TRANSFORMER
+FLUX_TINY = flux_configs.TRANSFORMER_TINY
+SDXL_UNET = sdxl_configs.UNET
+SDXL_TINY = sdxl_configs.UNET_TINY
 
 
 @dataclass(frozen=True)
@@ -96,7 +48,7 @@ class Case:
         )
 
 
-# The cases of shared/reference/gpu-baseline.md and of the GPU speed targets. ``flux1024-44g``
+# The cases of the stock baseline (docs/benchmarks.md) and of the GPU speed targets. ``flux1024-44g``
 # is flux1024 on a card of an L40S's 44 GiB: the project under memory policy auto, the stock
 # side with gradient checkpointing (what a stock user does when it does not fit).
 CASES = {

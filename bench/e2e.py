@@ -24,48 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from .cases import FLUX_DEV
+from train.models.flux.configs import CLIP_L, T5_XXL, TRANSFORMER, VAE
 
 GOAL_S = 7 * 60  # the goal for 1000 steps at 1024² on one H200
-# Flux.1-dev's text encoders and VAE, from their published configs.
-T5_XXL: dict[str, Any] = dict(
-    d_model=4096,
-    d_ff=10240,
-    d_kv=64,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    feed_forward_proj="gated-gelu",
-    decoder_start_token_id=0,
-    pad_token_id=0,
-    eos_token_id=1,
-)
-CLIP_L: dict[str, Any] = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-VAE_16: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
 
 
 def write_random_flux_dev(folder: Path) -> Path:
@@ -81,7 +43,7 @@ def write_random_flux_dev(folder: Path) -> Path:
         T5Tokenizer,  # transformers 5: the fast tokenizer (T5TokenizerFast is an alias)
     )
 
-    from train.tiny import write_clip_tokenizer, write_t5_tokenizer
+    from train.models.tiny_common import write_clip_tokenizer, write_t5_tokenizer
 
     folder = Path(folder)
     clip_vocab = write_clip_tokenizer(folder / "tokenizer")
@@ -92,7 +54,7 @@ def write_random_flux_dev(folder: Path) -> Path:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            transformer = FluxTransformer2DModel(**FLUX_DEV)
+            transformer = FluxTransformer2DModel(**TRANSFORMER)
             t5 = T5EncoderModel(T5Config(vocab_size=32128, **T5_XXL))
             clip = CLIPTextModel(
                 CLIPTextConfig(
@@ -104,7 +66,7 @@ def write_random_flux_dev(folder: Path) -> Path:
                 )
             )
         with torch.device(device):
-            vae = AutoencoderKL(**VAE_16).float()
+            vae = AutoencoderKL(**VAE).float()
     finally:
         torch.set_default_dtype(previous)
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -133,9 +95,9 @@ def write_random_flux_dev(folder: Path) -> Path:
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     from train.loop import run_training
+    from train.models.flux.tiny import write_tiny_flux
     from train.sample_data import write_sample_dataset
     from train.spec import parse_spec
-    from train.tiny import write_tiny_flux
 
     t0 = time.perf_counter()
     base = work / "base"

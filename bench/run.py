@@ -5,7 +5,7 @@
 ``project`` is this trainer's own step (``train.loop.micro_step``: the family loss from
 cached-style inputs, backward, clipping, optimizer) with the LoRA set up as the trainer sets
 it up, and the spec's ``speed`` section from BENCH_SPEED (JSON). ``stock`` is the plain
-diffusers + peft step of shared/reference/gpu-baseline.md: the same architecture and LoRA
+diffusers + peft step of the stock baseline (docs/benchmarks.md): the same architecture and LoRA
 rank, fp32 LoRA under bf16 autocast, fused AdamW, MSE against a fixed target;
 ``stock-compiled`` is that step with diffusers' ``compile_repeated_blocks()``. All use random
 inputs of the real shapes.
@@ -135,7 +135,7 @@ def project_step(case: Case, model: Model, device: torch.device, dtype: torch.dt
             "batch_size": case.batch_size,
             "memory_policy": os.environ.get("BENCH_MEMORY_POLICY") or ("auto" if case.memory_gib else "off"),
             "speed": json.loads(os.environ.get("BENCH_SPEED") or "{}"),
-            "flux": {"max_sequence_length": min(case.text_tokens, 512)},
+            "flow": {"max_sequence_length": min(case.text_tokens, 512)},
         }
     )
     # no pipeline folder: the parts the loss needs are stand-ins set below (hence untyped)

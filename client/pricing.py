@@ -33,8 +33,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from train.families import FLUX_DEV, model_info
+from train.families import model_info
 from train.memory import card_plan
+from train.models.flux import FLUX_DEV
 
 
 @dataclass(frozen=True)

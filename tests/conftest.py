@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATASET = ROOT / "examples" / "sample-dataset"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each (set before torch loads, inherited
+    # by the Cog servers and trainers they start). The tiny models gain little from a second
+    # thread, and OpenMP threads spinning against the other worker's cost more than they give.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """A local fake of the Replicate HTTP API (v1), for tests only.
 
-It follows ``shared/reference/replicate-api.md`` (beside the repository) (what the ``replicate==1.0.7`` client
-sends and accepts) and runs jobs for real on the Cog HTTP server (coglet) when given its URLs,
-or synthetically when not.  Point the real client at it::
+It follows Replicate's HTTP API reference (replicate.com/docs/reference/http) and what the
+``replicate==1.0.7`` client sends and accepts, and runs jobs for real on the Cog HTTP server
+(coglet) when given its URLs, or synthetically when not.  Point the real client at it::
 
     with FakeReplicate(cog_predict_url=None, cog_train_url=None) as fake:
         client = replicate.Client(api_token=fake.token, base_url=fake.url)

@@ -8,6 +8,7 @@ without it these checks skip (saying where to get it), except in CI where they f
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import os
@@ -102,28 +103,86 @@ def test_the_static_schema_says_what_the_code_says(component, module, cls, metho
         assert (name in schema[component].get("required", [])) != optional, name
 
 
-def test_the_cog_choices_and_bounds_are_the_spec_and_renderers_own():
+# The constraint keywords a Cog input and a spec field can both state (cog's ge/le/max_length/
+# regex/choices -> minimum/maximum/maxLength/pattern/enum in the schema).
+_BOUNDS = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "enum",
+)
+# Spec fields a Cog input writes in another form, parsed before the spec sees them: their bounds are
+# the spec's to check (the Cog input's regex is only the form).
+_REFORMATTED = {"resolutions": "resolutions", "validation.prompts": "validation_prompts"}  # -> the input
+
+
+def _train_overrides() -> dict[str, str]:
+    """Cog train input name -> the spec field it sets, read from cog_train.py's ``overrides`` dict
+    (an input parsed first, such as the prompt lines, by the field's name in ``_REFORMATTED``)."""
+    for node in ast.walk(ast.parse((ROOT / "cog_train.py").read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "overrides" for t in node.targets):
+            assert isinstance(node.value, ast.Dict)
+            pairs = [(k.value, v.id) for k, v in zip(node.value.keys, node.value.values, strict=True)]  # type: ignore[union-attr]
+            return {_REFORMATTED.get(path, name): path for path, name in pairs}
+    raise AssertionError("cog_train.py builds no overrides dict")
+
+
+def _spec_field_schema(path: str) -> dict:
+    """The JSON schema of a (dotted) spec field, its null branch dropped."""
+    from train.spec import TrainingSpec
+
+    root = TrainingSpec.model_json_schema()
+    node = root
+    for part in path.split("."):
+        if "$ref" in node:
+            node = root["$defs"][node["$ref"].split("/")[-1]]
+        node = node["properties"][part]
+    branches = [b for b in node.get("anyOf", [node]) if b.get("type") != "null"]
+    assert len(branches) == 1, (path, node)
+    return {**branches[0], **{k: v for k, v in node.items() if k in _BOUNDS}}
+
+
+def test_every_train_input_states_its_spec_field_s_bounds_and_choices():
+    """cog's static generator needs literals, so each input's bounds are written out in cog_train.py;
+    this keeps them the spec's own: Cog refuses exactly what the spec would, with a 422 naming the
+    input, before a GPU second is billed (a steps cap of 100,000 once stood where the spec allows
+    1,000,000)."""
+    schema = _schema()["components"]["schemas"]
+    inputs = schema["TrainingInput"]["properties"]
+    overrides = _train_overrides()
+    assert set(overrides) <= set(inputs)
+    for name, path in overrides.items():
+        prop = dict(inputs[name])
+        if "allOf" in prop:  # choices: cog writes them as an enum component
+            component = schema[prop.pop("allOf")[0]["$ref"].split("/")[-1]]
+            prop.update(enum=component["enum"], type=component["type"])
+        spec = _spec_field_schema(path)
+        if path in _REFORMATTED:
+            assert spec["type"] == "array" and prop["type"] == "string", (name, path)
+            continue
+        assert prop["type"] == spec["type"] or {prop["type"], spec["type"]} == {"number", "integer"}, name
+        cog_bounds = {k: prop[k] for k in _BOUNDS if k in prop}
+        spec_bounds = {k: spec[k] for k in _BOUNDS if k in spec}
+        if "const" in spec:
+            spec_bounds["enum"] = [spec["const"]]
+        assert cog_bounds == spec_bounds, f"Cog input {name!r} and spec field {path!r} disagree"
+
+
+def test_the_run_entry_s_choices_are_the_renderer_s_own():
     from train.inference import ASPECT_RATIOS, MATCH_INPUT, OUTPUT_FORMATS
-    from train.spec import MODEL_FAMILIES, TrainingSpec
 
     schema = _schema()["components"]["schemas"]
-    train, run = schema["TrainingInput"]["properties"], schema["Input"]["properties"]
+    run = schema["Input"]["properties"]
 
     def enum(prop):
         return schema[prop["allOf"][0]["$ref"].split("/")[-1]]["enum"]
 
-    assert enum(train["model"]) == list(MODEL_FAMILIES)
-    assert enum(train["mode"]) == list(typing.get_args(TrainingSpec.model_fields["mode"].annotation))
     assert enum(run["aspect_ratio"]) == [MATCH_INPUT, *ASPECT_RATIOS, "custom"]
     assert enum(run["output_format"]) == list(OUTPUT_FORMATS)
-    # nothing Cog lets through may be refused by the spec: each Cog bound lies inside the spec's
-    for cog_name, spec_field in (("steps", "steps"), ("batch_size", "batch_size"), ("seed", "seed")):
-        bounds = {type(m).__name__: m for m in TrainingSpec.model_fields[spec_field].metadata}
-        assert train[cog_name]["minimum"] >= bounds["Ge"].ge and train[cog_name]["maximum"] <= bounds["Le"].le
-    from train.spec import LoraSpec
-
-    rank = {type(m).__name__: m for m in LoraSpec.model_fields["rank"].metadata}
-    assert train["lora_rank"]["minimum"] >= rank["Ge"].ge and train["lora_rank"]["maximum"] <= rank["Le"].le
 
 
 def _pins(lines):

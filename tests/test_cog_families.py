@@ -1,10 +1,11 @@
-"""The run entry renders every model family through the real Cog server, with and without a
-LoRA trained for it, exactly as the model's stock diffusers pipeline does.
+"""The run entry renders a LoRA of every model family through the real Cog server exactly as the
+model's stock diffusers pipeline does (every model's run entry, with and without its LoRA, is the
+family contract's, tests/test_family_contract.py, in-process).
 
-One run-mode server per model (``ADVANCED_TRAINER_RUN_MODEL``: what the trainer's own version
-renders with no weights given) renders the plain base, then ``lora_weights`` = a LoRA trained
-here on that model's tiny pipeline, uploaded to the file store as an output archive. Edit models
-train on before/after pairs and edit an ``input_image`` (sent as a data URI, as a client would).
+One run-mode server serves every family: ``lora_weights`` = a LoRA trained here on the family's
+tiny pipeline, uploaded to the file store as an output archive; the server loads the base that
+LoRA was trained on. Edit models train on before/after pairs and edit an ``input_image`` (sent as a
+data URI, as a client would).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cog_server_fixture, quick_spec, train_quietly
+from conftest import quick_spec, train_quietly
 from train.families import MODEL_IDS, model_info
 from train.models import family_class
 from train.sample_data import draw_pair
@@ -88,14 +89,17 @@ def _render(server, **inputs) -> np.ndarray:
     return _image(out["output"][0])
 
 
-# one model per family module (the maths are the family's; its models differ in sizes and defaults)
+# one model per family (the maths are the family's; its models differ in sizes and defaults)
 FIRST_OF_EACH_FAMILY = list({model_info(m).family: m for m in reversed(MODEL_IDS)}.values())[::-1]
 
 
 @pytest.mark.parametrize("model", FIRST_OF_EACH_FAMILY)
-def test_the_run_entry_renders_each_model_with_and_without_its_lora(
-    model, tmp_path_factory, tmp_path, cog_weights, jobs_dir, sample_dataset, pair_dataset, upload_sink
+def test_the_run_entry_renders_each_family_s_lora_through_cog(
+    model, tmp_path, cog_weights, run_servers, sample_dataset, pair_dataset, upload_sink
 ):
+    """The trainer's own version (one run-mode server for every family: it switches to the base a
+    LoRA was trained on) renders ``lora_weights`` = a LoRA trained here on the model's tiny
+    pipeline, uploaded as an output archive, as the stock pipeline renders with that LoRA."""
     info = model_info(model)
     base = cog_weights / info.tiny_name
     spec = quick_spec(
@@ -105,27 +109,13 @@ def test_the_run_entry_renders_each_model_with_and_without_its_lora(
     result, _ = train_quietly(spec, pair_dataset if edit else sample_dataset, tmp_path / "out")
     assert result is not None
     archive = shutil.make_archive(str(tmp_path / "weights"), "zip", tmp_path / "out")
-    url = upload_sink.put("weights.zip", Path(archive).read_bytes(), "application/zip")
+    url = upload_sink.put(f"weights-{model}.zip", Path(archive).read_bytes(), "application/zip")
     lora_dir = tmp_path / "lora"
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(lora_dir)
 
-    gen = cog_server_fixture(
-        "run",
-        tmp_path_factory,
-        cog_weights,
-        jobs_dir,
-        ADVANCED_TRAINER_RUN_MODEL=model,
-        ADVANCED_TRAINER_RUN_BASE=model_info(model).tiny_name,
-    )
-    server = next(gen)
-    try:
-        plain = _render(server, **edit)
-        with_lora = _render(server, lora_weights=url, **edit)
-    finally:
-        gen.close()
+    with_lora = _render(run_servers.get(None), lora_weights=url, **edit)
     stock_plain, stock_lora = _stock(model, base), _stock(model, base, lora_dir)
-    assert np.abs(plain - stock_plain).max() <= TOLERANCE, "the base render differs from the stock pipeline's"
     assert np.abs(with_lora - stock_lora).max() <= TOLERANCE, (
         "the LoRA render differs from the stock pipeline's"
     )

@@ -8,7 +8,7 @@ from diffusers.models.transformers.transformer_flux import FluxTransformer2DMode
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from train.families import FLUX_PRESETS
+from train.models.flux import FLUX_PRESETS
 from train.models.kohya import KOHYA_NAME, flux_to_kohya, fuse, kohya_delta, sdxl_to_kohya
 
 

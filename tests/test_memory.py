@@ -158,7 +158,7 @@ def test_out_of_memory_step_is_redone_with_more_checkpointing(
 ):
     """Policy auto: a step that runs out of GPU memory is redone on the next rung of the ladder,
     with the same batch and random numbers, so the run ends exactly where a clean one does."""
-    from train.models.flux import FluxFamily
+    from train.models.flux.family import FluxFamily
 
     clean, _ = train_quietly(
         quick_spec(tiny_weights, "flux-dev", steps=5, gradient_accumulation_steps=3),
@@ -206,7 +206,7 @@ def test_out_of_memory_with_every_block_checkpointed_says_what_to_change(
     tiny_weights, sample_dataset, tmp_path, monkeypatch
 ):
     from train.loop import TrainingError
-    from train.models.flux import FluxFamily
+    from train.models.flux.family import FluxFamily
 
     def no_memory(self, model, batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -207,6 +207,8 @@ def test_every_model_is_priced_from_the_registry_and_a_missing_card_is_scaled_an
     from dataclasses import replace
 
     from train import families
+    from train.models.flux import FLUX_DEV
+    from train.models.sdxl import SDXL
 
     for model in families.MODEL_IDS:  # every registered model has figures for the cards it trains on
         spec = parse_spec({"model": model})
@@ -216,10 +218,10 @@ def test_every_model_is_priced_from_the_registry_and_a_missing_card_is_scaled_an
             assert est.step_s > 0 and not step_notes, (model, sku, est.notes)
     spec = parse_spec({"model": "sdxl"})
     h100 = pricing.estimate(spec, "gpu-h100").step_s
-    no_l40s = {k: v for k, v in families.SDXL.step_s.items() if k != "l40s"}
-    monkeypatch.setitem(families.MODELS, "sdxl", replace(families.SDXL, step_s=no_l40s))
+    no_l40s = {k: v for k, v in SDXL.step_s.items() if k != "l40s"}
+    monkeypatch.setitem(families.MODELS, "sdxl", replace(SDXL, step_s=no_l40s))
     scaled = pricing.estimate(spec, "gpu-l40s")
-    ratio = families.FLUX_DEV.step_s["l40s"] / families.FLUX_DEV.step_s["h100"]
+    ratio = FLUX_DEV.step_s["l40s"] / FLUX_DEV.step_s["h100"]
     assert scaled.step_s == pytest.approx(h100 * ratio)
     assert any("scaled from its H100 figure" in n for n in scaled.notes)
 
@@ -228,11 +230,12 @@ def test_an_estimate_says_when_the_card_needs_fp8_or_is_too_small(monkeypatch):
     from dataclasses import replace
 
     from train import families
+    from train.models.flux import FLUX_DEV
 
     spec = parse_spec({"model": "flux-dev", "resolutions": 1024})
     assert not pricing.estimate(spec, "gpu-h100").notes  # fits in bf16
     # a model twice Flux.1's size: bf16 does not fit 48 GB, fp8 does -> the note says what to set
-    big = replace(families.FLUX_DEV, denoiser_params_b=20.0)
+    big = replace(FLUX_DEV, denoiser_params_b=20.0)
     monkeypatch.setitem(families.MODELS, "flux-dev", big)
     note = " ".join(pricing.estimate(spec, "gpu-l40s").notes)
     assert "speed.fp8_base: on" in note, note

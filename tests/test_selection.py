@@ -52,7 +52,7 @@ def write_tiny_clip(folder: Path) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from train.tiny.common import write_clip_tokenizer
+    from train.models.tiny_common import write_clip_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_clip_tokenizer(folder)

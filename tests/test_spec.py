@@ -9,7 +9,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from train.families import MODEL_IDS, SDXL_PRESETS
+from train.families import MODEL_IDS
+from train.models.sdxl import SDXL_PRESETS
 from train.spec import SPEC_VERSION, SpecError, parse_spec, spec_json_schema
 
 
@@ -17,11 +18,11 @@ def test_defaults_are_resolved_per_family():
     flux = parse_spec({})
     assert flux.model == "flux-dev" and flux.base_weights == "black-forest-labs/FLUX.1-dev"
     assert flux.learning_rate == 1e-4 and flux.lora.alpha == 16.0 and flux.lora.targets == "attention+mlp"
-    assert flux.flux.max_sequence_length == 512 and flux.validation.num_inference_steps == 28
+    assert flux.flow.max_sequence_length == 512 and flux.validation.num_inference_steps == 28
     assert flux.validation.resolution == 1024 and flux.validation.seed == flux.seed
 
     schnell = parse_spec({"model": "flux-schnell"})
-    assert schnell.flux.max_sequence_length == 256 and schnell.validation.guidance_scale == 0.0
+    assert schnell.flow.max_sequence_length == 256 and schnell.validation.guidance_scale == 0.0
 
     sdxl = parse_spec({"model": "sdxl", "lora": {"rank": 8}, "resolutions": "1024,512"})
     assert sdxl.base_weights == "stabilityai/stable-diffusion-xl-base-1.0"
@@ -31,6 +32,45 @@ def test_defaults_are_resolved_per_family():
 
     assert parse_spec({"optimizer": "prodigy"}).learning_rate == 1.0
     assert parse_spec({"mode": "full"}).learning_rate == 1e-5
+
+
+V1_FLUX = {
+    "spec_version": 1,
+    "model": "flux-dev",
+    "steps": 300,
+    "flux": {"guidance": 2.5, "timestep_sampling": "flux_shift", "shift": 5.0, "max_sequence_length": 256},
+}
+
+
+def test_a_version_1_spec_still_parses_as_its_version_2_equivalent():
+    """Version 1's ``flux`` section (read by the Flux.1 models only) is version 2's ``flow``
+    (docs/spec.md, "Versions"): a stored job, a config.json or a saved spec file keeps working."""
+    old = parse_spec(V1_FLUX)
+    assert old.spec_version == SPEC_VERSION == 2
+    assert old.flow.guidance == 2.5 and old.flow.max_sequence_length == 256
+    assert old.flow.timestep_sampling == "auto" and old.flow.shift is None  # v1 read shift for "shift" only
+    v2 = {
+        "spec_version": 2,
+        "model": "flux-dev",
+        "steps": 300,
+        "flow": {"guidance": 2.5, "max_sequence_length": 256},
+    }
+    assert old == parse_spec(v2)
+    shifted = parse_spec({**V1_FLUX, "flux": {"timestep_sampling": "shift"}})
+    assert (shifted.flow.timestep_sampling, shifted.flow.shift) == ("shift", 3.0)  # v1's default shift
+    assert (
+        parse_spec({**V1_FLUX, "flux": {"timestep_sampling": "uniform"}}).flow.timestep_sampling == "uniform"
+    )
+    kontext = parse_spec({**V1_FLUX, "model": "flux1-kontext-dev"})
+    assert kontext.flow.guidance == 2.5
+    # other models never read the flux section: it is dropped, their flow section kept
+    sd3 = parse_spec({**V1_FLUX, "model": "sd3.5-medium", "flow": {"guidance": 4.0}})
+    assert sd3.flow.guidance == 4.0 and sd3.flow.timestep_sampling == "auto"
+    # what version 1 refused in that section is still refused, under its new name
+    with pytest.raises(SpecError, match="flow.timestep_sampling"):
+        parse_spec({**V1_FLUX, "flux": {"timestep_sampling": "cosine"}})
+    # the spec written back (config.json) is version 2 and parses as itself
+    assert parse_spec(json.loads(old.to_json())) == old
 
 
 def test_resolved_spec_round_trips():
@@ -76,8 +116,8 @@ def test_cross_field_rules_report_with_field_errors():
     with pytest.raises(SpecError) as err:
         parse_spec({"steps": 5, "lr_warmup_steps": 10, "resolutions": "100"})
     assert [p.split(":")[0] for p in err.value.problems] == ["resolutions", "lr_warmup_steps"]
-    with pytest.raises(SpecError, match="flux.max_sequence_length: FLUX.1-schnell accepts at most 256"):
-        parse_spec({"model": "flux-schnell", "flux": {"max_sequence_length": 300}})
+    with pytest.raises(SpecError, match="flow.max_sequence_length: FLUX.1-schnell accepts at most 256"):
+        parse_spec({"model": "flux-schnell", "flow": {"max_sequence_length": 300}})
 
 
 @pytest.mark.parametrize(
@@ -85,7 +125,8 @@ def test_cross_field_rules_report_with_field_errors():
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
-        ({"spec_version": 2}, "spec_version: this trainer reads version 1"),
+        ({"spec_version": 3}, "spec_version: this trainer reads versions 1 to 2, got 3"),
+        ({"flux": {"guidance": 2}}, 'flux: spec version 2 merged this section into "flow"'),
         ({"lora": {"targets": "everything"}}, "lora.targets: unknown preset"),
         ({"lora": {"targets": []}}, "lora.targets: the list of target modules is empty"),
         ({"trigger_word": "two\nlines"}, "trigger_word: must be a single line"),
@@ -119,7 +160,7 @@ def test_spec_is_frozen():
 def test_json_schema_is_available():
     schema = spec_json_schema()
     assert schema["properties"]["model"]["enum"] == list(MODEL_IDS)
-    assert SPEC_VERSION == 1
+    assert SPEC_VERSION == 2 and schema["properties"]["spec_version"]["const"] == 2
 
 
 def test_spec_and_progress_import_without_torch():

@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .spec import SpecError, parse_set_items, parse_spec
+
+if TYPE_CHECKING:
+    from .loop import TrainResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .data import DatasetError, UnsafeArchiveError
-    from .loop import TrainingError, describe, run_training
+    from .loop import TrainingError, run_training
     from .weights import WeightsError
 
     try:
@@ -107,16 +111,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result is None:  # a data-parallel worker: the main process reports
         return 0
-    d = describe(result)
-    if spec.mode == "full":
-        print(f"model (diffusers):  {d['weights'][0]}")
-    else:
-        print(f"LoRA (diffusers):   {d['weights'][0]}")
-        print(f"LoRA (kohya):       {d['weights'][1]}")
-    print(f"validation images:  {', '.join(d['samples'])}")
-    print(f"loss plot:          {d['loss_plot']}")
-    print(f"config:             {d['config']}")
+    for label, value in summary_lines(result, spec.mode):
+        print(f"{label + ':':<20}{value}")
     return 0
+
+
+def summary_lines(result: TrainResult, mode: str) -> list[tuple[str, str]]:
+    """The closing summary: what this run wrote, by what it is (a family without a kohya/ComfyUI
+    convention writes no kohya file, a full fine-tune a model folder)."""
+    if mode == "full":
+        lines = [("model (diffusers)", str(result.weights[0]))]
+    else:
+        lines = [("LoRA (diffusers)", str(result.lora_file))]
+        if result.kohya_file is not None:
+            lines.append(("LoRA (kohya)", str(result.kohya_file)))
+    lines.append(("validation images", ", ".join(str(p) for p in result.samples) or "none"))
+    return lines + [("loss plot", str(result.loss_plot)), ("config", str(result.config))]
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ from .weights import resolve_base_weights
 
 RESUME_DIR = "resume"  # the final resumable checkpoint (spec.resumable), inside the output
 
-__all__ = ["TrainResult", "TrainingError", "check_machine", "describe", "micro_step", "run_training"]
+__all__ = ["TrainResult", "TrainingError", "check_machine", "micro_step", "run_training"]
 
 
 @dataclass
@@ -619,14 +619,3 @@ def _write_reports(
     chosen = next(r for r in records if r.step == choice.step)
     shown = list(zip(prompts, chosen.renders, strict=False))
     write_model_card(out_dir / "README.md", spec, shown, ema, len(dataset.images), choice)
-
-
-def describe(result: TrainResult) -> dict[str, Any]:
-    return {
-        "out_dir": str(result.out_dir),
-        "weights": [str(p) for p in result.weights],
-        "samples": [str(p) for p in result.samples],
-        "loss_plot": str(result.loss_plot),
-        "config": str(result.config),
-        "chosen_step": result.chosen_step,
-    }

@@ -11,7 +11,7 @@ cards. The estimate of a step's peak is
   (16 bytes each; 8-bit AdamW: 6; Prodigy: 24);
 - activations: bytes per token of the denoiser, per sample (``ModelInfo.activation_bytes`` in
   the family registry): measured with the stock diffusers + peft step on an H200
-  (shared/reference/gpu-baseline.md) for Flux-dev (about 7.3 MiB per sequence token, image +
+  (docs/benchmarks.md, "The stock baseline") for Flux-dev (about 7.3 MiB per sequence token, image +
   text, without checkpointing) and SDXL (about 0.46 MiB per latent pixel); estimated from the
   width and depth for the newer families until measured (docs/memory.md says which). Gradient checkpointing keeps only block inputs; we count it as
   cutting activations to a quarter (an upper bound that errs towards turning it on).

@@ -12,7 +12,6 @@ This module stays torch-free: the trainer's weight lives in the child process.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -260,15 +259,3 @@ def detect_gpus() -> list[dict[str, Any]]:
         props = torch.cuda.get_device_properties(i)
         out.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)})
     return out
-
-
-def describe_request(req: JobRequest) -> str:
-    """A log-safe summary of a request (no secret values)."""
-    d = {
-        "dataset": str(req.dataset),
-        "overrides": {k: v for k, v in req.overrides.items() if v is not None},
-        "secrets": sorted(k for k, v in req.secrets.items() if v),
-        "resume_from": str(req.resume_from or ""),
-        "return_checkpoint": req.return_checkpoint,
-    }
-    return json.dumps(d)

@@ -20,7 +20,8 @@ from pydantic_core import ErrorDetails
 
 from .families import MODEL_IDS, family_of, model_info
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+READABLE_SPEC_VERSIONS = (1, 2)  # version 1 is upgraded on reading (upgrade_v1)
 
 # The model ids come from the family registry (train/families.py, torch-free like this module).
 ModelFamily = Literal[MODEL_IDS]  # type: ignore[valid-type]
@@ -150,22 +151,6 @@ class DatasetSpec(_Section):
     trigger_word_position: Literal["prepend", "append"] = "prepend"
 
 
-class FluxOptions(_Section):
-    guidance: float = Field(
-        default=1.0, ge=0, le=30, description="value fed to the guidance embedding while training (dev)"
-    )
-    timestep_sampling: Literal["flux_shift", "logit_normal", "shift", "uniform"] = Field(
-        default="flux_shift",
-        description="flux_shift: logit-normal sigmas with the resolution-dependent shift the pipeline uses",
-    )
-    shift: float = Field(default=3.0, gt=0, le=20, description="constant shift for timestep_sampling=shift")
-    logit_mean: float = Field(default=0.0, ge=-5, le=5)
-    logit_std: float = Field(default=1.0, gt=0, le=5)
-    max_sequence_length: int | None = Field(
-        default=None, ge=1, le=512, description="T5 tokens; default 512 (dev), 256 (schnell)"
-    )
-
-
 class SdxlOptions(_Section):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         default="auto", description="auto: what the base model's scheduler config says"
@@ -177,15 +162,22 @@ class SdxlOptions(_Section):
 
 
 class FlowOptions(_Section):
-    """Flow-matching families other than Flux.1 (their ``flux`` section): Flux.2, SD3.5, Chroma, ...."""
+    """Every flow-matching family (Flux.1, Flux.2, SD3.5, Chroma, Qwen-Image, Z-Image; spec version 1
+    had a ``flux`` section for Flux.1: ``upgrade_v1`` maps it here). train/models/flow.py says what
+    each sampling means."""
 
     timestep_sampling: Literal["auto", "logit_normal", "shift", "uniform"] = Field(
         default="auto",
         description="auto: as the family was trained (its module says how; usually logit-normal "
-        "sigmas with the base model's scheduler shift)",
+        "sigmas with the base model's scheduler shift, resolution-dependent where the scheduler's is); "
+        "shift: logit-normal sigmas with a constant shift",
     )
     shift: float | None = Field(
-        default=None, gt=0, le=20, description="timestep shift; default: the base model's scheduler config"
+        default=None,
+        gt=0,
+        le=20,
+        description="timestep shift for auto and shift; default: the family's (auto), the base "
+        "model's scheduler config (shift)",
     )
     logit_mean: float = Field(default=0.0, ge=-5, le=5)
     logit_std: float = Field(default=1.0, gt=0, le=5)
@@ -247,7 +239,7 @@ class PublishSpec(_Section):
 
 
 class TrainingSpec(_Section):
-    spec_version: Literal[1] = SPEC_VERSION
+    spec_version: Literal[2] = SPEC_VERSION
     model: ModelFamily = Field(  # pyright: ignore[reportInvalidTypeForm]  (a Literal built from the registry)
         default="flux-dev", description="model id (docs/families.md)"
     )
@@ -260,7 +252,7 @@ class TrainingSpec(_Section):
     lora: LoraSpec = LoraSpec()
     steps: int = Field(default=1000, ge=1, le=1_000_000, description="optimizer steps")
     learning_rate: float | None = Field(
-        default=None, gt=0, le=10, description="default: 1e-4 (lora), 1e-5 (full), 1.0 (prodigy)"
+        default=None, ge=1e-7, le=10, description="default: 1e-4 (lora), 1e-5 (full), 1.0 (prodigy)"
     )
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
     lr_warmup_steps: int = Field(default=0, ge=0)
@@ -300,7 +292,6 @@ class TrainingSpec(_Section):
     memory_policy: Literal["auto", "off", "gradient_checkpointing"] = "auto"
     log_every: int = Field(default=1, ge=1, le=10_000, description="steps between progress lines")
     dataset: DatasetSpec = DatasetSpec()
-    flux: FluxOptions = FluxOptions()
     sdxl: SdxlOptions = SdxlOptions()
     flow: FlowOptions = FlowOptions()
     speed: SpeedOptions = SpeedOptions()
@@ -394,7 +385,7 @@ class TrainingSpec(_Section):
 
     @property
     def model_options(self) -> Any:
-        """This model's options section (``flux``, ``sdxl`` or ``flow``), as the registry names it."""
+        """This model's options section (``flow`` or ``sdxl``), as the registry names it."""
         return getattr(self, model_info(self.model).options)
 
 
@@ -461,6 +452,8 @@ def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
 def _format_error(err: ErrorDetails) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "spec"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and loc == "flux":
+        return 'flux: spec version 2 merged this section into "flow" (same fields; docs/spec.md, "Versions")'
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown field (check the spelling; see the spec reference)"
     if err["type"] == "literal_error":
@@ -488,8 +481,14 @@ def parse_spec(raw: dict[str, Any] | str | Path | None = None, **overrides: Any)
             target = target[p]
         target[leaf] = value
     version = data.get("spec_version", SPEC_VERSION)
-    if version != SPEC_VERSION:
-        raise SpecError([f"spec_version: this trainer reads version {SPEC_VERSION}, got {version!r}"])
+    if version not in READABLE_SPEC_VERSIONS:
+        raise SpecError(
+            [
+                f"spec_version: this trainer reads versions {READABLE_SPEC_VERSIONS[0]} to {SPEC_VERSION}, got {version!r}"
+            ]
+        )
+    if version == 1:
+        data = upgrade_v1(data)
     try:
         return TrainingSpec.model_validate(data)
     except ValidationError as exc:
@@ -499,6 +498,37 @@ def parse_spec(raw: dict[str, Any] | str | Path | None = None, **overrides: Any)
         # cross-field rules report too, as long as the fields they read were valid on their own
         problems += [msg for fields, msg in _cross_field_problems(data) if not fields & bad_fields]
         raise SpecError(problems) from None
+
+
+# spec version 1's ``flux.timestep_sampling`` values and their version-2 ``flow`` names
+_V1_FLUX_SAMPLING = {
+    "flux_shift": "auto",
+    "logit_normal": "logit_normal",
+    "shift": "shift",
+    "uniform": "uniform",
+}
+_V1_FLUX_SHIFT = 3.0  # version 1's flux.shift default (used by timestep_sampling "shift" only)
+_V1_FLUX_MODELS = ("flux-dev", "flux-schnell", "flux1-kontext-dev")  # the models version 1 read it for
+
+
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 spec in version 2's terms (docs/spec.md, "Versions"): its ``flux`` section (which
+    only Flux.1 models read) becomes ``flow``; for other models it was ignored and is dropped.
+    What version 1 validated in that section is validated again, under ``flow``."""
+    data = {**data, "spec_version": SPEC_VERSION}
+    flux = data.pop("flux", None)
+    model = data.get("model", "flux-dev")
+    if not isinstance(flux, dict) or model not in _V1_FLUX_MODELS:
+        return data
+    flow = dict(flux)
+    sampling = flow.get("timestep_sampling", "flux_shift")
+    flow["timestep_sampling"] = _V1_FLUX_SAMPLING.get(sampling, sampling)
+    if flow["timestep_sampling"] == "shift":
+        flow.setdefault("shift", _V1_FLUX_SHIFT)
+    else:
+        flow.pop("shift", None)  # version 1 read it for "shift" sampling only
+    data["flow"] = flow
+    return data
 
 
 def _load_raw(raw: dict[str, Any] | str | Path | None) -> dict[str, Any]:

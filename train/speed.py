@@ -6,7 +6,7 @@ by how much, is measured with ``bench/`` on a GPU; the defaults stay conservativ
 
 - ``attention``: the scaled-dot-product-attention backend on CUDA. ``auto`` allows flash and
   memory-efficient attention but not cuDNN's, whose backward pass crashed on the H200 with the
-  stock stack (shared/reference/gpu-baseline.md). No effect on a CPU.
+  stock stack (docs/benchmarks.md, "The stock baseline"). No effect on a CPU.
 - ``compile``: ``blocks`` compiles the repeated transformer blocks (regional compilation:
   a fraction of whole-model compile time, the same step speed-up). ``auto`` (the default)
   does so on a GPU for runs of COMPILE_MIN_STEPS or more: the stock baseline on the H200 went

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import html
 import secrets
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 
 from ..security import SESSION_COOKIE, hash_key
 from .models import Login
@@ -17,9 +18,35 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 router = APIRouter()
 
 
+MODEL_OPTIONS = (
+    "<!-- model options: filled in from the model registry by the server (client/routes/page.py) -->"
+)
+
+
 @router.get("/", include_in_schema=False)
-def index() -> FileResponse:
-    return FileResponse(WEB / "index.html", media_type="text/html")
+def index() -> HTMLResponse:
+    return HTMLResponse(index_html())
+
+
+def index_html() -> str:
+    """The page, its model list the registry's (train/families.py): a model registered is offered,
+    with no edit to the page; the edit models (trained on pairs) in their own group."""
+    from train.families import MODEL_IDS, model_info
+
+    def options(models: list[str]) -> str:
+        return "".join(
+            f'\n                <option value="{html.escape(m)}">{html.escape(m)}</option>' for m in models
+        )
+
+    plain = [m for m in MODEL_IDS if not model_info(m).controls_required]
+    edit = [m for m in MODEL_IDS if model_info(m).controls_required]
+    groups = (
+        f'<optgroup label="Text to image">{options(plain)}\n              </optgroup>\n'
+        f'              <optgroup label="Edit (trains on before/after pairs)">{options(edit)}\n              </optgroup>'
+    )
+    page = (WEB / "index.html").read_text(encoding="utf-8")
+    assert MODEL_OPTIONS in page, "index.html lost its model options placeholder"
+    return page.replace(MODEL_OPTIONS, groups)
 
 
 @router.get("/static/{name:path}", include_in_schema=False)

@@ -1,25 +1,29 @@
-"""Model families behind one interface (``Family``); ``family_for`` picks one for a spec.
+"""Model families, one folder each (``train/models/<family>/``); ``family_class`` picks one for a model id.
 
-Which module implements a model id is the registry's word (``train/families.py``): the module
-``train/models/<family>.py`` exports its ``Family`` subclass as ``FAMILY``.
+This package and each family's ``__init__.py`` stay torch-free (they hold the registry entries the
+spec reads on a laptop); a family's maths is its ``family.py``, which exports its ``Family``
+subclass as ``FAMILY`` (and, where one module serves several models differently, ``FAMILIES``:
+model id -> class), imported only when a process trains or renders that model.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..families import model_info
-from ..spec import TrainingSpec
-from .base import Batch, Family
+if TYPE_CHECKING:
+    from ..spec import TrainingSpec
+    from .base import Family
 
 
 def family_class(model: str) -> type[Family]:
     """The ``Family`` subclass for a model id (``flux-dev``, ``sdxl``, ...)."""
     # Imported on demand: each family module loads its diffusers pipeline code (seconds), and a
-    # process needs only one of them.
-    module = importlib.import_module(f"{__name__}.{model_info(model).family}")
-    # a module serving several models may name a class per model id (``FAMILIES``), else ``FAMILY``
+    # process needs only one of them. (The registry imports this package: it is read here, not above.)
+    from ..families import model_info
+
+    module = importlib.import_module(f"{__name__}.{model_info(model).family}.family")
     return getattr(module, "FAMILIES", {}).get(model, module.FAMILY)
 
 
@@ -27,4 +31,4 @@ def family_for(spec: TrainingSpec, base_dir: Path) -> Family:
     return family_class(spec.model)(spec, base_dir)
 
 
-__all__ = ["Batch", "Family", "family_class", "family_for"]
+__all__ = ["family_class", "family_for"]

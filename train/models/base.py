@@ -200,16 +200,23 @@ class Family(ABC):
         # The prompts come as cached embeddings, so the pipeline is built without text encoders
         # (they left the device, and the process, after caching).
         names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
-        absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer"))}
+        absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer", "processor"))}
         pipe = self.pipeline_cls(**{**absent, **self.render_components()})
         pipe.set_progress_bar_config(disable=True)
         return pipe(
             **self.render_inputs(text, device),
             **self.control_inputs(controls or [], size),
+            **self.render_guidance(text, guidance, device),
             num_inference_steps=steps,
-            guidance_scale=guidance,
             generator=torch.Generator(device="cpu").manual_seed(seed),
         ).images[0]
+
+    def render_guidance(
+        self, text: dict[str, torch.Tensor], guidance: float, device: torch.device
+    ) -> dict[str, Any]:
+        """The pipeline's guidance arguments for a validation render of ``text`` (default: its
+        ``guidance_scale``; the negative prompt, where one is used, rides in ``render_inputs``)."""
+        return {"guidance_scale": guidance}
 
     @classmethod
     def guidance_kwargs(cls, guidance: float, negative_prompt: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ tokenizers come from hand-written vocabularies, the models from configs with see
 weights. The shapes keep the real models' structure (VAE downsampling, latent packing, the text
 encoders and their conditioning) and shrink only widths and depths.
 
-A family's writer is ``train/tiny/<family>.py``'s ``write(folder, **ModelInfo.tiny)``.
+A family's writer is ``train/models/<family>/tiny.py``'s ``write(folder, **ModelInfo.tiny)``; the
+builders they share (offline tokenizers, VAE, CLIP and T5) are in ``train/models/tiny_common.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..families import MODEL_IDS, model_info
-from .common import write_clip_tokenizer, write_t5_tokenizer
-from .flux import write_tiny_flux
-from .sdxl import write_tiny_sdxl
 
 TINY_NAMES = tuple(model_info(m).tiny_name for m in MODEL_IDS)
 
@@ -31,7 +29,7 @@ TINY_NAMES = tuple(model_info(m).tiny_name for m in MODEL_IDS)
 def write_tiny(model: str, folder: Path) -> Path:
     """Write ``model``'s tiny pipeline into ``folder`` with its family's writer."""
     info = model_info(model)
-    writer = importlib.import_module(f"{__name__}.{info.family}")
+    writer = importlib.import_module(f"train.models.{info.family}.tiny")
     return writer.write(Path(folder), **info.tiny)
 
 
@@ -66,13 +64,4 @@ def main(argv: list[str] | None = None) -> None:
         print(folder)
 
 
-__all__ = [
-    "TINY_NAMES",
-    "main",
-    "write_all",
-    "write_clip_tokenizer",
-    "write_t5_tokenizer",
-    "write_tiny",
-    "write_tiny_flux",
-    "write_tiny_sdxl",
-]
+__all__ = ["TINY_NAMES", "main", "write_all", "write_tiny"]

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.pipelines.chroma.pipeline_chroma import ChromaPipeline
 
-from ..spec import TrainingSpec
-from .base import Batch, BatchRandom, Family
-from .kohya import flux_to_kohya
-from .sd3 import scheduler_shift, shifted
+from ...spec import TrainingSpec
+from ..base import Batch, BatchRandom
+from ..flow import FlowMatchFamily, Noised
+from ..kohya import flux_to_kohya
 
 
 def chroma_density_sample(u: torch.Tensor, points: int = 1000) -> torch.Tensor:
@@ -42,7 +41,7 @@ def chroma_density_sample(u: torch.Tensor, points: int = 1000) -> torch.Tensor:
     return x[index]
 
 
-class ChromaFamily(Family):
+class ChromaFamily(FlowMatchFamily):
     pipeline_cls = ChromaPipeline
     denoiser_name = "transformer"
 
@@ -89,23 +88,13 @@ class ChromaFamily(Family):
         return out[: len(prompts)]
 
     # -- training --------------------------------------------------------------------------------
-    def sample_sigmas(self, rng: BatchRandom, image_seq_len: int) -> torch.Tensor:
-        """Noise levels in [0, 1] as ``spec.flow.timestep_sampling`` says.
-
-        ``auto`` is how Chroma was trained (lodestones/flow, ``train_chroma.py``): sigmas from the
+    def auto_draw(self, rng: BatchRandom) -> torch.Tensor:
+        """``auto`` is how Chroma was trained (lodestones/flow, ``train_chroma.py``): sigmas from the
         density ``2 - 7.7 (x - 0.5)^2`` on [0, 1] (a broad bump around 0.5 that keeps both ends),
-        moved by the resolution-dependent exponential shift of Flux that the reference code
+        then moved by the resolution-dependent exponential shift of Flux that the reference code
         applies (``time_shift(get_lin_function()(h * w), 1, t)``) and that the pipeline samples
-        with (``mu`` from the scheduler's base/max shift).
-        """
-        opts = self.spec.flow
-        shift = opts.shift or scheduler_shift(self.pipe.scheduler.config, image_seq_len)
-        if opts.timestep_sampling == "auto":
-            return shifted(chroma_density_sample(rng.rand()), shift)
-        if opts.timestep_sampling == "uniform":
-            return rng.rand()
-        u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
-        return u if opts.timestep_sampling == "logit_normal" else shifted(u, shift)
+        with (``mu`` from the scheduler's base/max shift: the base class's ``auto_shift``)."""
+        return chroma_density_sample(rng.rand())
 
     def _image_ids(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (rows, cols, device, dtype)
@@ -120,30 +109,22 @@ class ChromaFamily(Family):
         ones = torch.ones(prompt_mask.shape[0], image_tokens, device=prompt_mask.device, dtype=torch.bool)
         return torch.cat([prompt_mask, ones], dim=1)
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        vae_cfg = self.pipe.vae.config
-        x0 = (self.sample_latents(batch) - vae_cfg.shift_factor) * vae_cfg.scaling_factor  # (B, C, h, w)
-        b, c, h, w = x0.shape
-        noise = batch.rng.randn(c, h, w)
-        sigmas = self.sample_sigmas(batch.rng, (h // 2) * (w // 2))
-        s = sigmas.view(b, 1, 1, 1)
-        noisy = (1.0 - s) * x0 + s * noise  # straight path from data (s=0) to noise (s=1)
-        target = noise - x0  # its velocity
-
+    def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.latents.shape
         embeds = batch.text["prompt_embeds"]
         dtype = embeds.dtype
-        packed = ChromaPipeline._pack_latents(noisy, b, c, h, w).to(dtype)  # (B, h/2*w/2, 4C)
+        packed = ChromaPipeline._pack_latents(x.latents, b, c, h, w).to(dtype)  # (B, h/2*w/2, 4C)
         self._mask = self.joint_mask(batch.text["prompt_attention_mask"].to(dtype), packed.shape[1])
         pred = model(
             hidden_states=packed,
-            timestep=sigmas.to(dtype),
+            timestep=x.sigmas.to(dtype),
             encoder_hidden_states=embeds,
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=x0.device, dtype=dtype),
-            img_ids=self._image_ids(h // 2, w // 2, x0.device, dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x.latents.device, dtype=dtype),
+            img_ids=self._image_ids(h // 2, w // 2, x.latents.device, dtype),
             attention_mask=self._mask,
             return_dict=False,
         )[0]
-        return F.mse_loss(pred.float(), ChromaPipeline._pack_latents(target, b, c, h, w).float())
+        return pred, ChromaPipeline._pack_latents(x.target, b, c, h, w)
 
     # -- validation and export -----------------------------------------------------------------
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from diffusers.pipelines.chroma.pipeline_chroma import ChromaPipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import T5Tokenizer
 
-from .common import T5_DMODEL, t5_encoder, vae, write_t5_tokenizer
+from ..tiny_common import T5_DMODEL, t5_encoder, vae, write_t5_tokenizer
 
 
 def write_tiny_chroma(folder: Path) -> Path:

@@ -10,7 +10,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextModel, CLIPTokenizer, T5Tokenizer
 
-from .common import (
+from ..tiny_common import (
     CLIP_HIDDEN,
     T5_DMODEL,
     clip_config,
@@ -19,6 +19,7 @@ from .common import (
     write_clip_tokenizer,
     write_t5_tokenizer,
 )
+from .configs import TRANSFORMER_TINY
 
 
 def write_tiny_flux(folder: Path, variant: str = "dev", num_single_layers: int = 1) -> Path:
@@ -30,18 +31,9 @@ def write_tiny_flux(folder: Path, variant: str = "dev", num_single_layers: int =
     clip_vocab = write_clip_tokenizer(tok_dir)
     t5_vocab = write_t5_tokenizer(tok2_dir)
     t5 = t5_encoder(t5_vocab)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=num_single_layers,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=T5_DMODEL,
-        pooled_projection_dim=CLIP_HIDDEN,
-        guidance_embeds=(variant == "dev"),
-        axes_dims_rope=(4, 6, 6),
-    )
+    config = {**TRANSFORMER_TINY, "num_single_layers": num_single_layers, "guidance_embeds": variant == "dev"}
+    assert config["joint_attention_dim"] == T5_DMODEL and config["pooled_projection_dim"] == CLIP_HIDDEN
+    transformer = FluxTransformer2DModel(**config)
     if variant == "dev":
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=3.0,

@@ -1,4 +1,4 @@
-"""Flux.2 [dev] (and, through train/models/flux2_klein.py, [klein]): rectified-flow matching on patchified, batch-normalised latents.
+"""Flux.2 [dev] (and, through train/models/flux2_klein/family.py, [klein]): rectified-flow matching on patchified, batch-normalised latents.
 
 What the pipelines (``Flux2Pipeline``, ``Flux2KleinPipeline``) feed the transformer, and so what
 a training step feeds it:
@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline, compute_empirical_mu
 
-from ..spec import TrainingSpec
-from .base import Batch, BatchRandom, Family
-from .kohya import _entry, _pairs, fuse
+from ...spec import TrainingSpec
+from ..base import Batch
+from ..flow import FlowMatchFamily, Noised
+from ..kohya import _entry, _pairs, fuse
 
 # The step count at which BFL's empirical mu (compute_empirical_mu) has its many-step anchor: there
 # mu = 0.5 at 256 image tokens and 1.15 at 4096, linear in between and beyond, which is Flux.1's
@@ -50,7 +50,7 @@ from .kohya import _entry, _pairs, fuse
 _MANY_STEPS = 200
 
 
-class Flux2Family(Family):
+class Flux2Family(FlowMatchFamily):
     pipeline_cls: Any = Flux2Pipeline
     denoiser_name = "transformer"
 
@@ -99,25 +99,18 @@ class Flux2Family(Family):
         mean, std = self._bn_stats(x.device, x.dtype)
         return (x - mean) / std
 
-    def sample_sigmas(self, rng: BatchRandom, image_seq_len: int) -> torch.Tensor:
-        """Noise levels in (0, 1) as ``flow.timestep_sampling`` says.
+    def training_latents(self, batch: Batch) -> torch.Tensor:
+        return self.normalise(self.sample_latents(batch))  # (B, 4C, h/2, w/2)
 
-        ``auto`` (as the model was trained, as far as published: BFL released no training code):
+    def image_tokens(self, x0: torch.Tensor) -> int:
+        return x0.shape[2] * x0.shape[3]  # already patchified; the target's tokens only
+
+    def auto_shift(self, image_seq_len: int) -> float:
+        """``auto`` (as the model was trained, as far as published: BFL released no training code):
         logit-normal sigmas shifted by the pipelines' own resolution-dependent mu in its many-step
         limit, ``compute_empirical_mu(image tokens, 200)``: Flux.1's exponential shift (mu 0.5 at
-        256 tokens, 1.15 at 4096), which musubi-tuner's ``flux2_shift`` also trains with.
-        ``flow.shift``, when given, replaces it with that constant shift."""
-        opts = self.spec.flow
-        if opts.timestep_sampling == "uniform":
-            return rng.rand()
-        u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
-        if opts.timestep_sampling == "logit_normal":
-            return u
-        if opts.timestep_sampling == "shift" or opts.shift is not None:
-            shift = opts.shift if opts.shift is not None else self.pipe.scheduler.config.get("shift", 1.0)
-            return shift * u / (1 + (shift - 1) * u)
-        mu = compute_empirical_mu(image_seq_len, _MANY_STEPS)
-        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        256 tokens, 1.15 at 4096), which musubi-tuner's ``flux2_shift`` also trains with."""
+        return math.exp(compute_empirical_mu(image_seq_len, _MANY_STEPS))
 
     def _position_ids(self, kind: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The pipeline's 4-axis position ids (one set; the transformer reads the first batch row),
@@ -143,37 +136,29 @@ class Flux2Family(Family):
         tokens = torch.cat([self.pipeline_cls._pack_latents(r) for r in refs], dim=1)
         return tokens, self._ids[key]
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        x0 = self.normalise(self.sample_latents(batch))  # (B, 4C, h, w)
-        b, c, h, w = x0.shape
-        noise = batch.rng.randn(c, h, w)
-        sigmas = self.sample_sigmas(batch.rng, h * w)  # the shift counts the target tokens only
-        s = sigmas.view(b, 1, 1, 1)
-        noisy = (1.0 - s) * x0 + s * noise  # straight path from data (s=0) to noise (s=1)
-        target = noise - x0  # its velocity
-
+    def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = x.latents.shape
         embeds = batch.text["prompt_embeds"]
-        dtype = embeds.dtype
-        tokens = self.pipeline_cls._pack_latents(noisy)  # (B, h*w, 4C)
-        img_ids = self._position_ids("image", (h, w), x0.device)
+        tokens = self.pipeline_cls._pack_latents(x.latents)  # (B, h*w, 4C)
+        img_ids = self._position_ids("image", (h, w), x.latents.device)
         references = self._reference_tokens(batch)
         if references is not None:  # joined after the target's tokens, as the pipelines do
             tokens = torch.cat([tokens, references[0]], dim=1)
             img_ids = torch.cat([img_ids, references[1]], dim=0)
         guidance = None
         if self.denoiser_config().get("guidance_embeds", True):  # the class default
-            guidance = torch.full((b,), self.spec.flow.guidance, device=x0.device, dtype=torch.float32)
+            guidance = torch.full((b,), self.spec.flow.guidance, device=x.latents.device, dtype=torch.float32)
         pred = model(
-            hidden_states=tokens.to(dtype),
+            hidden_states=tokens.to(embeds.dtype),
             encoder_hidden_states=embeds,
-            timestep=sigmas.to(dtype),
+            timestep=x.sigmas.to(embeds.dtype),
             img_ids=img_ids,
-            txt_ids=self._position_ids("text", (embeds.shape[1],), x0.device),
+            txt_ids=self._position_ids("text", (embeds.shape[1],), x.latents.device),
             guidance=guidance,
             return_dict=False,
         )[0]
-        pred = pred[:, : h * w]  # the target's tokens; the references' predictions are dropped
-        return F.mse_loss(pred.float(), self.pipeline_cls._pack_latents(target).float())
+        # the target's tokens; the references' predictions are dropped
+        return pred[:, : h * w], self.pipeline_cls._pack_latents(x.target)
 
     def denoiser_config(self) -> dict[str, Any]:
         if not hasattr(self, "_denoiser_config"):

@@ -1,4 +1,4 @@
-"""Flux.2 [klein] (4B and 9B; step-distilled and base): the Flux.2 objective (train/models/flux2.py)
+"""Flux.2 [klein] (4B and 9B; step-distilled and base): the Flux.2 objective (train/models/flux2/family.py)
 with ``Flux2KleinPipeline``'s Qwen3 prompts and no guidance embedding.
 
 The base (undistilled) models render with real classifier-free guidance against the empty prompt
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 
-from ..spec import TrainingSpec
-from .flux2 import Flux2Family
+from ...spec import TrainingSpec
+from ..flux2.family import Flux2Family
 
 
 class Flux2KleinFamily(Flux2Family):

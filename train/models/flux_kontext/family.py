@@ -22,10 +22,10 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import (
     FluxKontextPipeline,
 )
 
-from ..buckets import place, resize_and_crop
-from ..spec import TrainingSpec
-from .base import Batch
-from .flux import FluxFamily
+from ...buckets import place, resize_and_crop
+from ...spec import TrainingSpec
+from ..base import Batch
+from ..flux.family import FluxFamily
 
 # Kontext was trained at about 1 MP, at these sizes; renders of about that area take the stock path.
 _NATIVE_AREAS = [w * h for w, h in PREFERRED_KONTEXT_RESOLUTIONS]

@@ -1,4 +1,4 @@
-"""Tiny random FLUX.1 Kontext [dev] pipeline: the tiny Flux.1 [dev] (train/tiny/flux.py) saved as
+"""Tiny random FLUX.1 Kontext [dev] pipeline: the tiny Flux.1 [dev] (train/models/flux/tiny.py) saved as
 a ``FluxKontextPipeline`` — the real repo is likewise FLUX.1-dev's components (the same transformer
 config, guidance embedding, VAE and scheduler) under Kontext's pipeline class."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffusers.pipelines.flux.pipeline_flux_kontext import FluxKontextPipeline
 
-from .flux import write_tiny_flux
+from ..flux.tiny import write_tiny_flux
 
 
 def write(folder: Path, variant: str = "dev") -> Path:

@@ -26,43 +26,18 @@ card's ``" "``); validation renders use it with the spec's guidance scale.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline, calculate_shift
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 
-from ..spec import FlowOptions, TrainingSpec
-from .base import Batch, BatchRandom, Family
-from .kohya import sdxl_to_kohya
+from ...spec import TrainingSpec
+from ..base import Batch
+from ..flow import FlowMatchFamily, Noised
+from ..kohya import sdxl_to_kohya
 
 NEGATIVE_PROMPT = " "  # the model card's "no negative prompt" (an empty one still enables CFG)
-
-
-def flow_sigmas(
-    opts: FlowOptions, rng: BatchRandom, scheduler_config: Any, image_seq_len: int
-) -> torch.Tensor:
-    """Noise levels in (0, 1) as ``flow.timestep_sampling`` says; ``auto`` follows the scheduler:
-    its resolution-dependent exponential shift where it shifts dynamically, else its fixed shift."""
-    if opts.timestep_sampling == "uniform":
-        return rng.rand()
-    u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
-    if opts.timestep_sampling == "logit_normal":
-        return u
-    cfg = scheduler_config
-    if opts.timestep_sampling == "auto" and opts.shift is None and cfg.get("use_dynamic_shifting", False):
-        mu = calculate_shift(
-            image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-    shift = opts.shift if opts.shift is not None else cfg.get("shift", 1.0)
-    return shift * u / (1 + (shift - 1) * u)
 
 
 def pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -71,7 +46,7 @@ def pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(length - t.shape[0], *t.shape[1:])]) if t.shape[0] < length else t
 
 
-class QwenImageFamily(Family):
+class QwenImageFamily(FlowMatchFamily):
     pipeline_cls = QwenImagePipeline
     denoiser_name = "transformer"
 
@@ -130,35 +105,34 @@ class QwenImageFamily(Family):
         mask = mask[:, :longest]
         return embeds[:, :longest], (None if shortest == longest else mask)
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def training_latents(self, batch: Batch) -> torch.Tensor:
         mean, std = self.latent_stats(batch.latent_mean.device)
-        x0 = (self.sample_latents(batch) - mean) / std  # (B, C, h, w)
-        b, c, h, w = x0.shape
-        noise = batch.rng.randn(c, h, w)
-        # the pipelines' mu reads the target's token count (latents.shape[1]), never the controls'
-        sigmas = flow_sigmas(self.spec.flow, batch.rng, self.pipe.scheduler.config, (h // 2) * (w // 2))
-        s = sigmas.view(b, 1, 1, 1)
-        noisy = (1.0 - s) * x0 + s * noise
-        target = noise - x0
+        return (self.sample_latents(batch) - mean) / std  # (B, C, h, w)
 
+    # ``image_tokens`` is the base class's: the pipelines' mu reads the target's token count
+    # (latents.shape[1]), never the controls'.
+    def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.latents.shape
+        mean, std = self.latent_stats(x.latents.device)
         # Edit models: each control's normalised, packed latents follow the target's tokens, each
         # image with its own RoPE grid in ``img_shapes`` (QwenImageEditPipeline.__call__)
         pack = QwenImagePipeline._pack_latents
         controls = [(k - mean) / std for k in batch.controls]  # each (B, C, h_k, w_k)
-        hidden = torch.cat([pack(noisy, b, c, h, w), *(pack(k, b, c, *k.shape[2:]) for k in controls)], dim=1)
+        hidden = torch.cat(
+            [pack(x.latents, b, c, h, w), *(pack(k, b, c, *k.shape[2:]) for k in controls)], dim=1
+        )
         shapes = [(1, h // 2, w // 2), *((1, k.shape[2] // 2, k.shape[3] // 2) for k in controls)]
         embeds, mask = self.trimmed(batch.text)
-        dtype = embeds.dtype
         pred = model(
-            hidden_states=hidden.to(dtype),
-            timestep=sigmas.to(dtype),
+            hidden_states=hidden.to(embeds.dtype),
+            timestep=x.sigmas.to(embeds.dtype),
             encoder_hidden_states=embeds,
             encoder_hidden_states_mask=mask,
             img_shapes=[shapes] * b,
             return_dict=False,
         )[0]
         n_target = (h // 2) * (w // 2)  # the loss is on the target's tokens only
-        return F.mse_loss(pred[:, :n_target].float(), pack(target, b, c, h, w).float())
+        return pred[:, :n_target], pack(x.target, b, c, h, w)
 
     # -- validation and export -----------------------------------------------------------------
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
@@ -172,34 +146,16 @@ class QwenImageFamily(Family):
         """The negative prompt's cached embeddings for a render of ``text`` (None: no CFG)."""
         return self.negative
 
-    @torch.no_grad()
-    def render(
-        self,
-        text: dict[str, torch.Tensor],
-        size: int,
-        steps: int,
-        guidance: float,
-        seed: int,
-        device: torch.device,
-        controls: list[Any] | None = None,
-    ) -> Any:
-        """As the base class renders, with the guidance scale as the pipeline's ``true_cfg_scale``
-        against the cached negative prompt (Qwen-Image has no guidance embedding)."""
-        names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
-        absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer", "processor"))}
-        pipe = self.pipeline_cls(**{**absent, **self.render_components()})
-        pipe.set_progress_bar_config(disable=True)
-        kw = self.render_inputs(text, device)
+    def render_guidance(
+        self, text: dict[str, torch.Tensor], guidance: float, device: torch.device
+    ) -> dict[str, Any]:
+        """The guidance scale as the pipeline's ``true_cfg_scale`` against the cached negative prompt
+        (Qwen-Image has no guidance embedding and ignores ``guidance_scale``)."""
+        kw: dict[str, Any] = {"true_cfg_scale": guidance}
         negative = self.negative_text(text)
         if guidance > 1 and negative is not None:
             kw.update({f"negative_{k}": v for k, v in self.render_inputs(negative, device).items()})
-        return pipe(
-            **kw,
-            **self.control_inputs(controls or [], size),
-            true_cfg_scale=guidance,
-            num_inference_steps=steps,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-        ).images[0]
+        return kw
 
     @classmethod
     def guidance_kwargs(cls, guidance: float, negative_prompt: str) -> dict[str, Any]:

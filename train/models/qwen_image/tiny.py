@@ -3,7 +3,7 @@
 The tokenizer is a byte-level BPE like Qwen2's, built offline. ``QwenImagePipeline`` drops the
 first 34 tokens of its prompt template (the system prompt) by position, so the tiny vocabulary
 has merges that make every word of that template one token, as the real Qwen2 vocabulary does;
-``write_qwen_tokenizer`` checks the count. ``train/tiny/z_image.py`` uses the same builder with
+``write_qwen_tokenizer`` checks the count. ``train/models/z_image/tiny.py`` uses the same builder with
 Qwen3's chat template.
 """
 

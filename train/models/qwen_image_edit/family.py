@@ -37,13 +37,13 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_dimensions,
 )
 
-from ..families import model_info
-from ..spec import TrainingSpec
-from ..tiny import qwen_image_edit as _tiny  # noqa: F401  (the tiny pipelines' processor, see below)
-from .base import edit_size
-from .qwen_image import NEGATIVE_PROMPT, QwenImageFamily, pad_to
+from ...families import model_info
+from ...spec import TrainingSpec
+from ..base import edit_size
+from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily, pad_to
+from . import tiny as _tiny  # noqa: F401  (the tiny pipelines' processor, see below)
 
-# The tiny pipelines record their processor as train.tiny.qwen_image_edit.TinyQwen2VLProcessor;
+# The tiny pipelines record their processor as train.models.qwen_image_edit.tiny.TinyQwen2VLProcessor;
 # diffusers loads a component from a module outside diffusers / transformers only once that module
 # is imported, hence the import above.
 TEXT_KEYS = ("prompt_embeds", "prompt_embeds_mask")
@@ -169,4 +169,4 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
 
 
 FAMILY = QwenImageEditFamily
-FAMILIES = {"qwen-image-edit-plus": QwenImageEditPlusFamily}  # train/models/__init__.py family_class
+FAMILIES = {"qwen-image-edit-plus": QwenImageEditPlusFamily}  # train/models/__init__/family.py family_class

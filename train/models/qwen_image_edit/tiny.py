@@ -30,7 +30,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImage
 from transformers import ProcessorMixin, Qwen2Tokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .qwen_image import QWEN_SPECIALS, _byte_table, _word_merges, text_encoder, write_tiny_qwen_image
+from ..qwen_image.tiny import QWEN_SPECIALS, _byte_table, _word_merges, text_encoder, write_tiny_qwen_image
 
 # Qwen2.5-VL's image placeholders; placed before QWEN_SPECIALS so those stay the vocabulary's last
 # three (text_encoder() takes its bos / eos / pad ids from there)

@@ -16,42 +16,18 @@ The target is the velocity ``noise - x0`` of the straight path ``x_s = (1 - s) x
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-    StableDiffusion3Pipeline,
-    calculate_shift,
-)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
 
-from ..spec import TrainingSpec
-from .base import Batch, BatchRandom, Family
+from ...spec import TrainingSpec
+from ..base import Batch
+from ..flow import FlowMatchFamily, Noised
 
 
-def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """The flow-matching timestep shift ``s u / (1 + (s - 1) u)`` (SD3 paper, eq. 23)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def scheduler_shift(config: Any, image_seq_len: int) -> float:
-    """The shift the base model's scheduler samples with at this many image tokens: its fixed
-    ``shift``, or ``exp(mu)`` of the resolution-dependent (exponential) shift where dynamic."""
-    if config.get("use_dynamic_shifting", False):
-        mu = calculate_shift(
-            image_seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return math.exp(mu)  # exp(mu) / (exp(mu) + 1/u - 1) is the fixed shift exp(mu)
-    return float(config.get("shift", 1.0))
-
-
-class Sd3Family(Family):
+class Sd3Family(FlowMatchFamily):
     pipeline_cls = StableDiffusion3Pipeline
     denoiser_name = "transformer"
 
@@ -87,45 +63,25 @@ class Sd3Family(Family):
         return out[: len(prompts)]
 
     # -- training --------------------------------------------------------------------------------
-    def sample_sigmas(self, rng: BatchRandom, image_seq_len: int) -> torch.Tensor:
-        """Noise levels in (0, 1) as ``spec.flow.timestep_sampling`` says.
-
-        ``auto`` is how SD3 was trained (Esser et al. 2024, "Scaling Rectified Flow Transformers",
-        sec. 3.1 and 5.3.2; diffusers' train_dreambooth_lora_sd3.py): logit-normal u (mean 0,
-        std 1) moved by the timestep shift of the base model's scheduler (3.0 for SD3.5, the
-        shift SD3 was trained and samples with at 1024 px) — the same as ``shift``.
-        """
-        opts = self.spec.flow
-        if opts.timestep_sampling == "uniform":
-            return rng.rand()
-        u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
-        if opts.timestep_sampling == "logit_normal":
-            return u
-        shift = opts.shift or scheduler_shift(self.pipe.scheduler.config, image_seq_len)
-        return shifted(u, shift)
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        vae_cfg = self.pipe.vae.config
-        latents = self.sample_latents(batch)
-        x0 = (latents - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor  # (B, 16, h, w)
-        b, c, h, w = x0.shape
-        noise = batch.rng.randn(c, h, w)
+    # ``auto`` noise levels are how SD3 was trained (Esser et al. 2024, "Scaling Rectified Flow
+    # Transformers", sec. 3.1 and 5.3.2; diffusers' train_dreambooth_lora_sd3.py): logit-normal u
+    # (mean 0, std 1) moved by the base model's scheduler shift (3.0 for SD3.5, the shift SD3 was
+    # trained and samples with at 1024 px).
+    def image_tokens(self, x0: torch.Tensor) -> int:
         patch = int(self.pipe.transformer.config.patch_size)
-        sigmas = self.sample_sigmas(batch.rng, (h // patch) * (w // patch))
-        s = sigmas.view(b, 1, 1, 1)
-        noisy = (1.0 - s) * x0 + s * noise  # straight path from data (s=0) to noise (s=1)
-        target = noise - x0  # its velocity
+        return (x0.shape[2] // patch) * (x0.shape[3] // patch)
 
+    def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = batch.text["prompt_embeds"].dtype
-        timesteps = sigmas * self.pipe.scheduler.config.num_train_timesteps  # as the pipeline's, fp32
+        timesteps = x.sigmas * self.pipe.scheduler.config.num_train_timesteps  # as the pipeline's, fp32
         pred = model(
-            hidden_states=noisy.to(dtype),
+            hidden_states=x.latents.to(dtype),  # (B, 16, h, w): the transformer cuts its own patches
             timestep=timesteps,
             encoder_hidden_states=batch.text["prompt_embeds"],
             pooled_projections=batch.text["pooled_prompt_embeds"],
             return_dict=False,
         )[0]
-        return F.mse_loss(pred.float(), target.float())
+        return pred, x.target
 
     # -- validation and export -----------------------------------------------------------------
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import S
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from .common import CLIP_HIDDEN, clip_config, vae, write_clip_tokenizer, write_t5_tokenizer
+from ..tiny_common import CLIP_HIDDEN, clip_config, vae, write_clip_tokenizer, write_t5_tokenizer
 
 # The T5 width is the joint attention width; wider than the two CLIP widths together (as 4096 is
 # wider than 768 + 1280) so the pipeline's zero-padding of the CLIP hidden states happens here too.

@@ -10,8 +10,8 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from .base import Batch, Family
-from .kohya import sdxl_to_kohya
+from ..base import Batch, Family
+from ..kohya import sdxl_to_kohya
 
 
 class SdxlFamily(Family):

@@ -27,18 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 
-from ..spec import TrainingSpec
-from .base import Batch, Family
-from .kohya import sdxl_to_kohya
-from .qwen_image import flow_sigmas, pad_to
+from ...spec import TrainingSpec
+from ..base import Batch
+from ..flow import FlowMatchFamily, Noised
+from ..kohya import sdxl_to_kohya
+from ..qwen_image.family import pad_to
 
 NEGATIVE_PROMPT = ""  # what the pipeline encodes when CFG is on and no negative prompt is given
 
 
-class ZImageFamily(Family):
+class ZImageFamily(FlowMatchFamily):
     pipeline_cls = ZImagePipeline
     denoiser_name = "transformer"
 
@@ -69,24 +69,15 @@ class ZImageFamily(Family):
         """The cached prompts as the pipeline's ``encode_prompt`` returns them: unpadded, one each."""
         return [e[m] for e, m in zip(text["prompt_embeds"], text["prompt_mask"], strict=True)]
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        cfg = self.pipe.vae.config
-        x0 = (self.sample_latents(batch) - cfg.shift_factor) * cfg.scaling_factor  # (B, C, h, w)
-        b, c, h, w = x0.shape
-        noise = batch.rng.randn(c, h, w)
-        sigmas = flow_sigmas(self.spec.flow, batch.rng, self.pipe.scheduler.config, (h // 2) * (w // 2))
-        s = sigmas.view(b, 1, 1, 1)
-        noisy = (1.0 - s) * x0 + s * noise
-
+    def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = batch.text["prompt_embeds"].dtype
         out = model(
-            list(noisy.to(dtype).unsqueeze(2).unbind(dim=0)),  # (C, 1 frame, h, w) each
-            1.0 - sigmas.float(),  # the transformer's time runs from noise (0) to data (1)
+            list(x.latents.to(dtype).unsqueeze(2).unbind(dim=0)),  # (C, 1 frame, h, w) each
+            1.0 - x.sigmas.float(),  # the transformer's time runs from noise (0) to data (1)
             self.caption_list(batch.text),
             return_dict=False,
         )[0]
-        pred = torch.stack(out).squeeze(2)  # the negated velocity: x0 - noise
-        return F.mse_loss(pred.float(), (x0 - noise).float())
+        return -torch.stack(out).squeeze(2), x.target  # it predicts the negated velocity, x0 - noise
 
     # -- validation and export -----------------------------------------------------------------
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

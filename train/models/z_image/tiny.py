@@ -3,7 +3,7 @@
 Qwen3 text encoder (``Qwen3Model``, the pipeline reads its second-to-last hidden state), a KL
 VAE with the real 8x downsampling and the Flux VAE's scale and shift (4 channels here, 16 in the
 real one), the single-stream S3-DiT with its noise and context refiners. The tokenizer is the Qwen2 byte-level BPE of
-``train/tiny/qwen_image.py`` with Qwen3's chat template (the pipeline applies it).
+``train/models/qwen_image/tiny.py`` with Qwen3's chat template (the pipeline applies it).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import Qwen3Config, Qwen3Model
 
-from .common import vae
-from .qwen_image import write_qwen_tokenizer
+from ..qwen_image.tiny import write_qwen_tokenizer
+from ..tiny_common import vae
 
 QWEN3_HIDDEN = 32  # -> the transformer's cap_feat_dim
 # Qwen3's chat template, reduced to what the pipeline uses: messages, the generation prompt, and

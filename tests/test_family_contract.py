@@ -1,0 +1,300 @@
+"""The family contract, over the whole registry: what every model must do, tested on its tiny pipeline.
+
+For each registered model (edit models on before/after pairs):
+
+- the trainer CLI (``python -m train``, called in-process) trains it, exits 0 and its closing
+  summary names files that exist; the loss falls;
+- the stock diffusers pipeline loads the LoRA with ``load_lora_weights`` and its image changes;
+  where the family writes a kohya/ComfyUI copy, that file renders as the diffusers one;
+- the run entry (``train.inference``, what predict.py serves) renders with and without the LoRA as
+  the stock pipeline does;
+- a flow-matching model's training step feeds its denoiser exactly what the stock pipeline's first
+  step feeds it (same noise at sigma 1: every argument equal).
+
+A model added to the registry is covered by being registered. What is particular to one family
+(its conditioning, its edit path, its kohya naming's details) stays in its own test file. The Cog
+server renders one model of each family in tests/test_cog_families.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from train.families import MODEL_IDS, model_info
+from train.models import family_class
+from train.progress import parse_progress_line
+from train.sample_data import draw_pair
+
+PROMPT = "sks, a red circle"
+STEPS = 40
+# Flux.1's kohya names fuse the single blocks' q/k/v and MLP input into linear1; diffusers' reader
+# hard-codes the full-size widths of that split, so on the tiny models the copy is read back only
+# without LoRA there (tests/test_kohya.py checks that fusion numerically).
+_FLUX1_KOHYA_READABLE = [
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_k",
+    "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.0.attn.to_out.0",
+    "transformer_blocks.0.attn.add_q_proj",
+    "transformer_blocks.0.attn.add_k_proj",
+    "transformer_blocks.0.attn.add_v_proj",
+    "transformer_blocks.0.attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "single_transformer_blocks.0.proj_out",
+]
+TARGETS = {
+    "flux": _FLUX1_KOHYA_READABLE,
+    "flux_kontext": _FLUX1_KOHYA_READABLE,
+    "chroma": _FLUX1_KOHYA_READABLE,
+}
+# SDXL's tiny UNet learns little through attention alone in a few dozen steps
+TARGETS["sdxl"] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_out",
+]
+LEARNING_RATE = {"flux2-klein-4b": 3e-2, "flux2-klein-9b": 3e-2}  # distilled: a harder push shows
+TOLERANCE = 2  # 8-bit levels between the run entry and the stock pipeline (the same fp32 ops)
+CONTROL = draw_pair(99)[0]  # the held-out image an edit model edits (never trained on)
+
+
+def _spec(base: Path, model: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": model,
+        "base_weights": str(base),
+        "steps": STEPS,
+        "resolutions": "64",
+        "learning_rate": LEARNING_RATE.get(model, 1e-2),
+        "caption_dropout": 0.0,
+        "seed": 7,
+        "trigger_word": "sks",
+        "lora": {"rank": 4, "alpha": 8, "targets": TARGETS.get(model_info(model).family, "default")},
+        "validation": {"num_inference_steps": 2},
+    }
+    return spec
+
+
+def _train_cli(spec: dict[str, Any], data: Path, out: Path) -> tuple[int, str]:
+    """``python -m train`` as a user runs it, in this process; (exit code, stdout)."""
+    from train.__main__ import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["--spec", json.dumps(spec), "--data", str(data), "--out", str(out)])
+    return code, buf.getvalue()
+
+
+def _stock(
+    model: str, base: Path, lora_dir: Path | None = None, weight_name: str | None = None
+) -> np.ndarray:
+    """What a user gets from the model's stock diffusers pipeline (and ``load_lora_weights``)."""
+    from diffusers import DiffusionPipeline
+
+    info = model_info(model)
+    pipe = DiffusionPipeline.from_pretrained(base)
+    assert type(pipe).__name__ == info.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, **({"weight_name": weight_name} if weight_name else {}))
+    kw: dict[str, Any] = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
+    kw.update(family_class(model).guidance_kwargs(info.render_guidance, ""))  # as the model card renders
+    if info.controls_required:  # the image arguments the model's pipeline takes (Kontext: max_area too)
+        kw.update(family_class(model).run_image_inputs([CONTROL], 64, 64, 16))
+    image = pipe(
+        prompt=PROMPT,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    ).images[0]
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def _run_entry(model: str, base: Path, weights: Path | None, cache: Path, monkeypatch) -> np.ndarray:
+    """The run entry's render (predict.py's session), with the trained weights or the plain base."""
+    from train.inference import InferenceSession, RenderRequest
+
+    info = model_info(model)
+    monkeypatch.setenv("ADVANCED_TRAINER_RUN_MODEL", model)
+    monkeypatch.setenv("ADVANCED_TRAINER_RUN_BASE", str(base))
+    images: tuple[str, ...] = ()
+    if info.controls_required:  # Cog hands the run entry a file
+        cache.mkdir(parents=True, exist_ok=True)
+        CONTROL.save(cache / "control.png")
+        images = (str(cache / "control.png"),)
+    request = RenderRequest(
+        prompt=PROMPT,
+        aspect_ratio="custom",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        seed=3,
+        output_format="png",
+        input_images=images,
+    )
+    session = InferenceSession(str(weights) if weights else None, log=lambda _: None, cache_dir=cache)
+    with Image.open(session.predict(request, cache / "out")[0]) as img:
+        return np.asarray(img.convert("RGB")).astype(int)
+
+
+def _losses(log: str) -> list[float]:
+    """The loss of every step, from the machine-readable progress lines (one per step here)."""
+    rows = [r for r in map(parse_progress_line, log.splitlines()) if r and r.get("phase") == "train"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert {"loss", "lr", "s_per_step", "eta_s", "total"} <= set(rows[-1])
+    return [r["loss"] for r in rows]
+
+
+@pytest.mark.parametrize("model", MODEL_IDS)
+def test_every_model_trains_through_the_cli_and_its_lora_loads_where_users_load_it(
+    model, tiny_weights, sample_dataset, pair_dataset, tmp_path, monkeypatch
+):
+    info = model_info(model)
+    base = tiny_weights / info.tiny_name
+    out = tmp_path / "out"
+    code, log = _train_cli(
+        _spec(base, model), pair_dataset if info.controls_required else sample_dataset, out
+    )
+    assert code == 0, f"python -m train exited {code} after training {model}:\n{log[-2000:]}"
+
+    # the closing summary names what was written, and it is there
+    summary = dict(
+        line.split(":", 1) for line in log.splitlines() if line and not line.startswith("PROGRESS")
+    )
+    lora = Path(summary["LoRA (diffusers)"].strip())
+    assert lora.is_file() and lora.parent == out
+    kohya = summary.get("LoRA (kohya)")
+    assert (kohya is not None) == bool(info.comfy_naming), f"{model}: kohya copy {kohya!r}"
+    assert Path(summary["config"].strip()).is_file()
+
+    losses = _losses(log)
+    assert len(losses) == STEPS
+    tenth = STEPS // 5
+    first, last = statistics.mean(losses[:tenth]), statistics.mean(losses[-tenth:])
+    assert last < first, f"{model}: the loss did not fall (first fifth {first:.4f}, last fifth {last:.4f})"
+
+    plain, with_lora = _stock(model, base), _stock(model, base, out)
+    assert np.abs(with_lora - plain).max() > 2, f"{model}: the trained LoRA does not change the image"
+    if kohya is not None:
+        with_kohya = _stock(model, base, out, "lora_kohya.safetensors")
+        assert np.abs(with_kohya - with_lora).max() <= 1, f"{model}: the kohya copy renders differently"
+        with safe_open(kohya.strip(), "pt") as f:
+            assert (f.metadata() or {}).get("modelspec.architecture") == info.kohya_architecture
+            assert all(k.startswith("lora_unet_") for k in f.keys())
+
+    cache = tmp_path / "run"
+    assert np.abs(_run_entry(model, base, None, cache / "0", monkeypatch) - plain).max() <= TOLERANCE, (
+        f"{model}: the run entry's base render differs from the stock pipeline's"
+    )
+    assert np.abs(_run_entry(model, base, out, cache / "1", monkeypatch) - with_lora).max() <= TOLERANCE, (
+        f"{model}: the run entry's LoRA render differs from the stock pipeline's"
+    )
+
+
+# -- the training step feeds the denoiser what the pipeline feeds it ----------------------------------
+
+FLOW_TEXT_TO_IMAGE = [
+    m for m in MODEL_IDS if model_info(m).options == "flow" and not model_info(m).controls_required
+]
+
+
+def _capture(module: torch.nn.Module, into: list[tuple[tuple, dict]]):
+    return module.register_forward_pre_hook(
+        lambda _m, args, kwargs: into.append((args, kwargs)) and None, with_kwargs=True
+    )
+
+
+def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments that say something: not None, not an empty dict, not ``return_dict``."""
+    return {k: v for k, v in kwargs.items() if v is not None and v != {} and k != "return_dict"}
+
+
+def _assert_same(ours: Any, theirs: Any, where: str) -> None:
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), where
+        if theirs.dim() == ours.dim() + 1 and theirs.shape[0] == 1:
+            theirs = theirs[0]  # position ids with a batch axis of one: the transformers read its first row
+        assert ours.shape == theirs.shape, f"{where}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+        torch.testing.assert_close(ours.to(theirs.dtype), theirs, msg=where)
+    elif isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            _assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert ours == theirs, f"{where}: {ours!r} != {theirs!r}"
+
+
+@pytest.mark.parametrize("model", FLOW_TEXT_TO_IMAGE)
+def test_the_training_step_feeds_the_denoiser_what_the_pipeline_feeds_it(model, tiny_weights, monkeypatch):
+    """At sigma 1 from the same noise (the pipeline's first step), every argument the training step
+    gives the denoiser equals the stock pipeline's: the latent packing and position ids, the timestep
+    convention, the text conditioning and its masks, the guidance value."""
+    from train.models.base import Batch, BatchRandom
+    from train.spec import parse_spec
+
+    info = model_info(model)
+    base = tiny_weights / info.tiny_name
+    spec = parse_spec(_spec(base, model))
+    family = family_class(model)(spec, base)
+    family.load(torch.float32)
+    pipeline_calls: list[tuple[tuple, dict]] = []
+    handle = _capture(family.denoiser, pipeline_calls)
+    sizes = family.control_inputs([], 64)  # the pipeline's size arguments for a 64 px render
+    # the guidance embedding gets the training value; a model without one renders without CFG at 0
+    guidance = family_class(model).guidance_kwargs(spec.flow.guidance if info.guidance_embed else 0.0, "")
+    family.pipe(
+        prompt=PROMPT,
+        num_inference_steps=2,  # one step would put Qwen-Image's terminal-shifted schedule at NaN
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        max_sequence_length=spec.flow.max_sequence_length,
+        **sizes,
+        **guidance,
+    )
+    handle.remove()
+    assert len(pipeline_calls) == 2, (  # one call a step: no CFG batch
+        f"{model}: the pipeline ran CFG ({len(pipeline_calls)} calls); no CFG wanted"
+    )
+
+    text = family.encode_prompts([PROMPT], torch.device("cpu"))[0]
+    pixels = torch.zeros(1, 3, 64, 64)
+    mean, std = family.encode_images(pixels)
+    rng = BatchRandom(torch.Generator().manual_seed(0), 1, 0, 1, torch.device("cpu"))  # the pipeline's seed
+    batch = Batch(mean, std, {k: v[None] for k, v in text.items()}, torch.zeros(1, 6), rng)
+    monkeypatch.setattr(family, "sample_latents", lambda b: b.latent_mean)  # no draw before the noise
+    monkeypatch.setattr(family, "sample_sigmas", lambda rng, n: torch.ones(1))  # the first step: sigma 1
+    training_calls: list[tuple[tuple, dict]] = []
+
+    def denoiser(*args, **kwargs):
+        training_calls.append((args, kwargs))
+        first = kwargs.get("hidden_states", args[0] if args else None)
+        return ([torch.zeros_like(x) for x in first] if isinstance(first, list) else torch.zeros_like(first),)
+
+    family.loss(denoiser, batch)  # pyright: ignore[reportArgumentType]
+    (ours_args, ours), (theirs_args, theirs) = training_calls[0], pipeline_calls[0]
+    _assert_same(ours_args, theirs_args, f"{model}: positional arguments")
+    given = set(_given(theirs))
+    assert set(_given(ours)) == given, model
+    for key in sorted(given):
+        _assert_same(ours[key], theirs[key], f"{model}: {key}")

@@ -1,0 +1,117 @@
+"""Rectified-flow matching, the objective every transformer family here trains with.
+
+``FlowMatchFamily.loss`` is the one copy of the preamble: the latent as the denoiser sees it
+(``training_latents``), noise, a noise level per item (``sample_sigmas``), the straight path
+``x_s = (1 - s) x0 + s noise`` and its velocity ``noise - x0``. A family says only what differs:
+how it normalises latents, how many image tokens the resolution shift counts, and how its pipeline
+calls the denoiser (``predict``: packing, position ids, masks, the timestep convention).
+
+Noise levels follow ``spec.flow.timestep_sampling``:
+
+- ``uniform``: ``s ~ U(0, 1)``; ``logit_normal``: ``s = sigmoid(N(logit_mean, logit_std))``;
+- ``shift``: logit-normal moved by a constant shift ``s u / (1 + (s - 1) u)`` (SD3 paper, eq. 23):
+  ``flow.shift``, else the base model's scheduler config's ``shift``;
+- ``auto``: as the family was trained: its draw (``auto_draw``, logit-normal unless the family
+  says otherwise) moved by its shift at this many image tokens (``auto_shift``: the scheduler's
+  resolution-dependent shift ``exp(mu)`` where it shifts dynamically, else its fixed ``shift``),
+  or by ``flow.shift`` when given.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from .base import Batch, BatchRandom, Family
+
+
+def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-matching timestep shift ``s u / (1 + (s - 1) u)`` (SD3 paper, eq. 23)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def scheduler_shift(config: Any, image_seq_len: int) -> float:
+    """The shift the base model's scheduler samples with at this many image tokens: its fixed
+    ``shift``, or ``exp(mu)`` of the resolution-dependent (exponential) shift where dynamic."""
+    if config.get("use_dynamic_shifting", False):
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return math.exp(mu)  # exp(mu) / (exp(mu) + 1/u - 1) is the fixed shift exp(mu)
+    return float(config.get("shift", 1.0))
+
+
+@dataclass(frozen=True)
+class Noised:
+    """One training step's draw on the straight path: ``latents``, ``x_s = (1 - s) x0 + s noise``
+    (B, C, h, w); their noise levels ``sigmas``, ``s`` (B,); and ``target``, the velocity
+    ``noise - x0`` (B, C, h, w)."""
+
+    latents: torch.Tensor
+    sigmas: torch.Tensor
+    target: torch.Tensor
+
+
+class FlowMatchFamily(Family):
+    """A family trained by flow matching; subclasses implement ``predict`` (and the hooks below
+    where they differ)."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        x0 = self.training_latents(batch)  # (B, C, h, w) in the space the denoiser works in
+        noise = batch.rng.randn(*x0.shape[1:])
+        sigmas = self.sample_sigmas(batch.rng, self.image_tokens(x0))  # (B,) in (0, 1)
+        s = sigmas.view(-1, 1, 1, 1)
+        noised = Noised((1.0 - s) * x0 + s * noise, sigmas, noise - x0)  # from data (s=0) to noise (s=1)
+        pred, target = self.predict(model, noised, batch)
+        return F.mse_loss(pred.float(), target.float())
+
+    # -- what a family may override ---------------------------------------------------------------
+    def training_latents(self, batch: Batch) -> torch.Tensor:
+        """A latent drawn from the cached posterior, normalised as the pipeline normalises before
+        denoising (default: the KL VAE's ``(z - shift_factor) * scaling_factor``)."""
+        cfg = self.pipe.vae.config
+        return (self.sample_latents(batch) - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+    def image_tokens(self, x0: torch.Tensor) -> int:
+        """Image tokens of the target, which the resolution-dependent shift counts (default: 2x2
+        patches of the latent)."""
+        return (x0.shape[2] // 2) * (x0.shape[3] // 2)
+
+    @abstractmethod
+    def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's prediction for ``x.latents`` at ``x.sigmas``, called as the pipeline calls
+        it, and ``x.target`` in the same layout (packed, trimmed to the target's tokens)."""
+
+    def auto_draw(self, rng: BatchRandom) -> torch.Tensor:
+        """The unshifted noise levels ``auto`` starts from (default: logit-normal)."""
+        opts = self.spec.flow
+        return torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
+
+    def auto_shift(self, image_seq_len: int) -> float:
+        """The shift ``auto`` applies at this many image tokens (default: the scheduler's)."""
+        return scheduler_shift(self.pipe.scheduler.config, image_seq_len)
+
+    # -- noise levels -------------------------------------------------------------------------------
+    def sample_sigmas(self, rng: BatchRandom, image_seq_len: int) -> torch.Tensor:
+        """Noise levels in (0, 1) as ``spec.flow.timestep_sampling`` says (module docstring)."""
+        opts = self.spec.flow
+        if opts.timestep_sampling == "uniform":
+            return rng.rand()
+        if opts.timestep_sampling == "auto":
+            shift = opts.shift if opts.shift is not None else self.auto_shift(image_seq_len)
+            return shifted(self.auto_draw(rng), shift)
+        u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
+        if opts.timestep_sampling == "logit_normal":
+            return u
+        shift = opts.shift if opts.shift is not None else self.pipe.scheduler.config.get("shift", 1.0)
+        return shifted(u, shift)

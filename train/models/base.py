@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ class Family(ABC):
         self.spec = spec
         self.base_dir = Path(base_dir)
         self.pipe: Any = None
+        self.negative: dict[str, torch.Tensor] | None = None  # the negative prompt's cached text
 
     # -- loading -------------------------------------------------------------------------------
     # Loading is staged so the peak is the larger phase, not the sum: the text encoders and the
@@ -173,6 +175,22 @@ class Family(ABC):
         for families whose text encoder sees the images. ``for_render``: the images are as the user
         gave them (resize them as the pipeline does); else they are at their training bucket."""
         raise NotImplementedError(f"{type(self).__name__}: the text encoder does not read control images")
+
+    def encode_keeping_negative(
+        self,
+        prompts: list[str],
+        encode: Callable[[list[str]], list[dict[str, torch.Tensor]]],
+        negative: str = "",
+    ) -> list[dict[str, torch.Tensor]]:
+        """``encode(prompts)``, the ``negative`` prompt encoded along once and kept as
+        ``self.negative``: renders use it (the text encoders are gone by then), exactly as the
+        pipeline encodes it itself for classifier-free guidance."""
+        batch = prompts + ([] if self.negative is not None or negative in prompts else [negative])
+        at = batch.index(negative) if negative in batch else None
+        out = encode(list(batch))  # a copy: some pipelines rewrite the prompts in place (chat templates)
+        if self.negative is None and at is not None:
+            self.negative = out[at]
+        return out[: len(prompts)]
 
     # -- training --------------------------------------------------------------------------------
     @abstractmethod

@@ -96,11 +96,11 @@ def clip_config(vocab_size: int) -> CLIPTextConfig:
     )
 
 
-def t5_encoder(vocab_size: int) -> T5EncoderModel:
-    """A 2-layer T5 encoder of width ``T5_DMODEL``."""
+def t5_encoder(vocab_size: int, width: int = T5_DMODEL) -> T5EncoderModel:
+    """A 2-layer T5 encoder of ``width`` (default ``T5_DMODEL``)."""
     config = T5Config(
         vocab_size=vocab_size,
-        d_model=T5_DMODEL,
+        d_model=width,
         d_ff=64,
         d_kv=8,
         num_layers=2,

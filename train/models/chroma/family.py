@@ -47,7 +47,6 @@ class ChromaFamily(FlowMatchFamily):
 
     def __init__(self, spec: TrainingSpec, base_dir: Path):
         super().__init__(spec, base_dir)
-        self.negative: dict[str, torch.Tensor] | None = None  # the empty prompt, for CFG renders
         self._mask: torch.Tensor | None = None  # this step's joint attention mask (see load_denoiser)
         self._ids_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -71,21 +70,19 @@ class ChromaFamily(FlowMatchFamily):
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-        extra = [] if self.negative is not None or "" in prompts else [""]
-        embeds, _, masks, *_ = self.pipe.encode_prompt(
-            prompt=prompts + extra,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.spec.flow.max_sequence_length,
-        )
-        out = [
-            {"prompt_embeds": e.cpu(), "prompt_attention_mask": m.cpu()}
-            for e, m in zip(embeds, masks, strict=True)
-        ]
-        for prompt, text in zip(prompts + extra, out, strict=True):
-            if prompt == "" and self.negative is None:
-                self.negative = text
-        return out[: len(prompts)]
+        def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
+            embeds, _, masks, *_ = self.pipe.encode_prompt(
+                prompt=batch,
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.spec.flow.max_sequence_length,
+            )
+            return [
+                {"prompt_embeds": e.cpu(), "prompt_attention_mask": m.cpu()}
+                for e, m in zip(embeds, masks, strict=True)
+            ]
+
+        return self.encode_keeping_negative(prompts, encode)
 
     # -- training --------------------------------------------------------------------------------
     def auto_draw(self, rng: BatchRandom) -> torch.Tensor:

@@ -52,7 +52,6 @@ class QwenImageFamily(FlowMatchFamily):
 
     def __init__(self, spec: TrainingSpec, base_dir: Path):
         super().__init__(spec, base_dir)
-        self.negative: dict[str, torch.Tensor] | None = None  # NEGATIVE_PROMPT, cached with the rest
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -64,18 +63,17 @@ class QwenImageFamily(FlowMatchFamily):
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-        batch = list(prompts) + ([NEGATIVE_PROMPT] if self.negative is None else [])
-        length = self.text_length
-        embeds, mask = self.pipe.encode_prompt(prompt=batch, device=device, max_sequence_length=length)
-        if mask is None:  # the pipeline drops an all-ones mask
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        out = [
-            {"prompt_embeds": pad_to(e, length).cpu(), "prompt_embeds_mask": pad_to(m, length).cpu()}
-            for e, m in zip(embeds, mask, strict=True)
-        ]
-        if self.negative is None:
-            self.negative = out.pop()
-        return out
+        def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
+            length = self.text_length
+            embeds, mask = self.pipe.encode_prompt(prompt=batch, device=device, max_sequence_length=length)
+            if mask is None:  # the pipeline drops an all-ones mask
+                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            return [
+                {"prompt_embeds": pad_to(e, length).cpu(), "prompt_embeds_mask": pad_to(m, length).cpu()}
+                for e, m in zip(embeds, mask, strict=True)
+            ]
+
+        return self.encode_keeping_negative(list(prompts), encode, NEGATIVE_PROMPT)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

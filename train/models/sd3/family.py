@@ -16,13 +16,11 @@ The target is the velocity ``noise - x0`` of the straight path ``x_s = (1 - s) x
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
 
-from ...spec import TrainingSpec
 from ..base import Batch
 from ..flow import FlowMatchFamily, Noised
 
@@ -31,12 +29,6 @@ class Sd3Family(FlowMatchFamily):
     pipeline_cls = StableDiffusion3Pipeline
     denoiser_name = "transformer"
 
-    def __init__(self, spec: TrainingSpec, base_dir: Path):
-        super().__init__(spec, base_dir)
-        # The empty prompt's embeddings, kept from caching: renders use them as the negative prompt
-        # (the text encoders are gone by then) exactly as the pipeline encodes "" itself.
-        self.negative: dict[str, torch.Tensor] | None = None
-
     @classmethod
     def pixel_multiple_of(cls, vae_scale_factor: int, denoiser_config: dict[str, Any]) -> int:
         return vae_scale_factor * int(denoiser_config.get("patch_size", 2))
@@ -44,23 +36,21 @@ class Sd3Family(FlowMatchFamily):
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-        extra = [] if self.negative is not None or "" in prompts else [""]
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts + extra,
-            prompt_2=None,  # None: the same prompt for every encoder
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.spec.flow.max_sequence_length,
-        )
-        out = [
-            {"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
-            for e, p in zip(embeds, pooled, strict=True)
-        ]
-        for prompt, text in zip(prompts + extra, out, strict=True):
-            if prompt == "" and self.negative is None:
-                self.negative = text
-        return out[: len(prompts)]
+        def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=batch,
+                prompt_2=None,  # None: the same prompt for every encoder
+                prompt_3=None,
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.spec.flow.max_sequence_length,
+            )
+            return [
+                {"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()}
+                for e, p in zip(embeds, pooled, strict=True)
+            ]
+
+        return self.encode_keeping_negative(prompts, encode)
 
     # -- training --------------------------------------------------------------------------------
     # ``auto`` noise levels are how SD3 was trained (Esser et al. 2024, "Scaling Rectified Flow

@@ -14,28 +14,13 @@ import torch
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
 
-from ..tiny_common import CLIP_HIDDEN, clip_config, vae, write_clip_tokenizer, write_t5_tokenizer
+from ..tiny_common import CLIP_HIDDEN, clip_config, t5_encoder, vae, write_clip_tokenizer, write_t5_tokenizer
 
 # The T5 width is the joint attention width; wider than the two CLIP widths together (as 4096 is
 # wider than 768 + 1280) so the pipeline's zero-padding of the CLIP hidden states happens here too.
 T5_WIDTH = 2 * CLIP_HIDDEN + 16
-
-
-def _t5(vocab_size: int) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=T5_WIDTH,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(config)
 
 
 def write_tiny_sd3(folder: Path, variant: str = "large") -> Path:
@@ -73,7 +58,7 @@ def write_tiny_sd3(folder: Path, variant: str = "large") -> Path:
         tokenizer=CLIPTokenizer.from_pretrained(tok_dirs[0]),
         text_encoder_2=CLIPTextModelWithProjection(clip_config(clip_vocab)),
         tokenizer_2=CLIPTokenizer.from_pretrained(tok_dirs[1]),
-        text_encoder_3=_t5(t5_vocab),
+        text_encoder_3=t5_encoder(t5_vocab, T5_WIDTH),
         tokenizer_3=T5Tokenizer.from_pretrained(tok_dirs[2]),
     )
     pipe.save_pretrained(folder)

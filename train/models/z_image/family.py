@@ -23,13 +23,11 @@ prompt it defaults to; turbo renders with guidance 0 (distilled, no CFG).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 
-from ...spec import TrainingSpec
 from ..base import Batch
 from ..flow import FlowMatchFamily, Noised
 from ..kohya import sdxl_to_kohya
@@ -42,26 +40,23 @@ class ZImageFamily(FlowMatchFamily):
     pipeline_cls = ZImagePipeline
     denoiser_name = "transformer"
 
-    def __init__(self, spec: TrainingSpec, base_dir: Path):
-        super().__init__(spec, base_dir)
-        self.negative: dict[str, torch.Tensor] | None = None  # NEGATIVE_PROMPT, cached with the rest
-
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-        batch = list(prompts) + ([NEGATIVE_PROMPT] if self.negative is None else [])
         length = self.spec.flow.max_sequence_length
         assert length is not None, "the spec resolves flow.max_sequence_length from the registry"
-        embeds, _ = self.pipe.encode_prompt(
-            prompt=batch, device=device, do_classifier_free_guidance=False, max_sequence_length=length
-        )
-        out = []
-        for e in embeds:  # (tokens kept by the mask, D)
-            mask = torch.arange(length) < e.shape[0]
-            out.append({"prompt_embeds": pad_to(e, length).cpu(), "prompt_mask": mask})
-        if self.negative is None:
-            self.negative = out.pop()
-        return out
+
+        def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
+            embeds, _ = self.pipe.encode_prompt(
+                prompt=batch, device=device, do_classifier_free_guidance=False, max_sequence_length=length
+            )
+            # each (tokens kept by the mask, D): padded, with the mask that keeps them
+            return [
+                {"prompt_embeds": pad_to(e, length).cpu(), "prompt_mask": torch.arange(length) < e.shape[0]}
+                for e in embeds
+            ]
+
+        return self.encode_keeping_negative(list(prompts), encode, NEGATIVE_PROMPT)
 
     # -- training --------------------------------------------------------------------------------
     @staticmethod

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from train.progress import publish_failure
 from train.spec import parse_set_items
 
 from . import pricing
@@ -26,7 +27,7 @@ from . import token as tokens
 from .calibration import Calibration
 from .cog_receiver import CogHookReceiver
 from .config import Settings, outputs_dir, store_path
-from .delivery import pick_step
+from .delivery import pick_step, publish_delivered
 from .errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_REMOTE, EXIT_USER, ClientError, UserError, exit_code
 from .estimates import DEFAULT_SKUS, cheapest, estimate_row, parse_duration
 from .jobs import deliver_job, follow, load_spec, reconcile_stale, refresh, submit
@@ -442,9 +443,14 @@ def cmd_status(args, settings):
     rec = _job(store, args.id)
     if rec["status"] not in TERMINAL and not args.offline:
         rec = refresh(store, _provider_for(rec, args, settings), args.id)
+    failed = publish_failure(rec.get("logs_tail"))
+    shown = {**rec, "publish_failed": failed}
+    publish_line = (
+        f"\npublish failed: {failed} (the weights are in the outputs: `advanced-trainer publish {rec['id']}`)"
+    )
     _out(
         args,
-        rec,
+        shown,
         "\n".join(
             f"{k}: {rec[k]}"
             for k in (
@@ -461,7 +467,8 @@ def cmd_status(args, settings):
                 "local_dir",
             )
             if rec.get(k) is not None
-        ),
+        )
+        + (publish_line if failed else ""),
     )
 
 
@@ -501,6 +508,46 @@ def cmd_download(args, settings):
     if args.step is not None:
         info = pick_step(info, args.step)
     _out(args, info, _describe_outputs(info))
+
+
+def cmd_publish(args, settings):
+    """Publish a succeeded job's outputs from this machine (after a publish that failed in the job,
+    or to another target); downloads them first when they are not here yet."""
+    from pydantic import ValidationError
+
+    from train.spec import PublishSpec
+
+    if not (args.hub or args.s3):
+        raise UserError("publish: give --hub owner/name, --s3 s3://bucket/prefix, or both")
+    bucket, _, prefix = (args.s3 or "").removeprefix("s3://").partition("/")
+    if args.s3 and not args.s3.startswith("s3://"):
+        raise UserError(f"--s3: expected s3://bucket/prefix, got {args.s3!r}")
+    try:
+        target = PublishSpec(
+            hub_model_id=args.hub,
+            hub_private=not args.public,
+            s3_bucket=bucket or None,
+            s3_prefix=prefix,
+            s3_endpoint_url=args.s3_endpoint_url,
+            s3_region=args.s3_region,
+            s3_public_base_url=args.s3_public_base_url,
+        )
+    except ValidationError as exc:
+        fields = ", ".join(str(e["loc"][0]) for e in exc.errors())
+        raise UserError(f"publish: not a valid target ({fields}): {exc.errors()[0]['msg']}") from None
+    store = _store()
+    rec = _job(store, args.id)
+    if rec["status"] not in TERMINAL:
+        rec = refresh(store, _provider_for(rec, args, settings), args.id)
+    local = rec.get("local_dir")
+    folder = Path(local) if local else None
+    if not (rec.get("delivered") and folder and (folder / "output.zip").is_file()):
+        folder = Path(deliver_job(store, rec, progress=_bar("download"))["folder"])
+    results = publish_delivered(folder, target, os.environ, log=lambda m: print(m, file=sys.stderr))
+    lines = [f"published {rec['id']}:"] + [
+        f"  {k}: {v if isinstance(v, str) else f'{len(v)} files'}" for k, v in results.items()
+    ]
+    _out(args, {"job": rec["id"], "published": results}, "\n".join(lines))
 
 
 def _carry_on(args, settings, start) -> int:
@@ -564,6 +611,7 @@ def cmd_jobs(args, settings):
             f"{r['id']:<28} {r['kind']:<10} {r['status']:<10} "
             f"{(str(r.get('step')) + '/' + str(r.get('total'))) if r.get('total') else '':<12} "
             f"${(r.get('cost_usd') if r.get('cost_usd') is not None else r.get('estimate_usd') or 0):.2f}"
+            + ("  publish failed" if publish_failure(r.get("logs_tail")) else "")
             for r in rows
         )
         or "no jobs yet",
@@ -796,6 +844,19 @@ def _job_commands(sub) -> None:
         sp.add_argument(
             "--wait", action="store_true", help="follow the new job to the end and download its outputs"
         )
+    sp = _command(sub, "publish", cmd_publish, "publish a succeeded job's outputs to the Hub or S3 from here")
+    sp.add_argument("id")
+    sp.add_argument(
+        "--hub", metavar="OWNER/NAME", help="a Hugging Face model repo (HF_TOKEN with write access)"
+    )
+    sp.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
+    sp.add_argument(
+        "--s3", metavar="S3://BUCKET/PREFIX", help="an S3-compatible bucket (AWS_ACCESS_KEY_ID / _SECRET_)"
+    )
+    sp.add_argument("--s3-endpoint-url", help="a non-AWS store's endpoint (MinIO, B2, R2)")
+    sp.add_argument("--s3-region")
+    sp.add_argument("--s3-public-base-url", help="the bucket's public URL, for the links printed")
+    sp.add_argument("--cog-url")
     sp = _command(sub, "logs", cmd_logs, "a job's logs")
     sp.add_argument("id")
     sp.add_argument("--follow", "-f", action="store_true")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from train.http import DownloadError, RetryPolicy, retryable_status
 from train.http import download as http_download
@@ -129,6 +131,8 @@ def step_choice(folder: Path, found: set[str]) -> dict:
             chosen, reason = doc.get("chosen_step"), doc.get("reason")
         except (OSError, ValueError):
             pass
+    if isinstance(chosen, int) and LORA_FILE in found:
+        kept[chosen] = str(folder / LORA_FILE)  # the chosen step's files are the top-level ones
     return {
         "contact_sheet": str(folder / "contact_sheet.png") if "contact_sheet.png" in found else None,
         "scores": str(folder / "scores.json") if "scores.json" in found else None,
@@ -150,3 +154,46 @@ def pick_step(info: dict, step: int) -> dict:
         "kohya": str(kohya) if kohya.is_file() else None,
         "picked_step": step,
     }
+
+
+def publish_delivered(
+    folder: Path, target: Any, env: Mapping[str, str], log: Callable[[str], Any] = print
+) -> dict:
+    """Publish a delivered job's outputs (the files its ``output.zip`` holds, nothing else in the
+    folder) to ``target`` (a ``train.spec.PublishSpec``) from this machine, with the credentials in
+    ``env`` (HF_TOKEN; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else boto3's chain). The outcome
+    is added to the folder's config.json (``publish.from_client``). A failure is a UserError with
+    the target's reason."""
+    import tempfile
+
+    from train.publish import PublishError, publish
+
+    names = verify_zip(folder / "output.zip")
+    with tempfile.TemporaryDirectory(prefix="advanced-trainer-publish-") as tmp:
+        staged = Path(tmp)
+        for name in names:
+            if name.endswith("/"):
+                continue
+            dest = staged / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(folder / name, dest)  # no second copy of the weights
+            except OSError:
+                shutil.copyfile(folder / name, dest)
+        try:
+            results = publish(
+                staged,
+                target,
+                hf_token=env.get("HF_TOKEN"),
+                s3_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                s3_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+                log=log,
+            )
+        except PublishError as exc:
+            raise UserError(f"publish: {exc}") from None
+    config = folder / "config.json"
+    if config.is_file():
+        doc = json.loads(config.read_text())
+        doc.setdefault("publish", {})["from_client"] = results
+        config.write_text(json.dumps(doc, indent=2) + "\n")
+    return results

@@ -8,8 +8,7 @@ import re
 from typing import Any
 
 from train.families import model_info
-from train.memory import LORA_PARAM_SHARE
-from train.spec import TrainingSpec
+from train.spec import EXPORT_DTYPES, TrainingSpec
 
 from . import pricing
 from .calibration import Calibration, calibrated_estimate
@@ -44,22 +43,28 @@ def checked_hardware(hardware: str, from_settings: bool = False) -> str:
 MB = 2**20
 
 
-def output_sizes(spec: TrainingSpec) -> dict[str, float | None]:
-    """Rough sizes of what the job delivers (MiB): the trained weights, every kept validation step's
-    LoRA (``steps/step-N/``), and the final resumable checkpoint when ``resumable`` (the trainable
-    weights in fp32 and their two AdamW moments: about 3x a LoRA file). A LoRA's parameters are
-    estimated as a share of the denoiser's, scaled by rank (the memory table's share)."""
+def output_sizes(spec: TrainingSpec, lora_params: int | None = None) -> dict[str, float | None]:
+    """Sizes of what the job delivers (MiB): the trained weights (the chosen step's LoRA in
+    ``export.dtype``, and its kohya/ComfyUI copy where the family has one), every other kept
+    validation step's diffusers file (``steps/step-N/``), and the final resumable checkpoint when
+    ``resumable`` (the trainable weights in fp32 and their two AdamW moments: about 3x a LoRA in
+    fp32). ``lora_params``: the LoRA's parameter count when known (a run's file); by default the
+    registry's count for the model's default targets (counted on the full-size architecture),
+    scaled by rank; other targets are estimated as if they were the default ones."""
     info = model_info(spec.model)
     if spec.mode == "full":
         params = info.denoiser_params_b * 1e9
         weights = params * 2  # the fine-tuned denoiser in bf16
         kept = 0.0
     else:
-        params = info.denoiser_params_b * 1e9 * LORA_PARAM_SHARE * spec.lora.rank / 16
-        weights = params * 4 * (2 if info.comfy_naming else 1)  # fp32, diffusers (+ kohya) files
+        # the registry's counts are the full-size default LoRA's at rank 16 (linear in the rank)
+        params = lora_params or info.lora_params_m * 1e6 * spec.lora.rank / 16
+        one = params * EXPORT_DTYPES[spec.export.dtype]
+        kohya = one * info.kohya_params_m / info.lora_params_m if spec.export.writes_kohya(spec.model) else 0
+        weights = one + kohya  # the diffusers file (+ its kohya/ComfyUI copy)
         interval = spec.validation.interval
         kept_steps = set(range(interval, spec.steps + 1, interval)) if interval else set()
-        kept = weights * len(kept_steps | {spec.steps})  # each validation step's, and the last's
+        kept = one * (len(kept_steps | {spec.steps}) - 1)  # each validation step's but the chosen one
     checkpoint = params * 12 if spec.resumable else None  # fp32 weights + AdamW's two moments
     return {
         "weights_mb": round(weights / MB, 1),

@@ -110,6 +110,16 @@ def sample_zip(tmp_path_factory, sample_dataset) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pair_zip(tmp_path_factory, pair_dataset) -> Path:
+    """The before/after pairs as an upload (edit models)."""
+    out = tmp_path_factory.mktemp("zips") / "pairs.zip"
+    with zipfile.ZipFile(out, "w") as zf:
+        for p in sorted(pair_dataset.iterdir()):
+            zf.write(p, p.name)
+    return out
+
+
+@pytest.fixture(scope="session")
 def jobs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jobs")
 

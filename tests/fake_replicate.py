@@ -205,11 +205,13 @@ class SyntheticRun:
     status: str = "succeeded"
     error: str = "synthetic failure: CUDA out of memory"
     predict_time: float | None = None  # metrics.predict_time; default: the measured time
+    extra_lines: tuple[str, ...] = ()  # logged after the steps (e.g. the train entry's "publish failed: ...")
 
     def lines(self) -> list[str]:
         sps = self.duration_s / max(self.steps, 1)
         out = ["synthetic run: loading base weights", "dataset: 8 images used"]
         out += [progress_line(i, self.steps, 0.5 / i, s_per_step=sps) for i in range(1, self.steps + 1)]
+        out += self.extra_lines
         out.append("PROGRESS " + json.dumps({"phase": "done", "step": self.steps, "total": self.steps}))
         return out
 

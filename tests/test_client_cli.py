@@ -375,6 +375,50 @@ def test_a_download_that_keeps_failing_exits_3_saying_to_download_again(
     assert (client_home / "cloud_outputs" / job_id / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_a_publish_that_failed_in_the_job_is_shown_and_done_from_here(
+    capsys, fake, sample_dataset, client_home, s3, monkeypatch
+):
+    """The job succeeded with its weights, but its publishing failed: status and jobs say so, and
+    ``publish`` sends the delivered outputs (those in output.zip) to the bucket from this machine."""
+    from fake_replicate import SyntheticRun
+
+    why = "S3 upload to s3://team-bucket failed: InvalidAccessKeyId — check s3_access_key_id"
+    fake.synthetic = SyntheticRun(duration_s=0.3, steps=3, extra_lines=(f"publish failed: {why}",))
+    code, out, err = run(
+        capsys, "--json", "submit", "--spec", "{}", "--dataset", str(sample_dataset), "--wait"
+    )
+    assert code == EXIT_OK, err
+    job_id = json.loads(out)["job"]["id"]
+    code, out, _ = run(capsys, "status", job_id, "--offline")
+    assert f"publish failed: {why}" in out and f"advanced-trainer publish {job_id}" in out
+    code, out, _ = run(capsys, "--json", "status", job_id, "--offline")
+    assert json.loads(out)["publish_failed"] == why
+    code, out, _ = run(capsys, "jobs")
+    assert "publish failed" in next(line for line in out.splitlines() if line.startswith(job_id))
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_access_key)
+    code, out, err = run(
+        capsys, "publish", job_id, "--s3", f"s3://{s3.bucket}/from-laptop", "--s3-endpoint-url", s3.endpoint_url,
+        "--s3-region", s3.region,
+    )  # fmt: skip
+    assert code == EXIT_OK, err
+    folder = client_home / "cloud_outputs" / job_id
+    import zipfile
+
+    with zipfile.ZipFile(folder / "output.zip") as zf:
+        packed = {n for n in zf.namelist() if not n.endswith("/")}
+    listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="from-laptop/")["Contents"]
+    assert {o["Key"].removeprefix("from-laptop/") for o in listed} == packed  # not output.zip itself
+    assert "s3" in json.loads((folder / "config.json").read_text())["publish"]["from_client"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
+    code, _, err = run(
+        capsys, "publish", job_id, "--s3", f"s3://{s3.bucket}/again", "--s3-endpoint-url", s3.endpoint_url,
+        "--s3-region", s3.region,
+    )  # fmt: skip
+    assert code == EXIT_USER and "credentials" in err and "wrong-secret" not in err
+
+
 def test_submit_trains_into_a_destination_and_run_renders_its_new_version(
     capsys, train_server, run_servers, sample_dataset, client_home, monkeypatch
 ):

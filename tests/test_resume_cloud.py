@@ -161,10 +161,11 @@ def test_continue_steps_on_a_succeeded_job_equals_one_longer_run(
     local = _local_run({**spec, "steps": 12}, sample_dataset, tmp_path / "longer")
     kept = done["outputs"]["kept_steps"]
     assert kept.keys() == {"3", "6", "9", "12"}  # the parent's kept steps came along
+    chosen = json.loads((local / "scores.json").read_text())["chosen_step"]
     for step in ("6", "12"):
-        worst = _same_weights(
-            local / "steps" / f"step-{step}" / "pytorch_lora_weights.safetensors", Path(kept[step])
-        )
+        mine = "pytorch_lora_weights.safetensors"
+        mine = mine if int(step) == chosen else f"steps/step-{step}/{mine}"
+        worst = _same_weights(local / mine, Path(kept[step]))
         assert worst == 0.0, f"step {step} differs from one longer run by {worst}"
     # another kept step's files, by download --step
     code, out, err = cli(capsys, "--json", "download", done["job"]["id"], "--step", "9")

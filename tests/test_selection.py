@@ -173,6 +173,11 @@ def test_text_alignment_reads_the_prompt_without_the_trigger_word():
 # -- a real run -------------------------------------------------------------------------------------------
 
 
+def _kept_file(out: Path, step: int, scores: dict) -> Path:
+    """A kept step's diffusers file: the top-level one for the chosen step."""
+    return out / LORA if step == scores["chosen_step"] else out / "steps" / f"step-{step}" / LORA
+
+
 def test_a_run_whose_heldout_loss_rises_delivers_the_interior_best_step(rising_run):
     from train.export import CHOSEN_COLOR, SHEET_CELL, SHEET_HEAD_H, SHEET_LABEL_W, SHEET_PAD
 
@@ -184,11 +189,13 @@ def test_a_run_whose_heldout_loss_rises_delivers_the_interior_best_step(rising_r
     assert loss[4] > loss[best] < loss[24], f"the held-out loss did not fall then rise: {loss}"
     assert result.chosen_step == scores["chosen_step"] == best and 4 < best < 24
     assert not scores["fallback"] and scores["z"] >= Z_MIN and f"step {best} beats" in scores["reason"]
-    # the delivered files are that step's, byte for byte; every validation step is kept
-    for name in (LORA, KOHYA):
-        assert _sha(out / name) == _sha(out / "steps" / f"step-{best}" / name)
-        assert _sha(out / name) != _sha(out / "steps" / "step-24" / name)
-    assert sorted(p.name for p in (out / "steps").iterdir()) == sorted(f"step-{s}" for s in loss)
+    # the delivered files are that step's, moved to the top (stored once); every other validation
+    # step is kept with its diffusers file only (one kohya copy in the output: the chosen step's)
+    record = next(s for s in scores["steps"] if s["step"] == best)
+    assert record["lora"] == [LORA, KOHYA] and not (out / "steps" / f"step-{best}").exists()
+    assert _sha(out / LORA) != _sha(out / "steps" / "step-24" / LORA)
+    assert sorted(p.name for p in (out / "steps").iterdir()) == sorted(f"step-{s}" for s in loss if s != best)
+    assert [p.name for p in (out / "steps").rglob("*.safetensors")] == [LORA] * (len(loss) - 1)
     # the held-out images never trained
     report = json.loads((out / "dataset_report.json").read_text())
     assert len(report["held_out"]) == 3 and report["images_used"] == 5
@@ -296,12 +303,9 @@ def test_continuing_a_resumable_job_equals_one_longer_run(rising_run, tiny_weigh
             quick_spec(tiny_weights, "sdxl", **RISING), sample_dataset, tmp_path / "c", resume_from=archive
         )
     assert longer is not None
-    for step in (12, 24):
-        for name in (LORA, KOHYA):
-            assert _same_weights(
-                out / "steps" / f"step-{step}" / name, tmp_path / "c" / "steps" / f"step-{step}" / name
-            )
     a, b = (json.loads((d / "scores.json").read_text()) for d in (out, tmp_path / "c"))
+    for step in (12, 24):
+        assert _same_weights(_kept_file(out, step, a), _kept_file(tmp_path / "c", step, b))
     assert [s["val_loss"] for s in a["steps"]] == [s["val_loss"] for s in b["steps"]]
     assert longer.chosen_step == a["chosen_step"] and _same_weights(out / LORA, tmp_path / "c" / LORA)
 

@@ -66,23 +66,24 @@ def test_output_folder_contract(tiny_weights, sample_dataset, tmp_path):
     result, log = train_quietly(spec, sample_dataset, out)
 
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == [
-        "README.md",
-        "config.json",
-        "contact_sheet.png",
-        "dataset_report.json",
-        "lora_kohya.safetensors",
-        "loss.png",
-        "pytorch_lora_weights.safetensors",
-        "samples/step-000002-0.png",
-        "samples/step-000004-0.png",
-        "scores.json",
-        "scores.png",
-        "steps/step-2/lora_kohya.safetensors",
-        "steps/step-2/pytorch_lora_weights.safetensors",
-        "steps/step-4/lora_kohya.safetensors",
-        "steps/step-4/pytorch_lora_weights.safetensors",
-    ]
+    # the chosen step's LoRA at the top (stored once), the other kept step's diffusers file; no kohya
+    # copy for FLUX.1 by default (export.kohya: ComfyUI reads the diffusers file)
+    other = 2 if result.chosen_step == 4 else 4
+    assert sorted(names) == sorted(
+        [
+            "README.md",
+            "config.json",
+            "contact_sheet.png",
+            "dataset_report.json",
+            "loss.png",
+            "pytorch_lora_weights.safetensors",
+            "samples/step-000002-0.png",
+            "samples/step-000004-0.png",
+            "scores.json",
+            "scores.png",
+            f"steps/step-{other}/pytorch_lora_weights.safetensors",
+        ]
+    )
     assert not (out / ".work").exists(), "the staged dataset is scratch and must be cleaned up"
     with Image.open(out / "samples" / "step-000004-0.png") as img:
         assert img.size == (64, 64)

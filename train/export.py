@@ -77,6 +77,9 @@ def device_info() -> dict[str, Any]:
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": 1}
 
 
+EXPORT_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def export_lora(
     family: Family,
     state_dict: dict[str, torch.Tensor],
@@ -84,16 +87,20 @@ def export_lora(
     out_dir: Path,
     alpha: float,
     rank: int,
+    kohya: bool = True,
 ) -> dict[str, Path]:
+    """The LoRA files in ``spec.export.dtype``: the diffusers file, and (``kohya``, where the family
+    has the convention) the kohya/ComfyUI one, converted in fp32 and cast last."""
+    dtype = EXPORT_TORCH_DTYPES[family.spec.export.dtype]
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    diffusers_file = family.save_lora(out_dir, sd, lora_config)
+    diffusers_file = family.save_lora(out_dir, {k: v.to(dtype) for k, v in sd.items()}, lora_config)
     files = {"diffusers": diffusers_file}
     info = model_info(family.spec.model)
-    kohya = family.kohya_state_dict(sd, alpha)
-    if kohya is None:  # the family has no kohya / ComfyUI convention (docs/families.md)
+    kohya_sd = family.kohya_state_dict(sd, alpha) if kohya else None
+    if kohya_sd is None:  # not asked, or the family has no kohya / ComfyUI convention (docs/families.md)
         return files
     save_file(
-        kohya,
+        {k: v.to(dtype).contiguous() for k, v in kohya_sd.items()},
         str(out_dir / KOHYA_FILE),
         metadata={
             "ss_network_module": info.kohya_network_module,
@@ -123,7 +130,8 @@ def export_weights(spec: TrainingSpec, family: Family, model: torch.nn.Module, o
     alpha = spec.lora.alpha
     assert alpha is not None, "the spec resolves lora.alpha's default"
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = export_lora(family, trainable_state(spec, model), meta, out_dir, alpha, spec.lora.rank)
+    kohya = spec.export.writes_kohya(spec.model)
+    files = export_lora(family, trainable_state(spec, model), meta, out_dir, alpha, spec.lora.rank, kohya)
     return [files["diffusers"], *([files["kohya"]] if "kohya" in files else [])]
 
 

@@ -168,7 +168,6 @@ def enable_checkpointing(model, fraction: float) -> str:
 
 # -- the per-(model, card) table in docs/memory.md ----------------------------------------------
 CARDS_GIB = {"L40S 48 GB": 48, "A100 80 GB": 80, "H100 80 GB": 80}  # the cards Replicate rents
-LORA_PARAM_SHARE = 0.0055  # rank-16 LoRA on attention+MLP of Flux.1-dev: 65 M of 11.9 B parameters
 
 
 def card_plan(model: str, card_gib: float, resolution: int = 1024, batch_size: int = 1) -> dict[str, object]:
@@ -181,7 +180,7 @@ def card_plan(model: str, card_gib: float, resolution: int = 1024, batch_size: i
     free = int(card_gib * GIB * 0.95)  # the CUDA context and allocator keep some
     weights = info.weight_bytes(2.0)
     encode_peak = weights["text_encoders"] + weights["vae"]
-    trainable = int(info.denoiser_params_b * 1e9 * LORA_PARAM_SHARE)
+    trainable = int(info.lora_params_m * 1e6)  # the default LoRA, counted on the full-size denoiser
     row: dict[str, object] = {"model": model, "encode_gib": round(encode_peak / GIB, 1)}
     for label, bytes_per_param in (("bf16", 2.0), ("fp8_base", 1.0)):
         plan = choose_memory_plan(

@@ -32,8 +32,12 @@ class ModelInfo:
     max_text_tokens: int = 0  # most the model accepts (0: fixed by the tokenizer)
     fixed_text_tokens: int = 0  # text tokens in every sequence besides the prompt's (SD3: 77 CLIP tokens)
     negative_prompt: bool = False  # the pipeline uses a negative prompt at inference
-    # memory (docs/memory.md); figures in parameters (billions) and bytes
+    # memory (docs/memory.md); figures in parameters (billions) and bytes. The parameter counts are
+    # the full-size published architectures', counted on the meta device (train/models/meta.py;
+    # tests/test_shapes.py holds these figures to that count).
     denoiser_params_b: float = 0.0
+    lora_params_m: float = 0.0  # the default LoRA (rank 16, default targets): the diffusers file, millions
+    kohya_params_m: float = 0.0  # its kohya/ComfyUI copy (fused modules carry zero blocks), millions
     text_encoder_params_b: float = 0.0
     vae_params_b: float = 0.1
     activation_bytes: float = (
@@ -45,6 +49,9 @@ class ModelInfo:
     # what the family supports
     full_finetune: str = ""  # "" when a full fine-tune fits an 80 GB card, else why not
     comfy_naming: str = ""  # the kohya/ComfyUI convention written next to the diffusers file ("" none)
+    # export.kohya "auto" writes that copy; False where ComfyUI and Forge read the diffusers file as
+    # it is and the copy would only add bytes (FLUX.1: its fused q/k/v names make it 1.8x the size)
+    kohya_by_default: bool = True
     kohya_architecture: str = ""  # modelspec.architecture of that file
     kohya_network_module: str = "networks.lora"  # its ss_network_module (what sd-scripts trained it with)
     channels_last: bool = False  # the denoiser has convolutions worth NHWC

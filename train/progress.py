@@ -15,6 +15,9 @@ import sys
 from typing import Any
 
 PREFIX = "PROGRESS "
+# The train entry's line when publishing fails after training (train/service.py): the job still
+# succeeds, with its weights in output.zip; the client shows the reason (``publish_failure``).
+PUBLISH_FAILED = "publish failed: "
 PHASES = ("stage", "load", "cache", "train", "validate", "export", "publish", "done")
 FIELDS = ("phase", "step", "total", "loss", "lr", "s_per_step", "eta_s")
 
@@ -75,3 +78,11 @@ def emit(line: str) -> None:
     """
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def publish_failure(logs: str | None) -> str | None:
+    """Why the job's publishing failed after training (its last ``publish failed:`` line), or None."""
+    for line in reversed((logs or "").splitlines()):
+        if line.startswith(PUBLISH_FAILED):
+            return line[len(PUBLISH_FAILED) :].strip()
+    return None

@@ -12,6 +12,7 @@ This module stays torch-free: the trainer's weight lives in the child process.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .progress import PUBLISH_FAILED
 from .redaction import Redactor
 from .spec import SpecError, TrainingSpec, parse_spec
 
@@ -153,9 +155,9 @@ def _error_reason(tail: list[str], rc: int) -> str:
 
 
 def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) -> Path:
-    """Train, publish, and pack; returns the output archive. Raises JobError with the reason."""
-    from .publish import PublishError, publish
-
+    """Train, publish, and pack; returns the output archive. Raises JobError with the reason when
+    the training fails; a publish that fails after it is reported, not raised (the weights are
+    paid for: they go back in the archive)."""
     spec = build_spec(req)
     workdir.mkdir(parents=True, exist_ok=True)
     out_dir = workdir / "out"
@@ -184,13 +186,45 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     finally:
         if not completed and req.return_checkpoint:
             _deliver_checkpoint_elsewhere(spec, out_dir, secrets_for_publish, log)
-    try:
-        publish(out_dir, spec.publish, log=log, **secrets_for_publish)
-    except PublishError as exc:
-        raise JobError(redact(str(exc))) from None
+    publish_outputs(out_dir, spec, secrets_for_publish, log, redact)
     archive = pack_outputs(out_dir, workdir / OUTPUT_ARCHIVE, req.return_checkpoint)
     log(f"output: {archive.name}, {archive.stat().st_size / 2**20:.1f} MiB")
     return archive
+
+
+def publish_outputs(
+    out_dir: Path,
+    spec: TrainingSpec,
+    secrets: dict[str, str | None],
+    log: Callable[[str], None],
+    redact: Callable[[str], str],
+) -> dict[str, Any]:
+    """Publish the finished outputs to the spec's targets. A failure does not fail the job: the
+    log says what failed and why, and the trained weights still go back in output.zip. The outcome
+    (``published``: the targets that took the files; ``failed``: the reason, or None) is written
+    into config.json's ``publish`` block and returned."""
+    from .publish import PublishError, publish
+
+    if not (spec.publish.hub_model_id or spec.publish.s3_bucket):
+        return {}
+    done: dict[str, Any] = {}
+    try:
+        done.update(publish(out_dir, spec.publish, log=log, **secrets))
+        outcome: dict[str, Any] = {"published": done, "failed": None}
+    except PublishError as exc:
+        why = redact(str(exc))
+        log(f"{PUBLISH_FAILED}{why}")
+        log(
+            "publish: the trained weights are in output.zip all the same; publish them from your machine "
+            "with `advanced-trainer publish JOB --hub owner/name` or `--s3 s3://bucket/prefix`"
+        )
+        outcome = {"published": done, "failed": why}
+    config = out_dir / "config.json"
+    if config.is_file():
+        doc = json.loads(config.read_text())
+        doc["publish"] = outcome
+        config.write_text(json.dumps(doc, indent=2) + "\n")
+    return outcome
 
 
 def _deliver_checkpoint_elsewhere(

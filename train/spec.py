@@ -226,6 +226,32 @@ class SpeedOptions(_Section):
     )
 
 
+EXPORT_DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per parameter in the LoRA files
+
+
+class ExportSpec(_Section):
+    """How the trained weights are written."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16",
+        description="the LoRA files' dtype, the diffusers and the kohya/ComfyUI file alike: bf16 (the "
+        "size people share, half of fp32; training keeps fp32 weights), fp16, or fp32",
+    )
+    kohya: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="the kohya/ComfyUI-named copy beside the diffusers file, where the family has that "
+        "convention; auto: written unless ComfyUI reads the diffusers file as it is (FLUX.1: the copy "
+        "would be 1.8x the size for no loader that needs it)",
+    )
+
+    def writes_kohya(self, model: str) -> bool:
+        """Whether the LoRA's kohya/ComfyUI copy is written for ``model``."""
+        info = model_info(model)
+        if not info.comfy_naming or self.kohya == "off":
+            return False
+        return self.kohya == "on" or info.kohya_by_default
+
+
 class PublishSpec(_Section):
     """Where finished weights go besides the output archive. Credentials never live in the spec."""
 
@@ -295,6 +321,7 @@ class TrainingSpec(_Section):
     sdxl: SdxlOptions = SdxlOptions()
     flow: FlowOptions = FlowOptions()
     speed: SpeedOptions = SpeedOptions()
+    export: ExportSpec = ExportSpec()
     publish: PublishSpec = PublishSpec()
 
     @field_validator("resolutions", mode="before")

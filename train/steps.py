@@ -1,5 +1,6 @@
 """Kept steps: at every validation step the LoRA is saved under ``steps/step-N/`` and the step is
-scored (train/selection.py); at the end the chosen step's files become the output's main files.
+scored (train/selection.py); at the end the chosen step's files move to the output's top level
+(stored once), and the other kept steps keep their diffusers file only.
 
 ``KeepSteps`` is a step hook that runs after ``RenderSamples`` (it scores the renders that hook
 just wrote). Its records travel inside every checkpoint (``carry/``: the scores so far, the kept
@@ -11,6 +12,7 @@ RNG: a run with validation steps trains exactly the weights of one without.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -133,14 +135,23 @@ class KeepSteps(Periodic):
         return choose_step(self.records, spec.selection)
 
     def deliver(self, choice: Choice) -> list[Path]:
-        """The chosen step's LoRA files copied to the output's top level (byte for byte)."""
+        """The chosen step's LoRA files moved to the output's top level (byte for byte: stored once);
+        the other kept steps keep their diffusers file only (what the run entry and ``download
+        --step`` load), so the archive carries one kohya/ComfyUI file, the chosen step's."""
         out = self.ctx.out_dir
-        record = next(r for r in self.records if r.step == choice.step)
         paths = []
-        for rel in record.lora:
-            target = out / Path(rel).name
-            shutil.copyfile(out / rel, target)
-            paths.append(target)
+        for record in self.records:
+            if record.step == choice.step:
+                for rel in record.lora:
+                    target = out / Path(rel).name
+                    os.replace(out / rel, target)
+                    paths.append(target)
+                shutil.rmtree(step_folder(out, record.step), ignore_errors=True)
+                record.lora = [p.name for p in paths]
+                continue
+            for rel in record.lora[1:]:  # [diffusers, kohya]: the kohya copy of a step not delivered
+                (out / rel).unlink(missing_ok=True)
+            record.lora = record.lora[:1]
         return paths
 
     def scores_json(self, choice: Choice) -> dict[str, Any]:
@@ -180,6 +191,13 @@ class KeepSteps(Periodic):
         for name in (STEPS_DIR, "samples"):
             if (carry / name).is_dir() and (carry / name).resolve() != (out / name).resolve():
                 shutil.copytree(carry / name, out / name, dirs_exist_ok=True)
+        for record in self.records:  # a finished job delivered its chosen step at the top level
+            if any("/" not in rel for rel in record.lora):
+                folder = step_folder(out, record.step)
+                folder.mkdir(parents=True, exist_ok=True)
+                for rel in record.lora:
+                    shutil.copyfile(carry / rel, folder / Path(rel).name)
+                record.lora = [str((folder / Path(rel).name).relative_to(out)) for rel in record.lora]
         kept = {rel for r in self.records for rel in r.renders}
         log(f"selection: {len(self.records)} earlier step(s) restored from the checkpoint")
         return sorted(out / rel for rel in kept if (out / rel).is_file())

@@ -28,6 +28,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .http import safe_url
@@ -247,18 +248,20 @@ def _read_our_output(config: dict, root: Path, source: str, field: str) -> Train
         model_dir=model_dir,
         trigger_word=spec.get("trigger_word") or "",
         config=config,
-        kept_steps=_kept_steps(root) if lora_file else (),
+        kept_steps=_kept_steps(root, config.get("chosen_step")) if lora_file else (),
         chosen_step=config.get("chosen_step") if isinstance(config.get("chosen_step"), int) else None,
     )
 
 
-def _kept_steps(root: Path) -> tuple[int, ...]:
-    found = []
+def _kept_steps(root: Path, chosen: Any = None) -> tuple[int, ...]:
+    """The kept validation steps: those under steps/step-N/, and the chosen one (its files are the
+    top-level ones)."""
+    found = [chosen] if isinstance(chosen, int) else []
     for folder in (root / STEPS_DIR).glob("step-*"):
         tail = folder.name.removeprefix("step-")
         if tail.isdigit() and any((folder / name).is_file() for name in (LORA_FILE, KOHYA_FILE)):
             found.append(int(tail))
-    return tuple(sorted(found))
+    return tuple(sorted(set(found)))
 
 
 def _read_folder(folder: Path, source: str, field: str, default_model: str) -> Trained:

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from train.progress import publish_failure
+
 from .. import token as tokens
 from ..config import Settings, home, load_secrets, store_path
 from ..errors import UserError
@@ -137,6 +139,7 @@ def public_record(rec: Job | None) -> dict | None:
             except (TypeError, ValueError):
                 pass
     out["input_images"] = _input_images(out.get("spec"))
+    out["publish_failed"] = publish_failure(rec.get("logs_tail"))  # the job succeeded; its weights are kept
     return out
 
 

@@ -832,6 +832,7 @@
     setText($(".c-cost .cell", tr), costCell(j));
     setText($(".c-created .cell", tr), fmtTime(j.created_at));
     if (j.error) tr.title = j.error;
+    else if (j.publish_failed) tr.title = `publish failed: ${j.publish_failed}`;
     if (state.openJob === j.id) tr.setAttribute("aria-current", "true");
     else tr.removeAttribute("aria-current");
   }
@@ -1012,6 +1013,7 @@
     if (j.parent_id) detailRow(dl, j.relation === "continue" ? "Continues" : "Resumes", j.parent_id);
     detailRow(dl, "Created", fmtTime(j.created_at));
     if (j.completed_at) detailRow(dl, "Finished", fmtTime(j.completed_at));
+    if (j.publish_failed) detailRow(dl, "Publish", `publish failed: ${j.publish_failed} (the weights are in the outputs)`);
     const err = byId("job-error");
     err.hidden = !j.error;
     setText(err, j.error ? `Error: ${j.error}` : "");

@@ -29,6 +29,8 @@ CHROMA = ModelInfo(
     max_text_tokens=512,
     negative_prompt=True,
     denoiser_params_b=8.90,
+    lora_params_m=65.37,
+    kohya_params_m=115.80,
     text_encoder_params_b=4.76,
     full_finetune="Chroma's 8.9 B-parameter transformer needs ~89 GB for bf16 weights, gradients and "
     "8-bit AdamW states, more than an 80 GB card holds",

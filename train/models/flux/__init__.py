@@ -43,12 +43,17 @@ FLUX_DEV = ModelInfo(
     text_tokens=512,
     max_text_tokens=512,
     denoiser_params_b=11.9,
+    lora_params_m=65.37,
+    kohya_params_m=115.80,
     text_encoder_params_b=4.9,
     activation_bytes=7.3 * 2**20,
     memory_measured=True,
     comfy_naming="kohya",
     kohya_architecture="flux-1-dev/lora",
     kohya_network_module="networks.lora_flux",
+    # ComfyUI and Forge map the diffusers file's Flux names (transformer.transformer_blocks.N.attn.to_q)
+    # onto their fused weights themselves; the BFL-named copy is on request (export.kohya: on)
+    kohya_by_default=False,
     fuse_qkv=True,
     guidance_embed=True,
     step_s={"t4": 20.0, "a40": 4.0, "l40s": 2.4, "a100": 1.6, "h100": 1.0, "cpu": 600.0},

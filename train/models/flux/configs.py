@@ -1,5 +1,6 @@
 """FLUX.1's architectures as configuration mappings (torch-free): the published full-size ones,
-which the benchmarks build with random weights, and the tiny ones the tiny writer builds.
+which the benchmarks build with random weights and the shape tests build on the meta device, and
+the tiny ones the tiny writer builds.
 
 Full size: black-forest-labs/FLUX.1-dev's ``transformer/config.json``, ``text_encoder/config.json``
 (CLIP-L), ``text_encoder_2/config.json`` (T5-XXL encoder) and ``vae/config.json``; [schnell] differs
@@ -22,6 +23,11 @@ TRANSFORMER: dict[str, Any] = dict(
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
+DENOISER_CLASS = "FluxTransformer2DModel"  # diffusers' class; full-size configs by model id
+DENOISERS: dict[str, dict[str, Any]] = {
+    "flux-dev": TRANSFORMER,
+    "flux-schnell": {**TRANSFORMER, "guidance_embeds": False},  # FLUX.1-schnell's transformer/config.json
+}
 T5_XXL: dict[str, Any] = dict(
     d_model=4096,
     d_ff=10240,

@@ -49,6 +49,8 @@ FLUX2_DEV = ModelInfo(
     text_tokens=512,
     max_text_tokens=512,
     denoiser_params_b=32.2,
+    lora_params_m=100.66,
+    kohya_params_m=110.10,
     text_encoder_params_b=24.0,
     full_finetune="FLUX.2 [dev]'s 32.2 B-parameter transformer needs ~322 GB for bf16 weights, gradients "
     "and 8-bit AdamW states, far more than an 80 GB card holds",

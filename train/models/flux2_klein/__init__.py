@@ -31,7 +31,9 @@ FLUX2_KLEIN_4B = ModelInfo(
     default_targets="attention+mlp",
     text_tokens=512,
     max_text_tokens=512,
-    denoiser_params_b=3.9,
+    denoiser_params_b=3.88,  # 3.876 B counted on the meta device (the registry said 3.9)
+    lora_params_m=24.08,
+    kohya_params_m=27.03,
     text_encoder_params_b=4.0,
     comfy_naming="kohya",
     kohya_architecture="Flux.2-klein-4b/lora",
@@ -40,7 +42,7 @@ FLUX2_KLEIN_4B = ModelInfo(
     controls_required=False,
     **REFERENCE_LIMITS,
     tiny={"distilled": True},
-    **estimated(Shape(params_b=3.9, width=3072, blocks=5 + 20, tokens=4096 + 512)),
+    **estimated(Shape(params_b=3.88, width=3072, blocks=5 + 20, tokens=4096 + 512)),
 )
 # FLUX.2 [klein] 9B (black-forest-labs/FLUX.2-klein-9B, step-distilled): 8 double + 24 single blocks,
 # 32 heads x 128 = 4096 wide; 9.1 B parameters. Text encoder Qwen3-8B (8.2 B; 12288 wide stacked).
@@ -50,13 +52,15 @@ FLUX2_KLEIN_9B = replace(
     title="FLUX.2 [klein] 9B",
     short_name="FLUX.2-klein-9B",
     base_weights="black-forest-labs/FLUX.2-klein-9B",
-    denoiser_params_b=9.1,
+    denoiser_params_b=9.08,  # 9.079 B counted on the meta device (the registry said 9.1)
+    lora_params_m=43.52,
+    kohya_params_m=49.81,
     text_encoder_params_b=8.2,
     full_finetune="FLUX.2 [klein] 9B's 9.1 B-parameter transformer needs ~91 GB for bf16 weights, "
     "gradients and 8-bit AdamW states, more than an 80 GB card holds",
     kohya_architecture="Flux.2-klein-9b/lora",
     tiny={"distilled": True, "double": 2, "single": 2},
-    **estimated(Shape(params_b=9.1, width=4096, blocks=8 + 24, tokens=4096 + 512)),
+    **estimated(Shape(params_b=9.08, width=4096, blocks=8 + 24, tokens=4096 + 512)),
 )
 # The [klein] base models (undistilled, what BFL recommends for fine-tuning): the same transformers
 # and text encoders; model cards: 50 steps, CFG 4 (against the empty prompt).

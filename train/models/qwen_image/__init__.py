@@ -13,7 +13,7 @@ QWEN_IMAGE_PRESETS = {
     "attention+mlp": rf"transformer_blocks\.\d+\.({_ATTN}|(img_mlp|txt_mlp)\.net\.(0\.proj|2))",
 }
 # The transformer: 20.4 B parameters, 3072 wide, 60 dual-stream blocks (the edit models' too).
-PARAMS_B, WIDTH, BLOCKS = 20.4, 3072, 60
+PARAMS_B, WIDTH, BLOCKS = 20.43, 3072, 60  # 20.430 B counted on the meta device
 
 # Qwen/Qwen-Image: a 20.4 B MMDiT (60 dual-stream blocks, 24 heads x 128 = 3072 wide, text width
 # 3584), Qwen2.5-VL-7B-Instruct as text encoder (8.3 B with its vision tower, which the pipeline
@@ -36,6 +36,8 @@ QWEN_IMAGE = ModelInfo(
     max_text_tokens=1024,
     negative_prompt=True,
     denoiser_params_b=PARAMS_B,
+    lora_params_m=106.17,
+    kohya_params_m=106.17,
     text_encoder_params_b=8.3,
     vae_params_b=0.13,
     full_finetune="the 20.4 B-parameter transformer needs ~204 GB for bf16 weights, gradients and "

@@ -42,6 +42,7 @@ SD35_LARGE = ModelInfo(
     fixed_text_tokens=77,  # the CLIP-L/G embeddings joined to the T5 ones
     negative_prompt=True,
     denoiser_params_b=8.06,
+    lora_params_m=52.76,
     text_encoder_params_b=5.57,
     full_finetune="SD3.5 Large's 8.1 B-parameter transformer needs ~81 GB for bf16 weights, gradients "
     "and 8-bit AdamW states, more than an 80 GB card holds",
@@ -61,6 +62,7 @@ SD35_MEDIUM = replace(
     render_steps=40,
     render_guidance=4.5,
     denoiser_params_b=2.24,
+    lora_params_m=23.49,
     full_finetune="",
     tiny={"variant": "medium"},
     **estimated(Shape(params_b=2.24, width=1536, blocks=24, tokens=_TOKENS_1024)),

@@ -22,6 +22,8 @@ UNET: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816,
     use_linear_projection=True,
 )
+DENOISER_CLASS = "UNet2DConditionModel"
+DENOISERS: dict[str, dict[str, Any]] = {"sdxl": UNET}
 # Tiny: two levels, the tiny CLIPs' 32-wide hidden states concatenated (64), 8-wide time embeddings.
 UNET_TINY: dict[str, Any] = dict(
     sample_size=8,

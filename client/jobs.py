@@ -222,6 +222,35 @@ def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> di
     return out
 
 
+def check_publish_targets(
+    spec: TrainingSpec, log: Callable[[str], None], env: dict[str, str] | None = None
+) -> None:
+    """The spec's publish targets checked from here, before anything is packed or uploaded, with the
+    credentials this environment holds (the container checks again before training, with those it
+    is sent): a bad or read-only token, a namespace the token cannot write, an S3 key that may not
+    write under the prefix. A UserError naming the input."""
+    from train.publish import PublishError, check_hub, check_s3
+
+    secrets, target = publish_secrets(spec, env), spec.publish
+    try:
+        if target.hub_model_id and secrets.get("hf_token"):
+            log(f"publish: {check_hub(target.hub_model_id, secrets['hf_token'])}")
+        elif target.hub_model_id:
+            log("publish: no HF_TOKEN here to check the Hub with; the trainer checks it before training")
+        if target.s3_bucket and secrets.get("s3_access_key_id"):
+            checked = check_s3(
+                target.s3_bucket,
+                target.s3_prefix,
+                endpoint_url=target.s3_endpoint_url,
+                region=target.s3_region,
+                access_key_id=secrets["s3_access_key_id"],
+                secret_access_key=secrets["s3_secret_access_key"],
+            )
+            log(f"publish: {checked}")
+    except PublishError as exc:
+        raise UserError(f"publish: {exc} (nothing was uploaded)") from None
+
+
 def scale_steps_to_gpus(
     spec: TrainingSpec, hardware: str, log: Callable[[str], None] = print
 ) -> TrainingSpec:
@@ -300,6 +329,7 @@ def submit(
         log(f"note: a Cog server has no destination models; {destination} is not used")
     destination = resolve_destination(provider, spec, dataset or Path("dataset"), destination)
     reuse = carry_on.dataset_url if carry_on and dataset is None else None
+    check_publish_targets(spec, log)
     with tempfile.TemporaryDirectory(prefix="advanced-trainer-") as tmp:
         if reuse:
             archive, n_images = None, carry_on.images if carry_on else 20

@@ -512,26 +512,69 @@ def test_pack_refuses_over_the_limit_before_any_upload(capsys, fake, tmp_path, m
     assert code == EXIT_OK, err
 
 
+@pytest.fixture()
+def hub(monkeypatch, tmp_path):
+    """A loopback stand-in of the Hugging Face Hub (tests/hfserver.py) the client's checks reach."""
+    import huggingface_hub.constants
+
+    from hfserver import HubServer
+
+    with HubServer() as server:
+        server.add_token("hf_SECRETvalue1234567890abcd", user="alice", role="write", orgs=["acme"])
+        server.add_token("hf_READonly1234567890abcdef", user="bob", role="read")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet"))
+        yield server
+
+
 def test_publish_credentials_go_to_the_api_but_not_the_store(
-    capsys, fake, sample_dataset, client_home, monkeypatch
+    capsys, fake, sample_dataset, client_home, monkeypatch, hub, s3
 ):
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETvalue1234567890abcd")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE1234567")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cretKEYvalue/abcdefghij1234")
-    spec = {"publish": {"hub_model_id": "acme/my-lora", "s3_bucket": "my-bucket"}}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_access_key)
+    spec = {
+        "publish": {
+            "hub_model_id": "acme/my-lora",
+            "s3_bucket": s3.bucket,
+            "s3_endpoint_url": s3.endpoint_url,
+            "s3_region": s3.region,
+        }
+    }
     code, out, err = run(
         capsys, "--json", "submit", "--spec", json.dumps(spec), "--dataset", str(sample_dataset)
     )
     assert code == EXIT_OK, err
+    assert "publish: hub: alice may create acme/my-lora" in err and f"s3: may write s3://{s3.bucket}" in err
     job_id = json.loads(out)["job"]["id"]
     sent = fake.job(job_id)["input"]
-    assert sent["hf_token"] == "hf_SECRETvalue1234567890abcd" and sent["s3_secret_access_key"].startswith(
-        "s3cret"
+    assert (
+        sent["hf_token"] == "hf_SECRETvalue1234567890abcd"
+        and sent["s3_secret_access_key"] == s3.secret_access_key
     )
     db = (client_home / "jobs.sqlite3").read_bytes()
-    for secret in ("hf_SECRETvalue1234567890abcd", "s3cretKEYvalue", FAKE_TOKEN):
+    for secret in ("hf_SECRETvalue1234567890abcd", s3.secret_access_key, FAKE_TOKEN):
         assert secret.encode() not in db
     assert "hf_SECRET" not in out + err
+
+
+@pytest.mark.parametrize(
+    "token,repo,says",
+    [
+        ("hf_READonly1234567890abcdef", "bob/my-lora", "read-only"),
+        ("hf_SECRETvalue1234567890abcd", "someone-else/my-lora", "hub_model_id"),
+        ("hf_unknown1234567890abcdefgh", "alice/my-lora", "hf_token"),
+    ],
+)
+def test_a_token_that_cannot_publish_is_refused_before_anything_is_uploaded(
+    capsys, fake, sample_dataset, monkeypatch, hub, token, repo, says
+):
+    monkeypatch.setenv("HF_TOKEN", token)
+    spec = {"publish": {"hub_model_id": repo}}
+    code, _, err = run(capsys, "submit", "--spec", json.dumps(spec), "--dataset", str(sample_dataset))
+    assert code == EXIT_USER and says in err and "nothing was uploaded" in err and token not in err
+    assert not [q for q in fake.requests if q.path.startswith(("/v1/files", "/v1/trainings"))]
 
 
 def test_status_page_is_shown_and_unreachable_means_unknown(capsys, fake, monkeypatch):

@@ -456,13 +456,18 @@ def test_s3_publishing_puts_the_outputs_under_the_prefix(train_server, sample_zi
 
     assert json.loads(archived["config.json"])["publish"]["failed"] is None
 
-    # a publish that fails after training: the paid-for weights still come back, the reason is said
+    # a bad key fails the job before anything is staged or loaded, naming the input (a publish that
+    # fails after training keeps the weights: tests/test_hub_publish.py)
     bad = {**inputs, "s3_prefix": "runs/job-8", "s3_secret_access_key": "wrong-secret-value-123"}
     body = train_server.post("/trainings", {"input": bad}).json()
-    assert body["status"] == "succeeded", body.get("error")
-    with zipfile.ZipFile(io.BytesIO(upload_sink.get(body["output"]))) as zf:
-        assert "pytorch_lora_weights.safetensors" in zf.namelist()
-        outcome = json.loads(zf.read("config.json"))["publish"]
-    assert "credentials" in outcome["failed"] and outcome["published"] == {}
-    failed = [ln for ln in body["logs"].splitlines() if ln.startswith("publish failed: ")]
-    assert failed and "credentials" in failed[0] and "wrong-secret-value-123" not in body["logs"]
+    assert body["status"] == "failed"
+    assert "s3_secret_access_key" in body["error"] and "checked before any training" in body["error"]
+    assert "wrong-secret-value-123" not in body["error"] + body["logs"]
+    assert "dataset:" not in body["logs"] and "PROGRESS" not in body["logs"]  # nothing staged or loaded
+    denied = {
+        **inputs,
+        "s3_access_key_id": s3.denied_access_key_id,
+        "s3_secret_access_key": s3.denied_secret_access_key,
+    }
+    body = train_server.post("/trainings", {"input": denied}).json()
+    assert body["status"] == "failed" and "access to bucket" in body["error"] and "denied" in body["error"]

@@ -17,7 +17,27 @@ from train.models.meta import default_lora_counts
 
 @pytest.fixture(scope="module")
 def counts():
-    return {m: default_lora_counts(m) for m in MODEL_IDS}
+    """Each distinct (denoiser architecture, LoRA maths, default targets) counted once: models that
+    share them (the [klein] base models, the Qwen-Image edit models, Kontext) share the count."""
+    import importlib
+    import json
+
+    from train.models import family_class
+
+    done: dict[str, object] = {}
+    out = {}
+    for m in MODEL_IDS:
+        info = model_info(m)
+        config = importlib.import_module(f"train.models.{info.family}.configs").DENOISERS[m]
+        cls = family_class(m)
+        key = json.dumps(
+            [config, cls.kohya_state_dict.__qualname__, info.target_presets[info.default_targets]],
+            default=str,
+        )
+        if key not in done:
+            done[key] = default_lora_counts(m)
+        out[m] = done[key]
+    return out
 
 
 @pytest.mark.parametrize("model", MODEL_IDS)

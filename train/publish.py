@@ -26,7 +26,17 @@ from urllib.parse import quote
 from .http import is_transport_error
 from .redaction import redact
 
-__all__ = ["PublishError", "publish", "publish_hub", "publish_s3", "list_files", "content_type"]
+__all__ = [
+    "PublishError",
+    "check_hub",
+    "check_s3",
+    "check_targets",
+    "content_type",
+    "list_files",
+    "publish",
+    "publish_hub",
+    "publish_s3",
+]
 
 SKIP_DIRS = frozenset({".work"})  # scratch space of a job (caches, staging): never published
 HUB_IGNORE_PATTERNS = [".work", ".work/*", "*/.work/*"]
@@ -286,7 +296,8 @@ def _hub_error_message(exc: BaseException, repo_id: str, step: str) -> str:
         OfflineModeIsEnabled,
     )
 
-    what = f"Hub {'repo creation' if step == 'create' else 'upload'} for {repo_id} failed"
+    what = {"create": "Hub repo creation", "check": "Hub check", "upload": "Hub upload"}[step]
+    what = f"{what} for {repo_id} failed"
     if isinstance(exc, LocalTokenNotFoundError):
         return f"{what}: no Hugging Face token — set hf_token (a token with write access)"
     if isinstance(exc, OfflineModeIsEnabled):
@@ -323,6 +334,107 @@ def _hub_error_message(exc: BaseException, repo_id: str, step: str) -> str:
     return f"{what}: {type(exc).__name__}: {exc}"
 
 
+def hub_api(token: str | None) -> Any:
+    """The Hub client at ``HF_ENDPOINT`` as it is now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+
+
+def check_hub(repo_id: str, token: str | None, api: Any = None) -> str:
+    """Before any GPU work: ``token`` is a valid Hub token that may write ``repo_id`` (the repo
+    exists in a namespace the token's user belongs to, or may be created there). Returns what was
+    checked; PublishError naming ``hf_token`` / ``hub_model_id`` otherwise."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if not token:
+        raise PublishError(f"hf_token: publishing to {repo_id} needs a Hugging Face token with write access")
+    api = api or hub_api(token)
+    try:
+        me = api.whoami(token=token)
+    except Exception as e:  # noqa: BLE001 - the boundary: a refusal, or the Hub unreachable
+        raise PublishError(redact(_hub_error_message(e, repo_id, "check"), [token])) from e
+    user = me.get("name", "")
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise PublishError(
+            f"hf_token: the token of {user} is read-only; publishing to {repo_id} needs one with write access"
+        )
+    namespace = repo_id.split("/")[0]
+    orgs = {o.get("name") for o in me.get("orgs") or []}
+    if namespace != user and namespace not in orgs:
+        raise PublishError(
+            f"hub_model_id: {user}'s token cannot write under {namespace!r} (its namespaces: "
+            f"{', '.join(sorted({user, *orgs} - {''}))}); fix hub_model_id or hf_token"
+        )
+    try:
+        api.repo_info(repo_id, repo_type="model", token=token)
+        return f"hub: {user} may write {repo_id} (it exists)"
+    except RepositoryNotFoundError:
+        return f"hub: {user} may create {repo_id}"
+    except HfHubHTTPError as e:
+        raise PublishError(redact(_hub_error_message(e, repo_id, "check"), [token])) from e
+
+
+def check_s3(
+    bucket: str,
+    prefix: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+) -> str:
+    """Before any GPU work: the credentials may put (and delete) an object under ``prefix`` in
+    ``bucket``: a probe object is written and removed. PublishError naming the input otherwise."""
+    import uuid
+
+    if bool(access_key_id) != bool(secret_access_key):
+        raise PublishError(
+            "S3 check failed: only one of s3_access_key_id / s3_secret_access_key was given; set both"
+        )
+    prefix = _normalise_prefix(prefix)
+    key = "/".join(p for p in (prefix, f".advanced-trainer-write-check-{uuid.uuid4().hex[:12]}") if p)
+    uri = f"s3://{bucket}/{key}"
+    client = _s3_client(endpoint_url, region, access_key_id, secret_access_key)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"advanced-trainer write check\n")
+        client.delete_object(Bucket=bucket, Key=key)
+    except Exception as e:  # noqa: BLE001 - the boundary: every failure becomes a PublishError
+        message = _s3_error_message(e, uri, bucket, endpoint_url).replace(
+            "S3 upload to", "S3 write check of", 1
+        )
+        raise PublishError(redact(message, [access_key_id, secret_access_key])) from e
+    return f"s3: may write s3://{bucket}/{prefix}"
+
+
+def check_targets(
+    publish_spec: Any,
+    *,
+    hf_token: str | None = None,
+    s3_access_key_id: str | None = None,
+    s3_secret_access_key: str | None = None,
+) -> list[str]:
+    """Every target ``publish_spec`` configures accepts these credentials, checked before any GPU
+    work (seconds): the Hub token and namespace, an S3 write under the prefix. Returns what was
+    checked; PublishError for the first that fails."""
+    done = []
+    if publish_spec.hub_model_id:
+        done.append(check_hub(publish_spec.hub_model_id, hf_token))
+    if publish_spec.s3_bucket:
+        done.append(
+            check_s3(
+                publish_spec.s3_bucket,
+                publish_spec.s3_prefix,
+                endpoint_url=publish_spec.s3_endpoint_url,
+                region=publish_spec.s3_region,
+                access_key_id=s3_access_key_id,
+                secret_access_key=s3_secret_access_key,
+            )
+        )
+    return done
+
+
 def publish_hub(
     folder: Path, repo_id: str, *, private: bool = True, token: str | None = None, api: Any = None
 ) -> str:
@@ -334,9 +446,7 @@ def publish_hub(
     if not folder.is_dir():
         raise PublishError(f"Hub upload for {repo_id} failed: {folder} is not a folder")
     if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
+        api = hub_api(token)
     step = "create"
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)

@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,6 +178,7 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
         "s3_access_key_id": req.secrets.get("AWS_ACCESS_KEY_ID"),
         "s3_secret_access_key": req.secrets.get("AWS_SECRET_ACCESS_KEY"),
     }
+    check_publish_targets(spec, secrets_for_publish, log, redact)
     completed = False
     try:
         rc, tail = run_trainer(args, env, log, redact, req.num_processes)
@@ -190,6 +192,28 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     archive = pack_outputs(out_dir, workdir / OUTPUT_ARCHIVE, req.return_checkpoint)
     log(f"output: {archive.name}, {archive.stat().st_size / 2**20:.1f} MiB")
     return archive
+
+
+def check_publish_targets(
+    spec: TrainingSpec,
+    secrets: dict[str, str | None],
+    log: Callable[[str], None],
+    redact: Callable[[str], str],
+) -> None:
+    """Every publish target accepts this job's credentials, checked before the dataset is staged or a
+    model loaded: a bad or read-only credential fails the job in seconds, naming the input, instead
+    of after the training it would have cost."""
+    from .publish import PublishError, check_targets
+
+    if not (spec.publish.hub_model_id or spec.publish.s3_bucket):
+        return
+    start = time.monotonic()
+    try:
+        done = check_targets(spec.publish, **secrets)
+    except PublishError as exc:
+        took = time.monotonic() - start
+        raise JobError(f"{redact(str(exc))} (checked before any training, in {took:.1f} s)") from None
+    log(f"publish: targets checked in {time.monotonic() - start:.1f} s: {'; '.join(done)}")
 
 
 def publish_outputs(

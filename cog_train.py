@@ -91,7 +91,9 @@ class Trainer(BaseRunner):
             default=None,
         ),
         mode: str | None = Input(
-            description="lora or full fine-tune (overrides spec.mode)", choices=["lora", "full"], default=None
+            description="lora or full fine-tune (overrides spec.mode); full needs hub_model_id or s3_bucket: the model is published there",
+            choices=["lora", "full"],
+            default=None,
         ),
         steps: int | None = Input(description="Optimizer steps", ge=1, le=1000000, default=None),
         learning_rate: float | None = Input(description="Peak learning rate", ge=1e-7, le=10, default=None),

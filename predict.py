@@ -120,7 +120,8 @@ class Predictor(BaseRunner):
             description="Quality of webp and jpg images (png is lossless)", ge=0, le=100, default=90
         ),
         hf_token: Secret | None = Input(
-            description="Hugging Face token for LoRAs in private repos", default=None
+            description="Hugging Face token for LoRAs in private repos, and for a full fine-tune published to a private repo",
+            default=None,
         ),
         step: int | None = Input(
             description="A kept validation step of the trained LoRA to render with (see its contact_sheet.png); empty: the chosen step",

@@ -182,6 +182,11 @@ def _estimate_lines(row: dict) -> str:
             f"~{alt['seconds'] / 60:.0f} min ≈ ${alt['usd']:.2f}"
         )
     sizes = f"output ~{row['weights_mb'] + row['kept_steps_mb']:.0f} MiB"
+    if row.get("published_model_mb") is not None:
+        sizes = (
+            f"the fine-tuned denoiser (~{row['published_model_mb'] / 1024:.1f} GiB) goes to the publish "
+            f"target; output.zip holds samples and a pointer to it"
+        )
     if row.get("resumable_checkpoint_mb") is not None:
         sizes += f" + a resumable checkpoint of ~{row['resumable_checkpoint_mb']:.0f} MiB"
     lines.append(f"{'':<18} {sizes}")

@@ -46,16 +46,18 @@ MB = 2**20
 def output_sizes(spec: TrainingSpec, lora_params: int | None = None) -> dict[str, float | None]:
     """Sizes of what the job delivers (MiB): the trained weights (the chosen step's LoRA in
     ``export.dtype``, and its kohya/ComfyUI copy where the family has one), every other kept
-    validation step's diffusers file (``steps/step-N/``), and the final resumable checkpoint when
+    validation step's diffusers file (``steps/step-N/``), a full fine-tune's denoiser (published to
+    the job's Hub repo or bucket, not in output.zip), and the final resumable checkpoint when
     ``resumable`` (the trainable weights in fp32 and their two AdamW moments: about 3x a LoRA in
     fp32). ``lora_params``: the LoRA's parameter count when known (a run's file); by default the
     registry's count for the model's default targets (counted on the full-size architecture),
     scaled by rank; other targets are estimated as if they were the default ones."""
     info = model_info(spec.model)
+    published = None
     if spec.mode == "full":
         params = info.denoiser_params_b * 1e9
-        weights = params * 2  # the fine-tuned denoiser in bf16
-        kept = 0.0
+        # the fine-tuned denoiser in bf16 goes to the publish target; output.zip carries a pointer
+        weights, kept, published = 0.0, 0.0, params * 2
     else:
         # the registry's counts are the full-size default LoRA's at rank 16 (linear in the rank)
         params = lora_params or info.lora_params_m * 1e6 * spec.lora.rank / 16
@@ -69,6 +71,7 @@ def output_sizes(spec: TrainingSpec, lora_params: int | None = None) -> dict[str
     return {
         "weights_mb": round(weights / MB, 1),
         "kept_steps_mb": round(kept / MB, 1),
+        "published_model_mb": None if published is None else round(published / MB, 1),
         "resumable_checkpoint_mb": None if checkpoint is None else round(checkpoint / MB, 1),
     }
 

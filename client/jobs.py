@@ -225,12 +225,16 @@ def publish_secrets(spec: TrainingSpec, env: dict[str, str] | None = None) -> di
 def check_publish_targets(
     spec: TrainingSpec, log: Callable[[str], None], env: dict[str, str] | None = None
 ) -> None:
-    """The spec's publish targets checked from here, before anything is packed or uploaded, with the
+    """The spec's publish targets checked from here, before anything is packed or uploaded (and a full
+    fine-tune refused without one: it cannot come back through Cog's upload), with the
     credentials this environment holds (the container checks again before training, with those it
     is sent): a bad or read-only token, a namespace the token cannot write, an S3 key that may not
     write under the prefix. A UserError naming the input."""
-    from train.publish import PublishError, check_hub, check_s3
+    from train.publish import PublishError, check_hub, check_s3, full_fine_tune_target_problem
 
+    problem = full_fine_tune_target_problem(spec)
+    if problem:
+        raise UserError(f"{problem} (nothing was uploaded)")
     secrets, target = publish_secrets(spec, env), spec.publish
     try:
         if target.hub_model_id and secrets.get("hf_token"):

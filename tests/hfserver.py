@@ -75,9 +75,9 @@ readable exceptions):
   the Hub's own calls raise ``HfHubHTTPError``, but hf_xet reports an HTTP error of the Xet token or
   CAS calls (``"storage"`` under Xet) as a builtin ``ConnectionError`` naming the status.
 
-Not implemented: downloads (``/resolve/``, ``hf_hub_download``, ``snapshot_download``, Xet
-reconstructions), file listings (``/tree/``, ``list_repo_files``, so ``upload_folder`` with
-``delete_patterns``), branches, tags and pull requests (only ``main``), multipart LFS uploads, and
+Downloads: ``/resolve/`` (``hf_hub_download``) over plain HTTP, with the Hub's access rules. Not
+implemented: Xet reconstructions, file listings (``/tree/``: ``snapshot_download``,
+``list_repo_files``, ``upload_folder`` with ``delete_patterns``), branches, tags and pull requests (only ``main``), multipart LFS uploads, and
 Spaces' runtime.
 """
 
@@ -630,6 +630,7 @@ _REPO = r"(?P<ns>[^/]+)/(?P<name>[^/]+)"
 _API_REPO = r"^/api/(?P<kind>models|datasets|spaces)/" + _REPO
 _GIT_REPO = r"^/(?:(?P<kind>datasets|spaces)/)?" + _REPO + r"\.git/info/lfs/objects/"
 _CAS = r"^/__xet/(?P<instance>[0-9a-f]+)"
+_RESOLVE = r"^/(?:(?P<kind>datasets|spaces)/)?" + _REPO + r"/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"
 
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"^/api/whoami-v2$"), "whoami"),
@@ -653,6 +654,8 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         "cas_xorb_grant",
     ),
     ("POST", re.compile(r"^(?:/__xet/(?P<instance>[0-9a-f]+))?/v1/telemetry$"), "cas_telemetry"),
+    ("GET", re.compile(_RESOLVE), "resolve"),
+    ("HEAD", re.compile(_RESOLVE), "resolve"),
 ]
 
 
@@ -960,6 +963,19 @@ class _HubHandler(BaseHTTPRequestHandler):
         if repo.repo_type == "model":
             info["modelId"] = repo.repo_id
         return self._send_json(200, info)
+
+    def _h_resolve(self, ns: str, name: str, rev: str, file: str, kind: str | None = None) -> int:
+        """A file's bytes (``hf_hub_download``): served directly, where the Hub redirects LFS files to
+        its CDN; no Xet headers, so the client takes the plain HTTP path."""
+        repo = self._repo(kind, ns, name)
+        self._check_rev(repo, rev)
+        with self.server_hub._lock:
+            stored = repo.files.get(file)
+            head = repo.head
+        if stored is None:
+            raise HubError(404, f"Entry not found: {file}", "EntryNotFound")
+        headers = {"X-Repo-Commit": head, "ETag": f'"{stored.oid}"'}
+        return self._send(200, stored.content, "application/octet-stream", headers)
 
     def _h_preupload(self, kind: str, ns: str, name: str, rev: str) -> int:
         repo = self._repo(kind, ns, name)

@@ -177,3 +177,44 @@ def _check_auth_enforced(server: S3Server, ClientError: type) -> None:
     c = server.client()
     c.put_object(Bucket=server.bucket, Key="auth-probe", Body=b"x")
     c.delete_object(Bucket=server.bucket, Key="auth-probe")
+
+
+class PublicGateway:
+    """A read-only public HTTP front for the bucket, as a CDN or a bucket's public domain (R2, B2, a
+    CloudFront distribution) serves it: ``GET {url}/{key}`` answers the object without credentials.
+    moto cannot serve anonymous reads itself (a public-read bucket policy makes it answer 500), so
+    this reads with the server's own keys. Use it as ``s3_public_base_url``."""
+
+    def __init__(self, server: S3Server) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import unquote
+
+        client = server.client()
+        gets: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                key = unquote(self.path.split("?", 1)[0].lstrip("/"))
+                gets.append(key)
+                try:
+                    body = client.get_object(Bucket=server.bucket, Key=key)["Body"].read()
+                    status = 200
+                except Exception:  # noqa: BLE001 - a missing key (or anything else): 404, as a CDN says
+                    body, status = b"not found", 404
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
+                pass
+
+        self.gets = gets
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -577,6 +577,17 @@ def test_a_token_that_cannot_publish_is_refused_before_anything_is_uploaded(
     assert not [q for q in fake.requests if q.path.startswith(("/v1/files", "/v1/trainings"))]
 
 
+def test_a_full_fine_tune_without_a_publish_target_is_refused_before_anything_is_uploaded(
+    capsys, fake, sample_dataset
+):
+    spec = {"model": "sdxl", "mode": "full"}
+    code, _, err = run(capsys, "submit", "--spec", json.dumps(spec), "--dataset", str(sample_dataset))
+    assert (
+        code == EXIT_USER and "full fine-tune needs a publish target" in err and "nothing was uploaded" in err
+    )
+    assert not [q for q in fake.requests if q.path.startswith(("/v1/files", "/v1/trainings"))]
+
+
 def test_status_page_is_shown_and_unreachable_means_unknown(capsys, fake, monkeypatch):
     import socket
     import threading

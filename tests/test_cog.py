@@ -471,3 +471,80 @@ def test_s3_publishing_puts_the_outputs_under_the_prefix(train_server, sample_zi
     }
     body = train_server.post("/trainings", {"input": denied}).json()
     assert body["status"] == "failed" and "access to bucket" in body["error"] and "denied" in body["error"]
+
+
+def _stock_sdxl_from(folder: Path) -> np.ndarray:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(3),
+    )
+    return np.asarray(out.images[0].convert("RGB")).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def test_a_full_fine_tune_travels_through_s3_and_the_destination_loads_it_from_there(
+    train_server, run_servers, sample_zip, s3, upload_sink, cog_weights, tmp_path
+):
+    import s3server
+
+    # without a publish target the job is refused before anything is staged or loaded
+    refused = {
+        "dataset": data_uri(sample_zip),
+        "spec": tiny_spec("sdxl"),
+        "model": "sdxl",
+        "mode": "full",
+        "steps": 2,
+    }
+    body = train_server.post("/trainings", {"input": refused}).json()
+    assert body["status"] == "failed" and "full fine-tune needs a publish target" in body["error"]
+    assert "hub_model_id" in body["error"] and "s3_bucket" in body["error"]
+    assert "dataset:" not in body["logs"] and "PROGRESS" not in body["logs"]
+
+    gateway = s3server.PublicGateway(s3)  # the bucket's public domain (a CDN, R2's public URL)
+    try:
+        inputs = {
+            **refused,
+            "steps": 4,
+            "learning_rate": 1e-3,
+            "s3_bucket": s3.bucket,
+            "s3_prefix": "runs/full-1",
+            "s3_endpoint_url": s3.endpoint_url,
+            "s3_region": s3.region,
+            "s3_access_key_id": s3.access_key_id,
+            "s3_secret_access_key": s3.secret_access_key,
+            "s3_public_base_url": gateway.url,
+        }
+        body = _ok(train_server.post("/trainings", {"input": inputs}).json())
+        data = upload_sink.get(body["output"])
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            names = set(zf.namelist())
+            pointer = json.loads(zf.read("published_model.json"))
+        assert not any(n.startswith("model/") for n in names), "the model travelled through Cog's upload"
+        assert {"config.json", "README.md"} <= names and any(n.startswith("samples/") for n in names)
+        assert pointer["s3"]["public_url"] == f"{gateway.url}/runs/full-1/model"
+        assert "model/ left out of output.zip" in body["logs"]
+
+        published = tmp_path / "published"  # what the user finds in the bucket
+        client = s3.client()
+        for obj in client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/full-1/model/")["Contents"]:
+            dest = published / obj["Key"].removeprefix("runs/full-1/model/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(s3.bucket, obj["Key"], str(dest))
+        assert len(data) < len(b"".join(p.read_bytes() for p in published.rglob("*") if p.is_file()))
+
+        render = _ok(_render(run_servers.get(body["output"])))  # the destination version
+        assert any(k.startswith("runs/full-1/model/") for k in gateway.gets), (
+            "not fetched from the public URL"
+        )
+    finally:
+        gateway.close()
+    ours, stock = _image(render["output"][0]), _stock_sdxl_from(published)
+    assert np.abs(ours - stock).max() <= TOLERANCE, "the destination does not render the published model"
+    assert np.abs(stock - _stock("sdxl", cog_weights)).max() > 10, "the fine-tune does not change the image"

@@ -173,6 +173,36 @@ def test_upload_folder_lands_every_file_byte_for_byte(hub: HubServer, transfer: 
         assert any(method == "PUT" and path.startswith("/__storage/") for method, path in hub.requests)
 
 
+def test_hf_hub_download_reads_what_was_uploaded_under_the_hubs_access_rules(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    folder, files = model_folder(tmp_path)
+    client = api(hub, WRITE)
+    client.create_repo("alice/private", private=True)
+    commit = client.upload_folder(repo_id="alice/private", folder_path=folder)
+
+    def get(name: str, token: str | bool, rev: str | None = None) -> bytes:
+        got = hf_hub_download(
+            "alice/private", name, revision=rev, token=token, endpoint=hub.url, local_dir=tmp_path / "dl"
+        )
+        return Path(got).read_bytes()
+
+    assert get("adapter.safetensors", WRITE, commit.oid) == files["adapter.safetensors"]
+    with pytest.raises(RepositoryNotFoundError):  # private: anonymous callers do not see it
+        get("notes.txt", False)
+    with pytest.raises(EntryNotFoundError):
+        get("missing.txt", WRITE)
+    client.create_repo("alice/public", private=False)
+    client.upload_folder(repo_id="alice/public", folder_path=folder)
+    assert hf_hub_download(
+        "alice/public", "notes.txt", token=False, endpoint=hub.url, cache_dir=tmp_path / "c"
+    )
+    assert ("HEAD", "/alice/public/resolve/main/notes.txt") in hub.requests
+
+
 def test_a_model_card_is_validated(hub: HubServer, tmp_path: Path) -> None:
     client = api(hub, WRITE)
     client.create_repo("alice/lora")

@@ -83,10 +83,9 @@ def test_a_finished_job_is_published_and_a_failed_upload_keeps_the_weights(
         archived = {n: zf.read(n) for n in zf.namelist()}
     published = hub.files("acme/team-lora")
     assert published["pytorch_lora_weights.safetensors"] == archived["pytorch_lora_weights.safetensors"]
-    assert json.loads(archived["config.json"])["publish"] == {
-        "published": {"hub": json.loads(archived["config.json"])["publish"]["published"]["hub"]},
-        "failed": None,
-    }
+    outcome = json.loads(archived["config.json"])["publish"]
+    assert outcome["failed"] is None and set(outcome["published"]) == {"hub", "hub_revision"}
+    assert outcome["published"]["hub_revision"] == hub.commits("acme/team-lora")[-1].oid
     assert hub.is_private("acme/team-lora")  # hub_private defaults to true
 
     # the token and namespace check out before training; the upload is refused after it
@@ -123,3 +122,135 @@ def test_a_finished_job_is_published_and_a_failed_upload_keeps_the_weights(
     assert "hub" in results
     assert set(hub.files("alice/later-lora")) >= names  # the archive's files, not output.zip itself
     assert "output.zip" not in hub.files("alice/later-lora")
+
+
+def _full_sdxl(server, sample_zip, repo: str) -> dict:
+    from cogserver import data_uri
+
+    inputs = {
+        "dataset": data_uri(sample_zip),
+        "spec": tiny_spec("sdxl"),
+        "model": "sdxl",
+        "mode": "full",
+        "steps": 3,
+        "learning_rate": 1e-3,
+        "hub_model_id": repo,
+        "hf_token": WRITE,
+    }
+    return server.post("/trainings", {"input": inputs}).json()
+
+
+def _render(server, **extra) -> dict:
+    body = {
+        "prompt": "sks, a red circle",
+        "aspect_ratio": "custom",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "seed": 3,
+        "output_format": "png",
+        **extra,
+    }
+    return server.post("/predictions", {"input": body}).json()
+
+
+def test_a_full_fine_tune_in_a_private_repo_renders_once_a_prediction_brings_hf_token(
+    hub,
+    hub_train_server,
+    sample_zip,
+    upload_sink,
+    tmp_path_factory,
+    cog_weights,
+    jobs_dir,
+    tmp_path,
+    monkeypatch,
+):
+    import base64
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    body = _full_sdxl(hub_train_server, sample_zip, "alice/full-sdxl")
+    assert body["status"] == "succeeded", body.get("error")
+    archive = tmp_path / "archive"
+    with zipfile.ZipFile(io.BytesIO(upload_sink.get(body["output"]))) as zf:
+        zf.extractall(archive)
+    assert not (archive / "model").exists()
+    pointer = json.loads((archive / "published_model.json").read_text())
+    assert pointer["hub"] == {
+        "repo": "alice/full-sdxl",
+        "revision": hub.commits("alice/full-sdxl")[-1].oid,
+        "private": True,
+    }
+    published = tmp_path / "published"  # the model folder as the Hub holds it
+    for name, content in hub.files("alice/full-sdxl").items():
+        if name.startswith("model/"):
+            (published / name[len("model/") :]).parent.mkdir(parents=True, exist_ok=True)
+            (published / name[len("model/") :]).write_bytes(content)
+
+    gen = cog_server_fixture(
+        "run",
+        tmp_path_factory,
+        cog_weights,
+        jobs_dir,
+        COG_WEIGHTS=body["output"],
+        ADVANCED_TRAINER_LORA_CACHE=str(tmp_path / "cache"),
+        **hub.client_env(),
+    )
+    server = next(gen)  # setup succeeds without a token: the first prediction that has one fetches
+    try:
+        no_token = _render(server)
+        assert no_token["status"] == "failed" and "hf_token" in no_token["error"]
+        assert "alice/full-sdxl" in no_token["error"]
+        rendered = _render(server, hf_token=WRITE)
+        assert rendered["status"] == "succeeded", rendered.get("error")
+    finally:
+        gen.close()
+    png = base64.b64decode(rendered["output"][0].split(",", 1)[1])
+    ours = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    pipe = StableDiffusionXLPipeline.from_pretrained(published)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "sks, a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(3),
+    )
+    stock = np.asarray(out.images[0].convert("RGB")).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
+    assert np.abs(ours - stock).max() <= 2, "the destination does not render the published model"
+
+    # a public repo is fetched at setup, anonymously
+    import huggingface_hub.constants
+
+    from train.inference import InferenceSession
+
+    hub._get_repo("alice/full-sdxl", "model").private = False
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    before = len(hub.log)
+    session = InferenceSession(str(archive), log=print, cache_dir=tmp_path / "cache-public")
+    assert session.trained is not None and session.trained.model_dir is not None
+    fetched = {
+        p.relative_to(session.trained.model_dir) for p in session.trained.model_dir.rglob("*") if p.is_file()
+    }
+    assert fetched == {p.relative_to(published) for p in published.rglob("*") if p.is_file()}
+    assert all(r.user is None for r in hub.log[before:])  # no token was sent
+
+
+def test_a_full_fine_tune_whose_upload_fails_keeps_the_model_in_the_archive(
+    hub, hub_train_server, sample_zip, upload_sink
+):
+    hub.refuse_uploads = True
+    try:
+        body = _full_sdxl(hub_train_server, sample_zip, "alice/full-refused")
+    finally:
+        hub.refuse_uploads = False
+    assert body["status"] == "succeeded", body.get("error")
+    with zipfile.ZipFile(io.BytesIO(upload_sink.get(body["output"]))) as zf:
+        names = set(zf.namelist())
+    assert "model/model_index.json" in names and "published_model.json" not in names
+    assert "was not published; it goes into output.zip" in body["logs"]

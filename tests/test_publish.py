@@ -340,8 +340,8 @@ def _http_error(status: int, server_message: str | None = None) -> HfHubHTTPErro
 
 def test_hub_upload_calls(monkeypatch, out_dir):
     rec = _HubRecorder(monkeypatch)
-    url = publish_hub(out_dir, "someone/my-lora", token=HF_TOKEN)
-    assert url == "https://huggingface.co/someone/my-lora"
+    up = publish_hub(out_dir, "someone/my-lora", token=HF_TOKEN)
+    assert up.url == "https://huggingface.co/someone/my-lora"
     (c_name, c_token, c_repo, c_kw), (u_name, u_token, u_repo, u_kw) = rec.calls
     assert (c_name, c_repo, c_token) == ("create_repo", "someone/my-lora", HF_TOKEN)
     assert c_kw["private"] is True and c_kw["exist_ok"] is True and c_kw["repo_type"] == "model"
@@ -372,7 +372,7 @@ def test_hub_injected_api(out_dir):
             self.calls.append(("upload_folder", kw["repo_id"], kw))
 
     api = FakeApi()
-    assert publish_hub(out_dir, "org/model", token=HF_TOKEN, api=api) == "https://hub.example/org/model"
+    assert publish_hub(out_dir, "org/model", token=HF_TOKEN, api=api).url == "https://hub.example/org/model"
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
 
 

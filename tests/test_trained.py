@@ -96,6 +96,45 @@ def test_a_full_fine_tune_replaces_the_base(tmp_path):
         )
 
 
+def test_a_published_full_fine_tune_is_fetched_from_its_pointer_and_checked(tmp_path):
+    from cogserver import FileServer
+    from train.published import FORMAT, PublishedModelError, fetch_published
+
+    files = {"model_index.json": b"{}", "unet/config.json": b'{"a": 1}'}
+    pointer = {
+        "format": FORMAT,
+        "folder": "model",
+        "files": [{"path": k, "size": len(v)} for k, v in files.items()],
+        "s3": {"uri": "s3://b/runs/model", "public_url": None},
+    }
+
+    def archive(doc) -> str:
+        return data_uri(
+            zip_bytes({"config.json": config(mode="full"), "published_model.json": json.dumps(doc).encode()})
+        )
+
+    for name, content in files.items():  # the bucket behind its public URL
+        (tmp_path / "bucket" / "runs" / "model" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bucket" / "runs" / "model" / name).write_bytes(content)
+    server = FileServer(tmp_path / "bucket")
+    try:
+        doc = {**pointer, "s3": {**pointer["s3"], "public_url": f"{server.url}/runs/model"}}
+        t = fetch_trained(archive(doc), tmp_path, field="COG_WEIGHTS")
+        assert t.model_dir is None and t.published == doc and "published at" in t.describe()
+        folder = fetch_published(doc, tmp_path / "cache", log=lambda _: None)
+        assert {
+            p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        } == files
+        short = {**doc, "files": [{"path": "model_index.json", "size": 3}]}  # the server has 2 bytes
+        with pytest.raises(PublishedModelError, match="model_index.json: expected 3 bytes, got 2"):
+            fetch_published(short, tmp_path / "cache", log=lambda _: None)
+    finally:
+        server.close()
+    escape = {**pointer, "files": [{"path": "../../etc/passwd", "size": 1}]}  # a hostile pointer
+    with pytest.raises(TrainedWeightsError, match="not a published-model pointer"):
+        fetch_trained(archive(escape), tmp_path / "other", field="COG_WEIGHTS")
+
+
 def test_other_trainers_archives_and_bare_files(tmp_path):
     buf = io.BytesIO()  # replicate/flux-fine-tuner's layout: a tar with one LoRA somewhere inside
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:

@@ -23,11 +23,12 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .families import model_info
+from .published import NeedsHubToken, PublishedModelError, fetch_published
 from .spec import DEFAULT_BASE_WEIGHTS, MODEL_FAMILIES, family_of
 from .trained import Trained, TrainedWeightsError, fetch_trained, shown
 from .weights import WeightsError, prepare_weights_from_env
@@ -265,6 +266,16 @@ class InferenceSession:
                 f"setup: trained weights: {self.trained.describe()}"
                 + (f"; trigger word: {self.trained.trigger_word!r}" if self.trained.trigger_word else "")
             )
+            if self.trained.published:
+                try:
+                    self.trained = self._fetched(self.trained, None)
+                except NeedsHubToken as exc:  # a private repo: the first prediction with hf_token fetches it
+                    log(f"setup: {exc}; the first prediction that has it fetches the model")
+                    return
+                except PublishedModelError as exc:
+                    raise TrainedWeightsError(
+                        f"COG_WEIGHTS: cannot fetch the published model: {exc}"
+                    ) from None
             model, base = self._base_for(self.trained)
             self.renderer.ensure_base(model, self._locate(base))  # a missing base fails setup, naming it
             if self.trained.lora_file:
@@ -294,7 +305,24 @@ class InferenceSession:
                 )
             except TrainedWeightsError as exc:
                 raise InputError(str(exc)) from None
+        if self.sources[value].published:
+            self.sources[value] = self._fetched_for(self.sources[value], hf_token, field)
         return self.sources[value]
+
+    def _fetched(self, trained: Trained, hf_token: str | None) -> Trained:
+        """``trained`` with its published full fine-tune fetched (train/published.py)."""
+        assert trained.published is not None
+        folder = fetch_published(trained.published, self.cache_dir, hf_token=hf_token, log=self.log)
+        return replace(trained, model_dir=folder, published=None)
+
+    def _fetched_for(self, trained: Trained, hf_token: str | None, field: str) -> Trained:
+        """``_fetched`` for a prediction: what goes wrong is an InputError naming the input."""
+        try:
+            return self._fetched(trained, hf_token)
+        except NeedsHubToken as exc:
+            raise InputError(str(exc)) from None
+        except PublishedModelError as exc:
+            raise InputError(f"{field}: cannot fetch the published model: {exc}") from None
 
     def _base_for(self, primary: Trained | None) -> tuple[str, str | Path]:
         """(model, base) for a render whose main weights are ``primary`` (None: the plain base)."""
@@ -378,6 +406,8 @@ class InferenceSession:
             )
         if not 1 <= req.num_outputs <= 4:
             raise InputError(f"num_outputs: must be 1 to 4, got {req.num_outputs}")
+        if self.trained is not None and self.trained.published:  # a private repo, not fetched at setup
+            self.trained = self._fetched_for(self.trained, req.hf_token, "COG_WEIGHTS")
         model, base, loras, primary = self._plan(req)
         self.renderer.ensure_base(model, self._locate(base))
         self.renderer.use_loras(loras)

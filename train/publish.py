@@ -19,6 +19,7 @@ from __future__ import annotations
 import mimetypes
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +33,7 @@ __all__ = [
     "check_s3",
     "check_targets",
     "content_type",
+    "full_fine_tune_target_problem",
     "list_files",
     "publish",
     "publish_hub",
@@ -70,6 +72,24 @@ _CONTENT_TYPES = {
 
 class PublishError(RuntimeError):
     """Publishing to one target failed; the message names the target, the cause and the fix."""
+
+
+# Cog hands a training's output to the platform as one file, read into memory and uploaded with a
+# 25-second timeout (coglet's orchestrator, ``upload_file``): a full fine-tune (SDXL's UNet ~5 GB,
+# FLUX.1-dev's transformer ~24 GB) cannot travel that way, so on the Cog train entry it goes to a
+# publish target and output.zip carries a pointer to it (train/published.py).
+def full_fine_tune_target_problem(spec: Any) -> str | None:
+    """Why ``spec`` cannot run on the Cog train entry as it is (a full fine-tune without a publish
+    target), or None. The local trainer CLI writes the model into its output folder instead."""
+    if spec.mode != "full" or spec.publish.hub_model_id or spec.publish.s3_bucket:
+        return None
+    return (
+        "mode: a full fine-tune needs a publish target: set hub_model_id (with hf_token) or s3_bucket "
+        "(with the s3_* inputs). Cog returns a training's output as one file uploaded from memory within "
+        "25 seconds, which a multi-GB model cannot make; output.zip then points to the published model "
+        "and the trained version loads it from there. (`python -m train` on your own machine writes the "
+        "model into its output folder.)"
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -435,13 +455,19 @@ def check_targets(
     return done
 
 
+@dataclass(frozen=True)
+class HubUpload:
+    url: str  # the repo's page
+    revision: str | None  # the commit that holds the upload (pins a published full fine-tune)
+
+
 def publish_hub(
     folder: Path, repo_id: str, *, private: bool = True, token: str | None = None, api: Any = None
-) -> str:
+) -> HubUpload:
     """Create (or reuse) the model repo ``repo_id`` and upload ``folder`` to it in one commit.
 
     The folder's README.md is the model card and goes up as is. ``private`` applies when the
-    repo is created; an existing repo keeps its visibility. Returns the repo URL."""
+    repo is created; an existing repo keeps its visibility. Returns the repo URL and the commit."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PublishError(f"Hub upload for {repo_id} failed: {folder} is not a folder")
@@ -451,7 +477,7 @@ def publish_hub(
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
         step = "upload"
-        api.upload_folder(
+        commit = api.upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,
             repo_type="model",
@@ -462,7 +488,7 @@ def publish_hub(
     except Exception as e:  # noqa: BLE001 - the boundary: every failure becomes a PublishError
         raise PublishError(redact(_hub_error_message(e, repo_id, step), [token])) from e
     url = str(repo_url) if repo_url else ""
-    return url or f"https://huggingface.co/{repo_id}"
+    return HubUpload(url or f"https://huggingface.co/{repo_id}", getattr(commit, "oid", None) or None)
 
 
 # ----------------------------------------------------------------------------- both
@@ -479,7 +505,7 @@ def publish(
 ) -> dict[str, list[str] | str]:
     """Run every target ``publish_spec`` (a :class:`train.spec.PublishSpec`) configures: the Hub, then S3.
 
-    Returns ``{"hub": repo_url, "s3": [urls]}`` with only the targets that ran. The first failure
+    Returns ``{"hub": repo_url, "hub_revision": commit, "s3": [urls]}`` with only the targets that ran. The first failure
     raises :class:`PublishError` (naming what was already published); nothing is skipped silently."""
     folder = Path(folder)
     results: dict[str, list[str] | str] = {}
@@ -490,13 +516,19 @@ def publish(
     def done_so_far() -> str:
         if not results:
             return ""
-        parts = [f"{k}: {v if isinstance(v, str) else f'{len(v)} files'}" for k, v in results.items()]
+        parts = [
+            f"{k}: {v if isinstance(v, str) else f'{len(v)} files'}"
+            for k, v in results.items()
+            if k != "hub_revision"
+        ]
         return f" (already published: {'; '.join(parts)})"
 
     if publish_spec.hub_model_id:
-        url = publish_hub(folder, publish_spec.hub_model_id, private=publish_spec.hub_private, token=hf_token)
-        results["hub"] = url
-        log(f"publish: {n_files} files to {url}")
+        up = publish_hub(folder, publish_spec.hub_model_id, private=publish_spec.hub_private, token=hf_token)
+        results["hub"] = up.url
+        if up.revision:
+            results["hub_revision"] = up.revision
+        log(f"publish: {n_files} files to {up.url}")
     if publish_spec.s3_bucket:
         try:
             urls = publish_s3(

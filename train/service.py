@@ -127,13 +127,17 @@ def run_trainer(
         _kill_group(proc)  # a cancel or any error here: leave nothing running
 
 
-def pack_outputs(out_dir: Path, archive: Path, include_checkpoints: bool) -> Path:
-    """A zip of the output folder (scratch never included; checkpoints only when asked for)."""
+def pack_outputs(
+    out_dir: Path, archive: Path, include_checkpoints: bool, leave_out: tuple[str, ...] = ()
+) -> Path:
+    """A zip of the output folder (scratch never included; checkpoints only when asked for; the
+    top-level folders in ``leave_out`` neither)."""
+    skip = {".work", *leave_out, *(() if include_checkpoints else ("checkpoints",))}
     files = sorted(p for p in out_dir.rglob("*") if p.is_file())
     with zipfile.ZipFile(archive, "w") as zf:
         for path in files:
             rel = path.relative_to(out_dir)
-            if rel.parts[0] == ".work" or (rel.parts[0] == "checkpoints" and not include_checkpoints):
+            if rel.parts[0] in skip:
                 continue
             kind = zipfile.ZIP_STORED if path.suffix.lower() in _STORED else zipfile.ZIP_DEFLATED
             zf.write(path, rel.as_posix(), compress_type=kind)
@@ -178,6 +182,11 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
         "s3_access_key_id": req.secrets.get("AWS_ACCESS_KEY_ID"),
         "s3_secret_access_key": req.secrets.get("AWS_SECRET_ACCESS_KEY"),
     }
+    from .publish import full_fine_tune_target_problem
+
+    problem = full_fine_tune_target_problem(spec)
+    if problem:
+        raise JobError(problem)
     check_publish_targets(spec, secrets_for_publish, log, redact)
     completed = False
     try:
@@ -188,8 +197,9 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     finally:
         if not completed and req.return_checkpoint:
             _deliver_checkpoint_elsewhere(spec, out_dir, secrets_for_publish, log)
-    publish_outputs(out_dir, spec, secrets_for_publish, log, redact)
-    archive = pack_outputs(out_dir, workdir / OUTPUT_ARCHIVE, req.return_checkpoint)
+    outcome = publish_outputs(out_dir, spec, secrets_for_publish, log, redact)
+    leave_out = _point_to_published_model(out_dir, spec, outcome, log)
+    archive = pack_outputs(out_dir, workdir / OUTPUT_ARCHIVE, req.return_checkpoint, leave_out)
     log(f"output: {archive.name}, {archive.stat().st_size / 2**20:.1f} MiB")
     return archive
 
@@ -249,6 +259,28 @@ def publish_outputs(
         doc["publish"] = outcome
         config.write_text(json.dumps(doc, indent=2) + "\n")
     return outcome
+
+
+def _point_to_published_model(
+    out_dir: Path, spec: TrainingSpec, outcome: dict[str, Any], log: Callable[[str], None]
+) -> tuple[str, ...]:
+    """A published full fine-tune: output.zip carries ``published_model.json`` instead of ``model/``
+    (returns the folders to leave out). When publishing failed the model stays in the archive: Cog's
+    upload may not carry it, but it is the only copy left."""
+    from .published import MODEL_DIR, describe, read_pointer, write_pointer
+
+    if spec.mode != "full" or not (out_dir / MODEL_DIR).is_dir():
+        return ()
+    pointer = write_pointer(out_dir, spec.publish, outcome.get("published") or {}) if outcome else None
+    if pointer is None:
+        size = sum(p.stat().st_size for p in (out_dir / MODEL_DIR).rglob("*") if p.is_file())
+        log(
+            f"publish: the fine-tuned model ({size / 2**30:.2f} GiB) was not published; it goes into "
+            f"output.zip, which Cog may fail to upload at this size"
+        )
+        return ()
+    log(f"output: model/ left out of output.zip; {pointer.name} points to {describe(read_pointer(pointer))}")
+    return (MODEL_DIR,)
 
 
 def _deliver_checkpoint_elsewhere(

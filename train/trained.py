@@ -9,7 +9,8 @@ the same image, with ``COG_WEIGHTS`` set to the URL of the training's output (ou
   ``owner/name/file.safetensors``, ``hf://...`` or a ``huggingface.co`` URL) or, only for
   COG_WEIGHTS (set by whoever runs the container), a local path;
 - its content: our output archive or folder (``config.json`` + the LoRA, or ``model/`` for a
-  full fine-tune), another trainer's archive holding one LoRA ``.safetensors``, or a bare
+  full fine-tune, or ``published_model.json`` pointing to where it was published), another
+  trainer's archive holding one LoRA ``.safetensors``, or a bare
   ``.safetensors`` LoRA (the family is then read from its tensor names).
 
 Everything lands in a cache folder keyed by the source, so the same source is fetched once
@@ -32,6 +33,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .http import safe_url
+from .published import POINTER_FILE, PublishedModelError, describe, read_pointer
 from .spec import MODEL_FAMILIES, family_of
 from .weights import WeightsError, download_url
 
@@ -58,6 +60,7 @@ class Trained:
     base_weights: str | None  # the base the training used (spec.base_weights); None for foreign LoRAs
     lora_file: Path | None  # diffusers/peft (or kohya) LoRA file
     model_dir: Path | None  # a full fine-tune's pipeline folder (replaces the base)
+    published: dict | None = None  # a full fine-tune published elsewhere, not fetched yet (its pointer)
     trigger_word: str = ""
     config: dict | None = None  # our config.json, when the source is our output
     kept_steps: tuple[int, ...] = ()  # the validation steps kept under steps/step-N/ (our output)
@@ -68,6 +71,8 @@ class Trained:
         return family_of(self.model) if self.model else None
 
     def describe(self) -> str:
+        if self.published:
+            return f"full fine-tune for {self.model} from {shown(self.source)}, published at {describe(self.published)}"
         what = "full fine-tune" if self.model_dir else "LoRA"
         steps = f" (step {self.chosen_step}; kept steps {_steps(self.kept_steps)})" if self.kept_steps else ""
         return f"{what} for {self.model or 'an unknown family'} from {shown(self.source)}{steps}"
@@ -229,10 +234,16 @@ def _read_our_output(config: dict, root: Path, source: str, field: str) -> Train
             f"{field}: {shown(source)} was trained for {model!r}, which this version "
             f"cannot render (it renders {', '.join(MODEL_FAMILIES)})"
         )
-    lora_file, model_dir = None, None
+    lora_file, model_dir, published = None, None, None
     if spec.get("mode") == "full":
         model_dir = root / "model"
-        if not (model_dir / "model_index.json").is_file():
+        if (root / POINTER_FILE).is_file() and not (model_dir / "model_index.json").is_file():
+            model_dir = None  # published elsewhere: fetched when first needed (train/published.py)
+            try:
+                published = read_pointer(root / POINTER_FILE)
+            except PublishedModelError as exc:
+                raise TrainedWeightsError(f"{field}: {shown(source)}: {exc}") from None
+        elif not (model_dir / "model_index.json").is_file():
             raise TrainedWeightsError(
                 f"{field}: {shown(source)} is a full fine-tune without model/model_index.json"
             )
@@ -246,6 +257,7 @@ def _read_our_output(config: dict, root: Path, source: str, field: str) -> Train
         base_weights=spec.get("base_weights"),
         lora_file=lora_file,
         model_dir=model_dir,
+        published=published,
         trigger_word=spec.get("trigger_word") or "",
         config=config,
         kept_steps=_kept_steps(root, config.get("chosen_step")) if lora_file else (),

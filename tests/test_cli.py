@@ -103,6 +103,17 @@ def test_missing_base_weights_say_what_to_provide(tiny_weights, tmp_path):
     assert "base_weights" in proc.stderr and "HF_TOKEN" in proc.stderr
 
 
+def test_a_base_of_another_model_exits_2_naming_both(tiny_weights, tmp_path):
+    args = ["--data", str(ROOT / "examples" / "sample-dataset"), "--out", str(tmp_path / "job")]
+    proc = _run(
+        [*args, "--set", 'model="flux-dev"', "--set", 'base_weights="tiny-sdxl"'], tiny_weights, tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "base_weights" in proc.stderr and "StableDiffusionXLPipeline" in proc.stderr
+    assert "FluxPipeline" in proc.stderr and "transformer/" in proc.stderr
+
+
 def test_a_set_item_without_a_value_exits_2_naming_it(tiny_weights, tmp_path):
     proc = _run(
         [

@@ -28,7 +28,9 @@ def family_class(model: str) -> type[Family]:
 
 
 def family_for(spec: TrainingSpec, base_dir: Path) -> Family:
-    return family_class(spec.model)(spec, base_dir)
+    family = family_class(spec.model)(spec, base_dir)
+    family.check_base()
+    return family
 
 
 __all__ = ["family_class", "family_for"]

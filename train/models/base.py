@@ -93,6 +93,23 @@ class Family(ABC):
         self.pipe: Any = None
         self.negative: dict[str, torch.Tensor] | None = None  # the negative prompt's cached text
 
+    def check_base(self) -> None:
+        """The base folder holds this family's denoiser: a base of another model (an SDXL folder for
+        flux-dev) fails here naming both, not deep inside loading with a missing config.json."""
+        if (self.base_dir / self.denoiser_name / "config.json").is_file():
+            return
+        from ..weights import WeightsError
+
+        try:
+            declared = json.loads((self.base_dir / "model_index.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            declared = None
+        raise WeightsError(
+            f"base_weights: {self.base_dir} is {f'a {declared}' if declared else 'a pipeline'} folder without "
+            f"{self.denoiser_name}/, and model {self.spec.model} trains a {self.pipeline_cls.__name__}'s "
+            f"{self.denoiser_name}; set model to the base's family or base_weights to a {self.spec.model} pipeline"
+        )
+
     # -- loading -------------------------------------------------------------------------------
     # Loading is staged so the peak is the larger phase, not the sum: the text encoders and the
     # VAE load first (``load_encoders``), the dataset is cached, the text encoders are dropped

@@ -81,12 +81,22 @@ class RenderRequest:
     step: int | None = None  # a kept validation step of the trained weights (None: the chosen one)
 
 
+RUN_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
 def _device_and_dtype():
+    """CUDA in bf16 when there is a GPU, else the CPU in fp32. ``ADVANCED_TRAINER_RUN_DTYPE``
+    (bf16, fp16, fp32) overrides the dtype: on a CPU, bf16 renders on the GPU's dtype path."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+    choice = (os.environ.get("ADVANCED_TRAINER_RUN_DTYPE") or "auto").strip().lower()
+    if choice not in RUN_DTYPES:
+        raise InputError(f"ADVANCED_TRAINER_RUN_DTYPE: {choice!r} is not one of {', '.join(RUN_DTYPES)}")
+    cuda = torch.cuda.is_available()
+    if choice == "auto":
+        choice = "bf16" if cuda else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+    return torch.device("cuda" if cuda else "cpu"), dtype
 
 
 class Renderer:
@@ -126,7 +136,8 @@ class Renderer:
         self.model, self.base_key = model, key
         self.loads["base"] += 1
         self.log(
-            f"render: loaded {model} from {folder} in {time.monotonic() - started:.1f}s on {self.device}"
+            f"render: loaded {model} from {folder} in {time.monotonic() - started:.1f}s on {self.device} "
+            f"in {str(self.dtype).removeprefix('torch.')}"
         )
 
     def _adapter(self, lora_file: Path, pin: bool) -> str:

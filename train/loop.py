@@ -118,8 +118,6 @@ def check_machine(spec: TrainingSpec, cuda: bool) -> None:
     problems = []
     if spec.optimizer == "adamw8bit" and not cuda:
         problems.append("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use adamw or prodigy on a CPU")
-    if spec.precision in ("bf16", "fp16") and not cuda:
-        problems.append(f"precision: {spec.precision} needs a GPU here; use auto or fp32 on a CPU")
     if spec.speed.fp8_base == "on" and cuda:
         why = fp8_supported(torch.device("cuda"))
         if why:
@@ -284,6 +282,11 @@ def open_run(spec: TrainingSpec, out_dir: Path) -> RunContext:
         out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.world > 1:
         log(f"data parallel: process {ctx.rank} of {ctx.world} on {ctx.device}")
+    if ctx.main and not cuda and mixed != "no":
+        log(
+            f"precision: {mixed} on a CPU: the GPU's dtype path (frozen weights in {mixed}, trained "
+            f"weights in fp32 under {mixed} autocast), slower than fp32 here"
+        )
     return ctx
 
 
@@ -320,6 +323,7 @@ def load_family(ctx: RunContext) -> Family:
         base = ctx.spec.base_weights
         assert base is not None, "the spec resolves base_weights' default"
         family = family_for(ctx.spec, resolve_base_weights(base))
+        family.check_base()
         family.load_encoders(ctx.weight_dtype)
         for name in family.frozen_names():
             getattr(family.pipe, name).to(ctx.device)

@@ -28,9 +28,7 @@ def family_class(model: str) -> type[Family]:
 
 
 def family_for(spec: TrainingSpec, base_dir: Path) -> Family:
-    family = family_class(spec.model)(spec, base_dir)
-    family.check_base()
-    return family
+    return family_class(spec.model)(spec, base_dir)
 
 
 __all__ = ["family_class", "family_for"]

@@ -3,9 +3,12 @@
 For each registered model (edit models on before/after pairs):
 
 - the Cog train entry on the real coglet server trains it as Replicate would (the entry runs
-  ``python -m train`` as its child: a non-zero exit fails the paid job) and delivers output.zip;
-  the trainer's closing summary names what it wrote; the loss falls;
-- the stock diffusers pipeline loads the LoRA with ``load_lora_weights`` and its image changes;
+  ``python -m train`` as its child: a non-zero exit fails the paid job), on a GPU's dtype path
+  (``precision: bf16``: the frozen weights in bf16, the LoRA in fp32 under bf16 autocast, bf16
+  validation renders) and delivers output.zip; the trainer's closing summary names what it wrote;
+  the loss falls;
+- the stock diffusers pipeline loads the LoRA with ``load_lora_weights`` and its image changes, in
+  fp32 and in bf16;
   where the family writes a kohya/ComfyUI copy, that file renders as the diffusers one;
 - the run entry (``train.inference``, what predict.py serves) renders with and without the LoRA as
   the stock pipeline does;
@@ -32,6 +35,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from conftest import SLOW_IN_BF16_ON_A_CPU
 from train.families import MODEL_IDS, model_info
 from train.models import family_class
 from train.progress import parse_progress_line
@@ -92,6 +96,8 @@ def _spec(base: Path, model: str) -> dict[str, Any]:
         "lora": {"rank": 4, "alpha": 8, "targets": TARGETS.get(model_info(model).family, "default")},
         "validation": {"num_inference_steps": 2},
         "export": {"kohya": "on"},  # every family's kohya/ComfyUI naming, FLUX.1's too (off by default)
+        # what every GPU run uses; on a CPU the same code path, slower (see SLOW_IN_BF16_ON_A_CPU)
+        "precision": "fp32" if model in SLOW_IN_BF16_ON_A_CPU else "bf16",
     }
     return spec
 
@@ -115,13 +121,17 @@ def _train_through_cog(train_server, upload_sink, spec: dict[str, Any], data: Pa
 
 
 def _stock(
-    model: str, base: Path, lora_dir: Path | None = None, weight_name: str | None = None
+    model: str,
+    base: Path,
+    lora_dir: Path | None = None,
+    weight_name: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """What a user gets from the model's stock diffusers pipeline (and ``load_lora_weights``)."""
     from diffusers import DiffusionPipeline
 
     info = model_info(model)
-    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype)
     assert type(pipe).__name__ == info.pipeline
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
@@ -195,14 +205,22 @@ def test_every_model_trains_through_the_cog_train_entry_and_its_lora_loads_where
     assert (out / "lora_kohya.safetensors").is_file() == bool(info.comfy_naming)
     assert (out / "config.json").is_file()
 
+    bf16 = model not in SLOW_IN_BF16_ON_A_CPU
+    assert ("precision: bf16 on a CPU: the GPU's dtype path" in log) == bf16
+    assert f"trainable parameters in float32 on a {'bfloat16' if bf16 else 'float32'} base" in log
     losses = _losses(log)
     assert len(losses) == STEPS
+    assert all(np.isfinite(losses)), f"{model}: a bf16 loss is not finite"
     tenth = STEPS // 5
     first, last = statistics.mean(losses[:tenth]), statistics.mean(losses[-tenth:])
     assert last < first, f"{model}: the loss did not fall (first fifth {first:.4f}, last fifth {last:.4f})"
 
     plain, with_lora = _stock(model, base), _stock(model, base, out)
     assert np.abs(with_lora - plain).max() > 2, f"{model}: the trained LoRA does not change the image"
+    if bf16:
+        plain16 = _stock(model, base, dtype=torch.bfloat16)
+        with_lora16 = _stock(model, base, out, dtype=torch.bfloat16)
+        assert np.abs(with_lora16 - plain16).max() > 2, f"{model}: in bf16 the LoRA does not change the image"
     if kohya is not None:
         with_kohya = _stock(model, base, out, "lora_kohya.safetensors")
         assert np.abs(with_kohya - with_lora).max() <= 1, f"{model}: the kohya copy renders differently"

@@ -66,7 +66,10 @@ def _final_trainable(result, mode, out):
     [
         ("lora", {"lora.dropout": 0.1}),  # dropout draws from the global RNG: it must be restored too
         ("full", {}),
+        # the GPU's dtype path: the whole denoiser trains in bf16 (AdamW on bf16 weights), resumed
+        ("full", {"precision": "bf16"}),
     ],
+    ids=["lora", "full", "full-bf16"],
 )
 def test_resume_matches_an_uninterrupted_run(tiny_weights, sample_dataset, tmp_path, mode, extra):
     spec = quick_spec(
@@ -102,6 +105,11 @@ def test_resume_matches_an_uninterrupted_run(tiny_weights, sample_dataset, tmp_p
     assert [s for s, _ in resumed.losses] == list(range(1, 7))
     assert resumed.losses[:3] == straight.losses[:3]
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["resumed_from_step"] == 3
+    if extra.get("precision") == "bf16":
+        assert {t.dtype for t in a.values()} == {torch.bfloat16}, "the bf16 fine-tune was not trained in bf16"
+        assert "precision: bf16 on a CPU" in buf.getvalue()
+        base = load_file(str(next((tiny_weights / "tiny-flux-dev" / "transformer").glob("*.safetensors"))))
+        assert max((a[k].float() - base[k].float()).abs().max().item() for k in a) > 0, "nothing trained"
 
 
 def test_resume_from_an_archive_handed_in_from_outside(tiny_weights, sample_dataset, tmp_path):

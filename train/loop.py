@@ -268,12 +268,24 @@ def split_holdout_images(
     return train, replace(dataset, images=[r for r in dataset.images if r.name in held], skipped=[])
 
 
+def _fresh_accelerator_state(mixed: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second precision in it, so a
+    second run in one process (the Python API, the tests) with another precision would fail at
+    start. The state is started afresh then; the process group (its PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def open_run(spec: TrainingSpec, out_dir: Path) -> RunContext:
     """Checks the machine, picks the precision and the attention backend, starts accelerate."""
     cuda = torch.cuda.is_available()
     check_machine(spec, cuda)
     mixed, weight_dtype = _precision(spec, cuda)
     attention_note = apply_attention_backend(spec.speed.attention, cuda)
+    _fresh_accelerator_state(mixed)
     accelerator = Accelerator(
         mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps, cpu=not cuda
     )
@@ -393,7 +405,7 @@ def build_trainer(ctx: RunContext, family: Family, cache: LatentCache, hooks: li
     for line in [ctx.attention_note, *lever_lines, *apply_compile(spec, model, cuda)]:
         log(line)
     model.train()
-    _log_trainable(spec, params)
+    _log_trainable(spec, params, model)
     optimizer = build_optimizer(spec, params, cuda)
     lr_scheduler = get_scheduler(
         spec.lr_scheduler,
@@ -429,12 +441,18 @@ def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int, cach
     return plan
 
 
-def _log_trainable(spec: TrainingSpec, params: list[torch.nn.Parameter]) -> None:
+def _log_trainable(spec: TrainingSpec, params: list[torch.nn.Parameter], model: torch.nn.Module) -> None:
+    """What trains, in which dtype, on a base in which dtype (the GPU path: fp32 LoRA on a bf16 base)."""
     n = sum(p.numel() for p in params)
+    dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
     if spec.mode == "lora":
-        log(f"lora: rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, {n / 1e6:.2f} M trainable parameters")
+        frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad}
+        log(
+            f"lora: rank {spec.lora.rank}, alpha {spec.lora.alpha:g}, {n / 1e6:.2f} M trainable parameters "
+            f"in {dtypes} on a {'/'.join(sorted(frozen))} base"
+        )
     else:
-        log(f"full fine-tune: {n / 1e6:.2f} M trainable parameters in {params[0].dtype}")
+        log(f"full fine-tune: {n / 1e6:.2f} M trainable parameters in {dtypes}")
 
 
 def resume(trainer: Trainer, ckpt: Checkpoint) -> None:

@@ -209,6 +209,8 @@ def test_machine_checks_fail_before_loading(tiny_weights, sample_dataset, tmp_pa
 
     with pytest.raises(TrainingError, match="adamw8bit.*CUDA"):
         train_quietly(quick_spec(tiny_weights, optimizer="adamw8bit"), sample_dataset, tmp_path / "a")
+    with pytest.raises(TrainingError, match="precision: fp16 needs a GPU.*use bf16"):
+        train_quietly(quick_spec(tiny_weights, "sdxl", precision="fp16"), sample_dataset, tmp_path / "c")
     with pytest.raises(TrainingError, match="lora.targets"):
         train_quietly(
             quick_spec(tiny_weights, **{"lora.targets": ["no_such_module"]}), sample_dataset, tmp_path / "b"

@@ -118,6 +118,12 @@ def check_machine(spec: TrainingSpec, cuda: bool) -> None:
     problems = []
     if spec.optimizer == "adamw8bit" and not cuda:
         problems.append("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use adamw or prodigy on a CPU")
+    if spec.precision == "fp16" and not cuda:
+        # accelerate runs fp16 with autocast and loss scaling on a GPU only: on a CPU it would be
+        # fp16 weights without either, a path no GPU run takes (bf16 is the GPU's path here)
+        problems.append(
+            "precision: fp16 needs a GPU (accelerate has no fp16 autocast on a CPU); use bf16 or fp32"
+        )
     if spec.speed.fp8_base == "on" and cuda:
         why = fp8_supported(torch.device("cuda"))
         if why:
@@ -294,10 +300,10 @@ def open_run(spec: TrainingSpec, out_dir: Path) -> RunContext:
         out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.world > 1:
         log(f"data parallel: process {ctx.rank} of {ctx.world} on {ctx.device}")
-    if ctx.main and not cuda and mixed != "no":
+    if ctx.main and not cuda and mixed == "bf16":
         log(
-            f"precision: {mixed} on a CPU: the GPU's dtype path (frozen weights in {mixed}, trained "
-            f"weights in fp32 under {mixed} autocast), slower than fp32 here"
+            "precision: bf16 on a CPU: the GPU's dtype path (frozen weights in bf16, a LoRA in fp32 under "
+            "bf16 autocast), slower than fp32 here"
         )
     return ctx
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -55,6 +55,8 @@ from .dataset_rules import (  # noqa: F401 - re-exported: the names other module
     PairRule,
 )
 from .inventory import Inventory, OverPixelCap, dataset_root, open_rgb, scan_folder, to_rgb  # noqa: F401
+
+T = TypeVar("T")
 
 _COPY_CHUNK = 1 << 20
 # tar.gz: the compressed bytes an entry used are measured from the file position, which runs
@@ -254,14 +256,41 @@ def extract_archive(
     Without it every regular file is extracted (weights and checkpoint archives).
     """
     kind = archive_kind(archive)
-    dest.mkdir(parents=True)
     budget = _Budget(limits.max_bytes)
+    if kind == "zip":
+        return _guarded(
+            dest, archive.name, kind, lambda: _extract_zip(archive, dest, limits, budget, dataset_only)
+        )
+    compressed_total = archive.stat().st_size if kind == "tar.gz" else None
+    with open(archive, "rb") as raw:
+        return _guarded(
+            dest,
+            archive.name,
+            kind,
+            lambda: _extract_tar(
+                raw, archive.name, dest, limits, budget, dataset_only, kind, compressed_total
+            ),
+        )
+
+
+def extract_tar_stream(raw: BinaryIO, name: str, dest: Path, limits: DataLimits, *, gz: bool) -> None:
+    """A ``.tar`` (``gz``: ``.tar.gz``) read from a stream that cannot seek, e.g. an archive still
+    arriving over the network (``train.fetch.RangeStream``), into ``dest`` (which must not exist yet):
+    every entry is checked as for a file before a byte of it is written (no escapes, links, special
+    files, or more bytes or entries than ``limits``); a refusal leaves nothing behind."""
+    kind = "tar.gz" if gz else "tar"
+    budget = _Budget(limits.max_bytes)
+    _guarded(dest, name, kind, lambda: _extract_tar(raw, name, dest, limits, budget, False, kind, None))
+
+
+def _guarded(dest: Path, name: str, kind: str, extract: Callable[[], T]) -> T:
+    """``extract()`` into the new folder ``dest``; on any failure nothing half-extracted stays behind,
+    and an archive that cannot be read is a DatasetError naming it."""
+    dest.mkdir(parents=True)
     try:
-        if kind == "zip":
-            return _extract_zip(archive, dest, limits, budget, dataset_only)
-        return _extract_tar(archive, dest, limits, budget, dataset_only, gz=kind == "tar.gz")
+        return extract()
     except UnsafeArchiveError:
-        shutil.rmtree(dest, ignore_errors=True)  # nothing half-extracted stays behind
+        shutil.rmtree(dest, ignore_errors=True)
         raise
     # NotImplementedError: a compression method Python cannot read (Deflate64 from Windows Explorer,
     # AES); ValueError: e.g. a name flagged UTF-8 that is not. Both are unusable uploads, not crashes.
@@ -275,7 +304,7 @@ def extract_archive(
         ValueError,
     ) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise DatasetError(f"{archive.name}: the {kind} archive cannot be unpacked ({exc})") from None
+        raise DatasetError(f"{name}: the {kind} archive cannot be unpacked ({exc})") from None
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -337,22 +366,26 @@ def _extract_zip(
 
 
 def _extract_tar(
-    archive: Path, dest: Path, limits: DataLimits, budget: _Budget, dataset_only: bool, gz: bool
+    raw: BinaryIO,
+    name: str,
+    dest: Path,
+    limits: DataLimits,
+    budget: _Budget,
+    dataset_only: bool,
+    kind: str,
+    compressed_total: int | None,
 ) -> list[tuple[str, str]]:
     skipped: list[tuple[str, str]] = []
     count = 0
-    # The gzip layer is opened here, not by tarfile, so the compressed file's position can be read:
-    # it is what an entry's compression ratio is measured against while it streams.
-    compressed_total = archive.stat().st_size if gz else None
-    with (
-        open(archive, "rb") as raw,
-        _gunzip(raw, gz) as stream,
-        tarfile.open(fileobj=stream, mode="r:") as tf,
-    ):
+    gz = kind == "tar.gz"
+    # The gzip layer is opened here, not by tarfile, so the compressed stream's position can be read:
+    # it is what an entry's compression ratio is measured against while it streams. "r|": the
+    # archive is read once, front to back (a stream from the network cannot seek).
+    with _gunzip(raw, gz) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
         for member in tf:  # streaming: a tar.gz is checked as it decompresses
             count += 1
             if count > limits.max_files:
-                raise UnsafeArchiveError(f"{archive.name}: more entries than the limit of {limits.max_files}")
+                raise UnsafeArchiveError(f"{name}: more entries than the limit of {limits.max_files}")
             rel = _safe_member_path(member.name)
             if member.issym() or member.islnk():
                 raise UnsafeArchiveError(f"archive entry {member.name!r}: links are not allowed")

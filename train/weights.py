@@ -40,8 +40,10 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlsplit
 
 from .http import DownloadError, RetryPolicy, download, safe_url
@@ -442,7 +444,7 @@ def _source_scheme(source: str) -> str:
 
 
 def _archive_file(source: str, scheme: str, tmp: Path) -> Path:
-    """The archive on this machine: downloaded into ``tmp`` for a URL, else the local file itself."""
+    """The archive on this machine: fetched into ``tmp`` for a URL, else the local file itself."""
     if scheme in ("http", "https"):
         archive = tmp / "archive"
         download_url(source, archive)
@@ -451,6 +453,83 @@ def _archive_file(source: str, scheme: str, tmp: Path) -> Path:
     if not archive.is_file():
         raise WeightsError(f"cannot fetch weights from {_describe_source(source)}: no such file")
     return archive
+
+
+def _url_kind(url: str) -> str | None:
+    """``tar`` / ``tar.gz`` / ``zip`` from the URL's path (a tar can then be unpacked as it arrives)."""
+    name = PurePosixPath(urlsplit(url).path).name.lower()
+    for suffix, kind in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar", "tar"), (".zip", "zip")):
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def _expected_sha256(url: str) -> str | None:
+    """A ``#sha256=<hex>`` fragment on the URL (pip's convention): the archive must hash to it."""
+    fragment = urlsplit(url).fragment
+    match = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", fragment)
+    return match.group(1).lower() if match else None
+
+
+def _fetch_and_unpack(source: str, scheme: str, tmp: Path, shown: str) -> Path:
+    """The archive's contents in ``tmp/unpacked``. A ``.tar`` / ``.tar.gz`` URL whose server serves
+    ranges is unpacked while it arrives (train/fetch.py: parallel parts, read in order; one copy on
+    disk); any other URL is fetched in parallel parts, then unpacked; a path is unpacked."""
+    from .fetch import RangeStream, connections_from_env, fetch_file, probe
+
+    unpacked = tmp / "unpacked"
+    if scheme not in ("http", "https"):
+        return _unpack(_archive_file(source, scheme, tmp), unpacked, shown)
+    started, sha256, kind = time.monotonic(), _expected_sha256(source), _url_kind(source)
+    url = source.split("#", 1)[0]
+    try:
+        remote = probe(url, retry=DOWNLOAD_RETRY)
+        n = connections_from_env()
+        if remote.ranges and remote.size is not None and kind in ("tar", "tar.gz"):
+            _disk_check(remote.size, tmp, shown)
+            print(
+                f"weights: fetching and unpacking {shown} ({_gb(remote.size)}) over {n} connections",
+                flush=True,
+            )
+            with RangeStream(url, remote, connections=n, retry=DOWNLOAD_RETRY) as stream:
+                _unpack_stream(stream, unpacked, shown, kind)
+                stream.drain()
+                if sha256 and stream.hasher.hexdigest() != sha256:
+                    shutil.rmtree(unpacked, ignore_errors=True)
+                    raise DownloadError(url, f"the sha256 does not match the expected {sha256[:16]}…")
+        else:
+            archive = tmp / "archive"
+            report = _DownloadReport(shown, archive)
+            fetch_file(url, archive, connections=n, sha256=sha256, progress=report, retry=DOWNLOAD_RETRY)
+            _unpack(archive, unpacked, shown)
+            archive.unlink()
+    except DownloadError as exc:
+        raise WeightsError(f"cannot download weights from {exc.url}: {exc.detail}") from None
+    took = time.monotonic() - started
+    size = sum(p.stat().st_size for p in unpacked.rglob("*") if p.is_file())
+    print(
+        f"weights: {shown} fetched and unpacked in {took:.1f} s ({_gb(size)}, {size / 1e6 / max(took, 1e-6):.0f} MB/s)",
+        flush=True,
+    )
+    return unpacked
+
+
+def _disk_check(size: int, folder: Path, shown: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise WeightsError(f"cannot download weights from {shown}: it is {_gb(size)}, only {_gb(free)} free")
+
+
+def _unpack_stream(stream: Any, into: Path, shown: str, kind: str) -> None:
+    from train.data import DataLimits, DatasetError, UnsafeArchiveError, extract_tar_stream
+
+    limits = DataLimits(max_files=500_000, max_bytes=4 << 40)
+    try:
+        extract_tar_stream(stream, shown, into, limits, gz=kind == "tar.gz")
+    except DatasetError as exc:
+        raise WeightsError(f"cannot use weights from {shown}: {exc}") from None
+    except UnsafeArchiveError as exc:
+        raise WeightsError(f"cannot use weights from {shown}: unsafe archive refused: {exc}") from None
 
 
 def _unpack(archive: Path, into: Path, shown: str) -> Path:
@@ -519,10 +598,7 @@ def _fetch(source: str, weights_dir: Path) -> tuple[list[str], list[str]]:
     scheme = _source_scheme(source)
     tmp = Path(tempfile.mkdtemp(prefix=_FETCH_PREFIX, dir=weights_dir))
     try:
-        archive = _archive_file(source, scheme, tmp)
-        unpacked = _unpack(archive, tmp / "unpacked", shown)
-        if archive.parent == tmp:
-            archive.unlink()  # free the space before moving things around
+        unpacked = _fetch_and_unpack(source, scheme, tmp, shown)
         pipelines = _find_pipelines(unpacked, source)
         if not pipelines:
             raise WeightsError(

@@ -196,3 +196,21 @@ def test_end_to_end_bench_reports_every_phase(tmp_path):
     assert abs(t["total"] - sum(v for k, v in t.items() if k not in ("total", "first_step"))) < 0.05
     assert r["steps"] == 2 and r["s_per_step"] > 0
     assert report(r) in proc.stdout
+
+
+def test_fetch_bench_prints_its_figures():
+    """``python -m bench.fetch`` at a tiny size: every case runs and the table is printed (the figures
+    themselves are measured at 2 GiB; docs/benchmarks.md)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fetch", "--size-gib", "0.02", "--rate-mb", "20", "--single-seconds", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["single", "parallel", "stream"]
+    assert rows[1]["bytes"] > 0.02 * 2**30 and rows[2]["bytes"] >= 0.02 * 2**30 - 4096
+    assert "x single" in proc.stdout and "peak disk / unpacked size" in proc.stdout

@@ -105,14 +105,14 @@ def test_a_base_archive_is_unpacked_while_it_arrives_and_its_hash_checked(tiny_w
         W_PART = 32 << 10
         import train.fetch as F
 
-        F_PART, F.PART_BYTES = F.PART_BYTES, W_PART  # several parts even for a tiny pipeline
+        F_PART, F.STREAM_PART_BYTES = F.STREAM_PART_BYTES, W_PART  # several parts even for a tiny pipeline
         try:
             with pytest.raises(WeightsError, match="sha256 does not match"):
                 fetch_weights_archive(f"{server.url}/{name}#sha256={'1' * 64}", tmp_path / "bad")
             assert not list((tmp_path / "bad").glob("tiny-sdxl"))
             names = fetch_weights_archive(f"{server.url}/{name}#sha256={digest}", tmp_path / "weights")
         finally:
-            F.PART_BYTES = F_PART
+            F.STREAM_PART_BYTES = F_PART
         asked = _ranged(server)
     assert names == ["tiny-sdxl"]
     installed = tmp_path / "weights" / "tiny-sdxl"

@@ -40,7 +40,8 @@ from .http import (
     download,
 )
 
-PART_BYTES = 16 << 20
+PART_BYTES = 16 << 20  # parts written in place (fetch_file)
+STREAM_PART_BYTES = 4 << 20  # parts held in memory until read (RangeStream): the window's unit
 DEFAULT_CONNECTIONS = 16
 _READ = 1 << 20
 
@@ -217,8 +218,8 @@ def _sha256(path: Path) -> str:
 
 class RangeStream:
     """The bytes of ``url`` in order, as a read-only file object, fetched ahead in parts over
-    ``connections`` requests. At most ``window`` parts are fetched and not yet read, so memory
-    stays at about ``window * part_bytes`` whatever the size. ``close()`` stops the fetching."""
+    ``connections`` requests. At most ``window`` parts (default twice the connections, 4 MiB each)
+    are fetched and not yet read, so memory stays at about ``window * part_bytes`` whatever the size. ``close()`` stops the fetching."""
 
     def __init__(
         self,
@@ -236,13 +237,13 @@ class RangeStream:
         self.client = _client(connections, timeout)
         self.parts = [
             _Part(self.client, url, remote, s, e, retry)
-            for s, e in _parts(remote.size, part_bytes or PART_BYTES)
+            for s, e in _parts(remote.size, part_bytes or STREAM_PART_BYTES)
         ]
         self.ready: dict[int, bytearray] = {}
         self.failed: BaseException | None = None
         self.next_part, self.buffer, self.pos = 0, memoryview(b""), 0
         self.cond = threading.Condition()
-        self.slots = threading.Semaphore(window or connections + 4)
+        self.slots = threading.Semaphore(window or 2 * connections)
         self.closed = False
         self.peak_parts = 0
         self.hasher = hashlib.sha256()  # of every byte read: the archive's hash, checked at the end

@@ -202,7 +202,17 @@ def test_fetch_bench_prints_its_figures():
     """``python -m bench.fetch`` at a tiny size: every case runs and the table is printed (the figures
     themselves are measured at 2 GiB; docs/benchmarks.md)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.fetch", "--size-gib", "0.02", "--rate-mb", "20", "--single-seconds", "1"],
+        [
+            sys.executable,
+            "-m",
+            "bench.fetch",
+            "--size-gib",
+            "0.02",
+            "--rate-mb",
+            "20",
+            "--single-seconds",
+            "1",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

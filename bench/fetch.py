@@ -121,7 +121,7 @@ def _archive(folder: Path, size: int) -> tuple[Path, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.fetch", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.fetch", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--rate-mb", type=float, default=50.0, help="per-connection cap, MB/s")
     ap.add_argument("--connections", type=int, default=16)

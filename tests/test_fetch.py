@@ -130,3 +130,80 @@ def test_a_hostile_tar_streamed_in_is_refused_before_a_byte_lands_outside(tmp_pa
     assert "evil.tar" in str(e.value)
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not [p for p in (tmp_path / "w" / "weights").rglob("*") if p.is_file()]  # nothing half-unpacked
+
+
+def test_one_archive_per_base_by_template_or_mapping(tiny_weights, tmp_path, monkeypatch):
+    """ADVANCED_TRAINER_BASE_WEIGHTS names one archive per base: the trainer fetches the base its
+    spec names when it first needs it (a template with {name}, or a JSON mapping)."""
+    import json
+
+    from train.weights import BASE_WEIGHTS_ENV, per_base_source, resolve_base_weights
+
+    with tarfile.open(tmp_path / "tiny-sdxl.tar", "w") as tf:
+        tf.add(tiny_weights / "tiny-sdxl", arcname="tiny-sdxl")
+    with RangeServer({"bases/tiny-sdxl.tar": tmp_path / "tiny-sdxl.tar"}) as server:
+        template = f"{server.url}/bases/{{name}}.tar"
+        assert per_base_source(template, "stabilityai/tiny-sdxl") == f"{server.url}/bases/tiny-sdxl.tar"
+        assert per_base_source(json.dumps({"tiny-sdxl": "https://x/a.tar"}), "tiny-sdxl") == "https://x/a.tar"
+        assert per_base_source(json.dumps({"tiny-sdxl": "https://x/a.tar"}), "other") is None
+        assert per_base_source("https://x/all-bases.tar", "tiny-sdxl") is None  # one archive of every base
+        monkeypatch.setenv(BASE_WEIGHTS_ENV, template)
+        folder = resolve_base_weights("tiny-sdxl", tmp_path / "weights")
+        with pytest.raises(WeightsError, match="404"):
+            resolve_base_weights("tiny-flux-dev", tmp_path / "weights")
+    assert folder == tmp_path / "weights" / "tiny-sdxl" and (folder / "model_index.json").is_file()
+
+
+def test_a_run_server_boots_from_its_base_s_own_archive_and_logs_its_setup(
+    tiny_weights, tmp_path, tmp_path_factory, jobs_dir
+):
+    """What a destination version does on a cold boot with a per-base archive URL and no token:
+    setup fetches the base its training used, unpacking it as it arrives, and renders."""
+    import base64
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from conftest import cog_server_fixture
+
+    with tarfile.open(tmp_path / "tiny-sdxl.tar", "w") as tf:
+        tf.add(tiny_weights / "tiny-sdxl", arcname="tiny-sdxl")
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    with RangeServer({"bases/tiny-sdxl.tar": tmp_path / "tiny-sdxl.tar"}) as server:
+        gen = cog_server_fixture(
+            "run",
+            tmp_path_factory,
+            tiny_weights,
+            jobs_dir,
+            ADVANCED_TRAINER_WEIGHTS=str(empty),
+            ADVANCED_TRAINER_BASE_WEIGHTS=f"{server.url}/bases/{{name}}.tar",
+            ADVANCED_TRAINER_RUN_MODEL="sdxl",
+            ADVANCED_TRAINER_RUN_BASE="tiny-sdxl",
+        )
+        cog = next(gen)
+        try:
+            inputs = {"prompt": "a red circle", "aspect_ratio": "custom", "width": 64, "height": 64}
+            inputs |= {"num_inference_steps": 2, "seed": 3, "output_format": "png"}
+            body = cog.post("/predictions", {"input": inputs}).json()
+            log = cog.log_path.read_text()
+        finally:
+            gen.close()
+    assert body["status"] == "succeeded", body.get("error")
+    assert "fetched and unpacked" in log and "setup: " in log and "base weights" in log and "load" in log
+    ours = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(body["output"][0].split(",", 1)[1]))).convert("RGB")
+    )
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_weights / "tiny-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(3),
+    ).images[0]  # pyright: ignore[reportIndexIssue]
+    assert np.abs(ours.astype(int) - np.asarray(stock.convert("RGB")).astype(int)).max() <= 2

@@ -22,7 +22,8 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -259,15 +260,35 @@ class InferenceSession:
         self.sources: dict[str, Trained] = {}
         self.bases: dict[str, Path] = {}
         self.trained: Trained | None = None
+        self.phases: dict[str, float] = {}  # setup's phases, seconds: in the log, for cold-boot figures
+        started = time.monotonic()
+        try:
+            self._setup(weights)
+        finally:
+            total = time.monotonic() - started
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+            log(f"setup: {total:.1f} s" + (f" ({parts})" if parts else ""))
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - started
+
+    def _setup(self, weights: str | None) -> None:
+        log = self.log
         if weights:
             try:
-                self.trained = fetch_trained(
-                    str(weights),
-                    self.cache_dir,
-                    field="COG_WEIGHTS",
-                    allow_local=True,
-                    default_model=self.default_model,
-                )
+                with self._phase("trained weights"):
+                    self.trained = fetch_trained(
+                        str(weights),
+                        self.cache_dir,
+                        field="COG_WEIGHTS",
+                        allow_local=True,
+                        default_model=self.default_model,
+                    )
             except TrainedWeightsError as exc:
                 raise TrainedWeightsError(
                     f"{exc} (COG_WEIGHTS must be a training's output: the URL or path of "
@@ -279,7 +300,8 @@ class InferenceSession:
             )
             if self.trained.published:
                 try:
-                    self.trained = self._fetched(self.trained, None)
+                    with self._phase("published model"):
+                        self.trained = self._fetched(self.trained, None)
                 except NeedsHubToken as exc:  # a private repo: the first prediction with hf_token fetches it
                     log(f"setup: {exc}; the first prediction that has it fetches the model")
                     return
@@ -288,16 +310,22 @@ class InferenceSession:
                         f"COG_WEIGHTS: cannot fetch the published model: {exc}"
                     ) from None
             model, base = self._base_for(self.trained)
-            self.renderer.ensure_base(model, self._locate(base))  # a missing base fails setup, naming it
-            if self.trained.lora_file:
-                self.renderer.use_loras([(self.trained.lora_file, 1.0, True)])
+            with self._phase("base weights"):
+                folder = self._locate(base)  # a missing base fails setup, naming it
+            with self._phase("load"):
+                self.renderer.ensure_base(model, folder)
+                if self.trained.lora_file:
+                    self.renderer.use_loras([(self.trained.lora_file, 1.0, True)])
         else:
             log(
                 f"setup: no trained weights (the trainer's own version): renders {self.default_model} "
                 f"({self.default_base}) or the LoRA passed as lora_weights"
             )
             try:
-                self.renderer.ensure_base(self.default_model, self._locate(self.default_base))
+                with self._phase("base weights"):
+                    folder = self._locate(self.default_base)
+                with self._phase("load"):
+                    self.renderer.ensure_base(self.default_model, folder)
             except InputError as exc:  # it may still render another family's lora_weights
                 log(f"setup: warning: the default base is not available yet: {exc}")
 

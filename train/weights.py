@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .http import DownloadError, RetryPolicy, download, safe_url
 
@@ -85,6 +85,15 @@ def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
             raise WeightsError(
                 f"base_weights: {folder} has no model_index.json; it must be a diffusers pipeline folder"
             )
+    archive = per_base_source(os.environ.get(BASE_WEIGHTS_ENV), ref)
+    if archive is not None:  # one archive per base: this one's, fetched now (the train entry's jobs)
+        fetch_weights_archive(archive, weights_dir)
+        if (weights_dir / ref.split("/")[-1]).is_dir() and _is_pipeline(weights_dir / ref.split("/")[-1]):
+            return weights_dir / ref.split("/")[-1]
+        raise WeightsError(
+            f"base_weights: {_describe_source(archive)} ({BASE_WEIGHTS_ENV}) holds no folder named "
+            f"{ref.split('/')[-1]!r}"
+        )
     if not _HUB_ID.match(ref):
         raise WeightsError(
             f"base_weights: {ref!r} is neither a diffusers pipeline folder "
@@ -637,6 +646,7 @@ class WeightsStatus:
     origins: dict[str, str] = field(default_factory=dict)  # name or Hub id -> cache | tarball | hub
     warnings: list[str] = field(default_factory=list)
     manifest: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (fetches)
 
     def path(self, ref: str) -> Path:
         """The folder for ``ref`` (a folder name or a Hub id whose last part is a folder name)."""
@@ -688,11 +698,59 @@ def _how_to_provide(folders: list[Path]) -> str:
     )
 
 
+def per_base_source(source: str | None, ref: str) -> str | None:
+    """The archive that holds the base ``ref`` (a folder name or a Hub id) when ``source``
+    (ADVANCED_TRAINER_BASE_WEIGHTS) names one archive per base: a URL or path template with
+    ``{name}`` (the base's folder name: ``FLUX.1-dev`` for ``black-forest-labs/FLUX.1-dev``), or a
+    JSON object mapping folder names or Hub ids to archives. None for a single archive of every base,
+    or a base the mapping does not name."""
+    if not source:
+        return None
+    name = ref.rstrip("/").split("/")[-1]
+    text = source.strip()
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except ValueError as exc:
+            raise WeightsError(f"{BASE_WEIGHTS_ENV}: not a JSON object of base -> archive ({exc})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise WeightsError(f"{BASE_WEIGHTS_ENV}: a mapping must be a JSON object of base -> archive URL")
+        return mapping.get(ref) or mapping.get(name)
+    if "{name}" in text:
+        return text.replace("{name}", quote(name))
+    return None
+
+
+def _one_archive_per_base(source: str | None) -> bool:
+    return bool(source) and (source.strip().startswith("{") or "{name}" in source)
+
+
+def _fetch_per_base(
+    source: str, weights_dir: Path, required: list[str] | None, scan: _Scan, status: WeightsStatus
+) -> tuple[_Scan, set[str]]:
+    """Each wanted base that is not in the cache, from its own archive (``per_base_source``); a base
+    without one is left to the cache, the Hub, or the error that names it."""
+    fetched: set[str] = set()
+    for ref in required or []:
+        name = ref.split("/")[-1]
+        archive = per_base_source(source, ref)
+        if scan.usable(name) or archive is None:
+            continue
+        started = time.monotonic()
+        installed, _ = _fetch(archive, weights_dir)
+        status.timings[f"fetch {name}"] = round(time.monotonic() - started, 2)
+        fetched |= set(installed)
+        scan = _scan(weights_dir)
+    return scan, fetched
+
+
 def _fetch_source(
     source: str, weights_dir: Path, required: list[str] | None, scan: _Scan, status: WeightsStatus
 ) -> tuple[_Scan, set[str]]:
     """Fetch the archive ``source`` unless every wanted model is already usable; returns the new scan and
     the names it installed."""
+    if _one_archive_per_base(source):
+        return _fetch_per_base(source, weights_dir, required, scan, status)
     names = [r.split("/")[-1] for r in _wanted(required, scan)]
     if names and all(scan.usable(n) for n in names):
         # it would only skip folders that exist: do not download gigabytes for nothing
@@ -701,7 +759,9 @@ def _fetch_source(
             f"{', '.join(names)} already in {_show(weights_dir)}"
         )
         return scan, set()
+    started = time.monotonic()
     installed, _ = _fetch(source, weights_dir)
+    status.timings["fetch"] = round(time.monotonic() - started, 2)
     return _scan(weights_dir), set(installed)
 
 
@@ -842,6 +902,11 @@ def prepare_weights(
         ]
     if failures:
         raise WeightsError("; ".join(failures) + ". " + _how_to_provide(folders))
+    if not status.models and _one_archive_per_base(source):
+        status.warnings.append(
+            f"no base weights cached yet: each base is fetched when first needed from {BASE_WEIGHTS_ENV}"
+        )
+        return status
     if not status.models:
         what = (
             "no manifest.json and no diffusers pipeline folder"
@@ -857,7 +922,9 @@ def prepare_weights_from_env(
 ) -> WeightsStatus:
     """``prepare_weights`` as the container's environment says (both Cog entries' setup()).
 
-    ADVANCED_TRAINER_BASE_WEIGHTS: an archive (URL or path) of pipeline folders to fetch first;
+    ADVANCED_TRAINER_BASE_WEIGHTS: an archive (URL or path) of pipeline folders to fetch first, or
+    one archive per base (a ``{name}`` template or a JSON mapping: ``per_base_source``), each fetched
+    when a required base is missing;
     ADVANCED_TRAINER_REQUIRED_WEIGHTS: comma-separated folder names or Hub ids that must be usable
     (``required`` adds to them); ADVANCED_TRAINER_ALLOW_HUB=1: missing ones may come from the Hub
     (HF_TOKEN for gated repos).

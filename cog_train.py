@@ -14,6 +14,7 @@ without running it.
 from __future__ import annotations
 
 import os
+import time
 
 from cog import BaseRunner, Input, Path, Secret
 
@@ -42,15 +43,19 @@ class Trainer(BaseRunner):
         from train.service import JobFolders, detect_gpus, processes_for
         from train.weights import prepare_weights_from_env
 
+        started = time.monotonic()
         self.gpus = detect_gpus()
         self.processes = processes_for(self.gpus)
         self.weights = prepare_weights_from_env()
         self.jobs = JobFolders()
         names = ", ".join(g["name"] for g in self.gpus) or "none (CPU)"
+        fetched = "".join(f", {k} {v:.1f} s" for k, v in self.weights.timings.items())
         print(
             f"setup: GPUs: {names}; processes per job: {self.processes}; base weights: "
-            f"{', '.join(self.weights.models) or 'none cached'}"
+            f"{', '.join(self.weights.models) or 'none cached'}; {time.monotonic() - started:.1f} s{fetched}"
         )
+        for warning in self.weights.warnings:
+            print(f"setup: note: {warning}")
         if os.environ.get("COG_WEIGHTS"):
             print(
                 "setup: note: COG_WEIGHTS is set (this is a trained version); a training here starts from the "

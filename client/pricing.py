@@ -246,6 +246,10 @@ def estimate(
         step = one * work_units(spec) * sync_factor(spec.mode, hw.card, gpus)
         startup = STARTUP_S + n_images * len(spec.resolutions) * PER_IMAGE_CACHE_S
         source, error = "table", TABLE_ERROR
+        notes.append(
+            f"start-up ~{startup / 60:.0f} min is a guess (boot, base weights, caching, export); finished "
+            f"jobs calibrate it (their config.json timings)"
+        )
     notes += memory_notes(spec, hw)
     seconds = startup + step * steps
     return Estimate(

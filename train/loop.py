@@ -337,10 +337,12 @@ def load_family(ctx: RunContext) -> Family:
     """The family's text encoders and VAE in the base dtype, on the device; the denoiser loads
     after caching (``load_denoiser``), so the two are never on the device together."""
     ctx.announce("load")
+    base = ctx.spec.base_weights
+    assert base is not None, "the spec resolves base_weights' default"
+    with ctx.phase("base_weights"):  # the cache, or a fetch (a per-base archive, the Hub): cold boots
+        folder = resolve_base_weights(base)
     with ctx.phase("load"):
-        base = ctx.spec.base_weights
-        assert base is not None, "the spec resolves base_weights' default"
-        family = family_for(ctx.spec, resolve_base_weights(base))
+        family = family_for(ctx.spec, folder)
         family.check_base()
         family.load_encoders(ctx.weight_dtype)
         for name in family.frozen_names():

@@ -207,3 +207,11 @@ def test_a_run_server_boots_from_its_base_s_own_archive_and_logs_its_setup(
         generator=torch.Generator().manual_seed(3),
     ).images[0]  # pyright: ignore[reportIndexIssue]
     assert np.abs(ours.astype(int) - np.asarray(stock.convert("RGB")).astype(int)).max() <= 2
+
+
+def test_an_empty_file_is_fetched_too(tmp_path):
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with RangeServer({"empty.bin": empty}) as server:
+        out = fetch_file(f"{server.url}/empty.bin", tmp_path / "out.bin")
+    assert out.read_bytes() == b""

@@ -67,6 +67,8 @@ def probe(url: str, timeout: float = 60.0, retry: RetryPolicy = DEFAULT_RETRY) -
     def ask() -> Remote:
         headers = {"User-Agent": USER_AGENT, "Range": "bytes=0-0"}
         with httpx.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
+            if r.status_code == 416:  # no first byte: an empty file (one plain stream fetches it)
+                return Remote(None, False, None)
             if r.status_code not in (200, 206):
                 raise _status_error(url, r)
             validator = r.headers.get("etag") or r.headers.get("last-modified")
@@ -160,7 +162,7 @@ def fetch_file(
     if expected_size is not None and remote.size is not None and remote.size != expected_size:
         raise DownloadError(url, f"the server has {remote.size} bytes, {expected_size} were expected")
     part = dest.with_name(dest.name + ".part")
-    if not remote.ranges or remote.size is None:
+    if not remote.ranges or not remote.size:
         download(url, part, progress=progress, timeout=timeout, retry=retry)  # resumable, one stream
     else:
         _fetch_ranges(

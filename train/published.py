@@ -142,7 +142,7 @@ def fetch_published(doc: dict[str, Any], cache_dir: Path, *, hf_token: str | Non
         (slot / _DONE).write_text("ok\n")
         return folder
     shutil.rmtree(slot, ignore_errors=True)
-    cls = NeedsHubToken if needs_token and len(reasons) == 1 else PublishedModelError
+    cls = NeedsHubToken if needs_token else PublishedModelError  # a token may still open the Hub copy
     raise cls("; ".join(reasons))
 
 

@@ -187,6 +187,11 @@ def run_job(req: JobRequest, workdir: Path, log: Callable[[str], None] = print) 
     problem = full_fine_tune_target_problem(spec)
     if problem:
         raise JobError(problem)
+    if spec.mode == "full" and not spec.publish.hub_model_id and not spec.publish.s3_public_base_url:
+        log(
+            "publish: note: the fine-tuned model goes to a bucket without s3_public_base_url; a trained "
+            "version reads it only with S3 credentials in its own environment (not on Replicate)"
+        )
     check_publish_targets(spec, secrets_for_publish, log, redact)
     completed = False
     try:

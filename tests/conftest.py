@@ -75,6 +75,20 @@ def quick_spec(tiny_weights: Path, model: str = "flux-dev", **fields):
     return parse_spec(raw, **fields)
 
 
+def stock_sdxl(folder: Path, prompt: str = "sks, a red circle"):
+    """The stock SDXL pipeline's render from ``folder`` at 64 px (2 steps, guidance 5, seed 3), as
+    8-bit RGB ints: what the run entry's renders of the same request are compared with."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(3)
+    out = pipe(prompt, num_inference_steps=2, height=64, width=64, guidance_scale=5.0, generator=generator)
+    return np.asarray(out.images[0].convert("RGB")).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
+
+
 def train_quietly(spec, data: Path, out: Path):
     """Run a training job with its progress lines captured; returns (result, log text)."""
     from train.loop import run_training

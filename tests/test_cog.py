@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from cogserver import CogServer, FileServer, Receiver, data_uri, wait_until
-from conftest import ROOT, cog_server_fixture, tiny_spec
+from conftest import ROOT, cog_server_fixture, stock_sdxl, tiny_spec
 
 SECRET = "hf_TOPSECRETtoken1234567890"
 S3_SECRET = "s3SECRETkey0987654321zyxw"
@@ -473,22 +473,6 @@ def test_s3_publishing_puts_the_outputs_under_the_prefix(train_server, sample_zi
     assert body["status"] == "failed" and "access to bucket" in body["error"] and "denied" in body["error"]
 
 
-def _stock_sdxl_from(folder: Path) -> np.ndarray:
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        PROMPT,
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(3),
-    )
-    return np.asarray(out.images[0].convert("RGB")).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
-
-
 def test_a_full_fine_tune_travels_through_s3_and_the_destination_loads_it_from_there(
     train_server, run_servers, sample_zip, s3, upload_sink, cog_weights, tmp_path
 ):
@@ -545,6 +529,6 @@ def test_a_full_fine_tune_travels_through_s3_and_the_destination_loads_it_from_t
         )
     finally:
         gateway.close()
-    ours, stock = _image(render["output"][0]), _stock_sdxl_from(published)
+    ours, stock = _image(render["output"][0]), stock_sdxl(published, PROMPT)
     assert np.abs(ours - stock).max() <= TOLERANCE, "the destination does not render the published model"
     assert np.abs(stock - _stock("sdxl", cog_weights)).max() > 10, "the fine-tune does not change the image"

@@ -162,11 +162,9 @@ def test_a_run_server_boots_from_its_base_s_own_archive_and_logs_its_setup(
     import base64
 
     import numpy as np
-    import torch
-    from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
-    from conftest import cog_server_fixture
+    from conftest import cog_server_fixture, stock_sdxl
 
     with tarfile.open(tmp_path / "tiny-sdxl.tar", "w") as tf:
         tf.add(tiny_weights / "tiny-sdxl", arcname="tiny-sdxl")
@@ -196,17 +194,8 @@ def test_a_run_server_boots_from_its_base_s_own_archive_and_logs_its_setup(
     ours = np.asarray(
         Image.open(io.BytesIO(base64.b64decode(body["output"][0].split(",", 1)[1]))).convert("RGB")
     )
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_weights / "tiny-sdxl")
-    pipe.set_progress_bar_config(disable=True)
-    stock = pipe(
-        "a red circle",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(3),
-    ).images[0]  # pyright: ignore[reportIndexIssue]
-    assert np.abs(ours.astype(int) - np.asarray(stock.convert("RGB")).astype(int)).max() <= 2
+    stock = stock_sdxl(tiny_weights / "tiny-sdxl", "a red circle")
+    assert np.abs(ours.astype(int) - stock).max() <= 2
 
 
 def test_an_empty_file_is_fetched_too(tmp_path):

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from conftest import cog_server_fixture, tiny_spec
+from conftest import cog_server_fixture, stock_sdxl, tiny_spec
 
 WRITE, READ, OTHER = "hf_alice_write_token_0123456789", "hf_bob_read_token_0123456789", "hf_carol_0123456789"
 
@@ -168,8 +168,6 @@ def test_a_full_fine_tune_in_a_private_repo_renders_once_a_prediction_brings_hf_
     import base64
 
     import numpy as np
-    import torch
-    from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
     body = _full_sdxl(hub_train_server, sample_zip, "alice/full-sdxl")
@@ -210,17 +208,7 @@ def test_a_full_fine_tune_in_a_private_repo_renders_once_a_prediction_brings_hf_
         gen.close()
     png = base64.b64decode(rendered["output"][0].split(",", 1)[1])
     ours = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    pipe = StableDiffusionXLPipeline.from_pretrained(published)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        "sks, a red circle",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(3),
-    )
-    stock = np.asarray(out.images[0].convert("RGB")).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
+    stock = stock_sdxl(published)
     assert np.abs(ours - stock).max() <= 2, "the destination does not render the published model"
 
     # a public repo is fetched at setup, anonymously

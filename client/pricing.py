@@ -152,8 +152,12 @@ def single_gpu_step_s(spec, card: str) -> tuple[float, str | None]:
 
 
 def work_units(spec) -> float:
-    """A step's work relative to the table's (1024 px, batch 1, one micro-batch, LoRA)."""
+    """A step's work relative to the table's (1024 px, batch 1, one micro-batch, LoRA; a video
+    model's default frames per sample)."""
     units = (max(spec.resolutions) / 1024) ** 2 * spec.batch_size * spec.gradient_accumulation_steps
+    info = model_info(spec.model)
+    if info.video and spec.video.frames:  # tokens scale with the latent frames of the longest sample
+        units *= info.latent_frames(max(spec.video.frames)) / info.latent_frames()
     return units * (FULL_FINETUNE_FACTOR if spec.mode == "full" else 1.0)
 
 
@@ -213,7 +217,10 @@ def memory_notes(spec, hw: Sku) -> list[str]:
     """What the memory policy's plan for this model on this card asks of the spec (docs/memory.md)."""
     if hw.card not in CARD_GIB:
         return []
-    plan = str(card_plan(spec.model, CARD_GIB[hw.card], max(spec.resolutions), spec.batch_size)["plan"])
+    frames = max(spec.video.frames) if spec.video.frames else None
+    plan = str(
+        card_plan(spec.model, CARD_GIB[hw.card], max(spec.resolutions), spec.batch_size, frames)["plan"]
+    )
     if plan.startswith("does not fit"):
         return [f"{spec.model} on {hw.name}: {plan}; choose a larger card"]
     if plan.startswith("fp8_base") and spec.speed.fp8_base != "on":

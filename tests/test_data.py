@@ -909,7 +909,7 @@ def test_files_that_are_not_images_or_captions_are_never_extracted(tmp_path):
     ds = stage(archive, tmp_path)
     assert [(r.name, r.caption) for r in ds.images] == [("a.png", "a cat")]
     assert dict(ds.skipped) == {
-        "video.mp4": "not an image or a caption file",
+        "video.mp4": "a video clip, and this model trains on still images (the video models: docs/video.md)",
         "notes.md": "not an image or a caption file",
     }  # junk is silent
     on_disk = {f for _, _, files in os.walk(tmp_path / "job") for f in files}

@@ -10,20 +10,27 @@ its own aspect bucket at the item's resolution (as the edit pipelines resize the
 a fixed area at its own aspect ratio), kept as ``Family.encode_controls`` returns them. Where the
 text encoder reads the control images (Qwen-Image-Edit), every item keeps its own caption and
 empty-caption embeddings, and every validation prompt is encoded with each validation control.
+
+Video models (docs/video.md): a clip's sample is its frames (``clips.pick_frames``), each resized and
+cropped into the clip's bucket like an image, encoded together as (3, F, H, W); an image is a
+one-frame sample. Items of a batch share resolution, bucket and frame count. ``random`` sampling
+caches ``windows`` windows per clip, drawn from the seed, and each epoch trains the next one.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import clips as cliplib
 from .buckets import Placement, bucket_key, place, resize_and_crop
-from .data import ImageRecord, StagedDataset, load_rgb
+from .data import DatasetError, ImageRecord, StagedDataset, load_rgb
+from .dataset_rules import VideoRule
 from .models.base import Batch, BatchRandom, Family
 
 
@@ -31,7 +38,7 @@ from .models.base import Batch, BatchRandom, Family
 class CachedItem:
     name: str
     placement: Placement
-    mean: torch.Tensor  # (C, h, w) fp32, CPU
+    mean: torch.Tensor  # (C, h, w) fp32, CPU; a video model's: (C, f, h, w)
     std: torch.Tensor
     caption: int  # index into LatentCache.texts
     device_time_ids: torch.Tensor | None = None  # set when the cache moves to the accelerator
@@ -39,12 +46,15 @@ class CachedItem:
     # the item's own caption / empty-caption embeddings, where the text encoder reads the controls
     text: dict[str, torch.Tensor] | None = None
     empty: dict[str, torch.Tensor] | None = None
+    frames: int = 0  # a video model's sample: its frame count (1 for an image); 0 for an image model
+    window: int = 0  # which of its clip's ``windows`` cached windows this is (random sampling)
+    windows: int = 1
 
     @property
     def shape_key(self) -> tuple:
-        """What must be equal across a batch: resolution, bucket and the control latents' shapes."""
+        """What must be equal across a batch: resolution, bucket, frames and the control latents' shapes."""
         p = self.placement
-        return (p.resolution, p.bucket, tuple(tuple(c.shape) for c in self.controls))
+        return (p.resolution, p.bucket, self.frames, tuple(tuple(c.shape) for c in self.controls))
 
     @property
     def time_ids(self) -> torch.Tensor:
@@ -95,7 +105,10 @@ class LatentCache:
     def bucket_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for it in self.items:
-            key = f"{it.placement.resolution}px {bucket_key(it.placement.bucket)}"
+            if it.window:
+                continue  # a clip's other cached windows: one sample
+            frames = f" x {it.frames} frames" if it.frames else ""
+            key = f"{it.placement.resolution}px {bucket_key(it.placement.bucket)}{frames}"
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items()))
 
@@ -122,6 +135,9 @@ def build_cache(
     max_pixels: int,
     on_item: Callable[[int, int], None] | None = None,
     validation_controls: list[ControlSet] | None = None,
+    *,
+    video: VideoRule | None = None,
+    seed: int = 0,
 ) -> LatentCache:
     multiple = family.pixel_multiple()
     controls = validation_controls or []
@@ -137,13 +153,31 @@ def build_cache(
     texts, empty = encoded[: len(captions)], (encoded[len(captions)] if encoded else {})
     validation = _validation_texts(family, validation_prompts, controls, encoded[len(captions) + 1 :], device)
 
-    plan = [(rec, p) for rec in dataset.images for p in place(rec.width, rec.height, resolutions, multiple)]
+    plan = [
+        (rec, p, w)
+        for rec in dataset.images
+        for p in place(rec.width, rec.height, resolutions, multiple)
+        for w in range(_windows(rec, video))
+    ]
     items: list[CachedItem] = []
-    for i, (rec, p) in enumerate(plan):
+    for i, (rec, p, w) in enumerate(plan):
         assert p.bucket[0] % multiple == 0 and p.bucket[1] % multiple == 0, (p.bucket, multiple)
-        img = resize_and_crop(load_rgb(rec.path, max_pixels), p)
-        mean, std = family.encode_images(_to_tensor(img)[None].to(device))
-        item = CachedItem(rec.name, p, mean[0].cpu(), std[0].cpu(), index[rec.caption])
+        if rec.frames:  # a video model's sample: (1, 3, F, H, W)
+            frames = _sample_frames(rec, video, seed, w, max_pixels)
+            pixels = torch.stack([_to_tensor(resize_and_crop(f, p)) for f in frames], dim=1)[None]
+        else:
+            pixels = _to_tensor(resize_and_crop(load_rgb(rec.path, max_pixels), p))[None]
+        mean, std = family.encode_images(pixels.to(device))
+        item = CachedItem(
+            rec.name,
+            p,
+            mean[0].cpu(),
+            std[0].cpu(),
+            index[rec.caption],
+            frames=rec.frames,
+            window=w,
+            windows=_windows(rec, video),
+        )
         if rec.controls:
             _cache_controls(family, item, rec, multiple, max_pixels, device)
         items.append(item)
@@ -152,6 +186,27 @@ def build_cache(
     return LatentCache(
         items, texts, captions, empty, validation, [c for c in controls for _ in validation_prompts]
     )
+
+
+def _windows(rec: ImageRecord, video: VideoRule | None) -> int:
+    """Cached windows of a record: ``video.windows`` for a clip under random sampling, else one."""
+    return video.windows if video is not None and rec.clip is not None else 1
+
+
+def _sample_frames(
+    rec: ImageRecord, video: VideoRule | None, seed: int, window: int, max_pixels: int
+) -> Sequence:
+    """The frames of one sample of ``rec`` (PIL, as shown): an image's one frame, or a clip's as
+    ``video.sampling`` draws them (window ``window`` of a random draw, from the seed and the name)."""
+    if rec.clip is None:
+        return [load_rgb(rec.path, max_pixels)]
+    assert video is not None, "a clip is staged for a video model only"
+    draw = random.Random(f"{seed}:{rec.name}:{window}")
+    indices = cliplib.pick_frames(rec.clip, rec.frames, video.fps, video.sampling, draw)
+    try:
+        return cliplib.decode_frames(rec.path, rec.clip, indices, max_pixels)
+    except cliplib.ClipError as exc:
+        raise DatasetError(f"clip {rec.name!r}: {exc}") from None
 
 
 def _validation_texts(
@@ -210,7 +265,8 @@ class BatchSampler:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(self.cache.items):
-            groups.setdefault(it.shape_key, []).append(i)
+            if it.window == epoch % it.windows:  # a clip's cached windows take turns, one an epoch
+                groups.setdefault(it.shape_key, []).append(i)
         batches = []
         for key in sorted(groups):
             idx = groups[key]

@@ -39,12 +39,13 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
+from . import clips as cliplib
 from . import dataset_rules as rules
 from . import inventory
 from .dataset_rules import (  # noqa: F401 - re-exported: the names other modules import from here
@@ -53,6 +54,7 @@ from .dataset_rules import (  # noqa: F401 - re-exported: the names other module
     MIN_IMAGE_SIDE,
     UNSUPPORTED_IMAGE_EXTENSIONS,
     PairRule,
+    VideoRule,
 )
 from .inventory import Inventory, OverPixelCap, dataset_root, open_rgb, scan_folder, to_rgb  # noqa: F401
 
@@ -78,6 +80,8 @@ class DataLimits:
     max_files: int = rules.DEFAULT_MAX_FILES
     max_bytes: int = rules.DEFAULT_MAX_BYTES
     max_image_pixels: int = rules.DEFAULT_MAX_IMAGE_PIXELS
+    max_clip_frames: int = rules.DEFAULT_MAX_CLIP_FRAMES  # a clip listing more is refused (unsafe)
+    clips: bool = True  # extract video clips (an image model's staging sets False: named, left out)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,9 @@ class ImageRecord:
     width: int  # after EXIF rotation
     height: int
     controls: tuple[ControlRecord, ...] = ()  # in reference order; () for a plain image
+    # video models: the frames a sample of it takes (1 for an image); 0 for an image model's image
+    frames: int = 0
+    clip: cliplib.ClipInfo | None = None  # a video clip's timing and size (None for an image)
 
 
 @dataclass
@@ -124,6 +131,9 @@ class StagedDataset:
                 "caption": r.caption,
                 "caption_source": r.caption_source,
             }
+            if r.clip is not None:
+                entry["frames"] = r.frames
+                entry["clip"] = r.clip.describe()
             if paired:
                 entry["controls"] = [c.name for c in r.controls]
             images.append(entry)
@@ -242,6 +252,8 @@ def _screen(
         raise UnsafeArchiveError(f"archive entry {name!r}: {why}")
     if kind == rules.JUNK:
         return ""
+    if kind == rules.CLIP and not limits.clips:
+        return rules.clip_for_image_model_reason("")
     return reason if kind == rules.OTHER else None
 
 
@@ -468,23 +480,26 @@ def stage_dataset(
     default_caption: str = "",
     trigger_position: str = "prepend",
     pairs: PairRule = PairRule(),
+    video: VideoRule | None = None,
 ) -> StagedDataset:
     """Stage ``source`` (an archive or a folder) for training and describe what was found.
 
     Archives are extracted under ``job_dir/dataset`` (images and caption files only); folders
     are read in place. ``pairs``: what the model takes (``dataset_rules.PairRule``); the default,
     a text-to-image model, stages a set without pairs exactly as before and refuses one with pairs.
+    ``video``: what a video model takes from a clip (``dataset_rules.VideoRule``); None, an image
+    model, skips clips naming why.
     """
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"dataset {str(source)!r} does not exist")
-    captions = _CaptionRules(trigger_word, default_caption, trigger_position, pairs)
+    captions = _CaptionRules(trigger_word, default_caption, trigger_position, pairs, video)
     if source.is_dir():
         return _stage_folder(source, limits, captions)
     folder = Path(job_dir) / "dataset"
     if folder.exists():
         shutil.rmtree(folder)
-    left_out = extract_archive(source, folder, limits, dataset_only=True)
+    left_out = extract_archive(source, folder, replace(limits, clips=video is not None), dataset_only=True)
     try:
         return _stage_folder(folder, limits, captions, left_out)
     except BaseException:
@@ -500,6 +515,7 @@ class _CaptionRules:
     default_caption: str
     trigger_position: str
     pairs: PairRule = PairRule()
+    video: VideoRule | None = None
 
 
 def _stage_folder(
@@ -548,6 +564,22 @@ def _image_records(
         if name in is_control:
             continue
         path = paths[name]
+        if rules.is_clip(name):
+            rule = captions.video
+            if rule is None:
+                skipped.append((name, rules.clip_for_image_model_reason("")))
+                continue
+            clip, frames, why = _usable_clip(path, rule, limits)
+            if clip is None:
+                skipped.append((name, why))
+                continue
+            caption, origin = inv.caption(name, captions.default_caption, tables)
+            caption = add_trigger_word(caption, captions.trigger_word, captions.trigger_position)
+            records.append(
+                ImageRecord(path, name, caption, origin, clip.width, clip.height, frames=frames, clip=clip)
+            )
+            digest.add(name, path, caption)
+            continue
         img, why = _usable(path, limits)
         if img is None:
             skipped.append((name, why))
@@ -561,7 +593,8 @@ def _image_records(
                 continue
         caption, origin = inv.caption(name, captions.default_caption, tables)
         caption = add_trigger_word(caption, captions.trigger_word, captions.trigger_position)
-        records.append(ImageRecord(path, name, caption, origin, img.width, img.height, controls))
+        frames = 0 if captions.video is None else 1  # a video model's image: a one-frame sample
+        records.append(ImageRecord(path, name, caption, origin, img.width, img.height, controls, frames))
         digest.add(name, path, caption)
         for c in controls:
             digest.add_control(c.name, c.path)
@@ -579,6 +612,41 @@ def _usable(path: Path, limits: DataLimits) -> tuple[Image.Image | None, str]:
     if min(img.size) < MIN_IMAGE_SIDE:
         return None, f"too small ({img.width}x{img.height}; at least {MIN_IMAGE_SIDE} px a side)"
     return img, ""
+
+
+def _usable_clip(path: Path, rule: VideoRule, limits: DataLimits) -> tuple[cliplib.ClipInfo | None, int, str]:
+    """(the clip, the frames a sample of it takes, "") or (None, 0, why it cannot be used): probed
+    (``UnsafeArchiveError`` for what ``clips.probe`` refuses), its length checked, and the frames of
+    its first sample decoded, so a clip that breaks there is named now rather than while caching."""
+    try:
+        clip = cliplib.probe(path, limits.max_image_pixels, limits.max_clip_frames)
+    except cliplib.ClipRefused as exc:
+        raise UnsafeArchiveError(str(exc)) from None
+    except cliplib.ClipError as exc:
+        return None, 0, str(exc)
+    if min(clip.width, clip.height) < MIN_IMAGE_SIDE:
+        return None, 0, f"too small ({clip.width}x{clip.height}; at least {MIN_IMAGE_SIDE} px a side)"
+    if clip.duration > rule.max_seconds:
+        return (
+            None,
+            0,
+            (
+                f"{clip.duration:.1f} s long, over the limit of {rule.max_seconds:g} s (dataset.max_clip_seconds)"
+            ),
+        )
+    frames = cliplib.longest_count(clip, rule.frames, rule.fps, rule.sampling)
+    if frames is None:
+        return None, 0, cliplib.too_short_reason(clip, rule.frames, rule.fps, rule.sampling)
+    first = "start" if rule.sampling == "random" else rule.sampling
+    try:
+        cliplib.decode_frames(
+            path, clip, cliplib.pick_frames(clip, frames, rule.fps, first), limits.max_image_pixels
+        )
+    except cliplib.ClipRefused as exc:
+        raise UnsafeArchiveError(str(exc)) from None
+    except cliplib.ClipError as exc:
+        return None, 0, str(exc)
+    return clip, frames, ""
 
 
 def _pair_controls(
@@ -639,7 +707,9 @@ def _loose_controls(
 
 def dataset_report_lines(ds: StagedDataset, buckets: dict[str, int] | None = None) -> list[str]:
     """Human lines for the log: images used, skipped files with reasons, buckets and counts."""
-    lines = [f"dataset: {len(ds.images)} images used, {len(ds.skipped)} files skipped"]
+    clips = sum(1 for r in ds.images if r.clip is not None)
+    used = f"{len(ds.images) - clips} images and {clips} clips" if clips else f"{len(ds.images)} images"
+    lines = [f"dataset: {used} used, {len(ds.skipped)} files skipped"]
     if ds.paired:
         pairs = [r for r in ds.images if r.controls]
         lines.append(

@@ -46,6 +46,8 @@ UNSUPPORTED_IMAGE_EXTENSIONS = {
     ".ico",
     ".exr",
 }
+# Video clips (video models; docs/video.md): decoded with PyAV by ``train/clips.py``.
+CLIP_EXTENSIONS = {".mp4", ".mov", ".webm", ".mkv"}
 CAPTION_EXTENSION = ".txt"  # a same-stem caption: a.jpg + a.txt
 CAPTION_FILES = {"metadata.jsonl", "captions.csv"}  # caption tables, read by these exact names
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
@@ -55,6 +57,10 @@ MIN_IMAGE_SIDE = 16
 DEFAULT_MAX_FILES = 20_000
 DEFAULT_MAX_BYTES = 8 * 2**30
 DEFAULT_MAX_IMAGE_PIXELS = 80_000_000
+# Clips: a clip over this many seconds is skipped (named); one listing more frames is refused as
+# unsafe before any is decoded (an hour at 24 fps is 86 400 frames).
+DEFAULT_MAX_CLIP_SECONDS = 600.0
+DEFAULT_MAX_CLIP_FRAMES = 50_000
 
 # A caption is a sentence or a paragraph; text encoders read at most 512 tokens. 1 MiB is a
 # thousand times more than any real caption and small enough to read into memory.
@@ -70,7 +76,7 @@ MAX_COMPRESSION_RATIO = 200
 RATIO_FLOOR_BYTES = 1 * 2**20
 
 # what ``classify`` returns
-IMAGE, CAPTION, TABLE, JUNK, OTHER = "image", "caption", "table", "junk", "other"
+IMAGE, CLIP, CAPTION, TABLE, JUNK, OTHER = "image", "clip", "caption", "table", "junk", "other"
 CAPTION_SOURCES = ("txt", "metadata.jsonl", "captions.csv")  # highest precedence first; else "default"
 
 
@@ -100,7 +106,7 @@ def is_junk(rel: PurePosixPath) -> bool:
 
 
 def classify(rel: PurePosixPath) -> tuple[str, str]:
-    """(kind, reason) for a file at ``rel``: kind is IMAGE, CAPTION, TABLE, JUNK or OTHER.
+    """(kind, reason) for a file at ``rel``: kind is IMAGE, CLIP, CAPTION, TABLE, JUNK or OTHER.
 
     The reason says why a JUNK or OTHER file is left out (empty for the kinds that are used).
     """
@@ -109,6 +115,8 @@ def classify(rel: PurePosixPath) -> tuple[str, str]:
     ext = rel.suffix.lower()
     if ext in IMAGE_EXTENSIONS:
         return IMAGE, ""
+    if ext in CLIP_EXTENSIONS:
+        return CLIP, ""
     if ext == CAPTION_EXTENSION:
         return CAPTION, ""
     if rel.name in CAPTION_FILES:
@@ -118,6 +126,11 @@ def classify(rel: PurePosixPath) -> tuple[str, str]:
     if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
         return OTHER, f"unsupported image format {ext} (use JPEG, PNG, WebP, BMP or TIFF)"
     return OTHER, "not an image or a caption file"
+
+
+def is_clip(name: str) -> bool:
+    """The dataset entry ``name`` is a video clip (by its extension, any case)."""
+    return PurePosixPath(name).suffix.lower() in CLIP_EXTENSIONS
 
 
 def image_key(rel: PurePosixPath) -> str:
@@ -457,6 +470,26 @@ def missing_control_reason(missing: Sequence[str]) -> str:
     return (
         f"pair skipped: metadata.jsonl names control image {', '.join(missing)}, which is not in the dataset"
     )
+
+
+@dataclass(frozen=True)
+class VideoRule:
+    """What a video model takes from a clip (docs/video.md): ``frames``, the frame counts a sample may
+    have (frame-count buckets: a clip takes the most it can fill), drawn at ``fps`` by ``sampling``
+    (``train/clips.py`` says how each draws). Clips longer than ``max_seconds`` are skipped; an image
+    is a one-frame sample. ``None`` in its place: an image model, which skips clips."""
+
+    model: str
+    frames: tuple[int, ...]
+    fps: float
+    sampling: str = "start"
+    windows: int = 1  # "random": windows cached per clip (each epoch trains the next)
+    max_seconds: float = DEFAULT_MAX_CLIP_SECONDS
+
+
+def clip_for_image_model_reason(model: str) -> str:
+    who = f"model {model!r}" if model else "this model"
+    return f"a video clip, and {who} trains on still images (the video models: docs/video.md)"
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ one function that turns any image into 8-bit RGB.
 not entered); ``scan_archive`` reads an archive's listing (names and sizes; only caption tables are
 read, nothing is extracted). Both build an ``Inventory``:
 
-- every file by role (``dataset_rules.classify``): images (of two with the same name but for the
-  extension, the first is used and the other named), same-stem ``.txt`` captions, caption tables
+- every file by role (``dataset_rules.classify``): images and video clips, both in ``images`` (of
+  two with the same name but for the extension, the first is used and the other named), same-stem ``.txt`` captions, caption tables
   (parsed; rows that cannot be read are listed), junk (kept apart: the packer names it, the
   staging ignores it), links, and other files with the reason they are left out;
 - the before/after pairs (``dataset_rules.find_pairs``), the controls they leave out, and control
@@ -233,7 +233,7 @@ def _sort_file(
     if too_big:
         inv.oversize.append((file.name, too_big))
     key = rules.image_key(rel)
-    if kind == rules.IMAGE:
+    if kind in (rules.IMAGE, rules.CLIP):  # a clip is a moving image: the same keys, captions, pairs
         if key in inv.images:
             used = PurePosixPath(inv.images[key].name).name
             inv.skipped.append((file.name, f"another image has the same name ({used}) and was used"))

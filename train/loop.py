@@ -41,6 +41,7 @@ from .checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
+from .clips import frame_strip, write_clip
 from .data import (
     DataLimits,
     StagedDataset,
@@ -322,14 +323,15 @@ def stage(ctx: RunContext, data: Path) -> StagedDataset:
     spec = ctx.spec
     ctx.announce("stage")
     with ctx.phase("stage"):
-        limits = DataLimits(spec.dataset.max_files, spec.dataset.max_bytes, spec.dataset.max_image_pixels)
-        args = (limits, spec.trigger_word, spec.dataset.default_caption, spec.dataset.trigger_word_position)
-        pairs = pair_rule(spec)
-        dataset = stage_dataset(data, ctx.work, *args, pairs=pairs) if ctx.main else None
+        d = spec.dataset
+        limits = DataLimits(d.max_files, d.max_bytes, d.max_image_pixels, d.max_clip_frames)
+        args = (limits, spec.trigger_word, d.default_caption, d.trigger_word_position)
+        rules = {"pairs": pair_rule(spec), "video": spec.video_rule()}
+        dataset = stage_dataset(data, ctx.work, *args, **rules) if ctx.main else None
         ctx.accelerator.wait_for_everyone()
         if dataset is None:
             folder = data if data.is_dir() else ctx.work / "dataset"
-            dataset = stage_dataset(folder, ctx.work, *args, pairs=pairs)
+            dataset = stage_dataset(folder, ctx.work, *args, **rules)
     return dataset
 
 
@@ -374,12 +376,13 @@ def cache_dataset(
     with ctx.phase("cache"):
         on_item = (lambda i, n: progress.emit(progress.format_progress("cache", i, n))) if ctx.main else None
         args = (spec.resolutions, prompts, device, spec.dataset.max_image_pixels)
+        kw = {"video": spec.video_rule(), "seed": spec.seed}
         try:
             controls = validation_control_sets(spec, dataset, held)
         except ValidationControlError as exc:
             raise TrainingError(str(exc)) from None
-        cache = build_cache(family, dataset, *args, on_item, controls)
-        holdout = build_cache(family, held, *args) if held is not None else None
+        cache = build_cache(family, dataset, *args, on_item, controls, **kw)
+        holdout = build_cache(family, held, *args, **kw) if held is not None else None
         family.release_text_encoders()  # not needed again: every prompt is cached
         family.pipe.vae.to("cpu")  # back only for validation renders
         gc.collect()
@@ -442,6 +445,7 @@ def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int, cach
         batch_size=spec.batch_size,
         text_tokens=getattr(spec.model_options, "max_sequence_length", None),
         controls=max((len(it.controls) for it in cache.items), default=0),  # each as long as the target
+        frames=max((it.frames for it in cache.items), default=0) or None,  # a video model's longest sample
     )
     log(plan.reason)
     if plan.gradient_checkpointing:
@@ -543,6 +547,10 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
                 if controls:  # an edit: control(s) | result
                     img = side_by_side([*controls, img])
                 path = out / f"step-{step:06d}-{k}.png"
+                if isinstance(img, list):  # a video model's frames: the .mp4, and a strip of them
+                    assert ctx.spec.video.fps is not None, "the spec resolves video.fps for a video model"
+                    write_clip(path.with_suffix(".mp4"), img, ctx.spec.video.fps)
+                    img = frame_strip(img)
                 save_sample(img, path)
                 paths.append(path)
         finally:

@@ -56,12 +56,17 @@ class MemoryPlan:
 
 
 def tokens_per_sample(
-    model: str, resolution: int, text_tokens: int | None = None, controls: int | None = None
+    model: str,
+    resolution: int,
+    text_tokens: int | None = None,
+    controls: int | None = None,
+    frames: int | None = None,
 ) -> int:
     """Sequence tokens (a transformer: image + text) or latent pixels (a UNet) of one sample at
     ``resolution``²; ``text_tokens`` defaults to the model's prompt length, ``controls`` (control
-    or reference images in the sequence) to one for an edit model and none for the others."""
-    return model_info(model).tokens_per_sample(resolution, text_tokens, controls)
+    or reference images in the sequence) to one for an edit model and none for the others, a video
+    model's ``frames`` to its default."""
+    return model_info(model).tokens_per_sample(resolution, text_tokens, controls, frames)
 
 
 def estimate_peak_bytes(
@@ -74,10 +79,11 @@ def estimate_peak_bytes(
     text_tokens: int | None = None,
     checkpointing: bool | float = False,
     controls: int | None = None,
+    frames: int | None = None,
 ) -> int:
     """``checkpointing``: False, True, or the fraction of blocks checkpointed (selective)."""
     per_token = model_info(model).activation_bytes
-    acts = per_token * tokens_per_sample(model, resolution, text_tokens, controls) * batch_size
+    acts = per_token * tokens_per_sample(model, resolution, text_tokens, controls, frames) * batch_size
     fraction = float(checkpointing)
     acts *= 1 - fraction * (1 - CHECKPOINTED_FRACTION)
     return int(weight_bytes + trainable_params * OPTIMIZER_BYTES[optimizer] + acts)
@@ -95,9 +101,10 @@ def choose_memory_plan(
     batch_size: int,
     text_tokens: int | None = None,
     controls: int | None = None,
+    frames: int | None = None,
 ) -> MemoryPlan:
     """Decide the savings. ``free_bytes`` None means a CPU run; ``controls``: control / reference
-    images per sample (see ``tokens_per_sample``)."""
+    images per sample, ``frames`` a video model's frames per sample (see ``tokens_per_sample``)."""
     if policy == "gradient_checkpointing":
         return MemoryPlan(
             True, None, "memory policy gradient_checkpointing (from the spec): checkpointing on"
@@ -110,7 +117,7 @@ def choose_memory_plan(
 
     def peak(checkpointing: float = 0.0) -> int:
         args = (model, weight_bytes, trainable_params, optimizer, resolution, batch_size, text_tokens)
-        return estimate_peak_bytes(*args, checkpointing=checkpointing, controls=controls)
+        return estimate_peak_bytes(*args, checkpointing=checkpointing, controls=controls, frames=frames)
 
     need = peak()
     if need <= HEADROOM * free_bytes:
@@ -170,13 +177,17 @@ def enable_checkpointing(model, fraction: float) -> str:
 CARDS_GIB = {"L40S 48 GB": 48, "A100 80 GB": 80, "H100 80 GB": 80}  # the cards Replicate rents
 
 
-def card_plan(model: str, card_gib: float, resolution: int = 1024, batch_size: int = 1) -> dict[str, object]:
-    """What a rank-16 LoRA job of ``model`` needs on a card: each loading phase's weights, the
+def card_plan(
+    model: str, card_gib: float, resolution: int | None = None, batch_size: int = 1, frames: int | None = None
+) -> dict[str, object]:
+    """What a rank-16 LoRA job of ``model`` needs on a card at ``resolution`` (default: the spec's
+    default for the model; a video model's default frames): each loading phase's weights, the
     training phase's estimate, and the cheapest plan that fits (bf16, gradient checkpointing,
     then the frozen base in fp8). The same estimate the run's memory policy uses."""
     from .families import model_info
 
     info = model_info(model)
+    resolution = resolution or info.default_resolution
     free = int(card_gib * GIB * 0.95)  # the CUDA context and allocator keep some
     weights = info.weight_bytes(2.0)
     encode_peak = weights["text_encoders"] + weights["vae"]
@@ -192,6 +203,7 @@ def card_plan(model: str, card_gib: float, resolution: int = 1024, batch_size: i
             optimizer="adamw",
             resolution=resolution,
             batch_size=batch_size,
+            frames=frames,
         )
         assert plan.estimate_bytes is not None
         train_peak = plan.estimate_bytes

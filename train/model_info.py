@@ -67,6 +67,13 @@ class ModelInfo:
     controls_required: bool = False  # trains only on pairs (an edit model); else pairs are optional
     control_min_side: int = 0  # the pipeline refuses smaller control images (0: no limit)
     control_max_aspect: float = 0.0  # ... or longer ones than this side ratio (0: no limit)
+    # video models (docs/video.md): a sample's frame count is frame_step * k + 1 (0: an image model)
+    frame_step: int = 0
+    max_frames: int = 0  # the most frames a sample may have
+    default_frames: tuple[int, ...] = ()  # the spec's video.frames default
+    fps: float = 0.0  # the frame rate the model was trained at (samples are drawn at it by default)
+    temporal_factor: int = 1  # frames per latent frame (after the first)
+    default_resolution: int = 1024  # the spec's resolutions default
 
     def __post_init__(self) -> None:
         if not self.short_name:
@@ -78,23 +85,41 @@ class ModelInfo:
         return self.max_controls > 0
 
     @property
+    def video(self) -> bool:
+        """A video model: trains on clips (and images as one-frame clips), renders videos."""
+        return self.frame_step > 0
+
+    @property
     def tiny_name(self) -> str:
         """The folder ``python -m train.tiny`` writes this model's tiny pipeline to."""
         return f"tiny-{self.id}"
 
     def tokens_per_sample(
-        self, resolution: int, text_tokens: int | None = None, controls: int | None = None
+        self,
+        resolution: int,
+        text_tokens: int | None = None,
+        controls: int | None = None,
+        frames: int | None = None,
     ) -> int:
         """Sequence tokens of one square sample (image + prompt, ``text_tokens`` defaulting to the
         model's prompt length, + any fixed text tokens), or latent pixels for a UNet. ``controls``:
         control / reference images in the sequence, each as large as the target (default: one for
-        an edit model, none for the others)."""
+        an edit model, none for the others). ``frames``: a video model's sample (default: the most
+        of its default frame counts), whose tokens are one frame's times its latent frames."""
         side = resolution // self.latent_factor // self.patch
         if self.denoiser != "transformer":
             return side * side
         n_controls = (1 if self.controls_required else 0) if controls is None else controls
-        image = side * side * (1 + n_controls)
+        image = side * side * (1 + n_controls) * self.latent_frames(frames)
         return image + (self.text_tokens if text_tokens is None else text_tokens) + self.fixed_text_tokens
+
+    def latent_frames(self, frames: int | None = None) -> int:
+        """Latent frames of a ``frames``-frame sample (default: the most of the model's default frame
+        counts); 1 for an image model."""
+        if not self.video:
+            return 1
+        n = frames if frames is not None else max(self.default_frames)
+        return (n - 1) // self.temporal_factor + 1
 
     def weight_bytes(self, bytes_per_param: float = 2.0) -> dict[str, int]:
         """Bytes of each phase's weights at ``bytes_per_param`` (bf16: 2, fp8: 1)."""

@@ -2,11 +2,13 @@
 
     python -m train.sample_data --out examples/sample-dataset
     python -m train.sample_data --pairs --out examples/sample-pairs
+    python -m train.sample_data --clips --out examples/sample-clips
 
 Coloured shapes on plain or gradient backgrounds, each with a same-stem ``.txt`` caption
 naming the style token ``sks``; or, with ``--pairs``, before/after pairs for edit models: a grey
 square (``NAME_control.png``) that the target ``NAME.png`` shows red, with the instruction
-"make the square red". Deterministic: the same files every time.
+"make the square red"; or, with ``--clips``, short H.264 clips (video models) of a shape gliding
+across its background. Deterministic: the same files every time.
 """
 
 from __future__ import annotations
@@ -102,6 +104,47 @@ def write_pair_dataset(out: Path, count: int = 6, size: tuple[int, int] = (64, 6
     return written
 
 
+def draw_clip(i: int, frames: int = 20, size: tuple[int, int] = (64, 64)) -> tuple[list[Image.Image], str]:
+    """The frames of clip ``i`` (a shape that glides from left to right, 16 fps) and its caption."""
+    rng = random.Random(3000 + i)
+    w, h = size
+    fg_name, bg_name = rng.sample(sorted(COLOURS), 2)
+    shape = SHAPES[i % len(SHAPES)]
+    r = min(w, h) * 0.22
+    cy = h / 2 + rng.uniform(-0.15, 0.15) * h
+    out = []
+    for f in range(frames):
+        img = Image.new("RGB", size, COLOURS[bg_name])
+        draw = ImageDraw.Draw(img)
+        cx = r + (w - 2 * r) * f / max(1, frames - 1)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[fg_name])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[fg_name])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg_name])
+        out.append(img)
+    return out, f"a {fg_name} {shape} gliding across a {bg_name} background, sks style"
+
+
+def write_clip_dataset(
+    out: Path, count: int = 6, frames: int = 20, size: tuple[int, int] = (64, 64)
+) -> list[Path]:
+    """``count`` clips ``clip_NN.mp4`` (H.264, 16 fps) with their captions; returns the clips."""
+    from .clips import write_clip
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(count):
+        images, caption = draw_clip(i, frames, size)
+        path = write_clip(out / f"clip_{i:02d}.mp4", images, 16.0)
+        path.with_suffix(".txt").write_text(caption + "\n")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m train.sample_data", description=(__doc__ or "").split("\n\n")[0]
@@ -109,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("examples/sample-dataset"))
     parser.add_argument("--count", type=int, default=None, help="how many (default: 8 images or 6 pairs)")
     parser.add_argument("--pairs", action="store_true", help="before/after pairs for edit models")
+    parser.add_argument("--clips", action="store_true", help="short video clips for video models")
     args = parser.parse_args(argv)
-    if args.pairs:
+    if args.clips:
+        written = write_clip_dataset(args.out, args.count or 6)
+    elif args.pairs:
         written = write_pair_dataset(args.out, args.count or 6)
     else:
         written = write_sample_dataset(args.out, args.count or 8)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from .dataset_rules import VideoRule
 from .families import MODEL_IDS, family_of, model_info
 
 SPEC_VERSION = 2
@@ -149,6 +150,47 @@ class DatasetSpec(_Section):
     )
     default_caption: str = Field(default="", max_length=2000, description="caption for images that have none")
     trigger_word_position: Literal["prepend", "append"] = "prepend"
+    max_clip_seconds: float = Field(
+        default=600.0, gt=0, le=86_400, description="video models: longer clips are skipped (named)"
+    )
+    max_clip_frames: int = Field(
+        default=50_000,
+        ge=1,
+        le=10_000_000,
+        description="video models: a clip listing more frames is refused as unsafe before decoding",
+    )
+
+
+class VideoSpec(_Section):
+    """Video models (docs/video.md): how a clip becomes training samples. Image models refuse it."""
+
+    frames: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="frames per sample (the model's valid counts, e.g. 4k+1 for Wan); several make "
+        "frame-count buckets: each clip takes the most it can fill; default: the model's",
+    )
+    fps: float | None = Field(
+        default=None, gt=0, le=120, description="the frame rate samples are drawn at; default: the model's"
+    )
+    sampling: Literal["start", "random", "uniform"] = Field(
+        default="start",
+        description="start: consecutive frames from the clip's start; random: from a random place, a new "
+        "window each epoch (drawn from the seed); uniform: spread evenly over the whole clip",
+    )
+    windows: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="random: windows drawn per clip and cached; each epoch trains the next one",
+    )
+    validation_frames: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="frames of a validation render; default: the fewest in frames",
+    )
 
 
 class SdxlOptions(_Section):
@@ -318,6 +360,7 @@ class TrainingSpec(_Section):
     memory_policy: Literal["auto", "off", "gradient_checkpointing"] = "auto"
     log_every: int = Field(default=1, ge=1, le=10_000, description="steps between progress lines")
     dataset: DatasetSpec = DatasetSpec()
+    video: VideoSpec = VideoSpec()
     sdxl: SdxlOptions = SdxlOptions()
     flow: FlowOptions = FlowOptions()
     speed: SpeedOptions = SpeedOptions()
@@ -392,6 +435,18 @@ class TrainingSpec(_Section):
                 "resolution": v.resolution or self.resolutions[0],
                 "seed": self.seed if v.seed is None else v.seed,
             }
+        if info.frame_step and None in (self.video.frames, self.video.fps, self.video.validation_frames):
+            frames = self.video.frames or list(info.default_frames)
+            updates["video"] = {
+                **self.video.model_dump(),
+                "frames": sorted(set(frames)),
+                "fps": self.video.fps or info.fps,
+                "validation_frames": self.video.validation_frames or min(frames),
+            }
+        if info.default_resolution != 1024 and "resolutions" not in self.model_fields_set:
+            updates["resolutions"] = [info.default_resolution]
+            if "validation" in updates:
+                updates["validation"]["resolution"] = v.resolution or info.default_resolution
         section = getattr(self, info.options, None)
         if info.text_tokens and section is not None and getattr(section, "max_sequence_length", 0) is None:
             updates[info.options] = {**section.model_dump(), "max_sequence_length": info.text_tokens}
@@ -409,6 +464,18 @@ class TrainingSpec(_Section):
         """What peft's ``target_modules`` gets: a preset's regex or the listed module names."""
         t = self.lora.targets
         return model_info(self.model).target_presets[t] if isinstance(t, str) else list(t)
+
+    def video_rule(self) -> VideoRule | None:
+        """What this spec's model takes from a clip (``dataset_rules.VideoRule``); None for an image model."""
+        info = model_info(self.model)
+        if not info.video:
+            return None
+        v = self.video
+        assert v.frames and v.fps, "the spec resolves the video defaults for a video model"
+        windows = v.windows if v.sampling == "random" else 1
+        return VideoRule(
+            self.model, tuple(v.frames), v.fps, v.sampling, windows, self.dataset.max_clip_seconds
+        )
 
     @property
     def model_options(self) -> Any:
@@ -464,6 +531,7 @@ def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
         problems.append(
             ({"model", "mode"}, f"mode: full fine-tune of {model} is refused: {info.full_finetune}")
         )
+    problems += _video_problems(model, info, d.get("video"), d.get("validation"))
     validation = d.get("validation")
     if isinstance(validation, dict) and validation.get("control_images") and not info.takes_controls:
         problems.append(
@@ -473,6 +541,43 @@ def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
                 f"images (edit models do: docs/edit.md)",
             )
         )
+    return problems
+
+
+def _video_problems(model: str, info: Any, video: Any, validation: Any) -> list[tuple[set[str], str]]:
+    """A video section for an image model; frame counts the video model cannot take."""
+    if not isinstance(video, dict):
+        return []
+    if not info.frame_step:
+        given = {
+            k: v
+            for k, v in video.items()
+            if v != VideoSpec.model_fields[k].get_default(call_default_factory=True)
+        }
+        if given:
+            return [
+                (
+                    {"model", "video"},
+                    f"video: {model} trains on still images; the video section is for video models (docs/video.md)",
+                )
+            ]
+        return []
+    problems: list[tuple[set[str], str]] = []
+    step, most = info.frame_step, info.max_frames
+    counts = [n for n in (video.get("frames") or []) if isinstance(n, int)]
+    rendered = video.get("validation_frames")
+    for where, values in (
+        ("video.frames", counts),
+        ("video.validation_frames", [rendered] if isinstance(rendered, int) else []),
+    ):
+        bad = [n for n in values if n % step != 1 % step or n > most]
+        if bad:
+            problems.append(
+                (
+                    {"model", "video"},
+                    f"{where}: {info.short_name} takes {step}k+1 frames up to {most} (1, {step + 1}, {2 * step + 1}, ...), got {bad}",
+                )
+            )
     return problems
 
 

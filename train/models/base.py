@@ -230,21 +230,32 @@ class Family(ABC):
         device: torch.device,
         controls: list[Any] | None = None,
     ) -> Any:
-        """A PIL image from cached prompt embeddings with the current denoiser; ``controls``: the
-        control images (PIL) of an edit render, passed as ``control_inputs`` says."""
+        """A PIL image from cached prompt embeddings with the current denoiser (a video model: a list
+        of frames); ``controls``: the control images (PIL) of an edit render, passed as
+        ``control_inputs`` says."""
         # The prompts come as cached embeddings, so the pipeline is built without text encoders
         # (they left the device, and the process, after caching).
         names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
         absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer", "processor"))}
         pipe = self.pipeline_cls(**{**absent, **self.render_components()})
         pipe.set_progress_bar_config(disable=True)
-        return pipe(
+        out = pipe(
             **self.render_inputs(text, device),
             **self.control_inputs(controls or [], size),
             **self.render_guidance(text, guidance, device),
+            **self.render_extra(),
             num_inference_steps=steps,
             generator=torch.Generator(device="cpu").manual_seed(seed),
-        ).images[0]
+        )
+        return self.render_output(out)
+
+    def render_extra(self) -> dict[str, Any]:
+        """More pipeline arguments of a validation render (a video model's frame count)."""
+        return {}
+
+    def render_output(self, out: Any) -> Any:
+        """The render from the pipeline's output: its first image (a video model: its frames, a list)."""
+        return out.images[0]
 
     def render_guidance(
         self, text: dict[str, torch.Tensor], guidance: float, device: torch.device

@@ -70,7 +70,7 @@ class FlowMatchFamily(Family):
         x0 = self.training_latents(batch)  # (B, C, h, w) in the space the denoiser works in
         noise = batch.rng.randn(*x0.shape[1:])
         sigmas = self.sample_sigmas(batch.rng, self.image_tokens(x0))  # (B,) in (0, 1)
-        s = sigmas.view(-1, 1, 1, 1)
+        s = sigmas.view(-1, *([1] * (x0.dim() - 1)))  # (B, C, h, w), or (B, C, f, h, w) for video
         noised = Noised((1.0 - s) * x0 + s * noise, sigmas, noise - x0)  # from data (s=0) to noise (s=1)
         pred, target = self.predict(model, noised, batch)
         return F.mse_loss(pred.float(), target.float())
@@ -113,5 +113,10 @@ class FlowMatchFamily(Family):
         u = torch.sigmoid(rng.randn() * opts.logit_std + opts.logit_mean)
         if opts.timestep_sampling == "logit_normal":
             return u
-        shift = opts.shift if opts.shift is not None else self.pipe.scheduler.config.get("shift", 1.0)
+        shift = opts.shift if opts.shift is not None else self.scheduler_fixed_shift()
         return shifted(u, shift)
+
+    def scheduler_fixed_shift(self) -> float:
+        """The base model's scheduler's fixed shift (``shift``; a UniPC flow scheduler's ``flow_shift``)."""
+        config = self.pipe.scheduler.config
+        return float(config.get("shift", config.get("flow_shift", 1.0)))

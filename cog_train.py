@@ -92,6 +92,8 @@ class Trainer(BaseRunner):
                 "qwen-image-edit-plus",
                 "z-image-turbo",
                 "z-image",
+                "wan2.1-t2v-1.3b",
+                "wan2.1-t2v-14b",
             ],
             default=None,
         ),

@@ -1,4 +1,4 @@
-"""Cog's run entry: images from a prompt, with the trained weights.
+"""Cog's run entry: images (or, for a video model, videos) from a prompt, with the trained weights.
 
 On Replicate a finished training becomes a new version of the destination model: this image
 with ``COG_WEIGHTS`` set to the training's output, which Cog hands to ``setup(weights)``. So
@@ -117,7 +117,27 @@ class Predictor(BaseRunner):
             description="Image format", choices=["webp", "jpg", "png"], default="webp"
         ),
         output_quality: int = Input(
-            description="Quality of webp and jpg images (png is lossless)", ge=0, le=100, default=90
+            description="Quality of webp and jpg images (png is lossless) and of videos (100: lossless webp)",
+            ge=0,
+            le=100,
+            default=90,
+        ),
+        num_frames: int | None = Input(
+            description="Video models (wan...): frames to render, 4k+1 for Wan (default 81: 5 s at 16 fps)",
+            ge=1,
+            le=257,
+            default=None,
+        ),
+        fps: float | None = Input(
+            description="Video models: frame rate of the written video (default the model's, 16 for Wan)",
+            ge=1,
+            le=60,
+            default=None,
+        ),
+        video_format: str = Input(
+            description="Video models: mp4 (H.264) or an animated webp",
+            choices=["mp4", "webp"],
+            default="mp4",
         ),
         hf_token: Secret | None = Input(
             description="Hugging Face token for LoRAs in private repos, and for a full fine-tune published to a private repo",
@@ -129,7 +149,7 @@ class Predictor(BaseRunner):
             default=None,
         ),
     ) -> list[Path]:
-        """Render the prompt; returns the images."""
+        """Render the prompt; returns the images (a video model: the videos)."""
         from train.inference import InputError, RenderRequest
 
         # Cog reads the returned files after run() returns: the previous prediction's go now.
@@ -154,6 +174,9 @@ class Predictor(BaseRunner):
             output_quality=output_quality,
             hf_token=_secret(hf_token),
             step=step,
+            num_frames=num_frames,
+            fps=fps,
+            video_format=video_format,
         )
         try:
             paths = self.session.predict(req, self.out_root / f"p{self.count}")

@@ -132,6 +132,23 @@ def sample_zip(tmp_path_factory, sample_dataset) -> Path:
 
 
 @pytest.fixture(scope="session")
+def clip_zip(tmp_path_factory) -> Path:
+    """Six tiny captioned clips (``train.sample_data --clips``) and one still, zipped in a nested top
+    folder: what a video model's user uploads."""
+    from train.sample_data import draw_example, write_clip_dataset
+
+    folder = tmp_path_factory.mktemp("clips") / "my-clips"
+    write_clip_dataset(folder)
+    draw_example(0, (64, 64))[0].save(folder / "still.png")
+    (folder / "still.txt").write_text("a still frame, sks style\n")
+    out = folder.parent / "clips.zip"
+    with zipfile.ZipFile(out, "w") as zf:
+        for p in sorted(folder.iterdir()):
+            zf.write(p, f"my-clips/{p.name}")
+    return out
+
+
+@pytest.fixture(scope="session")
 def pair_zip(tmp_path_factory, pair_dataset) -> Path:
     """The before/after pairs as an upload (edit models)."""
     out = tmp_path_factory.mktemp("zips") / "pairs.zip"

@@ -51,8 +51,24 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "9:16": (768, 1344),
     "9:21": (640, 1536),
 }
+# Video models render at their training class, 480p (Wan: 832x480), sides multiples of 16; the
+# same ratios near 0.4 megapixels.
+VIDEO_ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (624, 624),
+    "16:9": (832, 480),
+    "21:9": (960, 416),
+    "3:2": (768, 512),
+    "2:3": (512, 768),
+    "4:5": (560, 704),
+    "5:4": (704, 560),
+    "3:4": (544, 720),
+    "4:3": (720, 544),
+    "9:16": (480, 832),
+    "9:21": (416, 960),
+}
 MATCH_INPUT = "match_input_image"  # the input image's aspect ratio (1:1 without one)
 OUTPUT_FORMATS = ("webp", "jpg", "png")
+VIDEO_FORMATS = ("mp4", "webp")  # H.264 in MP4, or an animated WebP (lossless at output_quality 100)
 MAX_EXTRA_ADAPTERS = 4  # LoRAs other than the trained one kept loaded (least recently used go first)
 
 
@@ -80,6 +96,10 @@ class RenderRequest:
     output_quality: int = 90
     hf_token: str | None = None
     step: int | None = None  # a kept validation step of the trained weights (None: the chosen one)
+    # video models (docs/video.md)
+    num_frames: int | None = None  # default: the model's
+    fps: float | None = None  # of the written video; default: the model's
+    video_format: str = "mp4"
 
 
 RUN_DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -185,7 +205,9 @@ class Renderer:
 
         cls = family_class(self.model or "flux-dev")
         denoiser = getattr(self.pipe, cls.denoiser_name)
-        return cls.pixel_multiple_of(self.pipe.vae_scale_factor, dict(denoiser.config))
+        # a video pipeline names its spatial factor apart from its temporal one
+        factor = getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial
+        return cls.pixel_multiple_of(factor, dict(denoiser.config))
 
     def render(
         self,
@@ -198,19 +220,24 @@ class Renderer:
         seeds: list[int],
         max_sequence_length: int | None,
         images: list[Any] | None = None,
+        num_frames: int | None = None,
     ) -> list[Any]:
+        """The images (PIL), or for a video model the videos (each a list of PIL frames)."""
         import torch
 
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         from .models import family_class
 
         info = model_info(self.model or "flux-dev")
+        per_prompt = (
+            {"num_videos_per_prompt": len(seeds)} if info.video else {"num_images_per_prompt": len(seeds)}
+        )
         kw: dict[str, Any] = dict(
             prompt=prompt,
             height=height,
             width=width,
             num_inference_steps=steps,
-            num_images_per_prompt=len(seeds),
+            **per_prompt,
             generator=generators,
             # how the family's pipeline takes guidance (Qwen-Image: true_cfg_scale, not guidance_scale)
             **family_class(info.id).guidance_kwargs(
@@ -221,8 +248,11 @@ class Renderer:
             kw["max_sequence_length"] = max_sequence_length
         if images:  # the image to edit, or the references, as the family's pipeline takes them
             kw.update(family_class(info.id).run_image_inputs(images, width, height, self.pixel_multiple()))
+        if info.video:
+            kw.update(num_frames=num_frames, output_type="pil")
         with torch.inference_mode():
-            return list(self.pipe(**kw).images)
+            out = self.pipe(**kw)
+        return [list(v) for v in out.frames] if info.video else list(out.images)
 
 
 def _env_model() -> tuple[str, str]:
@@ -415,16 +445,17 @@ class InferenceSession:
         return model, base, loras, primary
 
     # -- one prediction ---------------------------------------------------------------------------
-    def size(self, req: RenderRequest, first_image: Any = None) -> tuple[int, int]:
+    def size(self, req: RenderRequest, first_image: Any = None, video: bool = False) -> tuple[int, int]:
+        ratios = VIDEO_ASPECT_RATIOS if video else ASPECT_RATIOS
         if req.aspect_ratio == "custom":
-            w, h = req.width or 1024, req.height or 1024
+            w, h = req.width or ratios["1:1"][0], req.height or ratios["1:1"][1]
         elif req.aspect_ratio == MATCH_INPUT:
-            w, h = ASPECT_RATIOS["1:1"]
-            if first_image is not None:  # about one megapixel at the input image's aspect ratio
+            w, h = ratios["16:9" if video and first_image is None else "1:1"]
+            if first_image is not None:  # the same area at the input image's aspect ratio
                 w = round((w * h * first_image.width / first_image.height) ** 0.5)
                 h = round(w * first_image.height / first_image.width)
-        elif req.aspect_ratio in ASPECT_RATIOS:
-            w, h = ASPECT_RATIOS[req.aspect_ratio]
+        elif req.aspect_ratio in ratios:
+            w, h = ratios[req.aspect_ratio]
         else:
             raise InputError(
                 f"aspect_ratio: {req.aspect_ratio!r} is not one of "
@@ -445,6 +476,8 @@ class InferenceSession:
             )
         if not 1 <= req.num_outputs <= 4:
             raise InputError(f"num_outputs: must be 1 to 4, got {req.num_outputs}")
+        if req.video_format not in VIDEO_FORMATS:
+            raise InputError(f"video_format: {req.video_format!r} is not one of {', '.join(VIDEO_FORMATS)}")
         if self.trained is not None and self.trained.published:  # a private repo, not fetched at setup
             self.trained = self._fetched_for(self.trained, req.hf_token, "COG_WEIGHTS")
         model, base, loras, primary = self._plan(req)
@@ -456,7 +489,8 @@ class InferenceSession:
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**32 - 4)
         seeds = [seed + i for i in range(req.num_outputs)]
         images = input_images(req, info)
-        width, height = self.size(req, images[0] if images else None)
+        frames = video_frames(req, info)
+        width, height = self.size(req, images[0] if images else None, info.video)
         msl = None
         if info.max_text_tokens:  # the prompt length the weights were trained with
             spec = (primary.config or {}).get("spec", {}) if primary else {}
@@ -467,15 +501,19 @@ class InferenceSession:
         if trigger and trigger.lower() not in req.prompt.lower():
             self.log(f"render: note: the trigger word {trigger!r} is not in the prompt")
         what = " + ".join(f"{Path(p).name}×{s:g}" for p, s, _ in loras) or "no LoRA"
+        clip = f" x {frames} frames" if frames else ""
         self.log(
-            f"render: {model}, {what}, {width}x{height}, {steps} steps, guidance {guidance:g}, "
+            f"render: {model}, {what}, {width}x{height}{clip}, {steps} steps, guidance {guidance:g}, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
         )
         started = time.monotonic()
         images = self.renderer.render(
-            req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl, images
+            req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl, images, frames
         )
-        self.log(f"render: {len(images)} image(s) in {time.monotonic() - started:.1f}s")
+        what = "video(s)" if info.video else "image(s)"
+        self.log(f"render: {len(images)} {what} in {time.monotonic() - started:.1f}s")
+        if info.video:
+            return save_videos(images, out_dir, req.video_format, req.fps or info.fps, req.output_quality)
         return save_images(images, out_dir, req.output_format, req.output_quality)
 
 
@@ -509,6 +547,49 @@ def input_images(req: RenderRequest, info: Any) -> list[Any]:
         if why:
             raise InputError(f"{name}: {Path(ref).name} {why}")
     return images
+
+
+def video_frames(req: RenderRequest, info: Any) -> int | None:
+    """The frames of a video model's render (default: the most the model was trained on); None for
+    an image model, which refuses ``num_frames``."""
+    if not info.video:
+        if req.num_frames is not None:
+            raise InputError(f"num_frames: {info.title} renders images, not videos")
+        return None
+    n = info.max_frames if req.num_frames is None else req.num_frames
+    if n % info.frame_step != 1 % info.frame_step or not 1 <= n <= info.max_frames:
+        raise InputError(
+            f"num_frames: {info.title} renders {info.frame_step}k+1 frames up to {info.max_frames} "
+            f"(1, {info.frame_step + 1}, {2 * info.frame_step + 1}, ...), got {n}"
+        )
+    return n
+
+
+def save_videos(videos: list[list[Any]], out_dir: Path, fmt: str, fps: float, quality: int) -> list[Path]:
+    """Write ``out-N.mp4`` (H.264; ``quality`` 90 is x264's crf 16, 100 crf 12) or ``out-N.webp``
+    (animated; lossless at quality 100) files into a fresh ``out_dir``."""
+    from .clips import write_clip
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    paths = []
+    for i, frames in enumerate(videos):
+        path = out_dir / f"out-{i}.{fmt}"
+        if fmt == "mp4":
+            write_clip(path, frames, fps, crf=min(51, 12 + round((100 - quality) * 0.4)))  # 90 -> crf 16
+        else:
+            frames[0].save(
+                path,
+                format="WEBP",
+                save_all=True,
+                append_images=frames[1:],
+                duration=round(1000 / fps),
+                loop=0,
+                lossless=quality >= 100,
+                quality=quality,
+            )
+        paths.append(path)
+    return paths
 
 
 def save_images(images: list[Any], out_dir: Path, fmt: str, quality: int) -> list[Path]:

@@ -1,0 +1,81 @@
+"""Wan 2.1 text-to-video (1.3B, 14B): the registry entries (torch-free). Maths: ``family.py``;
+tiny pipelines: ``tiny.py``; full-size architectures: ``configs.py``. docs/video.md."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ...model_info import ModelInfo, Shape
+from ..flux import estimated
+
+ORDER = 200  # after the image models
+
+_ATTN = r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+WAN_PRESETS = {
+    "attention": rf"blocks\.\d+\.{_ATTN}",
+    "attention+mlp": rf"blocks\.\d+\.({_ATTN}|ffn\.net\.0\.proj|ffn\.net\.2)",
+}
+
+
+def _tokens(resolution: int, frames: int) -> int:
+    """Sequence tokens of one sample: 1x2x2 patches of the 8x latent, (frames - 1) / 4 + 1 latent
+    frames, plus the 512 prompt tokens the pipeline always pads to."""
+    side = resolution // 8 // 2
+    return side * side * ((frames - 1) // 4 + 1) + 512
+
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers: a 1.42 B transformer (30 blocks, 1536 wide), UMT5-XXL's encoder as
+# text encoder (5.7 B), the Wan 2.1 causal 3D VAE (8x spatial, 4x temporal, 16 channels, 0.13 B).
+# Trained at 480p and 16 fps up to 81 frames; the card renders 50 steps at guidance 5 with a negative
+# prompt. The defaults train 33 frames (9 latent frames) at 480 px, a sample a 24 GB card holds.
+WAN21_T2V_1_3B = ModelInfo(
+    id="wan2.1-t2v-1.3b",
+    family="wan",
+    title="Wan 2.1 T2V 1.3B",
+    short_name="Wan2.1-T2V-1.3B",
+    base_weights="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    pipeline="WanPipeline",
+    denoiser="transformer",
+    hub_tag="wan",
+    render_steps=50,
+    render_guidance=5.0,
+    target_presets=WAN_PRESETS,
+    default_targets="attention+mlp",
+    text_tokens=512,
+    max_text_tokens=512,
+    negative_prompt=True,
+    denoiser_params_b=1.42,
+    lora_params_m=21.87,
+    kohya_params_m=21.87,
+    text_encoder_params_b=5.68,
+    vae_params_b=0.13,
+    comfy_naming="musubi",
+    kohya_architecture="wan2.1-t2v-1.3b/lora",
+    kohya_network_module="networks.lora_wan",
+    frame_step=4,
+    max_frames=81,
+    default_frames=(33,),
+    fps=16.0,
+    temporal_factor=4,
+    default_resolution=480,
+    tiny={"shift": 3.0},
+    **estimated(Shape(params_b=1.42, width=1536, blocks=30, tokens=_tokens(1024, 33))),
+)
+# Wan-AI/Wan2.1-T2V-14B-Diffusers: the same pipeline with a 14.3 B transformer (40 blocks, 5120 wide);
+# trained at 480p and 720p. A full fine-tune needs ~143 GB for weights, gradients and Adam states.
+WAN21_T2V_14B = replace(
+    WAN21_T2V_1_3B,
+    id="wan2.1-t2v-14b",
+    title="Wan 2.1 T2V 14B",
+    short_name="Wan2.1-T2V-14B",
+    base_weights="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    denoiser_params_b=14.29,
+    lora_params_m=76.68,
+    kohya_params_m=76.68,
+    kohya_architecture="wan2.1-t2v-14b/lora",
+    full_finetune="Wan 2.1 14B's 14.3 B-parameter transformer needs ~143 GB for bf16 weights, gradients "
+    "and Adam states, more than the largest single card (80 GB); train a LoRA",
+    **estimated(Shape(params_b=14.29, width=5120, blocks=40, tokens=_tokens(1024, 33))),
+)
+
+MODELS = (WAN21_T2V_1_3B, WAN21_T2V_14B)

@@ -1,0 +1,25 @@
+"""Wan's denoisers at full size (torch-free): the ``transformer/config.json`` of the published
+diffusers repos (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-T2V-14B-Diffusers). Every Wan
+transformer has 128-wide heads, 1x2x2 patches, UMT5-XXL's 4096-wide text states and 256 frequency
+channels; they differ in width, depth and MLP size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DENOISER_CLASS = "WanTransformer3DModel"
+_COMMON: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+T2V_1_3B: dict[str, Any] = {**_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+T2V_14B: dict[str, Any] = {**_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+DENOISERS: dict[str, dict[str, Any]] = {"wan2.1-t2v-1.3b": T2V_1_3B, "wan2.1-t2v-14b": T2V_14B}

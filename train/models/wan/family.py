@@ -1,0 +1,159 @@
+"""Wan 2.1 text-to-video: flow matching in the 3D DiT, UMT5 text, the causal 3D VAE.
+
+As ``WanPipeline.__call__`` does it (diffusers 0.42.1, pipelines/wan/pipeline_wan.py):
+
+- text: the pipeline's ``encode_prompt`` at 512 tokens (its ``__call__`` default; ``encode_prompt``'s
+  own is 226): UMT5's last hidden state cut to the prompt's tokens and zero-padded back to 512. The
+  transformer gets no attention mask: the zero rows are keys too, as in the pipeline;
+- latents: the VAE's posterior of the sample's frames, (C, (F - 1) / 4 + 1, H / 8, W / 8), normalised
+  per channel ``(z - latents_mean) / latents_std`` (the pipeline undoes it before decoding);
+- the transformer's timestep is ``1000 sigma`` (the pipeline feeds the integer part), and it predicts
+  the velocity ``noise - x0`` of ``x_s = (1 - s) x0 + s noise``, which its UniPC scheduler steps on
+  flow sigmas (``prediction_type="flow_prediction"``).
+
+``timestep_sampling: auto`` is logit-normal sigmas moved by the scheduler's ``flow_shift`` (3 in the
+480p repos), the noise levels the pipeline renders at. Guidance is classifier-free, against the
+empty negative prompt the pipeline defaults to.
+
+A sample is a clip of ``video.frames`` frames (an image: one frame, one latent frame); validation
+renders ``video.validation_frames`` frames and returns them as a list of PIL images.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+
+from ..base import Batch
+from ..flow import FlowMatchFamily, Noised
+from ..kohya import _entry, _pairs
+
+NEGATIVE_PROMPT = ""  # what the pipeline encodes for CFG when no negative prompt is given
+TEXT_TOKENS = 512  # the pipeline pads every prompt to this; Wan 2.1 I2V's attention assumes it
+
+# diffusers' module names in a Wan block -> musubi-tuner's (the original Wan names, "." as "_"), in
+# the order and number diffusers' reader (_convert_musubi_wan_lora_to_diffusers) requires: every
+# block holds all ten, each with its alpha.
+MUSUBI = {
+    "attn1.to_q": "self_attn_q",
+    "attn1.to_k": "self_attn_k",
+    "attn1.to_v": "self_attn_v",
+    "attn1.to_out.0": "self_attn_o",
+    "attn2.to_q": "cross_attn_q",
+    "attn2.to_k": "cross_attn_k",
+    "attn2.to_v": "cross_attn_v",
+    "attn2.to_out.0": "cross_attn_o",
+    "ffn.net.0.proj": "ffn_0",
+    "ffn.net.2": "ffn_2",
+}
+MUSUBI_IMAGE = {"attn2.add_k_proj": "cross_attn_k_img", "attn2.add_v_proj": "cross_attn_v_img"}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+class WanFamily(FlowMatchFamily):
+    pipeline_cls = WanPipeline
+    denoiser_name = "transformer"
+
+    def after_load(self) -> None:
+        # diffusers' Wan examples load the VAE in fp32 whatever the transformer's dtype: its 3D
+        # convolutions lose detail in bf16. Latents are cached in fp32 either way.
+        self.pipe.vae.to(torch.float32)
+
+    # -- caching ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
+            embeds, _ = self.pipe.encode_prompt(
+                prompt=batch,
+                do_classifier_free_guidance=False,
+                max_sequence_length=TEXT_TOKENS,
+                device=device,
+            )
+            return [{"prompt_embeds": e.float().cpu()} for e in embeds]
+
+        return self.encode_keeping_negative(list(prompts), encode, NEGATIVE_PROMPT)
+
+    # -- training --------------------------------------------------------------------------------
+    def latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel latent mean and std, shaped to broadcast over (B, C, F, h, w)."""
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def training_latents(self, batch: Batch) -> torch.Tensor:
+        z = self.sample_latents(batch)
+        mean, std = self.latent_stats(z)
+        return (z - mean) / std
+
+    def image_tokens(self, x0: torch.Tensor) -> int:
+        return x0.shape[2] * (x0.shape[3] // 2) * (x0.shape[4] // 2)
+
+    def auto_shift(self, image_seq_len: int) -> float:
+        return self.scheduler_fixed_shift()
+
+    def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        text = batch.text["prompt_embeds"]
+        out = model(
+            hidden_states=x.latents.to(text.dtype),
+            timestep=x.sigmas * 1000.0,
+            encoder_hidden_states=text,
+            return_dict=False,
+        )[0]
+        return out, x.target
+
+    def pixel_multiple(self) -> int:
+        # the spatial VAE factor x the 2x2 patches (the pipeline refuses sides off multiples of 16)
+        return self.pipe.vae_scale_factor_spatial * self.denoiser_config()["patch_size"][-1]
+
+    # -- validation and export -----------------------------------------------------------------
+    def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        # the negative prompt goes along always: the pipeline uses it only when guidance_scale > 1
+        dtype = self.denoiser_dtype
+        out = {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype)}
+        if self.negative is not None:
+            out["negative_prompt_embeds"] = self.negative["prompt_embeds"][None].to(device, dtype)
+        return out
+
+    def render_extra(self) -> dict[str, Any]:
+        return {"num_frames": self.spec.video.validation_frames, "output_type": "pil"}
+
+    def render_output(self, out: Any) -> Any:
+        return list(out.frames[0])
+
+    def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """musubi-tuner's names (``lora_unet_blocks_0_self_attn_q``), which ComfyUI loads for Wan and
+        diffusers reads back. diffusers' reader wants all ten modules of every block up to the last
+        one trained: the modules the LoRA leaves out are written as zero LoRAs of its rank."""
+        pairs = _pairs(state_dict)
+        names = {**MUSUBI, **(MUSUBI_IMAGE if self.has_image_attention() else {})}
+        blocks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for module, ab in pairs.items():
+            m = _BLOCK.match(module)
+            if m is None or m.group(2) not in names:
+                raise ValueError(f"{module}: musubi-tuner's Wan naming has no name for this module")
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = ab
+        rank = next(iter(pairs.values()))[0].shape[0] if pairs else 1
+        out: dict[str, torch.Tensor] = {}
+        for i in range(max(blocks, default=-1) + 1):
+            for module, name in names.items():
+                ab = blocks.get(i, {}).get(module)
+                if ab is None:
+                    layer = self.denoiser.get_submodule(f"blocks.{i}.{module}")
+                    assert isinstance(layer, torch.nn.Linear), f"blocks.{i}.{module}"
+                    ab = (
+                        torch.zeros(rank, layer.in_features, dtype=torch.float32),
+                        torch.zeros(layer.out_features, rank, dtype=torch.float32),
+                    )
+                out.update(_entry(f"lora_unet_blocks_{i}_{name}", *ab, alpha / ab[0].shape[0]))
+        return out
+
+    def has_image_attention(self) -> bool:
+        """The transformer attends to CLIP image tokens too (Wan 2.1 I2V: ``add_k_proj`` / ``add_v_proj``)."""
+        return getattr(self.denoiser.config, "added_kv_proj_dim", None) is not None
+
+
+FAMILY = WanFamily

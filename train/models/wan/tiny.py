@@ -1,0 +1,93 @@
+"""Tiny random Wan 2.1 pipelines: a character-level T5 tokenizer (``tiny_common``), a UMT5 encoder,
+the causal 3D VAE (``AutoencoderKLWan``) with the real 8x spatial and 4x temporal compression and
+per-channel latent statistics, a two-block transformer with the real 1x2x2 patches, and the
+repos' scheduler (UniPC on flow sigmas with a fixed shift)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from ..tiny_common import write_t5_tokenizer
+
+UMT5_DMODEL = 32  # -> the transformer's text_dim
+LATENT_CHANNELS = 4  # 16 in the real VAE
+
+
+def tiny_wan_vae(z: int = LATENT_CHANNELS) -> AutoencoderKLWan:
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 2, 2, 2],  # three downsamplings: 8x spatial
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # two in time: 4x
+        # the real VAE normalises each channel by its own mean and std; so does this one
+        latents_mean=[0.1 * i - 0.15 for i in range(z)],
+        latents_std=[0.8 + 0.1 * i for i in range(z)],
+    )
+
+
+def tiny_wan_transformer(in_channels: int = LATENT_CHANNELS, **extra) -> WanTransformer3DModel:
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,  # RoPE splits it 4 / 4 / 4 over frames, height, width
+        in_channels=in_channels,
+        out_channels=LATENT_CHANNELS,
+        text_dim=UMT5_DMODEL,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=64,
+        **extra,
+    )
+
+
+def tiny_umt5(folder: Path) -> tuple[T5Tokenizer, UMT5EncoderModel]:
+    vocab = write_t5_tokenizer(folder / "tokenizer")
+    tok = T5Tokenizer.from_pretrained(folder / "tokenizer")
+    encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab,
+            d_model=UMT5_DMODEL,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    return tok, encoder
+
+
+def scheduler(shift: float) -> UniPCMultistepScheduler:
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
+    )
+
+
+def write(folder: Path, shift: float = 3.0) -> Path:
+    """A tiny Wan 2.1 text-to-video pipeline; ``shift``: its scheduler's flow shift."""
+    torch.manual_seed(0)
+    folder = Path(folder)
+    tok, encoder = tiny_umt5(folder)
+    pipe = WanPipeline(
+        tokenizer=tok,  # pyright: ignore[reportArgumentType]  (annotated AutoTokenizer; any tokenizer works)
+        text_encoder=encoder,
+        vae=tiny_wan_vae(),
+        scheduler=scheduler(shift),  # pyright: ignore[reportArgumentType]  (the Wan repos ship UniPC on flow sigmas)
+        transformer=tiny_wan_transformer(),
+    )
+    pipe.save_pretrained(folder)
+    return folder

@@ -224,6 +224,7 @@ def cmd_pack(args, settings):
             max_image_pixels=spec.dataset.max_image_pixels,
             progress=_bar("pack") if not args.json else None,
             model=spec.model,  # pairs for an edit model, single images for the others (docs/edit.md)
+            video=spec.video_rule(),  # a video model's clips: the trainer's frame counts and limits
         )
     except PackError as exc:
         raise UserError(str(exc)) from None

@@ -79,6 +79,7 @@ def prepare_archive(
                 max_files=spec.dataset.max_files,
                 max_image_pixels=spec.dataset.max_image_pixels,
                 model=spec.model,  # pairs for an edit model, none for the others: refused before uploading
+                video=spec.video_rule(),  # a video model's clips: the trainer's frame counts and limits
             )
         except PackError as exc:
             raise UserError(str(exc)) from None

@@ -3,7 +3,8 @@
 ``pack_dataset(folder, out)`` writes a deterministic zip (same input, byte-identical archive)
 holding what the container's staging (``train/data.py``) uses and nothing else:
 
-- images (``IMAGE_EXTENSIONS``) and their same-stem ``.txt`` captions, plus ``metadata.jsonl``
+- images (``IMAGE_EXTENSIONS``), and for a video model clips (``CLIP_EXTENSIONS``), with their
+  same-stem ``.txt`` captions, plus ``metadata.jsonl``
   and ``captions.csv`` tables, at their relative paths; entries sorted, timestamps fixed at
   1980-01-01, permissions 0644, no extra fields; JPEG / PNG / WebP stored, the rest deflated
   at level 9;
@@ -31,7 +32,12 @@ files named, or, with ``fit=True``, reduced: images are re-encoded as JPEG (qual
 largest first, downscaled to a shorter side of ``min_side`` (the largest training
 resolution) and never below it or upscaled, until the archive fits (control images as
 targets; a caption table's ``file_name`` and ``control_file_name`` follow the new names).
-Re-encoded images live in a temporary folder; the input folder is never modified.
+Clips (video models, docs/video.md) are probed as the trainer probes them (``train/clips.py``): one
+the trainer would skip is left out with its reason, one it would refuse is refused. ``fit``
+re-encodes clips as H.264 (PyAV), largest first: at a lower quality, then with the shorter side
+brought to ``min_side``, then at lower qualities still, from the original each time (frame times,
+rotation and captions kept; a ``.mov`` / ``.webm`` / ``.mkv`` becomes ``.mp4``).
+Re-encoded files live in a temporary folder; the input folder is never modified.
 
 Torch-free and numpy-free: this runs on laptops.
 """
@@ -54,6 +60,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from train import clips as cliplib
 from train import dataset_rules as rules
 from train.dataset_rules import (  # noqa: F401 - IMAGE_EXTENSIONS is re-exported for callers
     DEFAULT_MAX_FILES,
@@ -68,7 +75,11 @@ MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the container refuses the whole s
 UPLOAD_LIMIT = 100 * 2**20  # Replicate's upload limit for a file input
 DEFAULT_MIN_SIDE = 1024  # the spec's default resolution, when fit is asked without min_side
 JPEG_QUALITY = 90
-_STORED_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}  # already compressed: deflate gains nothing
+# already compressed: deflate gains nothing
+_STORED_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", *rules.CLIP_EXTENSIONS}
+# ``fit``'s passes over clips, as (x264 crf, bring the shorter side to min_side): the first keeps the
+# size, the later ones trade quality; each re-encodes from the original
+CLIP_PASSES = ((28, False), (28, True), (34, True), (40, True))
 _JPEG_EXTENSIONS = {".jpg", ".jpeg"}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _FILE_MODE = (stat.S_IFREG | 0o644) << 16
@@ -108,7 +119,7 @@ class PackResult:
     archive: Path
     size_bytes: int
     sha256: str
-    images: int  # images in the archive that are trained on (a pair's target; not its controls)
+    images: int  # images (and clips) in the archive that are trained on (a pair's target; not its controls)
     captions: int  # of those, how many have a caption (txt, metadata.jsonl or captions.csv)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     changed: list[PackChange] = field(default_factory=list)
@@ -120,6 +131,7 @@ class PackResult:
     pairs: int = 0  # targets packed with their control images
     controls: int = 0  # control images in the archive (of pairs, and without a target)
     loose_controls: int = 0  # of those, how many have no target (validation renders on them)
+    clips: int = 0  # of ``images``, how many are video clips
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for ``--json`` output)."""
@@ -147,11 +159,16 @@ class PackResult:
             "pairs": self.pairs,
             "controls": self.controls,
             "loose_controls": self.loose_controls,
+            "clips": self.clips,
         }
 
     def summary(self) -> str:
+        stills = self.images - self.clips
+        what = f"{stills} image{'s' if stills != 1 else ''}"
+        if self.clips:
+            what += f" and {self.clips} clip{'s' if self.clips != 1 else ''}"
         lines = [
-            f"packed {self.images} image{'s' if self.images != 1 else ''} "
+            f"packed {what} "
             f"({self.captions} with captions) into {self.archive.name}: "
             f"{_human(self.size_bytes)} of the {_human(self.limit_bytes)} limit, sha256 {self.sha256[:16]}"
         ]
@@ -217,8 +234,9 @@ class _Image:
     rel: PurePosixPath
     path: Path
     size: int
-    width: int  # after EXIF rotation
+    width: int  # after EXIF rotation (a clip's: as shown)
     height: int
+    clip: cliplib.ClipInfo | None = None  # a video clip's frames and timing
 
 
 @dataclass
@@ -478,6 +496,7 @@ def pack_dataset(
     max_files: int = DEFAULT_MAX_FILES,
     inspect_only: dict | None = None,
     model: str | None = None,
+    video: rules.VideoRule | None = None,
 ) -> PackResult:
     """Pack ``folder`` into the zip ``out``; see the module docstring.
 
@@ -487,14 +506,17 @@ def pack_dataset(
     spec's ``dataset.max_image_pixels`` and ``dataset.max_files``); an image over the pixel cap is
     refused, or downscaled under ``fit``. ``model``: the spec's model id; with it the packer refuses
     what that model cannot train on (pairs for a text-to-image model, none for an edit model) and
-    leaves out pairs with more control images than it takes. Raises ``PackTooLarge`` (before
-    writing anything) or ``PackError``.
+    leaves out pairs with more control images than it takes. ``video``: a video model's clip rule
+    (``TrainingSpec.video_rule()``; default: the model's defaults); an image model leaves clips out,
+    and without a ``model`` clips are only probed. Raises ``PackTooLarge`` (before writing anything)
+    or ``PackError``.
     """
     folder, out = Path(folder), Path(out)
     min_side = _check_arguments(folder, out, min_side)
     rule = _pair_rule(model)
+    clip_rule = _clip_rule(model, video)
     scan = _scan(folder, max_files)
-    _probe_images(scan, max_image_pixels)
+    _probe_images(scan, max_image_pixels, clip_rule)
     _pair_up(scan, rule)
     _leave_out_orphan_captions(scan)
     _refuse_what_the_trainer_refuses(folder, scan, fit, max_image_pixels, max_files)
@@ -518,7 +540,7 @@ def pack_dataset(
         if size > limit_bytes and not fit:
             raise _too_large(size, limit_bytes, layout.entries(), False, min_side)
         if size > limit_bytes or must:
-            _fit(scan.images, layout, must, changed, limit_bytes, min_side, max_image_pixels)
+            _fit(scan.images, layout, must, changed, limit_bytes, min_side, max_image_pixels, max_files)
         written, digest = _write_archive(
             layout.entries(), out, limit_bytes, progress, bool(changed), min_side
         )
@@ -538,7 +560,24 @@ def pack_dataset(
         pairs=scan.pairs,
         controls=len(scan.controls),
         loose_controls=len(scan.loose),
+        clips=sum(1 for img in scan.trained().values() if img.clip is not None),
     )
+
+
+# what _probe_images does with clips: the model's rule, "image model" (leave them out), or None (a
+# set packed without a model: clips are only probed)
+_IMAGE_MODEL = "image model"
+
+
+def _clip_rule(model: str | None, video: rules.VideoRule | None) -> rules.VideoRule | str | None:
+    if video is not None or not model:
+        return video
+    from train.families import model_info
+    from train.spec import parse_spec
+
+    if not model_info(model).video:
+        return _IMAGE_MODEL
+    return parse_spec({"model": model}).video_rule()
 
 
 def _pair_rule(model: str | None) -> rules.PairRule | None:
@@ -620,11 +659,17 @@ def _scan(folder: Path, max_files: int) -> _Scan:
     return scan
 
 
-def _probe_images(scan: _Scan, max_image_pixels: int) -> None:
-    """Fill ``scan.images`` with the images whose headers can be read, leaving the rest out with a reason."""
+def _probe_images(
+    scan: _Scan, max_image_pixels: int, clip_rule: rules.VideoRule | str | None, max_clip_frames: int = 0
+) -> None:
+    """Fill ``scan.images`` with the images whose headers can be read and the clips the trainer would
+    use, leaving the rest out with a reason."""
     for key, file in scan.inventory.images.items():
         rel, path, shown = PurePosixPath(file.name), file.path, file.name
         assert path is not None
+        if rules.is_clip(shown):
+            _probe_clip(scan, key, rel, path, file.size, max_image_pixels, clip_rule, max_clip_frames)
+            continue
         try:
             width, height = shown_size(path)
         except Image.DecompressionBombError:
@@ -642,6 +687,38 @@ def _probe_images(scan: _Scan, max_image_pixels: int) -> None:
         scan.images[key] = _Image(rel, path, file.size, width, height)
         if width * height > max_image_pixels:
             scan.over_cap.append(key)
+
+
+def _probe_clip(
+    scan: _Scan,
+    key: str,
+    rel: PurePosixPath,
+    path: Path,
+    size: int,
+    max_image_pixels: int,
+    clip_rule: rules.VideoRule | str | None,
+    max_clip_frames: int,
+) -> None:
+    shown = rel.as_posix()
+    if clip_rule == _IMAGE_MODEL:
+        scan.skipped.append((shown, rules.clip_for_image_model_reason("")))
+        scan.unusable.add(shown)
+        return
+    try:
+        info = cliplib.probe(path, max_image_pixels, max_clip_frames or rules.DEFAULT_MAX_CLIP_FRAMES)
+    except cliplib.ClipRefused as exc:
+        raise PackError(f"{exc}; the trainer would refuse the whole dataset. Remove it, or cut it") from None
+    except cliplib.ClipError as exc:
+        scan.skipped.append((shown, str(exc)))
+        scan.unusable.add(shown)
+        return
+    if isinstance(clip_rule, rules.VideoRule):
+        frames, why = cliplib.sample_frames_or_reason(info, clip_rule)
+        if frames is None:
+            scan.skipped.append((shown, why))
+            scan.unusable.add(shown)
+            return
+    scan.images[key] = _Image(rel, path, size, info.width, info.height, info)
 
 
 def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
@@ -765,7 +842,7 @@ def _caption_summary(scan: _Scan) -> tuple[dict[str, int], list[str]]:
         sources[source] += 1
     inv = scan.inventory  # every image file, used or not: those left out are named already
     known = set(inv.names()) | {
-        n for n, _ in inv.skipped if rules.classify(PurePosixPath(n))[0] == rules.IMAGE
+        n for n, _ in inv.skipped if rules.classify(PurePosixPath(n))[0] in (rules.IMAGE, rules.CLIP)
     }
     for table in scan.tables:
         orphans = sorted(n for n in table.names if n not in known)
@@ -866,31 +943,45 @@ def _fit(
     limit: int,
     min_side: int,
     max_pixels: int,
+    max_files: int = DEFAULT_MAX_FILES,
 ) -> int:
-    """Re-encode images, largest first, until the archive fits; returns its exact size.
+    """Re-encode images and clips, largest first, until the archive fits; returns its exact size.
 
     ``required``: images that must be re-encoded whatever the size (over the pixel cap, or over the
     compression-ratio bound).
     """
-    by_size = sorted(images, key=lambda k: (-images[k].size, images[k].rel.parts))
-    # 1. required images; 2. images larger than min_side, downscaled to it;
-    # 3. the rest re-encoded at their size, kept only when that saves at least 10 %.
+    stills = {k: img for k, img in images.items() if img.clip is None}
+    clips = {k: img for k, img in images.items() if img.clip is not None}
+    by_size = sorted(stills, key=lambda k: (-stills[k].size, stills[k].rel.parts))
+    clips_by_size = sorted(clips, key=lambda k: (-clips[k].size, clips[k].rel.parts))
+
+    def clip_pass(i: int) -> list[tuple[str, bool, bool, int | None]]:
+        crf, downscale = CLIP_PASSES[i]
+        return [(k, downscale, False, crf) for k in clips_by_size]
+
+    # 1. required images; clips at a lower quality; 2. images larger than min_side, downscaled to it;
+    # clips brought to min_side; 3. the rest re-encoded at their size, kept only when that saves at
+    # least 10 %; clips at lower qualities still.
     plan = (
-        [(k, True, True) for k in by_size if k in required]
+        [(k, True, True, None) for k in by_size if k in required]
+        + clip_pass(0)
         + [
-            (k, True, False)
+            (k, True, False, None)
             for k in by_size
-            if k not in required and min(images[k].width, images[k].height) > min_side
+            if k not in required and min(stills[k].width, stills[k].height) > min_side
         ]
+        + clip_pass(1)
         + [
-            (k, False, False)
+            (k, False, False, None)
             for k in by_size
-            if k not in required and min(images[k].width, images[k].height) <= min_side
+            if k not in required and min(stills[k].width, stills[k].height) <= min_side
         ]
+        + [step for i in range(2, len(CLIP_PASSES)) for step in clip_pass(i)]
     )
     done: set[str] = set()
+    originals: dict[str, _Entry] = {}  # a clip's entry before its first re-encode
     size = layout.size()
-    for key, downscale, must in plan:
+    for key, downscale, must, crf in plan:
         if size <= limit and not must:
             layout.render_tables()  # renames change the tables; the loop goes on if they tip it over
             size = layout.size()
@@ -899,24 +990,42 @@ def _fit(
         if key in done:
             continue
         img, old = images[key], layout.images[key]
-        new_rel = img.rel if img.rel.suffix.lower() in _JPEG_EXTENSIONS else img.rel.with_suffix(".jpg")
-        dest = layout.tmp / "images" / new_rel
-        new_dims = _reencode(img, dest, min_side, max_pixels, downscale)
-        new = _entry(new_rel.as_posix(), dest)
-        keep = must or (
-            new.footprint < old.footprint if downscale else new.size <= old.size * _REENCODE_MIN_SAVING
-        )
-        if not keep:
-            dest.unlink()
-            continue
-        done.add(key)
+        if crf is not None:  # a clip: every pass starts from the original
+            new_rel = img.rel.with_suffix(".mp4")
+            dest = layout.tmp / "clips" / f"{crf}-{int(downscale)}" / new_rel
+            new_dims = _reencode_clip(img, dest, min_side, crf, downscale)
+            new = _entry(new_rel.as_posix(), dest)
+            if new.footprint >= old.footprint:
+                dest.unlink()
+                continue
+            originals.setdefault(key, old)
+            first = originals[key]
+        else:
+            new_rel = img.rel if img.rel.suffix.lower() in _JPEG_EXTENSIONS else img.rel.with_suffix(".jpg")
+            dest = layout.tmp / "images" / new_rel
+            new_dims = _reencode(img, dest, min_side, max_pixels, downscale)
+            new = _entry(new_rel.as_posix(), dest)
+            keep = must or (
+                new.footprint < old.footprint if downscale else new.size <= old.size * _REENCODE_MIN_SAVING
+            )
+            if not keep:
+                dest.unlink()
+                continue
+            done.add(key)
+            first = old
         layout.images[key] = new
         size += new.footprint - old.footprint
         if new_rel != img.rel:
             layout.renames[img.rel.as_posix()] = new_rel.as_posix()
+        changed[:] = [c for c in changed if c.path != img.rel.as_posix()]  # a clip's last pass is what counts
         changed.append(
             PackChange(
-                img.rel.as_posix(), new_rel.as_posix(), old.size, new.size, (img.width, img.height), new_dims
+                img.rel.as_posix(),
+                new_rel.as_posix(),
+                first.size,
+                new.size,
+                (img.width, img.height),
+                new_dims,
             )
         )
     layout.render_tables()
@@ -924,3 +1033,19 @@ def _fit(
     if size > limit:
         raise _too_large(size, limit, layout.entries(), True, min_side)
     return size
+
+
+def _reencode_clip(clip: _Image, dest: Path, min_side: int, crf: int, downscale: bool) -> tuple[int, int]:
+    """Write ``clip`` as H.264 at ``crf`` to ``dest`` (its shorter side brought to ``min_side`` when
+    ``downscale`` and larger); returns its (width, height) as shown."""
+    short = min(clip.width, clip.height)
+    longest = max(clip.width, clip.height)
+    side = round(longest * min_side / short) if downscale and short > min_side else longest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        w, h = cliplib.reencode(clip.path, dest, side, crf)
+    except cliplib.ClipError as exc:
+        raise PackError(
+            f"{clip.rel.as_posix()}: cannot be re-encoded ({exc}); fix or remove the file"
+        ) from None
+    return (h, w) if clip.clip is not None and clip.clip.rotation in (90, 270) else (w, h)

@@ -29,6 +29,8 @@ from av.error import FFmpegError
 from av.video.stream import VideoStream
 from PIL import Image
 
+from .dataset_rules import MIN_IMAGE_SIDE, VideoRule
+
 # How frames are drawn from a clip (the spec's ``video.sampling``): a window of consecutive frames at
 # the target frame rate from the clip's start, or from a random place (a new one each epoch, from
 # the seed), or the frames spread evenly over the whole clip (the frame rate is then the clip's
@@ -194,6 +196,22 @@ def pick_frames(
         wanted = [start + i / fps for i in range(count)]
     # the frame on screen at time t: the last one whose time is at or before t
     return [max(0, bisect.bisect_right(info.times, t + 1e-6) - 1) for t in wanted]
+
+
+def sample_frames_or_reason(info: ClipInfo, rule: VideoRule) -> tuple[int | None, str]:
+    """(the frames a sample of this clip takes, "") or (None, why the clip is skipped): too small,
+    longer than ``rule.max_seconds``, too short for the fewest frames. The staging and the packer
+    both ask this, so they skip the same clips for the same reasons."""
+    if min(info.width, info.height) < MIN_IMAGE_SIDE:
+        return None, f"too small ({info.width}x{info.height}; at least {MIN_IMAGE_SIDE} px a side)"
+    if info.duration > rule.max_seconds:
+        return None, (
+            f"{info.duration:.1f} s long, over the limit of {rule.max_seconds:g} s (dataset.max_clip_seconds)"
+        )
+    frames = longest_count(info, rule.frames, rule.fps, rule.sampling)
+    if frames is None:
+        return None, too_short_reason(info, rule.frames, rule.fps, rule.sampling)
+    return frames, ""
 
 
 def too_short_reason(info: ClipInfo, counts: Sequence[int], fps: float, sampling: str) -> str:

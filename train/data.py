@@ -624,19 +624,9 @@ def _usable_clip(path: Path, rule: VideoRule, limits: DataLimits) -> tuple[clipl
         raise UnsafeArchiveError(str(exc)) from None
     except cliplib.ClipError as exc:
         return None, 0, str(exc)
-    if min(clip.width, clip.height) < MIN_IMAGE_SIDE:
-        return None, 0, f"too small ({clip.width}x{clip.height}; at least {MIN_IMAGE_SIDE} px a side)"
-    if clip.duration > rule.max_seconds:
-        return (
-            None,
-            0,
-            (
-                f"{clip.duration:.1f} s long, over the limit of {rule.max_seconds:g} s (dataset.max_clip_seconds)"
-            ),
-        )
-    frames = cliplib.longest_count(clip, rule.frames, rule.fps, rule.sampling)
+    frames, why = cliplib.sample_frames_or_reason(clip, rule)
     if frames is None:
-        return None, 0, cliplib.too_short_reason(clip, rule.frames, rule.fps, rule.sampling)
+        return None, 0, why
     first = "start" if rule.sampling == "random" else rule.sampling
     try:
         cliplib.decode_frames(

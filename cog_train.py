@@ -94,6 +94,7 @@ class Trainer(BaseRunner):
                 "z-image",
                 "wan2.1-t2v-1.3b",
                 "wan2.1-t2v-14b",
+                "wan2.2-ti2v-5b",
             ],
             default=None,
         ),

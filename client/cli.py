@@ -743,7 +743,7 @@ def _dataset_commands(sub) -> None:
     sp.add_argument(
         "--fit",
         action="store_true",
-        help="re-encode/downsize images to fit, never below the spec's largest resolution",
+        help="re-encode/downsize images (and re-encode clips as H.264) to fit, never below the spec's largest resolution",
     )
     _spec_args(sp)
 

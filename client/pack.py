@@ -194,7 +194,7 @@ class PackResult:
         if self.changed:
             saved = sum(c.old_bytes - c.new_bytes for c in self.changed)
             lines.append(
-                f"re-encoded {len(self.changed)} image{'s' if len(self.changed) != 1 else ''} "
+                f"re-encoded {len(self.changed)} file{'s' if len(self.changed) != 1 else ''} "
                 f"to fit (saved {_human(saved)}):"
             )
             for c in self.changed:

@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video (1.3B, 14B): the registry entries (torch-free). Maths: ``family.py``;
+"""Wan 2.1 text-to-video (1.3B, 14B) and Wan 2.2 TI2V-5B: the registry entries (torch-free). Maths: ``family.py``;
 tiny pipelines: ``tiny.py``; full-size architectures: ``configs.py``. docs/video.md."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ WAN_PRESETS = {
 }
 
 
-def _tokens(resolution: int, frames: int) -> int:
-    """Sequence tokens of one sample: 1x2x2 patches of the 8x latent, (frames - 1) / 4 + 1 latent
-    frames, plus the 512 prompt tokens the pipeline always pads to."""
-    side = resolution // 8 // 2
+def _tokens(resolution: int, frames: int, factor: int = 8) -> int:
+    """Sequence tokens of one sample: 1x2x2 patches of the ``factor``x latent, (frames - 1) / 4 + 1
+    latent frames, plus the 512 prompt tokens the pipeline always pads to."""
+    side = resolution // factor // 2
     return side * side * ((frames - 1) // 4 + 1) + 512
 
 
@@ -78,4 +78,28 @@ WAN21_T2V_14B = replace(
     **estimated(Shape(params_b=14.29, width=5120, blocks=40, tokens=_tokens(1024, 33))),
 )
 
-MODELS = (WAN21_T2V_1_3B, WAN21_T2V_14B)
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers: a 5 B transformer (30 blocks, 3072 wide) on the Wan 2.2 VAE (16x
+# spatial, 4x temporal, 48 channels), so a sample has a quarter of Wan 2.1's tokens at equal size;
+# the pipeline feeds per-token timesteps (``expand_timesteps``). Trained at 720p and 24 fps up to 121
+# frames; its scheduler's flow shift is 5. Trained here in its text-to-video mode (the same
+# LoRA renders its image-to-video mode). The full fine-tune fits: 5 B x 10 bytes = 50 GB.
+WAN22_TI2V_5B = replace(
+    WAN21_T2V_1_3B,
+    id="wan2.2-ti2v-5b",
+    title="Wan 2.2 TI2V 5B",
+    short_name="Wan2.2-TI2V-5B",
+    base_weights="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    denoiser_params_b=5.0,
+    lora_params_m=40.30,
+    kohya_params_m=40.30,
+    vae_params_b=0.7,
+    kohya_architecture="wan2.2-ti2v-5b/lora",
+    latent_factor=16,
+    max_frames=121,
+    fps=24.0,
+    default_resolution=640,
+    tiny={"shift": 5.0, "ti2v": True},
+    **estimated(Shape(params_b=5.0, width=3072, blocks=30, tokens=_tokens(1024, 33, 16))),
+)
+
+MODELS = (WAN21_T2V_1_3B, WAN21_T2V_14B, WAN22_TI2V_5B)

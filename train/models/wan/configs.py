@@ -1,5 +1,6 @@
 """Wan's denoisers at full size (torch-free): the ``transformer/config.json`` of the published
-diffusers repos (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-T2V-14B-Diffusers). Every Wan
+diffusers repos (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-T2V-14B-Diffusers,
+Wan-AI/Wan2.2-TI2V-5B-Diffusers). Every Wan
 transformer has 128-wide heads, 1x2x2 patches, UMT5-XXL's 4096-wide text states and 256 frequency
 channels; they differ in width, depth and MLP size."""
 
@@ -22,4 +23,17 @@ _COMMON: dict[str, Any] = dict(
 )
 T2V_1_3B: dict[str, Any] = {**_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
 T2V_14B: dict[str, Any] = {**_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-DENOISERS: dict[str, dict[str, Any]] = {"wan2.1-t2v-1.3b": T2V_1_3B, "wan2.1-t2v-14b": T2V_14B}
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers: 48 latent channels in and out (the Wan 2.2 VAE's)
+TI2V_5B: dict[str, Any] = {
+    **_COMMON,
+    "num_attention_heads": 24,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+    "in_channels": 48,
+    "out_channels": 48,
+}
+DENOISERS: dict[str, dict[str, Any]] = {
+    "wan2.1-t2v-1.3b": T2V_1_3B,
+    "wan2.1-t2v-14b": T2V_14B,
+    "wan2.2-ti2v-5b": TI2V_5B,
+}

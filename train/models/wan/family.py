@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video: flow matching in the 3D DiT, UMT5 text, the causal 3D VAE.
+"""Wan 2.1 text-to-video and Wan 2.2 TI2V-5B: flow matching in the 3D DiT, UMT5 text, the causal 3D VAE.
 
 As ``WanPipeline.__call__`` does it (diffusers 0.42.1, pipelines/wan/pipeline_wan.py):
 
@@ -17,6 +17,9 @@ empty negative prompt the pipeline defaults to.
 
 A sample is a clip of ``video.frames`` frames (an image: one frame, one latent frame); validation
 renders ``video.validation_frames`` frames and returns them as a list of PIL images.
+
+Wan 2.2 TI2V-5B (``expand_timesteps`` in its pipeline config) is the same objective on the Wan 2.2
+VAE (16x spatial, 48 channels), with one timestep per token, all equal in its text-to-video mode.
 """
 
 from __future__ import annotations
@@ -97,9 +100,13 @@ class WanFamily(FlowMatchFamily):
 
     def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         text = batch.text["prompt_embeds"]
+        timestep = x.sigmas * 1000.0
+        if self.pipe.config.get("expand_timesteps", False):
+            # Wan 2.2 TI2V: one timestep per 1x2x2 token (the pipeline's text-to-video mode: all equal)
+            timestep = timestep[:, None].expand(-1, self.image_tokens(x.latents))
         out = model(
             hidden_states=x.latents.to(text.dtype),
-            timestep=x.sigmas * 1000.0,
+            timestep=timestep,
             encoder_hidden_states=text,
             return_dict=False,
         )[0]

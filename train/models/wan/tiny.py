@@ -20,6 +20,27 @@ UMT5_DMODEL = 32  # -> the transformer's text_dim
 LATENT_CHANNELS = 4  # 16 in the real VAE
 
 
+def tiny_wan22_vae(z: int = 8) -> AutoencoderKLWan:
+    """The Wan 2.2 VAE's layout: residual blocks over 2x2-patchified pixels (12 channels), 16x
+    spatial and 4x temporal compression."""
+    return AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.05 * i - 0.2 for i in range(z)],
+        latents_std=[0.9 + 0.05 * i for i in range(z)],
+    )
+
+
 def tiny_wan_vae(z: int = LATENT_CHANNELS) -> AutoencoderKLWan:
     return AutoencoderKLWan(
         base_dim=8,
@@ -33,13 +54,15 @@ def tiny_wan_vae(z: int = LATENT_CHANNELS) -> AutoencoderKLWan:
     )
 
 
-def tiny_wan_transformer(in_channels: int = LATENT_CHANNELS, **extra) -> WanTransformer3DModel:
+def tiny_wan_transformer(
+    in_channels: int = LATENT_CHANNELS, out_channels: int = LATENT_CHANNELS, **extra
+) -> WanTransformer3DModel:
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,  # RoPE splits it 4 / 4 / 4 over frames, height, width
         in_channels=in_channels,
-        out_channels=LATENT_CHANNELS,
+        out_channels=out_channels,
         text_dim=UMT5_DMODEL,
         freq_dim=16,
         ffn_dim=32,
@@ -77,11 +100,22 @@ def scheduler(shift: float) -> UniPCMultistepScheduler:
     )
 
 
-def write(folder: Path, shift: float = 3.0) -> Path:
-    """A tiny Wan 2.1 text-to-video pipeline; ``shift``: its scheduler's flow shift."""
+def write(folder: Path, shift: float = 3.0, ti2v: bool = False) -> Path:
+    """A tiny Wan 2.1 text-to-video pipeline; ``shift``: its scheduler's flow shift; ``ti2v``: Wan 2.2
+    TI2V-5B's layout instead (the Wan 2.2 VAE, 8 latent channels here, per-token timesteps)."""
     torch.manual_seed(0)
     folder = Path(folder)
     tok, encoder = tiny_umt5(folder)
+    if ti2v:
+        WanPipeline(
+            tokenizer=tok,  # pyright: ignore[reportArgumentType]
+            text_encoder=encoder,
+            vae=tiny_wan22_vae(8),
+            scheduler=scheduler(shift),  # pyright: ignore[reportArgumentType]
+            transformer=tiny_wan_transformer(8, 8),
+            expand_timesteps=True,
+        ).save_pretrained(folder)
+        return folder
     pipe = WanPipeline(
         tokenizer=tok,  # pyright: ignore[reportArgumentType]  (annotated AutoTokenizer; any tokenizer works)
         text_encoder=encoder,

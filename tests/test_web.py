@@ -351,6 +351,45 @@ def test_an_edit_job_is_tried_on_an_uploaded_image(page, local, fake, pair_datas
     train_server.wait(timeout=60)
 
 
+def test_a_video_job_plays_its_validation_clip_on_the_page(page, local, fake, train_server, tmp_path):
+    """A video model (tiny Wan 2.1) trained on a folder of clips: the page packs the clips, and the job
+    view plays the validation render, an H.264 .mp4 served by the local server, in a <video>."""
+    from train.sample_data import write_clip_dataset
+
+    clips = tmp_path / "clips"
+    write_clip_dataset(clips, count=3)
+    page.get_by_role("button", name="Validate").click()
+    expect(page.locator("#account-out")).to_contain_text("(acme)")
+    page.get_by_label("Folder or .zip on the server's machine").fill(str(clips))
+    page.get_by_role("button", name="Check size").click()
+    expect(page.locator("#pack-label")).to_contain_text("of the 100 MiB upload limit")
+    page.get_by_label("Model", exact=True).select_option("wan2.1-t2v-1.3b")
+    spec = {**TINY_SPEC, "base_weights": "tiny-wan2.1-t2v-1.3b", "steps": 4, "video": {"frames": [9]}}
+    spec_field(page, json.dumps(spec))
+    expect(page.locator("#spec-ok")).to_contain_text("wan2.1-t2v-1.3b · 4 steps")
+    page.get_by_role("button", name="Submit job").click()
+    job_id = submitted_id(page)
+    row = job_row(page, job_id)
+    expect(row.locator(".c-status")).to_have_text("succeeded", timeout=120_000)
+    row.get_by_role("button", name=job_id).click()
+    video = page.locator("#job-samples video")
+    expect(video).to_have_count(1, timeout=60_000)  # the .mp4, not its frame strip as well
+    expect(page.locator("#job-samples img")).to_have_count(0)
+    # the browser decodes it: metadata and a first frame loaded, then it plays
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#job-samples video'); return v && v.readyState >= 2; }",
+        timeout=30_000,
+    )
+    duration = page.evaluate("document.querySelector('#job-samples video').duration")
+    assert 0.4 < duration < 0.8, duration  # 9 frames at 16 fps
+    page.evaluate("document.querySelector('#job-samples video').play()")
+    page.wait_for_function(
+        "() => document.querySelector('#job-samples video').currentTime > 0", timeout=30_000
+    )
+    shot(page.locator("#job-outputs"), "job-view-video")
+    train_server.wait(timeout=60)
+
+
 def test_beyond_loopback_the_page_logs_in_with_the_api_key(browser, fake, tmp_path):
     from client.server import ensure_api_key
 

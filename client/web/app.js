@@ -1056,6 +1056,16 @@
     }
   }
 
+  function isVideo(url) {
+    return /\.(mp4|webm)(\?|#|$)/i.test(url);
+  }
+
+  // a video that plays in place (muted, looping: a validation clip is a few seconds long)
+  function videoEl(url, label, cls) {
+    return el("video", { src: url, controls: "", muted: "", loop: "", playsinline: "", preload: "metadata",
+      "aria-label": label, class: cls });
+  }
+
   function renderFiles(files) {
     const loss = byId("job-loss");
     const gallery = byId("job-samples");
@@ -1063,7 +1073,11 @@
     loss.replaceChildren();
     gallery.replaceChildren();
     list.replaceChildren();
-    const samples = files.filter((f) => /^samples\/.+\.(png|jpe?g|webp)$/i.test(f.path));
+    // a video model's validation renders: the .mp4 (played here) and its frame strip (.png, for the
+    // contact sheet); the strip is shown only where there is no video of the same render
+    const videos = new Set(files.filter((f) => /^samples\/.+\.mp4$/i.test(f.path)).map((f) => f.path.replace(/\.mp4$/i, "")));
+    const samples = files.filter((f) => /^samples\/.+\.(png|jpe?g|webp|mp4)$/i.test(f.path)
+      && (/\.mp4$/i.test(f.path) || !videos.has(f.path.replace(/\.[^.]+$/, ""))));
     const lossFile = files.find((f) => f.path === "loss.png");
     if (lossFile) {
       loss.append(el("figure", {},
@@ -1077,8 +1091,10 @@
       const m = /step-0*(\d+)-(\d+)/.exec(name);
       const caption = m ? `Step ${m[1]}, prompt ${Number(m[2]) + 1}` : name;
       gallery.append(el("figure", { class: "sample" },
-        el("a", { href: f.url, target: "_blank", rel: "noopener" },
-          el("img", { src: f.url, alt: `Validation image: ${caption}`, class: "sample-img" })),
+        isVideo(f.url)
+          ? videoEl(f.url, `Validation video: ${caption}`, "sample-img")
+          : el("a", { href: f.url, target: "_blank", rel: "noopener" },
+            el("img", { src: f.url, alt: `Validation image: ${caption}`, class: "sample-img" })),
         el("figcaption", { text: caption })));
     }
     if (!samples.length) gallery.append(el("p", { class: "help", text: "No validation images in the outputs." }));
@@ -1208,14 +1224,17 @@
       if (state.openJob !== id) return;
       const gallery = byId("try-images");
       gallery.replaceChildren();
+      const kind = r.images.length && r.images.every((img) => isVideo(img.url)) ? "video" : "image";
       r.images.forEach((img, i) => {
         gallery.append(el("figure", { class: "sample" },
-          el("a", { href: img.url, target: "_blank", rel: "noopener" },
-            el("img", { src: img.url, alt: `Rendered image ${i + 1}: ${prompt}`, class: "sample-img try-img" })),
-          el("figcaption", { text: `Image ${i + 1}` })));
+          isVideo(img.url)
+            ? videoEl(img.url, `Rendered video ${i + 1}: ${prompt}`, "sample-img try-img")
+            : el("a", { href: img.url, target: "_blank", rel: "noopener" },
+              el("img", { src: img.url, alt: `Rendered image ${i + 1}: ${prompt}`, class: "sample-img try-img" })),
+          el("figcaption", { text: `${kind === "video" ? "Video" : "Image"} ${i + 1}` })));
       });
       const secs = r.predict_time != null ? ` in ${fmtDuration(r.predict_time)}` : "";
-      say("try-msg", `${r.images.length} image${r.images.length === 1 ? "" : "s"} rendered${secs}.`, "ok");
+      say("try-msg", `${r.images.length} ${kind}${r.images.length === 1 ? "" : "s"} rendered${secs}.`, "ok");
     } catch (e) {
       const prompt = e.problems.find((p) => p.field === "prompt");
       if (prompt) setFieldError("try-prompt", "try-prompt", prompt.message);

@@ -95,6 +95,7 @@ class Trainer(BaseRunner):
                 "wan2.1-t2v-1.3b",
                 "wan2.1-t2v-14b",
                 "wan2.2-ti2v-5b",
+                "wan2.2-t2v-a14b",
             ],
             default=None,
         ),

@@ -62,18 +62,37 @@ def _frames(data: bytes) -> np.ndarray:
         return np.stack([np.asarray(f.convert("RGB")).astype(int) for f in ImageSequence.Iterator(img)])
 
 
+LOW = "pytorch_lora_weights_low_noise.safetensors"  # Wan 2.2 A14B's low-noise expert's file
+
+
 def _stock(
-    model: str, base: Path, lora: Path | None = None, weight_name: str | None = None, dtype=torch.float32
+    model: str,
+    base: Path,
+    lora: Path | None = None,
+    files: tuple[str | None, str | None] = ("pytorch_lora_weights.safetensors", LOW),
+    dtype=torch.float32,
+    calls: list[torch.Tensor] | None = None,
 ):
-    """The frames a user gets from the model's stock pipeline (and ``load_lora_weights``)."""
+    """The frames a user gets from the model's stock pipeline and ``load_lora_weights``: ``files`` are
+    (the file for ``transformer``, the one for ``transformer_2`` where the model has two experts and
+    the folder holds it). ``calls``: each step's transformer outputs, in order."""
     from diffusers import DiffusionPipeline
 
     info = model_info(model)
     pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype)
     assert type(pipe).__name__ == info.pipeline
     pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(lora, **({"weight_name": weight_name} if weight_name else {}))
+    main, second = files
+    if lora is not None and main is not None:
+        pipe.load_lora_weights(lora, weight_name=main)
+    if lora is not None and second is not None and info.experts > 1 and (lora / second).is_file():
+        pipe.load_lora_weights(lora, weight_name=second, load_into_transformer_2=True)
+    if calls is not None:
+        for name in ("transformer", "transformer_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).register_forward_hook(
+                    lambda _m, _a, out: calls.append(out[0].detach()) and None
+                )
     frames = pipe(
         prompt=PROMPT,
         num_inference_steps=2,
@@ -155,8 +174,10 @@ def test_every_video_model_trains_on_clips_through_the_cog_train_entry_and_rende
         _stock(model, base, out, dtype=torch.bfloat16),
     )
     assert np.abs(lora16 - plain16).max() > 2, f"{model}: in bf16 the LoRA does not change the video"
-    kohya = _stock(model, base, out, "lora_kohya.safetensors")
+    kohya = _stock(model, base, out, ("lora_kohya.safetensors", "lora_kohya_low_noise.safetensors"))
     assert np.abs(kohya - with_lora).max() <= 1, f"{model}: the musubi-named copy renders differently"
+    if info.experts > 1:
+        _each_expert_changes_its_part_of_the_schedule(model, base, out, plain)
     with safe_open(str(out / "lora_kohya.safetensors"), "pt") as f:
         assert (f.metadata() or {}).get("modelspec.architecture") == info.kohya_architecture
         assert all(k.startswith("lora_unet_blocks_") for k in f.keys())
@@ -187,6 +208,28 @@ def test_every_video_model_trains_on_clips_through_the_cog_train_entry_and_rende
                 assert (clip.frames, clip.width, clip.height, clip.codec) == (FRAMES, 64, 64, "h264")
 
 
+def _each_expert_changes_its_part_of_the_schedule(
+    model: str, base: Path, out: Path, plain: np.ndarray
+) -> None:
+    """Two steps at flow shift 3 with the boundary at 0.875: t = 999 is the high-noise expert's, t = 750
+    the low-noise one's. Each expert's LoRA, loaded alone into its transformer, changes the video; the
+    high-noise one the first step's prediction, the low-noise one not that step, only the second."""
+    ref: list[torch.Tensor] = []
+    _stock(model, base, calls=ref)
+    high: list[torch.Tensor] = []
+    assert (
+        np.abs(_stock(model, base, out, ("pytorch_lora_weights.safetensors", None), calls=high) - plain).max()
+        > 2
+    )
+    low: list[torch.Tensor] = []
+    assert np.abs(_stock(model, base, out, (None, LOW), calls=low) - plain).max() > 2
+    cfg = 2  # CFG: a conditional and an unconditional call per step
+    assert len(ref) == len(high) == len(low) == 2 * cfg
+    assert (high[0] - ref[0]).abs().max() > 1e-3  # the high-noise LoRA acts at t = 999
+    torch.testing.assert_close(low[0], ref[0])  # ... the low-noise one does not
+    assert (low[cfg] - ref[cfg]).abs().max() > 1e-3  # it acts at t = 750
+
+
 def _capture(module: torch.nn.Module, into: list[dict[str, Any]]):
     return module.register_forward_pre_hook(
         lambda _m, _a, kwargs: into.append(kwargs) and None, with_kwargs=True
@@ -209,7 +252,9 @@ def test_the_training_step_feeds_the_video_denoiser_what_the_pipeline_feeds_it(
     family = family_class(model)(spec, base)
     family.load(torch.float32)
     calls: list[dict[str, Any]] = []
-    handle = _capture(family.denoiser, calls)
+    handle = _capture(
+        family.pipe.transformer, calls
+    )  # (Wan 2.2 A14B: the high-noise expert, first at t = 999)
     family.pipe(
         prompt=PROMPT,
         num_inference_steps=2,
@@ -221,7 +266,9 @@ def test_the_training_step_feeds_the_video_denoiser_what_the_pipeline_feeds_it(
         output_type="latent",
     )
     handle.remove()
-    assert len(calls) == 2
+    assert (
+        len(calls) == 2 // info.experts
+    )  # one call a step (Wan 2.2 A14B: the second step is the other expert's)
     theirs = calls[0]
     sigma = float(family.pipe.scheduler.sigmas[0])
 
@@ -249,3 +296,55 @@ def test_the_training_step_feeds_the_video_denoiser_what_the_pipeline_feeds_it(
     # (B,), or one per token (Wan 2.2 TI2V's expand_timesteps): 999.x vs 999
     assert ours[0]["timestep"].shape == theirs["timestep"].shape
     assert (ours[0]["timestep"].float() - theirs["timestep"].float()).abs().max() < 1.0
+
+
+EXPERT_MODELS = [m for m in VIDEO_MODELS if model_info(m).experts > 1]
+
+
+@pytest.mark.parametrize("model", EXPERT_MODELS)
+def test_one_expert_alone_trains_on_its_noise_levels_and_renders_from_its_transformer(
+    model, tiny_weights, clip_zip, tmp_path, monkeypatch
+):
+    """``video.expert: low_noise`` trains the low-noise expert alone, on noise levels below the boundary;
+    its LoRA is the one file delivered, and the run entry loads it into ``transformer_2`` as a user
+    does with ``load_lora_weights(..., load_into_transformer_2=True)``. Items of a batch go to the
+    expert of their own timestep."""
+    from conftest import quick_spec, train_quietly
+    from train.models.base import BatchRandom
+    from train.models.wan.family import Experts
+
+    base = tiny_weights / model_info(model).tiny_name
+    spec = quick_spec(
+        tiny_weights, model, steps=4, learning_rate=1e-2, **{"video.frames": [9], "video.expert": "low_noise"}
+    )
+    family = family_class(model)(spec, base)
+    family.load(torch.float32)
+    rng = BatchRandom(torch.Generator().manual_seed(0), 256, 0, 256, torch.device("cpu"))
+    assert float(family.sample_sigmas(rng, 16).max()) < 0.875
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class Echo(torch.nn.Module):  # returns its timestep, so the routing shows in the output
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, **_):
+            seen[self.name] = timestep
+            return (timestep.view(-1, 1) + 0 * hidden_states.flatten(1)[:, :1],)
+
+    experts = Experts(Echo("high"), Echo("low"), 875.0, ("high", "low"))
+    t = torch.tensor([999.0, 100.0, 900.0, 874.0])
+    out = experts(torch.zeros(4, 3), t, torch.zeros(4, 2))[0]
+    assert out.flatten().tolist() == t.tolist()
+    assert seen["high"].tolist() == [999.0, 900.0] and seen["low"].tolist() == [100.0, 874.0]
+
+    result, log = train_quietly(spec, clip_zip, tmp_path / "out")
+    assert result is not None, log[-2000:]
+    assert not (tmp_path / "out" / LOW).exists()
+    stock = _stock(model, base, tmp_path / "out", (None, "pytorch_lora_weights.safetensors"))
+    assert np.abs(stock - _stock(model, base)).max() > 2
+    assert (
+        np.abs(_run_entry(model, base, tmp_path / "out", tmp_path / "run", monkeypatch) - stock).max()
+        <= TOLERANCE
+    )

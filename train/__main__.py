@@ -123,8 +123,9 @@ def summary_lines(result: TrainResult, mode: str) -> list[tuple[str, str]]:
         lines = [("model (diffusers)", str(result.weights[0]))]
     else:
         lines = [("LoRA (diffusers)", str(result.lora_file))]
-        if result.kohya_file is not None:
-            lines.append(("LoRA (kohya)", str(result.kohya_file)))
+        # a second expert's LoRA (Wan 2.2 A14B: the low-noise one), then the kohya/ComfyUI copies
+        lines += [("LoRA (diffusers)", str(p)) for p in result.weights[1:] if "kohya" not in p.name]
+        lines += [("LoRA (kohya)", str(p)) for p in result.weights if "kohya" in p.name]
     lines.append(("validation images", ", ".join(str(p) for p in result.samples) or "none"))
     return lines + [("loss plot", str(result.loss_plot)), ("config", str(result.config))]
 

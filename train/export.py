@@ -95,23 +95,25 @@ def export_lora(
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     diffusers_file = family.save_lora(out_dir, {k: v.to(dtype) for k, v in sd.items()}, lora_config)
     files = {"diffusers": diffusers_file}
+    files.update({f"diffusers:{p.name}": p for p in family.companion_files(out_dir)})
     info = model_info(family.spec.model)
     kohya_sd = family.kohya_state_dict(sd, alpha) if kohya else None
     if kohya_sd is None:  # not asked, or the family has no kohya / ComfyUI convention (docs/families.md)
         return files
-    save_file(
-        {k: v.to(dtype).contiguous() for k, v in kohya_sd.items()},
-        str(out_dir / KOHYA_FILE),
-        metadata={
-            "ss_network_module": info.kohya_network_module,
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": str(alpha),
-            "modelspec.architecture": info.kohya_architecture,
-            "modelspec.sai_model_spec": "1.0.0",
-            "trained_with": "advanced-trainer",
-        },
-    )
-    return {**files, "kohya": out_dir / KOHYA_FILE}
+    metadata = {
+        "ss_network_module": info.kohya_network_module,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "modelspec.architecture": info.kohya_architecture,
+        "modelspec.sai_model_spec": "1.0.0",
+        "trained_with": "advanced-trainer",
+    }
+    save_file({k: v.to(dtype).contiguous() for k, v in kohya_sd.items()}, str(out_dir / KOHYA_FILE), metadata)
+    files["kohya"] = out_dir / KOHYA_FILE
+    for name, extra in family.kohya_companions(sd, alpha).items():
+        save_file({k: v.to(dtype).contiguous() for k, v in extra.items()}, str(out_dir / name), metadata)
+        files[f"kohya:{name}"] = out_dir / name
+    return files
 
 
 def trainable_state(spec: TrainingSpec, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -132,7 +134,10 @@ def export_weights(spec: TrainingSpec, family: Family, model: torch.nn.Module, o
     out_dir.mkdir(parents=True, exist_ok=True)
     kohya = spec.export.writes_kohya(spec.model)
     files = export_lora(family, trainable_state(spec, model), meta, out_dir, alpha, spec.lora.rank, kohya)
-    return [files["diffusers"], *([files["kohya"]] if "kohya" in files else [])]
+    # [the diffusers file, its companions (Wan 2.2 A14B's low-noise expert), then the kohya files]
+    return [files["diffusers"], *(p for k, p in files.items() if k.startswith("diffusers:"))] + [
+        p for k, p in files.items() if k == "kohya" or k.startswith("kohya:")
+    ]
 
 
 def export_full_model(family: Family, model: torch.nn.Module, folder: Path) -> Path:

@@ -34,6 +34,9 @@ from .spec import DEFAULT_BASE_WEIGHTS, MODEL_FAMILIES, family_of
 from .trained import Trained, TrainedWeightsError, fetch_trained, shown
 from .weights import WeightsError, prepare_weights_from_env
 
+# Wan 2.2 A14B's low-noise expert's LoRA (train/models/wan/family.py writes it beside the main file)
+LOW_NOISE_FILE = "pytorch_lora_weights_low_noise.safetensors"
+
 # torch, diffusers and the model families are imported where first used: importing this module
 # stays torch-free (its tables are checked against predict.py's literal choices without torch).
 
@@ -136,6 +139,8 @@ class Renderer:
         self.pinned: set[str] = set()  # adapters never evicted (the trained one)
         self.loads = {"base": 0, "adapter": 0}  # counters: what a prediction had to load
         self._named = 0
+        # LoRA files that load into the pipeline's second transformer (Wan 2.2 A14B's low-noise expert)
+        self.into_second: set[str] = set()
 
     def ensure_base(self, model: str, folder: Path) -> None:
         """Load ``folder`` as ``model``'s pipeline unless it is the one loaded."""
@@ -168,9 +173,10 @@ class Renderer:
             return self.adapters[path]
         self._named += 1
         name = f"lora_{self._named}"
+        second = {"load_into_transformer_2": True} if path in self.into_second else {}
         try:
             self.pipe.load_lora_weights(
-                str(Path(path).parent), weight_name=Path(path).name, adapter_name=name
+                str(Path(path).parent), weight_name=Path(path).name, adapter_name=name, **second
             )
         except Exception as exc:  # wrong family, damaged file, incompatible targets
             why = " ".join(str(exc).split())[:400]
@@ -345,7 +351,7 @@ class InferenceSession:
             with self._phase("load"):
                 self.renderer.ensure_base(model, folder)
                 if self.trained.lora_file:
-                    self.renderer.use_loras([(self.trained.lora_file, 1.0, True)])
+                    self.renderer.use_loras(self._lora_files(self.trained, self.trained.lora_file, 1.0, True))
         else:
             log(
                 f"setup: no trained weights (the trainer's own version): renders {self.default_model} "
@@ -415,6 +421,22 @@ class InferenceSession:
             return self.default_model, self.default_base
         return model, DEFAULT_BASE_WEIGHTS[model]
 
+    def _lora_files(
+        self, trained: Trained, lora: Path, scale: float, pin: bool
+    ) -> list[tuple[Path, float, bool]]:
+        """``lora`` as (file, scale, pinned), with the LoRA that goes with it: Wan 2.2 A14B's low-noise
+        expert's beside the high-noise one's loads into the second transformer, and so does a run
+        that trained that expert alone (config.json's ``video.expert``)."""
+        out = [(lora, scale, pin)]
+        spec = (trained.config or {}).get("spec") or {}
+        if (spec.get("video") or {}).get("expert") == "low_noise":
+            self.renderer.into_second.add(str(lora.resolve()))
+        companion = lora.parent / LOW_NOISE_FILE
+        if companion.is_file() and lora.name != LOW_NOISE_FILE:
+            self.renderer.into_second.add(str(companion.resolve()))
+            out.append((companion, scale, pin))
+        return out
+
     def _plan(
         self, req: RenderRequest
     ) -> tuple[str, str | Path, list[tuple[Path, float, bool]], Trained | None]:
@@ -432,7 +454,8 @@ class InferenceSession:
                 raise InputError(str(exc)) from None
             assert lora is not None
             # the delivered LoRA stays loaded; other steps are evicted like any other LoRA
-            loras.append((lora, req.lora_scale, primary is self.trained and lora == primary.lora_file))
+            pin = primary is self.trained and lora == primary.lora_file
+            loras += self._lora_files(primary, lora, req.lora_scale, pin)
         if req.extra_lora:
             extra = self._source(req.extra_lora, "extra_lora", req.hf_token)
             if extra.lora_file is None:

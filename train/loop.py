@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, KwargsHandler, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import logging as diffusers_logging
@@ -52,6 +52,7 @@ from .data import (
 from .edit import ValidationControlError, pair_rule, save_sample, side_by_side, validation_control_sets
 from .export import (
     CONTACT_SHEET,
+    KOHYA_FILE,
     SCORE_PLOT,
     export_weights,
     trainable_state,
@@ -61,6 +62,7 @@ from .export import (
     write_model_card,
     write_score_plot,
 )
+from .families import model_info
 from .fp8 import fp8_supported
 from .memory import MemoryPlan, choose_memory_plan, enable_checkpointing
 from .models import family_for
@@ -103,7 +105,7 @@ class TrainResult:
     @property
     def kohya_file(self) -> Path | None:
         """The kohya / ComfyUI-named copy; None where the family has no such convention."""
-        return self.weights[1] if len(self.weights) > 1 else None
+        return next((p for p in self.weights if p.name == KOHYA_FILE), None)
 
 
 def _quiet_libraries() -> None:
@@ -293,8 +295,18 @@ def open_run(spec: TrainingSpec, out_dir: Path) -> RunContext:
     mixed, weight_dtype = _precision(spec, cuda)
     attention_note = apply_attention_backend(spec.speed.attention, cuda)
     _fresh_accelerator_state(mixed)
+    # two experts (Wan 2.2 A14B): a step whose items are all one expert's leaves the other's LoRA
+    # without a gradient, which DDP must be told to expect
+    handlers: list[KwargsHandler] = (
+        [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        if model_info(spec.model).experts > 1
+        else []
+    )
     accelerator = Accelerator(
-        mixed_precision=mixed, gradient_accumulation_steps=spec.gradient_accumulation_steps, cpu=not cuda
+        mixed_precision=mixed,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        cpu=not cuda,
+        kwargs_handlers=handlers,
     )
     ctx = RunContext(spec, accelerator, out_dir, cuda, weight_dtype, attention_note)
     if ctx.main:

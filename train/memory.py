@@ -191,7 +191,9 @@ def card_plan(
     free = int(card_gib * GIB * 0.95)  # the CUDA context and allocator keep some
     weights = info.weight_bytes(2.0)
     encode_peak = weights["text_encoders"] + weights["vae"]
-    trainable = int(info.lora_params_m * 1e6)  # the default LoRA, counted on the full-size denoiser
+    trainable = int(
+        info.lora_params_m * 1e6 * info.experts
+    )  # the default LoRA, counted on the full-size denoiser
     row: dict[str, object] = {"model": model, "encode_gib": round(encode_peak / GIB, 1)}
     for label, bytes_per_param in (("bf16", 2.0), ("fp8_base", 1.0)):
         plan = choose_memory_plan(

@@ -74,6 +74,9 @@ class ModelInfo:
     fps: float = 0.0  # the frame rate the model was trained at (samples are drawn at it by default)
     temporal_factor: int = 1  # frames per latent frame (after the first)
     default_resolution: int = 1024  # the spec's resolutions default
+    # denoisers that train side by side (Wan 2.2 A14B: a high- and a low-noise expert); the parameter
+    # and LoRA counts above are one expert's
+    experts: int = 1
 
     def __post_init__(self) -> None:
         if not self.short_name:
@@ -125,7 +128,7 @@ class ModelInfo:
         """Bytes of each phase's weights at ``bytes_per_param`` (bf16: 2, fp8: 1)."""
         return {
             "text_encoders": int(self.text_encoder_params_b * GB * bytes_per_param),
-            "denoiser": int(self.denoiser_params_b * GB * bytes_per_param),
+            "denoiser": int(self.denoiser_params_b * self.experts * GB * bytes_per_param),
             "vae": int(self.vae_params_b * GB * 2),
         }
 

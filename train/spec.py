@@ -191,6 +191,11 @@ class VideoSpec(_Section):
         le=1024,
         description="frames of a validation render; default: the fewest in frames",
     )
+    expert: Literal["both", "high_noise", "low_noise"] = Field(
+        default="both",
+        description="Wan 2.2 A14B: train a LoRA for both experts (each on the timesteps it serves), or "
+        "for the high-noise or the low-noise one alone",
+    )
 
 
 class SdxlOptions(_Section):
@@ -552,7 +557,8 @@ def _video_problems(model: str, info: Any, video: Any, validation: Any) -> list[
         given = {
             k: v
             for k, v in video.items()
-            if v != VideoSpec.model_fields[k].get_default(call_default_factory=True)
+            if k in VideoSpec.model_fields
+            and v != VideoSpec.model_fields[k].get_default(call_default_factory=True)
         }
         if given:
             return [
@@ -563,6 +569,10 @@ def _video_problems(model: str, info: Any, video: Any, validation: Any) -> list[
             ]
         return []
     problems: list[tuple[set[str], str]] = []
+    if video.get("expert", "both") != "both" and info.experts < 2:
+        problems.append(
+            ({"model", "video"}, f"video.expert: {model} has one denoiser; experts are Wan 2.2 A14B's")
+        )
     step, most = info.frame_step, info.max_frames
     counts = [n for n in (video.get("frames") or []) if isinstance(n, int)]
     rendered = video.get("validation_frames")

@@ -149,9 +149,12 @@ class KeepSteps(Periodic):
                 shutil.rmtree(step_folder(out, record.step), ignore_errors=True)
                 record.lora = [p.name for p in paths]
                 continue
-            for rel in record.lora[1:]:  # [diffusers, kohya]: the kohya copy of a step not delivered
-                (out / rel).unlink(missing_ok=True)
-            record.lora = record.lora[:1]
+            # [diffusers, its companions, kohya...]: the kohya copies of a step not delivered go
+            keep = [rel for rel in record.lora if "kohya" not in Path(rel).name]
+            for rel in record.lora:
+                if rel not in keep:
+                    (out / rel).unlink(missing_ok=True)
+            record.lora = keep
         return paths
 
     def scores_json(self, choice: Choice) -> dict[str, Any]:

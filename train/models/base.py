@@ -311,6 +311,18 @@ class Family(ABC):
         )
         return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
+    def companion_files(self, out_dir: Path) -> list[Path]:
+        """Diffusers-format LoRA files ``save_lora`` wrote besides its main one (Wan 2.2 A14B: the
+        low-noise expert's); they travel with it (kept steps, the delivered files)."""
+        return []
+
+    def kohya_companions(
+        self, state_dict: dict[str, torch.Tensor], alpha: float
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """More kohya/ComfyUI-named files, by file name, besides ``kohya_state_dict``'s (Wan 2.2 A14B:
+        the low-noise expert's)."""
+        return {}
+
     def kohya_state_dict(
         self, state_dict: dict[str, torch.Tensor], alpha: float
     ) -> dict[str, torch.Tensor] | None:

@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video (1.3B, 14B) and Wan 2.2 TI2V-5B: the registry entries (torch-free). Maths: ``family.py``;
+"""Wan 2.1 text-to-video (1.3B, 14B), Wan 2.2 TI2V-5B and T2V-A14B: the registry entries (torch-free). Maths: ``family.py``;
 tiny pipelines: ``tiny.py``; full-size architectures: ``configs.py``. docs/video.md."""
 
 from __future__ import annotations
@@ -102,4 +102,23 @@ WAN22_TI2V_5B = replace(
     **estimated(Shape(params_b=5.0, width=3072, blocks=30, tokens=_tokens(1024, 33, 16))),
 )
 
-MODELS = (WAN21_T2V_1_3B, WAN21_T2V_14B, WAN22_TI2V_5B)
+# Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts of Wan 2.1 14B's architecture, ``transformer`` for the
+# high-noise timesteps (t >= 875, the pipeline's ``boundary_ratio``) and ``transformer_2`` for the rest;
+# a LoRA is trained for each on the timesteps it serves (docs/video.md). Its figures are one expert's;
+# both are held in memory (``experts``). 480p/720p, 16 fps, 81 frames; guidance 4 (high) and 3 (low)
+# on the card, the pipeline's default one value for both.
+WAN22_T2V_A14B = replace(
+    WAN21_T2V_14B,
+    id="wan2.2-t2v-a14b",
+    title="Wan 2.2 T2V A14B",
+    short_name="Wan2.2-T2V-A14B",
+    base_weights="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    render_guidance=4.0,
+    kohya_architecture="wan2.2-t2v-a14b/lora",
+    experts=2,
+    full_finetune="Wan 2.2 A14B's two 14.3 B-parameter experts need ~286 GB for bf16 weights, gradients and "
+    "Adam states, more than the largest single card (80 GB); train a LoRA",
+    tiny={"shift": 3.0, "experts": True},
+)
+
+MODELS = (WAN21_T2V_1_3B, WAN21_T2V_14B, WAN22_TI2V_5B, WAN22_T2V_A14B)

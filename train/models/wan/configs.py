@@ -36,4 +36,5 @@ DENOISERS: dict[str, dict[str, Any]] = {
     "wan2.1-t2v-1.3b": T2V_1_3B,
     "wan2.1-t2v-14b": T2V_14B,
     "wan2.2-ti2v-5b": TI2V_5B,
+    "wan2.2-t2v-a14b": T2V_14B,  # each of its two experts (Wan-AI/Wan2.2-T2V-A14B-Diffusers)
 }

@@ -25,7 +25,8 @@ VAE (16x spatial, 48 channels), with one timestep per token, all equal in its te
 from __future__ import annotations
 
 import re
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
@@ -149,7 +150,7 @@ class WanFamily(FlowMatchFamily):
             for module, name in names.items():
                 ab = blocks.get(i, {}).get(module)
                 if ab is None:
-                    layer = self.denoiser.get_submodule(f"blocks.{i}.{module}")
+                    layer = self.lora_base().get_submodule(f"blocks.{i}.{module}")
                     assert isinstance(layer, torch.nn.Linear), f"blocks.{i}.{module}"
                     ab = (
                         torch.zeros(rank, layer.in_features, dtype=torch.float32),
@@ -158,9 +159,207 @@ class WanFamily(FlowMatchFamily):
                 out.update(_entry(f"lora_unet_blocks_{i}_{name}", *ab, alpha / ab[0].shape[0]))
         return out
 
+    def lora_base(self) -> torch.nn.Module:
+        """The transformer whose ``blocks`` the LoRA names (the experts' share one architecture)."""
+        return self.denoiser
+
     def has_image_attention(self) -> bool:
         """The transformer attends to CLIP image tokens too (Wan 2.1 I2V: ``add_k_proj`` / ``add_v_proj``)."""
         return getattr(self.denoiser.config, "added_kv_proj_dim", None) is not None
 
 
 FAMILY = WanFamily
+
+
+# -- Wan 2.2 A14B: two experts ------------------------------------------------------------------
+
+LOW_NOISE_FILE = "pytorch_lora_weights_low_noise.safetensors"  # the low-noise expert's LoRA
+LOW_NOISE_KOHYA_FILE = "lora_kohya_low_noise.safetensors"
+EXPERTS = {"high_noise": "high", "low_noise": "low"}  # spec.video.expert -> the Experts attribute
+
+
+class Experts(torch.nn.Module):
+    """Wan 2.2 A14B's two transformers as one trainable module, as its pipeline uses them: ``high``
+    (the pipeline's ``transformer``) denoises timesteps at or above ``boundary`` (its config's
+    ``boundary_ratio`` x 1000), ``low`` (``transformer_2``) the ones below. Each item of a batch goes
+    to the expert of its own timestep. ``trained``: the experts a LoRA is added to."""
+
+    _repeated_blocks = ("WanTransformerBlock",)
+
+    def __init__(
+        self, high: torch.nn.Module, low: torch.nn.Module, boundary: float, trained: tuple[str, ...]
+    ):
+        super().__init__()
+        self.high, self.low = high, low
+        self.boundary = boundary
+        self.trained = trained
+
+    @property
+    def config(self) -> Any:
+        return self.high.config  # the two share the architecture
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.high.parameters()).dtype
+
+    @property
+    def peft_config(self) -> Any:  # what peft's state-dict helpers read
+        return getattr(self, self.trained[0]).peft_config
+
+    def add_adapter(self, config: Any) -> None:
+        for name in self.trained:
+            getattr(self, name).add_adapter(config)
+
+    def enable_gradient_checkpointing(self, **kw: Any) -> None:
+        for expert in (self.high, self.low):
+            cast(Any, expert).enable_gradient_checkpointing(**kw)
+
+    def compile_repeated_blocks(self, **kw: Any) -> None:
+        for expert in (self.high, self.low):
+            cast(Any, expert).compile_repeated_blocks(**kw)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        **kw: Any,
+    ) -> tuple[torch.Tensor]:
+        high = timestep >= self.boundary
+        parts = {}
+        for name, rows in (("high", high), ("low", ~high)):
+            if bool(rows.any()):
+                expert = getattr(self, name)
+                parts[name] = (
+                    rows,
+                    expert(
+                        hidden_states=hidden_states[rows],
+                        timestep=timestep[rows],
+                        encoder_hidden_states=encoder_hidden_states[rows],
+                        **kw,
+                    )[0],
+                )
+        first = next(iter(parts.values()))[1]
+        out = first.new_zeros((hidden_states.shape[0], *first.shape[1:]))
+        for rows, value in parts.values():
+            out = out.index_put((rows.nonzero(as_tuple=True)[0],), value)
+        return (out,)
+
+
+class WanExpertsFamily(WanFamily):
+    """Wan 2.2 A14B: a LoRA for each expert (``video.expert: both``, the default), trained on the
+    timesteps that expert serves, or for one alone (``high_noise`` / ``low_noise``: its noise levels
+    drawn inside its range). Delivered as two files the stock pipeline loads, the second with
+    ``load_lora_weights(..., weight_name=LOW_NOISE_FILE, load_into_transformer_2=True)``."""
+
+    experts: Experts | None = None
+
+    def load_encoders(self, dtype: torch.dtype) -> None:
+        self.pipe = self.pipeline_cls.from_pretrained(
+            self.base_dir, dtype=dtype, transformer=None, transformer_2=None
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        for name in self.frozen_names():
+            getattr(self.pipe, name).requires_grad_(False).eval()
+        self.after_load()
+
+    def load_denoiser(self, dtype: torch.dtype) -> None:
+        parts = {k: v for k, v in self.pipe.components.items() if k not in ("transformer", "transformer_2")}
+        self.pipe = self.pipeline_cls.from_pretrained(self.base_dir, dtype=dtype, **parts)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.transformer.requires_grad_(False)
+        self.pipe.transformer_2.requires_grad_(False)
+        which = self.spec.video.expert
+        trained = ("high", "low") if which == "both" else (EXPERTS[which],)
+        self.experts = Experts(
+            self.pipe.transformer, self.pipe.transformer_2, self.boundary * 1000.0, trained
+        )
+
+    @property
+    def boundary(self) -> float:
+        """The noise level where the pipeline switches experts (its ``boundary_ratio``)."""
+        return float(self.pipe.config.boundary_ratio)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        if self.experts is None:  # the meta-device count builds a pipeline of one transformer
+            return getattr(self.pipe, self.denoiser_name)
+        return self.experts
+
+    @property
+    def denoiser_dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def lora_base(self) -> torch.nn.Module:
+        return self.experts.high if self.experts is not None else self.denoiser
+
+    def sample_sigmas(self, rng: Any, image_seq_len: int) -> torch.Tensor:
+        sigmas = super().sample_sigmas(rng, image_seq_len)
+        b = self.boundary
+        if self.spec.video.expert == "high_noise":
+            return b + (1.0 - b) * sigmas
+        if self.spec.video.expert == "low_noise":
+            return b * sigmas
+        return sigmas
+
+    def render_components(self) -> dict[str, Any]:
+        assert self.experts is not None
+        return {
+            "scheduler": self.pipe.scheduler,
+            "vae": self.pipe.vae,
+            "transformer": self.experts.high,
+            "transformer_2": self.experts.low,
+            "boundary_ratio": self.boundary,
+        }
+
+    @staticmethod
+    def _split(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {"high": {}, "low": {}}
+        for key, value in state_dict.items():
+            expert, _, rest = key.partition(".")
+            if expert in out:
+                out[expert][rest] = value
+            else:  # one transformer's LoRA (the meta-device count builds a single expert)
+                out["high"][key] = value
+        return out
+
+    def save_lora(self, out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        """Both experts: the high-noise LoRA as ``pytorch_lora_weights.safetensors``, the low-noise one
+        as ``LOW_NOISE_FILE``. One expert: its LoRA as ``pytorch_lora_weights.safetensors`` (config.json's
+        ``video.expert`` says which transformer it loads into)."""
+        parts = {k: v for k, v in self._split(state_dict).items() if v}
+        main = Path(out_dir) / "pytorch_lora_weights.safetensors"
+        names = (
+            {"high": main.name, "low": LOW_NOISE_FILE} if len(parts) == 2 else {k: main.name for k in parts}
+        )
+        for expert, weights in parts.items():
+            layers: dict[str, torch.nn.Module | torch.Tensor] = dict(weights)
+            self.pipeline_cls.save_lora_weights(
+                out_dir,
+                weight_name=names[expert],
+                safe_serialization=True,
+                transformer_lora_layers=layers,
+                transformer_lora_adapter_metadata=metadata,
+            )
+        return main
+
+    def companion_files(self, out_dir: Path) -> list[Path]:
+        """The low-noise expert's file beside the high-noise one's, when both were trained."""
+        low = Path(out_dir) / LOW_NOISE_FILE
+        return [low] if low.is_file() else []
+
+    def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        parts = self._split(state_dict)
+        return super().kohya_state_dict(parts["high"] or parts["low"], alpha)
+
+    def kohya_companions(
+        self, state_dict: dict[str, torch.Tensor], alpha: float
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """The low-noise expert's musubi-named copy, when both experts were trained."""
+        parts = self._split(state_dict)
+        if not (parts["high"] and parts["low"]):
+            return {}
+        return {LOW_NOISE_KOHYA_FILE: super().kohya_state_dict(parts["low"], alpha)}
+
+
+FAMILIES = {"wan2.2-t2v-a14b": WanExpertsFamily}

@@ -100,12 +100,24 @@ def scheduler(shift: float) -> UniPCMultistepScheduler:
     )
 
 
-def write(folder: Path, shift: float = 3.0, ti2v: bool = False) -> Path:
+def write(folder: Path, shift: float = 3.0, ti2v: bool = False, experts: bool = False) -> Path:
     """A tiny Wan 2.1 text-to-video pipeline; ``shift``: its scheduler's flow shift; ``ti2v``: Wan 2.2
-    TI2V-5B's layout instead (the Wan 2.2 VAE, 8 latent channels here, per-token timesteps)."""
+    TI2V-5B's layout instead (the Wan 2.2 VAE, 8 latent channels here, per-token timesteps);
+    ``experts``: Wan 2.2 A14B's, a high- and a low-noise transformer switched at 0.875."""
     torch.manual_seed(0)
     folder = Path(folder)
     tok, encoder = tiny_umt5(folder)
+    if experts:
+        WanPipeline(
+            tokenizer=tok,  # pyright: ignore[reportArgumentType]
+            text_encoder=encoder,
+            vae=tiny_wan_vae(),
+            scheduler=scheduler(shift),  # pyright: ignore[reportArgumentType]
+            transformer=tiny_wan_transformer(),
+            transformer_2=tiny_wan_transformer(),
+            boundary_ratio=0.875,
+        ).save_pretrained(folder)
+        return folder
     if ti2v:
         WanPipeline(
             tokenizer=tok,  # pyright: ignore[reportArgumentType]

@@ -540,7 +540,7 @@ def pack_dataset(
         if size > limit_bytes and not fit:
             raise _too_large(size, limit_bytes, layout.entries(), False, min_side)
         if size > limit_bytes or must:
-            _fit(scan.images, layout, must, changed, limit_bytes, min_side, max_image_pixels, max_files)
+            _fit(scan.images, layout, must, changed, limit_bytes, min_side, max_image_pixels)
         written, digest = _write_archive(
             layout.entries(), out, limit_bytes, progress, bool(changed), min_side
         )
@@ -935,6 +935,36 @@ def _write_archive(
     return written, digest
 
 
+# one step of ``fit``: (image key, downscale, required, x264 crf for a clip or None for an image)
+_Step = tuple[str, bool, bool, "int | None"]
+
+
+def _fit_plan(images: dict[str, _Image], required: list[str], min_side: int) -> list[_Step]:
+    """The order ``fit`` tries: 1. required images; clips at a lower quality; 2. images larger than
+    ``min_side``, downscaled to it; clips brought to ``min_side``; 3. the other images re-encoded at
+    their size (kept only when that saves at least 10 %); clips at lower qualities still."""
+    stills = {k: img for k, img in images.items() if img.clip is None}
+    clips = {k: img for k, img in images.items() if img.clip is not None}
+    by_size = sorted(stills, key=lambda k: (-stills[k].size, stills[k].rel.parts))
+    clips_by_size = sorted(clips, key=lambda k: (-clips[k].size, clips[k].rel.parts))
+
+    def clip_pass(i: int) -> list[_Step]:
+        crf, downscale = CLIP_PASSES[i]
+        return [(k, downscale, False, crf) for k in clips_by_size]
+
+    def large(k: str) -> bool:
+        return min(stills[k].width, stills[k].height) > min_side
+
+    return (
+        [(k, True, True, None) for k in by_size if k in required]
+        + clip_pass(0)
+        + [(k, True, False, None) for k in by_size if k not in required and large(k)]
+        + clip_pass(1)
+        + [(k, False, False, None) for k in by_size if k not in required and not large(k)]
+        + [step for i in range(2, len(CLIP_PASSES)) for step in clip_pass(i)]
+    )
+
+
 def _fit(
     images: dict[str, _Image],
     layout: _Layout,
@@ -943,45 +973,14 @@ def _fit(
     limit: int,
     min_side: int,
     max_pixels: int,
-    max_files: int = DEFAULT_MAX_FILES,
 ) -> int:
-    """Re-encode images and clips, largest first, until the archive fits; returns its exact size.
-
-    ``required``: images that must be re-encoded whatever the size (over the pixel cap, or over the
-    compression-ratio bound).
-    """
-    stills = {k: img for k, img in images.items() if img.clip is None}
-    clips = {k: img for k, img in images.items() if img.clip is not None}
-    by_size = sorted(stills, key=lambda k: (-stills[k].size, stills[k].rel.parts))
-    clips_by_size = sorted(clips, key=lambda k: (-clips[k].size, clips[k].rel.parts))
-
-    def clip_pass(i: int) -> list[tuple[str, bool, bool, int | None]]:
-        crf, downscale = CLIP_PASSES[i]
-        return [(k, downscale, False, crf) for k in clips_by_size]
-
-    # 1. required images; clips at a lower quality; 2. images larger than min_side, downscaled to it;
-    # clips brought to min_side; 3. the rest re-encoded at their size, kept only when that saves at
-    # least 10 %; clips at lower qualities still.
-    plan = (
-        [(k, True, True, None) for k in by_size if k in required]
-        + clip_pass(0)
-        + [
-            (k, True, False, None)
-            for k in by_size
-            if k not in required and min(stills[k].width, stills[k].height) > min_side
-        ]
-        + clip_pass(1)
-        + [
-            (k, False, False, None)
-            for k in by_size
-            if k not in required and min(stills[k].width, stills[k].height) <= min_side
-        ]
-        + [step for i in range(2, len(CLIP_PASSES)) for step in clip_pass(i)]
-    )
+    """Re-encode images and clips, largest first (``_fit_plan``), until the archive fits; returns its
+    exact size. ``required``: images that must be re-encoded whatever the size (over the pixel cap,
+    or over the compression-ratio bound)."""
     done: set[str] = set()
     originals: dict[str, _Entry] = {}  # a clip's entry before its first re-encode
     size = layout.size()
-    for key, downscale, must, crf in plan:
+    for key, downscale, must, crf in _fit_plan(images, required, min_side):
         if size <= limit and not must:
             layout.render_tables()  # renames change the tables; the loop goes on if they tip it over
             size = layout.size()
@@ -990,29 +989,13 @@ def _fit(
         if key in done:
             continue
         img, old = images[key], layout.images[key]
-        if crf is not None:  # a clip: every pass starts from the original
-            new_rel = img.rel.with_suffix(".mp4")
-            dest = layout.tmp / "clips" / f"{crf}-{int(downscale)}" / new_rel
-            new_dims = _reencode_clip(img, dest, min_side, crf, downscale)
-            new = _entry(new_rel.as_posix(), dest)
-            if new.footprint >= old.footprint:
-                dest.unlink()
-                continue
-            originals.setdefault(key, old)
-            first = originals[key]
-        else:
-            new_rel = img.rel if img.rel.suffix.lower() in _JPEG_EXTENSIONS else img.rel.with_suffix(".jpg")
-            dest = layout.tmp / "images" / new_rel
-            new_dims = _reencode(img, dest, min_side, max_pixels, downscale)
-            new = _entry(new_rel.as_posix(), dest)
-            keep = must or (
-                new.footprint < old.footprint if downscale else new.size <= old.size * _REENCODE_MIN_SAVING
-            )
-            if not keep:
-                dest.unlink()
-                continue
+        step = _fit_step(img, old, layout, min_side, max_pixels, downscale, must, crf)
+        if step is None:
+            continue
+        new_rel, new, new_dims = step
+        if crf is None:
             done.add(key)
-            first = old
+        first = originals.setdefault(key, old)
         layout.images[key] = new
         size += new.footprint - old.footprint
         if new_rel != img.rel:
@@ -1033,6 +1016,38 @@ def _fit(
     if size > limit:
         raise _too_large(size, limit, layout.entries(), True, min_side)
     return size
+
+
+def _fit_step(
+    img: _Image,
+    old: _Entry,
+    layout: _Layout,
+    min_side: int,
+    max_pixels: int,
+    downscale: bool,
+    must: bool,
+    crf: int | None,
+) -> tuple[PurePosixPath, _Entry, tuple[int, int]] | None:
+    """One re-encode: (its path in the archive, its entry, its size as shown), or None when it does not
+    pay (a clip every pass starts from the original, and keeps a pass only when it is smaller)."""
+    if crf is not None:
+        new_rel = img.rel.with_suffix(".mp4")
+        dest = layout.tmp / "clips" / f"{crf}-{int(downscale)}" / new_rel
+        new_dims = _reencode_clip(img, dest, min_side, crf, downscale)
+        new = _entry(new_rel.as_posix(), dest)
+        keep = new.footprint < old.footprint
+    else:
+        new_rel = img.rel if img.rel.suffix.lower() in _JPEG_EXTENSIONS else img.rel.with_suffix(".jpg")
+        dest = layout.tmp / "images" / new_rel
+        new_dims = _reencode(img, dest, min_side, max_pixels, downscale)
+        new = _entry(new_rel.as_posix(), dest)
+        keep = must or (
+            new.footprint < old.footprint if downscale else new.size <= old.size * _REENCODE_MIN_SAVING
+        )
+    if not keep:
+        dest.unlink()
+        return None
+    return new_rel, new, new_dims
 
 
 def _reencode_clip(clip: _Image, dest: Path, min_side: int, crf: int, downscale: bool) -> tuple[int, int]:

@@ -22,8 +22,8 @@ MiB = 2**20
 RULE = VideoRule("wan2.1-t2v-1.3b", (9, 17), 16.0)
 
 
-def noise_clip(path: Path, frames: int = 48, size=(256, 192), seed: int = 0) -> Path:
-    """A clip of random frames, stored losslessly: the worst case for size (~3.7 MiB here)."""
+def noise_clip(path: Path, frames: int = 40, size=(160, 128), seed: int = 0) -> Path:
+    """A clip of random frames, stored losslessly: the worst case for size (~1.5 MiB here)."""
     rng = __import__("random").Random(seed)
     images = [Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)) for _ in range(frames)]
     return clips.write_clip(path, images, 16.0, crf=0)
@@ -43,21 +43,17 @@ def clip_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def test_pack_fit_brings_a_clip_folder_under_the_limit_and_the_trainer_trains_on_it(
-    clip_folder, tiny_weights, tmp_path
-):
-    from conftest import quick_spec, train_quietly
-
+def test_pack_fit_brings_a_clip_folder_under_the_limit_and_the_trainer_stages_it(clip_folder, tmp_path):
     total = sum(p.stat().st_size for p in clip_folder.rglob("*") if p.is_file())
-    assert total > 20 * MiB
-    limit = 12 * MiB
+    assert total > 7.5 * MiB
+    limit = 5 * MiB
     with pytest.raises(PackTooLarge) as too_large:
         pack_dataset(clip_folder, tmp_path / "a.zip", limit_bytes=limit, model="wan2.1-t2v-1.3b", video=RULE)
     assert "noise_" in str(too_large.value) and "--fit" in str(too_large.value)
 
     out = tmp_path / "fit.zip"
     result = pack_dataset(
-        clip_folder, out, limit_bytes=limit, fit=True, min_side=128, model="wan2.1-t2v-1.3b", video=RULE
+        clip_folder, out, limit_bytes=limit, fit=True, min_side=96, model="wan2.1-t2v-1.3b", video=RULE
     )
     assert out.stat().st_size == result.size_bytes <= limit
     assert (result.images, result.clips) == (7, 6)
@@ -79,11 +75,6 @@ def test_pack_fit_brings_a_clip_folder_under_the_limit_and_the_trainer_trains_on
     assert captions[phone] == (17, "a phone clip, sks")
     assert captions["noise_0.mp4"] == (17, "static number 0, sks") and captions["still.png"][0] == 1
     assert staged.skipped == []
-
-    spec = quick_spec(tiny_weights, "wan2.1-t2v-1.3b", steps=2, **{"video.frames": [9, 17]})
-    result_, log = train_quietly(spec, out, tmp_path / "train")
-    assert result_ is not None and result_.lora_file.is_file(), log[-2000:]
-    assert "dataset: 1 images and 6 clips used, 0 files skipped" in log
 
 
 def test_clips_are_left_out_for_an_image_model_and_refused_where_the_trainer_would(tmp_path):

@@ -568,7 +568,8 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
         finally:
             family.pipe.vae.to("cpu")
             model.train(was_training)
-        log(f"validation: {len(paths)} image(s) at step {step} in {out}")
+        what = "video(s)" if model_info(ctx.spec.model).video else "image(s)"
+        log(f"validation: {len(paths)} {what} at step {step} in {out}")
     ctx.accelerator.wait_for_everyone()
     return paths
 

@@ -118,3 +118,28 @@ def test_clips_over_the_limits(tmp_path):
     (tmp_path / "b.png").unlink()
     with pytest.raises(UnsafeArchiveError, match=r"'long\.mp4': 64x48 frames are over the cap of 3000"):
         stage_dataset(tmp_path, tmp_path / "job", DataLimits(max_image_pixels=3000), video=WAN)
+
+
+def test_random_sampling_trains_each_clip_s_cached_windows_in_turn():
+    """``video.sampling: random`` caches ``windows`` windows a clip; each epoch trains one of each
+    clip's, the next one the next epoch, in an order that the seed fixes."""
+    import torch
+
+    from train.buckets import Placement
+    from train.cache import BatchSampler, CachedItem, LatentCache
+
+    p = Placement(64, (64, 64), (64, 64), (0, 0))
+    z = torch.zeros(4, 3, 8, 8)
+    items = [
+        CachedItem(name, p, z, z, 0, frames=9, window=w, windows=3)
+        for name in ("a.mp4", "b.mp4")
+        for w in range(3)
+    ]
+    cache = LatentCache(items, [{}], [""], {})
+    sampler = BatchSampler(cache, batch_size=1, seed=5)
+    epochs = [sorted(next(sampler)[0] for _ in range(2)) for _ in range(6)]
+    windows = [[(items[i].name, items[i].window) for i in e] for e in epochs]
+    assert windows[:3] == [[("a.mp4", w), ("b.mp4", w)] for w in range(3)]
+    assert windows[3:] == windows[:3]  # then around again
+    one, two = BatchSampler(cache, batch_size=1, seed=5), BatchSampler(cache, batch_size=1, seed=5)
+    assert [next(one) for _ in range(12)] == [next(two) for _ in range(12)]

@@ -311,7 +311,7 @@ def collate(
     """Stack cached items into a Batch; ``drop[i]`` swaps item i's caption for the empty one."""
     items = [cache.items[i] for i in indices]
     texts = [_item_text(cache, it, d) for it, d in zip(items, drop, strict=True)]
-    text = {k: _to_device(torch.stack([t[k] for t in texts]), device, text_dtype) for k in texts[0]}
+    text = {k: _to_device(_stack_rows([t[k] for t in texts]), device, text_dtype) for k in texts[0]}
     return Batch(
         latent_mean=_to_device(torch.stack([it.mean for it in items]), device),
         latent_std=_to_device(torch.stack([it.std for it in items]), device),
@@ -323,6 +323,17 @@ def collate(
             for k in range(len(items[0].controls))
         ],
     )
+
+
+def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stacked along a new batch axis; tensors cached with different lengths (a family that keeps only
+    a prompt's own tokens, Wan) are zero-padded to the longest first, which the family pads further."""
+    if not tensors[0].dim():
+        return torch.stack(tensors)
+    longest = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == longest for t in tensors):
+        return torch.stack(tensors)
+    return torch.stack([torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])]) for t in tensors])
 
 
 def _item_text(cache: LatentCache, item: CachedItem, drop: bool) -> dict[str, torch.Tensor]:

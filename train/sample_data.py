@@ -44,14 +44,19 @@ def draw_example(i: int, size: tuple[int, int]) -> tuple[Image.Image, str]:
         draw.line([(0, y), (w, y)], fill=tuple(max(0, c - shade) for c in base))
     r = min(w, h) * rng.uniform(0.25, 0.38)
     cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
+    draw_shape(draw, shape, cx, cy, r, COLOURS[fg_name])
+    return img, f"a {fg_name} {shape} on a {bg_name} background, sks style"
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+    """A circle, square or triangle of radius ``r`` centred on (``cx``, ``cy``)."""
     box = [cx - r, cy - r, cx + r, cy + r]
     if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[fg_name])
+        draw.ellipse(box, fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[fg_name])
+        draw.rectangle(box, fill=fill)
     else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg_name])
-    return img, f"a {fg_name} {shape} on a {bg_name} background, sks style"
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
 def write_sample_dataset(out: Path, count: int = 8, size: tuple[int, int] | None = None) -> list[Path]:
@@ -116,14 +121,7 @@ def draw_clip(i: int, frames: int = 20, size: tuple[int, int] = (64, 64)) -> tup
     for f in range(frames):
         img = Image.new("RGB", size, COLOURS[bg_name])
         draw = ImageDraw.Draw(img)
-        cx = r + (w - 2 * r) * f / max(1, frames - 1)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[fg_name])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[fg_name])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg_name])
+        draw_shape(draw, shape, r + (w - 2 * r) * f / max(1, frames - 1), cy, r, COLOURS[fg_name])
         out.append(img)
     return out, f"a {fg_name} {shape} gliding across a {bg_name} background, sks style"
 

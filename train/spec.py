@@ -161,6 +161,9 @@ class DatasetSpec(_Section):
     )
 
 
+VALIDATION_FRAMES = 17  # the most frames a validation render has by default (4k+1 and 8k+1 alike)
+
+
 class VideoSpec(_Section):
     """Video models (docs/video.md): how a clip becomes training samples. Image models refuse it."""
 
@@ -189,7 +192,7 @@ class VideoSpec(_Section):
         default=None,
         ge=1,
         le=1024,
-        description="frames of a validation render; default: the fewest in frames",
+        description="frames of a validation render; default: the fewest in frames, at most 17",
     )
     expert: Literal["both", "high_noise", "low_noise"] = Field(
         default="both",
@@ -446,7 +449,7 @@ class TrainingSpec(_Section):
                 **self.video.model_dump(),
                 "frames": sorted(set(frames)),
                 "fps": self.video.fps or info.fps,
-                "validation_frames": self.video.validation_frames or min(frames),
+                "validation_frames": self.video.validation_frames or min([*frames, VALIDATION_FRAMES]),
             }
         if info.default_resolution != 1024 and "resolutions" not in self.model_fields_set:
             updates["resolutions"] = [info.default_resolution]

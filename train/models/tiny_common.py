@@ -96,9 +96,9 @@ def clip_config(vocab_size: int) -> CLIPTextConfig:
     )
 
 
-def t5_encoder(vocab_size: int, width: int = T5_DMODEL) -> T5EncoderModel:
-    """A 2-layer T5 encoder of ``width`` (default ``T5_DMODEL``)."""
-    config = T5Config(
+def t5_sizes(vocab_size: int, width: int = T5_DMODEL) -> dict[str, Any]:
+    """A 2-layer T5 (or UMT5) encoder's configuration of ``width``, for the tokenizers above."""
+    return dict(
         vocab_size=vocab_size,
         d_model=width,
         d_ff=64,
@@ -109,5 +109,10 @@ def t5_encoder(vocab_size: int, width: int = T5_DMODEL) -> T5EncoderModel:
         pad_token_id=0,
         eos_token_id=1,
     )
+
+
+def t5_encoder(vocab_size: int, width: int = T5_DMODEL) -> T5EncoderModel:
+    """A 2-layer T5 encoder of ``width`` (default ``T5_DMODEL``)."""
+    config = T5Config(**t5_sizes(vocab_size, width))
     config.decoder_start_token_id = 0  # unused by an encoder; kept so the written config stays as it was
     return T5EncoderModel(config)

@@ -4,7 +4,8 @@ As ``WanPipeline.__call__`` does it (diffusers 0.42.1, pipelines/wan/pipeline_wa
 
 - text: the pipeline's ``encode_prompt`` at 512 tokens (its ``__call__`` default; ``encode_prompt``'s
   own is 226): UMT5's last hidden state cut to the prompt's tokens and zero-padded back to 512. The
-  transformer gets no attention mask: the zero rows are keys too, as in the pipeline;
+  transformer gets no attention mask: the zero rows are keys too, as in the pipeline. The cache keeps
+  only the prompt's own rows and the step pads them back to 512;
 - latents: the VAE's posterior of the sample's frames, (C, (F - 1) / 4 + 1, H / 8, W / 8), normalised
   per channel ``(z - latents_mean) / latents_std`` (the pipeline undoes it before decoding);
 - the transformer's timestep is ``1000 sigma`` (the pipeline feeds the integer part), and it predicts
@@ -57,6 +58,22 @@ MUSUBI_IMAGE = {"attn2.add_k_proj": "cross_attn_k_img", "attn2.add_v_proj": "cro
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def own_tokens(states: torch.Tensor) -> torch.Tensor:
+    """A prompt's UMT5 states (512, D) without the zero rows the pipeline pads them with (at least one)."""
+    rows = (states != 0).any(dim=-1).nonzero()
+    return states[: int(rows.max()) + 1 if rows.numel() else 1]
+
+
+def text_states(states: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) prompt states zero-padded to the 512 rows the pipeline hands the transformer."""
+    short = TEXT_TOKENS - states.shape[1]
+    return (
+        torch.cat([states, states.new_zeros(states.shape[0], short, states.shape[2])], dim=1)
+        if short > 0
+        else states
+    )
+
+
 class WanFamily(FlowMatchFamily):
     pipeline_cls = WanPipeline
     denoiser_name = "transformer"
@@ -76,7 +93,9 @@ class WanFamily(FlowMatchFamily):
                 max_sequence_length=TEXT_TOKENS,
                 device=device,
             )
-            return [{"prompt_embeds": e.float().cpu()} for e in embeds]
+            # kept without the zero rows the pipeline pads to 512 (a prompt's own tokens: ~8 MiB less a
+            # caption in fp32); the training step and the renders pad them back (``text_states``)
+            return [{"prompt_embeds": own_tokens(e).float().cpu()} for e in embeds]
 
         return self.encode_keeping_negative(list(prompts), encode, NEGATIVE_PROMPT)
 
@@ -100,7 +119,7 @@ class WanFamily(FlowMatchFamily):
         return self.scheduler_fixed_shift()
 
     def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        text = batch.text["prompt_embeds"]
+        text = text_states(batch.text["prompt_embeds"])
         timestep = x.sigmas * 1000.0
         if self.pipe.config.get("expand_timesteps", False):
             # Wan 2.2 TI2V: one timestep per 1x2x2 token (the pipeline's text-to-video mode: all equal)
@@ -121,9 +140,11 @@ class WanFamily(FlowMatchFamily):
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
         # the negative prompt goes along always: the pipeline uses it only when guidance_scale > 1
         dtype = self.denoiser_dtype
-        out = {"prompt_embeds": text["prompt_embeds"][None].to(device, dtype)}
+        out = {"prompt_embeds": text_states(text["prompt_embeds"][None]).to(device, dtype)}
         if self.negative is not None:
-            out["negative_prompt_embeds"] = self.negative["prompt_embeds"][None].to(device, dtype)
+            out["negative_prompt_embeds"] = text_states(self.negative["prompt_embeds"][None]).to(
+                device, dtype
+            )
         return out
 
     def render_extra(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from ..tiny_common import write_t5_tokenizer
+from ..tiny_common import t5_sizes, write_t5_tokenizer
 
 UMT5_DMODEL = 32  # -> the transformer's text_dim
 LATENT_CHANNELS = 4  # 16 in the real VAE
@@ -78,20 +78,7 @@ def tiny_wan_transformer(
 def tiny_umt5(folder: Path) -> tuple[T5Tokenizer, UMT5EncoderModel]:
     vocab = write_t5_tokenizer(folder / "tokenizer")
     tok = T5Tokenizer.from_pretrained(folder / "tokenizer")
-    encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab,
-            d_model=UMT5_DMODEL,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    return tok, encoder
+    return tok, UMT5EncoderModel(UMT5Config(**t5_sizes(vocab, UMT5_DMODEL)))
 
 
 def scheduler(shift: float) -> UniPCMultistepScheduler:

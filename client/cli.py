@@ -396,7 +396,8 @@ def cmd_run(args, settings):
     _out(
         args,
         result.to_dict(),
-        f"{len(result.images)} image(s) from {result.prediction.get('id')}"
+        f"{len(result.images)} {'video' if all(p.suffix in ('.mp4', '.webm') for p in result.images) else 'image'}(s) "
+        f"from {result.prediction.get('id')}"
         + (f" in {took:.1f}s" if took else "")
         + ":\n"
         + "\n".join(f"  {p}" for p in result.images),

@@ -31,11 +31,8 @@ from typing import Any
 from .families import model_info
 from .published import NeedsHubToken, PublishedModelError, fetch_published
 from .spec import DEFAULT_BASE_WEIGHTS, MODEL_FAMILIES, family_of
-from .trained import Trained, TrainedWeightsError, fetch_trained, shown
+from .trained import LOW_NOISE_FILE, Trained, TrainedWeightsError, fetch_trained, shown
 from .weights import WeightsError, prepare_weights_from_env
-
-# Wan 2.2 A14B's low-noise expert's LoRA (train/models/wan/family.py writes it beside the main file)
-LOW_NOISE_FILE = "pytorch_lora_weights_low_noise.safetensors"
 
 # torch, diffusers and the model families are imported where first used: importing this module
 # stays torch-free (its tables are checked against predict.py's literal choices without torch).

@@ -38,6 +38,9 @@ from .spec import MODEL_FAMILIES, family_of
 from .weights import WeightsError, download_url
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train/export.py writes (diffusers/peft naming)
+# Wan 2.2 A14B's low-noise expert's LoRA, beside LORA_FILE (train/models/wan/family.py writes it; the
+# run entry loads it into the pipeline's second transformer)
+LOW_NOISE_FILE = "pytorch_lora_weights_low_noise.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 STEPS_DIR = "steps"  # steps/step-N/: the LoRA of each validation step (train/steps.py)
 _HF_REPO = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+\.safetensors))?$")

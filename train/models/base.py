@@ -122,7 +122,7 @@ class Family(ABC):
     def load_encoders(self, dtype: torch.dtype) -> None:
         """The pipeline without its denoiser, on the CPU in ``dtype``, frozen."""
         self.pipe = self.pipeline_cls.from_pretrained(
-            self.base_dir, dtype=dtype, **{self.denoiser_name: None}
+            self.base_dir, dtype=dtype, **dict.fromkeys(self.denoiser_components())
         )
         self.pipe.set_progress_bar_config(disable=True)
         for name in self.frozen_names():
@@ -139,10 +139,16 @@ class Family(ABC):
 
     def load_denoiser(self, dtype: torch.dtype) -> None:
         """Add the denoiser to the loaded pipeline (on the CPU, frozen); the other parts are reused."""
-        parts = {k: v for k, v in self.pipe.components.items() if k != self.denoiser_name}
+        denoisers = self.denoiser_components()
+        parts = {k: v for k, v in self.pipe.components.items() if k not in denoisers}
         self.pipe = self.pipeline_cls.from_pretrained(self.base_dir, dtype=dtype, **parts)
         self.pipe.set_progress_bar_config(disable=True)
-        self.denoiser.requires_grad_(False)
+        for name in denoisers:
+            getattr(self.pipe, name).requires_grad_(False)
+
+    def denoiser_components(self) -> list[str]:
+        """The pipeline components that load in the second stage (Wan 2.2 A14B: both experts)."""
+        return [self.denoiser_name]
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -32,6 +32,7 @@ from typing import Any, cast
 import torch
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
+from ...trained import LOW_NOISE_FILE  # the low-noise expert's LoRA
 from ..base import Batch
 from ..flow import FlowMatchFamily, Noised
 from ..kohya import _entry, _pairs
@@ -194,7 +195,6 @@ FAMILY = WanFamily
 
 # -- Wan 2.2 A14B: two experts ------------------------------------------------------------------
 
-LOW_NOISE_FILE = "pytorch_lora_weights_low_noise.safetensors"  # the low-noise expert's LoRA
 LOW_NOISE_KOHYA_FILE = "lora_kohya_low_noise.safetensors"
 EXPERTS = {"high_noise": "high", "low_noise": "low"}  # spec.video.expert -> the Experts attribute
 
@@ -275,21 +275,11 @@ class WanExpertsFamily(WanFamily):
 
     experts: Experts | None = None
 
-    def load_encoders(self, dtype: torch.dtype) -> None:
-        self.pipe = self.pipeline_cls.from_pretrained(
-            self.base_dir, dtype=dtype, transformer=None, transformer_2=None
-        )
-        self.pipe.set_progress_bar_config(disable=True)
-        for name in self.frozen_names():
-            getattr(self.pipe, name).requires_grad_(False).eval()
-        self.after_load()
+    def denoiser_components(self) -> list[str]:
+        return ["transformer", "transformer_2"]
 
     def load_denoiser(self, dtype: torch.dtype) -> None:
-        parts = {k: v for k, v in self.pipe.components.items() if k not in ("transformer", "transformer_2")}
-        self.pipe = self.pipeline_cls.from_pretrained(self.base_dir, dtype=dtype, **parts)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.transformer.requires_grad_(False)
-        self.pipe.transformer_2.requires_grad_(False)
+        super().load_denoiser(dtype)
         which = self.spec.video.expert
         trained = ("high", "low") if which == "both" else (EXPERTS[which],)
         self.experts = Experts(

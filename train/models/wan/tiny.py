@@ -94,33 +94,21 @@ def write(folder: Path, shift: float = 3.0, ti2v: bool = False, experts: bool = 
     torch.manual_seed(0)
     folder = Path(folder)
     tok, encoder = tiny_umt5(folder)
-    if experts:
-        WanPipeline(
-            tokenizer=tok,  # pyright: ignore[reportArgumentType]
-            text_encoder=encoder,
-            vae=tiny_wan_vae(),
-            scheduler=scheduler(shift),  # pyright: ignore[reportArgumentType]
-            transformer=tiny_wan_transformer(),
-            transformer_2=tiny_wan_transformer(),
-            boundary_ratio=0.875,
-        ).save_pretrained(folder)
-        return folder
     if ti2v:
-        WanPipeline(
-            tokenizer=tok,  # pyright: ignore[reportArgumentType]
-            text_encoder=encoder,
-            vae=tiny_wan22_vae(8),
-            scheduler=scheduler(shift),  # pyright: ignore[reportArgumentType]
-            transformer=tiny_wan_transformer(8, 8),
-            expand_timesteps=True,
-        ).save_pretrained(folder)
-        return folder
-    pipe = WanPipeline(
+        layout = {
+            "vae": tiny_wan22_vae(8),
+            "transformer": tiny_wan_transformer(8, 8),
+            "expand_timesteps": True,
+        }
+    elif experts:
+        transformers = {"transformer": tiny_wan_transformer(), "transformer_2": tiny_wan_transformer()}
+        layout = {"vae": tiny_wan_vae(), **transformers, "boundary_ratio": 0.875}
+    else:
+        layout = {"vae": tiny_wan_vae(), "transformer": tiny_wan_transformer()}
+    WanPipeline(
         tokenizer=tok,  # pyright: ignore[reportArgumentType]  (annotated AutoTokenizer; any tokenizer works)
         text_encoder=encoder,
-        vae=tiny_wan_vae(),
         scheduler=scheduler(shift),  # pyright: ignore[reportArgumentType]  (the Wan repos ship UniPC on flow sigmas)
-        transformer=tiny_wan_transformer(),
-    )
-    pipe.save_pretrained(folder)
+        **layout,
+    ).save_pretrained(folder)
     return folder

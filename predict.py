@@ -43,7 +43,7 @@ class Predictor(BaseRunner):
             description='What to draw, or for an edit model the instruction ("make the square red"). Put the trigger word in it (e.g. "a photo of TOK").'  # noqa: E501
         ),
         input_image: Path | None = Input(
-            description="Edit models (flux1-kontext-dev, qwen-image-edit, ...): the image to edit; Flux.2: a reference image",  # noqa: E501
+            description="Edit models (flux1-kontext-dev, qwen-image-edit, ...): the image to edit; Flux.2: a reference image; image-to-video models (wan2.1-i2v-14b, wan2.2-i2v-a14b): the first frame to animate",  # noqa: E501
             default=None,
         ),
         input_images: list[Path] | None = Input(

@@ -37,7 +37,7 @@ def test_cog_train_offers_every_registered_model():
 
 def test_the_web_page_offers_every_registered_model_edit_models_apart():
     """The server fills the page's model list from the registry (no build step, no copy to keep):
-    the same ids, in registry order, the edit models in their own group."""
+    the same ids, in registry order, the edit and the video models in their own groups."""
     import re
 
     from client.routes.page import index_html
@@ -47,13 +47,13 @@ def test_the_web_page_offers_every_registered_model_edit_models_apart():
         html.index('<select id="spec-model"') : html.index("</select>", html.index('id="spec-model"'))
     ]
     offered = re.findall(r'<option value="([^"]+)">', select)
-    assert offered == [m for m in MODEL_IDS if not model_info(m).controls_required] + [
-        m for m in MODEL_IDS if model_info(m).controls_required
-    ]
-    edit_group = select[select.index('<optgroup label="Edit') :]
-    assert re.findall(r'<option value="([^"]+)">', edit_group) == [
-        m for m in MODEL_IDS if model_info(m).controls_required
-    ]
+    edit = [m for m in MODEL_IDS if model_info(m).controls_required]
+    video = [m for m in MODEL_IDS if model_info(m).video]
+    assert video and offered == [m for m in MODEL_IDS if m not in edit + video] + edit + video
+    edit_group = select[select.index('<optgroup label="Edit') : select.index('<optgroup label="Video')]
+    assert re.findall(r'<option value="([^"]+)">', edit_group) == edit
+    video_group = select[select.index('<optgroup label="Video') :]
+    assert re.findall(r'<option value="([^"]+)">', video_group) == video
 
 
 def test_every_model_has_a_family_module_and_tiny_writer():

@@ -57,6 +57,18 @@ def _spec(base: Path, model: str) -> dict[str, Any]:
     }
 
 
+def _first_frame() -> Image.Image:
+    """The image an image-to-video render animates (a drawn shape, 64 x 64)."""
+    from train.sample_data import draw_example
+
+    return draw_example(3, (64, 64))[0]
+
+
+def _image_inputs(model: str) -> dict[str, Any]:
+    """The stock pipeline's image argument: an image-to-video model's first frame; nothing else."""
+    return {"image": _first_frame()} if model_info(model).image_to_video else {}
+
+
 def _frames(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         return np.stack([np.asarray(f.convert("RGB")).astype(int) for f in ImageSequence.Iterator(img)])
@@ -103,6 +115,7 @@ def _stock(
         max_sequence_length=info.text_tokens,
         output_type="pil",
         **family_class(model).guidance_kwargs(info.render_guidance, ""),
+        **_image_inputs(model),
     ).frames[0]
     return np.stack([np.asarray(f.convert("RGB")).astype(int) for f in frames])
 
@@ -124,7 +137,12 @@ def _run_entry(model: str, base: Path, weights: Path | None, cache: Path, monkey
     monkeypatch.setenv("ADVANCED_TRAINER_RUN_MODEL", model)
     monkeypatch.setenv("ADVANCED_TRAINER_RUN_BASE", str(base))
     session = InferenceSession(str(weights) if weights else None, log=lambda _: None, cache_dir=cache)
-    request = RenderRequest(**REQUEST, video_format="webp", output_quality=100)  # lossless frames
+    images: tuple[str, ...] = ()
+    if model_info(model).image_to_video:
+        cache.mkdir(parents=True, exist_ok=True)
+        _first_frame().save(cache / "first.png")
+        images = (str(cache / "first.png"),)
+    request = RenderRequest(**REQUEST, input_images=images, video_format="webp", output_quality=100)
     return _frames(session.predict(request, cache / "out")[0].read_bytes())
 
 
@@ -211,8 +229,8 @@ def test_every_video_model_trains_on_clips_through_the_cog_train_entry_and_rende
 def _each_expert_changes_its_part_of_the_schedule(
     model: str, base: Path, out: Path, plain: np.ndarray
 ) -> None:
-    """Two steps at flow shift 3 with the boundary at 0.875: t = 999 is the high-noise expert's, t = 750
-    the low-noise one's. Each expert's LoRA, loaded alone into its transformer, changes the video; the
+    """Two steps: t = 999 is the high-noise expert's, the second (t = 750 at flow shift 3 with the
+    boundary at 0.875; t = 833 at shift 5 with the boundary at 0.9) the low-noise one's. Each expert's LoRA, loaded alone into its transformer, changes the video; the
     high-noise one the first step's prediction, the low-noise one not that step, only the second."""
     ref: list[torch.Tensor] = []
     _stock(model, base, calls=ref)
@@ -227,7 +245,7 @@ def _each_expert_changes_its_part_of_the_schedule(
     assert len(ref) == len(high) == len(low) == 2 * cfg
     assert (high[0] - ref[0]).abs().max() > 1e-3  # the high-noise LoRA acts at t = 999
     torch.testing.assert_close(low[0], ref[0])  # ... the low-noise one does not
-    assert (low[cfg] - ref[cfg]).abs().max() > 1e-3  # it acts at t = 750
+    assert (low[cfg] - ref[cfg]).abs().max() > 1e-3  # it acts at the second step
 
 
 def _capture(module: torch.nn.Module, into: list[dict[str, Any]]):
@@ -264,6 +282,7 @@ def test_the_training_step_feeds_the_video_denoiser_what_the_pipeline_feeds_it(
         guidance_scale=1.0,  # no CFG: one call a step
         generator=torch.Generator().manual_seed(0),
         output_type="latent",
+        **_image_inputs(model),
     )
     handle.remove()
     assert (
@@ -275,14 +294,22 @@ def test_the_training_step_feeds_the_video_denoiser_what_the_pipeline_feeds_it(
     text = family.encode_prompts([PROMPT], torch.device("cpu"))[0]
     mean, std = family.encode_images(torch.zeros(1, 3, FRAMES, 64, 64))
     rng = BatchRandom(torch.Generator().manual_seed(0), 1, 0, 1, torch.device("cpu"))
-    batch = Batch(mean, std, {k: v[None] for k, v in text.items()}, torch.zeros(1, 6), rng)
+    # an image-to-video model's sample conditions on its own first frame: here the pipeline's image
+    first = _first_frame()
+    pixels = torch.from_numpy(np.asarray(first, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    conditions = family.encode_conditions(
+        [first] * FRAMES, pixels[None, :, None].expand(-1, -1, FRAMES, -1, -1)
+    )
+    assert bool(conditions) == info.image_to_video
+    batch = Batch(mean, std, {k: v[None] for k, v in text.items()}, torch.zeros(1, 6), rng, conditions)
     monkeypatch.setattr(family, "sample_latents", lambda b: b.latent_mean)
     monkeypatch.setattr(family, "sample_sigmas", lambda rng, n: torch.tensor([sigma]))
     ours: list[dict[str, Any]] = []
 
     def denoiser(**kwargs):
         ours.append(kwargs)
-        return (torch.zeros_like(kwargs["hidden_states"]),)
+        out = family.denoiser_config()["out_channels"]  # (image-to-video takes more channels in)
+        return (torch.zeros_like(kwargs["hidden_states"][:, :out]),)
 
     family.loss(denoiser, batch)  # pyright: ignore[reportArgumentType]
     given = {k for k, v in theirs.items() if v is not None and k != "return_dict"}
@@ -290,15 +317,23 @@ def test_the_training_step_feeds_the_video_denoiser_what_the_pipeline_feeds_it(
     # x_s = (1 - s) x0 + s noise with x0 = the normalised latent of black frames: at the pipeline's
     # first sigma (about 1) the pipeline's pure noise and ours differ by (1 - s) x0 only
     x0 = family.training_latents(batch)
-    expected = theirs["hidden_states"] * sigma + (1 - sigma) * x0
-    torch.testing.assert_close(ours[0]["hidden_states"], expected)
+    z = x0.shape[1]  # then (image-to-video) the first frame's mask and latents, equal to the pipeline's
+    expected = theirs["hidden_states"][:, :z] * sigma + (1 - sigma) * x0
+    torch.testing.assert_close(ours[0]["hidden_states"][:, :z], expected)
+    torch.testing.assert_close(ours[0]["hidden_states"][:, z:], theirs["hidden_states"][:, z:])
+    assert ours[0]["hidden_states"].shape == theirs["hidden_states"].shape
     torch.testing.assert_close(ours[0]["encoder_hidden_states"], theirs["encoder_hidden_states"])
+    if "encoder_hidden_states_image" in given:  # Wan 2.1 I2V: the first frame's CLIP tokens
+        torch.testing.assert_close(
+            ours[0]["encoder_hidden_states_image"], theirs["encoder_hidden_states_image"]
+        )
     # (B,), or one per token (Wan 2.2 TI2V's expand_timesteps): 999.x vs 999
     assert ours[0]["timestep"].shape == theirs["timestep"].shape
     assert (ours[0]["timestep"].float() - theirs["timestep"].float()).abs().max() < 1.0
 
 
-EXPERT_MODELS = [m for m in VIDEO_MODELS if model_info(m).experts > 1]
+# the two A14B models share the experts' code; the image-to-video one trains both in the contract above
+EXPERT_MODELS = [m for m in VIDEO_MODELS if model_info(m).experts > 1][:1]
 
 
 @pytest.mark.parametrize("model", EXPERT_MODELS)
@@ -320,7 +355,7 @@ def test_one_expert_alone_trains_on_its_noise_levels_and_renders_from_its_transf
     family = family_class(model)(spec, base)
     family.load(torch.float32)
     rng = BatchRandom(torch.Generator().manual_seed(0), 256, 0, 256, torch.device("cpu"))
-    assert float(family.sample_sigmas(rng, 16).max()) < 0.875
+    assert float(family.sample_sigmas(rng, 16).max()) < family.boundary
 
     seen: dict[str, torch.Tensor] = {}
 
@@ -348,3 +383,45 @@ def test_one_expert_alone_trains_on_its_noise_levels_and_renders_from_its_transf
         np.abs(_run_entry(model, base, tmp_path / "out", tmp_path / "run", monkeypatch) - stock).max()
         <= TOLERANCE
     )
+
+
+def test_an_image_to_video_model_animates_a_first_frame_it_is_given(clip_zip, tmp_path):
+    """Validation animates the first frame of the first training clip by default, or of the clips
+    ``validation.control_images`` names (an unknown name is refused, naming some that exist); the run
+    entry requires exactly one input image, and a text-to-video model refuses one."""
+    from train.clips import decode_frames
+    from train.data import stage_dataset
+    from train.edit import ValidationControlError, validation_control_sets
+    from train.inference import InputError, RenderRequest, input_images
+    from train.spec import parse_spec
+
+    model = next(m for m in VIDEO_MODELS if model_info(m).image_to_video)
+    spec = parse_spec({"model": model, "video": {"frames": [9, 17]}})
+    ds = stage_dataset(clip_zip, tmp_path / "job", video=spec.video_rule())
+    [default] = validation_control_sets(spec, ds, None)
+    first_clip = next(r for r in ds.images if r.clip is not None)
+    assert default.name == first_clip.name
+    [frame] = default.images
+    assert frame.size == (first_clip.clip.width, first_clip.clip.height)
+    expected = decode_frames(first_clip.path, first_clip.clip, [0], 10**7)[0]
+    assert np.array_equal(np.asarray(frame), np.asarray(expected))
+
+    last = [r for r in ds.images if r.clip is not None][-1]
+    named = parse_spec(
+        {"model": model, "validation": {"control_images": [Path(last.name).stem, "still.png"]}}
+    )
+    assert [c.name for c in validation_control_sets(named, ds, None)] == [last.name, "still.png"]
+    unknown = parse_spec({"model": model, "validation": {"control_images": ["nope.mp4"]}})
+    with pytest.raises(ValidationControlError, match="'nope.mp4' is not a clip or image of the dataset"):
+        validation_control_sets(unknown, ds, None)
+
+    title = model_info(model).title
+    with pytest.raises(InputError, match=f"input_image: {title} animates an image"):
+        input_images(RenderRequest(prompt="sks"), model_info(model))
+    path = tmp_path / "first.png"
+    _first_frame().save(path)
+    with pytest.raises(InputError, match=f"input_images: 2 images given, {title} takes at most 1"):
+        input_images(RenderRequest(prompt="sks", input_images=(str(path),) * 2), model_info(model))
+    assert len(input_images(RenderRequest(prompt="sks", input_images=(str(path),)), model_info(model))) == 1
+    with pytest.raises(InputError, match="draws from the prompt alone"):
+        input_images(RenderRequest(prompt="sks", input_images=(str(path),)), model_info(VIDEO_MODELS[0]))

@@ -14,7 +14,9 @@ empty-caption embeddings, and every validation prompt is encoded with each valid
 Video models (docs/video.md): a clip's sample is its frames (``clips.pick_frames``), each resized and
 cropped into the clip's bucket like an image, encoded together as (3, F, H, W); an image is a
 one-frame sample. Items of a batch share resolution, bucket and frame count. ``random`` sampling
-caches ``windows`` windows per clip, drawn from the seed, and each epoch trains the next one.
+caches ``windows`` windows per clip, drawn from the seed, and each epoch trains the next one. An
+image-to-video model's item also keeps what its sample's first frame conditions it on
+(``Family.encode_conditions``), as its controls.
 """
 
 from __future__ import annotations
@@ -162,9 +164,12 @@ def build_cache(
     items: list[CachedItem] = []
     for i, (rec, p, w) in enumerate(plan):
         assert p.bucket[0] % multiple == 0 and p.bucket[1] % multiple == 0, (p.bucket, multiple)
+        conditions: list[torch.Tensor] = []
         if rec.frames:  # a video model's sample: (1, 3, F, H, W)
-            frames = _sample_frames(rec, video, seed, w, max_pixels)
-            pixels = torch.stack([_to_tensor(resize_and_crop(f, p)) for f in frames], dim=1)[None]
+            frames = [resize_and_crop(f, p) for f in _sample_frames(rec, video, seed, w, max_pixels)]
+            pixels = torch.stack([_to_tensor(f) for f in frames], dim=1)[None]
+            # an image-to-video model's condition: the sample's own first frame
+            conditions = [c[0].cpu() for c in family.encode_conditions(frames, pixels.to(device))]
         else:
             pixels = _to_tensor(resize_and_crop(load_rgb(rec.path, max_pixels), p))[None]
         mean, std = family.encode_images(pixels.to(device))
@@ -178,6 +183,7 @@ def build_cache(
             window=w,
             windows=_windows(rec, video),
         )
+        item.controls = conditions
         if rec.controls:
             _cache_controls(family, item, rec, multiple, max_pixels, device)
         items.append(item)

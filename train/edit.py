@@ -16,7 +16,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .cache import ControlSet
-from .data import ControlRecord, StagedDataset, load_rgb
+from .clips import decode_frames
+from .data import ControlRecord, ImageRecord, StagedDataset, load_rgb
 from .dataset_rules import PairRule
 from .families import model_info
 from .spec import TrainingSpec
@@ -43,6 +44,8 @@ def validation_control_sets(
     name that image alone), else: the controls without a target (never trained on), else the
     held-out pairs' controls, else the first pair's; at most ``DEFAULT_CONTROL_SETS`` by default.
     """
+    if model_info(spec.model).image_to_video:
+        return first_frame_sets(spec, train, held)
     pairs = [r for ds in (held, train) if ds is not None for r in ds.images if r.controls]
     if not pairs and not train.loose_controls:
         return []
@@ -55,6 +58,42 @@ def validation_control_sets(
     chosen = held_pairs or [r for r in train.images if r.controls][:1]
     sets = loose + [_record_set(r.name, r.controls, max_pixels) for r in chosen]
     return sets[:DEFAULT_CONTROL_SETS]
+
+
+def first_frame_sets(
+    spec: TrainingSpec, train: StagedDataset, held: StagedDataset | None
+) -> list[ControlSet]:
+    """An image-to-video model's validation input images: the first frames of the samples named by
+    ``validation.control_images``, else of the held-out samples, else of the first training clip
+    (at most ``DEFAULT_CONTROL_SETS`` by default) -- what a user animates with the trained LoRA."""
+    max_pixels = spec.dataset.max_image_pixels
+    records = [r for ds in (held, train) if ds is not None for r in ds.images]
+    names = spec.validation.control_images
+    if names:
+        chosen = [_named_record(name, records) for name in names]
+    else:
+        clips = [r for r in train.images if r.clip is not None]
+        chosen = (list(held.images) if held is not None else [])[:DEFAULT_CONTROL_SETS] or (
+            clips or train.images
+        )[:1]
+    return [ControlSet(r.name, (_first_frame(r, max_pixels),)) for r in chosen]
+
+
+def _first_frame(rec: ImageRecord, max_pixels: int) -> Image.Image:
+    if rec.clip is None:
+        return load_rgb(rec.path, max_pixels)
+    return decode_frames(rec.path, rec.clip, [0], max_pixels)[0]
+
+
+def _named_record(name: str, records: list[ImageRecord]) -> ImageRecord:
+    want = name.replace("\\", "/").strip("/")
+    for r in records:
+        if want in (r.name, str(PurePosixPath(r.name).with_suffix(""))):
+            return r
+    raise ValidationControlError(
+        f"validation.control_images: {name!r} is not a clip or image of the dataset "
+        f"(for example: {', '.join(r.name for r in records[:5]) or 'none'})"
+    )
 
 
 def _record_set(name: str, controls: tuple[ControlRecord, ...], max_pixels: int) -> ControlSet:

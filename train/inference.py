@@ -544,16 +544,18 @@ def input_images(req: RenderRequest, info: Any) -> list[Any]:
     from .dataset_rules import DEFAULT_MAX_IMAGE_PIXELS, PairRule, control_shape_reason
 
     given = list(req.input_images)
+    if info.image_to_video and not given:
+        raise InputError(f"input_image: {info.title} animates an image: give the first frame as input_image")
     if info.controls_required and not given:
         raise InputError(f"input_image: {info.title} edits an image: give the image to edit as input_image")
-    if given and not info.takes_controls:
+    if given and not info.run_images:
         raise InputError(
             f"input_image: {info.title} draws from the prompt alone and takes no input image "
-            f"(edit models take one: see docs/edit.md)"
+            f"(edit models take one: see docs/edit.md; image-to-video models: docs/video.md)"
         )
-    if len(given) > info.max_controls:
+    if len(given) > info.run_images:
         raise InputError(
-            f"input_images: {len(given)} images given, {info.title} takes at most {info.max_controls}"
+            f"input_images: {len(given)} images given, {info.title} takes at most {info.run_images}"
         )
     images = []
     for i, ref in enumerate(given):

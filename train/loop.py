@@ -556,7 +556,7 @@ def render_samples(trainer: Trainer, step: int) -> list[Path]:
                         ctx.device,
                         controls=controls,
                     )
-                if controls:  # an edit: control(s) | result
+                if controls and not isinstance(img, list):  # an edit: control(s) | result
                     img = side_by_side([*controls, img])
                 path = out / f"step-{step:06d}-{k}.png"
                 if isinstance(img, list):  # a video model's frames: the .mp4, and a strip of them

@@ -74,6 +74,9 @@ class ModelInfo:
     fps: float = 0.0  # the frame rate the model was trained at (samples are drawn at it by default)
     temporal_factor: int = 1  # frames per latent frame (after the first)
     default_resolution: int = 1024  # the spec's resolutions default
+    # image-to-video (Wan I2V): trained with each sample's first frame as its condition, rendered
+    # from an input image (the run entry requires one); not an edit model, its dataset is plain clips
+    image_to_video: bool = False
     # denoisers that train side by side (Wan 2.2 A14B: a high- and a low-noise expert); the parameter
     # and LoRA counts above are one expert's
     experts: int = 1
@@ -86,6 +89,16 @@ class ModelInfo:
     def takes_controls(self) -> bool:
         """The model is conditioned on control / reference images (an edit model, or Flux.2)."""
         return self.max_controls > 0
+
+    @property
+    def run_images(self) -> int:
+        """The most input images the run entry takes (an edit model's controls; I2V: the first frame)."""
+        return max(self.max_controls, 1 if self.image_to_video else 0)
+
+    @property
+    def run_image_required(self) -> bool:
+        """The run entry refuses a render without an input image (an edit model, an I2V model)."""
+        return self.controls_required or self.image_to_video
 
     @property
     def video(self) -> bool:

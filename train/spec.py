@@ -117,7 +117,8 @@ class ValidationSpec(_Section):
         description="edit models: the control images each validation prompt is rendered on, by their "
         "names in the dataset (a target's name takes its controls; a control file without a target "
         "is never trained on); default: the controls without a target, else those of the held-out "
-        "pairs, else the first pair's",
+        "pairs, else the first pair's. Image-to-video models: the clips (or images) whose first frame "
+        "each prompt animates; default: the held-out samples', else the first training clip's",
     )
 
     @field_validator("holdout")
@@ -541,7 +542,11 @@ def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
         )
     problems += _video_problems(model, info, d.get("video"), d.get("validation"))
     validation = d.get("validation")
-    if isinstance(validation, dict) and validation.get("control_images") and not info.takes_controls:
+    if (
+        isinstance(validation, dict)
+        and validation.get("control_images")
+        and not (info.takes_controls or info.image_to_video)
+    ):
         problems.append(
             (
                 {"model", "validation"},

@@ -30,7 +30,8 @@ def index() -> HTMLResponse:
 
 def index_html() -> str:
     """The page, its model list the registry's (train/families.py): a model registered is offered,
-    with no edit to the page; the edit models (trained on pairs) in their own group."""
+    with no edit to the page; the edit models (trained on pairs) and the video models (on clips) in
+    their own groups."""
     from train.families import MODEL_IDS, model_info
 
     def options(models: list[str]) -> str:
@@ -38,11 +39,13 @@ def index_html() -> str:
             f'\n                <option value="{html.escape(m)}">{html.escape(m)}</option>' for m in models
         )
 
-    plain = [m for m in MODEL_IDS if not model_info(m).controls_required]
     edit = [m for m in MODEL_IDS if model_info(m).controls_required]
+    video = [m for m in MODEL_IDS if model_info(m).video]
+    plain = [m for m in MODEL_IDS if m not in edit and m not in video]
     groups = (
         f'<optgroup label="Text to image">{options(plain)}\n              </optgroup>\n'
-        f'              <optgroup label="Edit (trains on before/after pairs)">{options(edit)}\n              </optgroup>'
+        f'              <optgroup label="Edit (trains on before/after pairs)">{options(edit)}\n              </optgroup>\n'
+        f'              <optgroup label="Video (trains on clips)">{options(video)}\n              </optgroup>'
     )
     page = (WEB / "index.html").read_text(encoding="utf-8")
     assert MODEL_OPTIONS in page, "index.html lost its model options placeholder"

@@ -145,12 +145,12 @@ def public_record(rec: Job | None) -> dict | None:
 
 def _input_images(spec: Any) -> dict[str, Any]:
     """What the job's model takes as run-entry images (the page's "try it" box offers a file field):
-    ``max`` images (0: none) and whether one is ``required`` (an edit model)."""
+    ``max`` images (0: none) and whether one is ``required`` (an edit or image-to-video model)."""
     from train.families import MODELS
 
     info = MODELS.get(spec.get("model", "")) if isinstance(spec, dict) else None
     return (
-        {"max": info.max_controls, "required": info.controls_required}
+        {"max": info.run_images, "required": info.run_image_required}
         if info
         else {"max": 0, "required": False}
     )

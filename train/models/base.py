@@ -191,6 +191,12 @@ class Family(ABC):
         encode their input image: the posterior's mode (``sample_mode="argmax"``), not normalised."""
         return self.encode_images(pixels)[0]
 
+    def encode_conditions(self, frames: list[Any], pixels: torch.Tensor) -> list[torch.Tensor]:
+        """What a video sample conditions on besides its caption, from the sample itself (an
+        image-to-video model: its first frame), each (1, ...) and cached as the item's controls;
+        ``frames``: the sample's frames (PIL), ``pixels`` them as (1, 3, F, H, W) in [-1, 1]."""
+        return []
+
     def encode_prompts_with_controls(
         self, prompts: list[str], controls: list[list[Any]], device: torch.device, *, for_render: bool
     ) -> list[dict[str, torch.Tensor]]:

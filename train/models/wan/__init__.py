@@ -1,4 +1,5 @@
-"""Wan 2.1 text-to-video (1.3B, 14B), Wan 2.2 TI2V-5B and T2V-A14B: the registry entries (torch-free). Maths: ``family.py``;
+"""Wan 2.1 text-to-video (1.3B, 14B) and image-to-video (14B), Wan 2.2 TI2V-5B, T2V-A14B and I2V-A14B:
+the registry entries (torch-free). Maths: ``family.py``;
 tiny pipelines: ``tiny.py``; full-size architectures: ``configs.py``. docs/video.md."""
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ _ATTN = r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
 WAN_PRESETS = {
     "attention": rf"blocks\.\d+\.{_ATTN}",
     "attention+mlp": rf"blocks\.\d+\.({_ATTN}|ffn\.net\.0\.proj|ffn\.net\.2)",
+}
+# Wan 2.1 I2V's cross-attention reads the first frame's CLIP tokens through its own key and value
+# projections (musubi-tuner's k_img / v_img): trained with the rest of the attention
+_I2V_ATTN = rf"({_ATTN}|attn2\.(add_k_proj|add_v_proj))"
+WAN_I2V_PRESETS = {
+    "attention": rf"blocks\.\d+\.{_I2V_ATTN}",
+    "attention+mlp": rf"blocks\.\d+\.({_I2V_ATTN}|ffn\.net\.0\.proj|ffn\.net\.2)",
 }
 
 
@@ -121,4 +129,43 @@ WAN22_T2V_A14B = replace(
     tiny={"shift": 3.0, "experts": True},
 )
 
-MODELS = (WAN21_T2V_1_3B, WAN21_T2V_14B, WAN22_TI2V_5B, WAN22_T2V_A14B)
+# Wan-AI/Wan2.1-I2V-14B-480P-Diffusers: Wan 2.1 14B animating a first frame. Its transformer takes the
+# noisy latents beside the first frame's latents and mask (36 channels) and attends to the frame's
+# 257 CLIP ViT-H/14 tokens (a 0.63 B image encoder, counted with the VAE); trained here on each
+# sample's own first frame, as the pipeline conditions (docs/video.md). The 720P repo is the same
+# architecture at a flow shift of 5.
+WAN21_I2V_14B = replace(
+    WAN21_T2V_14B,
+    id="wan2.1-i2v-14b",
+    title="Wan 2.1 I2V 14B",
+    short_name="Wan2.1-I2V-14B-480P",
+    base_weights="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    pipeline="WanImageToVideoPipeline",
+    image_to_video=True,
+    target_presets=WAN_I2V_PRESETS,
+    denoiser_params_b=16.39,
+    lora_params_m=89.78,
+    kohya_params_m=89.78,
+    vae_params_b=0.76,
+    kohya_architecture="wan2.1-i2v-14b/lora",
+    full_finetune="Wan 2.1 I2V 14B's 16.4 B-parameter transformer needs ~164 GB for bf16 weights, gradients "
+    "and Adam states, more than the largest single card (80 GB); train a LoRA",
+    tiny={"shift": 3.0, "i2v": True},
+    **estimated(Shape(params_b=16.4, width=5120, blocks=40, tokens=_tokens(1024, 33) + 257)),
+)
+# Wan-AI/Wan2.2-I2V-A14B-Diffusers: Wan 2.2 A14B's two experts animating a first frame (36 channels in,
+# no CLIP tokens), switched at 0.9 of the schedule (its ``boundary_ratio``); a LoRA for each expert.
+WAN22_I2V_A14B = replace(
+    WAN22_T2V_A14B,
+    id="wan2.2-i2v-a14b",
+    title="Wan 2.2 I2V A14B",
+    short_name="Wan2.2-I2V-A14B",
+    base_weights="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+    pipeline="WanImageToVideoPipeline",
+    image_to_video=True,
+    render_guidance=3.5,
+    kohya_architecture="wan2.2-i2v-a14b/lora",
+    tiny={"shift": 5.0, "experts": True, "i2v": True},
+)
+
+MODELS = (WAN21_T2V_1_3B, WAN21_T2V_14B, WAN21_I2V_14B, WAN22_TI2V_5B, WAN22_T2V_A14B, WAN22_I2V_A14B)

@@ -31,6 +31,7 @@ from typing import Any, cast
 
 import torch
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 
 from ...trained import LOW_NOISE_FILE  # the low-noise expert's LoRA
 from ..base import Batch
@@ -126,12 +127,16 @@ class WanFamily(FlowMatchFamily):
             # Wan 2.2 TI2V: one timestep per 1x2x2 token (the pipeline's text-to-video mode: all equal)
             timestep = timestep[:, None].expand(-1, self.image_tokens(x.latents))
         out = model(
-            hidden_states=x.latents.to(text.dtype),
+            **self.conditioned(x.latents.to(text.dtype), batch),
             timestep=timestep,
             encoder_hidden_states=text,
             return_dict=False,
         )[0]
         return out, x.target
+
+    def conditioned(self, latents: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """The transformer's image inputs of a step: the noisy latents (text-to-video)."""
+        return {"hidden_states": latents}
 
     def pixel_multiple(self) -> int:
         # the spatial VAE factor x the 2x2 patches (the pipeline refuses sides off multiples of 16)
@@ -251,13 +256,18 @@ class Experts(torch.nn.Module):
         for name, rows in (("high", high), ("low", ~high)):
             if bool(rows.any()):
                 expert = getattr(self, name)
+                batch = hidden_states.shape[0]
+                own = {
+                    k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+                    for k, v in kw.items()
+                }
                 parts[name] = (
                     rows,
                     expert(
                         hidden_states=hidden_states[rows],
                         timestep=timestep[rows],
                         encoder_hidden_states=encoder_hidden_states[rows],
-                        **kw,
+                        **own,
                     )[0],
                 )
         first = next(iter(parts.values()))[1]
@@ -373,4 +383,94 @@ class WanExpertsFamily(WanFamily):
         return {LOW_NOISE_KOHYA_FILE: super().kohya_state_dict(parts["low"], alpha)}
 
 
-FAMILIES = {"wan2.2-t2v-a14b": WanExpertsFamily}
+# -- image-to-video: Wan 2.1 I2V 14B, Wan 2.2 I2V-A14B ---------------------------------------------
+
+
+class ImageToVideo:
+    """Wan's image-to-video objective, as ``WanImageToVideoPipeline`` conditions (pipeline_wan_i2v.py):
+    the clip's first frame followed by F - 1 black frames goes through the VAE (the posterior's mode,
+    normalised like the latents) and rides beside the noisy latents with a 4-channel mask that marks
+    latent frame 0 as given: 36 channels in, 16 out, the velocity of every latent frame. Wan 2.1 I2V
+    also attends to the frame's CLIP tokens (the image encoder's penultimate layer), which need the
+    text states at exactly 512 rows (its attention splits text from image tokens at 512).
+
+    Both are cached per sample (``encode_conditions``); a sample's first frame is its condition, as
+    the pipeline's input image is at inference. The image encoder stays for validation renders, on
+    the CPU between them."""
+
+    pipe: Any
+    spec: Any
+
+    def frozen_names(self) -> list[str]:
+        names = cast(Any, super()).frozen_names()
+        return names + (["image_encoder"] if getattr(self.pipe, "image_encoder", None) is not None else [])
+
+    def after_load(self) -> None:
+        cast(Any, super()).after_load()
+        if getattr(self.pipe, "image_encoder", None) is not None:
+            self.pipe.image_encoder.to(torch.float32)  # as diffusers' Wan I2V examples load it
+
+    def release_text_encoders(self) -> None:
+        cast(Any, super()).release_text_encoders()
+        if getattr(self.pipe, "image_encoder", None) is not None:
+            self.pipe.image_encoder.to("cpu")  # on the device again only for validation renders
+
+    @torch.no_grad()
+    def encode_conditions(self, frames: list[Any], pixels: torch.Tensor) -> list[torch.Tensor]:
+        """(mask + first-frame latents) of the sample ``pixels`` (1, 3, F, H, W) in [-1, 1], and (Wan 2.1)
+        the CLIP states of its first frame ``frames[0]`` (PIL)."""
+        vae = self.pipe.vae
+        first = pixels[:, :, :1]
+        video = torch.cat([first, first.new_zeros(1, 3, pixels.shape[2] - 1, *first.shape[3:])], dim=2)
+        z = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode().float()
+        mean, std = cast(Any, self).latent_stats(z)
+        z = (z - mean) / std
+        mask = z.new_zeros(1, self.pipe.vae_scale_factor_temporal, *z.shape[2:])
+        mask[:, :, 0] = 1  # latent frame 0 is the given image
+        out = [torch.cat([mask, z], dim=1)]
+        encoder = getattr(self.pipe, "image_encoder", None)
+        if encoder is not None:
+            image = self.pipe.image_processor(images=frames[0], return_tensors="pt")
+            states = encoder(**image.to(encoder.device), output_hidden_states=True).hidden_states[-2]
+            out.append(states.float())
+        return out
+
+    def conditioned(self, latents: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        condition = batch.controls[0].to(latents.dtype)
+        out = {"hidden_states": torch.cat([latents, condition], dim=1)}
+        if len(batch.controls) > 1:
+            out["encoder_hidden_states_image"] = batch.controls[1].to(latents.dtype)
+        return out
+
+    def render_components(self) -> dict[str, Any]:
+        parts = cast(Any, super()).render_components()
+        return {
+            **parts,
+            "image_encoder": self.pipe.image_encoder,
+            "image_processor": self.pipe.image_processor,
+        }
+
+    def render(self, *args: Any, **kw: Any) -> Any:
+        encoder = getattr(self.pipe, "image_encoder", None)
+        if encoder is None:
+            return cast(Any, super()).render(*args, **kw)
+        encoder.to(self.pipe.vae.device)
+        try:
+            return cast(Any, super()).render(*args, **kw)
+        finally:
+            encoder.to("cpu")
+
+
+class WanI2VFamily(ImageToVideo, WanFamily):
+    pipeline_cls = WanImageToVideoPipeline
+
+
+class WanI2VExpertsFamily(ImageToVideo, WanExpertsFamily):
+    pipeline_cls = WanImageToVideoPipeline
+
+
+FAMILIES = {
+    "wan2.2-t2v-a14b": WanExpertsFamily,
+    "wan2.1-i2v-14b": WanI2VFamily,
+    "wan2.2-i2v-a14b": WanI2VExpertsFamily,
+}

@@ -1,4 +1,4 @@
-"""Tiny random Wan 2.1 pipelines: a character-level T5 tokenizer (``tiny_common``), a UMT5 encoder,
+"""Tiny random Wan pipelines (text- and image-to-video): a character-level T5 tokenizer (``tiny_common``), a UMT5 encoder,
 the causal 3D VAE (``AutoencoderKLWan``) with the real 8x spatial and 4x temporal compression and
 per-channel latent statistics, a two-block transformer with the real 1x2x2 patches, and the
 repos' scheduler (UniPC on flow sigmas with a fixed shift)."""
@@ -6,18 +6,29 @@ repos' scheduler (UniPC on flow sigmas with a fixed shift)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
-from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 from ..tiny_common import t5_sizes, write_t5_tokenizer
 
 UMT5_DMODEL = 32  # -> the transformer's text_dim
 LATENT_CHANNELS = 4  # 16 in the real VAE
+CLIP_WIDTH = 16  # the image encoder's hidden size -> the transformer's image_dim (1280: ViT-H/14)
+I2V_CHANNELS = LATENT_CHANNELS + 4 + LATENT_CHANNELS  # noisy latents, the first-frame mask, its latents
 
 
 def tiny_wan22_vae(z: int = 8) -> AutoencoderKLWan:
@@ -87,28 +98,61 @@ def scheduler(shift: float) -> UniPCMultistepScheduler:
     )
 
 
-def write(folder: Path, shift: float = 3.0, ti2v: bool = False, experts: bool = False) -> Path:
+def tiny_clip_vision() -> tuple[CLIPImageProcessor, CLIPVisionModel]:
+    """Wan 2.1 I2V's image encoder, small: a CLIP vision tower whose penultimate layer (all 17 tokens of
+    a 32 px image in 8 px patches, the class token first) the transformer attends to; 257 tokens of a
+    224 px image in the real ViT-H/14."""
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPVisionConfig(
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=CLIP_WIDTH,
+    )
+    return processor, CLIPVisionModel(config)
+
+
+def _layout(ti2v: bool, experts: bool, i2v: bool) -> dict[str, Any]:
+    if ti2v:
+        return {"vae": tiny_wan22_vae(8), "transformer": tiny_wan_transformer(8, 8), "expand_timesteps": True}
+    channels = I2V_CHANNELS if i2v else LATENT_CHANNELS
+    if experts:  # Wan 2.2 A14B: text-to-video switches at 0.875, image-to-video at 0.9
+        return {
+            "vae": tiny_wan_vae(),
+            "transformer": tiny_wan_transformer(channels),
+            "transformer_2": tiny_wan_transformer(channels),
+            "boundary_ratio": 0.9 if i2v else 0.875,
+        }
+    if i2v:  # Wan 2.1 I2V: attends to the first frame's CLIP tokens too (2 heads x 12 = 24 wide)
+        processor, encoder = tiny_clip_vision()
+        transformer = tiny_wan_transformer(channels, image_dim=CLIP_WIDTH, added_kv_proj_dim=24)
+        return {
+            "vae": tiny_wan_vae(),
+            "transformer": transformer,
+            "image_processor": processor,
+            "image_encoder": encoder,
+        }
+    return {"vae": tiny_wan_vae(), "transformer": tiny_wan_transformer()}
+
+
+def write(
+    folder: Path, shift: float = 3.0, ti2v: bool = False, experts: bool = False, i2v: bool = False
+) -> Path:
     """A tiny Wan 2.1 text-to-video pipeline; ``shift``: its scheduler's flow shift; ``ti2v``: Wan 2.2
     TI2V-5B's layout instead (the Wan 2.2 VAE, 8 latent channels here, per-token timesteps);
-    ``experts``: Wan 2.2 A14B's, a high- and a low-noise transformer switched at 0.875."""
+    ``experts``: Wan 2.2 A14B's, a high- and a low-noise transformer; ``i2v``: the image-to-video
+    pipeline (its transformers take the first frame's latents and mask beside the noisy latents)."""
     torch.manual_seed(0)
     folder = Path(folder)
     tok, encoder = tiny_umt5(folder)
-    if ti2v:
-        layout = {
-            "vae": tiny_wan22_vae(8),
-            "transformer": tiny_wan_transformer(8, 8),
-            "expand_timesteps": True,
-        }
-    elif experts:
-        transformers = {"transformer": tiny_wan_transformer(), "transformer_2": tiny_wan_transformer()}
-        layout = {"vae": tiny_wan_vae(), **transformers, "boundary_ratio": 0.875}
-    else:
-        layout = {"vae": tiny_wan_vae(), "transformer": tiny_wan_transformer()}
-    WanPipeline(
+    pipeline = WanImageToVideoPipeline if i2v else WanPipeline
+    pipeline(
         tokenizer=tok,  # pyright: ignore[reportArgumentType]  (annotated AutoTokenizer; any tokenizer works)
         text_encoder=encoder,
         scheduler=scheduler(shift),  # pyright: ignore[reportArgumentType]  (the Wan repos ship UniPC on flow sigmas)
-        **layout,
+        **_layout(ti2v, experts, i2v),
     ).save_pretrained(folder)
     return folder

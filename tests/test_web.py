@@ -353,7 +353,8 @@ def test_an_edit_job_is_tried_on_an_uploaded_image(page, local, fake, pair_datas
 
 def test_a_video_job_plays_its_validation_clip_on_the_page(page, local, fake, train_server, tmp_path):
     """A video model (tiny Wan 2.1) trained on a folder of clips: the page packs the clips, and the job
-    view plays the validation render, an H.264 .mp4 served by the local server, in a <video>."""
+    view plays the validation render, an H.264 .mp4 served by the local server, in a <video>; its
+    "try it" box renders a video of the frame count asked for (a bad count named before sending)."""
     from train.sample_data import write_clip_dataset
 
     clips = tmp_path / "clips"
@@ -375,6 +376,7 @@ def test_a_video_job_plays_its_validation_clip_on_the_page(page, local, fake, tr
     video = page.locator("#job-samples video")
     expect(video).to_have_count(1, timeout=60_000)  # the .mp4, not its frame strip as well
     expect(page.locator("#job-samples img")).to_have_count(0)
+    expect(page.locator("#job-samples-title")).to_have_text("Validation videos")
     # the browser decodes it: metadata and a first frame loaded, then it plays
     page.wait_for_function(
         "() => { const v = document.querySelector('#job-samples video'); return v && v.readyState >= 2; }",
@@ -387,6 +389,22 @@ def test_a_video_job_plays_its_validation_clip_on_the_page(page, local, fake, tr
         "() => document.querySelector('#job-samples video').currentTime > 0", timeout=30_000
     )
     shot(page.locator("#job-outputs"), "job-view-video")
+
+    # try it: the destination's new version renders a video of the frames asked for, played in place
+    expect(page.get_by_label("Frames")).to_be_visible()
+    expect(page.locator("#try-frames-help")).to_contain_text("4k+1 up to 81")
+    page.get_by_label("Frames").fill("4")
+    page.get_by_role("button", name="Render").click()
+    expect(page.locator("#err-try-frames")).to_contain_text("4k+1 frames")
+    page.get_by_label("Frames").fill("5")
+    page.get_by_role("button", name="Render").click()
+    expect(page.locator("#try-msg")).to_contain_text("1 video rendered", timeout=120_000)
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#try-images video'); return v && v.readyState >= 2; }",
+        timeout=30_000,
+    )
+    duration = page.evaluate("document.querySelector('#try-images video').duration")
+    assert 0.2 < duration < 0.45, duration  # 5 frames at 16 fps
     train_server.wait(timeout=60)
 
 

@@ -124,6 +124,7 @@ class RunRequest(_Body):
     step: int | None = Field(None, description="a kept validation step (default: the chosen one)")
     input_image: str | None = Field(None, description="edit models: the image to edit, as a data: URI")
     input_images: list[str] | None = Field(None, description="further reference images (data: URIs)")
+    num_frames: int | None = Field(None, description="video models: frames to render (default: the model's)")
 
     @field_validator("prompt")
     @classmethod

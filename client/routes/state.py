@@ -144,16 +144,22 @@ def public_record(rec: Job | None) -> dict | None:
 
 
 def _input_images(spec: Any) -> dict[str, Any]:
-    """What the job's model takes as run-entry images (the page's "try it" box offers a file field):
-    ``max`` images (0: none) and whether one is ``required`` (an edit or image-to-video model)."""
+    """What the job's model takes at the run entry (the page's "try it" box offers fields for it):
+    ``max`` input images (0: none), whether one is ``required`` (an edit or image-to-video model) and
+    is a ``first_frame`` to animate; a video model's ``frames``: the counts it renders (``step``k+1 up
+    to ``max``)."""
     from train.families import MODELS
 
     info = MODELS.get(spec.get("model", "")) if isinstance(spec, dict) else None
-    return (
-        {"max": info.run_images, "required": info.run_image_required}
-        if info
-        else {"max": 0, "required": False}
-    )
+    if info is None:
+        return {"max": 0, "required": False, "first_frame": False, "frames": None}
+    frames = {"step": info.frame_step, "max": info.max_frames} if info.video else None
+    return {
+        "max": info.run_images,
+        "required": info.run_image_required,
+        "first_frame": info.image_to_video,
+        "frames": frames,
+    }
 
 
 def job_or_404(state: State, job_id: str) -> Job:

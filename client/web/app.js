@@ -919,6 +919,8 @@
     byId("try-images").replaceChildren();
     byId("try-image-field").hidden = true;
     byId("try-image").value = "";
+    byId("try-frames-field").hidden = true;
+    byId("try-frames").value = "";
     say("try-msg", "");
     setText(byId("job-logs"), "Loading the log…");
     say("job-msg", "");
@@ -992,7 +994,19 @@
         const field = byId("try-image-field");
         field.hidden = !images.max;
         byId("try-image").multiple = images.max > 1;
-        setText(byId("try-image-label"), images.required ? "Image to edit" : "Reference images (optional)");
+        const label = images.first_frame ? "First frame to animate"
+          : images.required ? "Image to edit" : "Reference images (optional)";
+        setText(byId("try-image-label"), label);
+        const frames = images.frames;
+        byId("try-frames-field").hidden = !frames;
+        if (frames) {
+          const input = byId("try-frames");
+          input.step = frames.step;
+          input.max = frames.max;
+          input.placeholder = String(frames.max);
+          setText(byId("try-frames-help"),
+            `${frames.step}k+1 up to ${frames.max} (empty: ${frames.max}); fewer frames render sooner.`);
+        }
       }
     } else {
       byId("job-try").hidden = true;
@@ -1097,6 +1111,8 @@
             el("img", { src: f.url, alt: `Validation image: ${caption}`, class: "sample-img" })),
         el("figcaption", { text: caption })));
     }
+    const videoJob = samples.length > 0 && samples.every((f) => isVideo(f.url));
+    setText(byId("job-samples-title"), videoJob ? "Validation videos" : "Validation images");
     if (!samples.length) gallery.append(el("p", { class: "help", text: "No validation images in the outputs." }));
     // tries/ are renders of "try it"; steps/ are listed by step under "Which step"
     const rest = files.filter((f) => f !== lossFile && !samples.includes(f) && !/^(tries|steps)\//.test(f.path));
@@ -1205,11 +1221,21 @@
     const files = byId("try-image-field").hidden ? [] : Array.from(byId("try-image").files || []);
     const wanted = state.openJobImages || { max: 0, required: false };
     let imageError = "";
-    if (wanted.required && !files.length) imageError = "Choose the image to edit.";
+    if (wanted.required && !files.length) {
+      imageError = wanted.first_frame ? "Choose the first frame to animate." : "Choose the image to edit.";
+    }
     else if (files.length > wanted.max) imageError = `At most ${wanted.max} image${wanted.max === 1 ? "" : "s"}.`;
     setFieldError("try-image", "try-image", imageError);
-    if (!prompt || badSeed || imageError) return;
+    const framesText = byId("try-frames-field").hidden ? "" : byId("try-frames").value.trim();
+    const frames = framesText === "" ? null : Number(framesText);
+    const rule = wanted.frames;
+    const badFrames = frames !== null && rule
+      && !(Number.isInteger(frames) && frames >= 1 && frames <= rule.max && (frames - 1) % rule.step === 0);
+    setFieldError("try-frames", "try-frames",
+      badFrames ? `${rule.step}k+1 frames (1, ${rule.step + 1}, ${2 * rule.step + 1}, …) up to ${rule.max}.` : "");
+    if (!prompt || badSeed || imageError || badFrames) return;
     const body = { prompt, num_outputs: Number(byId("try-count").value) };
+    if (frames !== null) body.num_frames = frames;
     const uris = await Promise.all(files.map(readDataUri));
     if (uris.length) body.input_image = uris[0];
     if (uris.length > 1) body.input_images = uris.slice(1);

@@ -98,6 +98,7 @@ class Trainer(BaseRunner):
                 "wan2.2-ti2v-5b",
                 "wan2.2-t2v-a14b",
                 "wan2.2-i2v-a14b",
+                "ltx-2",
             ],
             default=None,
         ),

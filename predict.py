@@ -123,19 +123,19 @@ class Predictor(BaseRunner):
             default=90,
         ),
         num_frames: int | None = Input(
-            description="Video models (wan...): frames to render, 4k+1 for Wan (default 81: 5 s at 16 fps)",
+            description="Video models (wan..., ltx-2): frames to render, 4k+1 for Wan (default 81: 5 s at 16 fps), 8k+1 for LTX-2 (default 121: 5 s at 24 fps)",  # noqa: E501
             ge=1,
             le=257,
             default=None,
         ),
         fps: float | None = Input(
-            description="Video models: frame rate of the written video (default the model's, 16 for Wan)",
+            description="Video models: frame rate of the written video (default the model's: 16 for Wan, 24 for LTX-2, which is conditioned on it)",  # noqa: E501
             ge=1,
             le=60,
             default=None,
         ),
         video_format: str = Input(
-            description="Video models: mp4 (H.264) or an animated webp",
+            description="Video models: mp4 (H.264; LTX-2's with its soundtrack in AAC) or an animated webp (silent)",  # noqa: E501
             choices=["mp4", "webp"],
             default="mp4",
         ),

@@ -23,6 +23,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 from av.error import FFmpegError
@@ -290,10 +291,12 @@ def write_clip(
     rotation: int = 0,
     crf: int = 18,
     codec: str = "libx264",
+    audio: tuple[Any, int] | None = None,
 ) -> Path:
     """Write ``frames`` as a clip (H.264 in MP4 by default; the container follows the extension).
     ``times``: each frame's presentation time in seconds (a variable frame rate); default ``i / fps``.
-    ``rotation``: the display matrix's angle (degrees counter-clockwise), as a phone writes it."""
+    ``rotation``: the display matrix's angle (degrees counter-clockwise), as a phone writes it.
+    ``audio``: a soundtrack, (samples as a (channels, n) float array in [-1, 1], sample rate), in AAC."""
     path = Path(path)
     width, height = frames[0].size
     base = fractions.Fraction(1, 90_000)
@@ -308,13 +311,34 @@ def write_clip(
             stream.options = {"crf": str(crf), "preset": "veryfast"}
         if rotation:
             stream.set_display_rotation(rotation)
+        track = _audio_track(container, *audio) if audio is not None else None
         for i, img in enumerate(frames):
             frame = av.VideoFrame.from_image(img.convert("RGB").resize((stream.width, stream.height)))
             t = times[i] if times is not None else i / fps
             frame.pts, frame.time_base = round(t / base), base
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+        if track is not None:
+            sound, frame = track
+            container.mux(sound.encode(frame))
+            container.mux(sound.encode())
     return path
+
+
+def _audio_track(container: Any, samples: Any, rate: int) -> tuple[Any, Any]:
+    """An AAC stream for ``samples`` ((channels, n) floats; mono or stereo), added before any packet
+    is written, and its one frame from time 0 (the encoder cuts it into AAC's frames)."""
+    import numpy as np  # (the trainer's: a render's soundtrack; the client never writes one)
+
+    samples = np.ascontiguousarray(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0))
+    layout = "stereo" if samples.shape[0] >= 2 else "mono"
+    stream = container.add_stream("aac", rate=rate)
+    stream.layout = layout
+    frame = av.AudioFrame.from_ndarray(
+        samples[: 2 if layout == "stereo" else 1], format="fltp", layout=layout
+    )
+    frame.sample_rate, frame.pts = rate, 0
+    return stream, frame
 
 
 def reencode(src: Path, dest: Path, max_side: int, crf: int) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from .families import model_info
 from .models.base import Family
 from .selection import LABELS, METRICS, Choice, StepScores
 from .spec import TrainingSpec
+from .trained import LOW_NOISE_FILE
 
 CONTACT_SHEET = "contact_sheet.png"
 SCORE_PLOT = "scores.png"
@@ -319,6 +320,12 @@ def _base_weights(spec: TrainingSpec) -> str:
     return spec.base_weights
 
 
+def _task(spec: TrainingSpec) -> str:
+    """The Hub's task tag: text-to-image, or a video model's text- / image-to-video."""
+    info = model_info(spec.model)
+    return "image-to-video" if info.image_to_video else "text-to-video" if info.video else "text-to-image"
+
+
 def _card_front_matter(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]:
     base = _base_weights(spec)
     # The Hub checks base_model against its repos: only a Hub id goes there, never a local folder.
@@ -329,7 +336,7 @@ def _card_front_matter(spec: TrainingSpec, samples: list[tuple[str, str]]) -> li
         "library_name: diffusers",
         "license: other",
         "tags:",
-        "- text-to-image",
+        f"- {_task(spec)}",
         "- lora",
         "- diffusers",
         f"- {model_info(spec.model).hub_tag}",
@@ -355,7 +362,8 @@ def _card_summary(spec: TrainingSpec, final_loss: float | None, n_images: int) -
         "",
         f"# {'Fine-tune' if full else 'LoRA'} of {_base_weights(spec)}",
         "",
-        f"Trained with advanced-trainer: {spec.steps} steps on {n_images} images at "
+        f"Trained with advanced-trainer: {spec.steps} steps on {n_images} "
+        f"{'clips and images' if model_info(spec.model).video else 'images'} at "
         f"{', '.join(str(r) for r in spec.resolutions)} px, {shape}"
         f"learning rate {spec.learning_rate:g} ({spec.optimizer}, {spec.lr_scheduler}).",
     ]
@@ -387,9 +395,7 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
         "```python",
         "import torch",
         f"from diffusers import {pipeline}",
-        "",
-        *load,
-        f"image = pipe({json.dumps(example_prompt)}).images[0]",
+        *_video_usage(spec, load, example_prompt),
         "```",
         "",
     ]
@@ -399,6 +405,34 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
             "",
         ]
     return lines
+
+
+def _video_usage(spec: TrainingSpec, load: list[str], prompt: str) -> list[str]:
+    """The usage snippet after the pipeline's import: load it (and the LoRA), render, save."""
+    info = model_info(spec.model)
+    if not info.video:
+        return ["", *load, f"image = pipe({json.dumps(prompt)}).images[0]"]
+    if info.experts > 1 and spec.mode != "full" and spec.video.expert == "both":
+        load = [
+            *load,
+            f'pipe.load_lora_weights("path/to/this/folder", weight_name="{LOW_NOISE_FILE}", '
+            "load_into_transformer_2=True)",
+        ]
+    frames = f"num_frames={info.max_frames}"
+    if info.image_to_video:
+        imports, call = (
+            "export_to_video, load_image",
+            f'image=load_image("first_frame.png"), prompt={json.dumps(prompt)}',
+        )
+    else:
+        imports, call = "export_to_video", json.dumps(prompt)
+    return [
+        f"from diffusers.utils import {imports}",
+        "",
+        *load,
+        f"video = pipe({call}, {frames}).frames[0]",
+        f'export_to_video(video, "out.mp4", fps={info.fps:g})',
+    ]
 
 
 def _card_files(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]:
@@ -416,7 +450,8 @@ def _card_files(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
         "",
         *files,
         "- `config.json`: the resolved training spec, library versions, dataset hash, timings and device",
-        "- `samples/`: validation images; `loss.png`: the loss curve",
+        f"- `samples/`: validation {'videos (`.mp4`, and a strip of their frames)' if model_info(spec.model).video else 'images'}; "
+        "`loss.png`: the loss curve",
         "- `steps/step-N/`: the LoRA of each validation step; `scores.json`, `scores.png`, "
         f"`{CONTACT_SHEET}`: how each step scored",
         "",

@@ -209,7 +209,11 @@ class Renderer:
         cls = family_class(self.model or "flux-dev")
         denoiser = getattr(self.pipe, cls.denoiser_name)
         # a video pipeline names its spatial factor apart from its temporal one
-        factor = getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial
+        factor = (
+            getattr(self.pipe, "vae_scale_factor", None)
+            or getattr(self.pipe, "vae_scale_factor_spatial", None)
+            or self.pipe.vae_spatial_compression_ratio  # LTX-2's name for it
+        )
         return cls.pixel_multiple_of(factor, dict(denoiser.config))
 
     def render(
@@ -224,8 +228,10 @@ class Renderer:
         max_sequence_length: int | None,
         images: list[Any] | None = None,
         num_frames: int | None = None,
+        fps: float | None = None,
     ) -> list[Any]:
-        """The images (PIL), or for a video model the videos (each a list of PIL frames)."""
+        """The images (PIL), or for a video model the videos: each (its PIL frames, its soundtrack as
+        ((channels, n) floats, sample rate) where the model makes one (LTX-2), else None)."""
         import torch
 
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -253,9 +259,17 @@ class Renderer:
             kw.update(family_class(info.id).run_image_inputs(images, width, height, self.pixel_multiple()))
         if info.video:
             kw.update(num_frames=num_frames, output_type="pil")
+            kw.update(family_class(info.id).video_inputs(fps or info.fps))
         with torch.inference_mode():
             out = self.pipe(**kw)
-        return [list(v) for v in out.frames] if info.video else list(out.images)
+        if not info.video:
+            return list(out.images)
+        sound = getattr(out, "audio", None)
+        rate = getattr(getattr(self.pipe, "vocoder", None), "config", {}).get("output_sampling_rate")
+        return [
+            (list(v), (sound[i].float().cpu().numpy(), int(rate)) if sound is not None and rate else None)
+            for i, v in enumerate(out.frames)
+        ]
 
 
 def _env_model() -> tuple[str, str]:
@@ -527,13 +541,18 @@ class InferenceSession:
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
         )
         started = time.monotonic()
+        fps = req.fps or info.fps
         images = self.renderer.render(
-            req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl, images, frames
+            req.prompt, req.negative_prompt, width, height, steps, guidance, seeds, msl, images, frames, fps
         )
         what = "video(s)" if info.video else "image(s)"
         self.log(f"render: {len(images)} {what} in {time.monotonic() - started:.1f}s")
+        if info.video and req.video_format != "mp4" and any(sound for _, sound in images):
+            self.log(
+                f"render: note: {info.title}'s soundtrack is kept in mp4 only; video_format {req.video_format} is silent"
+            )
         if info.video:
-            return save_videos(images, out_dir, req.video_format, req.fps or info.fps, req.output_quality)
+            return save_videos(images, out_dir, req.video_format, fps, req.output_quality)
         return save_images(images, out_dir, req.output_format, req.output_quality)
 
 
@@ -587,18 +606,22 @@ def video_frames(req: RenderRequest, info: Any) -> int | None:
     return n
 
 
-def save_videos(videos: list[list[Any]], out_dir: Path, fmt: str, fps: float, quality: int) -> list[Path]:
-    """Write ``out-N.mp4`` (H.264; ``quality`` 90 is x264's crf 16, 100 crf 12) or ``out-N.webp``
-    (animated; lossless at quality 100) files into a fresh ``out_dir``."""
+def save_videos(
+    videos: list[tuple[list[Any], Any]], out_dir: Path, fmt: str, fps: float, quality: int
+) -> list[Path]:
+    """Write ``out-N.mp4`` (H.264; ``quality`` 90 is x264's crf 16, 100 crf 12; with its soundtrack
+    in AAC where the model made one) or ``out-N.webp`` (animated, silent; lossless at quality 100)
+    files into a fresh ``out_dir``. ``videos``: (frames, soundtrack or None) each."""
     from .clips import write_clip
 
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     paths = []
-    for i, frames in enumerate(videos):
+    for i, (frames, sound) in enumerate(videos):
         path = out_dir / f"out-{i}.{fmt}"
         if fmt == "mp4":
-            write_clip(path, frames, fps, crf=min(51, 12 + round((100 - quality) * 0.4)))  # 90 -> crf 16
+            crf = min(51, 12 + round((100 - quality) * 0.4))  # 90 -> crf 16
+            write_clip(path, frames, fps, crf=crf, audio=sound)
         else:
             frames[0].save(
                 path,

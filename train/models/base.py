@@ -261,6 +261,12 @@ class Family(ABC):
         )
         return self.render_output(out)
 
+    @classmethod
+    def video_inputs(cls, fps: float) -> dict[str, Any]:
+        """A video pipeline's arguments for a render at ``fps`` frames a second besides its frame count
+        (LTX-2 conditions on the frame rate; Wan's pipeline takes none)."""
+        return {}
+
     def render_extra(self) -> dict[str, Any]:
         """More pipeline arguments of a validation render (a video model's frame count)."""
         return {}

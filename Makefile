@@ -50,7 +50,7 @@ lint: $(STAMP)
 # so a file's shared fixtures are built once; TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: lint browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 # The Cog schema as cog itself generates it (cog 0.23.1's static generator, offline): what
 # `cog build` bakes into the image and the Cog server validates inputs against.

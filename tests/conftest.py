@@ -22,6 +22,31 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+# The files that take longest, longest first (summed --durations=0 figures of a full run). `make test` runs
+# whole files per worker (--dist loadfile) in collection order (--no-loadscope-reorder: xdist's own
+# order puts the files with the most tests first, so these few-but-slow ones came last and the run
+# ended with one worker on a long file and the other idle). A file not listed keeps its place after them.
+LONG_FILES = (
+    "test_family_contract.py",  # every image model through the Cog train entry
+    "test_web.py",  # a real browser, trainings through the real Cog server
+    "test_family_video.py",  # every video model through the Cog train entry
+    "test_resume_cloud.py",
+    "test_cog_families.py",
+    "test_cog.py",
+    "test_hub_publish.py",
+    "test_fp8.py",
+    "test_speed.py",
+    "test_client_cli.py",
+    "test_shapes.py",
+    "test_ddp.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
+
+
 # The models whose stock pipeline VAE-encodes the control image at about one megapixel (Qwen-Image-Edit
 # resizes it so, whatever the render size). On a CPU without bf16 units (no AVX512-BF16 or AMX, as
 # here) torch's bf16 conv3d is ~20x slower than fp32: the tiny 3D VAE encodes 1 MP in 2.5 s in fp32

@@ -71,6 +71,12 @@ class LTX2Family(FlowMatchFamily):
     pipeline_cls = LTX2Pipeline
     denoiser_name = "transformer"
 
+    def after_load(self) -> None:
+        # the video VAE in fp32, as the Wan family keeps its own: the latents are cached in fp32 either
+        # way, and the VAE is small beside the transformer (a bf16 3D convolution is also ~10x slower
+        # on a CPU); the pipeline casts latents to the VAE's dtype before decoding
+        self.pipe.vae.to(torch.float32)
+
     def frozen_names(self) -> list[str]:
         # the connectors are the text side's; the audio VAE and the vocoder decode renders' soundtracks
         extra = [n for n in ("connectors", "audio_vae", "vocoder") if getattr(self.pipe, n, None) is not None]

@@ -232,6 +232,12 @@ def test_every_video_model_trains_on_clips_through_the_cog_train_entry_and_rende
     if info.pipeline == "LTX2Pipeline":  # an audio-video model: its mp4 carries the soundtrack
         _has_its_soundtrack(_run_entry(model, base, out, cache / "2", monkeypatch, "mp4"))
 
+    if model == VIDEO_MODELS[0]:  # the GPU's dtype: bf16 weights, the VAE in fp32 as diffusers' examples
+        monkeypatch.setenv("ADVANCED_TRAINER_RUN_DTYPE", "bf16")
+        in_bf16 = _run_entry(model, base, out, cache / "bf16", monkeypatch)
+        monkeypatch.delenv("ADVANCED_TRAINER_RUN_DTYPE")
+        assert np.abs(in_bf16 - lora16).max() <= TOLERANCE
+
     if model == VIDEO_MODELS[0]:  # the destination version: a run-mode Cog server on the training's output
         server = run_servers.get(body["output"])
         for fmt in ("webp", "mp4"):

@@ -153,9 +153,11 @@ class Renderer:
         self.pinned.clear()
         self._named = 0
         started = time.monotonic()
-        pipe = family_class(model).pipeline_cls.from_pretrained(folder, dtype=self.dtype)
+        cls = family_class(model)
+        pipe = cls.pipeline_cls.from_pretrained(folder, dtype=self.dtype)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
+        cls.prepare_run_pipeline(self.pipe)
         self.model, self.base_key = model, key
         self.loads["base"] += 1
         self.log(

@@ -261,6 +261,11 @@ class Family(ABC):
         )
         return self.render_output(out)
 
+    @classmethod  # noqa: B027  (a hook: most families need nothing)
+    def prepare_run_pipeline(cls, pipe: Any) -> None:
+        """Adjust the pipeline the run entry loaded in the run dtype (default: nothing; the video
+        families keep their 3D VAE in fp32, as diffusers' examples load it)."""
+
     @classmethod
     def video_inputs(cls, fps: float) -> dict[str, Any]:
         """A video pipeline's arguments for a render at ``fps`` frames a second besides its frame count

@@ -72,10 +72,14 @@ class LTX2Family(FlowMatchFamily):
     denoiser_name = "transformer"
 
     def after_load(self) -> None:
+        self.prepare_run_pipeline(self.pipe)
+
+    @classmethod
+    def prepare_run_pipeline(cls, pipe: Any) -> None:
         # the video VAE in fp32, as the Wan family keeps its own: the latents are cached in fp32 either
         # way, and the VAE is small beside the transformer (a bf16 3D convolution is also ~10x slower
         # on a CPU); the pipeline casts latents to the VAE's dtype before decoding
-        self.pipe.vae.to(torch.float32)
+        pipe.vae.to(torch.float32)
 
     def frozen_names(self) -> list[str]:
         # the connectors are the text side's; the audio VAE and the vocoder decode renders' soundtracks

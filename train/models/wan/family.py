@@ -83,7 +83,14 @@ class WanFamily(FlowMatchFamily):
     def after_load(self) -> None:
         # diffusers' Wan examples load the VAE in fp32 whatever the transformer's dtype: its 3D
         # convolutions lose detail in bf16. Latents are cached in fp32 either way.
-        self.pipe.vae.to(torch.float32)
+        self.prepare_run_pipeline(self.pipe)
+
+    @classmethod
+    def prepare_run_pipeline(cls, pipe: Any) -> None:
+        # the VAE (and Wan 2.1 I2V's CLIP image encoder) in fp32, as diffusers' Wan examples load them
+        pipe.vae.to(torch.float32)
+        if getattr(pipe, "image_encoder", None) is not None:
+            pipe.image_encoder.to(torch.float32)
 
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -404,11 +411,6 @@ class ImageToVideo:
     def frozen_names(self) -> list[str]:
         names = cast(Any, super()).frozen_names()
         return names + (["image_encoder"] if getattr(self.pipe, "image_encoder", None) is not None else [])
-
-    def after_load(self) -> None:
-        cast(Any, super()).after_load()
-        if getattr(self.pipe, "image_encoder", None) is not None:
-            self.pipe.image_encoder.to(torch.float32)  # as diffusers' Wan I2V examples load it
 
     def release_text_encoders(self) -> None:
         cast(Any, super()).release_text_encoders()

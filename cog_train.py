@@ -40,12 +40,14 @@ def _fetch_checkpoint(req, uri: str, dest) -> Path:
 class Trainer(BaseRunner):
     def setup(self) -> None:
         # the trainer's modules load with the runner, not when Cog reads this file for its inputs
-        from train.service import JobFolders, detect_gpus, processes_for
+        from train.service import JobFolders, detect_gpus, prewarm, processes_for
         from train.weights import prepare_weights_from_env
 
         started = time.monotonic()
         self.gpus = detect_gpus()
         self.processes = processes_for(self.gpus)
+        if self.processes == 1:  # (a data-parallel job runs under torch's launcher instead)
+            prewarm()  # the trainer's imports, in a process of their own, while the weights arrive
         self.weights = prepare_weights_from_env()
         self.jobs = JobFolders()
         names = ", ".join(g["name"] for g in self.gpus) or "none (CPU)"

@@ -1,8 +1,8 @@
 """Running one training job for the Cog train entry (cog_train.py).
 
 The adapter turns Cog inputs into a ``JobRequest``; ``run_job`` validates the spec, runs the
-trainer as a child process (``python -m train``, under torch's launcher when there is more
-than one GPU), relays every line it prints through ``sys.stdout`` (Cog's logs capture only
+trainer as a child process (``python -m train``, forked from the warm process ``train/zygote.py``
+started in setup, or under torch's launcher when there is more than one GPU), relays every line it prints through ``sys.stdout`` (Cog's logs capture only
 Python-level writes, never a child's file descriptors), publishes, and packs the output
 archive. A cancel (Cog raises ``CancelationException`` in this thread) stops the whole
 process group at once.
@@ -28,8 +28,10 @@ from typing import Any
 from .progress import PUBLISH_FAILED
 from .redaction import Redactor
 from .spec import SpecError, TrainingSpec, parse_spec
+from .zygote import Zygote, ZygoteChild
 
 OUTPUT_ARCHIVE = "output.zip"
+WARM_READY_TIMEOUT = 600.0  # a job that arrives while the warm process still imports waits for it
 _STORED = {".safetensors", ".png", ".jpg", ".jpeg", ".webp", ".zip", ".gz", ".pt", ".bin"}  # already dense
 
 
@@ -57,22 +59,73 @@ def build_spec(req: JobRequest) -> TrainingSpec:
         raise JobError(str(exc)) from None
 
 
-def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the child's process group; a child forked a moment ago may not lead its group yet."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_group(proc: subprocess.Popen | ZygoteChild, grace: float = 5.0) -> None:
     """SIGTERM the child's whole process group (launcher + workers), then SIGKILL what is left."""
     if proc.poll() is not None:
         return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    _signal_group(proc.pid, signal.SIGTERM)
     try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+_WARM: Zygote | None = None
+
+
+def prewarm() -> None:
+    """Start the warm trainer process (``train/zygote.py``): it imports the trainer now, so that a job's
+    ``python -m train`` starts without 6 to 10 s of imports. The Cog train entry calls this in setup;
+    ``ADVANCED_TRAINER_WARM=0`` turns it off (every job then starts a fresh process)."""
+    global _WARM
+    if _WARM is None and os.environ.get("ADVANCED_TRAINER_WARM", "1") != "0":
+        _WARM = Zygote()
+
+
+def _start_trainer(
+    args: list[str], env: dict[str, str], log: Callable[[str], None], num_processes: int
+) -> tuple[subprocess.Popen | ZygoteChild, int]:
+    """The trainer process and the descriptor its output comes from: forked from the warm process when
+    there is one (one process a job), else ``python -m train`` in a new process."""
+    warm = _WARM
+    if num_processes == 1 and warm is not None and not warm.busy and warm.wait_ready(WARM_READY_TIMEOUT):
+        read_fd, write_fd = os.pipe()
+        try:
+            child = warm.start(args, env, write_fd)
+        except OSError as exc:
+            os.close(read_fd)
+            log(f"trainer: the warm process is gone ({exc}); starting a fresh one")
+        else:
+            warm.busy = True
+            log("trainer: forked from the warm process (its imports were done in setup)")
+            return child, read_fd
+        finally:
+            os.close(write_fd)
+    cmd = [sys.executable, "-m", "train", *args]
+    if num_processes > 1:
+        cmd += ["--num-processes", str(num_processes)]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.fileno()
 
 
 def run_trainer(
@@ -87,22 +140,10 @@ def run_trainer(
     Returns (exit code, the last lines). Reading polls every 0.1 s so that a cancel raised in
     this thread lands promptly even while the child is quiet.
     """
-    cmd = [sys.executable, "-m", "train", *args]
-    if num_processes > 1:
-        cmd += ["--num-processes", str(num_processes)]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+    proc, fd = _start_trainer(args, env, log, num_processes)
     tail: list[str] = []
     buf = b""
     try:
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
         while True:
             ready, _, _ = select.select([fd], [], [], 0.1)
             if not ready:
@@ -125,6 +166,10 @@ def run_trainer(
         return proc.wait(), tail
     finally:
         _kill_group(proc)  # a cancel or any error here: leave nothing running
+        if isinstance(proc, ZygoteChild):
+            os.close(fd)
+            if _WARM is not None:
+                _WARM.busy = False
 
 
 def pack_outputs(

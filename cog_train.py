@@ -123,6 +123,12 @@ class Trainer(BaseRunner):
         ),
         seed: int | None = Input(description="Random seed", ge=0, le=4294967295, default=None),
         validation_prompts: str | None = Input(description="Validation prompts, one per line", default=None),
+        ema_decay: float | None = Input(
+            description="Deliver a moving average of the LoRA weights instead of the last step's: 0 off, e.g. 0.99 (see docs/spec.md)",
+            ge=0,
+            le=0.9999,
+            default=None,
+        ),
         hf_token: Secret | None = Input(
             description="Hugging Face token: gated base models and Hub publishing", default=None
         ),
@@ -179,6 +185,7 @@ class Trainer(BaseRunner):
             "trigger_word": trigger_word,
             "seed": seed,
             "validation.prompts": prompts,
+            "ema.decay": ema_decay,
             "publish.hub_model_id": hub_model_id,
             "publish.hub_private": hub_private,
             "publish.s3_bucket": s3_bucket,

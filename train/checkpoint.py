@@ -44,6 +44,7 @@ MUST_MATCH = (
     "trigger_word",
     "optimizer",
     "validation.holdout",  # which images train
+    "ema",  # the average's decay and start (resume stays exact)
 )
 
 
@@ -68,6 +69,7 @@ def save_checkpoint(
     lr_scheduler: Any,
     train_state: dict[str, Any],
     extra: Callable[[Path], None] | None = None,
+    ema_state: dict[str, Any] | None = None,
 ) -> Path:
     """``train_state`` is ``TrainState.state_dict()`` (train/trainer.py): step, sampler, history, generators.
 
@@ -83,6 +85,7 @@ def save_checkpoint(
             "lr_scheduler": lr_scheduler.state_dict(),
             "generators": train_state["generators"],
             "torch_rng": torch.get_rng_state(),
+            **({"ema": ema_state} if ema_state is not None else {}),
         },
         partial / STATE,
     )
@@ -174,9 +177,20 @@ def load_trainable(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt.folder / TRAINABLE))
 
 
-def restore_training_state(ckpt: Checkpoint, optimizer: Any, lr_scheduler: Any) -> dict[str, Any]:
-    """Loads the optimizer, the LR schedule and torch's RNG; returns the ``TrainState`` dict to load."""
+def restore_training_state(
+    ckpt: Checkpoint, optimizer: Any, lr_scheduler: Any, ema: Any = None
+) -> dict[str, Any]:
+    """Loads the optimizer, the LR schedule, torch's RNG and the moving average (``ema``: diffusers'
+    EMAModel, when on); returns the ``TrainState`` dict to load."""
     state = torch.load(ckpt.folder / STATE, map_location="cpu", weights_only=False)
+    if ema is not None:
+        if "ema" not in state:
+            raise CheckpointError(
+                f"resume_from: {ckpt.folder} holds no moving average (it was made with ema off)"
+            )
+        device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+        ema.load_state_dict(state["ema"])
+        ema.to(device)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(state["torch_rng"])

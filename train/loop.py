@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, KwargsHandler, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
@@ -76,7 +76,7 @@ from .speed import (
     cache_fits_on_device,
     resident_weight_bytes,
 )
-from .steps import SCORES_FILE, KeepSteps, isolated_rng
+from .steps import SCORES_FILE, STEPS_DIR, KeepSteps, isolated_rng
 from .trainer import Periodic, RunContext, Trainer, TrainingError, TrainState, log, micro_step
 from .weights import resolve_base_weights
 
@@ -250,6 +250,10 @@ def run_training(
         log(f"data parallel: process {ctx.rank} final weights sha256 {checksum}")
     renders(trainer, spec.steps)  # the final samples, on every run
     keeper(trainer, spec.steps)  # the final step is always kept and scored
+    if trainer.ema is not None and ctx.main:  # the last step's own weights, to compare with the average
+        export_weights(
+            spec, trainer.family, trainer.unwrapped, ctx.out_dir / STEPS_DIR / f"raw-step-{spec.steps}"
+        )
     if spec.resumable:  # a checkpoint of the final step, in the output: the job can be continued
         save_resumable(trainer, ctx.out_dir / RESUME_DIR, None)
     ctx.accelerator.wait_for_everyone()
@@ -438,7 +442,15 @@ def build_trainer(ctx: RunContext, family: Family, cache: LatentCache, hooks: li
     )
     model, optimizer = ctx.accelerator.prepare(model, optimizer)
     state = TrainState.fresh(cache, spec.batch_size * ctx.world, spec.seed, ctx.device)
-    return Trainer(ctx, family, cache, model, params, optimizer, lr_scheduler, plan, state, hooks)
+    trainer = Trainer(ctx, family, cache, model, params, optimizer, lr_scheduler, plan, state, hooks)
+    if spec.ema.on:  # in fp32 beside the fp32 LoRA weights: a few MB
+        trainer.ema = EMAModel(
+            params, decay=spec.ema.decay, update_after_step=spec.ema.start_step, foreach=True
+        )
+        log(
+            f"ema: the delivered weights are a moving average (decay {spec.ema.decay:g} from step {spec.ema.start_step})"
+        )
+    return trainer
 
 
 def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int, cache: LatentCache) -> MemoryPlan:
@@ -482,7 +494,8 @@ def _log_trainable(spec: TrainingSpec, params: list[torch.nn.Parameter], model: 
 def resume(trainer: Trainer, ckpt: Checkpoint) -> None:
     """Weights, optimizer, schedule, data order and random generators as the checkpoint left them."""
     _load_trainable(trainer.spec, trainer.unwrapped, load_trainable(ckpt))
-    trainer.state.load_state_dict(restore_training_state(ckpt, trainer.optimizer, trainer.lr_scheduler))
+    state = restore_training_state(ckpt, trainer.optimizer, trainer.lr_scheduler, trainer.ema)
+    trainer.state.load_state_dict(state)
 
 
 class RenderSamples(Periodic):
@@ -493,7 +506,7 @@ class RenderSamples(Periodic):
         self.paths: list[Path] = []
 
     def __call__(self, trainer: Trainer, step: int) -> None:
-        with trainer.ctx.phase("validate"), isolated_rng(trainer.ctx):
+        with trainer.ctx.phase("validate"), isolated_rng(trainer.ctx), trainer.delivered():
             self.paths = [p for p in self.paths if not p.name.startswith(f"step-{step:06d}-")]
             self.paths += render_samples(trainer, step)
 
@@ -521,6 +534,7 @@ def save_resumable(trainer: Trainer, folder: Path, keeper: KeepSteps | None) -> 
             trainer.lr_scheduler,
             trainer.state.state_dict(),
             keeper.write_carry if keeper is not None else None,
+            trainer.ema.state_dict() if trainer.ema is not None else None,
         )
         log(f"checkpoint: step {trainer.state.step} saved to {folder}")
     ctx.accelerator.wait_for_everyone()

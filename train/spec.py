@@ -303,6 +303,25 @@ class ExportSpec(_Section):
         return self.kohya == "on" or info.kohya_by_default
 
 
+class EmaSpec(_Section):
+    """An exponential moving average of the trained weights, delivered in place of the last step's."""
+
+    decay: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.9999,
+        description="0: off. The past's weight in the average, e.g. 0.99 for a few thousand steps; it "
+        "warms up as diffusers' EMAModel does: min(decay, (1 + j) / (10 + j)) at the j-th step averaged",
+    )
+    start_step: int = Field(
+        default=0, ge=0, description="the average follows the weights exactly until this step, then averages"
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.decay > 0
+
+
 class PublishSpec(_Section):
     """Where finished weights go besides the output archive. Credentials never live in the spec."""
 
@@ -374,6 +393,7 @@ class TrainingSpec(_Section):
     flow: FlowOptions = FlowOptions()
     speed: SpeedOptions = SpeedOptions()
     export: ExportSpec = ExportSpec()
+    ema: EmaSpec = EmaSpec()
     publish: PublishSpec = PublishSpec()
 
     @field_validator("resolutions", mode="before")
@@ -516,6 +536,19 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     for lever, why in lora_only.items():
         if isinstance(speed, dict) and speed.get(lever) == "on" and mode == "full":
             problems.append(({"speed", "mode"}, f"speed.{lever}: on needs mode lora ({why})"))
+    ema = d.get("ema")
+    if (
+        isinstance(ema, dict)
+        and isinstance(ema.get("decay"), int | float)
+        and ema["decay"] > 0
+        and mode == "full"
+    ):
+        problems.append(
+            (
+                {"ema", "mode"},
+                "ema.decay: needs mode lora (a full fine-tune's average is a second copy of every weight)",
+            )
+        )
     return problems
 
 

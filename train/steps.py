@@ -86,7 +86,7 @@ class KeepSteps(Periodic):
     def __call__(self, trainer: Trainer, step: int) -> None:
         ctx = self.ctx
         if ctx.main:
-            with ctx.phase("validate"), isolated_rng(ctx):
+            with ctx.phase("validate"), isolated_rng(ctx), trainer.delivered():
                 self.records = [r for r in self.records if r.step != step]
                 self.records.append(self._score(trainer, step))
         ctx.accelerator.wait_for_everyone()

@@ -9,6 +9,9 @@ random generators) and what was learnt so far (loss history). It has ``state_dic
 ``load_state_dict``: checkpoints save it, resume loads it, and the out-of-memory retry snapshots
 it before each step so a redone step draws exactly what the failed one drew.
 
+With ``ema`` on, each step also updates a moving average of the trained weights (diffusers'
+``EMAModel``); ``Trainer.delivered()`` puts the average in place for renders and exports.
+
 What happens after a step is a list of ``StepHook``s (``due(step)`` and a call), so new per-step
 work (scoring a step, keeping its LoRA) is a new hook, not an edit in the middle of the loop. The
 per-family maths stays behind ``Family`` (train/models/base.py); the recipe that builds a
@@ -169,6 +172,7 @@ class Trainer:
         self.ctx, self.spec, self.family, self.cache = ctx, ctx.spec, family, cache
         self.model, self.params, self.optimizer, self.lr_scheduler = model, params, optimizer, lr_scheduler
         self.plan, self.state, self.hooks = plan, state, hooks
+        self.ema: Any = None  # diffusers' EMAModel over ``params`` when ema.decay > 0 (train/loop.py)
         spec = ctx.spec
         self.slice = (ctx.rank * spec.batch_size, (ctx.rank + 1) * spec.batch_size)  # this process's rows
         # memory policy auto on one process: an out-of-memory step is redone with more checkpointing
@@ -224,7 +228,23 @@ class Trainer:
                 torch.cuda.empty_cache()  # out of the except block: its traceback held the step's tensors
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
         return StepResult(losses, lr)
+
+    @contextmanager
+    def delivered(self) -> Iterator[None]:
+        """The weights a user gets in the block: the moving average when ema is on (renders, kept
+        steps, the delivered files), the trained weights again afterwards."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     def _micro_batch(self) -> torch.Tensor:
         spec, ctx, state = self.spec, self.ctx, self.state

@@ -12,7 +12,7 @@ The time model, for data-parallel training as this trainer does it (``batch_size
     step_s(N) = step_s(1) x (1 + sync x log2 N)
 
 ``step_s(1)`` is a single-GPU table figure (1024 px, batch 1, LoRA), scaled by pixels, batch
-size, gradient accumulation and full fine-tuning. The second term is the gradient all-reduce
+size, gradient accumulation, full fine-tuning and output preservation. The second term is the gradient all-reduce
 once per optimizer step: a ring all-reduce grows about with log2 N in latency, and its share of
 a step is small for LoRA (megabytes of gradients) and larger for full fine-tunes (gigabytes),
 larger again over PCIe (L40S machines have no NVLink). Running the same images in fewer steps
@@ -81,6 +81,9 @@ TRAINING_SKUS: tuple[str, ...] = tuple(k for k, s in SKUS.items() if s.card in (
 # the family registry (train/families.py). A card a model has no figure for is scaled from its
 # H100 figure by Flux.1-dev's ratio between the two cards.
 FULL_FINETUNE_FACTOR = 1.6  # full fine-tunes: larger backward and optimizer
+# output preservation: a step is the training pass (forward F + backward ~2F) plus a forward without
+# the LoRA and a second pass with it (F + 3F): ~7F / 3F. Measured 2.26x on the CPU (tests/test_preservation.py)
+PRESERVATION_FACTOR = 2.3
 # share of a step spent in the gradient all-reduce, per doubling of GPUs
 SYNC_PER_DOUBLING = {
     ("lora", "nvlink"): 0.01,
@@ -158,6 +161,8 @@ def work_units(spec) -> float:
     info = model_info(spec.model)
     if info.video and spec.video.frames:  # tokens scale with the latent frames of the longest sample
         units *= info.latent_frames(max(spec.video.frames)) / info.latent_frames()
+    if spec.preservation.on:
+        units *= PRESERVATION_FACTOR
     return units * (FULL_FINETUNE_FACTOR if spec.mode == "full" else 1.0)
 
 

@@ -78,10 +78,12 @@ class LatentCache:
     # prompt on each validation control set (``validation_controls``, in the same order)
     validation: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)
     validation_controls: list[ControlSet] = field(default_factory=list)
+    # output preservation: per distinct caption, its preservation prompt's embeddings (None: off)
+    preserve_texts: list[dict[str, torch.Tensor]] | None = None
 
     def _texts(self) -> list[dict[str, torch.Tensor]]:
         per_item = [d for it in self.items for d in (it.text, it.empty) if d is not None]
-        return self.texts + [self.empty_text] + per_item
+        return self.texts + [self.empty_text] + per_item + (self.preserve_texts or [])
 
     def nbytes(self) -> int:
         tensors = [t for it in self.items for t in (it.mean, it.std, *it.controls)]
@@ -102,6 +104,8 @@ class LatentCache:
             it.empty = move(it.empty) if it.empty is not None else None
         self.texts = [move(d) for d in self.texts]
         self.empty_text = move(self.empty_text)
+        if self.preserve_texts is not None:
+            self.preserve_texts = [move(d) for d in self.preserve_texts]
         return self
 
     def bucket_counts(self) -> dict[str, int]:
@@ -140,7 +144,9 @@ def build_cache(
     *,
     video: VideoRule | None = None,
     seed: int = 0,
+    preserve: Callable[[str], str] | None = None,
 ) -> LatentCache:
+    """``preserve``: a caption's preservation prompt (output preservation), embedded per caption too."""
     multiple = family.pixel_multiple()
     controls = validation_controls or []
 
@@ -189,9 +195,15 @@ def build_cache(
         items.append(item)
         if on_item:
             on_item(i + 1, len(plan))
-    return LatentCache(
+    cache = LatentCache(
         items, texts, captions, empty, validation, [c for c in controls for _ in validation_prompts]
     )
+    if preserve is not None:
+        swapped = [preserve(c) for c in captions]
+        cache.preserve_texts = [
+            e for i in range(0, len(swapped), 16) for e in family.encode_prompts(swapped[i : i + 16], device)
+        ]
+    return cache
 
 
 def _windows(rec: ImageRecord, video: VideoRule | None) -> int:
@@ -316,8 +328,7 @@ def collate(
 ) -> Batch:
     """Stack cached items into a Batch; ``drop[i]`` swaps item i's caption for the empty one."""
     items = [cache.items[i] for i in indices]
-    texts = [_item_text(cache, it, d) for it, d in zip(items, drop, strict=True)]
-    text = {k: _to_device(_stack_rows([t[k] for t in texts]), device, text_dtype) for k in texts[0]}
+    text = _batched([_item_text(cache, it, d) for it, d in zip(items, drop, strict=True)], device, text_dtype)
     return Batch(
         latent_mean=_to_device(torch.stack([it.mean for it in items]), device),
         latent_std=_to_device(torch.stack([it.std for it in items]), device),
@@ -328,7 +339,16 @@ def collate(
             _to_device(torch.stack([it.controls[k] for it in items]), device)
             for k in range(len(items[0].controls))
         ],
+        preserve_text=None
+        if cache.preserve_texts is None
+        else _batched([cache.preserve_texts[it.caption] for it in items], device, text_dtype),
     )
+
+
+def _batched(
+    texts: list[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    return {k: _to_device(_stack_rows([t[k] for t in texts]), device, dtype) for k in texts[0]}
 
 
 def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:

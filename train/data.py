@@ -468,6 +468,13 @@ def add_trigger_word(caption: str, trigger: str, position: str = "prepend") -> s
     return f"{trigger}, {caption}" if position == "prepend" else f"{caption}, {trigger}"
 
 
+def swap_trigger_word(caption: str, trigger: str, replacement: str) -> str:
+    """``caption`` with every ``trigger`` (as a word, any case) replaced by ``replacement``: a caption's
+    output-preservation prompt ("sks style, a red circle" -> "style, a red circle" ... with the class
+    word in its place)."""
+    return re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", replacement, caption, flags=re.IGNORECASE)
+
+
 # --------------------------------------------------------------------------------------------
 # staging
 

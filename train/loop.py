@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +49,7 @@ from .data import (
     add_trigger_word,
     dataset_report_lines,
     stage_dataset,
+    swap_trigger_word,
 )
 from .edit import ValidationControlError, pair_rule, save_sample, side_by_side, validation_control_sets
 from .export import (
@@ -392,13 +394,19 @@ def cache_dataset(
     with ctx.phase("cache"):
         on_item = (lambda i, n: progress.emit(progress.format_progress("cache", i, n))) if ctx.main else None
         args = (spec.resolutions, prompts, device, spec.dataset.max_image_pixels)
-        kw = {"video": spec.video_rule(), "seed": spec.seed}
+        kw: dict[str, Any] = {"video": spec.video_rule(), "seed": spec.seed}
+        if spec.preservation.on:  # each caption's preservation prompt, embedded beside it
+            kw["preserve"] = partial(
+                swap_trigger_word, trigger=spec.trigger_word, replacement=spec.preservation.class_word.strip()
+            )
         try:
             controls = validation_control_sets(spec, dataset, held)
         except ValidationControlError as exc:
             raise TrainingError(str(exc)) from None
         cache = build_cache(family, dataset, *args, on_item, controls, **kw)
-        holdout = build_cache(family, held, *args, **kw) if held is not None else None
+        holdout = (
+            build_cache(family, held, *args, video=kw["video"], seed=spec.seed) if held is not None else None
+        )
         family.release_text_encoders()  # not needed again: every prompt is cached
         family.pipe.vae.to("cpu")  # back only for validation renders
         gc.collect()

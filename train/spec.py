@@ -322,6 +322,24 @@ class EmaSpec(_Section):
         return self.decay > 0
 
 
+class PreservationSpec(_Section):
+    """Output preservation: on the class-word prompt, the LoRA is trained toward the base model."""
+
+    class_word: str = Field(
+        default="",
+        max_length=100,
+        description="off when empty. The word for what the trigger word is an instance of (person, dog, "
+        "style): each caption with the trigger word replaced by it is a preservation prompt",
+    )
+    weight: float = Field(
+        default=1.0, gt=0, le=100, description="the preservation loss's weight beside the training loss"
+    )
+
+    @property
+    def on(self) -> bool:
+        return bool(self.class_word.strip())
+
+
 class PublishSpec(_Section):
     """Where finished weights go besides the output archive. Credentials never live in the spec."""
 
@@ -394,6 +412,7 @@ class TrainingSpec(_Section):
     speed: SpeedOptions = SpeedOptions()
     export: ExportSpec = ExportSpec()
     ema: EmaSpec = EmaSpec()
+    preservation: PreservationSpec = PreservationSpec()
     publish: PublishSpec = PublishSpec()
 
     @field_validator("resolutions", mode="before")
@@ -549,7 +568,48 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
                 "ema.decay: needs mode lora (a full fine-tune's average is a second copy of every weight)",
             )
         )
+    problems += _preservation_problems(d)
     return problems
+
+
+def _preservation_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
+    """Output preservation replaces the trigger word, so it needs one; and it is built for models
+    whose text encoder reads only the caption."""
+    p = d.get("preservation")
+    if not isinstance(p, dict) or not str(p.get("class_word", "")).strip():
+        return []
+    out: list[tuple[set[str], str]] = []
+    if not str(d.get("trigger_word", "")).strip():
+        out.append(
+            ({"preservation", "trigger_word"}, "preservation.class_word: needs a trigger_word to replace")
+        )
+    model = d.get("model", "flux-dev")
+    if model in MODEL_IDS and model_info(model).max_controls:
+        out.append(
+            (
+                {"preservation", "model"},
+                f"preservation.class_word: for text-to-image and text-to-video models; {model} takes "
+                "control images, and an edit's instruction has no class to preserve",
+            )
+        )
+    speed = d.get("speed")
+    for lever in ("fuse_qkv", "fuse_lora"):
+        if isinstance(speed, dict) and speed.get(lever) == "on":
+            out.append(
+                (
+                    {"preservation", "speed"},
+                    f"preservation.class_word: needs speed.{lever} off (the base "
+                    "model's prediction is read with the LoRA switched off, which a fused layer cannot do)",
+                )
+            )
+    if d.get("mode") == "full":
+        out.append(
+            (
+                {"preservation", "mode"},
+                "preservation.class_word: needs mode lora (the base model is the LoRA switched off)",
+            )
+        )
+    return out
 
 
 def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:

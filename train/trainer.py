@@ -256,7 +256,14 @@ class Trainer:
         rng = BatchRandom(state.generators["noise"], len(indices), lo, hi, ctx.device)
         batch = collate(self.cache, indices[lo:hi], drop[lo:hi], ctx.device, ctx.weight_dtype, rng)
         return micro_step(
-            self.family, self.model, batch, ctx.accelerator, self.optimizer, self.params, spec.max_grad_norm
+            self.family,
+            self.model,
+            batch,
+            ctx.accelerator,
+            self.optimizer,
+            self.params,
+            spec.max_grad_norm,
+            spec.preservation.weight if spec.preservation.on else 0.0,
         )
 
     def _snapshot(self) -> tuple[dict[str, Any], int]:
@@ -278,14 +285,18 @@ def micro_step(
     optimizer,
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
+    preservation: float = 0.0,
 ) -> torch.Tensor:
     """One micro-batch: forward, backward, and — on the last micro-batch of a step — clip and update.
+    ``preservation``: the weight of the output-preservation loss (0: off), added to the training loss.
 
     Returns the loss without reading it back to the host. ``bench/`` times exactly this.
     """
     with accelerator.accumulate(model):
         with accelerator.autocast():
             loss = family.loss(model, batch)
+            if preservation:
+                loss = loss + preservation * preservation_loss(family, model, batch)
         accelerator.backward(loss)
         try:
             if accelerator.sync_gradients and max_grad_norm > 0:
@@ -300,6 +311,42 @@ def micro_step(
             ) from exc
         optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def preservation_loss(family: Family, model: torch.nn.Module, batch) -> torch.Tensor:
+    """Output preservation (ai-toolkit's differential output preservation): on each item's
+    preservation prompt (its caption with the class word for the trigger word), the squared distance
+    between the LoRA's prediction and the base model's, which is the same denoiser with every LoRA
+    layer switched off (no copy of the model). Both predictions see the same noise and timesteps,
+    drawn once; the base one carries no gradient. Costs about one more training pass a step."""
+    assert batch.preserve_text is not None, (
+        "the cache embeds the preservation prompts when preservation is on"
+    )
+    preserved = replace(batch, text=batch.preserve_text)
+    generator = batch.rng.generator
+    state = generator.get_state()
+    with torch.no_grad(), lora_switched_off(model):
+        base, _ = family.prediction(model, preserved)
+    after = generator.get_state()
+    generator.set_state(state)  # the same draws for the LoRA's prediction
+    pred, _ = family.prediction(model, preserved)
+    assert torch.equal(generator.get_state(), after), "the two predictions drew different random numbers"
+    return torch.nn.functional.mse_loss(pred.float(), base.float())
+
+
+@contextmanager
+def lora_switched_off(model: torch.nn.Module) -> Iterator[None]:
+    """The base model: every peft LoRA layer of ``model`` disabled for the block."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def more_checkpointing(plan: MemoryPlan, model: torch.nn.Module, step: int) -> MemoryPlan:

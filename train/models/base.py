@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..spec import TrainingSpec
 
@@ -69,6 +70,9 @@ class Batch:
     # as ``Family.encode_controls`` returned them (the family normalises them itself). Every item of
     # a batch has as many controls, of the same shapes per slot; empty for text-to-image batches.
     controls: list[torch.Tensor] = field(default_factory=list)
+    # Output preservation (spec.preservation): the same items' captions with the trigger word replaced
+    # by the class word, embedded as ``text``; None when preservation is off
+    preserve_text: dict[str, torch.Tensor] | None = None
 
 
 def edit_size(width: int, height: int, size: int, multiple: int) -> tuple[int, int]:
@@ -223,8 +227,15 @@ class Family(ABC):
 
     # -- training --------------------------------------------------------------------------------
     @abstractmethod
+    def prediction(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the denoiser's prediction, its training target) for one batch, in the same layout; every
+        random number drawn from ``batch.rng`` (so restoring its generator replays the same draws).
+        ``model`` is the (wrapped) denoiser."""
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The scalar training loss of one batch (fp32). ``model`` is the (wrapped) denoiser."""
+        """The scalar training loss of one batch (fp32): the mean squared error of ``prediction``."""
+        pred, target = self.prediction(model, batch)
+        return F.mse_loss(pred.float(), target.float())
 
     def sample_latents(self, batch: Batch) -> torch.Tensor:
         """A latent drawn from the cached VAE posterior, as encoding the image afresh would give."""

@@ -1,6 +1,6 @@
 """Rectified-flow matching, the objective every transformer family here trains with.
 
-``FlowMatchFamily.loss`` is the one copy of the preamble: the latent as the denoiser sees it
+``FlowMatchFamily.prediction`` is the one copy of the preamble: the latent as the denoiser sees it
 (``training_latents``), noise, a noise level per item (``sample_sigmas``), the straight path
 ``x_s = (1 - s) x0 + s noise`` and its velocity ``noise - x0``. A family says only what differs:
 how it normalises latents, how many image tokens the resolution shift counts, and how its pipeline
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Batch, BatchRandom, Family
@@ -66,14 +65,13 @@ class FlowMatchFamily(Family):
     """A family trained by flow matching; subclasses implement ``predict`` (and the hooks below
     where they differ)."""
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def prediction(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = self.training_latents(batch)  # (B, C, h, w) in the space the denoiser works in
         noise = batch.rng.randn(*x0.shape[1:])
         sigmas = self.sample_sigmas(batch.rng, self.image_tokens(x0))  # (B,) in (0, 1)
         s = sigmas.view(-1, *([1] * (x0.dim() - 1)))  # (B, C, h, w), or (B, C, f, h, w) for video
         noised = Noised((1.0 - s) * x0 + s * noise, sigmas, noise - x0)  # from data (s=0) to noise (s=1)
-        pred, target = self.predict(model, noised, batch)
-        return F.mse_loss(pred.float(), target.float())
+        return self.predict(model, noised, batch)
 
     # -- what a family may override ---------------------------------------------------------------
     def training_latents(self, batch: Batch) -> torch.Tensor:

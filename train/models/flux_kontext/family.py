@@ -75,11 +75,11 @@ class FluxKontextFamily(FluxFamily):
             self._control_ids_cache[key] = ids
         return FluxKontextPipeline._pack_latents(x, b, c, h, w).to(dtype), self._control_ids_cache[key]
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def prediction(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if not batch.controls:  # the pipeline without an input image: FLUX.1-dev's text-to-image
-            return super().loss(model, batch)
+            return super().prediction(model, batch)
         tokens, ids = self.control_tokens(batch, batch.text["prompt_embeds"].dtype)
-        return super().loss(WithControl(model, tokens, ids), batch)
+        return super().prediction(WithControl(model, tokens, ids), batch)
 
     # -- validation and export -----------------------------------------------------------------
     def control_inputs(self, controls: list[Any], size: int) -> dict[str, Any]:

@@ -42,7 +42,26 @@ class SdxlFamily(Family):
         ]
 
     # -- training --------------------------------------------------------------------------------
+    def prediction(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        pred, target, _ = self._forward(model, batch)
+        return pred, target
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        pred, target, t = self._forward(model, batch)
+        if self.spec.sdxl.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        # min-SNR-gamma weighting (Hang et al. 2023): caps the weight of low-noise steps
+        snr = compute_snr(self.noise_scheduler, t)
+        weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / snr
+        if self.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / (snr + 1)
+        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_item * weight).mean()
+
+    def _forward(
+        self, model: torch.nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prediction, target, timesteps) of one batch."""
         sched = self.noise_scheduler
         x0 = self.sample_latents(batch) * self.pipe.vae.config.scaling_factor  # (B, 4, h, w)
         noise = batch.rng.randn(*x0.shape[1:])
@@ -64,15 +83,7 @@ class SdxlFamily(Family):
             },
             return_dict=False,
         )[0]
-        if self.spec.sdxl.snr_gamma is None:
-            return F.mse_loss(pred.float(), target.float())
-        # min-SNR-gamma weighting (Hang et al. 2023): caps the weight of low-noise steps
-        snr = compute_snr(sched, t)
-        weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / snr
-        if self.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / (snr + 1)
-        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_item * weight).mean()
+        return pred, target, t
 
     # -- validation and export -----------------------------------------------------------------
     def render_components(self) -> dict[str, Any]:

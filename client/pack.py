@@ -132,6 +132,7 @@ class PackResult:
     controls: int = 0  # control images in the archive (of pairs, and without a target)
     loose_controls: int = 0  # of those, how many have no target (validation renders on them)
     clips: int = 0  # of ``images``, how many are video clips
+    masks: int = 0  # loss masks in the archive (NAME_mask.ext or metadata.jsonl's mask_file_name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for ``--json`` output)."""
@@ -160,6 +161,7 @@ class PackResult:
             "controls": self.controls,
             "loose_controls": self.loose_controls,
             "clips": self.clips,
+            "masks": self.masks,
         }
 
     def summary(self) -> str:
@@ -183,6 +185,8 @@ class PackResult:
                     else ""
                 )
             )
+        if self.masks:
+            lines.append(f"loss masks: {self.masks} (the trainer learns only their white parts)")
         sources = ", ".join(f"{k} {v}" for k, v in sorted(self.caption_sources.items()) if v and k != "none")
         if sources:
             lines.append(f"captions from: {sources}")
@@ -316,7 +320,8 @@ def _rewrite_table(table: _Table, renames: dict[str, str], dest: Path) -> bool:
 
 
 def _rename_row(row: dict, base: PurePosixPath, renames: dict[str, str]) -> bool:
-    """A metadata.jsonl row's ``file_name`` and ``control_file_name`` renamed in place; False: unchanged."""
+    """A metadata.jsonl row's ``file_name``, ``control_file_name`` and ``mask_file_name`` renamed in
+    place; False: unchanged."""
     changed = False
 
     def renamed(name: Any) -> Any:
@@ -327,6 +332,8 @@ def _rename_row(row: dict, base: PurePosixPath, renames: dict[str, str]) -> bool
         return name
 
     row["file_name"] = renamed(row["file_name"])
+    if "mask_file_name" in row:
+        row["mask_file_name"] = renamed(row["mask_file_name"])
     controls = row.get("control_file_name")
     if isinstance(controls, list):
         row["control_file_name"] = [renamed(c) for c in controls]
@@ -518,6 +525,7 @@ def pack_dataset(
     scan = _scan(folder, max_files)
     _probe_images(scan, max_image_pixels, clip_rule)
     _pair_up(scan, rule)
+    _mask_up(scan)
     _leave_out_orphan_captions(scan)
     _refuse_what_the_trainer_refuses(folder, scan, fit, max_image_pixels, max_files)
     caption_sources, problems = _caption_summary(scan)
@@ -561,6 +569,7 @@ def pack_dataset(
         controls=len(scan.controls),
         loose_controls=len(scan.loose),
         clips=sum(1 for img in scan.trained().values() if img.clip is not None),
+        masks=len(scan.masks),
     )
 
 
@@ -637,10 +646,11 @@ class _Scan:
     controls: set[str] = field(default_factory=set)  # keys of the images that are control images
     loose: set[str] = field(default_factory=set)  # of those, the controls without a target
     pairs: int = 0  # targets packed with their controls
+    masks: set[str] = field(default_factory=set)  # keys of the images that are loss masks
 
     def trained(self) -> dict[str, _Image]:
-        """The images the trainer trains on: every image but the control images."""
-        return {k: img for k, img in self.images.items() if k not in self.controls}
+        """The images the trainer trains on: every image but the control images and the loss masks."""
+        return {k: img for k, img in self.images.items() if k not in self.controls and k not in self.masks}
 
 
 def _scan(folder: Path, max_files: int) -> _Scan:
@@ -756,6 +766,43 @@ def _pair_up(scan: _Scan, rule: rules.PairRule | None) -> None:
     scan.controls = {by_name[c] for c in controls if by_name.get(c) in scan.images}
     scan.loose = {by_name[n] for n, _ in pairing.loose if by_name.get(n) in scan.images}
     scan.pairs = sum(1 for n in targets if n not in failed and n in by_name)
+    scan.over_cap = [k for k in scan.over_cap if k in scan.images]
+
+
+def _mask_up(scan: _Scan) -> None:
+    """Loss masks kept with their images, as the trainer matches them (the inventory's masks): a mask
+    whose image is left out goes too, and an image whose mask cannot be read, or has another shape,
+    is left out with it (the trainer would skip the image), each named."""
+    inv = scan.inventory
+    by_name = {img.rel.as_posix(): key for key, img in scan.images.items()}
+    for name in inv.masks_left_out:  # named in the inventory's skipped already
+        scan.images.pop(by_name.get(name, ""), None)
+    for target, mask in inv.masks.items():
+        t, m = scan.images.get(by_name.get(target, "")), scan.images.get(by_name.get(mask, ""))
+        why = ""
+        if t is None:
+            why = f"loss mask of {target}, which is left out"
+        elif rules.is_clip(target):
+            why = f"loss masks apply to images; the clip {target} trains unmasked"
+        elif m is None:
+            why = f"its loss mask {mask} cannot be read"
+        elif abs(m.width / m.height - t.width / t.height) > 0.01 * t.width / t.height:
+            why = f"its loss mask {mask} is {m.width}x{m.height} and the image {t.width}x{t.height}: a mask must have the image's shape"
+        if not why:
+            scan.masks.add(by_name[mask])
+            continue
+        for name in (mask,) if t is None or rules.is_clip(target) else (target, mask):
+            key = by_name.get(name)
+            if key in scan.images:
+                del scan.images[key]
+                scan.skipped.append(
+                    (
+                        name,
+                        why
+                        if name == target or t is None or rules.is_clip(target)
+                        else f"loss mask of {target}, which is left out ({why})",
+                    )
+                )
     scan.over_cap = [k for k in scan.over_cap if k in scan.images]
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from . import clips as cliplib
 from .buckets import Placement, bucket_key, place, resize_and_crop
-from .data import DatasetError, ImageRecord, StagedDataset, load_rgb
+from .data import DatasetError, ImageRecord, StagedDataset, load_mask, load_rgb
 from .dataset_rules import VideoRule
 from .models.base import Batch, BatchRandom, Family
 
@@ -51,6 +51,9 @@ class CachedItem:
     frames: int = 0  # a video model's sample: its frame count (1 for an image); 0 for an image model
     window: int = 0  # which of its clip's ``windows`` cached windows this is (random sampling)
     windows: int = 1
+    # its loss mask at latent resolution, (1, h, w) or (1, 1, h, w) beside a video model's latents, in
+    # [0, 1]: the weight of each latent pixel in the loss; None learns everywhere
+    mask: torch.Tensor | None = None
 
     @property
     def shape_key(self) -> tuple:
@@ -86,7 +89,7 @@ class LatentCache:
         return self.texts + [self.empty_text] + per_item + (self.preserve_texts or [])
 
     def nbytes(self) -> int:
-        tensors = [t for it in self.items for t in (it.mean, it.std, *it.controls)]
+        tensors = [t for it in self.items for t in (it.mean, it.std, *it.controls, *_present(it.mask))]
         tensors += [t for d in self._texts() for t in d.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -98,6 +101,7 @@ class LatentCache:
 
         for it in self.items:
             it.mean, it.std = it.mean.to(device), it.std.to(device)
+            it.mask = it.mask.to(device) if it.mask is not None else None
             it.controls = [c.to(device) for c in it.controls]
             it.device_time_ids = it.time_ids.to(device)
             it.text = move(it.text) if it.text is not None else None
@@ -190,6 +194,8 @@ def build_cache(
             windows=_windows(rec, video),
         )
         item.controls = conditions
+        if rec.mask is not None:
+            item.mask = _latent_mask(rec, p, max_pixels, item.mean)
         if rec.controls:
             _cache_controls(family, item, rec, multiple, max_pixels, device)
         items.append(item)
@@ -204,6 +210,24 @@ def build_cache(
             e for i in range(0, len(swapped), 16) for e in family.encode_prompts(swapped[i : i + 16], device)
         ]
     return cache
+
+
+def _latent_mask(rec: ImageRecord, p: Placement, max_pixels: int, latents: torch.Tensor) -> torch.Tensor:
+    """The record's loss mask placed exactly as its image (resized to the image's size, then the same
+    resize and crop into the bucket), averaged down to the latent grid: each latent pixel weighs as the
+    share of white over the pixels it covers."""
+    assert rec.mask is not None
+    mask = load_mask(rec.mask, max_pixels)
+    if mask.size != (rec.width, rec.height):
+        mask = mask.resize((rec.width, rec.height), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(resize_and_crop(mask, p), dtype=np.float32) / 255.0)
+    grid = tuple(latents.shape[-2:])
+    small = torch.nn.functional.interpolate(pixels[None, None], size=grid, mode="area")[0]  # (1, h, w)
+    return small.clamp(0, 1).reshape(1, *([1] * (latents.dim() - 3)), *grid)
+
+
+def _present(t: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return () if t is None else (t,)
 
 
 def _windows(rec: ImageRecord, video: VideoRule | None) -> int:
@@ -339,10 +363,20 @@ def collate(
             _to_device(torch.stack([it.controls[k] for it in items]), device)
             for k in range(len(items[0].controls))
         ],
+        loss_weights=_loss_weights(items, device),
         preserve_text=None
         if cache.preserve_texts is None
         else _batched([cache.preserve_texts[it.caption] for it in items], device, text_dtype),
     )
+
+
+def _loss_weights(items: list[CachedItem], device: torch.device) -> torch.Tensor | None:
+    """(B, 1, ...) per-latent-pixel loss weights when any item of the batch has a mask, else None."""
+    if all(it.mask is None for it in items):
+        return None
+    shape = (1, *items[0].mean.shape[1:])
+    rows = [it.mask if it.mask is not None else torch.ones(shape, device=it.mean.device) for it in items]
+    return _to_device(torch.stack(rows), device)
 
 
 def _batched(

@@ -106,6 +106,7 @@ class ImageRecord:
     # video models: the frames a sample of it takes (1 for an image); 0 for an image model's image
     frames: int = 0
     clip: cliplib.ClipInfo | None = None  # a video clip's timing and size (None for an image)
+    mask: Path | None = None  # its loss mask (white learns, black is ignored); None: learns everywhere
 
 
 @dataclass
@@ -136,6 +137,8 @@ class StagedDataset:
                 entry["clip"] = r.clip.describe()
             if paired:
                 entry["controls"] = [c.name for c in r.controls]
+            if r.mask is not None:
+                entry["mask"] = r.mask.relative_to(self.root).as_posix()
             images.append(entry)
         report: dict = {"images_used": len(self.images), "dataset_hash": self.dataset_hash, "images": images}
         if paired:
@@ -563,7 +566,7 @@ def _image_records(
     records: list[ImageRecord] = []
     digest = rules.DatasetHash()
     pairing = inv.pairing
-    is_control = pairing.control_names()
+    is_control = pairing.control_names() | inv.mask_names()
     paths = {f.name: f.path for f in inv.images.values() if f.path is not None}
     tables = inv.table_captions()
     for key in sorted(inv.images):
@@ -572,6 +575,10 @@ def _image_records(
             continue
         path = paths[name]
         if rules.is_clip(name):
+            if name in inv.masks:
+                skipped.append(
+                    (inv.masks[name], f"loss masks apply to images; the clip {name} trains unmasked")
+                )
             rule = captions.video
             if rule is None:
                 skipped.append((name, rules.clip_for_image_model_reason("")))
@@ -588,9 +595,15 @@ def _image_records(
             digest.add(name, path, caption)
             continue
         img, why = _usable(path, limits)
+        mask_name = inv.masks.get(name)
+        if img is not None and mask_name is not None:
+            why = _unusable_mask(paths[mask_name], mask_name, img, limits)
+            img = None if why else img
         if img is None:
             skipped.append((name, why))
             _skip_controls(name, pairing.controls.get(name, []), "its target image was skipped", skipped)
+            if mask_name is not None:
+                skipped.append((mask_name, f"loss mask of {name}, which was skipped"))
             continue
         controls: tuple[ControlRecord, ...] = ()
         if pairing.paired:
@@ -601,11 +614,40 @@ def _image_records(
         caption, origin = inv.caption(name, captions.default_caption, tables)
         caption = add_trigger_word(caption, captions.trigger_word, captions.trigger_position)
         frames = 0 if captions.video is None else 1  # a video model's image: a one-frame sample
-        records.append(ImageRecord(path, name, caption, origin, img.width, img.height, controls, frames))
+        mask = paths[mask_name] if mask_name is not None else None
+        records.append(
+            ImageRecord(path, name, caption, origin, img.width, img.height, controls, frames, mask=mask)
+        )
         digest.add(name, path, caption)
         for c in controls:
             digest.add_control(c.name, c.path)
+        if mask_name is not None and mask is not None:
+            digest.add_control(mask_name, mask)
     return records, digest.hexdigest()
+
+
+def load_mask(path: Path, max_pixels: int) -> Image.Image:
+    """A loss mask as 8-bit grey (its EXIF rotation applied, as the image's is): 255 learns, 0 is ignored."""
+    return load_rgb(path, max_pixels).convert("L")
+
+
+def _unusable_mask(path: Path, name: str, img: Image.Image, limits: DataLimits) -> str:
+    """Why the image cannot train with its loss mask ``name``, or "" when it can."""
+    try:
+        mask = load_mask(path, limits.max_image_pixels)
+    except UnsafeArchiveError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        return f"its loss mask {name} cannot be decoded ({type(exc).__name__}: {exc})"[:300]
+    aspect, mask_aspect = img.width / img.height, mask.width / mask.height
+    if abs(mask_aspect - aspect) > 0.01 * aspect:
+        return (
+            f"its loss mask {name} is {mask.width}x{mask.height} and the image {img.width}x{img.height}: "
+            "a mask must have the image's shape (any size of it)"
+        )
+    if mask.getextrema()[1] == 0:
+        return f"its loss mask {name} is black everywhere: nothing of the image would be learned"
+    return ""
 
 
 def _usable(path: Path, limits: DataLimits) -> tuple[Image.Image | None, str]:

@@ -214,6 +214,7 @@ class CaptionTable:
 
     captions: dict[str, str] = field(default_factory=dict)
     controls: dict[str, list[str]] = field(default_factory=dict)  # target -> control paths, as listed
+    masks: dict[str, str] = field(default_factory=dict)  # target -> its loss mask's path (mask_file_name)
     problems: list[tuple[int | None, str]] = field(default_factory=list)
 
 
@@ -245,7 +246,7 @@ def parse_table(kind: str, raw: bytes, base: PurePosixPath) -> CaptionTable:
             if not line.strip():
                 continue
             try:
-                name, caption, controls = _jsonl_row(line)
+                name, caption, controls, mask = _jsonl_row(line)
             except ValueError as exc:
                 table.problems.append((lineno, str(exc)))
                 continue
@@ -254,6 +255,8 @@ def parse_table(kind: str, raw: bytes, base: PurePosixPath) -> CaptionTable:
                 table.captions[key] = tidy(caption)
             if controls is not None:
                 table.controls[key] = [table_key(base, c) for c in controls]
+            if mask is not None:
+                table.masks[key] = table_key(base, mask)
         return table
     reader = csv.reader(io.StringIO(text.replace("\r\n", "\n")))
     name_col, text_col = csv_columns(next(reader, None) or [])
@@ -269,9 +272,9 @@ def parse_table(kind: str, raw: bytes, base: PurePosixPath) -> CaptionTable:
     return table
 
 
-def _jsonl_row(line: str) -> tuple[str, str | None, list[str] | None]:
-    """(file_name, text or None, control file names or None) of one metadata.jsonl line; ValueError
-    with the reason for a row that cannot be read."""
+def _jsonl_row(line: str) -> tuple[str, str | None, list[str] | None, str | None]:
+    """(file_name, text or None, control file names or None, mask file name or None) of one
+    metadata.jsonl line; ValueError with the reason for a row that cannot be read."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
@@ -279,11 +282,19 @@ def _jsonl_row(line: str) -> tuple[str, str | None, list[str] | None]:
     name = row.get("file_name") if isinstance(row, dict) else None
     caption = row.get("text") if isinstance(row, dict) else None
     has_controls = isinstance(row, dict) and "control_file_name" in row
-    if not isinstance(name, str) or not (isinstance(caption, str) or (caption is None and has_controls)):
+    has_mask = isinstance(row, dict) and "mask_file_name" in row
+    if not isinstance(name, str) or not (
+        isinstance(caption, str) or (caption is None and (has_controls or has_mask))
+    ):
         raise ValueError('not a JSON object with "file_name" and "text"')
-    if not has_controls:
-        return name, caption, None
     assert isinstance(row, dict)
+    mask = row.get("mask_file_name")
+    if has_mask and (not isinstance(mask, str) or not mask.strip()):
+        raise ValueError(f"mask_file_name must be a file name, got {json.dumps(mask)[:80]}")
+    if isinstance(mask, str) and mask.replace("\\", "/") == name.replace("\\", "/"):
+        raise ValueError(f"mask_file_name names the row's own file_name ({name!r})")
+    if not has_controls:
+        return name, caption, None, mask
     controls = row["control_file_name"]
     if isinstance(controls, str):
         controls = [controls]
@@ -298,7 +309,7 @@ def _jsonl_row(line: str) -> tuple[str, str | None, list[str] | None]:
         raise ValueError(f"control_file_name names the row's own file_name ({name!r})")
     if len(set(norm)) < len(norm):
         raise ValueError("control_file_name names the same file twice")
-    return name, caption, controls
+    return name, caption, controls, mask
 
 
 def caption_source(has_txt: bool, name: str, tables: Mapping[str, Mapping[str, str]]) -> str:
@@ -309,6 +320,58 @@ def caption_source(has_txt: bool, name: str, tables: Mapping[str, Mapping[str, s
     if has_txt:
         return "txt"
     return next((kind for kind in CAPTION_SOURCES[1:] if name in tables.get(kind, {})), "default")
+
+
+# --------------------------------------------------------------------------------------------
+# loss masks (docs/spec.md, "Masked loss")
+
+_MASK_STEM = re.compile(r"(?P<stem>.+)_mask", flags=re.IGNORECASE)
+
+
+def mask_target(rel: PurePosixPath) -> str | None:
+    """The target key (``image_key``) whose loss mask ``rel`` is named as: ``dir/NAME_mask.ext`` masks
+    ``dir/NAME``; None for any other name."""
+    m = _MASK_STEM.fullmatch(rel.stem)
+    return str(rel.parent / m.group("stem")) if m else None
+
+
+def find_masks(
+    images: Iterable[str], table_masks: Mapping[str, str] | None = None
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """({target image: its mask image}, [(mask left out, why)]) among ``images`` (every image file's name).
+
+    metadata.jsonl's ``mask_file_name`` (target path -> mask path, ``parse_table``) wins over the file
+    name (``NAME_mask.ext``). A file merely named like a mask with no image of that name
+    (``gas_mask.jpg`` alone) is an ordinary image; a mask the table names that is not in the dataset
+    is reported by the caller's skip list through the target."""
+    names = list(images)
+    by_key = {image_key(PurePosixPath(n)): n for n in names}
+    present = set(names)
+    masks: dict[str, str] = {}
+    left_out: list[tuple[str, str]] = []
+    declared = dict(table_masks or {})
+    declared_masks = set(declared.values())
+    for target, mask in declared.items():
+        if target in present and mask in present and mask != target:
+            masks[target] = mask
+
+    def named_as_mask(n: str) -> bool:
+        key = mask_target(PurePosixPath(n))
+        return key is not None and key in by_key
+
+    for n in names:
+        if n in declared_masks or n in masks:
+            continue
+        key = mask_target(PurePosixPath(n))
+        target = by_key.get(key) if key else None
+        if target is None or named_as_mask(target):  # no such image, or a mask's mask
+            continue
+        if target in masks:
+            if masks[target] != n:
+                left_out.append((n, f"{target} has a mask already ({masks[target]}); this one is not used"))
+            continue
+        masks[target] = n
+    return masks, left_out
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,6 +143,8 @@ class Inventory:
     oversize: list[tuple[str, str]] = field(default_factory=list)  # captions / tables over their cap
     table_problems: list[tuple[str, int | None, str]] = field(default_factory=list)  # (table, line, why)
     pairing: rules.Pairing = field(default_factory=rules.Pairing)
+    masks: dict[str, str] = field(default_factory=dict)  # target image name -> its loss mask's name
+    masks_left_out: set[str] = field(default_factory=set)  # a second mask of one image (named in skipped)
     files: int = 0  # regular files met outside junk folders, junk files included
 
     def names(self) -> list[str]:
@@ -150,9 +152,13 @@ class Inventory:
         return [f.name for f in self.images.values()]
 
     def targets(self) -> list[str]:
-        """The images trained on: every image but the control images."""
-        controls = self.pairing.control_names()
+        """The images trained on: every image but the control images and the loss masks."""
+        controls = self.pairing.control_names() | self.mask_names()
         return [n for n in self.names() if n not in controls]
+
+    def mask_names(self) -> set[str]:
+        """Every image file that is a loss mask (used or left out): never trained on as an image."""
+        return set(self.masks.values()) | self.masks_left_out
 
     def table_captions(self) -> dict[str, dict[str, str]]:
         """Table kind -> {image name: caption}, merged over every table of that kind (a later table wins)."""
@@ -247,13 +253,24 @@ def _sort_file(
 
 
 def _pair(inv: Inventory) -> None:
-    """Pairs by file name and by metadata.jsonl's control_file_name; the controls they leave out and
-    control images' own captions are named."""
+    """Loss masks (``NAME_mask.ext`` or metadata.jsonl's mask_file_name), then pairs by file name and by
+    metadata.jsonl's control_file_name; the masks and controls they leave out and their own captions
+    are named."""
     declared: dict[str, list[str]] = {}
+    declared_masks: dict[str, str] = {}
     for _, table in inv.tables:  # a later table wins
         declared.update(table.controls)
-    inv.pairing = rules.find_pairs(inv.names(), declared)
+        declared_masks.update(table.masks)
+    inv.masks, unused_masks = rules.find_masks(inv.names(), declared_masks)
+    inv.skipped += unused_masks
+    inv.masks_left_out = {n for n, _ in unused_masks}
+    mask_names = inv.mask_names()
+    inv.pairing = rules.find_pairs([n for n in inv.names() if n not in mask_names], declared)
     inv.skipped += inv.pairing.unused
+    for key in sorted({rules.image_key(PurePosixPath(n)) for n in mask_names} & set(inv.captions)):
+        inv.skipped.append(
+            (inv.captions.pop(key).name, "caption of a loss mask: a mask has no caption of its own")
+        )
     controls = {rules.image_key(PurePosixPath(n)) for n in inv.pairing.control_names()}
     for key in sorted(controls & set(inv.captions)):
         inv.skipped.append(

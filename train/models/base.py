@@ -73,6 +73,16 @@ class Batch:
     # Output preservation (spec.preservation): the same items' captions with the trigger word replaced
     # by the class word, embedded as ``text``; None when preservation is off
     preserve_text: dict[str, torch.Tensor] | None = None
+    # Masked loss: (B, 1, h, w) (or (B, 1, f, h, w)) weights of each latent pixel in [0, 1], from the
+    # items' loss masks (ones for an item without one); None when no item of the batch has a mask
+    loss_weights: torch.Tensor | None = None
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean squared error with each element weighed, normalised by the weights' sum: an all-ones
+    weight is the plain mean, and a half-masked image learns its other half at full strength."""
+    err = (pred.float() - target.float()).square() * weights
+    return err.sum() / weights.sum().clamp_min(1e-8)
 
 
 def edit_size(width: int, height: int, size: int, multiple: int) -> tuple[int, int]:
@@ -233,9 +243,19 @@ class Family(ABC):
         ``model`` is the (wrapped) denoiser."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The scalar training loss of one batch (fp32): the mean squared error of ``prediction``."""
+        """The scalar training loss of one batch (fp32): the mean squared error of ``prediction``, each
+        element weighed by its latent pixel's loss-mask weight when the batch has masks."""
         pred, target = self.prediction(model, batch)
-        return F.mse_loss(pred.float(), target.float())
+        if batch.loss_weights is None:
+            return F.mse_loss(pred.float(), target.float())
+        weights = self.weight_layout(batch.loss_weights.expand_as(batch.latent_mean))
+        return weighted_mse(pred, target, weights)
+
+    def weight_layout(self, weights: torch.Tensor) -> torch.Tensor:
+        """Per-element weights in the cached latents' layout (B, C, h, w) rearranged as ``prediction``
+        lays out its target (default: the same layout). A family that patchifies or packs its latents
+        into tokens does the same here, and nothing else (no normalisation)."""
+        return weights
 
     def sample_latents(self, batch: Batch) -> torch.Tensor:
         """A latent drawn from the cached VAE posterior, as encoding the image afresh would give."""

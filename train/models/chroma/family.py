@@ -123,6 +123,9 @@ class ChromaFamily(FlowMatchFamily):
         )[0]
         return pred, ChromaPipeline._pack_latents(x.target, b, c, h, w)
 
+    def weight_layout(self, weights: torch.Tensor) -> torch.Tensor:
+        return ChromaPipeline._pack_latents(weights, *weights.shape)
+
     # -- validation and export -----------------------------------------------------------------
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
         inputs = super().render_inputs(text, device)

@@ -67,6 +67,9 @@ class FluxFamily(FlowMatchFamily):
         )[0]
         return pred, FluxPipeline._pack_latents(x.target, b, c, h, w)
 
+    def weight_layout(self, weights: torch.Tensor) -> torch.Tensor:
+        return FluxPipeline._pack_latents(weights, *weights.shape)
+
     # -- validation and export -----------------------------------------------------------------
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

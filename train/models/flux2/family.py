@@ -160,6 +160,10 @@ class Flux2Family(FlowMatchFamily):
         # the target's tokens; the references' predictions are dropped
         return pred[:, : h * w], self.pipeline_cls._pack_latents(x.target)
 
+    def weight_layout(self, weights: torch.Tensor) -> torch.Tensor:
+        """Patchified as the latents are (``normalise`` without its batch norm), then packed."""
+        return self.pipeline_cls._pack_latents(self.pipeline_cls._patchify_latents(weights))
+
     def denoiser_config(self) -> dict[str, Any]:
         if not hasattr(self, "_denoiser_config"):
             self._denoiser_config = super().denoiser_config()

@@ -132,6 +132,9 @@ class QwenImageFamily(FlowMatchFamily):
         n_target = (h // 2) * (w // 2)  # the loss is on the target's tokens only
         return pred[:, :n_target], pack(x.target, b, c, h, w)
 
+    def weight_layout(self, weights: torch.Tensor) -> torch.Tensor:
+        return QwenImagePipeline._pack_latents(weights, *weights.shape)
+
     # -- validation and export -----------------------------------------------------------------
     def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
         embeds, mask = self.trimmed({k: v[None] for k, v in text.items()})

@@ -10,7 +10,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from ..base import Batch, Family
+from ..base import Batch, Family, weighted_mse
 from ..kohya import sdxl_to_kohya
 
 
@@ -48,14 +48,21 @@ class SdxlFamily(Family):
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         pred, target, t = self._forward(model, batch)
+        weights = None if batch.loss_weights is None else batch.loss_weights.expand_as(target)
         if self.spec.sdxl.snr_gamma is None:
-            return F.mse_loss(pred.float(), target.float())
+            if weights is None:
+                return F.mse_loss(pred.float(), target.float())
+            return weighted_mse(pred, target, weights)
         # min-SNR-gamma weighting (Hang et al. 2023): caps the weight of low-noise steps
         snr = compute_snr(self.noise_scheduler, t)
         weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / snr
         if self.prediction_type == "v_prediction":
             weight = torch.clamp(snr, max=self.spec.sdxl.snr_gamma) / (snr + 1)
-        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        err = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if weights is None:
+            per_item = err.mean(dim=(1, 2, 3))
+        else:  # each item's masked mean
+            per_item = (err * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp_min(1e-8)
         return (per_item * weight).mean()
 
     def _forward(

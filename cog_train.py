@@ -123,6 +123,19 @@ class Trainer(BaseRunner):
         ),
         seed: int | None = Input(description="Random seed", ge=0, le=4294967295, default=None),
         validation_prompts: str | None = Input(description="Validation prompts, one per line", default=None),
+        autocaption: str | None = Input(
+            description="Caption images with a vision-language model before training: missing (only those without a caption; yours are kept), all, or off (see docs/spec.md)",
+            choices=["off", "missing", "all"],
+            default=None,
+        ),
+        caption_prefix: str | None = Input(
+            description="Put before each caption the captioner writes, e.g. 'a photo of'",
+            max_length=500,
+            default=None,
+        ),
+        caption_suffix: str | None = Input(
+            description="Put after each caption the captioner writes", max_length=500, default=None
+        ),
         class_word: str | None = Input(
             description="Output preservation: the class the trigger word is an instance of (person, dog, style); on prompts with it in the trigger word's place the LoRA is trained to leave the base model's output alone (about 2.3x the time a step; see docs/spec.md)",
             max_length=100,
@@ -190,6 +203,9 @@ class Trainer(BaseRunner):
             "trigger_word": trigger_word,
             "seed": seed,
             "validation.prompts": prompts,
+            "autocaption.mode": autocaption,
+            "autocaption.prefix": caption_prefix,
+            "autocaption.suffix": caption_suffix,
             "preservation.class_word": class_word,
             "ema.decay": ema_decay,
             "publish.hub_model_id": hub_model_id,

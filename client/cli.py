@@ -252,7 +252,7 @@ def _print_update(rec: Job) -> None:
     phase = rec.get("phase")
     if phase == "train" and rec.get("total"):
         parts.append(f"step {rec['step']}/{rec['total']}")
-    elif phase in ("cache", "validate") and rec.get("total"):
+    elif phase in ("caption", "cache", "validate") and rec.get("total"):
         parts.append(f"{phase} {rec['step']}/{rec['total']}")
     elif phase and rec["status"] == "processing":
         parts.append(phase)

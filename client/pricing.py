@@ -94,6 +94,10 @@ SYNC_PER_DOUBLING = {
 PCIE_CARDS = ("l40s", "a40", "t4")
 STARTUP_S = 180  # boot, weights, staging, export (typical)
 PER_IMAGE_CACHE_S = 0.3  # latents + text embeddings, per image and resolution
+# autocaption (a guess until calibrated, not measured on a GPU): loading the 7B captioner, and each
+# image's caption (~60 tokens, batches of 8; Qwen2.5-VL-7B in bf16 on an H100-class card)
+CAPTIONER_LOAD_S = 60.0
+CAPTION_S_PER_IMAGE = 0.6
 TABLE_ERROR = 0.4  # how far off a table estimate may be (the table is a guess until calibrated)
 
 
@@ -233,6 +237,13 @@ def memory_notes(spec, hw: Sku) -> list[str]:
     return []
 
 
+def caption_seconds(spec, n_images: int) -> float:
+    """The time autocaption adds to a job (0 when off): loading the captioner, then each image."""
+    if spec.autocaption.mode == "off":
+        return 0.0
+    return CAPTIONER_LOAD_S + n_images * CAPTION_S_PER_IMAGE
+
+
 def scaled_steps(spec, gpus: int) -> int:
     """The "same images, fewer steps" step count on ``gpus`` GPUs: steps / N, rounded up."""
     return max(1, math.ceil(spec.steps / max(1, gpus)))
@@ -261,6 +272,12 @@ def estimate(
         notes.append(
             f"start-up ~{startup / 60:.0f} min is a guess (boot, base weights, caching, export); finished "
             f"jobs calibrate it (their config.json timings)"
+        )
+    captions = caption_seconds(spec, n_images)
+    if captions:
+        startup += captions
+        notes.append(
+            f"autocaption ~{captions / 60:.1f} min counted ({spec.autocaption.mode}: every image counted; a guess)"
         )
     notes += memory_notes(spec, hw)
     seconds = startup + step * steps

@@ -33,6 +33,7 @@ from peft.utils import set_peft_model_state_dict
 from transformers.utils import logging as transformers_logging
 
 from . import progress
+from .autocaption import apply_autocaption
 from .cache import LatentCache, build_cache
 from .checkpoint import (
     Checkpoint,
@@ -231,7 +232,7 @@ def run_training(
     _quiet_libraries()
     ctx = open_run(spec, Path(out_dir))
     ckpt = open_resume(ctx, resume_from)
-    dataset, held = split_holdout_images(ctx, stage(ctx, Path(data)))
+    dataset, held = split_holdout_images(ctx, apply_autocaption(ctx, stage(ctx, Path(data))))
     family = load_family(ctx)
     prompts = validation_prompts(spec, dataset)
     cache, holdout = cache_dataset(ctx, family, dataset, prompts, held)

@@ -18,7 +18,7 @@ PREFIX = "PROGRESS "
 # The train entry's line when publishing fails after training (train/service.py): the job still
 # succeeds, with its weights in output.zip; the client shows the reason (``publish_failure``).
 PUBLISH_FAILED = "publish failed: "
-PHASES = ("stage", "load", "cache", "train", "validate", "export", "publish", "done")
+PHASES = ("stage", "caption", "load", "cache", "train", "validate", "export", "publish", "done")
 FIELDS = ("phase", "step", "total", "loss", "lr", "s_per_step", "eta_s")
 
 

@@ -199,23 +199,9 @@ def strip_trigger(prompt: str, trigger: str) -> str:
 def resolve_scorer(ref: str) -> Path:
     """A local folder for the scorer ``ref``: a path, a folder under ``weights/``, or a Hub id
     (downloaded like base weights, with ``HF_TOKEN`` when gated)."""
-    from .weights import _HUB_ID, WEIGHTS_DIR, _snapshot_download
-
-    candidates = [Path(ref).expanduser(), WEIGHTS_DIR / ref, WEIGHTS_DIR / ref.split("/")[-1]]
-    for folder in candidates:
-        if folder.is_dir() and (folder / "config.json").is_file():
-            return folder
-    if not _HUB_ID.match(ref):
-        raise SelectionError(
-            f"validation.scorer: {ref!r} is neither a model folder (with config.json) nor a Hub id; "
-            f"looked in {', '.join(str(c) for c in candidates)}"
-        )
-    import os
+    from .weights import WeightsError, resolve_model_folder
 
     try:
-        return _snapshot_download(ref, os.environ.get("HF_TOKEN") or None)
-    except Exception as exc:  # offline, gated, no such repo
-        raise SelectionError(
-            f"validation.scorer: cannot get {ref!r} from the Hugging Face Hub ({type(exc).__name__}: "
-            f"{str(exc)[:300]}); put the model folder in {WEIGHTS_DIR / ref.split('/')[-1]}"
-        ) from None
+        return resolve_model_folder(ref, "validation.scorer")
+    except WeightsError as exc:
+        raise SelectionError(str(exc)) from None

@@ -303,6 +303,34 @@ class ExportSpec(_Section):
         return self.kohya == "on" or info.kohya_by_default
 
 
+DEFAULT_CAPTIONER = "Qwen/Qwen2.5-VL-7B-Instruct"
+DEFAULT_CAPTION_PROMPT = (
+    "Write a caption for this image as one sentence for a text-to-image training set: the subject and "
+    "what it looks like, what it does, the setting, the composition, the style and the lighting. Describe "
+    "only what is visible; do not begin with 'The image' or 'This image'."
+)
+
+
+class AutocaptionSpec(_Section):
+    """Captions written by a vision-language model before caching (train/autocaption.py)."""
+
+    mode: Literal["off", "missing", "all"] = Field(
+        default="off",
+        description="missing: caption the images without a caption of their own (a written one is never "
+        "replaced); all: every image; off",
+    )
+    captioner: str = Field(
+        default=DEFAULT_CAPTIONER,
+        min_length=1,
+        description="a Qwen2-VL / Qwen2.5-VL chat model: a folder, a name under weights/, or a Hub id",
+    )
+    prompt: str = Field(default=DEFAULT_CAPTION_PROMPT, min_length=1, max_length=2000)
+    prefix: str = Field(default="", max_length=500, description="put before each written caption")
+    suffix: str = Field(default="", max_length=500, description="put after each written caption")
+    max_new_tokens: int = Field(default=160, ge=8, le=1024, description="the longest caption, in tokens")
+    batch_size: int = Field(default=8, ge=1, le=64, description="images captioned together")
+
+
 class EmaSpec(_Section):
     """An exponential moving average of the trained weights, delivered in place of the last step's."""
 
@@ -412,6 +440,7 @@ class TrainingSpec(_Section):
     speed: SpeedOptions = SpeedOptions()
     export: ExportSpec = ExportSpec()
     ema: EmaSpec = EmaSpec()
+    autocaption: AutocaptionSpec = AutocaptionSpec()
     preservation: PreservationSpec = PreservationSpec()
     publish: PublishSpec = PublishSpec()
 
@@ -569,7 +598,33 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
             )
         )
     problems += _preservation_problems(d)
+    problems += _autocaption_problems(d)
     return problems
+
+
+def _autocaption_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
+    """The captioner reads still images, and writes descriptions, not instructions."""
+    a = d.get("autocaption")
+    model = d.get("model", "flux-dev")
+    if not isinstance(a, dict) or a.get("mode", "off") == "off" or model not in MODEL_IDS:
+        return []
+    info = model_info(model)
+    if info.video:
+        return [
+            (
+                {"autocaption", "model"},
+                f"autocaption.mode: images only for now; {model} trains on clips, which keep their own captions",
+            )
+        ]
+    if info.controls_required:
+        return [
+            (
+                {"autocaption", "model"},
+                f"autocaption.mode: {model} trains on pairs whose caption is the edit instruction, which a "
+                "captioner cannot read off the result",
+            )
+        ]
+    return []
 
 
 def _preservation_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:

@@ -111,6 +111,28 @@ def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
         ) from None
 
 
+def resolve_model_folder(ref: str, field: str) -> Path:
+    """A local folder of a transformers model (a scorer, a captioner) for ``ref``: a path, a folder
+    under ``weights/``, or a Hub id (downloaded like base weights, with ``HF_TOKEN`` when gated);
+    WeightsError naming ``field`` otherwise."""
+    candidates = [Path(ref).expanduser(), WEIGHTS_DIR / ref, WEIGHTS_DIR / ref.split("/")[-1]]
+    for folder in candidates:
+        if folder.is_dir() and (folder / "config.json").is_file():
+            return folder
+    if not _HUB_ID.match(ref):
+        raise WeightsError(
+            f"{field}: {ref!r} is neither a model folder (with config.json) nor a Hub id; "
+            f"looked in {', '.join(str(c) for c in candidates)}"
+        )
+    try:
+        return _snapshot_download(ref, os.environ.get("HF_TOKEN") or None)
+    except Exception as exc:  # offline, gated, no such repo
+        raise WeightsError(
+            f"{field}: cannot get {ref!r} from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); put the model folder in {WEIGHTS_DIR / ref.split('/')[-1]}"
+        ) from None
+
+
 # --------------------------------------------------------------------------------------------
 # manifest
 

@@ -20,6 +20,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_weights, sample
     # round to a whole bf16 step now and then
     extra = {"validation.num_inference_steps": 2, "export.dtype": "fp32"}
     fields = dict(steps=8, caption_dropout=0.2, learning_rate=3e-3, **extra)
+    # with the methods that add work to a step: output preservation (its passes go around the DDP
+    # wrapper, its gradient through DDP's all-reduce) and the moving average of the weights
+    fields.update(trigger_word="sks", preservation={"class_word": "plain"}, ema={"decay": 0.8})
     two = quick_spec(tiny_weights, "flux-dev", batch_size=1, **fields)  # 2 processes x 1 image
     one = quick_spec(tiny_weights, "flux-dev", batch_size=2, **fields)  # 1 process x 2 images
 

@@ -294,9 +294,11 @@ def micro_step(
     """
     with accelerator.accumulate(model):
         with accelerator.autocast():
+            draws = batch.rng.generator.get_state() if preservation else None
             loss = family.loss(model, batch)
-            if preservation:
-                loss = loss + preservation * preservation_loss(family, model, batch)
+            if draws is not None:  # the same noise and timesteps, on the preservation prompts
+                own = accelerator.unwrap_model(model)  # not a second forward through DDP's bookkeeping
+                loss = loss + preservation * preservation_loss(family, own, batch, draws)
         accelerator.backward(loss)
         try:
             if accelerator.sync_gradients and max_grad_norm > 0:
@@ -313,24 +315,28 @@ def micro_step(
     return loss.detach()
 
 
-def preservation_loss(family: Family, model: torch.nn.Module, batch) -> torch.Tensor:
+def preservation_loss(family: Family, model: torch.nn.Module, batch, draws: torch.Tensor) -> torch.Tensor:
     """Output preservation (ai-toolkit's differential output preservation): on each item's
     preservation prompt (its caption with the class word for the trigger word), the squared distance
     between the LoRA's prediction and the base model's, which is the same denoiser with every LoRA
-    layer switched off (no copy of the model). Both predictions see the same noise and timesteps,
-    drawn once; the base one carries no gradient. Costs about one more training pass a step."""
+    layer switched off (no copy of the model). Both replay the training pass's random draws
+    (``draws``: the generator's state before it), so they see its noisy latents and timesteps; the
+    base one carries no gradient. ``model`` is the unwrapped denoiser: under DDP a second forward
+    through the wrapper would have its parameters marked ready twice, and a Wan 2.2 expert the
+    training pass left idle would get a gradient DDP had already given up on. Costs about one more
+    training pass a step."""
     assert batch.preserve_text is not None, (
         "the cache embeds the preservation prompts when preservation is on"
     )
     preserved = replace(batch, text=batch.preserve_text)
     generator = batch.rng.generator
-    state = generator.get_state()
+    after = generator.get_state()
+    generator.set_state(draws)
     with torch.no_grad(), lora_switched_off(model):
         base, _ = family.prediction(model, preserved)
-    after = generator.get_state()
-    generator.set_state(state)  # the same draws for the LoRA's prediction
+    generator.set_state(draws)
     pred, _ = family.prediction(model, preserved)
-    assert torch.equal(generator.get_state(), after), "the two predictions drew different random numbers"
+    assert torch.equal(generator.get_state(), after), "the preservation passes drew other random numbers"
     return torch.nn.functional.mse_loss(pred.float(), base.float())
 
 

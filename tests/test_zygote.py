@@ -1,7 +1,7 @@
 """The warm trainer process (train/zygote.py): a job's ``python -m train`` forked from a process that
 imported the trainer in setup. It must behave as a fresh process would: the job's environment, its exit
 code, a cancel that leaves nothing running, CUDA untouched before the fork, and a fresh process when the
-warm one is gone. (Every training through the Cog train entry in the suite runs this way.)"""
+warm one is gone or the environment its imports read has changed. (Every training through the Cog train entry in the suite runs this way.)"""
 
 from __future__ import annotations
 
@@ -21,13 +21,19 @@ from train.zygote import Zygote
 
 
 @pytest.fixture
-def warm(monkeypatch):
-    env = {k: v for k, v in os.environ.items() if k != "ADVANCED_TRAINER_WEIGHTS"}
-    zygote = Zygote(env)  # started without the weights folder: a job's own environment must apply
+def warm(tiny_weights, monkeypatch):
+    monkeypatch.setenv("ADVANCED_TRAINER_WEIGHTS", str(tiny_weights))  # read at import: set before
+    zygote = Zygote(_steady(os.environ))
     monkeypatch.setattr(service, "_WARM", zygote)
     assert zygote.wait_ready(180)
     yield zygote
     zygote.close()
+
+
+def _steady(env) -> dict[str, str]:
+    """The environment without pytest's per-phase variable: a Cog worker's does not change between its
+    setup and its jobs, this process's changes with every test phase."""
+    return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
 
 
 BAD_SPEC = ["--spec", '{"steps": 0}', "--data", str(SAMPLE_DATASET), "--out", "unused"]
@@ -62,24 +68,35 @@ def test_the_warm_process_asks_torch_for_no_gpu_before_it_forks():
     assert out.strip().splitlines()[-1] == "[] False"
 
 
-def test_a_forked_job_runs_with_the_job_s_environment_and_reports_as_python_m_train(
-    warm, tiny_weights, tmp_path, monkeypatch
-):
-    monkeypatch.setenv("ADVANCED_TRAINER_WEIGHTS", str(tiny_weights))
+def test_a_forked_job_runs_with_its_secrets_and_reports_as_python_m_train(warm, tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # see _steady
     spec = json.dumps({"base_weights": "tiny-flux-dev", "resolutions": "64", "steps": 2})
     lines: list[str] = []
-    archive = run_job(JobRequest(SAMPLE_DATASET, spec), tmp_path / "job", log=lines.append)
-    assert any("forked from the warm process" in ln for ln in lines)
+    request = JobRequest(SAMPLE_DATASET, spec, secrets={"HF_TOKEN": "hf_only_this_job"})
+    archive = run_job(request, tmp_path / "job", log=lines.append)
+    assert any("forked from the warm process" in ln for ln in lines), lines[:5]
     assert (tmp_path / "job" / "out" / "pytorch_lora_weights.safetensors").is_file() and archive.is_file()
 
     rc, tail = run_trainer(BAD_SPEC, dict(os.environ), lines.append, lambda s: s)
     assert rc == 2 and any("steps" in ln for ln in tail), tail  # the spec error, as the CLI prints it
-    rc, tail = run_trainer(["--no-such-flag"], dict(os.environ), lines.append, lambda s: s)
+    rc, tail = run_trainer(["--spec", "{}"], dict(os.environ), lines.append, lambda s: s)
     assert rc == 2 and any("arguments are required: --data" in ln for ln in tail), tail  # argparse exits
 
 
-def test_a_canceled_forked_trainer_leaves_nothing_running(warm, tiny_weights, tmp_path, monkeypatch):
-    monkeypatch.setenv("ADVANCED_TRAINER_WEIGHTS", str(tiny_weights))
+def test_an_environment_changed_since_setup_means_a_fresh_process(warm, monkeypatch, tmp_path):
+    """Anything but a secret may have been read at import time (the weights folder, the Hub's
+    endpoint): a job whose environment differs there is not forked from the warm process."""
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # see _steady
+    monkeypatch.setenv("ADVANCED_TRAINER_WEIGHTS", str(tmp_path / "elsewhere"))
+    lines: list[str] = []
+    rc, tail = run_trainer(BAD_SPEC, dict(os.environ), lines.append, lambda s: s)
+    assert rc == 2, tail
+    assert any("environment changed since setup (ADVANCED_TRAINER_WEIGHTS)" in ln for ln in lines), lines
+    assert not any("forked" in ln for ln in lines)
+
+
+def test_a_canceled_forked_trainer_leaves_nothing_running(warm, tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # see _steady
     children = []
     start = warm.start
     monkeypatch.setattr(warm, "start", lambda *a: children.append(start(*a)) or children[-1])
@@ -107,7 +124,8 @@ def test_a_canceled_forked_trainer_leaves_nothing_running(warm, tiny_weights, tm
     assert rc == 2, tail
 
 
-def test_a_gone_warm_process_means_a_fresh_one(warm):
+def test_a_gone_warm_process_means_a_fresh_one(warm, monkeypatch):
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # see _steady
     warm.process.kill()
     warm.process.wait()
     lines: list[str] = []

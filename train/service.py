@@ -32,6 +32,11 @@ from .zygote import Zygote, ZygoteChild
 
 OUTPUT_ARCHIVE = "output.zip"
 WARM_READY_TIMEOUT = 600.0  # a job that arrives while the warm process still imports waits for it
+# A job's environment may differ from the warm process's only in these: its secrets (read when used:
+# huggingface_hub's token, boto3's credentials) and the relay's unbuffered output. Anything else
+# could have been read at import time (our weights folder, huggingface_hub's endpoint and cache), so
+# a job with another value starts a fresh process.
+JOB_ONLY_ENV = frozenset({"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PYTHONUNBUFFERED"})
 _STORED = {".safetensors", ".png", ".jpg", ".jpeg", ".webp", ".zip", ".gz", ".pt", ".bin"}  # already dense
 
 
@@ -100,7 +105,11 @@ def _start_trainer(
     """The trainer process and the descriptor its output comes from: forked from the warm process when
     there is one (one process a job), else ``python -m train`` in a new process."""
     warm = _WARM
-    if num_processes == 1 and warm is not None and not warm.busy and warm.wait_ready(WARM_READY_TIMEOUT):
+    changed = sorted(k for k in set(env) | set(warm.env) if env.get(k) != warm.env.get(k)) if warm else []
+    if warm is not None and num_processes == 1 and set(changed) - JOB_ONLY_ENV:
+        what = ", ".join(k for k in changed if k not in JOB_ONLY_ENV)
+        log(f"trainer: the environment changed since setup ({what}); starting a fresh process")
+    elif num_processes == 1 and warm is not None and not warm.busy and warm.wait_ready(WARM_READY_TIMEOUT):
         read_fd, write_fd = os.pipe()
         try:
             child = warm.start(args, env, write_fd)

@@ -6,7 +6,10 @@ before a training does anything. The Cog train entry's setup starts this module 
 ``fork()`` of it: the child starts a new session, points its stdout and stderr at the pipe the service
 relays, takes the job's environment (secrets included) and working folder, and runs
 ``train.__main__.main`` on the job's arguments. What the child runs is exactly ``python -m train``;
-only the imports are inherited.
+only the imports are inherited. Imports may read the environment (our weights folder,
+huggingface_hub's endpoint and cache), so the service forks only a job whose environment equals the
+warm process's but for its secrets (``service.JOB_ONLY_ENV``, read when used); any other difference
+starts a fresh process.
 
 Fork safety: the zygote is single-threaded in Python and initialises no CUDA (importing torch does
 not; ``tests/test_zygote.py`` checks that the preload asks torch for no device), so a forked child
@@ -75,12 +78,13 @@ class Zygote:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "train.zygote", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
-            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},  # (its own output)
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a job's cancel signals the job's group, never this one
         )
         theirs.close()
+        self.env = dict(os.environ if env is None else env)  # what its imports read
         self.ready: bool | None = None  # None until the zygote says (or fails to say) it is ready
         self.busy = False
 

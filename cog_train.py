@@ -112,6 +112,11 @@ class Trainer(BaseRunner):
         steps: int | None = Input(description="Optimizer steps", ge=1, le=1000000, default=None),
         learning_rate: float | None = Input(description="Peak learning rate", ge=1e-7, le=10, default=None),
         lora_rank: int | None = Input(description="LoRA rank", ge=1, le=1024, default=None),
+        lora_type: str | None = Input(
+            description="The adapter: lora, or LyCORIS lokr (Kronecker product: far fewer parameters, a usual choice for styles) or loha (Hadamard product); see docs/spec.md",
+            choices=["lora", "lokr", "loha"],
+            default=None,
+        ),
         resolutions: str | None = Input(
             description='Training resolutions, e.g. "512,768,1024"',
             regex=r"^\s*\d+(\s*,\s*\d+)*\s*$",
@@ -198,6 +203,7 @@ class Trainer(BaseRunner):
             "steps": steps,
             "learning_rate": learning_rate,
             "lora.rank": lora_rank,
+            "lora.type": lora_type,
             "resolutions": resolutions,
             "batch_size": batch_size,
             "trigger_word": trigger_word,

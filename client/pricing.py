@@ -84,6 +84,9 @@ FULL_FINETUNE_FACTOR = 1.6  # full fine-tunes: larger backward and optimizer
 # output preservation: a step is the training pass (forward F + backward ~2F) plus a forward without
 # the LoRA and a second pass with it (F + 3F): ~7F / 3F. Measured 2.26x on the CPU (tests/test_preservation.py)
 PRESERVATION_FACTOR = 2.3
+# LoKr / LoHa (lora.type): their linears multiply through the factors (train/lycoris.py), 0.8-1.3x a
+# LoRA's layer time at full-size Flux shapes on the CPU (python -m bench.adapters); counted as 1.2x a step
+ADAPTER_FACTOR = {"lora": 1.0, "lokr": 1.2, "loha": 1.2}
 # share of a step spent in the gradient all-reduce, per doubling of GPUs
 SYNC_PER_DOUBLING = {
     ("lora", "nvlink"): 0.01,
@@ -167,7 +170,9 @@ def work_units(spec) -> float:
         units *= info.latent_frames(max(spec.video.frames)) / info.latent_frames()
     if spec.preservation.on:
         units *= PRESERVATION_FACTOR
-    return units * (FULL_FINETUNE_FACTOR if spec.mode == "full" else 1.0)
+    if spec.mode == "full":
+        return units * FULL_FINETUNE_FACTOR
+    return units * ADAPTER_FACTOR[spec.lora.type]
 
 
 def sync_factor(mode: str, card: str, gpus: int) -> float:

@@ -44,6 +44,7 @@ LONG_FILES = (
     "test_masked_loss.py",
     "test_ema.py",
     "test_autocaption.py",
+    "test_lycoris.py",
 )
 
 

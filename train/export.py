@@ -30,6 +30,7 @@ from diffusers.training_utils import _collate_lora_metadata
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from . import lycoris
 from .families import model_info
 from .models.base import Family
 from .selection import LABELS, METRICS, Choice, StepScores
@@ -94,11 +95,18 @@ def export_lora(
     has the convention) the kohya/ComfyUI one, converted in fp32 and cast last."""
     dtype = EXPORT_TORCH_DTYPES[family.spec.export.dtype]
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    kind = family.spec.lora.type
+    if kind in lycoris.KINDS:  # LoKr / LoHa: the scale folded in, so every loader applies 1
+        sd = lycoris.baked(sd, kind, alpha / rank)
+        lora_config = lycoris.export_metadata(lora_config)
     diffusers_file = family.save_lora(out_dir, {k: v.to(dtype) for k, v in sd.items()}, lora_config)
     files = {"diffusers": diffusers_file}
     files.update({f"diffusers:{p.name}": p for p in family.companion_files(out_dir)})
     info = model_info(family.spec.model)
-    kohya_sd = family.kohya_state_dict(sd, alpha) if kohya else None
+    if kind in lycoris.KINDS:
+        kohya_sd = lycoris.comfy_state_dict(sd, kind) if kohya and info.lycoris_naming else None
+    else:
+        kohya_sd = family.kohya_state_dict(sd, alpha) if kohya else None
     if kohya_sd is None:  # not asked, or the family has no kohya / ComfyUI convention (docs/families.md)
         return files
     metadata = {
@@ -109,6 +117,14 @@ def export_lora(
         "modelspec.sai_model_spec": "1.0.0",
         "trained_with": "advanced-trainer",
     }
+    if kind in lycoris.KINDS:  # what LyCORIS's own kohya network writes
+        args = {"algo": kind, **({"factor": str(family.spec.lora.factor)} if kind == "lokr" else {})}
+        metadata.update(ss_network_module="lycoris.kohya", ss_network_args=json.dumps(args))
+        metadata["ss_network_alpha"] = str(rank)  # the scale is folded into the tensors
+        save_file(
+            {k: v.to(dtype).contiguous() for k, v in kohya_sd.items()}, str(out_dir / KOHYA_FILE), metadata
+        )
+        return {**files, "kohya": out_dir / KOHYA_FILE}
     save_file({k: v.to(dtype).contiguous() for k, v in kohya_sd.items()}, str(out_dir / KOHYA_FILE), metadata)
     files["kohya"] = out_dir / KOHYA_FILE
     for name, extra in family.kohya_companions(sd, alpha).items():
@@ -386,7 +402,7 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
         load = [
             f'pipe = {pipeline}.from_pretrained("{_base_weights(spec)}", torch_dtype=torch.bfloat16)'
             '.to("cuda")',
-            'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors',
+            _card_load_adapter(spec),
         ]
     lines = [
         "",
@@ -399,12 +415,40 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
         "```",
         "",
     ]
-    if spec.mode != "full" and model_info(spec.model).comfy_naming:
+    info = model_info(spec.model)
+    if spec.mode != "full" and spec.lora.type in lycoris.KINDS:
+        lines += [
+            f"A LyCORIS {spec.lora.type.upper() if spec.lora.type == 'loha' else 'LoKr'}: ComfyUI and Forge "
+            "load `pytorch_lora_weights.safetensors` as it is"
+            + (
+                f", and `{KOHYA_FILE}` holds it in LyCORIS's own naming."
+                if spec.export.writes_kohya(spec.model) and info.lycoris_naming
+                else "."
+            ),
+            "",
+        ]
+    elif spec.mode != "full" and info.comfy_naming:
         lines += [
             f"`{KOHYA_FILE}` holds the same LoRA in kohya naming for ComfyUI, Forge and sd-scripts.",
             "",
         ]
     return lines
+
+
+def _card_load_adapter(spec: TrainingSpec) -> str:
+    """The diffusers line that loads the adapter: a pipeline's ``load_lora_weights`` reads LoRA; a
+    LoKr loads through the denoiser's own ``load_lora_adapter``; diffusers has no LoHa reader."""
+    denoiser = model_info(spec.model).denoiser
+    if spec.lora.type == "lokr":
+        return (
+            f'pipe.{denoiser}.load_lora_adapter("path/to/this/folder", '
+            f'weight_name="pytorch_lora_weights.safetensors", prefix="{denoiser}")  # a LoKr'
+        )
+    if spec.lora.type == "loha":
+        return (
+            "# a LoHa: diffusers has no LoHa reader; load it with ComfyUI, Forge or this project's run entry"
+        )
+    return 'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors'
 
 
 def _video_usage(spec: TrainingSpec, load: list[str], prompt: str) -> list[str]:

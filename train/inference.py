@@ -174,9 +174,10 @@ class Renderer:
         name = f"lora_{self._named}"
         second = {"load_into_transformer_2": True} if path in self.into_second else {}
         try:
-            self.pipe.load_lora_weights(
-                str(Path(path).parent), weight_name=Path(path).name, adapter_name=name, **second
-            )
+            if not self._load_lycoris(Path(path), name):
+                self.pipe.load_lora_weights(
+                    str(Path(path).parent), weight_name=Path(path).name, adapter_name=name, **second
+                )
         except Exception as exc:  # wrong family, damaged file, incompatible targets
             why = " ".join(str(exc).split())[:400]
             raise InputError(
@@ -189,6 +190,26 @@ class Renderer:
         self.loads["adapter"] += 1
         self._evict()
         return name
+
+    def _load_lycoris(self, path: Path, name: str) -> bool:
+        """A LoKr / LoHa file (ours, or another trainer's LyCORIS naming) as the peft adapter ``name``
+        of the denoiser; False for a plain LoRA. diffusers' pipelines read no LoHa, and LoKr only for
+        some families, so these go through train/lycoris.py for every family."""
+        from safetensors import safe_open
+
+        from . import lycoris
+        from .families import model_info
+
+        with safe_open(str(path), framework="pt") as f:
+            if lycoris.adapter_kind(f.keys()) is None:
+                return False
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        assert self.model is not None, "ensure_base runs first"
+        component = "transformer_2" if str(path) in self.into_second else model_info(self.model).denoiser
+        kind = lycoris.load_adapter(getattr(self.pipe, component), state, name, metadata)
+        self.log(f"render: {path.name} is a LyCORIS {kind} adapter")
+        return True
 
     def _evict(self) -> None:
         extra = [p for p, n in self.adapters.items() if n not in self.pinned]

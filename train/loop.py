@@ -32,7 +32,7 @@ from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from transformers.utils import logging as transformers_logging
 
-from . import progress
+from . import lycoris, progress
 from .autocaption import apply_autocaption
 from .cache import LatentCache, build_cache
 from .checkpoint import (
@@ -180,21 +180,35 @@ def build_optimizer(
 
 
 def make_trainable(spec: TrainingSpec, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """LoRA: peft adapters in fp32 on the frozen base. Full: every denoiser weight."""
+    """LoRA (or LoKr / LoHa): peft adapters in fp32 on the frozen base. Full: every denoiser weight."""
     if spec.mode == "lora":
         alpha = spec.lora.alpha
         assert alpha is not None, "the spec resolves lora.alpha's default"
-        config = LoraConfig(
-            r=spec.lora.rank,
-            lora_alpha=alpha,  # pyright: ignore[reportArgumentType]  # peft types it int; a float alpha is valid
-            lora_dropout=spec.lora.dropout,
-            init_lora_weights="gaussian",
-            target_modules=spec.lora_target_modules(),
-        )
+        if spec.lora.type in lycoris.KINDS:  # LoKr / LoHa: peft's own LyCORIS layers (train/lycoris.py)
+            config = lycoris.training_config(
+                spec.lora.type, spec.lora.rank, alpha, spec.lora.factor, spec.lora_target_modules()
+            )
+        else:
+            config = LoraConfig(
+                r=spec.lora.rank,
+                lora_alpha=alpha,  # pyright: ignore[reportArgumentType]  # peft types it int; a float alpha is valid
+                lora_dropout=spec.lora.dropout,
+                init_lora_weights="gaussian",
+                target_modules=spec.lora_target_modules(),
+            )
         try:
             cast(Any, model).add_adapter(config)  # diffusers' PeftAdapterMixin
         except ValueError as exc:  # peft: none of the target modules exist in this model
             raise TrainingError(f"lora.targets: {exc}") from None
+        if spec.lora.type in lycoris.KINDS:
+            n = lycoris.factored_forward(model)
+            log(f"{spec.lora.type}: {n} linear layers multiply through the factors (train/lycoris.py)")
+        if spec.lora.type == "lokr" and (odd := lycoris.lopsided(model, spec.lora.factor)):
+            log(
+                f"warning: lora.factor {spec.lora.factor} is more than the square root of {len(odd)} layer "
+                f"side(s) (e.g. {odd[0]}): their first LoKr factor is the larger one, which ComfyUI and "
+                "Forge load but LyCORIS's own reader refuses; a smaller factor (or -1) avoids it"
+            )
         cast_training_params(model, dtype=torch.float32)  # LoRA weights train in fp32 under bf16 autocast
     else:
         # Full fine-tune: weights train in the base dtype (fp32 on a CPU; bf16 on a GPU, where fp32

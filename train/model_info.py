@@ -52,6 +52,9 @@ class ModelInfo:
     # export.kohya "auto" writes that copy; False where ComfyUI and Forge read the diffusers file as
     # it is and the copy would only add bytes (FLUX.1: its fused q/k/v names make it 1.8x the size)
     kohya_by_default: bool = True
+    # LoKr / LoHa: ComfyUI and Forge map LyCORIS's own names (``lycoris_`` + the diffusers module path
+    # with dots as underscores) for this model (Flux, SD / SDXL), so the kohya copy is written in them
+    lycoris_naming: bool = False
     kohya_architecture: str = ""  # modelspec.architecture of that file
     kohya_network_module: str = "networks.lora"  # its ss_network_module (what sd-scripts trained it with)
     channels_last: bool = False  # the denoiser has convolutions worth NHWC

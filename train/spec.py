@@ -46,7 +46,11 @@ class _Section(BaseModel):
 
 
 class LoraSpec(_Section):
-    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r")
+    type: Literal["lora", "lokr", "loha"] = Field(
+        default="lora",
+        description="the adapter: lora, or the LyCORIS lokr (Kronecker product) or loha (Hadamard product)",
+    )
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r (LoKr: of its second factor)")
     alpha: float | None = Field(
         default=None, gt=0, le=4096, description="LoRA alpha; default: equal to the rank"
     )
@@ -55,6 +59,19 @@ class LoraSpec(_Section):
         description='target modules: a preset ("default", "attention", "attention+mlp") or module names',
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    factor: int = Field(
+        default=16,
+        ge=-1,
+        le=1024,
+        description="lokr: each weight side n splits into factor x n/factor (-1: the split nearest the square root)",
+    )
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 is no factor; use -1 (the split nearest the square root) or 1 and up")
+        return v
 
     @field_validator("targets")
     @classmethod
@@ -599,7 +616,35 @@ def _cross_field_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
         )
     problems += _preservation_problems(d)
     problems += _autocaption_problems(d)
+    problems += _lycoris_problems(d)
     return problems
+
+
+def _lycoris_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
+    """LoKr and LoHa train through peft's own layers: the levers that rewrite a LoRA layer (fused
+    matmuls, an fp8 base) do not know them, and they have no input dropout."""
+    lora = d.get("lora")
+    kind = lora.get("type", "lora") if isinstance(lora, dict) else "lora"
+    if kind not in ("lokr", "loha"):
+        return []
+    out: list[tuple[set[str], str]] = []
+    if d.get("mode") == "full":
+        out.append(({"lora", "mode"}, f"lora.type: {kind} needs mode lora (a full fine-tune has no adapter)"))
+    dropout = lora.get("dropout", 0.0) if isinstance(lora, dict) else 0.0
+    if isinstance(dropout, int | float) and dropout > 0:
+        out.append(
+            ({"lora"}, f"lora.dropout: for type lora; {kind} trains without dropout here, got {dropout}")
+        )
+    speed = d.get("speed")
+    for lever in ("fuse_qkv", "fuse_lora", "fp8_base"):
+        if isinstance(speed, dict) and speed.get(lever) == "on":
+            out.append(
+                (
+                    {"lora", "speed"},
+                    f"speed.{lever}: on rewrites LoRA layers; lora.type {kind} needs it off",
+                )
+            )
+    return out
 
 
 def _autocaption_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:

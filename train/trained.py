@@ -203,7 +203,10 @@ def lora_family(path: Path) -> str | None:
         keys = list(f.keys())
     if any(("single_transformer_blocks" in k or "double_blocks" in k or "single_blocks" in k) for k in keys):
         return "flux"
-    if any(k.startswith(("unet.", "lora_unet_", "text_encoder", "lora_te")) for k in keys):
+    unet_blocks = ("down_blocks", "up_blocks", "mid_block")
+    if any(k.startswith(("unet.", "lora_unet_", "text_encoder", "lora_te")) for k in keys) or any(
+        k.startswith("lycoris_" + b) for k in keys for b in unet_blocks
+    ):
         return "sdxl"
     return None
 

@@ -49,6 +49,7 @@ FLUX_DEV = ModelInfo(
     activation_bytes=7.3 * 2**20,
     memory_measured=True,
     comfy_naming="kohya",
+    lycoris_naming=True,
     kohya_architecture="flux-1-dev/lora",
     kohya_network_module="networks.lora_flux",
     # ComfyUI and Forge map the diffusers file's Flux names (transformer.transformer_blocks.N.attn.to_q)

@@ -34,6 +34,7 @@ SDXL = ModelInfo(
     memory_measured=True,
     patch=1,
     comfy_naming="kohya",
+    lycoris_naming=True,
     kohya_architecture="stable-diffusion-xl-v1-base/lora",
     channels_last=True,
     step_s={"t4": 3.0, "a40": 0.9, "l40s": 0.55, "a100": 0.4, "h100": 0.28, "cpu": 120.0},

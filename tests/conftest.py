@@ -120,6 +120,47 @@ def stock_sdxl(folder: Path, prompt: str = "sks, a red circle"):
     return np.asarray(out.images[0].convert("RGB")).astype(int)  # pyright: ignore[reportAttributeAccessIssue]
 
 
+# The run entry's inputs the tests render with (the Cog prediction's, and RenderRequest's fields)
+RENDER_INPUT = {
+    "prompt": "sks, a red circle",
+    "aspect_ratio": "custom",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 2,
+    "seed": 3,
+    "output_format": "png",
+}
+
+
+def render_request(**fields):
+    """RENDER_INPUT as the run entry's request; ``fields`` override."""
+    from train.inference import RenderRequest
+
+    return RenderRequest(**{**RENDER_INPUT, **fields})
+
+
+def run_entry_render(model: str, base: Path, weights: Path | None, cache: Path, monkeypatch, control=None):
+    """The run entry's render (predict.py's session) of "sks, a red circle" at 64 px (2 steps, seed
+    3), with ``weights`` (an output folder or file) or the plain base, as 8-bit RGB ints; ``control``:
+    the input image an edit model takes."""
+    import numpy as np
+    from PIL import Image
+
+    from train.inference import InferenceSession
+
+    monkeypatch.setenv("ADVANCED_TRAINER_RUN_MODEL", model)
+    monkeypatch.setenv("ADVANCED_TRAINER_RUN_BASE", str(base))
+    images: tuple[str, ...] = ()
+    if control is not None:  # Cog hands the run entry a file
+        cache.mkdir(parents=True, exist_ok=True)
+        control.save(cache / "control.png")
+        images = (str(cache / "control.png"),)
+    request = render_request(input_images=images)
+    session = InferenceSession(str(weights) if weights else None, log=lambda _: None, cache_dir=cache)
+    with Image.open(session.predict(request, cache / "out")[0]) as img:
+        return np.asarray(img.convert("RGB")).astype(int)
+
+
 def train_quietly(spec, data: Path, out: Path):
     """Run a training job with its progress lines captured; returns (result, log text)."""
     from train.loop import run_training

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from cogserver import CogServer, FileServer, Receiver, data_uri, wait_until
-from conftest import ROOT, cog_server_fixture, stock_sdxl, tiny_spec
+from conftest import RENDER_INPUT, ROOT, cog_server_fixture, stock_sdxl, tiny_spec
 
 SECRET = "hf_TOPSECRETtoken1234567890"
 S3_SECRET = "s3SECRETkey0987654321zyxw"
@@ -84,16 +84,7 @@ def _stock(family: str, cog_weights: Path, lora_dirs=(), scales=None, seed: int 
 
 
 def _render(server, **inputs) -> dict:
-    body = {
-        "prompt": PROMPT,
-        "aspect_ratio": "custom",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "seed": 3,
-        "output_format": "png",
-        **inputs,
-    }
+    body = {**RENDER_INPUT, "prompt": PROMPT, **inputs}
     body = {k: v for k, v in body.items() if v is not None}  # an explicit null is a 422: leave the key out
     r = server.post("/predictions", {"input": body})
     assert r.status_code == 200, r.text
@@ -167,7 +158,14 @@ def test_training_from_a_loopback_url(train_server, sample_zip, upload_sink):
     try:
         body = train_server.post(
             "/trainings",
-            {"input": {"dataset": f"{files.url}/{sample_zip.name}", "spec": tiny_spec(), "steps": 2}},
+            {
+                "input": {
+                    "dataset": f"{files.url}/{sample_zip.name}",
+                    "spec": tiny_spec(),
+                    "steps": 2,
+                    "lora_type": "loha",
+                }
+            },
         ).json()
     finally:
         files.close()
@@ -175,7 +173,10 @@ def test_training_from_a_loopback_url(train_server, sample_zip, upload_sink):
     assert 'PROGRESS {"phase": "train", "step": 2, "total": 2' in body["logs"]
     assert "dataset: 8 images used" in body["logs"]
     with zipfile.ZipFile(io.BytesIO(upload_sink.get(body["output"]))) as zf:
-        assert json.loads(zf.read("config.json"))["spec"]["steps"] == 2  # the typed input won
+        spec = json.loads(zf.read("config.json"))["spec"]
+        assert spec["steps"] == 2 and spec["lora"]["type"] == "loha"  # the typed inputs won
+        with zf.open("pytorch_lora_weights.safetensors") as f:
+            assert b".hada_w1_a" in f.read(200_000)  # the LoHa the input asked for
 
 
 # -- the run entry --------------------------------------------------------------------------------

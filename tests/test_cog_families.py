@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SLOW_IN_BF16_ON_A_CPU, cog_server_fixture, quick_spec, train_quietly
+from conftest import RENDER_INPUT, SLOW_IN_BF16_ON_A_CPU, cog_server_fixture, quick_spec, train_quietly
 from train.families import MODEL_IDS, model_info
 from train.models import family_class
 from train.sample_data import draw_pair
@@ -74,16 +74,7 @@ def _stock(model: str, base: Path, lora_dir: Path | None = None, dtype=torch.bfl
 
 
 def _render(server, **inputs) -> np.ndarray:
-    body = {
-        "prompt": PROMPT,
-        "aspect_ratio": "custom",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "seed": 3,
-        "output_format": "png",
-        **inputs,
-    }
+    body = {**RENDER_INPUT, "prompt": PROMPT, **inputs}
     r = server.post("/predictions", {"input": body})
     assert r.status_code == 200, r.text
     out = r.json()

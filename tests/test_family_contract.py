@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
-from conftest import SLOW_IN_BF16_ON_A_CPU
+from conftest import SLOW_IN_BF16_ON_A_CPU, run_entry_render
 from train.families import MODEL_IDS, model_info
 from train.models import family_class
 from train.progress import parse_progress_line
@@ -154,29 +153,8 @@ def _stock(
 
 def _run_entry(model: str, base: Path, weights: Path | None, cache: Path, monkeypatch) -> np.ndarray:
     """The run entry's render (predict.py's session), with the trained weights or the plain base."""
-    from train.inference import InferenceSession, RenderRequest
-
-    info = model_info(model)
-    monkeypatch.setenv("ADVANCED_TRAINER_RUN_MODEL", model)
-    monkeypatch.setenv("ADVANCED_TRAINER_RUN_BASE", str(base))
-    images: tuple[str, ...] = ()
-    if info.controls_required:  # Cog hands the run entry a file
-        cache.mkdir(parents=True, exist_ok=True)
-        CONTROL.save(cache / "control.png")
-        images = (str(cache / "control.png"),)
-    request = RenderRequest(
-        prompt=PROMPT,
-        aspect_ratio="custom",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        seed=3,
-        output_format="png",
-        input_images=images,
-    )
-    session = InferenceSession(str(weights) if weights else None, log=lambda _: None, cache_dir=cache)
-    with Image.open(session.predict(request, cache / "out")[0]) as img:
-        return np.asarray(img.convert("RGB")).astype(int)
+    control = CONTROL if model_info(model).controls_required else None
+    return run_entry_render(model, base, weights, cache, monkeypatch, control)
 
 
 def _losses(log: str) -> list[float]:

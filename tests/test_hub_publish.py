@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from conftest import cog_server_fixture, stock_sdxl, tiny_spec
+from conftest import RENDER_INPUT, cog_server_fixture, stock_sdxl, tiny_spec
 
 WRITE, READ, OTHER = "hf_alice_write_token_0123456789", "hf_bob_read_token_0123456789", "hf_carol_0123456789"
 
@@ -141,16 +141,7 @@ def _full_sdxl(server, sample_zip, repo: str) -> dict:
 
 
 def _render(server, **extra) -> dict:
-    body = {
-        "prompt": "sks, a red circle",
-        "aspect_ratio": "custom",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "seed": 3,
-        "output_format": "png",
-        **extra,
-    }
+    body = {**RENDER_INPUT, "prompt": "sks, a red circle", **extra}
     return server.post("/predictions", {"input": body}).json()
 
 

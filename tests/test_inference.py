@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import quick_spec, train_quietly
+from conftest import quick_spec, render_request, train_quietly
 from train.inference import MAX_EXTRA_ADAPTERS, InferenceSession, InputError, RenderRequest
 
 
@@ -24,16 +24,7 @@ def session_env(monkeypatch, cog_weights, tmp_path):
 
 
 def _req(**kw) -> RenderRequest:
-    base = dict(
-        prompt="sks, a red circle",
-        aspect_ratio="custom",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        seed=3,
-        output_format="png",
-    )
-    return RenderRequest(**{**base, **kw})
+    return render_request(**kw)
 
 
 def _img(path) -> np.ndarray:

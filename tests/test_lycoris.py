@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, quick_spec, train_quietly
+from conftest import ROOT, quick_spec, run_entry_render, train_quietly
 from train import lycoris as ly
 from train.families import model_info
 from train.spec import SpecError, parse_spec
@@ -64,25 +63,6 @@ def _train(model: str, kind: str, tiny_weights: Path, data: Path, out: Path, cli
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
-
-
-def _run_entry(model: str, base: Path, weights: Path | None, cache: Path, monkeypatch) -> np.ndarray:
-    from train.inference import InferenceSession, RenderRequest
-
-    monkeypatch.setenv("ADVANCED_TRAINER_RUN_MODEL", model)
-    monkeypatch.setenv("ADVANCED_TRAINER_RUN_BASE", str(base))
-    request = RenderRequest(
-        prompt=PROMPT,
-        aspect_ratio="custom",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        seed=3,
-        output_format="png",
-    )
-    session = InferenceSession(str(weights) if weights else None, log=lambda _: None, cache_dir=cache)
-    with Image.open(session.predict(request, cache / "out")[0]) as img:
-        return np.asarray(img.convert("RGB")).astype(int)
 
 
 def _lycoris_render(model: str, base: Path, lycoris_file: Path) -> np.ndarray:
@@ -133,8 +113,8 @@ def test_lokr_and_loha_train_and_lycoris_renders_our_file_as_the_run_entry_does(
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
 
     base = tiny_weights / model_info(model).tiny_name
-    ours = _run_entry(model, base, out, tmp_path / "cache", monkeypatch)
-    plain = _run_entry(model, base, None, tmp_path / "cache", monkeypatch)
+    ours = run_entry_render(model, base, out, tmp_path / "cache", monkeypatch)
+    plain = run_entry_render(model, base, None, tmp_path / "cache", monkeypatch)
     theirs = _lycoris_render(model, base, lycoris_file)
     assert np.abs(ours - theirs).max() <= TOLERANCE, "LyCORIS's reader renders our file differently"
     assert np.abs(ours - plain).max() > 4, f"the {kind} does not change the image"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import quick_spec, train_quietly
+from conftest import RENDER_INPUT, quick_spec, train_quietly
 from train.selection import Z_MIN, SelectionError, StepScores, choose_step, split_holdout, strip_trigger
 
 LORA = "pytorch_lora_weights.safetensors"
@@ -314,16 +314,7 @@ def test_continuing_a_resumable_job_equals_one_longer_run(rising_run, tiny_weigh
 
 
 def _render(server, **inputs) -> dict:
-    body = {
-        "prompt": "a red circle",
-        "aspect_ratio": "custom",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "seed": 3,
-        "output_format": "png",
-        **inputs,
-    }
+    body = {**RENDER_INPUT, "prompt": "a red circle", **inputs}
     r = server.post("/predictions", {"input": body})
     assert r.status_code == 200, r.text
     return r.json()

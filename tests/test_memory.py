@@ -238,3 +238,23 @@ def test_out_of_memory_in_the_optimizer_step_is_not_replayed(
     monkeypatch.setattr(torch.optim.AdamW, "step", no_memory)
     with pytest.raises(TrainingError, match="out of GPU memory in the optimizer step.*adamw8bit"):
         train_quietly(quick_spec(tiny_weights, "flux-dev", steps=3), sample_dataset, tmp_path / "out")
+
+
+def test_lokr_and_loha_count_their_larger_activations():
+    from train.memory import ADAPTER_ACTIVATIONS
+
+    lora = estimate_peak_bytes(resolution=1024, batch_size=1, **FLUX_DEV)
+    for kind in ("lokr", "loha"):
+        more = estimate_peak_bytes(resolution=1024, batch_size=1, adapter=kind, **FLUX_DEV)
+        assert more > lora
+        assert (
+            choose_memory_plan(
+                "auto", int(1.02 * lora / 0.9), resolution=1024, batch_size=1, **FLUX_DEV
+            ).gradient_checkpointing
+            is False
+        )
+        assert choose_memory_plan(
+            "auto", int(1.02 * lora / 0.9), resolution=1024, batch_size=1, adapter=kind, **FLUX_DEV
+        ).gradient_checkpointing, (
+            f"{kind}: {ADAPTER_ACTIVATIONS[kind]}x the activations fit where a LoRA's just fit"
+        )

@@ -493,6 +493,7 @@ def _memory_plan(ctx: RunContext, model: torch.nn.Module, n_trainable: int, cach
         text_tokens=getattr(spec.model_options, "max_sequence_length", None),
         controls=max((len(it.controls) for it in cache.items), default=0),  # each as long as the target
         frames=max((it.frames for it in cache.items), default=0) or None,  # a video model's longest sample
+        adapter=spec.lora.type if spec.mode == "lora" else "lora",
     )
     log(plan.reason)
     if plan.gradient_checkpointing:

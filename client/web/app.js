@@ -188,6 +188,7 @@
     steps: "spec-steps",
     learning_rate: "spec-lr",
     "lora.rank": "spec-rank",
+    "lora.type": "spec-adapter",
     resolutions: "spec-resolutions",
     trigger_word: "spec-trigger",
     spec: "spec-json",
@@ -535,9 +536,11 @@
     if (lr.trim()) spec.learning_rate = numberOrRaw(lr);
     const rank = specInput("spec-rank");
     if (rank.validity && rank.validity.badInput) return { error: null, local: { "lora.rank": "Enter a whole number." } };
-    if (rank.value.trim()) {
+    const adapter = specInput("spec-adapter").value;
+    if (rank.value.trim() || adapter) {
       spec.lora = spec.lora && typeof spec.lora === "object" && !Array.isArray(spec.lora) ? { ...spec.lora } : {};
-      spec.lora.rank = numberOrRaw(rank.value);
+      if (rank.value.trim()) spec.lora.rank = numberOrRaw(rank.value);
+      if (adapter) spec.lora.type = adapter;
     }
     const res = specInput("spec-resolutions").value;
     if (res.trim()) spec.resolutions = res.trim();
@@ -596,7 +599,7 @@
       s.model,
       s.steps != null ? `${s.steps} steps` : null,
       s.learning_rate != null ? `lr ${s.learning_rate}` : null,
-      s.lora && s.mode !== "full" ? `rank ${s.lora.rank}` : s.mode,
+      s.lora && s.mode !== "full" ? `${s.lora.type && s.lora.type !== "lora" ? `${s.lora.type} ` : ""}rank ${s.lora.rank}` : s.mode,
       Array.isArray(s.resolutions) ? `${s.resolutions.join("/")} px` : null,
       s.trigger_word ? `trigger “${s.trigger_word}”` : null,
     ].filter(Boolean);
@@ -604,7 +607,7 @@
   }
 
   const validateSoon = debounce(validateSpec, VALIDATE_DEBOUNCE_MS);
-  for (const id of ["spec-model", "spec-steps", "spec-lr", "spec-rank", "spec-resolutions", "spec-trigger", "spec-json"]) {
+  for (const id of ["spec-model", "spec-steps", "spec-lr", "spec-rank", "spec-adapter", "spec-resolutions", "spec-trigger", "spec-json"]) {
     byId(id).addEventListener("input", validateSoon);
     byId(id).addEventListener("change", validateSoon);
   }

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from train.families import MODEL_IDS, model_info
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATASET = ROOT / "examples" / "sample-dataset"
 
@@ -58,7 +60,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # here) torch's bf16 conv3d is ~20x slower than fp32: the tiny 3D VAE encodes 1 MP in 2.5 s in fp32
 # and 49.8 s in bf16, so each bf16 render costs about a minute. Their suite runs stay fp32; their
 # bf16 path is the rest of the Qwen-Image family's, which runs in bf16.
-SLOW_IN_BF16_ON_A_CPU = frozenset({"qwen-image-edit", "qwen-image-edit-plus"})
+SLOW_IN_BF16_ON_A_CPU = frozenset(m for m in MODEL_IDS if model_info(m).family == "qwen_image_edit")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...model_info import ModelInfo, Shape
 from ..flux import estimated
 
@@ -48,4 +50,10 @@ QWEN_IMAGE = ModelInfo(
     **estimated(Shape(params_b=PARAMS_B, width=WIDTH, blocks=BLOCKS, tokens=4096 + 512)),
 )
 
-MODELS = (QWEN_IMAGE,)
+# Qwen/Qwen-Image-2512: the December 2025 weights of the same architecture and pipeline (the same
+# transformer config, text encoder and VAE); the card renders as Qwen-Image's (50 steps, CFG 4).
+QWEN_IMAGE_2512 = replace(
+    QWEN_IMAGE, id="qwen-image-2512", title="Qwen-Image-2512", base_weights="Qwen/Qwen-Image-2512"
+)
+
+MODELS = (QWEN_IMAGE, QWEN_IMAGE_2512)

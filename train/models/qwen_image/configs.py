@@ -1,5 +1,6 @@
 """Qwen-Image's denoiser at full size (torch-free): Qwen/Qwen-Image's ``transformer/config.json``
-(60 dual-stream blocks, 24 heads x 128, Qwen2.5-VL's 3584-wide text states); the Edit models share it."""
+(60 dual-stream blocks, 24 heads x 128, Qwen2.5-VL's 3584-wide text states); Qwen-Image-2512 and the
+Edit models share it."""
 
 from __future__ import annotations
 
@@ -17,4 +18,4 @@ TRANSFORMER: dict[str, Any] = dict(
     guidance_embeds=False,
     axes_dims_rope=(16, 56, 56),
 )
-DENOISERS: dict[str, dict[str, Any]] = {"qwen-image": TRANSFORMER}
+DENOISERS: dict[str, dict[str, Any]] = {"qwen-image": TRANSFORMER, "qwen-image-2512": TRANSFORMER}

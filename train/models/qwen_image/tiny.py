@@ -131,8 +131,9 @@ def text_encoder(vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def write_tiny_qwen_image(folder: Path) -> Path:
-    """Write a tiny Qwen-Image pipeline: 8x VAE (three spatial halvings, one temporal), 2x2 patches."""
+def write_tiny_qwen_image(folder: Path, zero_cond_t: bool = False) -> Path:
+    """Write a tiny Qwen-Image pipeline: 8x VAE (three spatial halvings, one temporal), 2x2 patches;
+    ``zero_cond_t``: Qwen-Image-Edit-2511's transformer option."""
     torch.manual_seed(0)
     folder = Path(folder)
     tok = write_qwen_tokenizer(folder / "tokenizer")
@@ -157,6 +158,7 @@ def write_tiny_qwen_image(folder: Path) -> Path:
         joint_attention_dim=QWEN_HIDDEN,
         guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
+        zero_cond_t=zero_cond_t,
     )
     # Qwen/Qwen-Image's scheduler config: resolution-dependent exponential shift
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -1,4 +1,4 @@
-"""Qwen-Image-Edit and Qwen-Image-Edit-2509 ("Edit Plus"): the registry entries (torch-free).
+"""Qwen-Image-Edit, Qwen-Image-Edit-2509 ("Edit Plus") and -2511: the registry entries (torch-free).
 Maths: ``family.py`` (Qwen-Image's, conditioned on control images); tiny pipelines: ``tiny.py``."""
 
 from __future__ import annotations
@@ -53,4 +53,18 @@ QWEN_IMAGE_EDIT_PLUS = replace(
     tiny={"plus": True},
 )
 
-MODELS = (QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS)
+# Qwen/Qwen-Image-Edit-2511: Edit Plus's pipeline and sizes; its transformer config adds
+# ``zero_cond_t``: the control images' tokens are modulated at time 0 (clean), the target's at the
+# step's time (the transformer does it from ``img_shapes``, in training as at inference). The card
+# renders 40 steps, true_cfg_scale 4.
+QWEN_IMAGE_EDIT_2511 = replace(
+    QWEN_IMAGE_EDIT_PLUS,
+    id="qwen-image-edit-2511",
+    title="Qwen-Image-Edit-2511",
+    base_weights="Qwen/Qwen-Image-Edit-2511",
+    render_steps=40,
+    kohya_architecture="qwen-image-edit-2511/lora",
+    tiny={"plus": True, "zero_cond_t": True},
+)
+
+MODELS = (QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, QWEN_IMAGE_EDIT_2511)

@@ -8,4 +8,9 @@ from typing import Any
 from ..qwen_image.configs import TRANSFORMER
 
 DENOISER_CLASS = "QwenImageTransformer2DModel"
-DENOISERS: dict[str, dict[str, Any]] = {"qwen-image-edit": TRANSFORMER, "qwen-image-edit-plus": TRANSFORMER}
+DENOISERS: dict[str, dict[str, Any]] = {
+    "qwen-image-edit": TRANSFORMER,
+    "qwen-image-edit-plus": TRANSFORMER,
+    # -2511: the same sizes; the controls' tokens are modulated at time 0
+    "qwen-image-edit-2511": {**TRANSFORMER, "zero_cond_t": True},
+}

@@ -169,4 +169,7 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
 
 
 FAMILY = QwenImageEditFamily
-FAMILIES = {"qwen-image-edit-plus": QwenImageEditPlusFamily}  # train/models/__init__/family.py family_class
+FAMILIES = {  # train/models/__init__/family.py family_class
+    "qwen-image-edit-plus": QwenImageEditPlusFamily,
+    "qwen-image-edit-2511": QwenImageEditPlusFamily,
+}

@@ -116,10 +116,13 @@ def vl_text_encoder(tok: Qwen2Tokenizer) -> Any:
     return model
 
 
-def write_tiny_qwen_image_edit(folder: Path, plus: bool = False) -> Path:
-    """Write a tiny Qwen-Image-Edit (``plus``: Edit Plus) pipeline into ``folder``."""
+def write_tiny_qwen_image_edit(folder: Path, plus: bool = False, zero_cond_t: bool = False) -> Path:
+    """Write a tiny Qwen-Image-Edit (``plus``: Edit Plus; ``zero_cond_t``: -2511's transformer) pipeline
+    into ``folder``."""
     folder = Path(folder)
-    write_tiny_qwen_image(folder)  # the VAE, transformer and scheduler (text parts replaced below)
+    write_tiny_qwen_image(
+        folder, zero_cond_t
+    )  # the VAE, transformer and scheduler (text parts replaced below)
     base = QwenImagePipeline.from_pretrained(folder)
     tok = write_edit_tokenizer(folder / "tokenizer")
     pipe_cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
@@ -141,5 +144,5 @@ def write_tiny_qwen_image_edit(folder: Path, plus: bool = False) -> Path:
     return folder
 
 
-def write(folder: Path, plus: bool = False) -> Path:
-    return write_tiny_qwen_image_edit(folder, plus=plus)
+def write(folder: Path, plus: bool = False, zero_cond_t: bool = False) -> Path:
+    return write_tiny_qwen_image_edit(folder, plus=plus, zero_cond_t=zero_cond_t)

@@ -248,11 +248,12 @@ def test_the_factored_forward_computes_what_peft_computes(kind, config, monkeypa
         models.append(model)
     x = torch.randn(3, 5, 128, requires_grad=True)
     peft_out = models[0](x)
-    layer_cls = type(models[1][0])
-    original = layer_cls._get_delta_activations
-    monkeypatch.setattr(layer_cls, "_get_delta_activations", lambda *a, **k: pytest.fail("peft's path ran"))
+    peft_cls = type(models[0][0])
+    assert type(models[1][0]).__mro__[1] is peft_cls  # ours: a subclass of peft's layer
+    original = peft_cls._get_delta_activations
+    monkeypatch.setattr(peft_cls, "_get_delta_activations", lambda *a, **k: pytest.fail("peft's path ran"))
     ours = models[1](x)
-    monkeypatch.setattr(layer_cls, "_get_delta_activations", original)
+    monkeypatch.setattr(peft_cls, "_get_delta_activations", original)
     assert torch.allclose(ours, peft_out, atol=1e-5), (ours - peft_out).abs().max()
     grads = []
     for model, out in ((models[0], peft_out), (models[1], ours)):

@@ -87,8 +87,9 @@ def training_config(kind: str, rank: int, alpha: float, factor: int, targets: st
 
 
 def _factored_lokr(self: Any, adapter: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    peft_way = type(self).__mro__[1]._get_delta_activations  # peft's LoKr Linear
     if self.training and self.rank_dropout[adapter]:
-        return type(self)._get_delta_activations(self, adapter, x, *args, **kwargs)
+        return peft_way(self, adapter, x, *args, **kwargs)
     w1 = (
         self.lokr_w1[adapter]
         if adapter in self.lokr_w1
@@ -106,7 +107,7 @@ def _factored_lokr(self: Any, adapter: str, x: torch.Tensor, *args: Any, **kwarg
         through_w2 = rank * (in_n + out_k)
     factored = in_m * (through_w2 + out_l * out_k)
     if factored >= base.in_features * base.out_features:
-        return type(self)._get_delta_activations(self, adapter, x, *args, **kwargs)
+        return peft_way(self, adapter, x, *args, **kwargs)
     x = self._cast_input_dtype(x, w1.dtype)
     lead = x.shape[:-1]
     folded = x.reshape(*lead, in_m, in_n)
@@ -119,39 +120,65 @@ def _factored_lokr(self: Any, adapter: str, x: torch.Tensor, *args: Any, **kwarg
 
 
 def _factored_loha(self: Any, adapter: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    peft_way = type(self).__mro__[1]._get_delta_activations  # peft's LoHa Linear
     if self.training and self.rank_dropout[adapter]:
-        return type(self)._get_delta_activations(self, adapter, x, *args, **kwargs)
+        return peft_way(self, adapter, x, *args, **kwargs)
     a1, b1 = self.hada_w1_a[adapter], self.hada_w1_b[adapter]
     a2, b2 = self.hada_w2_a[adapter], self.hada_w2_b[adapter]
     out, inp, rank = a1.shape[0], b1.shape[1], a1.shape[1] * a2.shape[1]
     if rank * (inp + out) >= inp * out:
-        return type(self)._get_delta_activations(self, adapter, x, *args, **kwargs)
+        return peft_way(self, adapter, x, *args, **kwargs)
     m = (b1[:, None, :] * b2[None, :, :]).reshape(rank, inp)
     n = (a1[:, :, None] * a2[:, None, :]).reshape(out, rank)
     x = self._cast_input_dtype(x, m.dtype)
     return (x @ m.T) @ n.T * self.scaling[adapter]
 
 
-def factored_forward(model: torch.nn.Module) -> int:
-    """Switch every LoKr / LoHa linear of ``model`` to the factored product (above); returns how
-    many. Convolutions keep peft's forward."""
-    import types
+def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LycorisLayer forward without its module-dropout draw (``torch.rand(1)`` on every call,
+    a data-dependent branch that breaks torch.compile's graph at every adapted layer) when no active
+    adapter has module dropout; otherwise peft's own."""
+    active = [a for a in self.active_adapters if a in self._available_adapters]
+    if (
+        self.disable_adapters
+        or self.merged
+        or (self.training and any(self.module_dropout[a] for a in active))
+    ):
+        return type(self).__mro__[1].forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    for adapter in active:
+        result = result + self._get_delta_activations(adapter, x, *args, **kwargs)
+    return result.to(x.dtype)
 
+
+_FACTORED: dict[type, type] = {}
+
+
+def _factored_class(cls: type) -> type | None:
+    """The factored subclass of peft's LoKr / LoHa Linear ``cls`` (None for other layers)."""
     from peft.tuners.loha.layer import Linear as LoHaLinear
     from peft.tuners.lokr.layer import Linear as LoKrLinear
 
+    if cls in _FACTORED.values():
+        return cls
+    if cls not in (LoKrLinear, LoHaLinear):
+        return None
+    if cls not in _FACTORED:
+        delta = _factored_lokr if cls is LoKrLinear else _factored_loha
+        body = {"forward": _forward, "_get_delta_activations": delta, "__module__": __name__}
+        _FACTORED[cls] = type(f"Factored{cls.__module__.split('.')[-2].capitalize()}Linear", (cls,), body)
+    return _FACTORED[cls]
+
+
+def factored_forward(model: torch.nn.Module) -> int:
+    """Switch every LoKr / LoHa linear of ``model`` to the factored product (above), by making it an
+    instance of a subclass of peft's layer (the same parameters and state dict; torch.compile sees an
+    ordinary module class); returns how many. Convolutions keep peft's forward."""
     switched = 0
     for module in model.modules():
-        method = (
-            _factored_lokr
-            if isinstance(module, LoKrLinear)
-            else _factored_loha
-            if isinstance(module, LoHaLinear)
-            else None
-        )
-        if method is not None:
-            # an instance attribute (not nn.Module's setattr, which takes tensors and modules only)
-            object.__setattr__(module, "_get_delta_activations", types.MethodType(method, module))
+        cls = _factored_class(type(module))
+        if cls is not None:
+            module.__class__ = cls
             switched += 1
     return switched
 

@@ -10,7 +10,9 @@
 # 3. `python -m bench` on the full-size cases against stock diffusers + peft, in priority order,
 #    inside BUDGET seconds (runs left over are listed as skipped, never silently dropped);
 # 4. optionally (E2E_STEPS > 0) the end-to-end job, timed by phase.
-# Everything lands in $OUT: gpu.txt, train-tiny.log, bench.json, bench.log, e2e.json, e2e.log.
+# Between 2 and 3: LoKr / LoHa layer timings (bench/adapters.py) and a tiny LoKr training.
+# Everything lands in $OUT: gpu.txt, train-tiny.log, adapters.log, train-lokr.log, bench.json,
+# bench.log, e2e.json, e2e.log.
 #
 # Knobs (environment): CASES, IMPLS, SPEEDS (';'-separated NAME=JSON), STEPS, BUDGET, E2E_STEPS,
 # TINY=1 (tiny configs: a dry run of this script on a CPU).
@@ -35,6 +37,13 @@ python3 -m train --spec examples/demo-spec.json --data examples/sample-dataset -
   --set steps=20 --set speed.compile=blocks --set speed.fuse_qkv=on --set speed.fuse_lora=on --set speed.fp8_base=on > "$OUT/train-tiny.log" 2>&1
 echo "tiny GPU training: exit $? ($(grep -c '"phase": "train"' "$OUT/train-tiny.log") progress lines)" | tee -a "$OUT/gpu.txt"
 tail -n 3 "$OUT/train-tiny.log"
+
+# 2b. LoKr / LoHa: the factored layers against peft's own and a LoRA's at full-size Flux shapes
+#     (bf16 autocast), and a tiny LoKr training under compile (factor 4: the tiny layers are 32 wide)
+python3 -m bench.adapters --repeat 10 2>&1 | tee "$OUT/adapters.log"
+python3 -m train --spec examples/demo-spec.json --data examples/sample-dataset --out /tmp/train-lokr \
+  --set steps=20 --set speed.compile=blocks --set lora.type=lokr --set lora.factor=4 > "$OUT/train-lokr.log" 2>&1
+echo "tiny GPU LoKr training: exit $?" | tee -a "$OUT/gpu.txt"
 
 # 3. the benchmark
 CASES=${CASES:-flux1024,flux512,sdxl1024,flux1024-44g}

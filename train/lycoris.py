@@ -155,32 +155,37 @@ _FACTORED: dict[type, type] = {}
 
 
 def _factored_class(cls: type) -> type | None:
-    """The factored subclass of peft's LoKr / LoHa Linear ``cls`` (None for other layers)."""
-    from peft.tuners.loha.layer import Linear as LoHaLinear
-    from peft.tuners.lokr.layer import Linear as LoKrLinear
+    """Our subclass of peft's LoKr / LoHa layer ``cls`` (None for other modules): linears multiply
+    through the factors; convolutions keep peft's delta and lose only the module-dropout draw."""
+    from peft.tuners.loha import layer as loha
+    from peft.tuners.lokr import layer as lokr
 
     if cls in _FACTORED.values():
         return cls
-    if cls not in (LoKrLinear, LoHaLinear):
+    deltas: dict[type, Any] = {lokr.Linear: _factored_lokr, loha.Linear: _factored_loha}
+    if cls not in (*deltas, lokr.Conv2d, lokr.Conv1d, loha.Conv2d, loha.Conv1d):
         return None
     if cls not in _FACTORED:
-        delta = _factored_lokr if cls is LoKrLinear else _factored_loha
-        body = {"forward": _forward, "_get_delta_activations": delta, "__module__": __name__}
-        _FACTORED[cls] = type(f"Factored{cls.__module__.split('.')[-2].capitalize()}Linear", (cls,), body)
+        body: dict[str, Any] = {"forward": _forward, "__module__": __name__}
+        if cls in deltas:
+            body["_get_delta_activations"] = deltas[cls]
+        kind = "LoKr" if cls.__module__ == lokr.__name__ else "LoHa"
+        _FACTORED[cls] = type(f"Factored{kind}{cls.__name__}", (cls,), body)
     return _FACTORED[cls]
 
 
 def factored_forward(model: torch.nn.Module) -> int:
-    """Switch every LoKr / LoHa linear of ``model`` to the factored product (above), by making it an
-    instance of a subclass of peft's layer (the same parameters and state dict; torch.compile sees an
-    ordinary module class); returns how many. Convolutions keep peft's forward."""
-    switched = 0
+    """Make every LoKr / LoHa layer of ``model`` an instance of our subclass of peft's (the same
+    parameters and state dict; torch.compile sees an ordinary module class): linears multiply
+    through the factors (above), and no layer draws peft's module-dropout number when it has none.
+    Returns how many linears multiply through the factors."""
+    linears = 0
     for module in model.modules():
         cls = _factored_class(type(module))
         if cls is not None:
             module.__class__ = cls
-            switched += 1
-    return switched
+            linears += "_get_delta_activations" in vars(cls)
+    return linears
 
 
 def lopsided(model: torch.nn.Module, factor: int) -> list[str]:

@@ -121,6 +121,7 @@ def test_lokr_and_loha_train_and_lycoris_renders_our_file_as_the_run_entry_does(
 
     card = (out / "README.md").read_text()
     assert ("load_lora_adapter" in card) == (kind == "lokr")
+    assert f"A LyCORIS {'LoKr' if kind == 'lokr' else 'LoHa'}:" in card
 
 
 def _lycoris_network(model: str, tiny_weights: Path, kind: str, **kwargs):

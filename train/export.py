@@ -117,17 +117,16 @@ def export_lora(
         "modelspec.sai_model_spec": "1.0.0",
         "trained_with": "advanced-trainer",
     }
-    if kind in lycoris.KINDS:  # what LyCORIS's own kohya network writes
+    companions = family.kohya_companions(sd, alpha)
+    if kind in lycoris.KINDS:  # what LyCORIS's own kohya network writes; the scale is in the tensors
         args = {"algo": kind, **({"factor": str(family.spec.lora.factor)} if kind == "lokr" else {})}
-        metadata.update(ss_network_module="lycoris.kohya", ss_network_args=json.dumps(args))
-        metadata["ss_network_alpha"] = str(rank)  # the scale is folded into the tensors
-        save_file(
-            {k: v.to(dtype).contiguous() for k, v in kohya_sd.items()}, str(out_dir / KOHYA_FILE), metadata
+        metadata.update(
+            ss_network_module="lycoris.kohya", ss_network_args=json.dumps(args), ss_network_alpha=str(rank)
         )
-        return {**files, "kohya": out_dir / KOHYA_FILE}
+        companions = {}
     save_file({k: v.to(dtype).contiguous() for k, v in kohya_sd.items()}, str(out_dir / KOHYA_FILE), metadata)
     files["kohya"] = out_dir / KOHYA_FILE
-    for name, extra in family.kohya_companions(sd, alpha).items():
+    for name, extra in companions.items():
         save_file({k: v.to(dtype).contiguous() for k, v in extra.items()}, str(out_dir / name), metadata)
         files[f"kohya:{name}"] = out_dir / name
     return files
@@ -418,7 +417,7 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
     info = model_info(spec.model)
     if spec.mode != "full" and spec.lora.type in lycoris.KINDS:
         lines += [
-            f"A LyCORIS {spec.lora.type.upper() if spec.lora.type == 'loha' else 'LoKr'}: ComfyUI and Forge "
+            f"A LyCORIS {LYCORIS_NAMES[spec.lora.type]}: ComfyUI and Forge "
             "load `pytorch_lora_weights.safetensors` as it is"
             + (
                 f", and `{KOHYA_FILE}` holds it in LyCORIS's own naming."
@@ -433,6 +432,9 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
             "",
         ]
     return lines
+
+
+LYCORIS_NAMES = {"lokr": "LoKr", "loha": "LoHa"}  # as their authors write them
 
 
 def _card_load_adapter(spec: TrainingSpec) -> str:

@@ -76,9 +76,8 @@ def training_config(kind: str, rank: int, alpha: float, factor: int, targets: st
 # -- the factored forward -----------------------------------------------------------------------
 # peft's LoKr and LoHa linears build the whole delta weight (out x in) on every forward and multiply
 # the input by it: a second full-size matmul beside the base layer's, and two more in the backward
-# (bench/adapters.py: 2.4-2.5x a LoRA's layer time for LoKr, 3.1-3.9x for LoHa, full-size Flux
-# shapes). The delta's product with the input can be computed from the factors instead, as LyCORIS's
-# "bypass" mode does:
+# (bench/adapters.py: 2.4-3.1x a LoRA's layer time, full-size Flux shapes on the CPU). The delta's
+# product with the input can be computed from the factors instead, as LyCORIS's "bypass" mode does:
 #   LoKr: kron(W1, W2) x = vec(W1 X W2^T) with X the input folded to (in_m, in_n);
 #   LoHa: ((A1 B1) * (A2 B2)) x = N (M x), a rank r1*r2 product with M the row-wise Kronecker
 #         products of B1 and B2, and N the same of A1 and A2.
@@ -314,15 +313,12 @@ def _w1_shape(params: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def _lokr_rank(params: dict[str, torch.Tensor]) -> int:
-    """The peft ``r`` that gives this module's layout: the split factor's rank, else one large
-    enough that peft keeps both factors whole."""
+    """The peft ``r`` that gives this module's layout: the split factor's rank (a Tucker core's), else
+    one large enough that peft keeps both factors whole."""
     if "lokr_t2" in params:
         return int(params["lokr_t2"].shape[0])
-    if "lokr_w2_b" in params:
-        return int(params["lokr_w2_b"].shape[0])
-    if "lokr_w1_b" in params:
-        return int(params["lokr_w1_b"].shape[0])
-    return max(max(t.shape[:2]) for k, t in params.items() if k.startswith("lokr_w"))
+    split = _loader_rank("lokr", params)
+    return split or max(max(t.shape[:2]) for k, t in params.items() if k.startswith("lokr_w"))
 
 
 def _lokr_factor(
@@ -421,6 +417,8 @@ def load_adapter(
             modules[target] = {k: v.float() for k, v in params.items()}
     if unknown:
         raise LycorisError(f"it names {len(unknown)} module(s) the model does not have, e.g. {unknown[:3]}")
+    if any("dora_scale" in p for p in modules.values()):
+        raise LycorisError("it holds DoRA scales (dora_scale), which this loader does not apply")
     sides = {name: _sides(model.get_submodule(name)) for name in modules}
     # A file diffusers wrote (its adapter config stored beside it) is scaled as peft scales it:
     # alpha / r for every module; other files as the LyCORIS loaders scale them.
@@ -432,11 +430,8 @@ def load_adapter(
         scale = _loader_scale(kind, params, None) if peft_scale is None or "alpha" in params else peft_scale
         first = _first_factor(kind, params)
         for param, tensor in params.items():
-            if param in ("alpha", "dora_scale"):
-                continue
-            peft_state[f"{name}.{param}"] = tensor * scale if param == first else tensor
-    if any("dora_scale" in p for p in modules.values()):
-        raise LycorisError("it holds DoRA scales (dora_scale), which this loader does not apply")
+            if param != "alpha":
+                peft_state[f"{name}.{param}"] = tensor * scale if param == first else tensor
     config = load_config(kind, modules, sides, meta)
     _add(model, config, adapter_name)
     try:

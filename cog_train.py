@@ -96,6 +96,7 @@ class Trainer(BaseRunner):
                 "qwen-image-edit-2511",
                 "z-image-turbo",
                 "z-image",
+                "krea2",
                 "wan2.1-t2v-1.3b",
                 "wan2.1-t2v-14b",
                 "wan2.1-i2v-14b",

@@ -141,6 +141,7 @@ def _stock(
     kw.update(family_class(model).guidance_kwargs(info.render_guidance, ""))  # as the model card renders
     if info.controls_required:  # the image arguments the model's pipeline takes (Kontext: max_area too)
         kw.update(family_class(model).run_image_inputs([CONTROL], 64, 64, 16))
+    torch.manual_seed(3)  # as the run entry seeds a scheduler that draws from the global generator
     image = pipe(
         prompt=PROMPT,
         num_inference_steps=2,
@@ -249,6 +250,12 @@ def _assert_same(ours: Any, theirs: Any, where: str) -> None:
         if theirs.dim() == ours.dim() + 1 and theirs.shape[0] == 1:
             theirs = theirs[0]  # position ids with a batch axis of one: the transformers read its first row
         assert ours.shape == theirs.shape, f"{where}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+        if ours.is_floating_point() and not theirs.is_floating_point():
+            # a scheduler that truncates its timesteps to integers (UniPC): training feeds the exact value
+            assert bool(((ours - theirs) >= 0).all() and ((ours - theirs) < 1).all()), (
+                f"{where}: {ours} vs {theirs}"
+            )
+            return
         torch.testing.assert_close(ours.to(theirs.dtype), theirs, msg=where)
     elif isinstance(theirs, (list, tuple)):
         assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), where
@@ -291,12 +298,15 @@ def test_the_training_step_feeds_the_denoiser_what_the_pipeline_feeds_it(model, 
     )
 
     text = family.encode_prompts([PROMPT], torch.device("cpu"))[0]
-    pixels = torch.zeros(1, 3, 64, 64)
+    width, height = family.rendered_size(64, 64)  # the size the pipeline rendered (HiDream: its own area)
+    pixels = torch.zeros(1, 3, height, width)
     mean, std = family.encode_images(pixels)
     rng = BatchRandom(torch.Generator().manual_seed(0), 1, 0, 1, torch.device("cpu"))  # the pipeline's seed
     batch = Batch(mean, std, {k: v[None] for k, v in text.items()}, torch.zeros(1, 6), rng)
     monkeypatch.setattr(family, "sample_latents", lambda b: b.latent_mean)  # no draw before the noise
-    monkeypatch.setattr(family, "sample_sigmas", lambda rng, n: torch.ones(1))  # the first step: sigma 1
+    # the pipeline's first step: sigma 1 (UniPC with flow sigmas, HiDream-I1 Full's, starts just below)
+    first = family.pipe.scheduler.sigmas[:1].float()
+    monkeypatch.setattr(family, "sample_sigmas", lambda rng, n: first)
     training_calls: list[tuple[tuple, dict]] = []
 
     def denoiser(*args, **kwargs):

@@ -154,7 +154,9 @@ class Renderer:
         self._named = 0
         started = time.monotonic()
         cls = family_class(model)
-        pipe = cls.pipeline_cls.from_pretrained(folder, dtype=self.dtype)
+        pipe = cls.pipeline_cls.from_pretrained(
+            folder, dtype=self.dtype, **cls.components_from_elsewhere(Path(folder), self.dtype)
+        )
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         cls.prepare_run_pipeline(self.pipe)
@@ -283,7 +285,9 @@ class Renderer:
         if info.video:
             kw.update(num_frames=num_frames, output_type="pil")
             kw.update(family_class(info.id).video_inputs(fps or info.fps))
-        with torch.inference_mode():
+        from .models.base import seeded_global_rng
+
+        with torch.inference_mode(), seeded_global_rng(seeds[0]):
             out = self.pipe(**kw)
         if not info.video:
             return list(out.images)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,17 @@ def edit_size(width: int, height: int, size: int, multiple: int) -> tuple[int, i
     return w, h
 
 
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """torch's global generators seeded with ``seed`` for one render, and restored after it. Some
+    schedulers draw without the pipeline's ``generator`` (FlowMatchLCMScheduler re-noises every
+    step from the global generator: HiDream-I1 Dev and Fast); seeded, their renders repeat with
+    the seed, and training's own draws are left as they were."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
 class Family(ABC):
     pipeline_cls: Any
     denoiser_name: str  # "transformer" | "unet"
@@ -136,7 +148,10 @@ class Family(ABC):
     def load_encoders(self, dtype: torch.dtype) -> None:
         """The pipeline without its denoiser, on the CPU in ``dtype``, frozen."""
         self.pipe = self.pipeline_cls.from_pretrained(
-            self.base_dir, dtype=dtype, **dict.fromkeys(self.denoiser_components())
+            self.base_dir,
+            dtype=dtype,
+            **self.components_from_elsewhere(self.base_dir, dtype),
+            **dict.fromkeys(self.denoiser_components()),
         )
         self.pipe.set_progress_bar_config(disable=True)
         for name in self.frozen_names():
@@ -282,15 +297,28 @@ class Family(ABC):
         absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer", "processor"))}
         pipe = self.pipeline_cls(**{**absent, **self.render_components()})
         pipe.set_progress_bar_config(disable=True)
-        out = pipe(
-            **self.render_inputs(text, device),
-            **self.control_inputs(controls or [], size),
-            **self.render_guidance(text, guidance, device),
-            **self.render_extra(),
-            num_inference_steps=steps,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-        )
+        with seeded_global_rng(seed):
+            out = pipe(
+                **self.render_inputs(text, device),
+                **self.control_inputs(controls or [], size),
+                **self.render_guidance(text, guidance, device),
+                **self.render_extra(),
+                num_inference_steps=steps,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+            )
         return self.render_output(out)
+
+    def rendered_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) the pipeline renders when asked for ``width`` x ``height`` (default:
+        that size; HiDream's scales every request to its default area)."""
+        return width, height
+
+    @classmethod
+    def components_from_elsewhere(cls, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+        """Pipeline components the base folder may lack, loaded from their own repos (default: none;
+        HiDream's repos leave out the gated Llama text encoder). Training and the run entry pass
+        them to ``from_pretrained``."""
+        return {}
 
     @classmethod  # noqa: B027  (a hook: most families need nothing)
     def prepare_run_pipeline(cls, pipe: Any) -> None:

@@ -18,6 +18,7 @@ exactly the trained update whatever it does with alphas.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -60,6 +61,20 @@ def _pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor,
             out[module] = (a, state_dict[module + ".lora_B.weight"])
     unknown = [k for k in state_dict if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     assert not unknown, f"unexpected LoRA keys: {unknown[:5]}"
+    return out
+
+
+def diffusion_model_lora(
+    state_dict: dict[str, torch.Tensor], alpha: float, name: Callable[[str], str] = str
+) -> dict[str, torch.Tensor]:
+    """ComfyUI's ``diffusion_model.<module>.lora_A/B.weight`` naming (``name`` maps a diffusers module
+    path to the original checkpoint's), with alpha / rank folded into ``lora_B``: diffusers' readers
+    of this naming (LTX-2, HiDream, Krea 2) take no ``.alpha`` keys."""
+    out: dict[str, torch.Tensor] = {}
+    for module, (a, b) in _pairs(state_dict).items():
+        key = f"diffusion_model.{name(module)}"
+        out[f"{key}.lora_A.weight"] = a.contiguous()
+        out[f"{key}.lora_B.weight"] = (b * (alpha / a.shape[0])).contiguous()
     return out
 
 

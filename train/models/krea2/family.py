@@ -36,7 +36,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 
 from ..base import Batch
 from ..flow import Noised
-from ..kohya import _pairs
+from ..kohya import diffusion_model_lora
 from ..qwen_image.family import QwenImageFamily
 
 NEGATIVE_PROMPT = ""  # what the pipeline encodes when guidance is on and no negative prompt is given
@@ -151,12 +151,7 @@ class Krea2Family(QwenImageFamily):
         """The original checkpoint's names behind ``diffusion_model.`` (``diffusion_model.blocks.0.attn.wq``),
         which ComfyUI loads and diffusers' reader maps back. That reader keeps only ``lora_A`` /
         ``lora_B`` tensors, so alpha / rank is folded into ``lora_B``."""
-        out: dict[str, torch.Tensor] = {}
-        for module, (a, b) in _pairs(state_dict).items():
-            name = f"diffusion_model.{original_name(module)}"
-            out[f"{name}.lora_A.weight"] = a.contiguous()
-            out[f"{name}.lora_B.weight"] = (b * (alpha / a.shape[0])).contiguous()
-        return out
+        return diffusion_model_lora(state_dict, alpha, original_name)
 
 
 FAMILY = Krea2Family

@@ -33,7 +33,7 @@ from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
 
 from ..base import Batch
 from ..flow import FlowMatchFamily, Noised
-from ..kohya import _pairs
+from ..kohya import diffusion_model_lora
 
 NEGATIVE_PROMPT = ""  # what the pipeline encodes for CFG when no negative prompt is given
 
@@ -225,11 +225,7 @@ class LTX2Family(FlowMatchFamily):
         """The names ComfyUI and Lightricks' tools use (``diffusion_model.transformer_blocks.0.attn1.to_q``,
         the original checkpoint's, which diffusers' reader maps back). That reader refuses ``.alpha``
         keys, so alpha / rank is folded into ``lora_B``."""
-        out: dict[str, torch.Tensor] = {}
-        for module, (a, b) in _pairs(state_dict).items():
-            out[f"diffusion_model.{module}.lora_A.weight"] = a.contiguous()
-            out[f"diffusion_model.{module}.lora_B.weight"] = (b * (alpha / a.shape[0])).contiguous()
-        return out
+        return diffusion_model_lora(state_dict, alpha)
 
 
 FAMILY = LTX2Family

@@ -91,6 +91,7 @@ class Trainer(BaseRunner):
                 "chroma",
                 "qwen-image",
                 "qwen-image-2512",
+                "qwen-image-2.1",
                 "qwen-image-edit",
                 "qwen-image-edit-plus",
                 "qwen-image-edit-2511",

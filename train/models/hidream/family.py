@@ -41,7 +41,7 @@ LLAMA_WEIGHTS = "meta-llama/Llama-3.1-8B-Instruct"
 TEXT_KEYS = ("prompt_embeds_t5", "prompt_embeds_llama3", "pooled_prompt_embeds")
 
 
-def image_layout(out: torch.Tensor, h: int, w: int, p: int = 2) -> torch.Tensor:
+def image_layout(out: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
     """The transformer's training-mode output ``(B, C, tokens, p * p)`` (tokens padded to its
     ``max_seq`` for a non-square image) as the ``(B, C, h, w)`` latent its eval mode returns."""
     b, c = out.shape[:2]
@@ -93,6 +93,10 @@ class HiDreamFamily(FlowMatchFamily):
         return self.encode_keeping_negative(list(prompts), encode, NEGATIVE_PROMPT)
 
     # -- training --------------------------------------------------------------------------------
+    @classmethod
+    def pixel_multiple_of(cls, vae_scale_factor: int, denoiser_config: dict[str, Any]) -> int:
+        return vae_scale_factor * denoiser_config.get("patch_size", 2)  # the transformer's own patches
+
     def auto_shift(self, image_seq_len: int) -> float:
         return self.scheduler_fixed_shift()  # both schedulers shift by a fixed amount at every size
 
@@ -109,7 +113,8 @@ class HiDreamFamily(FlowMatchFamily):
         )[0]
         transformer: Any = self.denoiser
         if transformer.training and not transformer.config.force_inference_output:
-            out = image_layout(out, *x.latents.shape[2:])
+            h, w = x.latents.shape[2:]
+            out = image_layout(out, h, w, transformer.config.patch_size)
         return -out, x.target  # it predicts the negated velocity
 
     # -- validation and export -----------------------------------------------------------------

@@ -6,10 +6,11 @@ Llama whose every hidden state the pipeline stacks — a KL VAE with the Flux.1 
 (4 channels here, 16 in the real one), and the sparse MoE DiT. The CLIPs take 248 positions, as
 HiDream's do (the pipeline pads their prompts to ``max_sequence_length`` up to 218).
 
-The VAE downsamples 2x, not 8x: the pipeline scales every render to the area of a 128 x 128 latent
-(``default_sample_size``, whatever size is asked), so an 8x tiny VAE would decode 1024 x 1024 images
-— 26 s each in bf16 on a CPU. At 2x it decodes 256 x 256; the latent, and what the transformer
-sees, are the same 128 x 128.
+The pipeline scales every render to the area of a 128 x 128 latent (``default_sample_size``,
+whatever size is asked). Two sizes are shrunk so a render stays cheap on a CPU while the code paths
+stay the real ones: the VAE downsamples 2x, not 8x (it decodes 256 x 256 images, not 1024 x 1024:
+26 s each in bf16), and the transformer's patches are 8 x 8 latent pixels, not 2 x 2 (256 tokens a
+render, not 4096). The family reads both from the configs, as it does for the real model.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def write_tiny_hidream(folder: Path, variant: str = "full") -> Path:
     t5_vocab = write_t5_tokenizer(folder / "tokenizer_3")
     llama_tok = write_mistral_tokenizer(folder / "tokenizer_4")
     transformer = HiDreamImageTransformer2DModel(
-        patch_size=2,
+        patch_size=8,
         in_channels=4,
         out_channels=4,
         num_layers=1,
@@ -115,7 +116,7 @@ def write_tiny_hidream(folder: Path, variant: str = "full") -> Path:
         num_routed_experts=4,
         num_activated_experts=2,
         axes_dims_rope=(4, 2, 2),  # pyright: ignore[reportArgumentType]  (annotated as two; one per id axis)
-        max_resolution=(32, 32),
+        max_resolution=(128, 128),  # the real one's: a non-square image pads to 256 tokens here
         llama_layers=[0, 1],  # one per block (the real model's 48 draw on Llama's 32 layers)
     )
     pipe = HiDreamImagePipeline(

@@ -51,6 +51,14 @@ def test_the_llama_loads_from_its_own_folder_for_training_and_the_run_entry(
         return family.encode_prompts(["sks, a red circle"], torch.device("cpu"))[0]
 
     ours, reference = text(base), text(complete)
+    # the second stage: the Llama released, the denoiser added to the pipeline that lacks it
+    family = family_class("hidream-i1-dev")(
+        parse_spec({"model": "hidream-i1-dev", "base_weights": str(base)}), base
+    )
+    family.load_encoders(torch.float32)
+    family.release_text_encoders()
+    family.load_denoiser(torch.float32)
+    assert family.pipe.text_encoder_4 is None and family.denoiser is not None
     assert set(ours) == set(reference)
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], msg=key)  # the Llama's states among them

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
@@ -116,3 +117,21 @@ def t5_encoder(vocab_size: int, width: int = T5_DMODEL) -> T5EncoderModel:
     config = T5Config(**t5_sizes(vocab_size, width))
     config.decoder_start_token_id = 0  # unused by an encoder; kept so the written config stays as it was
     return T5EncoderModel(config)
+
+
+def dynamic_shift_scheduler(
+    max_image_seq_len: int, max_shift: float, **extra: Any
+) -> FlowMatchEulerDiscreteScheduler:
+    """A flow-matching Euler scheduler with the resolution-dependent exponential shift (``mu`` from
+    the image's tokens between 256 and ``max_image_seq_len``, 0.5 to ``max_shift``), as the
+    Qwen-Image family's repos configure it; ``extra``: further config (``shift_terminal``)."""
+    return FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=max_image_seq_len,
+        max_shift=max_shift,
+        shift=1.0,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+        **extra,
+    )

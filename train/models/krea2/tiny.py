@@ -11,21 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
 from diffusers.models.transformers.transformer_krea2 import Krea2Transformer2DModel
 from diffusers.pipelines.krea2.pipeline_krea2 import Krea2Pipeline
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import Qwen3VLConfig, Qwen3VLModel
 
-from ..qwen_image.tiny import Z_DIM, _check_template, write_qwen_tokenizer
+from ..qwen_image.tiny import Z_DIM, _check_template, qwen_vae, write_qwen_tokenizer
+from ..tiny_common import dynamic_shift_scheduler
 
 HIDDEN = 32  # the tiny Qwen3-VL's width -> the transformer's text_hidden_dim
 TAPPED = (1, 2)  # hidden states the pipeline stacks (the real one taps 12 of Qwen3-VL-4B's 37)
 
 
-def text_encoder(vocab_size: int) -> Qwen3VLModel:
-    """A 2-layer Qwen3-VL of width ``HIDDEN`` (its vision tower shrunk too; unused for text)."""
-    config = Qwen3VLConfig(
+def qwen3_vl_config(
+    vocab_size: int,
+    vision_start_token_id: int = 0,
+    vision_end_token_id: int = 1,
+    image_token_id: int = 2,
+    video_token_id: int = 3,
+) -> Qwen3VLConfig:
+    """A 2-layer Qwen3-VL of width ``HIDDEN`` (its vision tower shrunk too; unused for text), with
+    the image / video placeholders' ids (default: ids inside the tiny vocabulary no prompt uses)."""
+    return Qwen3VLConfig(
         text_config={
             "hidden_size": HIDDEN,
             "intermediate_size": 64,
@@ -51,13 +57,11 @@ def text_encoder(vocab_size: int) -> Qwen3VLModel:
             "out_hidden_size": HIDDEN,
             "deepstack_visual_indexes": [0],
         },
-        # image / video placeholders: ids inside the tiny vocabulary (never in a text prompt)
-        vision_start_token_id=0,
-        vision_end_token_id=1,
-        image_token_id=2,
-        video_token_id=3,
+        vision_start_token_id=vision_start_token_id,
+        vision_end_token_id=vision_end_token_id,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
     )
-    return Qwen3VLModel(config)
 
 
 def write_tiny_krea2(folder: Path) -> Path:
@@ -65,15 +69,6 @@ def write_tiny_krea2(folder: Path) -> Path:
     folder = Path(folder)
     tok = write_qwen_tokenizer(folder / "tokenizer")
     _check_template(tok)
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=Z_DIM,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.1, -0.2, 0.3, -0.1],
-        latents_std=[1.5, 2.0, 2.5, 1.2],
-    )
     transformer = Krea2Transformer2DModel(
         in_channels=Z_DIM * 4,
         num_layers=2,
@@ -91,19 +86,10 @@ def write_tiny_krea2(folder: Path) -> Path:
         num_refiner_text_blocks=1,
         axes_dims_rope=(4, 6, 6),
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=6400,
-        max_shift=1.15,
-        shift=1.0,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
     pipe = Krea2Pipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder(len(tok)),
+        scheduler=dynamic_shift_scheduler(max_image_seq_len=6400, max_shift=1.15),
+        vae=qwen_vae(),
+        text_encoder=Qwen3VLModel(qwen3_vl_config(len(tok))),
         tokenizer=tok,  # pyright: ignore[reportArgumentType]  (annotated AutoTokenizer; any tokenizer works)
         transformer=transformer,
         text_encoder_select_layers=TAPPED,

@@ -15,8 +15,9 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from ..tiny_common import dynamic_shift_scheduler
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN_HIDDEN = 32  # the tiny encoder's width -> the transformer's joint_attention_dim
@@ -131,6 +132,20 @@ def text_encoder(vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+def qwen_vae() -> AutoencoderKLQwenImage:
+    """The Qwen-Image VAE's layout, tiny: 8x (three spatial halvings, one temporal), ``Z_DIM``
+    channels, with per-channel statistics the pipelines normalise with (the real ones are measured)."""
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=Z_DIM,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, -0.1],
+        latents_std=[1.5, 2.0, 2.5, 1.2],
+    )
+
+
 def write_tiny_qwen_image(folder: Path, zero_cond_t: bool = False) -> Path:
     """Write a tiny Qwen-Image pipeline: 8x VAE (three spatial halvings, one temporal), 2x2 patches;
     ``zero_cond_t``: Qwen-Image-Edit-2511's transformer option."""
@@ -138,16 +153,6 @@ def write_tiny_qwen_image(folder: Path, zero_cond_t: bool = False) -> Path:
     folder = Path(folder)
     tok = write_qwen_tokenizer(folder / "tokenizer")
     _check_template(tok)
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=Z_DIM,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        # per-channel statistics the pipeline normalises with (the real ones are measured)
-        latents_mean=[0.1, -0.2, 0.3, -0.1],
-        latents_std=[1.5, 2.0, 2.5, 1.2],
-    )
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=Z_DIM * 4,
@@ -160,20 +165,10 @@ def write_tiny_qwen_image(folder: Path, zero_cond_t: bool = False) -> Path:
         axes_dims_rope=(4, 6, 6),
         zero_cond_t=zero_cond_t,
     )
-    # Qwen/Qwen-Image's scheduler config: resolution-dependent exponential shift
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        shift=1.0,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
     pipe = QwenImagePipeline(
-        scheduler=scheduler,
-        vae=vae,
+        # Qwen/Qwen-Image's scheduler config: resolution-dependent exponential shift
+        scheduler=dynamic_shift_scheduler(max_image_seq_len=8192, max_shift=0.9, shift_terminal=0.02),
+        vae=qwen_vae(),
         text_encoder=text_encoder(len(tok)),
         tokenizer=tok,
         transformer=transformer,

@@ -17,12 +17,12 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage21 import AutoencoderKLQwenImage21
 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21Transformer2DModel
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipeline
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
-from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
 
+from ..krea2.tiny import HIDDEN, qwen3_vl_config
 from ..qwen_image_edit.tiny import MAX_PIXELS, MIN_PIXELS, TinyQwen2VLProcessor, write_edit_tokenizer
+from ..tiny_common import dynamic_shift_scheduler
 
-HIDDEN = 32  # the tiny Qwen3-VL's width -> the transformer's context_in_dim
 Z_DIM = 4  # latent channels (64 in the real VAE), read unpatched by the transformer
 # Qwen3-VL's chat template, reduced to what the pipeline renders: a message's text parts
 CHAT_TEMPLATE = (
@@ -39,41 +39,12 @@ CHAT_TEMPLATE = (
 
 
 def text_encoder(tok: Any) -> Qwen3VLForConditionalGeneration:
-    """A 2-layer Qwen3-VL of width ``HIDDEN`` with ``tok``'s placeholder ids (vision tower shrunk)."""
-    ids = {
-        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
-        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
-    }
-    config = Qwen3VLConfig(
-        text_config={
-            "hidden_size": HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "vocab_size": len(tok),
-            "max_position_embeddings": 2048,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 5000000.0,
-                "mrope_section": [2, 3, 3],
-                "mrope_interleaved": True,
-            },
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 16,
-            "num_heads": 2,
-            "out_hidden_size": HIDDEN,
-            "deepstack_visual_indexes": [0],
-        },
-        **ids,
-    )
-    return Qwen3VLForConditionalGeneration(config)
+    """Krea 2's tiny Qwen3-VL with ``tok``'s placeholder ids, with its language-model head."""
+    ids = [
+        tok.convert_tokens_to_ids(t)
+        for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+    ]
+    return Qwen3VLForConditionalGeneration(qwen3_vl_config(len(tok), *ids))
 
 
 def write_tiny_qwen_image21(folder: Path) -> Path:
@@ -106,17 +77,8 @@ def write_tiny_qwen_image21(folder: Path) -> Path:
         mlp_ratio=2,
         axes_dims_rope=(4, 6, 6),
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=4096,
-        max_shift=1.15,
-        shift=1.0,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
     pipe = QwenImage21Pipeline(
-        scheduler=scheduler,
+        scheduler=dynamic_shift_scheduler(max_image_seq_len=4096, max_shift=1.15),
         vae=vae,
         text_encoder=text_encoder(tok),
         processor=processor,  # pyright: ignore[reportArgumentType]  (annotated Qwen3VLProcessor)

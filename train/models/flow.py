@@ -73,6 +73,13 @@ class FlowMatchFamily(Family):
         noised = Noised((1.0 - s) * x0 + s * noise, sigmas, noise - x0)  # from data (s=0) to noise (s=1)
         return self.predict(model, noised, batch)
 
+    @property
+    def text_length(self) -> int:
+        """Prompt tokens the cache keeps (``flow.max_sequence_length``, resolved from the registry)."""
+        length = self.spec.flow.max_sequence_length
+        assert length is not None, "the spec resolves flow.max_sequence_length from the registry"
+        return length
+
     # -- what a family may override ---------------------------------------------------------------
     def training_latents(self, batch: Batch) -> torch.Tensor:
         """A latent drawn from the cached posterior, normalised as the pipeline normalises before

@@ -69,12 +69,6 @@ class HiDreamFamily(FlowMatchFamily):
             ),
         }
 
-    @property
-    def text_length(self) -> int:
-        length = self.spec.flow.max_sequence_length
-        assert length is not None, "the spec resolves flow.max_sequence_length from the registry"
-        return length
-
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:

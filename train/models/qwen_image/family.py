@@ -54,18 +54,12 @@ class QwenImageFamily(FlowMatchFamily):
         super().__init__(spec, base_dir)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @property
-    def text_length(self) -> int:
-        length = self.spec.flow.max_sequence_length
-        assert length is not None, "the spec resolves flow.max_sequence_length from the registry"
-        return length
-
     # -- caching ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
         def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
             length = self.text_length
-            embeds, mask = self.pipe.encode_prompt(prompt=batch, device=device, max_sequence_length=length)
+            embeds, mask = self.pipeline_text(batch, device)
             if mask is None:  # the pipeline drops an all-ones mask
                 mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             return [
@@ -74,6 +68,12 @@ class QwenImageFamily(FlowMatchFamily):
             ]
 
         return self.encode_keeping_negative(list(prompts), encode, NEGATIVE_PROMPT)
+
+    def pipeline_text(
+        self, prompts: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pipeline's ``encode_prompt``: (embeddings, mask or None when nothing is padded)."""
+        return self.pipe.encode_prompt(prompt=prompts, device=device, max_sequence_length=self.text_length)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipe
 
 from ..base import Batch
 from ..flow import Noised
-from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily, pad_to
+from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily
 from ..qwen_image_edit import tiny as _tiny  # noqa: F401  (the tiny pipeline's processor class)
 
 # The tiny pipeline records its processor as train.models.qwen_image_edit.tiny.TinyQwen2VLProcessor,
@@ -45,19 +45,12 @@ class QwenImage21Family(QwenImageFamily):
     pipeline_cls = QwenImage21Pipeline
 
     # -- caching ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> list[dict[str, torch.Tensor]]:
-        def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
-            length = self.text_length
-            embeds, mask, _ = self.pipe.encode_prompt(prompt=batch, device=device)
-            if mask is None:  # the pipeline drops an all-ones mask
-                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            return [
-                {"prompt_embeds": pad_to(e, length).cpu(), "prompt_embeds_mask": pad_to(m, length).cpu()}
-                for e, m in zip(embeds, mask, strict=True)
-            ]
-
-        return self.encode_keeping_negative(list(prompts), encode, NEGATIVE_PROMPT)
+    def pipeline_text(
+        self, prompts: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # 2.1's takes prompts whole (no max_sequence_length) and returns the image slots too: none here
+        embeds, mask, _ = self.pipe.encode_prompt(prompt=prompts, device=device)
+        return embeds, mask
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

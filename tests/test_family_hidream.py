@@ -84,3 +84,13 @@ def test_without_the_llama_anywhere_the_error_names_it(tiny_weights, tmp_path, m
     )
     with pytest.raises(WeightsError, match="text_encoder_4.*meta-llama/Llama-3.1-8B-Instruct"):
         family.load_encoders(torch.float32)
+
+
+def test_a_resolution_over_the_transformer_s_token_grid_is_refused_before_any_work():
+    import pytest
+
+    from train.spec import SpecError
+
+    parse_spec({"model": "hidream-i1-dev", "resolutions": "512,1024"})
+    with pytest.raises(SpecError, match="resolutions: HiDream-I1 Dev takes at most 1024 x 1024.*1280"):
+        parse_spec({"model": "hidream-i1-dev", "resolutions": "1024,1280"})

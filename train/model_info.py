@@ -77,6 +77,7 @@ class ModelInfo:
     fps: float = 0.0  # the frame rate the model was trained at (samples are drawn at it by default)
     temporal_factor: int = 1  # frames per latent frame (after the first)
     default_resolution: int = 1024  # the spec's resolutions default
+    max_resolution: int = 0  # the largest resolution (square area) the denoiser takes (0: no limit)
     # image-to-video (Wan I2V): trained with each sample's first frame as its condition, rendered
     # from an input image (the run entry requires one); not an edit model, its dataset is plain clips
     image_to_video: bool = False

@@ -729,6 +729,22 @@ def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
                 f"{info.max_text_tokens} tokens, got {msl}",
             )
         )
+    sizes = d.get("resolutions")
+    if isinstance(sizes, (int, str)):  # unvalidated: "512,1024" or 1024, as the field's parser takes them
+        sizes = [int(p) for p in str(sizes).split(",") if p.strip().isdigit()]
+    too_big = (
+        [r for r in sizes if isinstance(r, int) and r > info.max_resolution]
+        if isinstance(sizes, list)
+        else []
+    )
+    if info.max_resolution and too_big:
+        problems.append(
+            (
+                {"model", "resolutions"},
+                f"resolutions: {info.short_name} takes at most {info.max_resolution} x {info.max_resolution} "
+                f"pixels of area (its transformer's image-token limit); got {', '.join(map(str, too_big))}",
+            )
+        )
     if d.get("mode") == "full" and info.full_finetune:
         problems.append(
             ({"model", "mode"}, f"mode: full fine-tune of {model} is refused: {info.full_finetune}")

@@ -50,6 +50,9 @@ HIDREAM_I1_FULL = ModelInfo(
     "and 8-bit AdamW states, more than the largest card's 80 GB",
     comfy_naming="hidream",
     kohya_architecture="hidream-i1/lora",
+    # the transformer's max_resolution (128 x 128 latents = 4096 tokens): a larger area would not fit
+    # the token grid it pads non-square images to (the pipeline itself renders 1024 x 1024 areas)
+    max_resolution=1024,
     tiny={"variant": "full"},
     **estimated(Shape(params_b=PARAMS_B, width=WIDTH, blocks=BLOCKS, tokens=4096 + 128 * 3)),
 )
@@ -59,6 +62,7 @@ HIDREAM_I1_DEV = replace(
     HIDREAM_I1_FULL,
     id="hidream-i1-dev",
     title="HiDream-I1 Dev",
+    short_name="HiDream-I1 Dev",  # replace() would keep Full's
     base_weights="HiDream-ai/HiDream-I1-Dev",
     render_steps=28,
     render_guidance=0.0,
@@ -69,6 +73,7 @@ HIDREAM_I1_FAST = replace(
     HIDREAM_I1_DEV,
     id="hidream-i1-fast",
     title="HiDream-I1 Fast",
+    short_name="HiDream-I1 Fast",
     base_weights="HiDream-ai/HiDream-I1-Fast",
     render_steps=16,
     tiny={"variant": "fast"},

@@ -55,6 +55,7 @@ Z_IMAGE = replace(
     Z_IMAGE_TURBO,
     id="z-image",
     title="Z-Image",
+    short_name="Z-Image",  # replace() would keep Turbo's
     base_weights="Tongyi-MAI/Z-Image",
     render_steps=50,
     render_guidance=4.0,

@@ -464,14 +464,7 @@ class TrainingSpec(_Section):
     @field_validator("resolutions", mode="before")
     @classmethod
     def _parse_resolutions(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return [v]
-        if isinstance(v, str):
-            parts = [p.strip() for p in v.split(",") if p.strip()]
-            if not parts or not all(p.isdigit() for p in parts):
-                raise ValueError(f'expected comma-separated sizes such as "512,768,1024", got {v!r}')
-            return [int(p) for p in parts]
-        return v
+        return resolution_list(v)
 
     @field_validator("resolutions")
     @classmethod
@@ -712,6 +705,18 @@ def _preservation_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     return out
 
 
+def resolution_list(v: Any) -> Any:
+    """``resolutions`` as a list: an int or a comma-separated string parsed, anything else as given."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v]
+    if isinstance(v, str):
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise ValueError(f'expected comma-separated sizes such as "512,768,1024", got {v!r}')
+        return [int(p) for p in parts]
+    return v
+
+
 def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
     """What the chosen model refuses: prompt lengths over its encoder's limit, a full fine-tune
     that does not fit the largest card."""
@@ -729,9 +734,10 @@ def _model_problems(d: dict[str, Any]) -> list[tuple[set[str], str]]:
                 f"{info.max_text_tokens} tokens, got {msl}",
             )
         )
-    sizes = d.get("resolutions")
-    if isinstance(sizes, (int, str)):  # unvalidated: "512,1024" or 1024, as the field's parser takes them
-        sizes = [int(p) for p in str(sizes).split(",") if p.strip().isdigit()]
+    try:  # unvalidated: "512,1024", 1024 or a list, as the field's parser takes them
+        sizes = resolution_list(d.get("resolutions", []))
+    except ValueError:
+        sizes = None  # the field's own check names it
     too_big = (
         [r for r in sizes if isinstance(r, int) and r > info.max_resolution]
         if isinstance(sizes, list)

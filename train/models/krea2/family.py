@@ -34,7 +34,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.krea2.pipeline_krea2 import Krea2Pipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 
-from ..base import Batch
+from ..base import Batch, Family
 from ..flow import Noised
 from ..kohya import diffusion_model_lora
 from ..qwen_image.family import QwenImageFamily
@@ -135,17 +135,12 @@ class Krea2Family(QwenImageFamily):
             out["negative_prompt_embeds_mask"] = self.negative["prompt_embeds_mask"][None].to(device)
         return out
 
-    def render_guidance(
-        self, text: dict[str, torch.Tensor], guidance: float, device: torch.device
-    ) -> dict[str, Any]:
-        return {"guidance_scale": guidance}
+    # Krea's guidance is the pipeline's guidance_scale, Family's default (not Qwen-Image's true_cfg_scale)
+    render_guidance = Family.render_guidance
 
     @classmethod
     def guidance_kwargs(cls, guidance: float, negative_prompt: str) -> dict[str, Any]:
-        return {
-            "guidance_scale": guidance,
-            **({"negative_prompt": negative_prompt} if negative_prompt else {}),
-        }
+        return Family.guidance_kwargs(guidance, negative_prompt)
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         """The original checkpoint's names behind ``diffusion_model.`` (``diffusion_model.blocks.0.attn.wq``),

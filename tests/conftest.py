@@ -163,6 +163,55 @@ def run_entry_render(model: str, base: Path, weights: Path | None, cache: Path, 
         return np.asarray(img.convert("RGB")).astype(int)
 
 
+def stock_render(
+    model: str,
+    base: Path,
+    lora_dir: Path | None = None,
+    weight_name: str | None = None,
+    dtype=None,
+    control=None,
+    prompt: str = "sks, a red circle",
+):
+    """What a user gets from the model's stock diffusers pipeline (and ``load_lora_weights``): a 64 px
+    render (2 steps, seed 3, the model card's guidance) as 8-bit RGB ints; ``control``: the image an
+    edit model takes. A modular pipeline (FLUX.3) is loaded as its blocks' documentation says, the
+    prompt upsampler popped to encode the prompt as given, its CFG scale set on its guider."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline, ModularPipeline
+
+    from train.models import family_class
+
+    info = model_info(model)
+    dtype = dtype or torch.float32
+    modular = info.pipeline.endswith("ModularPipeline")
+    if modular:
+        blocks = ModularPipeline.from_pretrained(str(base)).blocks
+        blocks.sub_blocks.pop("prompt_upsampler")
+        pipe = blocks.init_pipeline(str(base))
+        pipe.load_components(dtype=dtype)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype)
+    assert type(pipe).__name__ == info.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, **({"weight_name": weight_name} if weight_name else {}))
+    kw = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
+    kw.update(family_class(model).guidance_kwargs(info.render_guidance, ""))  # as the model card renders
+    if modular:  # a modular pipeline's CFG scale is its guider's (a distilled one has none)
+        scale = kw.pop("guidance_scale")
+        if pipe.components.get("guider") is not None:
+            pipe.update_components(guider=pipe.guider.new(guidance_scale=scale))
+    if control is not None:  # the image arguments the model's pipeline takes (Kontext: max_area too)
+        kw.update(family_class(model).run_image_inputs([control], 64, 64, 16))
+    torch.manual_seed(3)  # as the run entry seeds a scheduler that draws from the global generator
+    call = dict(
+        prompt=prompt, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(3)
+    )
+    image = pipe(**call, **kw, output="images")[0] if modular else pipe(**call, **kw).images[0]
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
 def train_quietly(spec, data: Path, out: Path):
     """Run a training job with its progress lines captured; returns (result, log text)."""
     from train.loop import run_training

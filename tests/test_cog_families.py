@@ -23,9 +23,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import RENDER_INPUT, SLOW_IN_BF16_ON_A_CPU, cog_server_fixture, quick_spec, train_quietly
+from conftest import (
+    RENDER_INPUT,
+    SLOW_IN_BF16_ON_A_CPU,
+    cog_server_fixture,
+    quick_spec,
+    stock_render,
+    train_quietly,
+)
 from train.families import MODEL_IDS, model_info
-from train.models import family_class
 from train.sample_data import draw_pair
 
 PROMPT = "sks, a red circle"
@@ -50,27 +56,8 @@ def _data_uri(img: Image.Image) -> str:
 
 def _stock(model: str, base: Path, lora_dir: Path | None = None, dtype=torch.bfloat16) -> np.ndarray:
     """What a user gets from the model's stock diffusers pipeline (and ``load_lora_weights``)."""
-    from diffusers import DiffusionPipeline
-
-    info = model_info(model)
-    pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype)
-    assert type(pipe).__name__ == info.pipeline
-    pipe.set_progress_bar_config(disable=True)
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
-    kw = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
-    kw.update(family_class(model).guidance_kwargs(info.render_guidance, ""))  # as the model card renders
-    if info.controls_required:  # the image arguments the model's pipeline takes (Kontext: max_area too)
-        kw.update(family_class(model).run_image_inputs([CONTROL], 64, 64, 16))
-    img = pipe(
-        prompt=PROMPT,
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(3),
-        **kw,
-    ).images[0]
-    return np.asarray(img.convert("RGB")).astype(int)
+    control = CONTROL if model_info(model).controls_required else None
+    return stock_render(model, base, lora_dir, None, dtype, control, PROMPT)
 
 
 def _render(server, **inputs) -> np.ndarray:

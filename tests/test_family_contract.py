@@ -36,7 +36,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import SLOW_IN_BF16_ON_A_CPU, run_entry_render
+from conftest import SLOW_IN_BF16_ON_A_CPU, run_entry_render, stock_render
 from train.families import MODEL_IDS, model_info
 from train.models import family_class
 from train.progress import parse_progress_line
@@ -129,28 +129,8 @@ def _stock(
     dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """What a user gets from the model's stock diffusers pipeline (and ``load_lora_weights``)."""
-    from diffusers import DiffusionPipeline
-
-    info = model_info(model)
-    pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype)
-    assert type(pipe).__name__ == info.pipeline
-    pipe.set_progress_bar_config(disable=True)
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir, **({"weight_name": weight_name} if weight_name else {}))
-    kw: dict[str, Any] = {"max_sequence_length": info.text_tokens} if info.max_text_tokens else {}
-    kw.update(family_class(model).guidance_kwargs(info.render_guidance, ""))  # as the model card renders
-    if info.controls_required:  # the image arguments the model's pipeline takes (Kontext: max_area too)
-        kw.update(family_class(model).run_image_inputs([CONTROL], 64, 64, 16))
-    torch.manual_seed(3)  # as the run entry seeds a scheduler that draws from the global generator
-    image = pipe(
-        prompt=PROMPT,
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(3),
-        **kw,
-    ).images[0]
-    return np.asarray(image.convert("RGB")).astype(int)
+    control = CONTROL if model_info(model).controls_required else None
+    return stock_render(model, base, lora_dir, weight_name, dtype, control, PROMPT)
 
 
 def _run_entry(model: str, base: Path, weights: Path | None, cache: Path, monkeypatch) -> np.ndarray:
@@ -213,7 +193,7 @@ def test_every_model_trains_through_the_cog_train_entry_and_its_lora_loads_where
         assert np.abs(with_kohya - with_lora).max() <= 1, f"{model}: the kohya copy renders differently"
         with safe_open(str(out / "lora_kohya.safetensors"), "pt") as f:
             assert (f.metadata() or {}).get("modelspec.architecture") == info.kohya_architecture
-            # kohya's flattened names, or the original checkpoint's behind diffusion_model. (Krea 2)
+            # kohya's flattened names, or the original checkpoint's behind diffusion_model. (Krea 2, FLUX.3)
             prefix = "lora_unet_" if info.comfy_naming == "kohya" else "diffusion_model."
             assert all(k.startswith(prefix) for k in f.keys())
 
@@ -321,5 +301,8 @@ def test_the_training_step_feeds_the_denoiser_what_the_pipeline_feeds_it(model, 
     _assert_same(ours_args, theirs_args, f"{model}: positional arguments")
     given = set(_given(theirs))
     assert set(_given(ours)) == given, model
+    if "target_timestep" in given:  # a flow map (FLUX.3 [klein] distilled) trains on its diagonal
+        _assert_same(ours["target_timestep"], ours["timestep"], f"{model}: the flow map's target time")
+        given.discard("target_timestep")  # the pipeline's first step jumps to its second step's time
     for key in sorted(given):
         _assert_same(ours[key], theirs[key], f"{model}: {key}")

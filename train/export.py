@@ -392,6 +392,8 @@ def _card_summary(spec: TrainingSpec, final_loss: float | None, n_images: int) -
 def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]:
     pipeline = _pipeline_name(spec)
     example_prompt = samples[0][0] if samples else (spec.trigger_word or "a photo")
+    if pipeline.endswith("ModularPipeline"):
+        return _modular_usage(spec, example_prompt)
     if spec.mode == "full":
         load = [
             f'pipe = {pipeline}.from_pretrained("path/to/this/folder/model", torch_dtype=torch.bfloat16)'
@@ -435,6 +437,36 @@ def _card_usage(spec: TrainingSpec, samples: list[tuple[str, str]]) -> list[str]
 
 
 LYCORIS_NAMES = {"lokr": "LoKr", "loha": "LoHa"}  # as their authors write them
+
+
+def _modular_usage(spec: TrainingSpec, prompt: str) -> list[str]:
+    """A modular pipeline's snippet (FLUX.3): its blocks from the folder, the prompt upsampler taken
+    out (the LoRA learnt the captions as written), the components loaded, the images as output."""
+    folder = "path/to/this/folder/model" if spec.mode == "full" else _base_weights(spec)
+    adapter = [] if spec.mode == "full" else [_card_load_adapter(spec)]
+    return [
+        "",
+        "## Use with diffusers",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import ModularPipeline",
+        "",
+        f'blocks = ModularPipeline.from_pretrained("{folder}").blocks',
+        'blocks.sub_blocks.pop("prompt_upsampler")  # encode the prompt as written, as it was trained',
+        f'pipe = blocks.init_pipeline("{folder}")',
+        "pipe.load_components(dtype=torch.bfloat16)",
+        'pipe.to("cuda")',
+        *adapter,
+        f'image = pipe(prompt={json.dumps(prompt)}, output="images")[0]',
+        "```",
+        "",
+        *(
+            [f"`{KOHYA_FILE}` holds the same LoRA in the original checkpoint's names for ComfyUI.", ""]
+            if spec.mode != "full" and spec.export.writes_kohya(spec.model)
+            else []
+        ),
+    ]
 
 
 def _card_load_adapter(spec: TrainingSpec) -> str:

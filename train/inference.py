@@ -32,7 +32,7 @@ from .families import model_info
 from .published import NeedsHubToken, PublishedModelError, fetch_published
 from .spec import DEFAULT_BASE_WEIGHTS, MODEL_FAMILIES, family_of
 from .trained import LOW_NOISE_FILE, Trained, TrainedWeightsError, fetch_trained, shown
-from .weights import WeightsError, prepare_weights_from_env
+from .weights import WeightsError, pipeline_index, prepare_weights_from_env
 
 # torch, diffusers and the model families are imported where first used: importing this module
 # stays torch-free (its tables are checked against predict.py's literal choices without torch).
@@ -309,7 +309,7 @@ def _env_model() -> tuple[str, str]:
 def locate_base(ref: str | Path) -> Path:
     """A base pipeline folder: a path, or a name / Hub id found (or fetched) the way setup() finds bases."""
     p = Path(ref).expanduser()
-    if p.is_dir() and (p / "model_index.json").is_file():
+    if p.is_dir() and pipeline_index(p) is not None:
         return p
     try:
         return prepare_weights_from_env(required=[str(ref)]).path(str(ref))

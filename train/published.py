@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .http import safe_url
+from .weights import pipeline_index
 
 POINTER_FILE = "published_model.json"
 FORMAT = "advanced-trainer/published-model/1"
@@ -47,7 +48,7 @@ def write_pointer(out_dir: Path, publish_spec: Any, published: dict[str, Any]) -
     """``published_model.json`` for ``out_dir/model`` after ``train.publish.publish`` put it on the
     targets in ``published`` (its result); None when there is no model folder or no target took it."""
     folder = out_dir / MODEL_DIR
-    if not (folder / "model_index.json").is_file() or not (published.get("hub") or published.get("s3")):
+    if pipeline_index(folder) is None or not (published.get("hub") or published.get("s3")):
         return None
     files = [
         {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size}

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 from .http import safe_url
 from .published import POINTER_FILE, PublishedModelError, describe, read_pointer
 from .spec import MODEL_FAMILIES, family_of
-from .weights import WeightsError, download_url
+from .weights import WeightsError, download_url, pipeline_index
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train/export.py writes (diffusers/peft naming)
 # Wan 2.2 A14B's low-noise expert's LoRA, beside LORA_FILE (train/models/wan/family.py writes it; the
@@ -243,13 +243,13 @@ def _read_our_output(config: dict, root: Path, source: str, field: str) -> Train
     lora_file, model_dir, published = None, None, None
     if spec.get("mode") == "full":
         model_dir = root / "model"
-        if (root / POINTER_FILE).is_file() and not (model_dir / "model_index.json").is_file():
+        if (root / POINTER_FILE).is_file() and pipeline_index(model_dir) is None:
             model_dir = None  # published elsewhere: fetched when first needed (train/published.py)
             try:
                 published = read_pointer(root / POINTER_FILE)
             except PublishedModelError as exc:
                 raise TrainedWeightsError(f"{field}: {shown(source)}: {exc}") from None
-        elif not (model_dir / "model_index.json").is_file():
+        elif pipeline_index(model_dir) is None:
             raise TrainedWeightsError(
                 f"{field}: {shown(source)} is a full fine-tune without model/model_index.json"
             )

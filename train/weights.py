@@ -69,8 +69,18 @@ class WeightsError(FileNotFoundError):
     """The base weights cannot be found or used; the message says what to provide."""
 
 
+# A diffusers pipeline folder's index: a DiffusionPipeline's, or a modular pipeline's (FLUX.3, which
+# diffusers ships as modular pipelines only: ``ModularPipeline.save_pretrained`` writes the second).
+PIPELINE_INDEXES = ("model_index.json", "modular_model_index.json")
+
+
+def pipeline_index(folder: Path) -> Path | None:
+    """The folder's pipeline index file, or None where it is not a diffusers pipeline folder."""
+    return next((folder / n for n in PIPELINE_INDEXES if (folder / n).is_file()), None)
+
+
 def _is_pipeline(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file()
+    return pipeline_index(Path(folder)) is not None
 
 
 def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
@@ -83,7 +93,7 @@ def resolve_base_weights(ref: str, weights_dir: Path | None = None) -> Path:
     for folder in candidates:
         if folder.is_dir():
             raise WeightsError(
-                f"base_weights: {folder} has no model_index.json; it must be a diffusers pipeline folder"
+                f"base_weights: {folder} has no model_index.json (nor modular_model_index.json); it must be a diffusers pipeline folder"
             )
     archive = per_base_source(os.environ.get(BASE_WEIGHTS_ENV), ref)
     if archive is not None:  # one archive per base: this one's, fetched now (the train entry's jobs)

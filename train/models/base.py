@@ -124,10 +124,11 @@ class Family(ABC):
         flux-dev) fails here naming both, not deep inside loading with a missing config.json."""
         if (self.base_dir / self.denoiser_name / "config.json").is_file():
             return
-        from ..weights import WeightsError
+        from ..weights import WeightsError, pipeline_index
 
         try:
-            declared = json.loads((self.base_dir / "model_index.json").read_text()).get("_class_name")
+            index = pipeline_index(self.base_dir)
+            declared = json.loads(index.read_text()).get("_class_name") if index else None
         except (OSError, ValueError, AttributeError):
             declared = None
         raise WeightsError(

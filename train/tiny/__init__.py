@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..families import MODEL_IDS, model_info
+from ..weights import pipeline_index
 
 TINY_NAMES = tuple(model_info(m).tiny_name for m in MODEL_IDS)
 
@@ -40,7 +41,7 @@ def write_all(out: Path, force: bool = False, models: Iterable[str] | None = Non
     written = []
     for model in models or MODEL_IDS:
         folder = out / model_info(model).tiny_name
-        if force or not (folder / "model_index.json").is_file():
+        if force or pipeline_index(folder) is None:
             write_tiny(model, folder)
         written.append(folder)
     return written

@@ -86,6 +86,8 @@ class Trainer(BaseRunner):
                 "flux2-klein-9b",
                 "flux2-klein-base-4b",
                 "flux2-klein-base-9b",
+                "flux3-klein",
+                "flux3-klein-distilled",
                 "sd3.5-large",
                 "sd3.5-medium",
                 "chroma",

@@ -94,6 +94,7 @@ class Trainer(BaseRunner):
                 "qwen-image",
                 "qwen-image-2512",
                 "qwen-image-2.1",
+                "qwen-image-2.1-edit",
                 "qwen-image-edit",
                 "qwen-image-edit-plus",
                 "qwen-image-edit-2511",

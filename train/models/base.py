@@ -292,12 +292,7 @@ class Family(ABC):
         """A PIL image from cached prompt embeddings with the current denoiser (a video model: a list
         of frames); ``controls``: the control images (PIL) of an edit render, passed as
         ``control_inputs`` says."""
-        # The prompts come as cached embeddings, so the pipeline is built without text encoders
-        # (they left the device, and the process, after caching).
-        names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
-        absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer", "processor"))}
-        pipe = self.pipeline_cls(**{**absent, **self.render_components()})
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self.render_pipeline()
         with seeded_global_rng(seed):
             out = pipe(
                 **self.render_inputs(text, device),
@@ -308,6 +303,15 @@ class Family(ABC):
                 generator=torch.Generator(device="cpu").manual_seed(seed),
             )
         return self.render_output(out)
+
+    def render_pipeline(self) -> Any:
+        """The pipeline a validation render runs. The prompts come as cached embeddings, so it is
+        built without text encoders (they left the device, and the process, after caching)."""
+        names = self.pipeline_cls._get_signature_keys(self.pipeline_cls)[0]
+        absent = {n: None for n in names if n.startswith(("text_encoder", "tokenizer", "processor"))}
+        pipe = self.pipeline_cls(**{**absent, **self.render_components()})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def rendered_size(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) the pipeline renders when asked for ``width`` x ``height`` (default:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...model_info import ModelInfo, Shape
 from ..flux import estimated
 
@@ -20,8 +22,7 @@ PARAMS_B, WIDTH, BLOCKS = 7.12, 4096, 32  # 7.115 B counted on the meta device
 # in whole (the pipeline has no length limit); training caches them up to
 # flow.max_sequence_length. diffusers' documentation gives Qwen's defaults: 40 steps, no guidance
 # (CFG with a negative prompt and true_cfg_scale > 1 is optional). Qwen Research License: research
-# and evaluation only. Text-to-image here; its image-conditioned editing (the same pipeline's
-# `image`) is not trained yet.
+# and evaluation only.
 QWEN_IMAGE_21 = ModelInfo(
     id="qwen-image-2.1",
     family="qwen_image21",
@@ -44,4 +45,20 @@ QWEN_IMAGE_21 = ModelInfo(
     **estimated(Shape(params_b=PARAMS_B, width=WIDTH, blocks=BLOCKS, tokens=4096 + 512)),
 )
 
-MODELS = (QWEN_IMAGE_21,)
+# The same weights and pipeline, image-conditioned (``QwenImage21Pipeline(image=...)``): an edit
+# model trained on before/after pairs. Qwen3-VL reads each condition image with the instruction (at
+# the output's area: ~1024 tokens at 1024 px, 16 px patches merged 2x2), and its latents go before
+# the target's in the sequence. The pipeline takes any number of condition images; 3 here, as
+# Qwen-Image-Edit-2509.
+QWEN_IMAGE_21_EDIT = replace(
+    QWEN_IMAGE_21,
+    id="qwen-image-2.1-edit",
+    title="Qwen-Image 2.1 (edit)",
+    short_name="Qwen-Image 2.1",
+    max_controls=3,
+    controls_required=True,
+    fixed_text_tokens=1024 + 8,
+    **estimated(Shape(params_b=PARAMS_B, width=WIDTH, blocks=BLOCKS, tokens=2 * 4096 + 1024 + 512)),
+)
+
+MODELS = (QWEN_IMAGE_21, QWEN_IMAGE_21_EDIT)

@@ -19,4 +19,4 @@ TRANSFORMER: dict[str, Any] = dict(
     axes_dims_rope=(16, 56, 56),
     causal_condition=True,
 )
-DENOISERS: dict[str, dict[str, Any]] = {"qwen-image-2.1": TRANSFORMER}
+DENOISERS: dict[str, dict[str, Any]] = {"qwen-image-2.1": TRANSFORMER, "qwen-image-2.1-edit": TRANSFORMER}

@@ -23,15 +23,18 @@ Guidance: Qwen's default is none; ``true_cfg_scale`` > 1 with a negative prompt 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipeline
+from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipeline, calculate_dimensions
 
+from ...spec import TrainingSpec
 from ..base import Batch
 from ..flow import Noised
-from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily
+from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily, pad_to
 from ..qwen_image_edit import tiny as _tiny  # noqa: F401  (the tiny pipeline's processor class)
+from ..qwen_image_edit.family import QwenImageEditFamily
 
 # The tiny pipeline records its processor as train.models.qwen_image_edit.tiny.TinyQwen2VLProcessor,
 # which diffusers loads only from an imported module, hence the import above.
@@ -64,14 +67,25 @@ class QwenImage21Family(QwenImageFamily):
     def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = x.latents.shape
         embeds, mask = self.trimmed(batch.text)
-        slots = torch.ones(b, embeds.shape[1] + h * w // 4, dtype=torch.bool, device=embeds.device)
-        slots[:, : embeds.shape[1]] = False  # no image among the text: text-to-image
+        # the text's image slots: the condition images' placeholder tokens (an edit), else none
+        pads = batch.text.get("image_pad_mask")
+        text_slots = (
+            pads[:, : embeds.shape[1]].bool()
+            if pads is not None
+            else torch.zeros(b, embeds.shape[1], dtype=torch.bool, device=embeds.device)
+        )
+        slots = torch.cat([text_slots, text_slots.new_ones(b, h * w // 4)], dim=1)  # + the target's
+        # an edit's condition latents, normalised, go before the target's, each with its own grid
+        mean, std = self.latent_stats(x.latents.device)
+        controls = [(k - mean) / std for k in batch.controls]
+        hidden = torch.cat([*(pack(k, b, c, *k.shape[2:]) for k in controls), pack(x.latents, b, c, h, w)], 1)
+        shapes = [*((1, *k.shape[2:]) for k in controls), (1, h, w)]
         pred = model(
-            hidden_states=pack(x.latents, b, c, h, w).to(embeds.dtype),
+            hidden_states=hidden.to(embeds.dtype),
             timestep=x.sigmas.to(embeds.dtype),
             encoder_hidden_states=embeds,
             encoder_hidden_states_mask=mask,
-            img_shapes=[[(1, h, w)]] * b,
+            img_shapes=[shapes] * b,
             img_mask=slots,
             return_dict=False,
         )[0]
@@ -98,4 +112,100 @@ class QwenImage21Family(QwenImageFamily):
         return {"true_cfg_scale": guidance, "negative_prompt": negative_prompt or NEGATIVE_PROMPT}
 
 
+class QwenImage21EditFamily(QwenImageEditFamily, QwenImage21Family):
+    """Qwen-Image 2.1 image-conditioned (``qwen-image-2.1-edit``): Qwen-Image-Edit's per-item text
+    cache (the VL reads each prompt with its condition images) on 2.1's sequence, where the
+    condition latents go *before* the target's and ``img_mask`` marks the images' placeholder
+    tokens among the text (``QwenImage21Pipeline.__call__`` with ``image``):
+
+    - the VL reads each condition image as the pipeline gives it: RGBA (opaque, composited over
+      white for the VL), at the training bucket in training, and for a render resized to the
+      output's area (``output_resolution``, which the run entry and validation set to the render's
+      side) as ``__call__`` resizes it;
+    - the VAE encodes the same image, opaque RGBA, one frame, the posterior's mode, normalised with
+      the VAE's ``latents_mean`` / ``latents_std``;
+    - the loss is on the target's tokens (the last ``h w``); the shift counts the target's.
+
+    diffusers 0.42.1's ``__call__`` takes cached embeddings but not their ``image_pad_mask`` (its
+    ``encode_prompt`` does, and refuses cached embeddings with condition images without it), so a
+    validation render hands the mask to the pipeline's ``encode_prompt``."""
+
+    pipeline_cls = QwenImage21Pipeline
+
+    def __init__(self, spec: TrainingSpec, base_dir: Path):
+        super().__init__(spec, base_dir)
+        self._pad_masks: dict[int, torch.Tensor] = {}  # id(embeddings) -> their image_pad_mask
+
+    def vl_images(self, images: list[Any], for_render: bool) -> list[Any]:
+        """RGBA, and for a render at the output's area (``calculate_dimensions`` of the validation
+        side squared), as ``__call__`` prepares them."""
+        rgba = [img.convert("RGBA") for img in images]
+        if not for_render:
+            return rgba
+        side = self.spec.validation.resolution
+        assert side, "the spec resolves validation.resolution"
+        resized = []
+        for img in rgba:
+            w, h, _ = calculate_dimensions(side * side, img.size[0] / img.size[1])
+            resized.append(self.pipe.image_processor.resize(img, width=w, height=h))
+        return resized
+
+    def _encode_one(self, prompt: str, images: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+        embeds, mask, pads = self.pipe.encode_prompt(prompt=[prompt], image=images, device=device)
+        if mask is None:  # the pipeline drops an all-ones mask
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        length = self.text_length + 16 + sum(self._image_tokens(img) for img in images)
+        return {
+            "prompt_embeds": pad_to(embeds[0], length).cpu(),
+            "prompt_embeds_mask": pad_to(mask[0], length).cpu(),
+            "image_pad_mask": pad_to(pads[0].long(), length).cpu(),
+        }
+
+    @torch.no_grad()
+    def encode_controls(self, pixels: torch.Tensor) -> torch.Tensor:
+        opaque = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)  # RGBA, alpha 1 in [-1, 1]
+        return super().encode_controls(opaque)
+
+    # -- validation ------------------------------------------------------------------------------
+    def control_inputs(self, controls: list[Any], size: int) -> dict[str, Any]:
+        # the output's aspect is the last image's; the images at the side the cache read them at
+        return {**super().control_inputs(controls, size), "image": list(controls), "output_resolution": size}
+
+    @classmethod
+    def run_image_inputs(cls, images: list[Any], width: int, height: int, multiple: int) -> dict[str, Any]:
+        """Every condition image, resized by the pipeline to the output's area (``output_resolution``,
+        1024 by default whatever the output size)."""
+        return {"image": list(images), "output_resolution": round((width * height) ** 0.5)}
+
+    def render_inputs(self, text: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        out = super().render_inputs(text, device)
+        if "image_pad_mask" in text:
+            length = out["prompt_embeds"].shape[1]
+            self._pad_masks[id(out["prompt_embeds"])] = (
+                text["image_pad_mask"][None, :length].bool().to(device)
+            )
+        return out
+
+    def negative_text(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        negative = super().negative_text(text)
+        if negative is not None and "negative_image_pad_mask" in text:
+            negative["image_pad_mask"] = text["negative_image_pad_mask"]
+        return negative
+
+    def render_pipeline(self) -> Any:
+        pipe = super().render_pipeline()
+        encode, pads = pipe.encode_prompt, self._pad_masks
+
+        def encode_prompt(
+            *args: Any, prompt_embeds: Any = None, image_pad_mask: Any = None, **kwargs: Any
+        ) -> Any:
+            if prompt_embeds is not None and image_pad_mask is None:
+                image_pad_mask = pads.get(id(prompt_embeds))
+            return encode(*args, prompt_embeds=prompt_embeds, image_pad_mask=image_pad_mask, **kwargs)
+
+        pipe.encode_prompt = encode_prompt
+        return pipe
+
+
 FAMILY = QwenImage21Family
+FAMILIES = {"qwen-image-2.1-edit": QwenImage21EditFamily}  # train/models/__init__.py family_class

@@ -52,7 +52,8 @@ def write_tiny_qwen_image21(folder: Path) -> Path:
     folder = Path(folder)
     tok = write_edit_tokenizer(folder / "tokenizer")
     processor = TinyQwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        # 16-pixel patches, as Qwen3-VL's vision tower takes them (Qwen2-VL's are 14)
+        image_processor=Qwen2VLImageProcessorPil(patch_size=16, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
         tokenizer=tok,
         chat_template=CHAT_TEMPLATE,
     )

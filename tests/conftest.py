@@ -212,6 +212,35 @@ def stock_render(
     return np.asarray(image.convert("RGB")).astype(int)
 
 
+def assert_rows_predict_as_alone(family, texts: list[dict], controls: list | None = None) -> None:
+    """A batch of items whose prompts have different lengths (zero-padded to the longest, as the
+    cache's collate stacks them) predicts each item as a batch of that item alone does: same
+    target latents, noise and noise level (each row's share of one global draw)."""
+    import torch
+
+    from train.cache import _stack_rows
+    from train.models.base import Batch, BatchRandom
+
+    n = len(texts)
+    mean = torch.randn(n, *family.encode_images(torch.zeros(1, 3, 64, 64))[0].shape[1:])
+
+    def batch(rows: slice, text: dict) -> Batch:
+        rng = BatchRandom(torch.Generator().manual_seed(5), n, rows.start, rows.stop, torch.device("cpu"))
+        kept = [c[rows] for c in controls or []]
+        return Batch(
+            mean[rows], torch.zeros_like(mean[rows]), text, torch.zeros(rows.stop - rows.start, 6), rng, kept
+        )
+
+    together, _ = family.prediction(
+        family.denoiser, batch(slice(0, n), {k: _stack_rows([t[k] for t in texts]) for k in texts[0]})
+    )
+    for i, text in enumerate(texts):
+        alone, _ = family.prediction(
+            family.denoiser, batch(slice(i, i + 1), {k: v[None] for k, v in text.items()})
+        )
+        torch.testing.assert_close(together[i : i + 1], alone, msg=f"row {i}")
+
+
 def train_quietly(spec, data: Path, out: Path):
     """Run a training job with its progress lines captured; returns (result, log text)."""
     from train.loop import run_training

@@ -3,17 +3,18 @@ card's snippet for a modular pipeline, and a full fine-tune's folder in diffuser
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
 
-from conftest import quick_spec, run_entry_render, stock_render, train_quietly
-from train.cache import _stack_rows
+from conftest import assert_rows_predict_as_alone, quick_spec, run_entry_render, stock_render, train_quietly
 from train.models import family_class
-from train.models.flux3.family import OUT_LAYERS, _repeat_last_rows
+from train.publish import _point_modular_index_at
 from train.spec import parse_spec
 
 SHORT = "sks, a red circle"
@@ -23,28 +24,18 @@ LONG = (  # past 80 tokens with the chat template: two blocks of 80
 )
 
 
-def test_a_shorter_prompt_in_a_batch_gets_the_rows_a_longer_padding_gives(tiny_weights):
-    """The transformer sees no mask, so a batch's shorter prompt must be padded as the text encoder
-    pads: the family repeats its pad token's state, which equals encoding it at the longer length."""
+def test_prompts_of_different_lengths_in_one_batch_train_as_each_alone(tiny_weights):
+    """The transformer sees no text mask and the pipeline encodes one prompt at a time, padded to
+    its own multiple of 80 tokens: a batch's shorter prompt must not be conditioned on padding the
+    pipeline never gives it. Each row of a mixed batch predicts as that row alone."""
     base = tiny_weights / "tiny-flux3-klein"
     family = family_class("flux3-klein")(
         parse_spec({"model": "flux3-klein", "base_weights": str(base)}), base
     )
-    family.load_encoders(torch.float32)
-    short, long = (t["prompt_embeds"] for t in family.encode_prompts([SHORT, LONG], torch.device("cpu")))
-    assert short.shape[0] == 80 and long.shape[0] == 160, (short.shape, long.shape)  # multiples of 80
-
-    batch = _repeat_last_rows(_stack_rows([short, long]))  # as the cache's collate stacks them
-    longer = Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds(
-        family.pipe.text_encoder,
-        family.pipe.tokenizer,
-        SHORT,
-        torch.device("cpu"),
-        pad_multiple=160,
-        hidden_states_layers=OUT_LAYERS,
-    )[0]
-    torch.testing.assert_close(batch[0], longer)
-    torch.testing.assert_close(batch[1], long)
+    family.load(torch.float32)
+    texts = family.encode_prompts([SHORT, LONG], torch.device("cpu"))
+    assert [t["prompt_embeds"].shape[0] for t in texts] == [80, 160]  # multiples of 80
+    assert_rows_predict_as_alone(family, texts)
 
 
 def _card_snippet(out: Path, base: Path) -> str:
@@ -89,3 +80,25 @@ def test_a_full_fine_tune_is_a_modular_pipeline_folder_that_renders(
     assert np.abs(tuned - stock_render("flux3-klein", base)).max() > 2, "the fine-tune renders like the base"
     via_run_entry = run_entry_render("flux3-klein", base, tmp_path / "out", tmp_path / "run", monkeypatch)
     assert np.abs(via_run_entry - tuned).max() <= 2
+
+    # published to the Hub, the index names the repo for every component uploaded (loaded by its id,
+    # diffusers would otherwise fetch the base's transformer); a local copy still loads locally
+    _point_modular_index_at(folder, "me/my-flux3")
+    index = json.loads((folder / "modular_model_index.json").read_text())
+    sources = {k: v[2]["pretrained_model_name_or_path"] for k, v in index.items() if isinstance(v, list)}
+    assert sources == dict.fromkeys(["text_encoder", "tokenizer", "transformer", "vae"], "me/my-flux3")
+    assert np.abs(stock_render("flux3-klein", folder) - tuned).max() == 0
+
+
+def test_a_component_that_fails_to_load_is_named(tiny_weights, tmp_path):
+    """diffusers' modular loader logs a component that fails to load and leaves it None; loading
+    fails at once, naming it, not later at the first use of a missing transformer."""
+    from train.models.flux3.family import Flux3Pipeline
+    from train.weights import WeightsError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_weights / "tiny-flux3-klein", broken)
+    for f in (broken / "transformer").glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match="transformer did not load"):
+        Flux3Pipeline.from_pretrained(broken, torch.float32)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from conftest import quick_spec
+from conftest import assert_rows_predict_as_alone, quick_spec
 from train.cache import _to_tensor
 from train.models import family_for
 from train.models.base import Batch, BatchRandom
@@ -63,3 +63,18 @@ def test_an_edit_step_feeds_the_transformer_what_the_pipeline_feeds_it(tiny_weig
     torch.testing.assert_close(ours["encoder_hidden_states"], theirs["encoder_hidden_states"])
     assert ours["encoder_hidden_states_mask"] is None and theirs["encoder_hidden_states_mask"] is None
     torch.testing.assert_close(ours["timestep"], theirs["timestep"])
+
+
+def test_prompts_of_different_lengths_in_one_edit_batch_train_as_each_alone(tiny_weights):
+    """The transformer lays out every row's images after the first row's text slots: a batch of
+    instructions of different lengths (with their conditions) trains each row as it alone, as a
+    render of one instruction runs."""
+    family = family_for(quick_spec(tiny_weights, MODEL), tiny_weights / "tiny-qwen-image-2.1-edit")
+    family.load(torch.float32)
+    grey = draw_pair(99)[0]
+    prompts = [PAIR_INSTRUCTION, PAIR_INSTRUCTION + ", and keep the background exactly as it is"]
+    texts = family.encode_prompts_with_controls(prompts, [[grey], [grey]], CPU, for_render=False)
+    lengths = [int(t["prompt_embeds_mask"].sum()) for t in texts]
+    assert lengths[0] < lengths[1], lengths
+    control = family.encode_controls(_to_tensor(grey)[None])
+    assert_rows_predict_as_alone(family, texts, [control.expand(2, -1, -1, -1)])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,27 @@ def scheduler_shift(config: Any, image_seq_len: int) -> float:
         )
         return math.exp(mu)  # exp(mu) / (exp(mu) + 1/u - 1) is the fixed shift exp(mu)
     return float(config.get("shift", 1.0))
+
+
+def per_text_length(
+    lengths: torch.Tensor, forward: Callable[[torch.Tensor | slice, int], torch.Tensor]
+) -> torch.Tensor:
+    """``forward(rows, length)`` once per group of batch rows whose prompts have one length, the
+    outputs put back in batch order (one call on every row, ``rows`` a plain slice, when they all
+    share it). For a denoiser that takes
+    no text mask, or reads its layout from the first row (FLUX.3, Qwen-Image 2.1), a prompt
+    padded to a longer one's length would be conditioned otherwise than the pipeline conditions
+    it, which encodes one prompt at a time."""
+    values = lengths.tolist()  # one host sync
+    if len(set(values)) == 1:
+        return forward(slice(None), int(values[0]))
+    order, parts = [], []
+    for length in sorted(set(values)):
+        rows = [i for i, v in enumerate(values) if v == length]
+        order += rows
+        parts.append(forward(torch.tensor(rows, device=lengths.device), int(length)))
+    out = torch.cat(parts)
+    return out[torch.tensor(order, device=out.device).argsort()]
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ FLUX3_KLEIN = ModelInfo(
     render_guidance=3.5,
     target_presets=FLUX3_PRESETS,
     default_targets="attention+mlp",
-    text_tokens=512,
+    text_tokens=640,  # a whole number of the pipeline's 80-token blocks
     max_text_tokens=8192,
     negative_prompt=True,
     denoiser_params_b=PARAMS_B,
@@ -52,7 +52,7 @@ FLUX3_KLEIN = ModelInfo(
     comfy_naming="flux3",
     kohya_architecture="flux-3-klein/lora",
     tiny={"distilled": False},
-    **estimated(Shape(params_b=PARAMS_B, width=WIDTH, blocks=BLOCKS, tokens=4096 + 512)),
+    **estimated(Shape(params_b=PARAMS_B, width=WIDTH, blocks=BLOCKS, tokens=4096 + 640)),
 )
 # The step-distilled variant: the same transformer plus a flow-map embedding of the time each step
 # jumps to (``flow_map``); 16 steps, no classifier-free guidance (Flux3DistilledModularPipeline).

@@ -21,9 +21,10 @@ What ``Flux3ModularPipeline`` / ``Flux3DistilledModularPipeline`` feed the trans
 - guidance: the base model's CFG is diffusers' ``ClassifierFreeGuidance`` guider against the
   negative prompt (3.5 by default, on above 1); the distilled one has none.
 
-A batch whose prompts pad to different lengths is padded to the longest by repeating each shorter
-prompt's last row (its pad token's state: what the text encoder gives a longer padding), where the
-cache's collate put zeros.
+The transformer takes no text mask, so a prompt conditions through its whole padded block and
+nothing else: in a batch whose prompts pad to different lengths (the collate zero-pads them to the
+longest), each length runs its own forward (``per_text_length``), as the pipeline encodes and
+denoises one prompt at a time.
 
 The run entry and the trainer call the pipeline through ``Flux3Pipeline`` below: diffusers'
 modular pipeline behind the few ``DiffusionPipeline`` calls they make. Prompts are encoded as given:
@@ -46,7 +47,7 @@ from diffusers.modular_pipelines.flux3.modular_pipeline import Flux3ModularPipel
 from diffusers.modular_pipelines.modular_pipeline import ModularPipeline
 
 from ..base import Batch, Family
-from ..flow import FlowMatchFamily, Noised
+from ..flow import FlowMatchFamily, Noised, per_text_length
 from ..flux2.family import Flux2Family
 from ..kohya import diffusion_model_lora
 from ..qwen_image_edit import tiny as _tiny  # noqa: F401  (the tiny pipelines' processor class)
@@ -100,6 +101,15 @@ class Flux3Pipeline:
         load = [n for n in modular.pretrained_component_names if n not in given]
         if load:
             modular.load_components(names=load, dtype=dtype)
+        # load_components logs a component that failed to load and leaves it None: fail here, naming it
+        missing = [n for n in load if modular.components.get(n) is None]
+        if missing:
+            from ...weights import WeightsError
+
+            raise WeightsError(
+                f"base_weights: {folder}: {', '.join(missing)} did not load (diffusers logged why above); "
+                "the folder must be a complete FLUX.3 pipeline in diffusers' modular layout"
+            )
         present = {k: v for k, v in given.items() if v is not None}
         if present:
             modular.update_components(**present)
@@ -205,18 +215,24 @@ class Flux3Family(Flux2Family):
 
     def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         _, _, h, w = x.latents.shape
-        embeds = _repeat_last_rows(batch.text["prompt_embeds"])
+        embeds = batch.text["prompt_embeds"]
+        tokens = x.latents.flatten(2).transpose(1, 2).to(embeds.dtype)  # (B, h*w, C)
         timestep = x.sigmas.to(embeds.dtype)
-        pred = model(
-            hidden_states=x.latents.flatten(2).transpose(1, 2).to(embeds.dtype),  # (B, h*w, C)
-            encoder_hidden_states=embeds,
-            timestep=timestep,
-            img_ids=self._position_ids("image", (h, w), x.latents.device),
-            txt_ids=self._position_ids("text", (embeds.shape[1],), x.latents.device),
-            target_timestep=timestep if self.flow_map else None,  # the flow map's diagonal (docstring)
-            return_dict=False,
-        )[0]
-        return pred, x.target.flatten(2).transpose(1, 2)
+
+        def forward(rows: torch.Tensor | slice, length: int) -> torch.Tensor:
+            return model(
+                hidden_states=tokens[rows],
+                encoder_hidden_states=embeds[rows, :length],
+                timestep=timestep[rows],
+                img_ids=self._position_ids("image", (h, w), x.latents.device),
+                txt_ids=self._position_ids("text", (length,), x.latents.device),
+                target_timestep=timestep[rows] if self.flow_map else None,  # the diagonal (docstring)
+                return_dict=False,
+            )[0]
+
+        # a prompt's own padded block: the collate zero-pads a shorter one to the batch's longest
+        lengths = (embeds != 0).any(dim=-1).sum(dim=1)
+        return per_text_length(lengths, forward), x.target.flatten(2).transpose(1, 2)
 
     # -- validation and export -----------------------------------------------------------------
     def render_components(self) -> dict[str, Any]:
@@ -234,18 +250,6 @@ class Flux3Family(Flux2Family):
 
     def kohya_state_dict(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         return diffusion_model_lora(state_dict, alpha, original_name)
-
-
-def _repeat_last_rows(embeds: torch.Tensor) -> torch.Tensor:
-    """Rows the collate zero-padded (a shorter prompt in the batch) as copies of that prompt's last
-    row: its pad token's state, which a longer padding would repeat. A prompt's own rows are never
-    all zero."""
-    padded = (embeds == 0).all(dim=-1)  # (B, L)
-    if not bool(padded.any()):
-        return embeds
-    own = (~padded).sum(dim=1)  # (B,) rows of each prompt's own block
-    last = embeds[torch.arange(embeds.shape[0]), (own - 1).clamp_min(0)]  # (B, D)
-    return torch.where(padded[..., None], last[:, None, :], embeds)
 
 
 # BFL's module names, which diffusers' reader (_convert_non_diffusers_flux3_lora_to_diffusers) maps

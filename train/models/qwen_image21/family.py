@@ -5,7 +5,10 @@ As ``QwenImage21Pipeline.__call__`` does it:
 
 - text: the pipeline's ``encode_prompt`` (its raw chat template, the last decoder layer's state
   before the final norm, the system tokens dropped, each prompt unpadded and the batch padded to
-  its longest with a mask, none when nothing is padded) — cached, padded and trimmed as Qwen-Image's;
+  its longest with a mask, none when nothing is padded) — cached as Qwen-Image's. The transformer
+  places every row's images after the *first* row's text slots, so a batch of prompts of different
+  lengths is not what a render of one prompt sees: training runs each length apart, unpadded
+  (``per_text_length``), as a render of one prompt runs;
 - latents: the VAE posterior of one RGBA frame — the training images are opaque, alpha 1, as the
   pipeline makes an RGB image RGBA — normalised per channel with ``latents_mean`` /
   ``latents_std``, flattened to ``(h w, C)`` tokens (no patches); ``img_shapes`` = (1, h, w);
@@ -31,7 +34,7 @@ from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipe
 
 from ...spec import TrainingSpec
 from ..base import Batch
-from ..flow import Noised
+from ..flow import Noised, per_text_length
 from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily, pad_to
 from ..qwen_image_edit import tiny as _tiny  # noqa: F401  (the tiny pipeline's processor class)
 from ..qwen_image_edit.family import QwenImageEditFamily
@@ -66,30 +69,38 @@ class QwenImage21Family(QwenImageFamily):
 
     def predict(self, model: torch.nn.Module, x: Noised, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = x.latents.shape
-        embeds, mask = self.trimmed(batch.text)
-        # the text's image slots: the condition images' placeholder tokens (an edit), else none
-        pads = batch.text.get("image_pad_mask")
-        text_slots = (
-            pads[:, : embeds.shape[1]].bool()
-            if pads is not None
-            else torch.zeros(b, embeds.shape[1], dtype=torch.bool, device=embeds.device)
-        )
-        slots = torch.cat([text_slots, text_slots.new_ones(b, h * w // 4)], dim=1)  # + the target's
+        text = batch.text
         # an edit's condition latents, normalised, go before the target's, each with its own grid
         mean, std = self.latent_stats(x.latents.device)
         controls = [(k - mean) / std for k in batch.controls]
         hidden = torch.cat([*(pack(k, b, c, *k.shape[2:]) for k in controls), pack(x.latents, b, c, h, w)], 1)
         shapes = [*((1, *k.shape[2:]) for k in controls), (1, h, w)]
-        pred = model(
-            hidden_states=hidden.to(embeds.dtype),
-            timestep=x.sigmas.to(embeds.dtype),
-            encoder_hidden_states=embeds,
-            encoder_hidden_states_mask=mask,
-            img_shapes=[shapes] * b,
-            img_mask=slots,
-            return_dict=False,
-        )[0]
-        return pred[:, -h * w :], pack(x.target, b, c, h, w)
+        timestep = x.sigmas.to(text["prompt_embeds"].dtype)
+
+        def forward(rows: torch.Tensor | slice, length: int) -> torch.Tensor:
+            embeds = text["prompt_embeds"][rows, :length]
+            n = embeds.shape[0]
+            # the text's image slots: the condition images' placeholder tokens (an edit), else none
+            pads = text.get("image_pad_mask")
+            text_slots = (
+                pads[rows, :length].bool()
+                if pads is not None
+                else torch.zeros(n, length, dtype=torch.bool, device=embeds.device)
+            )
+            return model(
+                hidden_states=hidden[rows].to(embeds.dtype),
+                timestep=timestep[rows],
+                encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=None,  # one length per call: nothing padded
+                img_shapes=[shapes] * n,
+                img_mask=torch.cat([text_slots, text_slots.new_ones(n, h * w // 4)], dim=1),  # + the target's
+                return_dict=False,
+            )[0][:, -h * w :]  # the target's tokens: the loss is on them
+
+        # the transformer places every row's images after the first row's text slots, so prompts of
+        # different lengths run apart, each unpadded, as the pipeline runs one prompt
+        pred = per_text_length(text["prompt_embeds_mask"].sum(dim=1), forward)
+        return pred, pack(x.target, b, c, h, w)
 
     def weight_layout(self, weights: torch.Tensor) -> torch.Tensor:
         return pack(weights, *weights.shape)

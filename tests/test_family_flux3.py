@@ -14,8 +14,8 @@ import torch
 
 from conftest import assert_rows_predict_as_alone, quick_spec, run_entry_render, stock_render, train_quietly
 from train.models import family_class
-from train.publish import _point_modular_index_at
 from train.spec import parse_spec
+from train.weights import point_modular_index
 
 SHORT = "sks, a red circle"
 LONG = (  # past 80 tokens with the chat template: two blocks of 80
@@ -83,7 +83,7 @@ def test_a_full_fine_tune_is_a_modular_pipeline_folder_that_renders(
 
     # published to the Hub, the index names the repo for every component uploaded (loaded by its id,
     # diffusers would otherwise fetch the base's transformer); a local copy still loads locally
-    _point_modular_index_at(folder, "me/my-flux3")
+    point_modular_index(folder, "me/my-flux3")
     index = json.loads((folder / "modular_model_index.json").read_text())
     sources = {k: v[2]["pretrained_model_name_or_path"] for k, v in index.items() if isinstance(v, list)}
     assert sources == dict.fromkeys(["text_encoder", "tokenizer", "transformer", "vae"], "me/my-flux3")

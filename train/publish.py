@@ -16,7 +16,6 @@ This module does not import torch; boto3 and huggingface_hub are imported when a
 
 from __future__ import annotations
 
-import json
 import mimetypes
 import os
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from urllib.parse import quote
 
 from .http import is_transport_error
 from .redaction import redact
+from .weights import point_modular_index
 
 __all__ = [
     "PublishError",
@@ -462,22 +462,6 @@ class HubUpload:
     revision: str | None  # the commit that holds the upload (pins a published full fine-tune)
 
 
-def _point_modular_index_at(folder: Path, repo_id: str) -> None:
-    """A modular pipeline folder (FLUX.3) names where each component loads from. A full fine-tune's
-    is the base's copy, which may name the base's Hub repo: loaded by the published repo's id,
-    diffusers would fetch the *base* transformer. Every component the folder holds is pointed at
-    ``repo_id``, as diffusers' own ``save_pretrained(push_to_hub=True)`` writes it."""
-    index = folder / "modular_model_index.json"
-    if not index.is_file():
-        return
-    data = json.loads(index.read_text())
-    for entry in data.values():
-        spec = entry[2] if isinstance(entry, list) and len(entry) == 3 else None
-        if isinstance(spec, dict) and spec.get("subfolder") and (folder / spec["subfolder"]).is_dir():
-            spec.update(pretrained_model_name_or_path=repo_id, revision=None)
-    index.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def publish_hub(
     folder: Path, repo_id: str, *, private: bool = True, token: str | None = None, api: Any = None
 ) -> HubUpload:
@@ -488,7 +472,8 @@ def publish_hub(
     folder = Path(folder)
     if not folder.is_dir():
         raise PublishError(f"Hub upload for {repo_id} failed: {folder} is not a folder")
-    _point_modular_index_at(folder, repo_id)
+    # a full fine-tune's modular index (the base's copy) may name the base's repo: name this one
+    point_modular_index(folder, repo_id)
     if api is None:
         api = hub_api(token)
     step = "create"

@@ -79,6 +79,23 @@ def pipeline_index(folder: Path) -> Path | None:
     return next((folder / n for n in PIPELINE_INDEXES if (folder / n).is_file()), None)
 
 
+def point_modular_index(folder: Path, source: str) -> None:
+    """Name ``source`` (a Hub repo id) as where every component a modular pipeline folder holds
+    loads from, as diffusers' own ``save_pretrained(push_to_hub=True)`` writes its index. A copied
+    index may name another repo (a full fine-tune's is the base's): loaded by ``source``'s id,
+    diffusers would fetch that repo's component. Loading the folder itself is unchanged: diffusers
+    loads the components present in a local folder from it. Nothing to do without such an index."""
+    index = Path(folder) / "modular_model_index.json"
+    if not index.is_file():
+        return
+    data = json.loads(index.read_text())
+    for entry in data.values():
+        spec = entry[2] if isinstance(entry, list) and len(entry) == 3 else None
+        if isinstance(spec, dict) and spec.get("subfolder") and (Path(folder) / spec["subfolder"]).is_dir():
+            spec.update(pretrained_model_name_or_path=source, revision=None)
+    index.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _is_pipeline(folder: Path) -> bool:
     return pipeline_index(Path(folder)) is not None
 

@@ -139,17 +139,12 @@ class Flux3Pipeline:
     ) -> SimpleNamespace:
         modular = self.modular
         guider = modular.components.get("guider")
-        if guider is not None and guidance_scale is not None:
+        if guider is not None and guidance_scale is not None:  # CFG above 1, as the classic pipelines
             modular.update_components(
                 guider=guider.new(guidance_scale=guidance_scale, enabled=guidance_scale > 1)
             )
-        if (
-            negative_prompt is not None
-            and guider is not None
-            and guidance_scale is not None
-            and guidance_scale > 1
-        ):
-            inputs["negative_prompt"] = negative_prompt
+            if guidance_scale > 1 and negative_prompt is not None:
+                inputs["negative_prompt"] = negative_prompt
         if output_type == "latent":
             return SimpleNamespace(images=modular(**inputs, output="latents"))
         return SimpleNamespace(images=modular(**inputs, output_type=output_type, output="images"))

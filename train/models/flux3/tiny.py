@@ -17,7 +17,6 @@ components whose files are present from the local folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from diffusers.modular_pipelines.flux3.modular_blocks_flux3 import Flux3AutoBloc
 from diffusers.modular_pipelines.flux3.modular_blocks_flux3_distilled import Flux3DistilledAutoBlocks
 from transformers import Qwen2VLImageProcessorPil
 
+from ...weights import point_modular_index
 from ..flux2.tiny import flux2_vae
 from ..krea2.tiny import HIDDEN
 from ..qwen_image21.tiny import CHAT_TEMPLATE, text_encoder
@@ -70,10 +70,5 @@ def write(folder: Path, distilled: bool = False) -> Path:
     )
     pipe.save_pretrained(str(folder), overwrite_modular_index=True)
     info = flux3.FLUX3_KLEIN_DISTILLED if distilled else flux3.FLUX3_KLEIN
-    index_file = folder / "modular_model_index.json"
-    index = json.loads(index_file.read_text())
-    for entry in index.values():
-        if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], dict):
-            entry[2]["pretrained_model_name_or_path"] = info.base_weights
-    index_file.write_text(json.dumps(index, indent=2) + "\n")
+    point_modular_index(folder, info.base_weights)  # as a downloaded repo's index points at the Hub
     return folder

@@ -35,9 +35,9 @@ from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipe
 from ...spec import TrainingSpec
 from ..base import Batch
 from ..flow import Noised, per_text_length
-from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily, pad_to
+from ..qwen_image.family import NEGATIVE_PROMPT, QwenImageFamily
 from ..qwen_image_edit import tiny as _tiny  # noqa: F401  (the tiny pipeline's processor class)
-from ..qwen_image_edit.family import QwenImageEditFamily
+from ..qwen_image_edit.family import QwenImageEditFamily, _mask_of
 
 # The tiny pipeline records its processor as train.models.qwen_image_edit.tiny.TinyQwen2VLProcessor,
 # which diffusers loads only from an imported module, hence the import above.
@@ -161,15 +161,13 @@ class QwenImage21EditFamily(QwenImageEditFamily, QwenImage21Family):
             resized.append(self.pipe.image_processor.resize(img, width=w, height=h))
         return resized
 
-    def _encode_one(self, prompt: str, images: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+    def vl_text(self, prompt: str, images: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """As Qwen-Image-Edit's, and which text tokens are the images' placeholders (``img_mask``)."""
         embeds, mask, pads = self.pipe.encode_prompt(prompt=[prompt], image=images, device=device)
-        if mask is None:  # the pipeline drops an all-ones mask
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        length = self.text_length + 16 + sum(self._image_tokens(img) for img in images)
         return {
-            "prompt_embeds": pad_to(embeds[0], length).cpu(),
-            "prompt_embeds_mask": pad_to(mask[0], length).cpu(),
-            "image_pad_mask": pad_to(pads[0].long(), length).cpu(),
+            "prompt_embeds": embeds[0],
+            "prompt_embeds_mask": _mask_of(embeds, mask)[0],
+            "image_pad_mask": pads[0].long(),
         }
 
     @torch.no_grad()

@@ -52,6 +52,11 @@ TEXT_KEYS = ("prompt_embeds", "prompt_embeds_mask")
 _PER_IMAGE_TOKENS, _TAIL_TOKENS = 16, 16
 
 
+def _mask_of(embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The pipeline's text mask, made whole where it dropped an all-ones one (returned None)."""
+    return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+
+
 class QwenImageEditFamily(QwenImageFamily):
     """Qwen-Image-Edit; Edit Plus is the subclass below (``FAMILIES``). How many controls a sample
     takes is the registry's word."""
@@ -117,16 +122,17 @@ class QwenImageEditFamily(QwenImageFamily):
         return resized
 
     def _encode_one(self, prompt: str, images: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
-        # Edit's pipeline passes its one image itself, Plus's the list
-        image = images if self.plus else images[0]
-        embeds, mask = self.pipe.encode_prompt(prompt=[prompt], image=image, device=device)
-        if mask is None:  # the pipeline drops an all-ones mask
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         length = self.text_length + _TAIL_TOKENS + sum(self._image_tokens(img) for img in images)
-        return {
-            "prompt_embeds": pad_to(embeds[0], length).cpu(),
-            "prompt_embeds_mask": pad_to(mask[0], length).cpu(),
-        }
+        return {k: pad_to(v, length).cpu() for k, v in self.vl_text(prompt, images, device).items()}
+
+    def vl_text(self, prompt: str, images: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """The pipeline's ``encode_prompt`` of one prompt read with its images, each tensor without
+        its batch axis: the embeddings and their mask."""
+        # Edit's pipeline passes its one image itself, Plus's the list
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=[prompt], image=images if self.plus else images[0], device=device
+        )
+        return {"prompt_embeds": embeds[0], "prompt_embeds_mask": _mask_of(embeds, mask)[0]}
 
     def _image_tokens(self, image: Any) -> int:
         """The VL tokens one image takes (its placeholder run as the processor expands it) and the
